@@ -1,0 +1,1 @@
+"""headlab.kernels: pure tensor ops with plain-torch references (imports nothing else of headlab)."""

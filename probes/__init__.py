@@ -1,0 +1,1 @@
+"""headlab.probes: read-only measurement of attention (records, head scores, reports, views)."""

@@ -1,0 +1,1 @@
+"""headlab.sae: sparse autoencoders on per-head attention outputs."""

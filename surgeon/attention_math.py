@@ -1,0 +1,83 @@
+"""Pure tensor functions the attention hook composes (no model state).
+
+Shapes: ``q [batch, heads, query, head_dim]`` after RoPE; ``k, v [batch, kv_heads, key, head_dim]``
+after the cache update, not expanded for GQA; masks additive ``[batch, 1, query, key]``;
+attention ``[batch, heads, query, key]``; per-head outputs ``[batch, seq, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+_warned_none_mask = False
+_MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
+
+
+def kv_heads_for(heads: Sequence[int], group_size: int) -> list[int]:
+    """KV head read by each query head: ``h // g`` (the layout ``repeat_kv`` produces)."""
+    return [h // group_size for h in heads]
+
+
+def additive_mask(mask: torch.Tensor | None, n_query: int, n_key: int, is_causal: bool, device) -> torch.Tensor:
+    """An fp32 additive mask ``[batch or 1, 1, query, key]`` (0 visible, fp32 min hidden).
+
+    ``None`` is treated as causal with offset ``key - query`` when ``is_causal`` (with a one-time
+    warning), else as all-visible. Boolean masks mark visible entries with True.
+    """
+    if mask is None:
+        _warn_none_mask_once()
+        if not is_causal:
+            return torch.zeros(1, 1, n_query, n_key, device=device)
+        offset = n_key - n_query
+        rows = torch.arange(n_query, device=device)[:, None] + offset
+        visible = torch.arange(n_key, device=device)[None, :] <= rows
+        return torch.zeros(1, 1, n_query, n_key, device=device).masked_fill(~visible, _MASKED)
+    mask = mask[..., :n_key]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, _MASKED)
+    return mask.float()
+
+
+def _warn_none_mask_once() -> None:
+    global _warned_none_mask
+    if not _warned_none_mask:
+        warnings.warn("attention mask arrived as None; treating it as causal (or full for encoders)")
+        _warned_none_mask = True
+
+
+def attention_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    heads: Sequence[int],
+    group_size: int,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Masked fp32 logits ``[batch, len(heads), query, key]`` of the chosen query heads."""
+    q = query[:, list(heads)].float()
+    k = key[:, kv_heads_for(heads, group_size)].float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    return scores + additive_mask(mask, q.shape[-2], k.shape[-2], is_causal, q.device)
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    heads: Sequence[int],
+    group_size: int,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Softmax probabilities ``[batch, len(heads), query, key]`` in fp32; rows sum to one."""
+    logits = attention_logits(query, key, mask, scaling, heads, group_size, is_causal)
+    return torch.softmax(logits, dim=-1)
+
+
+def scale_heads(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Multiply per-head outputs ``out [batch, seq, heads, head_dim]`` by ``scales [heads]``."""
+    return out * scales.to(out.dtype)[None, None, :, None]

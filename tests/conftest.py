@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models of odd sizes, and the bundled real models (loaded once)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Read when @triton.jit decorates, so it must be set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+VOCAB = 97
+
+# name -> (query heads, kv heads): multi-head, grouped-query, multi-query; odd sizes on purpose.
+LLAMA_VARIANTS = {"mha": (5, 5), "gqa": (9, 3), "mqa": (5, 1)}
+
+
+def tiny_llama(kind: str = "gqa", seed: int = 0) -> LlamaForCausalLM:
+    """A 3-layer random Llama with head_dim 6 and the head layout of ``kind``."""
+    heads, kv_heads = LLAMA_VARIANTS[kind]
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=6 * heads,
+        head_dim=6,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    """A 3-layer random BERT encoder with 5 heads of size 7."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=35,
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        intermediate_size=41,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    return BertModel(config).eval()
+
+
+def padded_batch(lengths, total: int, side: str, seed: int = 1):
+    """``(input_ids, attention_mask)`` of ``len(lengths)`` rows padded to ``total`` on ``side``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), total), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, total - n :] = 1
+        else:
+            mask[row, :n] = 1
+    return ids, mask
+
+
+@pytest.fixture(params=sorted(LLAMA_VARIANTS))
+def llama(request):
+    return tiny_llama(request.param)
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from headlab.surgeon import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from headlab.surgeon import load_model
+
+    return load_model("minilm-l6")
