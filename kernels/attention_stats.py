@@ -1,0 +1,105 @@
+"""Public entry points: attention with interpretability statistics, without the N×N map.
+
+``backend="auto"`` picks Triton for CUDA tensors and the chunked torch path elsewhere;
+``"triton"`` forces the fused kernel (on CPU tensors only under ``TRITON_INTERPRET=1``);
+``"torch"`` forces the chunked torch path. Shapes and conventions: :mod:`.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .stats_torch import attention_stats_torch, column_stats_torch
+from .types import AttentionStats, ColumnStats
+
+BACKENDS = ("auto", "triton", "torch")
+MAX_TOPK = 8
+
+
+def _check(q, k, v, key_valid, key_groups, topk):
+    if q.dim() != 4 or k.dim() != 4 or (v is not None and v.dim() != 4):
+        raise ValueError("q must be [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D]")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)}")
+    if key_valid is not None and tuple(key_valid.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_valid must be [B, Nk] = {(k.shape[0], k.shape[2])}")
+    if key_groups is not None and (key_groups.dim() != 3 or tuple(key_groups.shape[::2]) != (k.shape[0], k.shape[2])):
+        raise ValueError(f"key_groups must be [B, G, Nk] with B={k.shape[0]}, Nk={k.shape[2]}")
+    if not 0 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be between 0 and {MAX_TOPK}, got {topk}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
+    return backend
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    q_offset: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    topk: int = 0,
+    backend: str = "auto",
+) -> AttentionStats:
+    """Attention output plus, per row, log-sum-exp, entropy, mass on ``key_groups`` and the
+    top-``topk`` keys, at the memory cost of one attention pass.
+
+    ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (GQA: query head h reads KV head h // g);
+    ``q_offset`` places row i at key position ``i + q_offset`` (default ``Nk - Nq``, i.e. decode
+    rows at the end of the cache); ``key_valid [B, Nk]`` masks padded keys; ``key_groups [B, G, Nk]``
+    marks column sets (sinks, a needle span, an image span).
+    """
+    _check(q, k, v, key_valid, key_groups, topk)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
+    if resolve_backend(backend, q.device) == "triton":
+        from .stats_triton import attention_stats_triton
+
+        return attention_stats_triton(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                      key_valid=key_valid, key_groups=key_groups, topk=topk)
+    return attention_stats_torch(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                 key_valid=key_valid, key_groups=key_groups, topk=topk)
+
+
+def column_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    q_offset: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> ColumnStats:
+    """Second pass reusing ``lse [B, Hq, Nq]`` from :func:`attention_with_stats`: attention each
+    key receives summed over valid rows (``query_valid [B, Nq]``), and how many valid rows see it."""
+    _check(q, k, None, key_valid, None, 0)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
+    if resolve_backend(backend, q.device) == "triton":
+        from .stats_triton import column_stats_triton
+
+        return column_stats_triton(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
+                                   key_valid=key_valid, query_valid=query_valid)
+    return column_stats_torch(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
+                              key_valid=key_valid, query_valid=query_valid)
