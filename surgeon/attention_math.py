@@ -78,6 +78,34 @@ def attention_probs(
     return torch.softmax(logits, dim=-1)
 
 
+class MaskStructureError(ValueError):
+    """The mask is not (causal or bidirectional) visibility with key padding."""
+
+
+def decompose_mask(mask, n_query: int, n_key: int, is_causal: bool, device):
+    """``(key_valid [B, Nk], query_valid [B, Nq], q_offset)`` of a self-attention mask that is
+    causal (offset ``Nk - Nq``) or bidirectional visibility restricted to non-padded keys; a
+    padded token is a padded key and a padded query row.
+
+    Raises :class:`MaskStructureError` for anything else (sliding windows, packed sequences),
+    checked on the valid rows, so statistics are never computed under the wrong mask.
+    """
+    q_offset = n_key - n_query
+    visible = additive_mask(mask, n_query, n_key, is_causal, device) > _MASKED / 2  # [B or 1, 1, Nq, Nk]
+    key_valid = visible[:, 0].any(1)
+    query_valid = key_valid[:, q_offset:]  # self-attention: row i is the token at key i + q_offset
+    rows = torch.arange(n_query, device=device)[:, None] + q_offset
+    expected = key_valid[:, None, :].clone().expand(-1, n_query, -1)
+    if is_causal:
+        expected = expected & (torch.arange(n_key, device=device)[None, :] <= rows)[None]
+    if not torch.equal(visible[:, 0][query_valid], expected[query_valid]):
+        raise MaskStructureError(
+            "attention statistics need a causal or bidirectional mask with key padding; this layer's "
+            "mask has another structure (sliding window or packed sequences?)"
+        )
+    return key_valid, query_valid, q_offset
+
+
 def scale_heads(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Multiply per-head outputs ``out [batch, seq, heads, head_dim]`` by ``scales [heads]``."""
     return out * scales.to(out.dtype)[None, None, :, None]

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from ..kernels import attention_with_stats, column_stats
 from . import attention_math
 from .models import ModelShape, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
@@ -53,6 +54,7 @@ class Session:
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         self._record_attention(layer, module, query, key, attention_mask, scaling)
+        self._record_stats(layer, module, query, key, value, attention_mask, scaling)
         out = self.apply_output_edits(layer, out)
         if layer in self.taps.head_outputs:
             self.recording.head_outputs[layer].append(out.detach())
@@ -80,6 +82,36 @@ class Session:
         )
         self.recording.attention_heads[layer] = heads
         self.recording.attention[layer].append(probs.detach())
+
+    def _record_stats(self, layer, module, query, key, value, attention_mask, scaling) -> None:
+        heads = self.taps.stats_heads(layer, self.shape.n_heads)
+        if heads is None:
+            return
+        is_causal = bool(getattr(module, "is_causal", False))
+        n_query, n_key = query.shape[-2], key.shape[-2]
+        key_valid, query_valid, q_offset = attention_math.decompose_mask(
+            attention_mask, n_query, n_key, is_causal, query.device
+        )
+        key_valid = key_valid.expand(query.shape[0], -1)
+        query_valid = query_valid.expand(query.shape[0], -1)
+        if len(heads) == self.shape.n_heads:
+            q, k, v = query, key, value
+        else:  # a subset of query heads: give each its own copy of its KV head
+            kv = attention_math.kv_heads_for(heads, self.shape.group_size)
+            q, k, v = query[:, list(heads)], key[:, kv], value[:, kv]
+        options = dict(scale=_scaling(module, scaling, query), causal=is_causal, q_offset=q_offset,
+                       key_valid=key_valid, backend=self.taps.stats_backend)
+        stats = attention_with_stats(q, k, v, key_groups=self._key_groups(n_key), topk=self.taps.stats_topk, **options)
+        self.recording.stats[layer].append(stats)
+        if self.taps.stats_columns:
+            self.recording.columns[layer].append(column_stats(q, k, stats.lse, query_valid=query_valid, **options))
+
+    def _key_groups(self, n_key: int) -> torch.Tensor | None:
+        """The requested key groups, extended with False for keys added by decoding."""
+        groups = self.taps.stats_key_groups
+        if groups is None or groups.shape[-1] >= n_key:
+            return None if groups is None else groups[..., :n_key]
+        return torch.nn.functional.pad(groups, (0, n_key - groups.shape[-1]), value=False)
 
     def apply_output_edits(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """Head scales of the plan times the gates, on ``out [batch, seq, heads, head_dim]``."""

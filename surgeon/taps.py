@@ -26,11 +26,21 @@ class Taps:
     ``[batch, heads, query, key]`` fp32 per call. ``head_outputs``: layers whose per-head outputs
     (the input of ``o_proj``, after any output edits) are recorded, ``[batch, seq, heads, head_dim]``.
     ``map_budget_bytes`` bounds the attention maps of one call, summed over layers.
+
+    ``stats``: layer -> query heads whose row statistics are recorded without building the map
+    (:func:`headlab.kernels.attention_with_stats`: LSE, entropy, mass on ``stats_key_groups``
+    ``[batch, groups, key]``, top-``stats_topk`` keys; with ``stats_columns`` also the attention
+    each key receives). One :class:`~headlab.kernels.AttentionStats` per call, heads along dim 1.
     """
 
     attention: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
     head_outputs: Iterable[int] = ()
     map_budget_bytes: int = DEFAULT_MAP_BUDGET_BYTES
+    stats: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
+    stats_key_groups: torch.Tensor | None = None
+    stats_topk: int = 0
+    stats_columns: bool = False
+    stats_backend: str = "auto"
 
     def __post_init__(self):
         self.attention = {
@@ -38,6 +48,9 @@ class Taps:
             for layer, heads in self.attention.items()
         }
         self.head_outputs = frozenset(int(layer) for layer in self.head_outputs)
+        self.stats = {
+            int(layer): None if heads is None else tuple(int(h) for h in heads) for layer, heads in self.stats.items()
+        }
 
     @classmethod
     def all_attention(cls, shape: ModelShape, **kwargs) -> "Taps":
@@ -46,10 +59,10 @@ class Taps:
 
     def validate(self, shape: ModelShape) -> None:
         """Raise :class:`PlanError` if a tapped layer or head does not exist in ``shape``."""
-        for layer in set(self.attention) | set(self.head_outputs):
+        for layer in set(self.attention) | set(self.head_outputs) | set(self.stats):
             if not 0 <= layer < shape.n_layers:
                 raise PlanError(f"tap names layer {layer}, but the model has layers 0..{shape.n_layers - 1}")
-        for layer, heads in self.attention.items():
+        for layer, heads in (*self.attention.items(), *self.stats.items()):
             bad = [h for h in heads or () if not 0 <= h < shape.n_heads]
             if bad:
                 raise PlanError(
@@ -58,11 +71,19 @@ class Taps:
                 )
 
     def attention_heads(self, layer: int, n_heads: int) -> tuple[int, ...] | None:
-        """The heads to record on ``layer``, or None when the layer is not tapped."""
-        if layer not in self.attention:
-            return None
-        heads = self.attention[layer]
-        return tuple(range(n_heads)) if heads is None else heads
+        """The heads whose maps are recorded on ``layer``, or None when the layer is not tapped."""
+        return _heads(self.attention, layer, n_heads)
+
+    def stats_heads(self, layer: int, n_heads: int) -> tuple[int, ...] | None:
+        """The heads whose statistics are recorded on ``layer``, or None."""
+        return _heads(self.stats, layer, n_heads)
+
+
+def _heads(requests, layer: int, n_heads: int) -> tuple[int, ...] | None:
+    if layer not in requests:
+        return None
+    heads = requests[layer]
+    return tuple(range(n_heads)) if heads is None else heads
 
 
 class Recording:
@@ -72,6 +93,8 @@ class Recording:
         self.attention: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.attention_heads: dict[int, tuple[int, ...]] = {}
         self.head_outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.stats: dict[int, list] = defaultdict(list)  # AttentionStats per call
+        self.columns: dict[int, list] = defaultdict(list)  # ColumnStats per call
 
     def attention_map(self, layer: int, call: int = 0) -> torch.Tensor:
         """Probabilities ``[batch, heads, query, key]`` of one call; heads as in ``attention_heads``."""
@@ -86,3 +109,5 @@ class Recording:
         self.attention.clear()
         self.attention_heads.clear()
         self.head_outputs.clear()
+        self.stats.clear()
+        self.columns.clear()

@@ -1,0 +1,79 @@
+"""Statistics recorded through the hook equal those computed from eager attention maps."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_bert, tiny_llama
+
+from headlab.surgeon import Taps, attach
+from headlab.surgeon.attention_math import MaskStructureError, decompose_mask
+
+
+def eager_maps(model, **inputs):
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def check_against_maps(stats, columns, maps, groups, query_valid, topk):
+    """Compare one layer's recorded statistics with a full eager map ``[B, H, Nq, Nk]`` on valid rows."""
+    rows = query_valid[:, None, :].expand(maps.shape[:3])
+    plogp = torch.where(maps > 0, maps * maps.clamp_min(1e-30).log(), torch.zeros_like(maps))
+    assert torch.allclose(stats.entropy[rows], -plogp.sum(-1)[rows], atol=2e-4)
+    mass = torch.einsum("bhqk,bgk->bhqg", maps, groups.float())
+    assert torch.allclose(stats.group_mass[rows], mass[rows], atol=1e-5)
+    top = torch.topk(maps, topk, dim=-1)
+    assert torch.allclose(stats.topk_weight[rows], top.values[rows], atol=1e-5)
+    seen = rows[..., None] & (top.values > 0)  # rows with fewer visible keys than k report -1 beyond them
+    assert torch.equal(stats.topk_index[seen], top.indices[seen])
+    assert (stats.topk_index[rows[..., None] & (top.values == 0)] == -1).all()
+    received = torch.where(rows[..., None], maps, torch.zeros_like(maps)).sum(2)
+    assert torch.allclose(columns.col_sum, received, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_factory", [lambda: tiny_llama("gqa"), tiny_bert], ids=["llama-gqa", "bert"])
+def test_stats_tap_matches_eager_maps_on_a_padded_batch(model_factory):
+    model = model_factory()
+    side = "left" if hasattr(model, "lm_head") else "right"
+    ids, mask = padded_batch([14, 9, 5], 14, side)
+    groups = torch.zeros(3, 2, 14, dtype=torch.bool)
+    groups[:, 0, 0] = True
+    groups[:, 1, 6:9] = True
+    heads = [0, 3, 4]
+    taps = Taps(stats={1: heads, 2: None}, stats_key_groups=groups, stats_topk=3, stats_columns=True)
+    with torch.no_grad(), attach(model, taps=taps) as session:
+        model(input_ids=ids, attention_mask=mask)
+    maps = eager_maps(model, input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    check_against_maps(session.recording.stats[1][0], session.recording.columns[1][0], maps[1][:, heads], groups, valid, 3)
+    check_against_maps(session.recording.stats[2][0], session.recording.columns[2][0], maps[2], groups, valid, 3)
+
+
+def test_mask_decomposition_refuses_other_structures():
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
+    key_valid, query_valid, offset = decompose_mask(causal, 6, 6, True, "cpu")
+    assert key_valid.all() and query_valid.all() and offset == 0
+    window = causal & ~torch.tril(torch.ones(6, 6, dtype=torch.bool), diagonal=-3)[None, None]
+    with pytest.raises(MaskStructureError, match="sliding window"):
+        decompose_mask(window, 6, 6, True, "cpu")
+
+
+@pytest.mark.real_model
+def test_stats_tap_on_smollm2_matches_eager_maps(smollm2):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    texts = ["Attention sinks appear in most layers of a language model.", "Short one."]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    n = batch.input_ids.shape[1]
+    groups = torch.zeros(2, 1, n, dtype=torch.bool)
+    groups[:, 0, : n // 2] = True
+    taps = Taps(stats={0: None, 15: None, 29: [2, 8]}, stats_key_groups=groups, stats_topk=4, stats_columns=True)
+    with torch.no_grad(), attach(model, taps=taps) as session:
+        model(**batch)
+    maps = eager_maps(model, **batch)
+    valid = batch.attention_mask.bool()
+    for layer, heads in ((0, list(range(9))), (15, list(range(9))), (29, [2, 8])):
+        check_against_maps(session.recording.stats[layer][0], session.recording.columns[layer][0],
+                           maps[layer][:, heads], groups, valid, 4)
