@@ -64,6 +64,17 @@ def padded_batch(lengths, total: int, side: str, seed: int = 1):
     return ids, mask
 
 
+def eager_maps(model, **inputs):
+    """Per-layer ``[batch, heads, query, key]`` maps from transformers' own eager path (the
+    independent reference for every attention tap)."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 @pytest.fixture(params=sorted(LLAMA_VARIANTS))
 def llama(request):
     return tiny_llama(request.param)

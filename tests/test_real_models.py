@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import eager_maps
 
 from headlab.surgeon import HeadScale, Plan, Taps, attach
 
@@ -10,13 +11,6 @@ pytestmark = pytest.mark.real_model
 PROMPTS = ["The capital of France is", "Attention heads in a transformer read from earlier tokens and"]
 
 
-def eager_maps(model, **inputs):
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation("sdpa")
 
 
 def test_smollm2_noop_logits_taps_and_generation(smollm2):

@@ -2,19 +2,12 @@
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_bert, tiny_llama
+from conftest import eager_maps, padded_batch, tiny_bert, tiny_llama
 
 from headlab.surgeon import Taps, attach
 from headlab.surgeon.attention_math import MaskStructureError, decompose_mask
 
 
-def eager_maps(model, **inputs):
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation("sdpa")
 
 
 def check_against_maps(stats, columns, maps, groups, query_valid, topk):

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_bert, tiny_llama
+from conftest import eager_maps, padded_batch, tiny_bert, tiny_llama
 
 from headlab.surgeon import HeadScale, MapBudgetError, Plan, PlanError, Taps, attach
 from headlab.surgeon.attention_math import kv_heads_for
 
 
-def eager_attentions(model, ids, mask):
-    """Per-layer ``[batch, heads, query, key]`` maps from transformers' own eager path."""
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation("sdpa")
 
 
 def o_proj_inputs(model, ids, mask, modules):
@@ -41,7 +33,7 @@ def test_attention_taps_match_eager_maps(llama, side):
     taps = Taps(attention={0: None, 2: heads})
     with torch.no_grad(), attach(llama, taps=taps) as session:
         llama(input_ids=ids, attention_mask=mask)
-    eager = eager_attentions(llama, ids, mask)
+    eager = eager_maps(llama, input_ids=ids, attention_mask=mask)
     rows = mask.bool()
     full = session.recording.attention_map(0)
     assert full.shape == eager[0].shape and full.dtype == torch.float32
@@ -60,7 +52,7 @@ def test_attention_taps_match_eager_maps_encoder():
     ids, mask = padded_batch([9, 4], 9, "right")
     with torch.no_grad(), attach(model, taps=Taps(attention={1: None})) as session:
         model(input_ids=ids, attention_mask=mask)
-    eager = eager_attentions(model, ids, mask)
+    eager = eager_maps(model, input_ids=ids, attention_mask=mask)
     rows = mask.bool()
     got = session.recording.attention_map(1).permute(0, 2, 1, 3)[rows]
     assert torch.allclose(got, eager[1].permute(0, 2, 1, 3)[rows], atol=1e-6)
@@ -85,7 +77,7 @@ def test_gqa_mapping_query_head_reads_kv_head_h_div_g():
     assert kv_heads_for(range(5), 5) == [0, 0, 0, 0, 0]  # multi-query: one KV head
     model = tiny_llama("gqa")
     ids, mask = padded_batch([7], 7, "left")
-    eager = eager_attentions(model, ids, mask)
+    eager = eager_maps(model, input_ids=ids, attention_mask=mask)
     with torch.no_grad(), attach(model, taps=Taps(attention={1: [4, 7]})) as session:
         model(input_ids=ids, attention_mask=mask)
     got = session.recording.attention_map(1)
@@ -102,7 +94,7 @@ def test_taps_during_cached_generation_record_each_decode_row():
     assert [tuple(m.shape[-2:]) for m in maps] == [(6, 6), (1, 7), (1, 8)]
     # the decode rows equal the last rows of an uncached pass over the same tokens
     full_mask = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], dim=1)
-    eager = eager_attentions(model, out[:, :8], full_mask)
+    eager = eager_maps(model, input_ids=out[:, :8], attention_mask=full_mask)
     assert torch.allclose(maps[2][:, :, 0], eager[2][:, :, -1], atol=1e-6)
     assert session.recording.head_output(2).shape[1] == 8
 
