@@ -11,8 +11,6 @@ pytestmark = pytest.mark.real_model
 PROMPTS = ["The capital of France is", "Attention heads in a transformer read from earlier tokens and"]
 
 
-
-
 def test_smollm2_noop_logits_taps_and_generation(smollm2):
     model, tokenizer = smollm2
     tokenizer.padding_side = "left"

@@ -8,8 +8,6 @@ from headlab.surgeon import Taps, attach
 from headlab.surgeon.attention_math import MaskStructureError, decompose_mask
 
 
-
-
 def check_against_maps(stats, columns, maps, groups, query_valid, topk):
     """Compare one layer's recorded statistics with a full eager map ``[B, H, Nq, Nk]`` on valid rows."""
     rows = query_valid[:, None, :].expand(maps.shape[:3])

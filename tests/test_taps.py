@@ -8,8 +8,6 @@ from headlab.surgeon import HeadScale, MapBudgetError, Plan, PlanError, Taps, at
 from headlab.surgeon.attention_math import kv_heads_for
 
 
-
-
 def o_proj_inputs(model, ids, mask, modules):
     """The input of each given o_proj/output-dense module, ``[batch, seq, hidden]``."""
     captured = {}
