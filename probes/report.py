@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime
 import html
+import importlib.metadata
 import io
 import math
 import platform
@@ -69,8 +70,6 @@ def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> 
 
 
 def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) -> dict:
-    from .._version import __version__
-
     shape = model_shape(model)
     return {
         "model_id": model_id,
@@ -83,7 +82,7 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
         "n_tokens": settings.n_tokens,
         "seed": settings.seed,
         "text": settings.text_path or "Python standard-library docstrings",
-        "headlab": __version__,
+        "headlab": importlib.metadata.version("headlab"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
