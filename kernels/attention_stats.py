@@ -35,6 +35,12 @@ def _check(q, k, v, key_valid, key_groups, topk):
         raise ValueError(f"topk must be between 0 and {MAX_TOPK}, got {topk}")
 
 
+def _defaults(q, k, scale, q_offset) -> tuple[float, int]:
+    """``scale`` defaults to ``D^-1/2``; ``q_offset`` to ``Nk - Nq`` (rows at the end of the cache)."""
+    return (q.shape[-1] ** -0.5 if scale is None else float(scale),
+            k.shape[2] - q.shape[2] if q_offset is None else int(q_offset))
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -68,8 +74,7 @@ def attention_with_stats(
     marks column sets (sinks, a needle span, an image span).
     """
     _check(q, k, v, key_valid, key_groups, topk)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
+    scale, q_offset = _defaults(q, k, scale, q_offset)
     if resolve_backend(backend, q.device) == "triton":
         from .stats_triton import attention_stats_triton
 
@@ -94,8 +99,7 @@ def column_stats(
     """Second pass reusing ``lse [B, Hq, Nq]`` from :func:`attention_with_stats`: attention each
     key receives summed over valid rows (``query_valid [B, Nq]``), and how many valid rows see it."""
     _check(q, k, None, key_valid, None, 0)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
+    scale, q_offset = _defaults(q, k, scale, q_offset)
     if resolve_backend(backend, q.device) == "triton":
         from .stats_triton import column_stats_triton
 

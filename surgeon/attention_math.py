@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.reference import visibility
+
 _warned_none_mask = False
 _MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
 
@@ -94,10 +96,7 @@ def decompose_mask(mask, n_query: int, n_key: int, is_causal: bool, device):
     visible = additive_mask(mask, n_query, n_key, is_causal, device) > _MASKED / 2  # [B or 1, 1, Nq, Nk]
     key_valid = visible[:, 0].any(1)
     query_valid = key_valid[:, q_offset:]  # self-attention: row i is the token at key i + q_offset
-    rows = torch.arange(n_query, device=device)[:, None] + q_offset
-    expected = key_valid[:, None, :].clone().expand(-1, n_query, -1)
-    if is_causal:
-        expected = expected & (torch.arange(n_key, device=device)[None, :] <= rows)[None]
+    expected = visibility(key_valid.shape[0], n_query, n_key, is_causal, q_offset, key_valid, device)[:, 0]
     if not torch.equal(visible[:, 0][query_valid], expected[query_valid]):
         raise MaskStructureError(
             "attention statistics need a causal or bidirectional mask with key padding; this layer's "
