@@ -63,6 +63,8 @@ def attention_with_stats(
     key_valid: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     topk: int = 0,
+    columns: bool = False,
+    query_valid: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> AttentionStats:
     """Attention output plus, per row, log-sum-exp, entropy, mass on ``key_groups`` and the
@@ -71,17 +73,23 @@ def attention_with_stats(
     ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (GQA: query head h reads KV head h // g);
     ``q_offset`` places row i at key position ``i + q_offset`` (default ``Nk - Nq``, i.e. decode
     rows at the end of the cache); ``key_valid [B, Nk]`` masks padded keys; ``key_groups [B, G, Nk]``
-    marks column sets (sinks, a needle span, an image span).
+    marks column sets (sinks, a needle span, an image span). With ``columns`` the result also
+    holds :class:`ColumnStats` over the rows marked in ``query_valid [B, Nq]`` (default all): the
+    torch path sums them in the same pass, the Triton path in :func:`column_stats`' second pass.
     """
     _check(q, k, v, key_valid, key_groups, topk)
     scale, q_offset = _defaults(q, k, scale, q_offset)
     if resolve_backend(backend, q.device) == "triton":
-        from .stats_triton import attention_stats_triton
+        from .stats_triton import attention_stats_triton, column_stats_triton
 
-        return attention_stats_triton(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                                      key_valid=key_valid, key_groups=key_groups, topk=topk)
-    return attention_stats_torch(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                                 key_valid=key_valid, key_groups=key_groups, topk=topk)
+        stats = attention_stats_triton(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                       key_valid=key_valid, key_groups=key_groups, topk=topk)
+        if columns:
+            stats.columns = column_stats_triton(q, k, stats.lse, scale=scale, causal=causal, q_offset=q_offset,
+                                                key_valid=key_valid, query_valid=query_valid)
+        return stats
+    return attention_stats_torch(q, k, v, scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid,
+                                 key_groups=key_groups, topk=topk, columns=columns, query_valid=query_valid)
 
 
 def column_stats(

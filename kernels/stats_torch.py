@@ -1,76 +1,71 @@
 """Attention statistics in plain torch, chunked over query blocks: memory O(B·Hq·block·Nk).
 
 The CPU path. Same semantics as :mod:`headlab.kernels.reference` (see its docstring for shapes,
-masks and the empty-row convention).
+masks and the empty-row convention). Each block holds whole rows, so probabilities are exact
+within the block and the column sums come out of the same pass. Causal blocks only touch the
+keys their rows can see, and hidden logits are set to the fp32 minimum (``0 · min = 0``, so the
+entropy product needs no extra masking).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import visibility
 from .types import AttentionStats, ColumnStats
 
-DEFAULT_BLOCK = 128
+_BLOCK_BYTES = 8 * 2**20
+_MIN_BLOCK, _MAX_BLOCK = 16, 256
+_CHUNK = 64  # keys per chunk of the top-k pre-selection
+_HIDDEN = torch.finfo(torch.float32).min
+UNWRITTEN = torch.iinfo(torch.int64).min
 
 
-def _block_logits(q, kf, scale, start, stop):
-    """fp32 logits ``[B, Hq, blk, Nk]`` of query rows ``start:stop``, GQA without expanding K."""
-    batch, n_heads, _, dim = q.shape
+def _key_end(stop: int, n_key: int, causal: bool, q_offset: int) -> int:
+    """Keys ``[0, end)`` that rows before ``stop`` can see."""
+    return max(0, min(n_key, stop + q_offset)) if causal else n_key
+
+
+def _block_logits(q_scaled, kf, start, stop, key_end):
+    """fp32 logits ``[B, Hq, blk, key_end]`` of rows ``start:stop``, GQA without expanding K."""
+    batch, n_heads, _, dim = q_scaled.shape
     n_kv = kf.shape[1]
-    group = n_heads // n_kv
     blk = stop - start
-    qb = q[:, :, start:stop].float().reshape(batch, n_kv, group * blk, dim)
-    return (torch.matmul(qb, kf.transpose(-1, -2)) * scale).reshape(batch, n_heads, blk, -1)
+    qb = q_scaled[:, :, start:stop].reshape(batch, n_kv, (n_heads // n_kv) * blk, dim)
+    return torch.matmul(qb, kf[:, :, :key_end].transpose(-1, -2)).reshape(batch, n_heads, blk, key_end)
 
 
 def _gqa_matmul(p, vf):
-    """``p [B, Hq, blk, Nk] @ v [B, Hkv, Nk, D]`` -> ``[B, Hq, blk, D]`` without expanding V."""
+    """``p [B, Hq, blk, Nk] @ v [B, Hkv, Nk', D]`` (first Nk keys) -> ``[B, Hq, blk, D]``
+    without expanding V."""
     batch, n_heads, blk, n_key = p.shape
     n_kv = vf.shape[1]
-    out = torch.matmul(p.reshape(batch, n_kv, (n_heads // n_kv) * blk, n_key), vf)
+    out = torch.matmul(p.reshape(batch, n_kv, (n_heads // n_kv) * blk, n_key), vf[:, :, :n_key])
     return out.reshape(batch, n_heads, blk, -1)
 
 
-def attention_stats_torch(
-    q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0, block=DEFAULT_BLOCK
-) -> AttentionStats:
-    """Output and per-row statistics, one query block at a time."""
-    batch, n_heads, n_query, _ = q.shape
-    n_key = k.shape[-2]
-    kf, vf = k.float(), v.float()
-    groups = None if key_groups is None else key_groups.float()
-    out = torch.empty(batch, n_heads, n_query, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, n_heads, n_query, device=q.device)
-    entropy = torch.empty_like(lse)
-    mass = None if groups is None else torch.empty(batch, n_heads, n_query, groups.shape[1], device=q.device)
-    idx = None if not topk else torch.empty(batch, n_heads, n_query, topk, dtype=torch.long, device=q.device)
-    weights = None if not topk else torch.empty(batch, n_heads, n_query, topk, device=q.device)
-    for start in range(0, n_query, block):
-        stop = min(start + block, n_query)
-        s = _block_logits(q, kf, scale, start, stop)
-        visible = visibility(batch, stop - start, n_key, causal, q_offset + start, key_valid, q.device)
-        masked = s.masked_fill(~visible, float("-inf"))
-        row_max = masked.amax(-1, keepdim=True)
-        empty = torch.isinf(row_max)
-        e = torch.exp(masked - torch.where(empty, torch.zeros_like(row_max), row_max))
-        total = e.sum(-1, keepdim=True)
-        p = e / torch.where(empty, torch.ones_like(total), total)
-        block_lse = torch.where(empty, row_max, row_max + total.log()).squeeze(-1)
-        lse[:, :, start:stop] = block_lse
-        out[:, :, start:stop] = _gqa_matmul(p, vf).to(q.dtype)
-        weighted = (p * s.masked_fill(~visible, 0.0)).sum(-1)
-        entropy[:, :, start:stop] = torch.where(empty.squeeze(-1), torch.zeros_like(weighted), block_lse - weighted)
-        if mass is not None:
-            mass[:, :, start:stop] = torch.einsum("bhqk,bgk->bhqg", p, groups)
-        if topk:
-            top = torch.topk(p.masked_fill(~visible, -1.0), min(topk, n_key), dim=-1)
-            hidden = top.values < 0
-            idx[:, :, start:stop, : top.indices.shape[-1]] = top.indices.masked_fill(hidden, -1)
-            weights[:, :, start:stop, : top.values.shape[-1]] = top.values.masked_fill(hidden, 0.0)
-            idx[:, :, start:stop, top.indices.shape[-1] :] = -1
-            weights[:, :, start:stop, top.values.shape[-1] :] = 0.0
-    return AttentionStats(out, lse, entropy, mass, idx, weights)
+def _hide(s, start, causal, q_offset, key_valid):
+    """Set logits of hidden keys to the fp32 minimum, in place: the causal triangle on the
+    diagonal columns only, and padded keys."""
+    blk, key_end = s.shape[-2:]
+    if causal:
+        first = start + q_offset + 1  # the first row hides keys from here on
+        lo = max(first, 0)
+        if lo < key_end:
+            cols = torch.arange(lo, key_end, device=s.device)
+            rows = torch.arange(blk, device=s.device)[:, None] + start + q_offset
+            s[..., lo:key_end].masked_fill_(cols[None, :] > rows, _HIDDEN)
+    if key_valid is not None:
+        s.masked_fill_(~key_valid[:, None, None, :key_end], _HIDDEN)
+
+
+def visible_key_counts(batch, n_query, n_key, causal, q_offset, key_valid, device) -> torch.Tensor:
+    """``[B, Nq]`` int64: how many keys each row sees (O(B·(Nq+Nk)), no map)."""
+    valid = torch.ones(batch, n_key, dtype=torch.long, device=device) if key_valid is None else key_valid.long()
+    if not causal:
+        return valid.sum(-1, keepdim=True).expand(batch, n_query).contiguous()
+    prefix = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), valid.cumsum(-1)], -1)
+    last_plus_one = (torch.arange(n_query, device=device) + q_offset + 1).clamp(0, n_key)
+    return prefix[:, last_plus_one]
 
 
 def visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, device) -> torch.Tensor:
@@ -90,21 +85,188 @@ def visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query
     return counts.contiguous()
 
 
+class _Outputs:
+    """Results filled block by block; pre-filled with NaN (indices with ``UNWRITTEN``) so that
+    a row the blocks miss shows up in tests (they are O(B·Hq·Nq·D), cheap to fill)."""
+
+    def __init__(self, q, v, n_key, n_groups, topk, columns):
+        batch, n_heads, n_query, _ = q.shape
+        nan = dict(fill_value=float("nan"), device=q.device)
+        self.out = torch.full((batch, n_heads, n_query, v.shape[-1]), dtype=q.dtype, **nan)
+        self.lse = torch.full((batch, n_heads, n_query), **nan)
+        self.entropy = torch.full_like(self.lse, float("nan"))
+        self.mass = None if n_groups is None else torch.full((batch, n_heads, n_query, n_groups), **nan)
+        self.idx = None
+        self.weights = None
+        if topk:
+            self.idx = torch.full((batch, n_heads, n_query, topk), UNWRITTEN, dtype=torch.long, device=q.device)
+            self.weights = torch.full((batch, n_heads, n_query, topk), **nan)
+        self.col_sum = torch.zeros(batch, n_heads, n_key, device=q.device) if columns else None
+
+
+def _extended_values(v, k, key_groups):
+    """``[B, Hkv, Nk, D_v + G + 1]`` fp32: ``[V | groups | 1]``, so that one product with the
+    unnormalised weights gives the output, the group masses and the row total at once."""
+    batch, n_kv, n_key, _ = k.shape
+    parts = [v.float()]
+    if key_groups is not None:
+        parts.append(key_groups.float().transpose(1, 2)[:, None].expand(batch, n_kv, n_key, key_groups.shape[1]))
+    parts.append(torch.ones(batch, n_kv, n_key, 1, device=k.device))
+    return torch.cat(parts, dim=-1)
+
+
+def block_rows(batch, n_heads, n_key, budget_bytes=_BLOCK_BYTES) -> int:
+    """Query rows per block so that one ``[B, Hq, rows, Nk]`` fp32 block stays near ``budget_bytes``
+    (cache-resident: the passes over it are memory bound)."""
+    return max(_MIN_BLOCK, min(_MAX_BLOCK, budget_bytes // (4 * batch * n_heads * max(n_key, 1))))
+
+
+def attention_stats_torch(
+    q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0,
+    columns=False, query_valid=None, block=None,
+) -> AttentionStats:
+    """Output and per-row statistics, one query block at a time (``block`` rows; default from
+    :func:`block_rows`); with ``columns`` also the attention each key receives from the valid
+    rows (``query_valid [B, Nq]``)."""
+    batch, n_heads, n_query, _ = q.shape
+    n_key = k.shape[-2]
+    block = block or block_rows(batch, n_heads, n_key)
+    if key_valid is not None and bool(key_valid.all()):
+        key_valid = None  # nothing to hide beyond causality: skip a pass per block
+    q_scaled, kf = q.float() * scale, k.float()
+    extended = _extended_values(v, k, key_groups)
+    res = _Outputs(q, v, n_key, None if key_groups is None else key_groups.shape[1], topk, columns)
+    key_counts = visible_key_counts(batch, n_query, n_key, causal, q_offset, key_valid, q.device)
+    row_weight = None
+    if columns:
+        row_weight = torch.ones(batch, n_query) if query_valid is None else query_valid.float()
+        row_weight = (row_weight.to(q.device) * (key_counts > 0)).float()
+    for start in range(0, n_query, block):
+        stop = min(start + block, n_query)
+        key_end = _key_end(stop, n_key, causal, q_offset)
+        _fill_block(res, q_scaled, kf, extended, topk, row_weight, key_counts[:, start:stop],
+                    start, stop, key_end, causal, q_offset, key_valid)
+    cols = None
+    if columns:
+        counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)
+        cols = ColumnStats(res.col_sum, counts)
+    return AttentionStats(res.out, res.lse, res.entropy, res.mass, res.idx, res.weights, cols)
+
+
+def _fill_block(res, q_scaled, kf, extended, topk, row_weight, counts, start, stop, key_end, causal,
+                q_offset, key_valid):
+    """All results of rows ``start:stop`` (``counts [B, blk]``: visible keys per row).
+
+    ``e = exp(s - max)`` stays unnormalised; results are divided by the row total afterwards, on
+    ``[blk, ·]`` tensors. Entropy is ``log(total) - Σ_j e_j (s_j - max) / total``."""
+    rows = slice(start, stop)
+    empty = (counts == 0)[:, None, :]  # [B, 1, blk]
+    if key_end == 0:  # no row of the block sees anything
+        _fill_empty(res, rows)
+        return
+    s = _block_logits(q_scaled, kf, start, stop, key_end)
+    _hide(s, start, causal, q_offset, key_valid)
+    chunk_max = _chunk_maxima(s)
+    row_max = chunk_max.amax(-1, keepdim=True)
+    top = _topk_keys(s, chunk_max, topk) if topk else None
+    s.sub_(row_max)
+    e = torch.exp(s)
+    mixed = _gqa_matmul(e, extended)  # [B, Hq, blk, D_v + G + 1]
+    d_v = res.out.shape[-1]
+    total = mixed[..., -1:]
+    mixed = mixed[..., :-1] / total
+    lse = (row_max + total.log()).squeeze(-1)
+    entropy = (total.log() - torch.linalg.vecdot(e, s)[..., None] / total).squeeze(-1)
+    if top is not None:
+        _fill_topk(res, rows, top, row_max, total, counts, topk)
+    if res.mass is not None:
+        res.mass[:, :, rows] = mixed[..., d_v:]
+    if row_weight is not None:
+        weight = row_weight[:, None, None, rows] / total.transpose(-1, -2)  # [B, Hq, 1, blk]
+        res.col_sum[:, :, :key_end] += torch.matmul(weight, e).squeeze(2)
+    res.out[:, :, rows] = mixed[..., :d_v].to(res.out.dtype)
+    res.lse[:, :, rows] = lse.masked_fill(empty, float("-inf"))
+    res.entropy[:, :, rows] = entropy.masked_fill(empty, 0.0)
+    if bool(empty.any()):
+        _clear_rows(res, rows, empty)
+
+
+def _chunk_maxima(s):
+    """``[B, Hq, blk, ceil(Nk / CHUNK)]``: the largest logit of each run of ``_CHUNK`` keys."""
+    n_key = s.shape[-1]
+    full = n_key - n_key % _CHUNK
+    parts = [s[..., :full].unflatten(-1, (full // _CHUNK, _CHUNK)).amax(-1)] if full else []
+    if full < n_key:
+        parts.append(s[..., full:].amax(-1, keepdim=True))
+    return torch.cat(parts, dim=-1)
+
+
+def _topk_keys(s, chunk_max, topk):
+    """Top-``topk`` logits and key indices of each row. The top-k keys lie in the k chunks with
+    the largest maxima, so only those chunks' keys are searched."""
+    n_key = s.shape[-1]
+    n_chunks = min(topk, chunk_max.shape[-1])
+    best_chunks = torch.topk(chunk_max, n_chunks, dim=-1).indices  # [B, Hq, blk, c]
+    keys = (best_chunks[..., None] * _CHUNK + torch.arange(_CHUNK, device=s.device)).flatten(-2)
+    inside = keys < n_key
+    values = torch.gather(s, -1, keys.clamp_max(n_key - 1)).masked_fill(~inside, float("-inf"))
+    top = torch.topk(values, min(topk, n_key), dim=-1)
+    return top.values, torch.gather(keys, -1, top.indices)
+
+
+def _fill_topk(res, rows, top, row_max, total, counts, topk):
+    """Write the top keys ``(logits, indices)``; slots beyond the row's visible keys get index
+    -1 and weight 0."""
+    values, indices = top
+    take = indices.shape[-1]
+    device = total.device
+    hidden = torch.arange(topk, device=device)[None, None, :] >= counts[:, :, None]  # [B, blk, k]
+    idx = torch.full(res.idx[:, :, rows].shape, -1, dtype=torch.long, device=device)
+    weights = torch.zeros(res.weights[:, :, rows].shape, device=device)
+    idx[..., :take] = indices
+    weights[..., :take] = torch.exp(values - row_max) / total
+    res.idx[:, :, rows] = idx.masked_fill(hidden[:, None], -1)
+    res.weights[:, :, rows] = weights.masked_fill(hidden[:, None], 0.0)
+
+
+def _fill_empty(res, rows):
+    res.out[:, :, rows] = 0
+    res.lse[:, :, rows] = float("-inf")
+    res.entropy[:, :, rows] = 0.0
+    if res.mass is not None:
+        res.mass[:, :, rows] = 0.0
+    if res.idx is not None:
+        res.idx[:, :, rows] = -1
+        res.weights[:, :, rows] = 0.0
+
+
+def _clear_rows(res, rows, empty):
+    """Rows that see no key (padding): zero output and mass (their softmax was uniform garbage)."""
+    keep = ~empty[..., None]  # [B, 1, blk, 1]
+    res.out[:, :, rows] *= keep.to(res.out.dtype)
+    if res.mass is not None:
+        res.mass[:, :, rows] *= keep
+
+
 def column_stats_torch(
-    q, k, lse, *, scale, causal, q_offset, key_valid=None, query_valid=None, block=DEFAULT_BLOCK
+    q, k, lse, *, scale, causal, q_offset, key_valid=None, query_valid=None, block=None
 ) -> ColumnStats:
     """Column sums of ``p = exp(s - lse)`` over valid rows and visible-row counts per key."""
     batch, n_heads, n_query, _ = q.shape
     n_key = k.shape[-2]
-    kf = k.float()
+    block = block or block_rows(batch, n_heads, n_key)
+    q_scaled, kf = q.float() * scale, k.float()
     col_sum = torch.zeros(batch, n_heads, n_key, device=q.device)
+    weight = torch.ones(batch, n_query, device=q.device) if query_valid is None else query_valid.float()
+    weight = weight * torch.isfinite(lse).all(1)  # rows that see no key contribute nothing
     for start in range(0, n_query, block):
         stop = min(start + block, n_query)
-        s = _block_logits(q, kf, scale, start, stop)
-        visible = visibility(batch, stop - start, n_key, causal, q_offset + start, key_valid, q.device)
-        if query_valid is not None:
-            visible = visible & query_valid[:, None, start:stop, None].bool()
-        p = torch.exp(s - lse[:, :, start:stop, None]).masked_fill(~visible, 0.0)
-        col_sum += p.sum(2)
+        key_end = _key_end(stop, n_key, causal, q_offset)
+        if key_end == 0:
+            continue
+        s = _block_logits(q_scaled, kf, start, stop, key_end)
+        _hide(s, start, causal, q_offset, key_valid)
+        p = torch.exp(s.sub_(lse[:, :, start:stop, None].clamp_min(_HIDDEN)))
+        col_sum[:, :, :key_end] += torch.matmul(weight[:, None, None, start:stop], p).squeeze(2)
     counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)
     return ColumnStats(col_sum, counts)

@@ -13,7 +13,8 @@ class AttentionStats:
 
     ``out [B, Hq, Nq, D]`` (input dtype); ``lse``, ``entropy [B, Hq, Nq]`` fp32 (natural log);
     ``group_mass [B, Hq, Nq, G]`` fp32 or None; ``topk_index`` int64 and ``topk_weight`` fp32
-    ``[B, Hq, Nq, k]`` (descending weight, earliest key first on ties) or None.
+    ``[B, Hq, Nq, k]`` (descending weight, earliest key first on ties) or None; ``columns``:
+    the attention each key receives (:class:`ColumnStats`) when requested, else None.
     """
 
     out: torch.Tensor
@@ -22,6 +23,7 @@ class AttentionStats:
     group_mass: torch.Tensor | None = None
     topk_index: torch.Tensor | None = None
     topk_weight: torch.Tensor | None = None
+    columns: "ColumnStats | None" = None
 
 
 @dataclass

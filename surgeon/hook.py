@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from ..kernels import attention_with_stats, column_stats
+from ..kernels import attention_with_stats
 from . import attention_math
 from .models import ModelShape, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
@@ -37,6 +37,7 @@ class Session:
         self.recording = Recording()
         self._head_scales = {layer: self._scales_for(layer) for layer in plan.layers()}
         self._map_bytes_this_call = 0
+        self._mask_cache: tuple | None = None  # (mask, shape, is_causal) -> decomposition
 
     def _scales_for(self, layer: int) -> torch.Tensor | None:
         edits = self.plan.for_layer(layer, "output")
@@ -48,13 +49,15 @@ class Session:
         return scales
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
-        """Attention for one layer call: delegate to SDPA, then record taps and apply output edits."""
+        """Attention for one layer call: SDPA (or, where every head's statistics are recorded,
+        the statistics op's own output), then taps and output edits."""
         layer = module.layer_idx
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        out = self._record_stats(layer, module, query, key, value, attention_mask, scaling, dropout)
+        if out is None:
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         self._record_attention(layer, module, query, key, attention_mask, scaling)
-        self._record_stats(layer, module, query, key, value, attention_mask, scaling)
         out = self.apply_output_edits(layer, out)
         if layer in self.taps.head_outputs:
             self.recording.head_outputs[layer].append(out.detach())
@@ -83,28 +86,45 @@ class Session:
         self.recording.attention_heads[layer] = heads
         self.recording.attention[layer].append(probs.detach())
 
-    def _record_stats(self, layer, module, query, key, value, attention_mask, scaling) -> None:
+    def _record_stats(self, layer, module, query, key, value, attention_mask, scaling, dropout):
+        """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``
+        when the op computed it for every head (one attention pass instead of two), else None."""
         heads = self.taps.stats_heads(layer, self.shape.n_heads)
         if heads is None:
-            return
+            return None
         is_causal = bool(getattr(module, "is_causal", False))
-        n_query, n_key = query.shape[-2], key.shape[-2]
-        key_valid, query_valid, q_offset = attention_math.decompose_mask(
-            attention_mask, n_query, n_key, is_causal, query.device
-        )
-        key_valid = key_valid.expand(query.shape[0], -1)
-        query_valid = query_valid.expand(query.shape[0], -1)
-        if len(heads) == self.shape.n_heads:
+        key_valid, query_valid, q_offset = self._decomposed_mask(attention_mask, query, key, is_causal)
+        all_heads = len(heads) == self.shape.n_heads
+        if all_heads:
             q, k, v = query, key, value
         else:  # a subset of query heads: give each its own copy of its KV head
             kv = attention_math.kv_heads_for(heads, self.shape.group_size)
             q, k, v = query[:, list(heads)], key[:, kv], value[:, kv]
-        options = dict(scale=_scaling(module, scaling, query), causal=is_causal, q_offset=q_offset,
-                       key_valid=key_valid, backend=self.taps.stats_backend)
-        stats = attention_with_stats(q, k, v, key_groups=self._key_groups(n_key), topk=self.taps.stats_topk, **options)
+        stats = attention_with_stats(
+            q, k, v, scale=_scaling(module, scaling, query), causal=is_causal, q_offset=q_offset,
+            key_valid=key_valid, key_groups=self._key_groups(key.shape[-2]), topk=self.taps.stats_topk,
+            columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend,
+        )
         self.recording.stats[layer].append(stats)
-        if self.taps.stats_columns:
-            self.recording.columns[layer].append(column_stats(q, k, stats.lse, query_valid=query_valid, **options))
+        if stats.columns is not None:
+            self.recording.columns[layer].append(stats.columns)
+        if all_heads and not (dropout and module.training):
+            return stats.out.transpose(1, 2)
+        return None
+
+    def _decomposed_mask(self, attention_mask, query, key, is_causal):
+        """:func:`attention_math.decompose_mask` of this call's mask, computed once per forward
+        (every layer receives the same mask tensor)."""
+        signature = (attention_mask, tuple(query.shape), tuple(key.shape), is_causal)
+        cached = self._mask_cache
+        if cached is not None and cached[0][0] is attention_mask and cached[0][1:] == signature[1:]:
+            return cached[1]
+        key_valid, query_valid, q_offset = attention_math.decompose_mask(
+            attention_mask, query.shape[-2], key.shape[-2], is_causal, query.device
+        )
+        result = (key_valid.expand(query.shape[0], -1), query_valid.expand(query.shape[0], -1), q_offset)
+        self._mask_cache = (signature, result)
+        return result
 
     def _key_groups(self, n_key: int) -> torch.Tensor | None:
         """The requested key groups, extended with False for keys added by decoding."""

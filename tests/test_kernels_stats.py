@@ -9,6 +9,7 @@ import torch
 
 from headlab.kernels import attention_with_stats, column_stats
 from headlab.kernels.reference import attention_probs_reference, attention_stats_reference, column_stats_reference
+from headlab.kernels.stats_torch import attention_stats_torch
 from headlab.kernels.stats_triton import UNWRITTEN_INDEX
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -90,6 +91,37 @@ def test_column_sums_match_reference(case, backend):
     assert torch.equal(got.col_count, ref.col_count)
     total_rows = (query_valid[:, None, :] & lse.isfinite()).sum(-1).double()
     assert torch.allclose(got.col_sum.double().sum(-1), total_rows, atol=1e-3)
+
+
+@pytest.mark.parametrize("block", [16, 37])
+@pytest.mark.parametrize("case", CASES[:4], ids=["mha", "gqa9-left", "bidir-right", "decode"])
+def test_torch_blocks_and_fused_columns_match_reference(case, block):
+    """Many query blocks (causal key slicing, empty rows inside a block) and the column sums
+    taken in the same pass agree with the reference."""
+    batch, heads, kv_heads, n_query, n_key, dim, causal, padding, dtype, topk = case
+    q, k, v, key_valid, groups = make_inputs(batch, heads, kv_heads, n_query, n_key, dim, padding, dtype, seed=2)
+    query_valid = key_valid[:, n_key - n_query :] if key_valid is not None else None
+    got = attention_stats_torch(q, k, v, scale=dim**-0.5, causal=causal, q_offset=n_key - n_query,
+                                key_valid=key_valid, key_groups=groups, topk=topk, columns=True,
+                                query_valid=query_valid, block=block)
+    ref = attention_stats_reference(q, k, v, causal=causal, key_valid=key_valid, key_groups=groups, topk=topk)
+    ref_cols = column_stats_reference(q, k, causal=causal, key_valid=key_valid, query_valid=query_valid)
+    for name in ("out", "entropy", "group_mass", "topk_weight"):
+        assert rel_rms(getattr(got, name), getattr(ref, name)) <= 1e-5, name
+    assert torch.equal(got.topk_index, ref.topk_index)
+    assert torch.equal(got.lse.isfinite(), ref.lse.isfinite())
+    assert rel_rms(got.columns.col_sum, ref_cols.col_sum) <= 1e-5
+    assert torch.equal(got.columns.col_count, ref_cols.col_count)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_columns_flag_of_the_public_op(backend):
+    q, k, v, key_valid, _ = make_inputs(2, 3, 1, 40, 40, 16, "left", torch.float32, seed=3)
+    got = attention_with_stats(q, k, v, key_valid=key_valid, columns=True, query_valid=key_valid, backend=backend)
+    ref = column_stats_reference(q, k, key_valid=key_valid, query_valid=key_valid)
+    assert rel_rms(got.columns.col_sum, ref.col_sum) <= 1e-5
+    assert torch.equal(got.columns.col_count, ref.col_count)
+    assert attention_with_stats(q, k, v, backend=backend).columns is None
 
 
 def test_reference_identities():

@@ -42,6 +42,24 @@ def test_stats_tap_matches_eager_maps_on_a_padded_batch(model_factory):
     check_against_maps(session.recording.stats[2][0], session.recording.columns[2][0], maps[2], groups, valid, 3)
 
 
+def test_layers_whose_every_head_is_tapped_keep_the_models_outputs():
+    """Where all heads of a layer are tapped the statistics op's output replaces SDPA's; the
+    logits must stay those of the untouched model, prefill and cached decode."""
+    model = tiny_llama("gqa")
+    ids, mask = padded_batch([12, 7], 12, "left")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        plain_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        taps = Taps(stats={layer: None for layer in range(3)}, stats_topk=2, stats_columns=True)
+        with attach(model, taps=taps) as session:
+            tapped = model(input_ids=ids, attention_mask=mask).logits
+            tapped_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    valid = mask.bool()
+    assert (tapped - plain)[valid].abs().max() <= 1e-5
+    assert torch.equal(tapped_tokens, plain_tokens)
+    assert len(session.recording.stats[0]) == 1 + 1 + 3  # forward, generate's prefill, 3 decode steps
+
+
 def test_mask_decomposition_refuses_other_structures():
     causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
     key_valid, query_valid, offset = decompose_mask(causal, 6, 6, True, "cpu")

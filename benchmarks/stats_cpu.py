@@ -1,0 +1,142 @@
+"""CPU benchmark: SmolLM2 forward with all attention statistics recorded vs plain SDPA vs eager maps.
+
+Each (mode, length) runs in its own child process so that peak RSS is measured per mode:
+  sdpa        plain SDPA forward (the baseline)
+  stats       forward through the headlab hook with statistics of all 30 layers × 9 heads:
+              LSE, entropy, first-token (sink) mass
+  stats_all   the same plus the top-8 keys of every row and column sums / counts
+  eager       eager forward with output_attentions (only where the maps fit: 2048 tokens)
+Time is the median of ``--repeats`` forwards after one warm-up; ratios are taken in this one run.
+
+    python benchmarks/stats_cpu.py --tokens 2048 8192 --out benchmarks/results/stats_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("sdpa", "stats", "stats_all", "eager")
+EAGER_MAX_TOKENS = 2048
+
+
+def _input_ids(tokenizer, n_tokens: int):
+    import torch
+
+    from headlab.probes.corpus import stdlib_docstrings
+
+    ids = tokenizer(stdlib_docstrings(), add_special_tokens=False).input_ids
+    if len(ids) < n_tokens:
+        ids = (ids * (n_tokens // len(ids) + 1))
+    return torch.tensor([ids[:n_tokens]])
+
+
+def _child(mode: str, n_tokens: int, repeats: int) -> dict:
+    """Load SmolLM2, run ``repeats`` timed forwards in ``mode``; report seconds and peak RSS."""
+    import torch
+
+    from headlab import Taps, attach, load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m", attn_implementation="eager" if mode == "eager" else "sdpa")
+    ids = _input_ids(tokenizer, n_tokens)
+    n_layers = model.config.num_hidden_layers
+    first_token = torch.zeros(1, 1, n_tokens, dtype=torch.bool)
+    first_token[..., 0] = True
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def forward():
+        with torch.no_grad():
+            if mode.startswith("stats"):
+                everything = mode == "stats_all"
+                taps = Taps(stats={layer: None for layer in range(n_layers)}, stats_key_groups=first_token,
+                            stats_topk=8 if everything else 0, stats_columns=everything)
+                with attach(model, taps=taps) as session:
+                    model(input_ids=ids)
+                return session.recording
+            return model(input_ids=ids, output_attentions=(mode == "eager"))
+
+    forward()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = forward()
+        seconds.append(time.perf_counter() - start)
+        del result
+    return {
+        "mode": mode,
+        "tokens": n_tokens,
+        "seconds": seconds,
+        "median_seconds": statistics.median(seconds),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mib": rss_loaded / 1024,
+    }
+
+
+def _run_child(mode: str, n_tokens: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(n_tokens), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        return {"mode": mode, "tokens": n_tokens, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ratios(rows: list[dict]) -> dict:
+    by = {(r["mode"], r["tokens"]): r for r in rows if "error" not in r}
+    out = {}
+    for (mode, n), row in by.items():
+        base = by.get(("sdpa", n))
+        if mode == "sdpa" or base is None:
+            continue
+        out[f"{mode}/sdpa@{n}"] = {
+            "time": round(row["median_seconds"] / base["median_seconds"], 3),
+            "peak_rss": round(row["peak_rss_mib"] / base["peak_rss_mib"], 3),
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="input lengths")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per mode (after one warm-up)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stats_cpu.json"))
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.tokens[0], args.repeats)))
+        return 0
+    rows = []
+    for n_tokens in args.tokens:
+        for mode in args.modes:
+            if mode == "eager" and n_tokens > EAGER_MAX_TOKENS:
+                continue
+            row = _run_child(mode, n_tokens, args.repeats)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    import torch
+
+    from headlab.surgeon.files import write_json
+
+    report = {
+        "benchmark": "attention statistics on SmolLM2-135M, CPU",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "rows": rows,
+        "ratios": _ratios(rows),
+        "targets": {"stats*/sdpa time": "<= 1.5", "stats*/sdpa peak RSS": "<= 1.2"},
+    }
+    write_json(args.out, report)
+    print(json.dumps(report["ratios"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Attention restricted to a few key columns, normalised by a known log-sum-exp.
+
+With the LSE of a fused pass, the mass ``A_G = Σ_{j∈G} a_j`` and partial output
+``P_G = Σ_{j∈G} a_j v_j`` of a small key set ``G`` (sinks, a span) cost O(Nq·|G|·D): this is what
+the mass-preserving edits need to correct an output without the N×N map (SPEC §2.2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    key_index: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    q_offset: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mass [B, Hq, Nq], out [B, Hq, Nq, D])`` over the keys ``key_index [B, S]`` (int64,
+    -1 for unused slots; repeated indices count once each, so pass each key once).
+
+    ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``, ``lse [B, Hq, Nq]`` the rows' natural-log
+    normalisers; a row sees key j when ``not causal`` or ``j <= i + q_offset`` (default
+    ``Nk - Nq``). Rows with ``lse = -inf`` (no visible key) get zeros.
+    """
+    batch, n_heads, n_query, dim = q.shape
+    n_kv, n_key = k.shape[1], k.shape[2]
+    if key_index.dim() != 2 or key_index.shape[0] != batch:
+        raise ValueError(f"key_index must be [B, S] with B={batch}, got {tuple(key_index.shape)}")
+    if (key_index >= n_key).any():
+        raise ValueError(f"key_index names keys beyond the {n_key} keys")
+    scale = dim**-0.5 if scale is None else scale
+    q_offset = n_key - n_query if q_offset is None else q_offset
+    used = key_index >= 0  # [B, S]
+    safe = key_index.clamp_min(0)
+    gather = safe[:, None, :, None].expand(batch, n_kv, safe.shape[1], dim)
+    k_sel = torch.gather(k.float(), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, S, D]
+    v_sel = torch.gather(v.float(), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)
+    s = torch.matmul(q.float(), k_sel.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]
+    visible = used[:, None, None, :].expand_as(s)
+    if causal:
+        rows = torch.arange(n_query, device=q.device)[:, None] + q_offset
+        visible = visible & (safe[:, None, None, :] <= rows)
+    finite = torch.isfinite(lse)[..., None]
+    p = torch.where(visible & finite, torch.exp(s - lse.masked_fill(~finite[..., 0], 0.0)[..., None]),
+                    torch.zeros_like(s))
+    return p.sum(-1), torch.matmul(p, v_sel)
