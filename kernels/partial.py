@@ -25,7 +25,7 @@ def partial_attention(
     -1 for unused slots; repeated indices count once each, so pass each key once).
 
     ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``, ``lse [B, Hq, Nq]`` the rows' natural-log
-    normalisers; a row sees key j when ``not causal`` or ``j <= i + q_offset`` (default
+    normalisers; computed in fp32 (fp64 for fp64 inputs). A row sees key j when ``not causal`` or ``j <= i + q_offset`` (default
     ``Nk - Nq``). Rows with ``lse = -inf`` (no visible key) get zeros.
     """
     batch, n_heads, n_query, dim = q.shape
@@ -36,17 +36,18 @@ def partial_attention(
         raise ValueError(f"key_index names keys beyond the {n_key} keys")
     scale = dim**-0.5 if scale is None else scale
     q_offset = n_key - n_query if q_offset is None else q_offset
+    work = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     used = key_index >= 0  # [B, S]
     safe = key_index.clamp_min(0)
     gather = safe[:, None, :, None].expand(batch, n_kv, safe.shape[1], dim)
-    k_sel = torch.gather(k.float(), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, S, D]
-    v_sel = torch.gather(v.float(), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)
-    s = torch.matmul(q.float(), k_sel.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]
+    k_sel = torch.gather(k.to(work), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, S, D]
+    v_sel = torch.gather(v.to(work), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)
+    s = torch.matmul(q.to(work), k_sel.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]
     visible = used[:, None, None, :].expand_as(s)
     if causal:
         rows = torch.arange(n_query, device=q.device)[:, None] + q_offset
         visible = visible & (safe[:, None, None, :] <= rows)
     finite = torch.isfinite(lse)[..., None]
-    p = torch.where(visible & finite, torch.exp(s - lse.masked_fill(~finite[..., 0], 0.0)[..., None]),
+    p = torch.where(visible & finite, torch.exp(s - lse.to(work).masked_fill(~finite[..., 0], 0.0)[..., None]),
                     torch.zeros_like(s))
     return p.sum(-1), torch.matmul(p, v_sel)

@@ -22,6 +22,9 @@ from .plan import Plan, PlanError
 from .taps import Taps
 
 
+_BRIDGE_KINDS = frozenset({"head_scale", "head_mean"})
+
+
 @contextmanager
 def attach_bridge(
     bridge, plan: Plan | None = None, taps: Taps | None = None, gates: torch.Tensor | None = None
@@ -33,11 +36,11 @@ def attach_bridge(
     taps = taps or Taps()
     plan.validate(shape)
     taps.validate(shape)
-    unsupported = [e for e in plan.edits if e.stage != "output"]
+    unsupported = [e for e in plan.edits if e.kind not in _BRIDGE_KINDS]
     if unsupported:
         raise PlanError(
-            f"attach_bridge supports output-stage edits only; {unsupported[0].kind} changes the softmax, "
-            "which the bridge computes in its own code: apply it with attach() on the HF model"
+            f"attach_bridge supports {sorted(_BRIDGE_KINDS)} only; {unsupported[0].kind} needs the softmax or "
+            "per-request state, which the bridge computes in its own code: apply it with attach() on the HF model"
         )
     session = Session(shape, plan, taps, gates)
     hooks = []
@@ -61,7 +64,7 @@ def _pattern_tap(session: Session, layer: int):
 
 def _z_hook(session: Session, layer: int):
     def edit(z, hook):
-        z = session.apply_output_edits(layer, z)
+        z = session.apply_output_edits(layer, z, z.shape[1])
         if layer in session.taps.head_outputs:
             session.recording.head_outputs[layer].append(z.detach())
         return z

@@ -17,9 +17,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..kernels import attention_with_stats
-from . import attention_math
+from . import attention_math, editing
 from .models import ModelShape, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
+from .request import Request, RequestState, span_mask
 from .taps import MapBudgetError, Recording, Taps
 
 HOOK_NAME = "headlab"
@@ -27,43 +28,84 @@ _SESSION_ATTR = "_headlab_session"
 
 
 class Session:
-    """Per-request state the attention function reads: the plan, taps, gates and the recording."""
+    """Per-request state the attention function reads: the plan, taps, gates, the request's
+    inputs and what its prefill fixed (``state``), and the recording."""
 
-    def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None):
+    def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
+                 request: Request | None = None):
         self.shape = shape
         self.plan = plan
         self.taps = taps
         self.gates = gates  # [n_layers, n_heads] multiplier on head outputs (may require grad)
+        self.request = request or Request()
+        self.state = RequestState()
         self.recording = Recording()
-        self._head_scales = {layer: self._scales_for(layer) for layer in plan.layers()}
+        self._prefilled_layers: set[int] = set()
         self._map_bytes_this_call = 0
         self._mask_cache: tuple | None = None  # (mask, shape, is_causal) -> decomposition
 
-    def _scales_for(self, layer: int) -> torch.Tensor | None:
-        edits = self.plan.for_layer(layer, "output")
-        if not edits:
-            return None
-        scales = torch.ones(self.shape.n_heads)
-        for edit in edits:
-            scales[list(edit.heads)] *= edit.scale
-        return scales
-
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
         """Attention for one layer call: SDPA (or, where every head's statistics are recorded,
-        the statistics op's own output), then taps and output edits."""
+        the statistics op's own output), then the layer's softmax-stage edits on their heads,
+        taps and output edits."""
         layer = module.layer_idx
+        is_causal = bool(getattr(module, "is_causal", False))
+        bias, redistribute = self.plan.for_layer(layer, "bias"), self.plan.for_layer(layer, "redistribute")
+        output_stage = self.plan.for_layer(layer, "output")
+        if bias or redistribute or output_stage:
+            self._begin_call(layer, attention_mask, query, key, is_causal)
         out = self._record_stats(layer, module, query, key, value, attention_mask, scaling, dropout)
         if out is None:
             out, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-        self._record_attention(layer, module, query, key, attention_mask, scaling)
-        out = self.apply_output_edits(layer, out)
+        edited = None
+        if bias or redistribute:
+            heads, probs, head_out = editing.edited_attention(
+                layer, bias, redistribute, self.state, query, key, value, attention_mask,
+                _scaling(module, scaling, query), self.shape.group_size, is_causal,
+            )
+            out = out.clone()
+            out[:, :, list(heads)] = head_out
+            edited = (heads, probs)
+        self._record_attention(layer, module, query, key, attention_mask, scaling, edited)
+        out = self.apply_output_edits(layer, out, key.shape[-2])
         if layer in self.taps.head_outputs:
             self.recording.head_outputs[layer].append(out.detach())
         return out, None
 
-    def _record_attention(self, layer, module, query, key, attention_mask, scaling) -> None:
+    def apply_output_edits(self, layer: int, out: torch.Tensor, n_key: int) -> torch.Tensor:
+        """The plan's output-stage edits times the gates, on ``out [B, Nq, H, D]`` whose rows
+        are the last ``Nq`` of ``n_key`` positions."""
+        output_stage = self.plan.for_layer(layer, "output")
+        if output_stage:
+            rows = torch.arange(out.shape[1]) + n_key - out.shape[1]
+            out = editing.output_edits(layer, output_stage, self.state, self.request, out, rows)
+        if self.gates is not None:
+            out = attention_math.scale_heads(out, self.gates[layer])
+        return out
+
+    def _begin_call(self, layer, attention_mask, query, key, is_causal) -> None:
+        """At a prefill call (as many queries as keys) of a new request, reset the state (unless
+        pinned) and fix the prompt's valid keys and spans."""
+        n_query, n_key = query.shape[-2], key.shape[-2]
+        if n_query == n_key and not self.state.pinned:
+            if layer in self._prefilled_layers:  # a second prefill: a new request
+                self.state = RequestState(pending_hidden=self.state.pending_hidden)
+                self._prefilled_layers.clear()
+            self._prefilled_layers.add(layer)
+        if self.state.prompt_keys is None:
+            if n_query != n_key:
+                raise PlanError("edits need the prefill of a request before its decode steps")
+            key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, is_causal)
+            batch = query.shape[0]
+            self.state.prompt_keys = key_valid.cpu().clone()
+            self.state.span = span_mask(self.request.span, batch, n_key, "span")
+            self.state.emphasis = span_mask(self.request.emphasis, batch, n_key, "emphasis")
+
+    def _record_attention(self, layer, module, query, key, attention_mask, scaling, edited=None) -> None:
+        """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed
+        them, else recomputed in fp32 beside SDPA."""
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
@@ -83,6 +125,11 @@ class Session:
             module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1,
             bool(getattr(module, "is_causal", False)),
         )
+        if edited is not None:
+            edited_heads, edited_probs = edited
+            for pos, head in enumerate(heads):
+                if head in edited_heads:
+                    probs[:, pos] = edited_probs[:, edited_heads.index(head)]
         self.recording.attention_heads[layer] = heads
         self.recording.attention[layer].append(probs.detach())
 
@@ -132,15 +179,6 @@ class Session:
         if groups is None or groups.shape[-1] >= n_key:
             return None if groups is None else groups[..., :n_key]
         return torch.nn.functional.pad(groups, (0, n_key - groups.shape[-1]), value=False)
-
-    def apply_output_edits(self, layer: int, out: torch.Tensor) -> torch.Tensor:
-        """Head scales of the plan times the gates, on ``out [batch, seq, heads, head_dim]``."""
-        scales = self._head_scales.get(layer)
-        if scales is not None:
-            out = attention_math.scale_heads(out, scales.to(out.device))
-        if self.gates is not None:
-            out = attention_math.scale_heads(out, self.gates[layer])
-        return out
 
 
 def _scaling(module, scaling, query) -> float:
@@ -217,12 +255,14 @@ def attach(
     plan: Plan | None = None,
     taps: Taps | None = None,
     gates: torch.Tensor | None = None,
+    request: Request | None = None,
 ) -> Iterator[Session]:
     """Run ``model`` through the headlab attention function inside the block.
 
     ``plan``: edits to apply; ``taps``: what to record (``session.recording``); ``gates``: an
     optional ``[n_layers, n_heads]`` tensor multiplying head outputs (may require grad, for
-    gradient importance). The previous attention implementation is restored on exit.
+    gradient importance); ``request``: spans and references the edits read. The previous
+    attention implementation is restored on exit.
     """
     require_attention_interface(model)
     shape = model_shape(model)
@@ -236,14 +276,47 @@ def attach(
     if any(hasattr(m, _SESSION_ATTR) for m in modules):
         raise RuntimeError("headlab is already attached to this model; nested attach() is not supported")
     previous = _implementation_snapshot(model.config)
-    session = Session(shape, plan, taps, gates)
+    session = Session(shape, plan, taps, gates, request)
+    hooks = _residual_hooks(model, plan, session)
     try:
         for module in modules:
             setattr(module, _SESSION_ATTR, session)
         model.set_attn_implementation(_hooked_implementation(model))
         yield session
     finally:
+        for hook in hooks:
+            hook.remove()
         for module in modules:
             if hasattr(module, _SESSION_ATTR):
                 delattr(module, _SESSION_ATTR)
         model.set_attn_implementation(previous)
+
+
+def decoder_layers(model) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: block}``: the blocks whose ``self_attn`` is one of :func:`attention_modules`."""
+    attention = {id(m): m.layer_idx for m in attention_modules(model)}
+    return {attention[id(m.self_attn)]: m for m in model.modules()
+            if isinstance(getattr(m, "self_attn", None), torch.nn.Module) and id(m.self_attn) in attention}
+
+
+def _residual_hooks(model, plan: Plan, session: Session) -> list:
+    """Forward pre-hooks keeping the residual stream entering each layer with a VAR edit."""
+    layers = sorted({e.layer for e in plan.edits if e.kind == "redistribute"})
+    if not layers:
+        return []
+    blocks = decoder_layers(model)
+    missing = [layer for layer in layers if layer not in blocks]
+    if missing:
+        raise PlanError(f"cannot find the decoder blocks of layers {missing} to read their residual stream")
+
+    def keeper(layer):
+        def hook(module, args, kwargs):
+            session.state.pending_hidden[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    return [blocks[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True) for layer in layers]
+
+
+def apply(model, plan: Plan, request: Request | None = None):
+    """``with apply(model, plan, request):`` run ``model`` with the plan's edits (see :func:`attach`)."""
+    return attach(model, plan, request=request)

@@ -18,8 +18,8 @@ VOCAB = 97
 LLAMA_VARIANTS = {"mha": (5, 5), "gqa": (9, 3), "mqa": (5, 1)}
 
 
-def tiny_llama(kind: str = "gqa", seed: int = 0) -> LlamaForCausalLM:
-    """A 3-layer random Llama with head_dim 6 and the head layout of ``kind``."""
+def tiny_llama(kind: str = "gqa", seed: int = 0, layers: int = 3) -> LlamaForCausalLM:
+    """A random Llama (3 layers by default) with head_dim 6 and the head layout of ``kind``."""
     heads, kv_heads = LLAMA_VARIANTS[kind]
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -27,7 +27,7 @@ def tiny_llama(kind: str = "gqa", seed: int = 0) -> LlamaForCausalLM:
         hidden_size=6 * heads,
         head_dim=6,
         intermediate_size=37,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,

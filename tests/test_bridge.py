@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from headlab.surgeon import HeadScale, Plan, PlanError, Taps, attach, attach_bridge
-from headlab.surgeon.plan import Edit, register_edit
+from headlab.surgeon import Calibrate, HeadScale, Plan, PlanError, Taps, attach, attach_bridge
 
 pytestmark = pytest.mark.real_model  # borrows the SmolLM2 tokenizer
 
@@ -62,12 +61,6 @@ def test_bridge_session_matches_the_hf_hook(bridge_and_model):
 
 def test_softmax_edits_are_refused_on_the_bridge(bridge_and_model):
     bridge, _ = bridge_and_model
-
-    @register_edit
-    class _Sharpen(Edit):
-        kind = "test_sharpen"
-        stage = "bias"
-
-    with pytest.raises(PlanError, match="output-stage edits only"):
-        with attach_bridge(bridge, Plan([_Sharpen(0, (1,))])):
+    with pytest.raises(PlanError, match="calibrate needs the softmax"):
+        with attach_bridge(bridge, Plan([Calibrate(2, (1,))])):
             pass

@@ -1,0 +1,140 @@
+"""The edit kinds a plan can hold besides :class:`~headlab.surgeon.plan.HeadScale` (SPEC §2.3–2.8).
+
+Parameters only: the tensor math is in :mod:`.edits`, per-request state (spans, frozen sink sets,
+selected heads) in :mod:`.request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .edits import DROP_FIRST
+from .models import ModelShape
+from .plan import Edit, PlanError, register_edit
+
+FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
+
+
+def _check_range(edit: Edit, name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise PlanError(f"{edit.kind} edit on layer {edit.layer}: {name} must be in [{low}, {high}], got {value}")
+
+
+@register_edit
+@dataclass(frozen=True)
+class Calibrate(Edit):
+    """ACT: scale the weights of each head's attention sinks by ``beta`` and give the freed mass
+    to the other visible keys in proportion. Sinks: keys whose mean received attention at
+    prefill exceeds ``threshold`` (or ``relative_c / N`` when set), minus the first one as
+    ``drop_first`` says; frozen for decode rows."""
+
+    kind: ClassVar[str] = "calibrate"
+    stage: ClassVar[str] = "redistribute"
+
+    beta: float = 0.4
+    threshold: float = 0.1
+    relative_c: float | None = None
+    drop_first: str = "lowest"
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        if self.layer < FIRST_EDITABLE_LAYER:
+            raise PlanError(f"calibrate edit on layer {self.layer}: layers 0-1 are never calibrated")
+        _check_range(self, "beta", self.beta, 0.0, 1.0)
+        if self.drop_first not in DROP_FIRST:
+            raise PlanError(f"calibrate edit: drop_first must be one of {DROP_FIRST}, got {self.drop_first!r}")
+
+
+@register_edit
+@dataclass(frozen=True)
+class Redistribute(Edit):
+    """VAR: on rows whose mass on the request's span is at least ``span_mass_min`` and whose
+    sink share of it is at most ``sink_share_max``, keep ``keep_fraction`` of every sink weight
+    and move the rest to the span's non-sink keys in proportion. Sink tokens: ``φ > sink_threshold``
+    on the residual stream entering the layer, over ``sink_dims`` (see
+    :func:`headlab.surgeon.detect_sink_dimensions`), found at prefill and frozen."""
+
+    kind: ClassVar[str] = "redistribute"
+    stage: ClassVar[str] = "redistribute"
+
+    sink_dims: tuple[int, ...] = ()
+    keep_fraction: float = 0.6
+    span_mass_min: float = 0.2
+    sink_share_max: float = 0.5
+    sink_threshold: float = 20.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "sink_dims", tuple(int(d) for d in self.sink_dims))
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        if not FIRST_EDITABLE_LAYER <= self.layer <= shape.n_layers - 2:
+            raise PlanError(
+                f"redistribute edit on layer {self.layer}: VAR edits layers {FIRST_EDITABLE_LAYER}.."
+                f"{shape.n_layers - 2} (never 0-1 or the last layer)"
+            )
+        if not self.sink_dims:
+            raise PlanError("redistribute edit needs sink_dims (detect them with detect_sink_dimensions)")
+        _check_range(self, "keep_fraction", self.keep_fraction, 0.0, 1.0)
+
+
+@register_edit
+@dataclass(frozen=True)
+class Steer(Edit):
+    """PASTA: add ``log alpha`` to the logits of every prompt key outside the request's
+    emphasised span (generated keys untouched), on all rows of the chosen heads."""
+
+    kind: ClassVar[str] = "steer"
+    stage: ClassVar[str] = "bias"
+
+    alpha: float = 0.01
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        _check_range(self, "alpha", self.alpha, 1e-30, 1.0)
+
+
+@register_edit
+@dataclass(frozen=True)
+class Reinforce(Edit):
+    """VHR: among the candidate ``heads``, multiply by ``alpha`` the outputs of the heads whose
+    divergence between the request with and without its span is above the layer median (after
+    outlier removal), chosen at prefill per sample and frozen; prefill scales the last prompt
+    row, decode every row. Needs the request's reference outputs
+    (:func:`headlab.surgeon.reference_outputs`)."""
+
+    kind: ClassVar[str] = "reinforce"
+    stage: ClassVar[str] = "output"
+
+    alpha: float = 2.0
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        if len(self.heads) < 2:
+            raise PlanError("reinforce edit needs at least two candidate heads (it keeps those above the median)")
+
+
+@register_edit
+@dataclass(frozen=True)
+class HeadMean(Edit):
+    """Mean ablation: replace each chosen head's output with its dataset mean ``means
+    [len(heads)][head_dim]`` (see :func:`headlab.surgeon.head_output_means`)."""
+
+    kind: ClassVar[str] = "head_mean"
+    stage: ClassVar[str] = "output"
+
+    means: tuple[tuple[float, ...], ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "means", tuple(tuple(float(x) for x in row) for row in self.means))
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        if len(self.means) != len(self.heads) or any(len(row) != shape.head_dim for row in self.means):
+            raise PlanError(
+                f"head_mean edit on layer {self.layer}: means must be {len(self.heads)} rows of "
+                f"head_dim={shape.head_dim} values"
+            )

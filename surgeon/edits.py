@@ -1,0 +1,165 @@
+"""The attention edits as pure functions on tensors (SPEC §2.2–2.6); the hook only dispatches.
+
+Shapes: probabilities ``a [B, h, Nq, Nk]`` fp32 for the ``h`` edited heads; ``visible [B, 1 or h,
+Nq, Nk]`` bool; key sets (sinks, spans) ``[B, h or 1, Nk]`` bool; per-head outputs ``z [B, N, H, D]``.
+Every redistribution here keeps each row's sum and leaves rows it does not select untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DROP_FIRST = ("lowest", "position0", "none")
+_TINY = 1e-6
+
+
+# --- ACT: attention calibration (§2.3) -------------------------------------------------------
+
+
+def mean_received(a: torch.Tensor, visible: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """Sink score ``[B, h, Nk]``: attention each key receives, averaged over the valid rows that
+    see it (``query_valid [B, Nq]``); 0 for keys no valid row sees."""
+    rows = query_valid[:, None, :, None]
+    seen = (visible & rows).expand_as(a)
+    total = torch.where(seen, a, torch.zeros_like(a)).sum(2)
+    count = seen.sum(2)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def act_sink_set(
+    scores: torch.Tensor,
+    key_valid: torch.Tensor,
+    threshold: float = 0.1,
+    relative_c: float | None = None,
+    drop_first: str = "lowest",
+) -> torch.Tensor:
+    """Sink set ``[B, h, Nk]`` bool: keys whose score exceeds ``threshold`` (or ``relative_c / N``
+    with N the number of valid keys), minus the first sink as ``drop_first`` says.
+
+    ``"lowest"`` drops the lowest-index sink; ``"position0"`` drops the first valid key if it is a
+    sink; ``"none"`` keeps all.
+    """
+    if drop_first not in DROP_FIRST:
+        raise ValueError(f"drop_first must be one of {DROP_FIRST}, got {drop_first!r}")
+    if relative_c is not None:
+        n_valid = key_valid.sum(-1).clamp_min(1)[:, None, None].float()
+        sinks = scores > relative_c / n_valid
+    else:
+        sinks = scores > threshold
+    sinks = sinks & key_valid[:, None, :]
+    if drop_first == "none":
+        return sinks
+    positions = torch.arange(sinks.shape[-1], device=sinks.device)
+    if drop_first == "lowest":
+        first = torch.where(sinks, positions, sinks.shape[-1]).amin(-1, keepdim=True)  # [B, h, 1]
+    else:
+        first = torch.where(key_valid, positions, sinks.shape[-1]).amin(-1)[:, None, None]
+    return sinks & (positions != first)
+
+
+def act_reweight(a: torch.Tensor, sinks: torch.Tensor, visible: torch.Tensor, beta: float,
+                 protected_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale sink weights by ``beta`` and give the freed mass to the other visible keys in
+    proportion: ``a' = β a`` on S, ``a (1 - β m) / (1 - m)`` elsewhere, ``m`` the row's sink mass.
+
+    Rows with ``m = 0`` or ``1 - m < 1e-6`` and ``protected_rows [B, Nq]`` (the first token at
+    prefill) are unchanged.
+    """
+    in_sink = sinks[:, :, None, :] & visible
+    m = torch.where(in_sink, a, torch.zeros_like(a)).sum(-1, keepdim=True)  # [B, h, Nq, 1]
+    edit = (m > 0) & (1 - m >= _TINY)
+    if protected_rows is not None:
+        edit = edit & ~protected_rows[:, None, :, None]
+    gamma = (1 - beta * m) / (1 - m).clamp_min(_TINY)
+    factor = torch.where(in_sink, torch.full_like(a, beta), gamma.expand_as(a))
+    return torch.where(edit, a * factor, a)
+
+
+# --- VAR: sink redistribution to a span (§2.4) ---------------------------------------------------
+
+
+def sink_ratio(hidden: torch.Tensor, sink_dims: list[int]) -> torch.Tensor:
+    """``φ(x) = max_{d ∈ D} |x_d| / RMS(x)`` for hidden states ``[B, N, d_model]`` -> ``[B, N]``."""
+    rms = hidden.float().pow(2).mean(-1).add(1e-6).sqrt()
+    return hidden[..., list(sink_dims)].float().abs().amax(-1) / rms
+
+
+def var_redistribute(
+    a: torch.Tensor,
+    sinks: torch.Tensor,
+    span: torch.Tensor,
+    rows: torch.Tensor,
+    keep_fraction: float = 0.6,
+    span_mass_min: float = 0.2,
+    sink_share_max: float = 0.5,
+) -> torch.Tensor:
+    """VAR on the rows it selects.
+
+    ``sinks, span [B, 1, Nk]`` bool (sink tokens; target span I); ``rows [B, Nq]`` the rows that
+    may be edited (after the span at prefill, every decode row). A row is edited when its span
+    mass ``M ≥ span_mass_min`` and the sinks' share of it ``π ≤ sink_share_max``: every sink
+    weight is multiplied by ``keep_fraction`` and the removed mass goes to the span's non-sink
+    keys in proportion. Rows whose span has no non-sink weight are unchanged.
+    """
+    zeros = torch.zeros_like(a)
+    span_mass = torch.where(span[:, :, None, :], a, zeros).sum(-1, keepdim=True)
+    span_sinks = torch.where((span & sinks)[:, :, None, :], a, zeros).sum(-1, keepdim=True)
+    sink_mass = torch.where(sinks[:, :, None, :], a, zeros).sum(-1, keepdim=True)
+    receivers = (span & ~sinks)[:, :, None, :]
+    receiver_mass = torch.where(receivers, a, zeros).sum(-1, keepdim=True)
+    share = span_sinks / span_mass.clamp_min(_TINY)
+    chosen = (span_mass >= span_mass_min) & (share <= sink_share_max) & (receiver_mass > _TINY)
+    chosen = chosen & rows[:, None, :, None]
+    budget = (1 - keep_fraction) * sink_mass
+    edited = torch.where(sinks[:, :, None, :], a * keep_fraction, a)
+    edited = torch.where(receivers, a * (1 + budget / receiver_mass.clamp_min(_TINY)), edited)
+    return torch.where(chosen, edited, a)
+
+
+# --- PASTA: attention steering (§2.6) ---------------------------------------------------------
+
+
+def pasta_bias(logits: torch.Tensor, emphasis: torch.Tensor, prompt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Add ``log alpha`` to the prompt columns outside the emphasised span, on every row.
+
+    ``logits [B, h, Nq, Nk]`` (masked); ``emphasis, prompt [B, Nk]`` bool (generated keys are not
+    in ``prompt`` and are never down-weighted). ``alpha = 1`` adds exactly 0.
+    """
+    if alpha <= 0:
+        raise ValueError(f"PASTA alpha must be positive, got {alpha}")
+    damp = (prompt & ~emphasis)[:, None, None, :]
+    return logits + torch.where(damp, math.log(alpha), 0.0)
+
+
+# --- VHR: head reinforcement (§2.5) -------------------------------------------------------------
+
+
+def vhr_select(divergence: torch.Tensor, reference_energy: torch.Tensor) -> torch.Tensor:
+    """Heads to reinforce ``[B, H]`` bool from the divergence ``VHD [B, H]`` and the no-span
+    output energy ``TA = ‖z‖² [B, H]`` of one layer: zero VHD where both exceed their mean +
+    std over the layer's heads, then keep heads strictly above the median."""
+    def above(x):
+        return x > (x.mean(-1, keepdim=True) + x.std(-1, keepdim=True))
+
+    cleaned = torch.where(above(divergence) & above(reference_energy), torch.zeros_like(divergence), divergence)
+    return cleaned > cleaned.median(-1, keepdim=True).values
+
+
+# --- the LSE form of the mass-preserving edits (§2.2) ---------------------------------------
+
+
+def act_output_from_lse(out: torch.Tensor, group_out: torch.Tensor, group_mass: torch.Tensor, beta: float) -> torch.Tensor:
+    """ACT applied to an attention output without the map: ``o' = γ (o - P) + β P`` with
+    ``γ = (1 - β A_S) / (1 - A_S)``.
+
+    ``out, group_out [..., D]``: the row output and ``P = Σ_{j∈S} a_j v_j``; ``group_mass [...]``
+    the row's sink mass ``A_S`` (both from :func:`headlab.kernels.partial_attention` with the LSE
+    of the fused pass). Rows with ``A_S = 0`` or ``1 - A_S < 1e-6`` are unchanged, as in
+    :func:`act_reweight`.
+    """
+    m = group_mass[..., None]
+    gamma = (1 - beta * m) / (1 - m).clamp_min(_TINY)
+    edited = gamma * (out - group_out) + beta * group_out
+    return torch.where((m > 0) & (1 - m >= _TINY), edited, out)

@@ -1,0 +1,76 @@
+"""Per-request inputs of the edits (spans, reference outputs) and the state frozen at prefill.
+
+A request starts with a prefill call (as many queries as keys); decode calls add rows at the
+end of the cache. State found at prefill (the prompt length, ACT sink sets, VAR sink tokens,
+VHR head choices) is kept for the decode rows, so cached decoding matches a full recompute
+with the same state (:meth:`RequestState.pin`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .plan import PlanError
+
+Span = tuple[int, int] | torch.Tensor
+
+
+@dataclass
+class Request:
+    """What the edits need to know about the input.
+
+    ``span``: the target span of VAR and VHR (an image or a document): ``(start, stop)`` key
+    positions for every batch row, or a bool tensor ``[B, N]``. ``emphasis``: PASTA's emphasised
+    span, same forms. ``reference``: VHR's per-layer head outputs of the input without its span,
+    ``{layer: [B, H, D]}`` at the last position (:func:`headlab.surgeon.reference_outputs`).
+    """
+
+    span: Span | None = None
+    emphasis: Span | None = None
+    reference: dict[int, torch.Tensor] | None = None
+
+
+def span_mask(span: Span | None, batch: int, n_key: int, name: str) -> torch.Tensor | None:
+    """``[B, n_key]`` bool of a span given as ``(start, stop)`` or as a bool tensor; clear errors
+    for empty spans and spans outside the input."""
+    if span is None:
+        return None
+    if isinstance(span, torch.Tensor):
+        if span.dtype != torch.bool or span.dim() != 2 or span.shape[0] != batch or span.shape[1] > n_key:
+            raise PlanError(f"{name} mask must be bool [batch={batch}, ≤{n_key}], got {span.dtype} {tuple(span.shape)}")
+        mask = torch.nn.functional.pad(span, (0, n_key - span.shape[1]), value=False)
+    else:
+        start, stop = (int(x) for x in span)
+        if not 0 <= start < stop <= n_key:
+            raise PlanError(f"{name} ({start}, {stop}) is empty or outside the input of {n_key} tokens")
+        mask = torch.zeros(batch, n_key, dtype=torch.bool)
+        mask[:, start:stop] = True
+    if not mask.any(-1).all():
+        raise PlanError(f"{name} is empty for some batch row")
+    return mask
+
+
+@dataclass
+class RequestState:
+    """What the prefill of the current request fixed; reset by the next prefill unless pinned."""
+
+    prompt_keys: torch.Tensor | None = None  # [B, N0] bool: valid prompt tokens
+    span: torch.Tensor | None = None  # [B, N0] bool
+    emphasis: torch.Tensor | None = None  # [B, N0] bool
+    act_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, h, N0]
+    var_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N0]
+    vhr_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] bool
+    pending_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> residual [B, N, d]
+    pinned: bool = False
+
+    def pin(self) -> None:
+        """Keep this state for later calls: a prefill over the prompt plus generated tokens then
+        treats the extra rows like decode rows (the exact recompute of a cached generation)."""
+        self.pinned = True
+
+    @staticmethod
+    def extend(keys: torch.Tensor, n_key: int) -> torch.Tensor:
+        """A ``[..., N0]`` key mask padded with False up to ``n_key`` keys (generated tokens)."""
+        return torch.nn.functional.pad(keys, (0, n_key - keys.shape[-1]), value=False)
