@@ -41,6 +41,72 @@ def _report(args) -> int:
     return 0
 
 
+def _layers(text: str | None) -> list[int] | None:
+    """``"2-28"`` or ``"3,5,9"`` -> layer list."""
+    if text is None:
+        return None
+    if "-" in text:
+        first, last = (int(x) for x in text.split("-", 1))
+        return list(range(first, last + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from .surgeon import load_model
+    from .surgeon.search import SearchSettings, calibration_search, default_candidates, plan_from_search
+    from .surgeon.tasks import load_task
+
+    model, tokenizer = load_model(args.model)
+    examples = [ex for task in args.task for ex in load_task(task, "calibration", args.size, args.seed)]
+    settings = SearchSettings(tuple(args.task), len(examples), tuple(default_candidates(model, _layers(args.layers))),
+                              args.beta, args.threshold, args.margin)
+    progress = Path(args.progress or f"{args.out}.progress.json")
+    state = calibration_search(model, tokenizer, examples, settings, progress, args.batch_size)
+    plan = plan_from_search(model, args.model, state, args.beta, args.threshold)
+    plan.save(args.out)
+    print(f"baseline accuracy {state['baseline']:.3f} on {len(examples)} calibration examples; "
+          f"kept {len(state['kept'])} of {len(settings.candidates)} heads\nplan: {args.out}\nprogress: {progress}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .surgeon import Plan, load_model
+    from .surgeon.evaluate import evaluate
+    from .surgeon.files import write_json
+    from .surgeon.tasks import load_task
+
+    plan = Plan.load(args.plan) if args.plan else None
+    model, tokenizer = load_model(args.model)
+    results = {"model": args.model, "plan": args.plan, "split": args.split, "seed": args.seed, "tasks": {}}
+    for task in args.task:
+        examples = load_task(task, args.split, args.size, args.seed)
+        row = {"without_plan": evaluate(model, tokenizer, examples, batch_size=args.batch_size, progress=True).to_dict()}
+        if plan is not None:
+            row["with_plan"] = evaluate(model, tokenizer, examples, plan, args.batch_size, progress=True).to_dict()
+        results["tasks"][task] = row
+        summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in row.items())
+        print(f"{task}: {summary} (n={len(examples)})")
+    write_json(args.out, results)
+    print(f"results: {args.out}")
+    return 0
+
+
+def _task_arguments(parser) -> None:
+    from .surgeon.tasks import BUILTIN_TASKS
+
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--task", action="append", required=True,
+                        help=f"a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) or a JSONL file of "
+                             "{prompt, choices, label[, demonstrations]} lines; repeat for several")
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--size", type=int, default=None,
+                        help="examples per task (built-in default 100; JSONL: the whole split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generators / JSONL shuffle (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headlab",
@@ -70,6 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-file", default=None, help="UTF-8 text to score on (default: Python standard-library docstrings)"
     )
     report.set_defaults(run=_report)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="ACT head search: find heads whose calibration helps a task, write a plan",
+        description=(
+            "Calibrate one head at a time (ACT: sink weights x beta, freed mass to the other keys) on the "
+            "calibration split of the tasks, keep heads whose accuracy beats the unedited model by more than "
+            "--margin, and write the plan as JSON. Progress is saved after every head; run the same command "
+            "again to resume a stopped search. Multiple-choice accuracy is by choice log-probability."
+        ),
+    )
+    _task_arguments(calibrate)
+    calibrate.add_argument("--layers", default=None, help="layers to search, e.g. 2-28 or 4,8 (default 2..L-2)")
+    calibrate.add_argument("--beta", type=float, default=0.4, help="sink weight factor (default 0.4)")
+    calibrate.add_argument("--threshold", type=float, default=0.1, help="sink score threshold (default 0.1)")
+    calibrate.add_argument("--margin", type=float, default=0.0, help="accuracy gain a head must exceed (default 0)")
+    calibrate.add_argument("--progress", default=None, help="progress file (default OUT.progress.json)")
+    calibrate.set_defaults(run=_calibrate)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="multiple-choice accuracy with and without a plan",
+        description="Accuracy of MODEL on each task's test split, without and (with --plan) with the plan's edits.",
+    )
+    _task_arguments(evaluate)
+    evaluate.add_argument("--plan", default=None, help="a plan JSON written by 'headlab calibrate' or Plan.save")
+    evaluate.add_argument("--split", default="test", choices=("calibration", "test"), help="split (default test)")
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

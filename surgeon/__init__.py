@@ -1,6 +1,7 @@
 """headlab.surgeon: everything that touches a live model (loading, the attention hook, edit plans, taps)."""
 
 from .bridge import attach_bridge
+from . import search
 from .edit_kinds import Calibrate, HeadMean, Redistribute, Reinforce, Steer
 from .hook import HOOK_NAME, Session, apply, attach, attention_modules, decoder_layers
 from .models import (

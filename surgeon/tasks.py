@@ -1,0 +1,124 @@
+"""Multiple-choice tasks: a JSONL format and built-in generators that need no download.
+
+One example per JSONL line: ``{"prompt": str, "choices": [str, ...], "label": int}``, optionally
+``"demonstrations": [{"prompt": str, "answer": str}, ...]`` (few-shot, prepended to the prompt).
+Choices are scored as continuations of the prompt, so they usually start with a space.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("calibration", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One multiple-choice item; ``label`` indexes ``choices``."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    label: int
+    demonstrations: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self):
+        if len(self.choices) < 2:
+            raise ValueError(f"an example needs at least two choices, got {list(self.choices)}")
+        if not 0 <= self.label < len(self.choices):
+            raise ValueError(f"label {self.label} is not an index of {len(self.choices)} choices")
+
+    def context(self) -> str:
+        """The demonstrations followed by the prompt."""
+        shots = "".join(f"{prompt}{answer}\n\n" for prompt, answer in self.demonstrations)
+        return shots + self.prompt
+
+
+# --- built-in generators: each item is a function of (rng) -------------------------------------
+
+_WORDS = ("apple", "river", "stone", "cloud", "lamp", "tiger", "glass", "paper", "honey", "violin", "candle", "mirror")
+_POSITIVE = ("wonderful", "delightful", "excellent", "lovely", "superb", "charming", "brilliant")
+_NEGATIVE = ("awful", "dreadful", "terrible", "boring", "horrible", "dull", "disappointing")
+_SUBJECTS = ("The film", "The meal", "The concert", "The book", "The hotel", "The game", "The service")
+
+
+def _kv_recall(rng: random.Random) -> Example:
+    """In-context key-value recall: which number was paired with a key."""
+    keys = rng.sample(_WORDS, 6)
+    values = rng.sample(range(10, 100), 6)
+    pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+    target = rng.randrange(6)
+    distractors = rng.sample([v for i, v in enumerate(values) if i != target], 3)
+    choices = [values[target], *distractors]
+    rng.shuffle(choices)
+    return Example(f"Pairs: {pairs}.\nThe value of {keys[target]} is", tuple(f" {c}" for c in choices),
+                   choices.index(values[target]))
+
+
+def _review(rng: random.Random, positive: bool) -> str:
+    words = _POSITIVE if positive else _NEGATIVE
+    first, second = rng.sample(words, 2)
+    return f"Review: {rng.choice(_SUBJECTS)} was {first} and {second}.\nSentiment:"
+
+
+def _label_words(rng: random.Random) -> Example:
+    """Sentiment with label words, four demonstrations."""
+    demos = []
+    for positive in rng.sample([True, True, False, False], 4):
+        demos.append((_review(rng, positive), " positive" if positive else " negative"))
+    positive = rng.random() < 0.5
+    return Example(_review(rng, positive), (" positive", " negative"), 0 if positive else 1, tuple(demos))
+
+
+def _arithmetic(rng: random.Random) -> Example:
+    """Two-digit addition, four numeric choices."""
+    a, b = rng.randrange(10, 60), rng.randrange(10, 40)
+    answer = a + b
+    options = {answer}
+    while len(options) < 4:
+        options.add(answer + rng.choice((-10, -2, -1, 1, 2, 10)))
+    choices = sorted(options)
+    return Example(f"Question: {a} + {b} =", tuple(f" {c}" for c in choices), choices.index(answer))
+
+
+BUILTIN_TASKS = {"kv-recall": _kv_recall, "label-words": _label_words, "arithmetic": _arithmetic}
+
+
+def load_task(spec: str, split: str, size: int | None = None, seed: int = 0) -> list[Example]:
+    """Examples of a built-in task name or a JSONL file.
+
+    Built-in tasks draw ``size`` (default 100) examples from a generator seeded by ``seed`` and
+    the split. JSONL files are shuffled with ``seed``; the first half is the calibration split,
+    the rest the test split; ``size`` truncates.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if spec in BUILTIN_TASKS:
+        rng = random.Random(f"{spec}/{split}/{seed}")
+        return [BUILTIN_TASKS[spec](rng) for _ in range(size or 100)]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"unknown task {spec!r}: not a built-in task {sorted(BUILTIN_TASKS)} nor a JSONL file")
+    examples = _read_jsonl(path)
+    random.Random(seed).shuffle(examples)
+    half = len(examples) // 2
+    chosen = examples[:half] if split == "calibration" else examples[half:]
+    return chosen[:size] if size else chosen
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            demos = tuple((d["prompt"], d["answer"]) for d in item.get("demonstrations", ()))
+            examples.append(Example(item["prompt"], tuple(item["choices"]), int(item["label"]), demos))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{number}: not a task line ({err}); expected prompt, choices, label") from err
+    if len(examples) < 2:
+        raise ValueError(f"{path} holds {len(examples)} example(s); need at least 2 to split")
+    return examples

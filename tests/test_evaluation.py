@@ -1,0 +1,109 @@
+"""Tasks, choice log-probability scoring and the resumable ACT head search, on a tiny model."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama
+
+from headlab.surgeon import Calibrate, Plan, PlanError, search
+from headlab.surgeon.evaluate import choice_logprobs, evaluate
+from headlab.surgeon.tasks import BUILTIN_TASKS, Example, load_task
+
+
+class CharTokenizer:
+    """Characters as token ids (mod the tiny vocabulary), with a BOS-like id 1."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + ord(c) % (VOCAB - 2) for c in text]
+        return SimpleNamespace(input_ids=([1] if add_special_tokens else []) + ids)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TASKS))
+def test_builtin_tasks_are_deterministic_valid_and_split(name):
+    first = load_task(name, "calibration", 20, seed=3)
+    assert first == load_task(name, "calibration", 20, seed=3)
+    assert first != load_task(name, "test", 20, seed=3)
+    for ex in first:
+        assert 0 <= ex.label < len(ex.choices) and len(set(ex.choices)) == len(ex.choices)
+    assert len({ex.label for ex in load_task(name, "test", 60)}) > 1, "labels must vary"
+
+
+def test_jsonl_tasks_split_in_halves_and_bad_lines_are_reported(tmp_path):
+    path = tmp_path / "task.jsonl"
+    lines = [{"prompt": f"Q{i}:", "choices": [" a", " b"], "label": i % 2,
+              "demonstrations": [{"prompt": "Q:", "answer": " a"}]} for i in range(10)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    calib, test = load_task(str(path), "calibration"), load_task(str(path), "test")
+    assert len(calib) == len(test) == 5
+    assert {ex.prompt for ex in calib}.isdisjoint({ex.prompt for ex in test})
+    assert calib[0].context().startswith("Q: a\n\nQ")
+    path.write_text('{"prompt": "x", "choices": [" a"], "label": 0}\n{"prompt": "y"}\n')
+    with pytest.raises(ValueError, match="task.jsonl:1"):
+        load_task(str(path), "test")
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("no-such-task", "test")
+
+
+def test_batched_scores_equal_one_sequence_at_a_time():
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = [Example("ab =", (" 1", " 22", " 333"), 1), Example("a much longer prompt =", (" x", " yz"), 0)]
+    batched = choice_logprobs(model, tok, examples, batch_size=4)
+    for ex, scores in zip(examples, batched):
+        for choice, score in zip(ex.choices, scores):
+            ids = tok(ex.context()).input_ids + tok(choice, add_special_tokens=False).input_ids
+            n_ctx = len(tok(ex.context()).input_ids)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            want = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
+            assert score == pytest.approx(want, abs=1e-4)
+    result = evaluate(model, tok, examples)
+    assert result.correct == [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(batched, examples)]
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-search."""
+
+
+def test_the_head_search_resumes_where_it_stopped(tmp_path, monkeypatch):
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = load_task("arithmetic", "calibration", 6)
+    candidates = tuple(search.default_candidates(model, [2, 3]))
+    settings = search.SearchSettings(("arithmetic",), len(examples), candidates, threshold=0.05)
+    complete = search.calibration_search(model, tok, examples, settings, tmp_path / "full.json")
+
+    calls, killed = [], []
+    real_evaluate = search.evaluate
+
+    def dying_evaluate(*args, **kwargs):
+        calls.append(args[3] if len(args) > 3 else None)
+        if len(calls) == 6 and not killed:
+            killed.append(True)
+            raise Killed  # the search is killed while measuring its fifth head
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(search, "evaluate", dying_evaluate)
+    with pytest.raises(Killed):
+        search.calibration_search(model, tok, examples, settings, tmp_path / "run.json")
+    calls.clear()
+    resumed = search.calibration_search(model, tok, examples, settings, tmp_path / "run.json")
+    assert len(calls) == len(candidates) - 4, "only the heads not yet measured are evaluated again"
+    assert resumed["heads"] == complete["heads"] and resumed["kept"] == complete["kept"]
+    assert resumed["baseline"] == complete["baseline"]
+    other = search.SearchSettings(("arithmetic",), len(examples), candidates, beta=0.2)
+    with pytest.raises(PlanError, match="other settings"):
+        search.calibration_search(model, tok, examples, other, tmp_path / "run.json")
+    plan = search.plan_from_search(model, "tiny", {"kept": [[2, 1], [3, 4], [2, 5]]}, 0.4, 0.05)
+    assert plan.edits == [Calibrate(2, (1, 5), beta=0.4, threshold=0.05), Calibrate(3, (4,), beta=0.4, threshold=0.05)]
+
+
+def test_a_plan_changes_scores_and_an_empty_plan_does_not():
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = load_task("kv-recall", "test", 3)
+    plain = choice_logprobs(model, tok, examples)
+    assert choice_logprobs(model, tok, examples, Plan()) == plain
+    edited = choice_logprobs(model, tok, examples, Plan([Calibrate(2, tuple(range(9)), beta=0.0, threshold=0.02)]))
+    assert edited != plain
