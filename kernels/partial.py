@@ -51,3 +51,39 @@ def partial_attention(
     p = torch.where(visible & finite, torch.exp(s - lse.to(work).masked_fill(~finite[..., 0], 0.0)[..., None]),
                     torch.zeros_like(s))
     return p.sum(-1), torch.matmul(p, v_sel)
+
+
+def row_key_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    offsets: tuple[int, ...],
+    *,
+    scale: float | None = None,
+    q_offset: int | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, Hq, Nq, len(offsets)]``: the weight row ``i`` gives key ``i + q_offset - d`` for each
+    offset ``d ≥ 0`` (``d = 1``: the previous token), from the rows' LSE in O(Nq·D) per offset;
+    0 where that key does not exist or is padded (``key_valid [B, Nk]``), or the row sees nothing."""
+    batch, n_heads, n_query, dim = q.shape
+    n_kv, n_key = k.shape[1], k.shape[2]
+    if any(d < 0 for d in offsets):
+        raise ValueError(f"offsets must be ≥ 0 (causal rows see no later key), got {offsets}")
+    scale = dim**-0.5 if scale is None else scale
+    q_offset = n_key - n_query if q_offset is None else q_offset
+    work = torch.promote_types(q.dtype, torch.float32)
+    kx = k.to(work).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, Nk, D]
+    finite = torch.isfinite(lse)
+    out = torch.zeros(batch, n_heads, n_query, len(offsets), dtype=work, device=q.device)
+    for slot, d in enumerate(offsets):
+        keys = torch.arange(n_query, device=q.device) + q_offset - d  # [Nq]
+        exists = (keys >= 0) & (keys < n_key)
+        safe = keys.clamp(0, n_key - 1)
+        s = (q.to(work) * kx[:, :, safe]).sum(-1) * scale  # [B, Hq, Nq]
+        valid = exists[None, None, :] & finite
+        if key_valid is not None:
+            valid = valid & key_valid[:, safe][:, None, :].bool()
+        p = torch.exp(s - lse.to(work).masked_fill(~finite, 0.0))
+        out[..., slot] = torch.where(valid, p, torch.zeros_like(p))
+    return out

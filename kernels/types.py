@@ -11,13 +11,13 @@ import torch
 class AttentionStats:
     """Per-row results of attention with statistics.
 
-    ``out [B, Hq, Nq, D]`` (input dtype); ``lse``, ``entropy [B, Hq, Nq]`` fp32 (natural log);
+    ``out [B, Hq, Nq, D]`` (input dtype; None in the hook's recordings, which keep statistics only); ``lse``, ``entropy [B, Hq, Nq]`` fp32 (natural log);
     ``group_mass [B, Hq, Nq, G]`` fp32 or None; ``topk_index`` int64 and ``topk_weight`` fp32
     ``[B, Hq, Nq, k]`` (descending weight, earliest key first on ties) or None; ``columns``:
     the attention each key receives (:class:`ColumnStats`) when requested, else None.
     """
 
-    out: torch.Tensor
+    out: torch.Tensor | None
     lse: torch.Tensor
     entropy: torch.Tensor
     group_mass: torch.Tensor | None = None

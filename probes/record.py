@@ -61,3 +61,32 @@ def record_attention(
     ids = input_ids[0]
     tokens = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
     return AttentionRecord(maps, layers, heads, tokens, ids, str(getattr(model, "name_or_path", "")))
+
+
+def record_statistics(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
+                      plan: Plan | None = None, backend: str = "auto") -> dict[int, dict[str, torch.Tensor]]:
+    """Per-row attention statistics of every head of one unpadded input ``[1, seq]`` without
+    building maps (the fused statistics op through the hook): ``{layer: {"entropy", "first_token",
+    "previous_token", "top_weight"}}``, each ``[head, query]``. Memory is O(heads·seq) per layer,
+    so long inputs (SmolLM2 at 8192 tokens) fit where maps (~72 GB) do not.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"record_statistics takes one input of shape [1, seq], got {tuple(input_ids.shape)}")
+    shape = model_shape(model)
+    layers = tuple(range(shape.n_layers)) if layers is None else tuple(layers)
+    first = torch.zeros(1, 1, input_ids.shape[1], dtype=torch.bool)
+    first[..., 0] = True
+    taps = Taps(stats={layer: None for layer in layers}, stats_key_groups=first, stats_topk=1,
+                stats_row_offsets=(1,), stats_backend=backend)
+    with torch.no_grad(), attach(model, plan, taps) as session:
+        model(input_ids=input_ids)
+    out = {}
+    for layer in layers:
+        stats = session.recording.stats[layer][0]
+        out[layer] = {
+            "entropy": stats.entropy[0],
+            "first_token": stats.group_mass[0, :, :, 0],
+            "previous_token": session.recording.row_keys[layer][0][0, :, :, 0],
+            "top_weight": stats.topk_weight[0, :, :, 0],
+        }
+    return out

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from ..surgeon import attention_modules, model_shape
 from ..surgeon.files import write_json, write_text
+from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import views
 from .corpus import load_text, token_windows
-from .record import AttentionRecord, record_attention
-from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores
+from .record import AttentionRecord, record_attention, record_statistics
+from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
 
 
 @dataclass
@@ -54,9 +55,13 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
     for index, ids in enumerate(tqdm(windows, desc="scoring heads", unit="sample", disable=not progress)):
-        record = record_attention(model, ids, tokenizer)
-        accumulator.add(pattern_scores(record.maps, causal))
-        first = first or record
+        if provenance["method"] == "statistics":
+            accumulator.add(pattern_scores_from_statistics(record_statistics(model, ids), causal))
+            first = first or record_attention(model, ids[:, :VIEW_TOKENS], tokenizer)
+        else:
+            record = record_attention(model, ids, tokenizer)
+            accumulator.add(pattern_scores(record.maps, causal))
+            first = first or record
         scores = _results(accumulator, model_id, provenance)
         _write_scores(out_dir, model, provenance, scores, complete=index + 1 == len(windows))
     report = out_dir / "report.html"
@@ -69,14 +74,27 @@ def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> 
     return {name: accumulator.result(name, model_id, PATTERN_SCORES[name], settings) for name in PATTERN_SCORES}
 
 
+VIEW_TOKENS = 512  # attention views of long inputs show this many leading tokens
+
+
+def scoring_method(model, n_tokens: int) -> str:
+    """``"maps"`` when one window's maps (all layers and heads, fp32) fit the taps' map budget,
+    else ``"statistics"`` (the fused op: no N×N map, the same four scores)."""
+    shape = model_shape(model)
+    return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
+
+
 def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) -> dict:
     shape = model_shape(model)
+    method = scoring_method(model, settings.n_tokens)
     return {
         "model_id": model_id,
         "architecture": type(model).__name__,
         **shape.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "attention": "headlab hook (unplanned layers delegate to SDPA), maps recomputed in fp32",
+        "attention": "headlab hook (unplanned layers delegate to SDPA), maps recomputed in fp32"
+        if method == "maps" else "headlab hook, per-row statistics from the fused op (no maps)",
+        "method": method,
         "causal": causal,
         "n_samples": settings.n_samples,
         "n_tokens": settings.n_tokens,

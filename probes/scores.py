@@ -88,6 +88,24 @@ def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
     }
 
 
+def pattern_scores_from_statistics(rows: dict[int, dict[str, torch.Tensor]], causal: bool) -> dict[str, torch.Tensor]:
+    """The same scores as :func:`pattern_scores`, from per-row statistics ``{layer: {name: [head,
+    query]}}`` (:func:`headlab.probes.record.record_statistics`) instead of maps."""
+    layers = sorted(rows)
+    def stack(name):
+        return torch.stack([rows[layer][name].double() for layer in layers])  # [layer, head, query]
+    entropy = stack("entropy")
+    n = entropy.shape[-1]
+    visible = torch.arange(1, n + 1, dtype=entropy.dtype) if causal else torch.full((n,), float(n), dtype=entropy.dtype)
+    multi = visible > 1
+    return {
+        "sink_first_token": stack("first_token").mean(-1).float(),
+        "entropy": (entropy[..., multi] / visible[multi].log()).mean(-1).float(),
+        "previous_token": stack("previous_token")[..., 1:].mean(-1).float(),
+        "confidence": stack("top_weight").mean(-1).float(),
+    }
+
+
 class ScoreAccumulator:
     """Running means of ``[layer, head]`` scores over samples (float64)."""
 

@@ -8,6 +8,7 @@ unmodified SDPA path, so an empty plan reproduces the untouched model's logits e
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -16,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from ..kernels import attention_with_stats
+from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math, editing
 from .models import ModelShape, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
@@ -152,9 +153,16 @@ class Session:
             key_valid=key_valid, key_groups=self._key_groups(key.shape[-2]), topk=self.taps.stats_topk,
             columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend,
         )
-        self.recording.stats[layer].append(stats)
+        # the recording keeps the statistics, not the output (30 layers of outputs at 8192 tokens
+        # would add ~0.6 GB to SmolLM2's peak memory)
+        self.recording.stats[layer].append(dataclasses.replace(stats, out=None, columns=None))
         if stats.columns is not None:
             self.recording.columns[layer].append(stats.columns)
+        if self.taps.stats_row_offsets:
+            self.recording.row_keys[layer].append(row_key_probs(
+                q, k, stats.lse, self.taps.stats_row_offsets, scale=_scaling(module, scaling, query),
+                q_offset=q_offset, key_valid=key_valid,
+            ))
         if all_heads and not (dropout and module.training):
             return stats.out.transpose(1, 2)
         return None

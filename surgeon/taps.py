@@ -30,7 +30,10 @@ class Taps:
     ``stats``: layer -> query heads whose row statistics are recorded without building the map
     (:func:`headlab.kernels.attention_with_stats`: LSE, entropy, mass on ``stats_key_groups``
     ``[batch, groups, key]``, top-``stats_topk`` keys; with ``stats_columns`` also the attention
-    each key receives). One :class:`~headlab.kernels.AttentionStats` per call, heads along dim 1.
+    each key receives, in ``Recording.columns``). One :class:`~headlab.kernels.AttentionStats` per
+    call, heads along dim 1, without the attention output (``out`` is None). ``stats_row_offsets``:
+    offsets ``d`` whose weights ``p[i, i - d]`` are recorded per row (1: previous token), in
+    ``Recording.row_keys`` as ``[batch, heads, query, len(offsets)]``.
     """
 
     attention: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
@@ -40,6 +43,7 @@ class Taps:
     stats_key_groups: torch.Tensor | None = None
     stats_topk: int = 0
     stats_columns: bool = False
+    stats_row_offsets: tuple[int, ...] = ()
     stats_backend: str = "auto"
 
     def __post_init__(self):
@@ -51,6 +55,7 @@ class Taps:
         self.stats = {
             int(layer): None if heads is None else tuple(int(h) for h in heads) for layer, heads in self.stats.items()
         }
+        self.stats_row_offsets = tuple(int(d) for d in self.stats_row_offsets)
 
     @classmethod
     def all_attention(cls, shape: ModelShape, **kwargs) -> "Taps":
@@ -95,6 +100,7 @@ class Recording:
         self.head_outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.stats: dict[int, list] = defaultdict(list)  # AttentionStats per call
         self.columns: dict[int, list] = defaultdict(list)  # ColumnStats per call
+        self.row_keys: dict[int, list[torch.Tensor]] = defaultdict(list)  # [B, H, Nq, offsets] per call
 
     def attention_map(self, layer: int, call: int = 0) -> torch.Tensor:
         """Probabilities ``[batch, heads, query, key]`` of one call; heads as in ``attention_heads``."""
@@ -111,3 +117,4 @@ class Recording:
         self.head_outputs.clear()
         self.stats.clear()
         self.columns.clear()
+        self.row_keys.clear()
