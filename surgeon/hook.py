@@ -57,8 +57,9 @@ class Session:
             self._begin_call(layer, attention_mask, query, key, is_causal)
         out = self._record_stats(layer, module, query, key, value, attention_mask, scaling, dropout)
         if out is None:
+            sdpa_mask = None if self._plain_mask(attention_mask, query, key, is_causal) else attention_mask
             out, _ = sdpa_attention_forward(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+                module, query, key, value, sdpa_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         edited = None
         if bias or redistribute:
@@ -166,6 +167,22 @@ class Session:
         if all_heads and not (dropout and module.training):
             return stats.out.transpose(1, 2)
         return None
+
+    def _plain_mask(self, attention_mask, query, key, is_causal) -> bool:
+        """True when the mask hides nothing but the causal future (or nothing) and SDPA can take
+        ``None`` instead, as the untouched SDPA model does (its ``is_causal`` path, about twice as
+        fast on the CPU as an explicit float mask): square prefill or a single decode row, no
+        padding. Other shapes keep the explicit mask."""
+        if attention_mask is None:
+            return False
+        n_query, n_key = query.shape[-2], key.shape[-2]
+        if is_causal and not (n_query == n_key or n_query == 1):
+            return False
+        try:
+            key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, is_causal)
+        except attention_math.MaskStructureError:
+            return False
+        return bool(key_valid.all())
 
     def _decomposed_mask(self, attention_mask, query, key, is_causal):
         """:func:`attention_math.decompose_mask` of this call's mask, computed once per forward

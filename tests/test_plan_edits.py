@@ -190,3 +190,22 @@ def test_bad_plans_and_requests_raise_clear_errors():
     with pytest.raises(PlanError, match="reference"):
         with torch.no_grad(), apply(model, Plan([Reinforce(3, ALL)])):
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_edits_on_a_few_heads_build_maps_for_those_heads_only(monkeypatch):
+    from headlab.surgeon import attention_math
+
+    built = []
+    real = attention_math.attention_logits
+
+    def spy(query, key, mask, scaling, heads, group_size, is_causal):
+        built.append(tuple(heads))
+        return real(query, key, mask, scaling, heads, group_size, is_causal)
+
+    monkeypatch.setattr(attention_math, "attention_logits", spy)
+    model = tiny_llama("gqa", layers=5)
+    ids, mask = batch_with_first_token([12], 12)
+    plan = Plan([Calibrate(3, (1, 7)), Steer(1, (4,)), Calibrate(3, (2,))])
+    with torch.no_grad(), apply(model, plan, Request(emphasis=(2, 5))):
+        model(input_ids=ids, attention_mask=mask)
+    assert sorted(built) == [(1, 2, 7), (4,)]
