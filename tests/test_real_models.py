@@ -59,3 +59,26 @@ def test_minilm_noop_and_taps(minilm):
     got = session.recording.attention_map(3).permute(0, 2, 1, 3)[valid]
     assert torch.allclose(got, eager[3].permute(0, 2, 1, 3)[valid], atol=1e-5)
     assert session.recording.head_output(3).shape == (2, batch.input_ids.shape[1], 12, 32)
+
+
+def test_smollm2_sink_dimension_and_var_on_a_document_span(smollm2):
+    """SmolLM2's first token carries a massive activation on dimension 507 (≈650 vs a median of
+    ≈2, below the published 1000× ratio); with a lower ratio VAR's detection finds it, the first
+    token becomes a sink token, and VAR keeps every row summing to one."""
+    from headlab.surgeon import Redistribute, Request, detect_sink_dimensions
+
+    model, tokenizer = smollm2
+    texts = ["Notes: the library stores records in pages. Question: where are records stored? Answer:",
+             "A short document about rivers and lakes, followed by a question about the lakes."]
+    inputs = [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+    assert detect_sink_dimensions(model, inputs) == []  # published thresholds: nothing in this model
+    dims = detect_sink_dimensions(model, inputs, abs_min=20, ratio_min=100)
+    assert dims == [507]
+    ids = inputs[0]
+    plan = Plan([Redistribute(layer, tuple(range(9)), sink_dims=dims) for layer in (4, 12)])
+    with torch.no_grad(), attach(model, plan, Taps(attention={4: None, 12: None}), request=Request(span=(1, 12))) as s:
+        model(input_ids=ids)
+    for layer in (4, 12):
+        assert s.state.var_sinks[layer][0, 0], "the first token is a sink token"
+        sums = s.recording.attention_map(layer).sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
