@@ -34,7 +34,8 @@ def _report(args) -> int:
 
     model, tokenizer = load_model(args.model)
     settings = ReportSettings(
-        n_samples=args.samples, n_tokens=args.tokens, seed=args.seed, text_path=args.text_file, n_views=args.views
+        n_samples=args.samples, n_tokens=args.tokens, seed=args.seed, text_path=args.text_file, n_views=args.views,
+        importance=not args.no_importance, ablation=args.ablation,
     )
     path = write_report(model, tokenizer, args.model, args.out, settings)
     print(f"report: {path}\nscores: {path.parent / 'scores.json'}, {path.parent / 'scores.csv'}")
@@ -122,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="score every head and write a head-importance report",
         description=(
             "Score every attention head of MODEL on real text (sink, entropy, previous-token and "
-            "confidence scores from exact attention maps) and write OUT/report.html (standalone, "
-            "opens offline), OUT/scores.json and OUT/scores.csv."
+            "confidence scores from exact attention maps, or from streamed statistics for long windows; "
+            "for decoders also induction, duplicate-token and gradient importance) and write "
+            "OUT/report.html (standalone, opens offline), OUT/scores.json and OUT/scores.csv."
         ),
     )
     report.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--text-file", default=None, help="UTF-8 text to score on (default: Python standard-library docstrings)"
     )
+    report.add_argument("--no-importance", action="store_true",
+                        help="skip induction/duplicate-token and gradient-importance scores (decoders)")
+    report.add_argument("--ablation", choices=("zero", "mean"), default=None,
+                        help="also score each head by the loss increase when it is ablated (slow: one pass per head)")
     report.set_defaults(run=_report)
 
     calibrate = sub.add_parser(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..surgeon import attention_modules, model_shape
 from ..surgeon.files import write_json, write_text
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
-from . import views
+from . import importance, views
 from .corpus import load_text, token_windows
 from .record import AttentionRecord, record_attention, record_statistics
 from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
@@ -28,7 +28,10 @@ from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores
 @dataclass
 class ReportSettings:
     """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
-    (standard-library docstrings when None), chosen with ``seed``; ``n_views`` attention views."""
+    (standard-library docstrings when None), chosen with ``seed``; ``n_views`` attention views.
+    Decoders also get induction and duplicate-token scores (repeated random tokens) and gradient
+    importance when ``importance``, and ablation importance (``"zero"`` or ``"mean"``) when
+    ``ablation`` is set (one forward per head and window: minutes on SmolLM2)."""
 
     n_samples: int = 8
     n_tokens: int = 256
@@ -36,6 +39,8 @@ class ReportSettings:
     text_path: str | None = None
     n_views: int = 6
     top_k: int = 10
+    importance: bool = True
+    ablation: str | None = None
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
@@ -63,10 +68,35 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             accumulator.add(pattern_scores(record.maps, causal))
             first = first or record
         scores = _results(accumulator, model_id, provenance)
-        _write_scores(out_dir, model, provenance, scores, complete=index + 1 == len(windows))
+        _write_scores(out_dir, model, provenance, scores, complete=False)
+    if causal:
+        scores.update(_extra_scores(model, model_id, windows, settings, progress))
+    _write_scores(out_dir, model, provenance, scores, complete=True)
     report = out_dir / "report.html"
     write_text(report, _report_html(model, provenance, scores, first, settings))
     return report
+
+
+def _extra_scores(model, model_id: str, windows, settings: ReportSettings, progress: bool) -> dict[str, HeadScores]:
+    """Induction / duplicate-token, gradient and ablation importance (decoders only)."""
+    shape = model_shape(model)
+    counts = torch.full((shape.n_layers, shape.n_heads), len(windows))
+    extra = {}
+    if settings.importance:
+        repeat = {"n_batch": 10, "half": 50, "seed": settings.seed}
+        for name, values in importance.repeated_token_scores(model, **repeat).items():
+            extra[name] = HeadScores(name, values, torch.full_like(counts, 10), model_id,
+                                     importance.REPEAT_DESCRIPTIONS[name], repeat)
+        extra["gradient_importance"] = HeadScores(
+            "gradient_importance", importance.gradient_importance(model, windows, progress), counts, model_id,
+            "Michel et al.: mean |dLoss/d gate| per head, layer-L2-normalised, min-max to [0, 1] (§4.6)",
+            {"windows": len(windows), "n_tokens": settings.n_tokens})
+    if settings.ablation:
+        extra[f"ablation_{settings.ablation}"] = HeadScores(
+            f"ablation_{settings.ablation}", importance.ablation_importance(model, windows, settings.ablation, progress),
+            counts, model_id, f"loss increase when the head is {settings.ablation}-ablated (§4.7)",
+            {"windows": len(windows), "n_tokens": settings.n_tokens, "mode": settings.ablation})
+    return extra
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:
