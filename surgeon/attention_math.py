@@ -15,7 +15,7 @@ import torch
 from ..kernels.reference import visibility
 
 _warned_none_mask = False
-_MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
+MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
 
 
 def kv_heads_for(heads: Sequence[int], group_size: int) -> list[int]:
@@ -36,10 +36,10 @@ def additive_mask(mask: torch.Tensor | None, n_query: int, n_key: int, is_causal
         offset = n_key - n_query
         rows = torch.arange(n_query, device=device)[:, None] + offset
         visible = torch.arange(n_key, device=device)[None, :] <= rows
-        return torch.zeros(1, 1, n_query, n_key, device=device).masked_fill(~visible, _MASKED)
+        return torch.zeros(1, 1, n_query, n_key, device=device).masked_fill(~visible, MASKED)
     mask = mask[..., :n_key]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=device).masked_fill(~mask, _MASKED)
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, MASKED)
     return mask.float()
 
 
@@ -93,7 +93,7 @@ def decompose_mask(mask, n_query: int, n_key: int, is_causal: bool, device):
     checked on the valid rows, so statistics are never computed under the wrong mask.
     """
     q_offset = n_key - n_query
-    visible = additive_mask(mask, n_query, n_key, is_causal, device) > _MASKED / 2  # [B or 1, 1, Nq, Nk]
+    visible = additive_mask(mask, n_query, n_key, is_causal, device) > MASKED / 2  # [B or 1, 1, Nq, Nk]
     key_valid = visible[:, 0].any(1)
     query_valid = key_valid[:, q_offset:]  # self-attention: row i is the token at key i + q_offset
     expected = visibility(key_valid.shape[0], n_query, n_key, is_causal, q_offset, key_valid, device)[:, 0]

@@ -13,8 +13,6 @@ from .edit_kinds import Calibrate, HeadMean, Redistribute, Reinforce, Steer
 from .plan import Edit, HeadScale, PlanError
 from .request import Request, RequestState
 
-_MASKED = torch.finfo(torch.float32).min
-
 
 def softmax_stage_heads(bias: list[Edit], redistribute: list[Edit]) -> tuple[int, ...]:
     """Sorted union of the heads the pre- and post-softmax edits of a layer touch."""
@@ -39,7 +37,7 @@ def edited_attention(
     heads = softmax_stage_heads(bias, redistribute)
     n_query, n_key = query.shape[-2], key.shape[-2]
     logits = attention_math.attention_logits(query, key, mask, scaling, heads, group_size, is_causal)
-    visible = logits > _MASKED / 2  # [B, h, Nq, Nk]
+    visible = logits > attention_math.MASKED / 2  # [B, h, Nq, Nk]
     for edit in bias:
         idx = [heads.index(h) for h in edit.heads]
         logits[:, idx] = _steer(edit, state, logits[:, idx], n_key)

@@ -324,6 +324,11 @@ def decoder_layers(model) -> dict[int, torch.nn.Module]:
             if isinstance(getattr(m, "self_attn", None), torch.nn.Module) and id(m.self_attn) in attention}
 
 
+def block_input(args, kwargs) -> torch.Tensor:
+    """The residual stream ``[B, N, d_model]`` a decoder block's forward pre-hook receives."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _residual_hooks(model, plan: Plan, session: Session) -> list:
     """Forward pre-hooks keeping the residual stream entering each layer with a VAR edit."""
     layers = sorted({e.layer for e in plan.edits if e.kind == "redistribute"})
@@ -336,7 +341,7 @@ def _residual_hooks(model, plan: Plan, session: Session) -> list:
 
     def keeper(layer):
         def hook(module, args, kwargs):
-            session.state.pending_hidden[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+            session.state.pending_hidden[layer] = block_input(args, kwargs).detach()
         return hook
 
     return [blocks[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True) for layer in layers]

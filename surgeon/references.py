@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .hook import attach, decoder_layers
+from .hook import attach, block_input, decoder_layers
 from .models import model_shape
 from .plan import PlanError
 from .taps import Taps
@@ -59,8 +59,7 @@ def detect_sink_dimensions(
 
 def _capture_first_token(store: list):
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store.append(hidden[0, 0].detach().float())
+        store.append(block_input(args, kwargs)[0, 0].detach().float())
     return hook
 
 
