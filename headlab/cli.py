@@ -94,6 +94,49 @@ def _eval(args) -> int:
     return 0
 
 
+def _view(args) -> int:
+    from pathlib import Path
+
+    from .probes import views
+    from .probes.view_data import gather_view
+    from .probes.view_page import write_view
+    from .surgeon import Plan, load_model
+
+    text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError("the text to view is empty")
+    plan = Plan.load(args.compare) if args.compare else None
+    scores = _load_scores(args.scores) if args.scores else None
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if args.max_tokens and ids.shape[1] > args.max_tokens:
+        raise ValueError(f"the text is {ids.shape[1]} tokens, more than --max-tokens {args.max_tokens}; "
+                         "shorten it or raise the limit")
+    data = gather_view(model, tokenizer, ids, args.model, _layers(args.layers), plan,
+                       int(args.max_payload_mb * 2**20), plan_label=Path(args.compare).name if plan else None)
+    head = tuple(int(x) for x in args.head.split(".")) if args.head else None
+    path = write_view(data, args.out, scores, head, args.plotlyjs)
+    print(f"view: {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(data.tokens)} tokens, "
+          f"{'one cell per token' if data.block == 1 else f'{data.block}-token blocks'})")
+    if args.export:
+        shown = views.view(data, *head) if head else views.view(data, scores=scores)
+        print(f"figure: {views.export_figure(shown, args.export)}")
+    return 0
+
+
+def _load_scores(path: str) -> dict:
+    """The scores of a report's scores.json."""
+    import json
+    from pathlib import Path
+
+    from .probes.scores import HeadScores
+
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "scores" not in payload:
+        raise ValueError(f"{path} is not a headlab scores.json (no 'scores' field)")
+    return {name: HeadScores.from_dict(item) for name, item in payload["scores"].items()}
+
+
 def _task_arguments(parser) -> None:
     from .surgeon.tasks import BUILTIN_TASKS
 
@@ -170,6 +213,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plan", default=None, help="a plan JSON written by 'headlab calibrate' or Plan.save")
     evaluate.add_argument("--split", default="test", choices=("calibration", "test"), help="split (default test)")
     evaluate.set_defaults(run=_eval)
+
+    view = sub.add_parser(
+        "view",
+        help="interactive attention view of a text (standalone HTML)",
+        description=(
+            "Record the attention of every head of MODEL on a text and write one standalone HTML page: a "
+            "layers x heads grid (coloured by a score; click a head), the head's query x key map with token "
+            "hover (texts over 512 tokens are mean-pooled into blocks and drawn as an image), and the text "
+            "coloured by the attention of a clicked query. With --compare, the map under a plan is shown "
+            "beside the original with their difference."
+        ),
+    )
+    view.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    source = view.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to view")
+    source.add_argument("--file", help="a UTF-8 file holding the text to view")
+    view.add_argument("--out", required=True, help="output HTML file")
+    view.add_argument("--layers", default=None, help="layers to record, e.g. 10-14 or 3,7 (default all)")
+    view.add_argument("--compare", default=None, metavar="PLAN", help="a plan JSON to compare against")
+    view.add_argument("--scores", default=None, help="a report's scores.json to offer on the grid")
+    view.add_argument("--head", default=None, metavar="L.H", help="head to open first, e.g. 17.3")
+    view.add_argument("--max-tokens", type=int, default=8192, help="refuse longer texts (default 8192)")
+    view.add_argument("--max-payload-mb", type=float, default=20.0,
+                      help="cap on the page's encoded maps; pooling coarsens to fit (default 20)")
+    view.add_argument("--plotlyjs", choices=("inline", "cdn"), default="inline",
+                      help="inline plotly.js so the page opens offline (default, +4.7 MB) or link the CDN")
+    view.add_argument("--export", default=None, metavar="FILE",
+                      help="also write the grid (or the --head map) as a static .png, .svg or .pdf")
+    view.set_defaults(run=_view)
     return parser
 
 

@@ -9,6 +9,7 @@ import torch
 
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
+from ..surgeon.stopping import run_until
 
 DIMS = ("layer", "head", "query", "key")
 
@@ -56,7 +57,7 @@ def record_attention(
     extra = {} if map_budget_bytes is None else {"map_budget_bytes": map_budget_bytes}
     taps = Taps(attention={layer: heads for layer in layers}, **extra)
     with torch.no_grad(), attach(model, plan, taps) as session:
-        model(input_ids=input_ids)
+        run_until(model, max(layers), input_ids=input_ids)  # later layers cannot change these maps
     maps = torch.stack([session.recording.attention_map(layer)[0] for layer in layers])
     ids = input_ids[0]
     tokens = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]

@@ -71,20 +71,27 @@ PATTERN_SCORES = {
 
 
 def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
-    """The pattern scores of one input's maps ``[layer, head, query, key]`` -> ``{name: [layer, head]}``."""
-    maps = maps.double()
+    """The pattern scores of one input's maps ``[layer, head, query, key]`` -> ``{name: [layer, head]}``.
+
+    Row quantities are computed in fp32 a block of rows at a time (no float64 copy of the maps);
+    means over rows are taken in float64.
+    """
     n = maps.shape[-1]
-    visible = torch.arange(1, n + 1, dtype=maps.dtype) if causal else torch.full((n,), float(n), dtype=maps.dtype)
-    plogp = torch.where(maps > 0, maps * maps.clamp_min(1e-300).log(), torch.zeros_like(maps))
-    row_entropy = -plogp.sum(-1)  # [layer, head, query]
+    visible = torch.arange(1, n + 1, dtype=torch.float64) if causal else torch.full((n,), float(n), dtype=torch.float64)
+    entropy, confidence = [], []
+    step = max(1, 2**24 // max(1, maps.shape[0] * maps.shape[1] * n))  # rows per block: ~64 MiB of fp32
+    for start in range(0, n, step):
+        rows = maps[..., start:start + step, :].float()
+        entropy.append(-torch.special.xlogy(rows, rows).sum(-1).double())  # [layer, head, rows]
+        confidence.append(rows.amax(-1).double())
+    row_entropy = torch.cat(entropy, -1)
     multi = visible > 1
-    normalised = row_entropy[..., multi] / visible[multi].log()
-    rows = torch.arange(1, n)
+    later = torch.arange(1, n)
     return {
-        "sink_first_token": maps[..., 0].mean(-1).float(),
-        "entropy": normalised.mean(-1).float(),
-        "previous_token": maps[..., rows, rows - 1].mean(-1).float(),
-        "confidence": maps.amax(-1).mean(-1).float(),
+        "sink_first_token": maps[..., 0].double().mean(-1).float(),
+        "entropy": (row_entropy[..., multi] / visible[multi].log()).mean(-1).float(),
+        "previous_token": maps[..., later, later - 1].double().mean(-1).float(),
+        "confidence": torch.cat(confidence, -1).mean(-1).float(),
     }
 
 

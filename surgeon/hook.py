@@ -111,7 +111,7 @@ class Session:
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
-        if layer == min(self.taps.attention):
+        if layer == min(self.taps.attention) or self.taps.attention_consumer is not None:
             self._map_bytes_this_call = 0
         batch, _, n_query, _ = query.shape
         nbytes = 4 * batch * len(heads) * n_query * key.shape[-2]
@@ -133,7 +133,10 @@ class Session:
                 if head in edited_heads:
                     probs[:, pos] = edited_probs[:, edited_heads.index(head)]
         self.recording.attention_heads[layer] = heads
-        self.recording.attention[layer].append(probs.detach())
+        if self.taps.attention_consumer is not None:
+            self.taps.attention_consumer(layer, probs.detach())
+        else:
+            self.recording.attention[layer].append(probs.detach())
 
     def _record_stats(self, layer, module, query, key, value, attention_mask, scaling, dropout):
         """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``

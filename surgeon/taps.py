@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -37,6 +37,10 @@ class Taps:
     change outputs. ``stats_row_offsets``:
     offsets ``d`` whose weights ``p[i, i - d]`` are recorded per row (1: previous token), in
     ``Recording.row_keys`` as ``[batch, heads, query, len(offsets)]``.
+
+    ``attention_consumer``: when set, each layer's maps go to ``consumer(layer, probs)`` as soon as
+    they exist instead of into the recording, and ``map_budget_bytes`` bounds one layer's maps, so
+    a caller that reduces them (pooling, scores) holds one layer at a time.
     """
 
     attention: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
@@ -48,6 +52,7 @@ class Taps:
     stats_columns: bool = False
     stats_row_offsets: tuple[int, ...] = ()
     stats_backend: str = "auto"
+    attention_consumer: Callable[[int, torch.Tensor], None] | None = None
 
     def __post_init__(self):
         self.attention = {

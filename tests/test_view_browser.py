@@ -1,0 +1,128 @@
+"""The attention page in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+CI (.ci/run) installs Chromium and sets HEADLAB_REQUIRE_BROWSER=1, so a missing browser fails
+there; elsewhere these tests are skipped with the reason when no Chromium is found.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from headlab.probes import views
+from headlab.probes.view_data import gather_view
+from headlab.probes.view_page import write_view
+from headlab.surgeon import Calibrate, Plan
+from test_views import HOSTILE, HostileTokenizer, hostile_ids
+
+CHROMIUM = next(filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))), None)
+SCREENSHOTS = Path(os.environ.get("HEADLAB_SCREENSHOTS", "/tmp/headlab-screenshots"))
+
+if CHROMIUM is None and os.environ.get("HEADLAB_REQUIRE_BROWSER"):
+    raise RuntimeError("HEADLAB_REQUIRE_BROWSER is set but no Chromium was found (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield launched
+        launched.close()
+
+
+def open_page(browser, path: Path):
+    """Load ``path``; return the page and the list that collects console errors/page errors."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    return page, errors
+
+
+def plot_area(page, selector: str):
+    return page.locator(f"{selector} .nsewdrag").first.bounding_box()
+
+
+@pytest.fixture(scope="module")
+def short_page(tmp_path_factory):
+    model = tiny_llama("gqa", layers=3)
+    plan = Plan([Calibrate(layer=2, heads=(0, 1), relative_c=2.0, drop_first="none")])
+    data = gather_view(model, HostileTokenizer(), hostile_ids(40), "tiny", plan=plan, progress=False)
+    return write_view(data, tmp_path_factory.mktemp("view") / "short.html", head=(2, 0))
+
+
+def test_page_loads_clicks_and_hovers_without_errors(browser, short_page):
+    page, errors = open_page(browser, short_page)
+    assert page.locator("#overview .main-svg").count() > 0
+    assert page.locator("#detail .heatmaplayer").count() > 0
+    assert page.inner_text("#detail-title").startswith("layer 2, head 0")
+
+    area = plot_area(page, "#detail")  # first panel: before surgery, 40 token rows
+    x, y = area["x"] + area["width"] * 0.25, area["y"] + area["height"] * (30.5 / 40)
+    page.mouse.move(x, y)
+    page.wait_for_function("document.getElementById('hover-info').textContent.length > 0")
+    assert page.inner_text("#hover-info").startswith("query 30 ")
+    page.mouse.click(x, y)
+    page.wait_for_function("document.getElementById('tokens-title').textContent.startsWith('attention of query 30')")
+    coloured = page.eval_on_selector_all("#tokens span", "s => s.filter(e => e.style.backgroundColor).length")
+    assert coloured == 40
+    assert page.locator("#tokens span.query").count() == 1
+
+    grid = plot_area(page, "#overview")  # 3 layers (bottom to top) x 9 heads: click layer 0, head 8
+    page.mouse.click(grid["x"] + grid["width"] * (8.5 / 9), grid["y"] + grid["height"] * (2.5 / 3))
+    page.wait_for_function("document.getElementById('detail-title').textContent.startsWith('layer 0, head 8')")
+
+    page.select_option("#score", "sink_first_token")
+    page.wait_for_function("document.querySelector('#overview .gtitle').textContent.startsWith('sink_first_token')")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "browser-short.png"), full_page=True)
+    assert errors == []
+
+
+def test_hostile_tokens_render_as_text_and_run_nothing(browser, short_page):
+    page, errors = open_page(browser, short_page)
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#tokens img").count() == 0 and page.locator("#tokens script").count() == 0
+    text = page.inner_text("#tokens")
+    assert HOSTILE[0] in text and HOSTILE[1] in text
+    ticks = page.eval_on_selector_all("#detail .ytick text", "t => t.map(e => e.textContent)")
+    assert f"3: {HOSTILE[0][:23]}\u2026" in ticks  # the markup as characters (labels cut at 24)
+    assert page.evaluate("window.__pwned") is None and errors == []
+
+
+def test_long_input_renders_pooled_image_with_block_hover(browser, tmp_path):
+    model = tiny_llama("mqa", layers=2)
+    data = gather_view(model, HostileTokenizer(), hostile_ids(1100, seed=4), "tiny", progress=False)
+    path = write_view(data, tmp_path / "long.html", head=(1, 2))
+    page, errors = open_page(browser, path)
+    assert "2-token blocks" in page.inner_text("#summary")
+    assert page.locator("#detail .imagelayer image").count() == 1
+    area = plot_area(page, "#detail")
+    x, y = area["x"] + area["width"] * 0.2, area["y"] + area["height"] * 0.7
+    page.mouse.move(x, y)
+    page.wait_for_function("document.getElementById('hover-info').textContent.startsWith('queries ')")
+    page.mouse.click(x, y)
+    page.wait_for_function("document.getElementById('tokens-title').textContent.includes('per key block')")
+    page.screenshot(path=str(tmp_path / "long.png"))
+    assert errors == []
+
+
+def test_static_export_writes_png_and_svg(tmp_path):
+    model = tiny_llama("gqa", layers=2)
+    data = gather_view(model, HostileTokenizer(), hostile_ids(12), "tiny", progress=False)
+    png = views.export_figure(views.view(data), tmp_path / "grid.png", width=500, height=300)
+    svg = views.export_figure(views.view(data, 1, 3), tmp_path / "head.svg")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = svg.read_text(encoding="utf-8")
+    assert text.lstrip().startswith("<svg") and "3: &#60;script&#62;window.__pwned=1" in text
+    assert "<script" not in text and "<img" not in text
+    with pytest.raises(ValueError, match="png, .svg or .pdf"):
+        views.export_figure(views.view(data), tmp_path / "grid.jpg")
