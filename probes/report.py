@@ -22,6 +22,8 @@ from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
 from .corpus import load_text, token_windows
 from .record import AttentionRecord, record_attention, record_statistics
+from .view_data import ViewData, view_data_from_record
+from .view_page import write_view
 from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
 
 
@@ -72,8 +74,12 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     if causal:
         scores.update(_extra_scores(model, model_id, windows, settings, progress))
     _write_scores(out_dir, model, provenance, scores, complete=True)
+    shape = model_shape(model)
+    data = view_data_from_record(first, shape.n_kv_heads, causal)
+    viewed = _view_heads(scores, settings.n_views)
+    write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
     report = out_dir / "report.html"
-    write_text(report, _report_html(model, provenance, scores, first, settings))
+    write_text(report, _report_html(model, provenance, scores, data, viewed, settings))
     return report
 
 
@@ -191,10 +197,9 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 """
 
 
-def _report_html(model, provenance: dict, scores: dict[str, HeadScores], record: AttentionRecord,
-                 settings: ReportSettings) -> str:
+def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
+                 viewed: list[tuple[int, int, str]], settings: ReportSettings) -> str:
     group = model_shape(model).group_size
-    viewed = _view_heads(scores, settings.n_views)
     view_ids = {(l, h): f"view-L{l}-H{h}" for l, h, _ in viewed}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -205,7 +210,8 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], record:
         *(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in provenance.items()),
         "</dl><nav><b>Scores:</b> ",
         " · ".join(f"<a href='#score-{html.escape(n)}'>{html.escape(n)}</a>" for n in scores),
-        " · <a href='#views'>attention views</a></nav>",
+        " · <a href='#views'>attention views</a>",
+        " · <a href='views.html'>interactive view of every head (views.html)</a></nav>",
     ]
     for name, score in scores.items():
         parts += [
@@ -215,13 +221,14 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], record:
             _top_table(score, group, settings.top_k, view_ids),
             "</section>",
         ]
-    parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']})</h2>")
+    parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
+                 f"{len(data.tokens)} tokens)</h2>")
     for layer, head, reason in viewed:
         title = f"layer {layer}, head {head} (top by {reason})"
         parts += [
             f"<div id='{view_ids[(layer, head)]}'><h3>{html.escape(title)}</h3>",
-            views.figure_div(views.attention_heatmap(record.head_map(layer, head), record.tokens, title),
-                             f"map-L{layer}-H{head}"),
+            f"<p><a href='views.html#head={layer}.{head}'>open interactively</a></p>",
+            views.figure_div(views.head_figure(data, layer, head), f"map-L{layer}-H{head}"),
             "</div>",
         ]
     parts.append("</section></body></html>")
@@ -232,7 +239,7 @@ def _top_table(score: HeadScores, group: int, k: int, view_ids: dict) -> str:
     rows = ["<table><tr><th>rank</th><th>layer</th><th>head</th><th>KV group</th><th>value</th><th>view</th></tr>"]
     for rank, (layer, head, value) in enumerate(score.top(k), start=1):
         view = view_ids.get((layer, head))
-        link = f"<a href='#{view}'>map</a>" if view else ""
+        link = (f"<a href='#{view}'>map</a> · " if view else "") + f"<a href='views.html#head={layer}.{head}'>view</a>"
         rows.append(f"<tr><td>{rank}</td><td>{layer}</td><td>{head}</td><td>{head // group}</td>"
                     f"<td>{value:.4f}</td><td>{link}</td></tr>")
     rows.append("</table>")

@@ -301,7 +301,9 @@ function init() {
   const unit = BLOCK === 1 ? "one cell per token" : BLOCK + "-token blocks (mean weight per block)";
   document.getElementById("summary").textContent = DATA.model_id + ": " + N + " tokens, " +
     DATA.heads.length + " heads, maps in " + unit + (DATA.plan ? ", compared under plan " + DATA.plan : "");
-  let first = DATA.initial;
+  const linked = /^#head=(\d+)\.(\d+)$/.exec(window.location.hash);  // e.g. views.html#head=17.3
+  let first = linked ? [Number(linked[1]), Number(linked[2])] : DATA.initial;
+  if (first && !((first[0] + "," + first[1]) in DATA.before)) first = null;
   if (!first) {
     const grid = DATA.grids[DATA.default_score];
     let best = -Infinity;

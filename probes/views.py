@@ -23,9 +23,6 @@ from .record import AttentionRecord
 from .scores import HeadScores
 from .view_data import ViewData, png_rgb, view_data_from_record
 
-MAX_CELLS = 512
-
-
 def display_token(token: str) -> str:
     """A token as safe, visible text for plotly labels: ``&``, ``<``, ``>`` escaped (plotly reads
     a small HTML subset in labels and shows quote entities literally), newlines and tabs shown as
@@ -72,52 +69,6 @@ def score_heatmap(scores: HeadScores, n_kv_heads: int, top_k: int = 5) -> go.Fig
         margin={"t": 50, "l": 60, "r": 20, "b": 50},
     )
     return fig
-
-
-def attention_heatmap(head_map: torch.Tensor, tokens: list[str], title: str, max_cells: int = MAX_CELLS) -> go.Figure:
-    """The ``[query, key]`` map of one head with tokens on both axes and token hover.
-
-    Inputs longer than ``max_cells`` tokens are mean-pooled into square blocks; the axes then say
-    which token range each block covers.
-    """
-    n = head_map.shape[-1]
-    block = max(1, math.ceil(n / max_cells))
-    if block == 1:
-        z = head_map
-        labels = [f"{i}: {display_token(t)}" for i, t in enumerate(tokens)]
-        axis_note = "token"
-    else:
-        z = _block_mean(head_map, block)
-        labels = [f"tokens {i * block}-{min((i + 1) * block, n) - 1}" for i in range(z.shape[-1])]
-        axis_note = f"token block ({block} tokens per block, mean-pooled)"
-    fig = go.Figure(
-        go.Heatmap(
-            z=z.double().mul(1e5).round().div(1e5).tolist(),  # 5 decimals keep the page small
-            x=labels,
-            y=labels,
-            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
-            colorscale="Blues",
-            zmin=0,
-        )
-    )
-    fig.update_layout(
-        title=html.escape(title),
-        xaxis={"title": f"key {axis_note}", "tickangle": -60, "type": "category"},
-        yaxis={"title": f"query {axis_note}", "autorange": "reversed", "type": "category"},
-        width=820,
-        height=820,
-        margin={"t": 50, "l": 160, "r": 20, "b": 160},
-    )
-    return fig
-
-
-def _block_mean(head_map: torch.Tensor, block: int) -> torch.Tensor:
-    n = head_map.shape[-1]
-    pad = (-n) % block
-    padded = torch.nn.functional.pad(head_map, (0, pad, 0, pad), value=float("nan"))
-    m = padded.shape[-1] // block
-    blocks = padded.reshape(m, block, m, block)
-    return blocks.nanmean(dim=(1, 3))
 
 
 def view(data: ViewData | AttentionRecord, layer: int | None = None, head: int | None = None,

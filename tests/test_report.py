@@ -12,7 +12,6 @@ from conftest import tiny_llama
 
 from headlab.cli import main
 from headlab.probes import ReportSettings, record_attention, write_report
-from headlab.probes.views import attention_heatmap
 
 
 class CharTokenizer:
@@ -47,7 +46,9 @@ def test_report_folder_on_a_tiny_model(tmp_path):
     assert all(len(s["values"]) == 3 and len(s["values"][0]) == 9 for s in data["scores"].values())
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
     assert len(rows) == 27 and rows[5]["kv_group"] == "1"
-    assert page.count("view-L") >= 2
+    assert page.count("view-L") >= 2 and "views.html#head=" in page
+    views_page = (tmp_path / "out" / "views.html").read_text()
+    assert "<script>window" not in views_page and "<img src=x" not in views_page
 
 
 def test_report_scores_match_a_direct_computation(tmp_path):
@@ -63,14 +64,6 @@ def test_report_scores_match_a_direct_computation(tmp_path):
     maps = record_attention(model, ids).maps
     prev = maps[..., torch.arange(1, 20), torch.arange(19)].mean(-1)
     assert torch.allclose(torch.tensor(data["scores"]["previous_token"]["values"]), prev, atol=1e-5)
-
-
-def test_attention_heatmap_escapes_tokens_and_pools_long_inputs():
-    fig = attention_heatmap(torch.rand(3, 3), ["<b>", '"x"', "a\nb"], "t")
-    assert list(fig.data[0].x) == ["0: &lt;b&gt;", '1: "x"', "2: a\\nb"]
-    pooled = attention_heatmap(torch.rand(1030, 1030), [str(i) for i in range(1030)], "long", max_cells=512)
-    assert len(pooled.data[0].z) == 344 and pooled.data[0].x[0] == "tokens 0-2"
-    assert "mean-pooled" in pooled.layout.xaxis.title.text
 
 
 def test_cli_help_and_errors(capsys):

@@ -126,3 +126,10 @@ def test_static_export_writes_png_and_svg(tmp_path):
     assert "<script" not in text and "<img" not in text
     with pytest.raises(ValueError, match="png, .svg or .pdf"):
         views.export_figure(views.view(data), tmp_path / "grid.jpg")
+
+
+def test_link_with_head_hash_opens_that_head(browser, short_page):
+    page = browser.new_page()
+    page.goto(short_page.as_uri() + "#head=1.4")
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    assert page.inner_text("#detail-title").startswith("layer 1, head 4")
