@@ -30,13 +30,16 @@ def _models(args) -> int:
 
 def _report(args) -> int:
     from .probes.report import ReportSettings, write_report
+    from .probes.retrieval import NeedleSettings
     from .surgeon import load_model
 
-    model, tokenizer = load_model(args.model)
+    families = tuple(x for x in args.scores.split(",") if x) if args.scores != "none" else ()
+    lengths = tuple(sorted({min(1024, args.max_tokens), args.max_tokens}))
     settings = ReportSettings(
         n_samples=args.samples, n_tokens=args.tokens, seed=args.seed, text_path=args.text_file, n_views=args.views,
-        importance=not args.no_importance, ablation=args.ablation,
+        scores=families, needles=NeedleSettings(lengths=lengths, text_path=args.text_file),
     )
+    model, tokenizer = load_model(args.model)
     path = write_report(model, tokenizer, args.model, args.out, settings)
     print(f"report: {path}\nscores: {path.parent / 'scores.json'}, {path.parent / 'scores.csv'}")
     return 0
@@ -180,10 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--text-file", default=None, help="UTF-8 text to score on (default: Python standard-library docstrings)"
     )
-    report.add_argument("--no-importance", action="store_true",
-                        help="skip induction/duplicate-token and gradient-importance scores (decoders)")
-    report.add_argument("--ablation", choices=("zero", "mean"), default=None,
-                        help="also score each head by the loss increase when it is ablated (slow: one pass per head)")
+    report.add_argument(
+        "--scores", default="induction,gradient,retrieval",
+        help="comma list of the score families beyond the pattern scores (decoders only): induction "
+             "(+ duplicate-token), gradient, ablation-zero, ablation-mean (slow: one pass per head and window), "
+             "retrieval (needle in a haystack); 'none' for pattern scores only (default induction,gradient,retrieval)")
+    report.add_argument("--max-tokens", type=int, default=4096,
+                        help="longest needle-in-a-haystack context in tokens; the grid uses 1024 and this (default 4096)")
     report.set_defaults(run=_report)
 
     calibrate = sub.add_parser(

@@ -10,7 +10,7 @@ import importlib.metadata
 import io
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..surgeon.files import write_json, write_text
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
 from .corpus import load_text, token_windows
+from .retrieval import NeedleSettings, retrieval_scores
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
@@ -31,9 +32,11 @@ from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores
 class ReportSettings:
     """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
     (standard-library docstrings when None), chosen with ``seed``; ``n_views`` attention views.
-    Decoders also get induction and duplicate-token scores (repeated random tokens) and gradient
-    importance when ``importance``, and ablation importance (``"zero"`` or ``"mean"``) when
-    ``ablation`` is set (one forward per head and window: minutes on SmolLM2)."""
+    The pattern scores (sink, entropy, previous-token, confidence) are always computed; decoders
+    add the families named in ``scores`` (:data:`EXTRA_SCORES`): induction and duplicate-token
+    (repeated random tokens), Michel gradient importance, zero/mean ablation importance (one
+    forward per head and window: minutes on SmolLM2) and retrieval (needle in a haystack with
+    ``needles``; its longest context is ``needles.lengths[-1]``)."""
 
     n_samples: int = 8
     n_tokens: int = 256
@@ -41,8 +44,16 @@ class ReportSettings:
     text_path: str | None = None
     n_views: int = 6
     top_k: int = 10
-    importance: bool = True
-    ablation: str | None = None
+    scores: tuple[str, ...] = ("induction", "gradient", "retrieval")
+    needles: NeedleSettings = field(default_factory=NeedleSettings)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.scores) - set(EXTRA_SCORES))
+        if unknown:
+            raise ValueError(f"unknown score families {unknown}; choose from {', '.join(EXTRA_SCORES)}")
+
+
+EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
@@ -72,7 +83,9 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
         scores = _results(accumulator, model_id, provenance)
         _write_scores(out_dir, model, provenance, scores, complete=False)
     if causal:
-        scores.update(_extra_scores(model, model_id, windows, settings, progress))
+        for name, extra in _extra_scores(model, tokenizer, model_id, windows, settings, progress):
+            scores[name] = extra
+            _write_scores(out_dir, model, provenance, scores, complete=False)
     _write_scores(out_dir, model, provenance, scores, complete=True)
     shape = model_shape(model)
     data = view_data_from_record(first, shape.n_kv_heads, causal)
@@ -83,26 +96,35 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     return report
 
 
-def _extra_scores(model, model_id: str, windows, settings: ReportSettings, progress: bool) -> dict[str, HeadScores]:
-    """Induction / duplicate-token, gradient and ablation importance (decoders only)."""
+def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):
+    """Yield ``(name, HeadScores)`` of the decoder-only families in ``settings.scores``, one by one."""
     shape = model_shape(model)
     counts = torch.full((shape.n_layers, shape.n_heads), len(windows))
-    extra = {}
-    if settings.importance:
+    window_settings = {"windows": len(windows), "n_tokens": settings.n_tokens}
+    if "induction" in settings.scores:
         repeat = {"n_batch": 10, "half": 50, "seed": settings.seed}
         for name, values in importance.repeated_token_scores(model, **repeat).items():
-            extra[name] = HeadScores(name, values, torch.full_like(counts, 10), model_id,
-                                     importance.REPEAT_DESCRIPTIONS[name], repeat)
-        extra["gradient_importance"] = HeadScores(
+            yield name, HeadScores(name, values, torch.full_like(counts, 10), model_id,
+                                   importance.REPEAT_DESCRIPTIONS[name], repeat)
+    if "gradient" in settings.scores:
+        yield "gradient_importance", HeadScores(
             "gradient_importance", importance.gradient_importance(model, windows, progress), counts, model_id,
             "Michel et al.: mean |dLoss/d gate| per head, layer-L2-normalised, min-max to [0, 1] (§4.6)",
-            {"windows": len(windows), "n_tokens": settings.n_tokens})
-    if settings.ablation:
-        extra[f"ablation_{settings.ablation}"] = HeadScores(
-            f"ablation_{settings.ablation}", importance.ablation_importance(model, windows, settings.ablation, progress),
-            counts, model_id, f"loss increase when the head is {settings.ablation}-ablated (§4.7)",
-            {"windows": len(windows), "n_tokens": settings.n_tokens, "mode": settings.ablation})
-    return extra
+            window_settings)
+    for mode in ("zero", "mean"):
+        if f"ablation-{mode}" in settings.scores:
+            yield f"ablation_{mode}", HeadScores(
+                f"ablation_{mode}", importance.ablation_importance(model, windows, mode, progress), counts, model_id,
+                f"loss increase when the head is {mode}-ablated (§4.7)", {**window_settings, "mode": mode})
+    if "retrieval" in settings.scores:
+        result = retrieval_scores(model, tokenizer, settings.needles, progress=progress)
+        recalled = sum(r["recalled"] for r in result.runs)
+        yield "retrieval", HeadScores(
+            "retrieval", result.scores, torch.full_like(counts, recalled), model_id,
+            f"Wu et al. copy-paste score on needle-in-a-haystack, mean over the {recalled} of {len(result.runs)} "
+            f"runs whose answer was recalled (ROUGE-1 recall > {settings.needles.rouge_min}); retrieval heads "
+            f"> {settings.needles.retrieval_threshold} (§4.1)",
+            {**settings.needles.to_dict(), "recalled": recalled, "runs": result.runs})
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:

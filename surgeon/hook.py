@@ -45,6 +45,13 @@ class Session:
         self._map_bytes_this_call = 0
         self._mask_cache: tuple | None = None  # (mask, shape, is_causal) -> decomposition
 
+    def set_taps(self, taps: Taps) -> None:
+        """Record ``taps`` from the next call on (e.g. only the decode steps after a prefill that
+        recorded nothing); the plan and the request's prefill state stay."""
+        taps.validate(self.shape)
+        self.taps = taps
+        self.recording.clear()
+
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
         """Attention for one layer call: SDPA (or, where every head's statistics are recorded,
         the statistics op's own output), then the layer's softmax-stage edits on their heads,

@@ -33,7 +33,8 @@ HOSTILE = '<script>window.hacked=1</script>"><img src=x onerror=alert(1)> ' * 40
 def test_report_folder_on_a_tiny_model(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(HOSTILE)
-    settings = ReportSettings(n_samples=3, n_tokens=24, seed=1, text_path=str(text), n_views=2)
+    settings = ReportSettings(n_samples=3, n_tokens=24, seed=1, text_path=str(text), n_views=2,
+                              scores=("induction", "gradient"))
     report = write_report(tiny_llama("gqa"), CharTokenizer(), "tiny-gqa", tmp_path / "out", settings, progress=False)
     page = report.read_text()
     # character tokens: every '<' of the text reaches the page as an escaped label, never as markup
@@ -55,7 +56,7 @@ def test_report_scores_match_a_direct_computation(tmp_path):
     model, tokenizer = tiny_llama("mqa"), CharTokenizer()
     text = tmp_path / "t.txt"
     text.write_text("abcdefghij" * 30)
-    settings = ReportSettings(n_samples=1, n_tokens=20, seed=0, text_path=str(text), n_views=1)
+    settings = ReportSettings(n_samples=1, n_tokens=20, seed=0, text_path=str(text), n_views=1, scores=())
     write_report(model, tokenizer, "tiny", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     from headlab.probes.corpus import token_windows

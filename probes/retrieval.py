@@ -1,0 +1,237 @@
+"""Retrieval heads (Wu et al.): needle-in-a-haystack with the copy-paste rule (SPEC §4.1).
+
+At each greedy decode step the row that produces token ``w`` is recorded for every head (one
+``[heads, keys]`` row per layer: cheap even at long context); a head copies when its most
+attended key lies in the needle's answer span and holds ``w``. Prefill of ``prompt[:-1]`` runs
+through SDPA with no taps, so long contexts cost one ordinary forward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..surgeon import Taps, attach, model_shape
+from ..surgeon.plan import Plan
+from .corpus import load_text
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A fact hidden in the haystack, the question that asks for it, and the answer."""
+
+    sentence: str
+    question: str
+    answer: str
+
+
+NEEDLES = (
+    Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+           "What is the best thing to do in San Francisco?", "eat a sandwich and sit in Dolores Park on a sunny day"),
+    Needle("The secret ingredient of the lighthouse keeper's soup is smoked paprika from Szeged.",
+           "What is the secret ingredient of the lighthouse keeper's soup?", "smoked paprika from Szeged"),
+    Needle("The password for the archive room on the third floor is purple walrus nineteen.",
+           "What is the password for the archive room on the third floor?", "purple walrus nineteen"),
+)
+
+
+@dataclass
+class NeedleSettings:
+    """The NIAH grid: every needle at every ``(length, depth)``; ``length`` counts prompt tokens
+    (haystack + needle + question, chat template included). Defaults are a CPU-sized subset of
+    the published grid (20 lengths × 10 depths up to 50k tokens)."""
+
+    lengths: tuple[int, ...] = (1024, 4096)
+    depths: tuple[float, ...] = (0.25, 0.75)
+    n_needles: int = len(NEEDLES)
+    max_new_tokens: int = 24
+    mode: str = "count"  # "count" (reference files) or "set" (the paper's |g ∩ k| / |k|)
+    rouge_min: float = 0.5  # samples count only when the answer's ROUGE-1 recall exceeds this
+    text_path: str | None = None
+    retrieval_threshold: float = 0.1
+
+    def __post_init__(self):
+        if self.mode not in ("count", "set"):
+            raise ValueError(f"mode must be 'count' or 'set', not {self.mode!r}")
+        if not 1 <= self.n_needles <= len(NEEDLES):
+            raise ValueError(f"n_needles must be in 1..{len(NEEDLES)}")
+        for depth in self.depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"depth {depth} outside [0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NeedlePrompt:
+    input_ids: torch.Tensor  # [1, seq]
+    answer_positions: list[int]  # token positions of the answer inside the needle
+    needle: Needle
+    length: int
+    depth: float
+
+
+@dataclass
+class RetrievalResult:
+    """Per-head retrieval scores ``[layer, head]`` (mean over recalled samples; NaN when no sample
+    was recalled) and one record per run (needle, length, depth, response, ROUGE-1 recall)."""
+
+    scores: torch.Tensor
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def recall(self) -> float:
+        """Fraction of runs whose response recalled the answer."""
+        return sum(r["recalled"] for r in self.runs) / max(1, len(self.runs))
+
+
+def chat_prompt(tokenizer, context: str, question: str) -> str:
+    """The NIAH prompt text (through the chat template where the tokenizer has one)."""
+    user = f"{context}\n\nBased on the content of the text above, answer the question.\nQuestion: {question}\nAnswer:"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return user
+
+
+def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: float) -> NeedlePrompt:
+    """A prompt of ``length`` tokens: haystack text with the needle inserted at the sentence end
+    preceding ``depth`` of the context, then the question. The answer span is found through the
+    tokenizer's character offsets (tokens overlapping the answer inside the needle)."""
+    overhead = len(tokenizer(chat_prompt(tokenizer, needle.sentence, needle.question),
+                             add_special_tokens=False).input_ids)
+    budget = length - overhead - 1
+    if budget < 16:
+        raise ValueError(f"length {length} leaves no room for a haystack (needle and question take {overhead})")
+    hay_ids = tokenizer(haystack, add_special_tokens=False).input_ids
+    if len(hay_ids) < budget:
+        raise ValueError(f"the haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for length {length}")
+    for _ in range(4):  # re-tokenising joined text shifts the count a little; trim until it fits
+        hay = tokenizer.decode(hay_ids[:budget])
+        cut = _sentence_end(hay, int(depth * len(hay)))
+        context = f"{hay[:cut]} {needle.sentence} {hay[cut:]}".strip()
+        text = chat_prompt(tokenizer, context, needle.question)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        excess = len(encoded.input_ids) - length
+        if excess <= 0:
+            break
+        budget -= excess
+    start = text.index(needle.sentence) + needle.sentence.index(needle.answer)
+    stop = start + len(needle.answer)
+    positions = [i for i, (a, b) in enumerate(encoded.offset_mapping) if a < stop and b > start]
+    ids = torch.tensor([encoded.input_ids])
+    return NeedlePrompt(ids, positions, needle, ids.shape[1], depth)
+
+
+def _sentence_end(text: str, position: int) -> int:
+    """The index just after the last sentence end (``. ``/newline) before ``position`` (0 if none)."""
+    ends = [m.end() for m in re.finditer(r"[.!?]\s|\n\n", text[:position])]
+    return ends[-1] if ends else 0
+
+
+def rouge1_recall(response: str, answer: str) -> float:
+    """Unigram recall of ``answer``'s words in ``response`` (lower-cased, clipped counts)."""
+    words = Counter(re.findall(r"\w+", answer.lower()))
+    got = Counter(re.findall(r"\w+", response.lower()))
+    return sum(min(c, got[w]) for w, c in words.items()) / max(1, sum(words.values()))
+
+
+@torch.no_grad()
+def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
+                         plan: Plan | None = None, record: bool = True) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding from ``input_ids [1, seq]``; returns the generated ids and, per generated
+    token, the most attended key of every head ``[layer, head]`` on the row that produced it."""
+    shape = model_shape(model)
+    with attach(model, plan) as session:
+        out = model(input_ids=input_ids[:, :-1], use_cache=True)  # prefill: the plan applies, nothing recorded
+        if record:
+            session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
+        cache, token = out.past_key_values, input_ids[:, -1:]
+        generated, top_keys = [], []
+        for _ in range(max_new_tokens):
+            session.recording.clear()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_id = int(out.logits[0, -1].argmax())
+            if record:  # the map of this call is one row per head: [1, heads, 1, keys]
+                rows = torch.stack([session.recording.attention_map(layer, -1)[0, :, -1]
+                                    for layer in range(shape.n_layers)])
+                top_keys.append(rows.argmax(-1))
+            generated.append(next_id)
+            if next_id in stop_ids:
+                break
+            token = torch.tensor([[next_id]])
+    return generated, top_keys
+
+
+def copy_scores(prompt: NeedlePrompt, generated: list[int], top_keys: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """``[layer, head]`` copy-paste score of one run (SPEC §4.1)."""
+    span = set(prompt.answer_positions)
+    ids = prompt.input_ids[0]
+    n_prompt = ids.shape[0]
+    copies = torch.zeros(top_keys[0].shape, dtype=torch.float64) if top_keys else None
+    seen: dict[tuple[int, int], set[int]] = {}
+    for token, keys in zip(generated, top_keys):
+        in_span = torch.tensor([[int(k) in span and int(k) < n_prompt and int(ids[int(k)]) == token
+                                 for k in row] for row in keys])
+        for layer, head in in_span.nonzero().tolist():
+            key = int(keys[layer, head])
+            if mode == "set":
+                seen.setdefault((layer, head), set()).add(key)
+            else:
+                copies[layer, head] += 1
+    if mode == "set" and copies is not None:
+        for (layer, head), keys in seen.items():
+            copies[layer, head] = len(keys)
+    return (copies / max(1, len(span))).float() if copies is not None else torch.zeros(0)
+
+
+def needle_prompts(tokenizer, settings: NeedleSettings) -> list[NeedlePrompt]:
+    """Every (needle, length, depth) prompt of the grid."""
+    haystack = load_text(settings.text_path)
+    return [build_prompt(tokenizer, haystack, needle, length, depth)
+            for needle in NEEDLES[:settings.n_needles] for length in settings.lengths for depth in settings.depths]
+
+
+def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, plan: Plan | None = None,
+                     progress: bool = True, record: bool = True) -> RetrievalResult:
+    """Run the NIAH grid; return retrieval scores (``record=False``: recall only, scores NaN)."""
+    settings = settings or NeedleSettings()
+    shape = model_shape(model)
+    stop_ids = _stop_ids(tokenizer)
+    total = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
+    accepted, runs = 0, []
+    prompts = needle_prompts(tokenizer, settings)
+    for prompt in tqdm(prompts, desc="needle in a haystack", unit="run", disable=not progress):
+        generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop_ids,
+                                                   plan, record)
+        response = tokenizer.decode(generated, skip_special_tokens=True)
+        recall = rouge1_recall(response, prompt.needle.answer)
+        recalled = recall > settings.rouge_min
+        if recalled and record:
+            total += copy_scores(prompt, generated, top_keys, settings.mode).double()
+            accepted += 1
+        runs.append({"needle": NEEDLES.index(prompt.needle), "length": prompt.length, "depth": prompt.depth,
+                     "response": response.strip(), "rouge1_recall": round(recall, 4), "recalled": recalled})
+    scores = (total / accepted).float() if accepted else torch.full(total.shape, math.nan)
+    return RetrievalResult(scores, runs)
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    """End-of-text tokens and tokens that contain a newline (decoding stops there)."""
+    stops = {i for i in (getattr(tokenizer, "eos_token_id", None),) if i is not None}
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    stops.update(newline[-1:])
+    stops.update(i for t, i in vocab.items() if t in ("<|im_end|>", "<|endoftext|>", "</s>"))
+    return stops
+
+
+__all__ = ["NEEDLES", "Needle", "NeedlePrompt", "NeedleSettings", "RetrievalResult", "build_prompt", "copy_scores",
+           "greedy_with_top_keys", "needle_prompts", "retrieval_scores", "rouge1_recall"]

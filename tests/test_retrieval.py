@@ -1,0 +1,84 @@
+"""Retrieval heads: the copy-paste rule, the recorded decode rows, and NIAH prompts."""
+
+import pytest
+import torch
+
+from conftest import eager_maps, tiny_llama
+from headlab.probes.retrieval import (
+    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall,
+)
+from headlab.surgeon import HeadScale, Plan, attach
+
+
+def planted_prompt() -> NeedlePrompt:
+    ids = torch.tensor([[9, 9, 40, 41, 42, 9, 9, 9]])  # answer tokens 40 41 42 at positions 2..4
+    return NeedlePrompt(ids, [2, 3, 4], NEEDLES[0], 8, 0.5)
+
+
+def test_copy_rule_counts_only_argmax_keys_in_the_span_holding_the_token():
+    prompt = planted_prompt()
+    generated = [40, 41, 42, 41]
+    # [layer=1, head=3] top keys per step: head 0 copies every answer token; head 1 looks at the
+    # span but at the wrong token; head 2 looks at the right token outside the span (position 0 = 9)
+    steps = [torch.tensor([[2, 3, 0]]), torch.tensor([[3, 2, 0]]), torch.tensor([[4, 4, 0]]), torch.tensor([[3, 2, 0]])]
+    counted = copy_scores(prompt, generated, steps, "count")
+    assert counted.tolist() == [[pytest.approx(4 / 3), pytest.approx(1 / 3), 0.0]]  # head 1 matches at step 2
+    distinct = copy_scores(prompt, generated, steps, "set")
+    assert distinct.tolist() == [[pytest.approx(1.0), pytest.approx(1 / 3), 0.0]]
+
+
+def test_rouge1_recall():
+    assert rouge1_recall("It is purple walrus nineteen.", "purple walrus nineteen") == 1.0
+    assert rouge1_recall("purple cat", "purple walrus nineteen") == pytest.approx(1 / 3)
+    assert rouge1_recall("", "a b") == 0.0
+
+
+def test_decode_rows_equal_eager_maps_of_the_full_sequence():
+    model = tiny_llama("gqa", layers=3)
+    prompt = torch.randint(1, 97, (1, 17), generator=torch.Generator().manual_seed(5))
+    generated, top_keys = greedy_with_top_keys(model, prompt, 6, stop_ids=set())
+    with torch.no_grad():
+        reference = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert generated == reference[0, 17:].tolist()
+    full = torch.cat([prompt, torch.tensor([generated[:-1]])], dim=1)
+    maps = eager_maps(model, input_ids=full)  # uncached recompute
+    for step, keys in enumerate(top_keys):
+        row = 16 + step  # the row whose logits produced generated[step]
+        expected = torch.stack([maps[layer][0, :, row, : row + 1].argmax(-1) for layer in range(3)])
+        assert torch.equal(keys, expected)
+
+
+def test_plan_applies_during_decoding():
+    model = tiny_llama("mha", layers=3)
+    prompt = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(6))
+    plan = Plan([HeadScale(layer=layer, heads=tuple(range(5)), scale=0.0) for layer in range(3)])
+    masked, _ = greedy_with_top_keys(model, prompt, 5, set(), plan, record=False)
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits
+    plain, _ = greedy_with_top_keys(model, prompt, 5, set(), record=False)
+    assert plain[0] == int(logits[0, -1].argmax())
+    with torch.no_grad(), attach(model, plan):
+        masked_logits = model(input_ids=prompt).logits
+    assert masked[0] == int(masked_logits[0, -1].argmax())
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="mode"):
+        NeedleSettings(mode="sum")
+    with pytest.raises(ValueError, match="depth"):
+        NeedleSettings(depths=(1.5,))
+
+
+@pytest.mark.real_model
+def test_needle_prompt_on_smollm2_tokenizer(smollm2):
+    _, tokenizer = smollm2
+    haystack = "Plain sentence number one. " * 800
+    shallow = build_prompt(tokenizer, haystack, NEEDLES[2], 600, 0.1)
+    deep = build_prompt(tokenizer, haystack, NEEDLES[2], 600, 0.9)
+    for prompt in (shallow, deep):
+        assert 590 <= prompt.length <= 600
+        answer = tokenizer.decode(prompt.input_ids[0, prompt.answer_positions])
+        assert answer.strip() == NEEDLES[2].answer
+    assert shallow.answer_positions[0] < 150 < 450 < deep.answer_positions[0]
+    with pytest.raises(ValueError, match="fewer than"):
+        build_prompt(tokenizer, "Too short.", NEEDLES[0], 600, 0.5)
