@@ -127,6 +127,38 @@ def _view(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    from pathlib import Path
+
+    from .probes import views
+    from .probes.corpus import load_text, token_windows
+    from .probes.retrieval import NeedleSettings
+    from .probes.validation import MaskingSettings, loss_metric, masking_curve, needle_recall_metric
+    from .surgeon import load_model
+    from .surgeon.files import write_json, write_text
+
+    scores = _load_scores(args.scores)
+    if args.score not in scores:
+        raise ValueError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
+    metric_name = args.metric or ("needle-recall" if args.score == "retrieval" else "loss")
+    settings = MaskingSettings(tuple(int(k) for k in args.ks.split(",")), args.seeds, args.exclude_top, metric_name)
+    model, tokenizer = load_model(args.model)
+    if metric_name == "needle-recall":
+        needles = NeedleSettings(lengths=tuple(sorted({min(1024, args.max_tokens), args.max_tokens})))
+        metric = needle_recall_metric(model, tokenizer, needles)
+    else:
+        metric = loss_metric(model, token_windows(tokenizer, load_text(None), args.samples, args.tokens, args.seed))
+    curve = masking_curve(scores[args.score], metric, settings)
+    out = Path(args.out)
+    write_json(out / f"validation-{args.score}.json", curve)
+    fig = views.masking_figure(curve)
+    write_text(out / f"validation-{args.score}.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    rows = "\n".join(f"  K={k}: top {t:.3f}, random {r:.3f}" for k, t, r in zip(curve["k"], curve["top"],
+                                                                                 curve["random_mean"]))
+    print(f"{metric_name} unmasked {curve['baseline']:.3f}\n{rows}\nwritten: {out / f'validation-{args.score}.json'}")
+    return 0
+
+
 def _load_scores(path: str) -> dict:
     """The scores of a report's scores.json."""
     import json
@@ -248,6 +280,32 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--export", default=None, metavar="FILE",
                       help="also write the grid (or the --head map) as a static .png, .svg or .pdf")
     view.set_defaults(run=_view)
+
+    validate = sub.add_parser(
+        "validate",
+        help="mask the top-K heads of a score vs K random heads and measure a task metric",
+        description=(
+            "Masking validation of a head score from a report's scores.json: zero-ablate the top-K heads and, "
+            "for each of --seeds seeds, K random heads from outside the top --exclude-top, and measure the "
+            "metric (needle-in-a-haystack recall for retrieval, next-token loss on text otherwise). Writes "
+            "OUT/validation-SCORE.json and a plot OUT/validation-SCORE.html; a report written into the same "
+            "folder afterwards shows the curve."
+        ),
+    )
+    validate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    validate.add_argument("--scores", required=True, help="a report's scores.json")
+    validate.add_argument("--score", default="retrieval", help="the score to validate (default retrieval)")
+    validate.add_argument("--out", required=True, help="output folder (e.g. the report folder)")
+    validate.add_argument("--ks", default="5,10,20", help="numbers of heads to mask (default 5,10,20)")
+    validate.add_argument("--seeds", type=int, default=3, help="random-K draws per K (default 3)")
+    validate.add_argument("--exclude-top", type=int, default=100, help="random heads come from outside this top (default 100)")
+    validate.add_argument("--metric", choices=("needle-recall", "loss"), default=None,
+                          help="task metric (default: needle-recall for retrieval, else loss)")
+    validate.add_argument("--max-tokens", type=int, default=2048, help="longest needle context (default 2048)")
+    validate.add_argument("--samples", type=int, default=4, help="text windows for the loss metric (default 4)")
+    validate.add_argument("--tokens", type=int, default=256, help="tokens per window for the loss metric (default 256)")
+    validate.add_argument("--seed", type=int, default=0, help="seed of the text windows (default 0)")
+    validate.set_defaults(run=_validate)
     return parser
 
 

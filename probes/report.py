@@ -8,6 +8,7 @@ import datetime
 import html
 import importlib.metadata
 import io
+import json
 import math
 import platform
 from dataclasses import dataclass, field
@@ -92,7 +93,8 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     viewed = _view_heads(scores, settings.n_views)
     write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
     report = out_dir / "report.html"
-    write_text(report, _report_html(model, provenance, scores, data, viewed, settings))
+    curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("validation-*.json"))]
+    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves))
     return report
 
 
@@ -220,7 +222,7 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 
 
 def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
-                 viewed: list[tuple[int, int, str]], settings: ReportSettings) -> str:
+                 viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict]) -> str:
     group = model_shape(model).group_size
     view_ids = {(l, h): f"view-L{l}-H{h}" for l, h, _ in viewed}
     parts = [
@@ -232,7 +234,7 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         *(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in provenance.items()),
         "</dl><nav><b>Scores:</b> ",
         " · ".join(f"<a href='#score-{html.escape(n)}'>{html.escape(n)}</a>" for n in scores),
-        " · <a href='#views'>attention views</a>",
+        " · <a href='#masking'>masking validation</a> · <a href='#views'>attention views</a>",
         " · <a href='views.html'>interactive view of every head (views.html)</a></nav>",
     ]
     for name, score in scores.items():
@@ -243,6 +245,13 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
             _top_table(score, group, settings.top_k, view_ids),
             "</section>",
         ]
+    parts.append("<section id='masking'><h2>Masking validation</h2>")
+    if not curves:
+        parts.append("<p>No masking curves in this folder yet: run <code>headlab validate MODEL --scores "
+                     "scores.json --score retrieval --out .</code> here, then write the report again.</p>")
+    for curve in curves:
+        parts.append(views.figure_div(views.masking_figure(curve), f"masking-{curve['score']}"))
+    parts.append("</section>")
     parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
                  f"{len(data.tokens)} tokens)</h2>")
     for layer, head, reason in viewed:

@@ -214,6 +214,25 @@ def _find_chromium() -> None:
                        "set BROWSER_PATH to its executable")
 
 
+def masking_figure(curve: dict) -> go.Figure:
+    """Task metric against the number of masked heads: top-K by the score vs random-K (each seed
+    as a point, their mean as a line), with the unmasked baseline."""
+    ks = curve["k"]
+    metric = curve["settings"]["metric"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, *ks], y=[curve["baseline"], *curve["top"]], mode="lines+markers",
+                             name=f"top-K by {html.escape(curve['score'])}", line={"color": "#d62728"}))
+    fig.add_trace(go.Scatter(x=[0, *ks], y=[curve["baseline"], *curve["random_mean"]], mode="lines+markers",
+                             name="random-K (mean of seeds)", line={"color": "#1f77b4"}))
+    seeds_x = [k for k, row in zip(ks, curve["random"]) for _ in row]
+    seeds_y = [v for row in curve["random"] for v in row]
+    fig.add_trace(go.Scatter(x=seeds_x, y=seeds_y, mode="markers", name="random-K, each seed",
+                             marker={"color": "#1f77b4", "opacity": 0.4, "size": 7}))
+    fig.update_layout(title=f"masking validation of {html.escape(curve['score'])}", xaxis_title="heads masked (K)",
+                      yaxis_title=html.escape(metric), width=700, height=420)
+    return fig
+
+
 def figure_div(fig: go.Figure, div_id: str) -> str:
     """The figure as an HTML ``<div>`` fragment without plotly.js (the page includes it once)."""
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id)
