@@ -67,7 +67,13 @@ PATTERN_SCORES = {
     "entropy": "mean row entropy normalised by log(visible keys), rows with one visible key excluded (§4.6)",
     "previous_token": "mean attention on the previous token, rows 1.. (§4.5, 'mul' measure)",
     "confidence": "mean over rows of the largest attention weight (Voita confidence, §4.6)",
+    "sink_hidden": "mean row mass on hidden sinks: keys after the first whose mean received attention (over the "
+                   "rows that see them) exceeds 0.1, among keys seen by at least 32 rows (ACT's score, §4.4); "
+                   "from maps only (NaN in statistics mode)",
 }
+
+HIDDEN_SINK_THRESHOLD = 0.1
+HIDDEN_SINK_MIN_ROWS = 32  # keys seen by fewer rows (the last ones, under a causal mask) are too noisy
 
 
 def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
@@ -79,11 +85,13 @@ def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
     n = maps.shape[-1]
     visible = torch.arange(1, n + 1, dtype=torch.float64) if causal else torch.full((n,), float(n), dtype=torch.float64)
     entropy, confidence = [], []
+    received = torch.zeros(*maps.shape[:2], n, dtype=torch.float64)  # column sums [layer, head, key]
     step = max(1, 2**24 // max(1, maps.shape[0] * maps.shape[1] * n))  # rows per block: ~64 MiB of fp32
     for start in range(0, n, step):
         rows = maps[..., start:start + step, :].float()
         entropy.append(-torch.special.xlogy(rows, rows).sum(-1).double())  # [layer, head, rows]
         confidence.append(rows.amax(-1).double())
+        received += rows.sum(-2).double()
     row_entropy = torch.cat(entropy, -1)
     multi = visible > 1
     later = torch.arange(1, n)
@@ -92,7 +100,17 @@ def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
         "entropy": (row_entropy[..., multi] / visible[multi].log()).mean(-1).float(),
         "previous_token": maps[..., later, later - 1].double().mean(-1).float(),
         "confidence": torch.cat(confidence, -1).mean(-1).float(),
+        "sink_hidden": _hidden_sink_mass(received, causal).float(),
     }
+
+
+def _hidden_sink_mass(received: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``[layer, head]`` mean row mass on hidden sinks, from column sums ``[layer, head, key]``."""
+    n = received.shape[-1]
+    seen_by = torch.arange(n, 0, -1, dtype=torch.float64) if causal else torch.full((n,), float(n), dtype=torch.float64)
+    sinks = (received / seen_by > HIDDEN_SINK_THRESHOLD) & (seen_by >= HIDDEN_SINK_MIN_ROWS)
+    sinks[..., 0] = False
+    return (received * sinks).sum(-1) / n
 
 
 def pattern_scores_from_statistics(rows: dict[int, dict[str, torch.Tensor]], causal: bool) -> dict[str, torch.Tensor]:
@@ -110,6 +128,7 @@ def pattern_scores_from_statistics(rows: dict[int, dict[str, torch.Tensor]], cau
         "entropy": (entropy[..., multi] / visible[multi].log()).mean(-1).float(),
         "previous_token": stack("previous_token")[..., 1:].mean(-1).float(),
         "confidence": stack("top_weight").mean(-1).float(),
+        "sink_hidden": torch.full(entropy.shape[:2], float("nan")),
     }
 
 

@@ -42,7 +42,7 @@ def test_report_folder_on_a_tiny_model(tmp_path):
     assert ": &lt;" in page and ': \\"' in page  # '"' stays a JSON-escaped quote (plotly shows entities raw)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert (data["n_layers"], data["n_heads"], data["n_kv_heads"], data["complete"]) == (3, 9, 3, True)
-    assert set(data["scores"]) == {"sink_first_token", "entropy", "previous_token", "confidence", "induction",
+    assert set(data["scores"]) == {"sink_first_token", "entropy", "previous_token", "confidence", "sink_hidden", "induction",
                                    "duplicate_token", "gradient_importance"}
     assert all(len(s["values"]) == 3 and len(s["values"][0]) == 9 for s in data["scores"].values())
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from headlab.probes import HeadScores, ScoreAccumulator, pattern_scores
@@ -33,6 +34,19 @@ def test_hand_set_heads_score_as_constructed():
     assert torch.allclose(scores["entropy"][0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
     assert torch.allclose(scores["sink_first_token"][0], torch.tensor([sum(1 / (i + 1) for i in range(n)) / n, 2 / n, 1.0]), atol=1e-6)
     assert torch.allclose(scores["confidence"][0], torch.tensor([sum(1 / (i + 1) for i in range(n)) / n, 1.0, 1.0]), atol=1e-6)
+
+
+def test_hidden_sink_mass_counts_a_planted_second_sink_only():
+    n = 64
+    hidden = torch.zeros(n, n)  # every row gives 0.5 to token 0 and 0.5 to token 5 once it sees it
+    hidden[:, 0] = 1.0
+    hidden[5:, 0] = 0.5
+    hidden[5:, 5] = 0.5
+    maps = torch.stack([torch.stack([causal_uniform(n), first_token(n), hidden])])
+    scores = pattern_scores(maps, causal=True)["sink_hidden"][0]
+    # uniform rows: key j receives mean 1/(N-j)·Σ_{i≥j} 1/(i+1) < 0.1 for keys seen by >= 32 rows
+    assert scores[0] == 0.0 and scores[1] == 0.0
+    assert scores[2].item() == pytest.approx(0.5 * (n - 5) / n)
 
 
 def test_encoder_entropy_uses_the_full_row_support():

@@ -35,7 +35,10 @@ def test_statistics_scores_equal_map_scores(factory):
     ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(3))
     from_maps = pattern_scores(record_attention(model, ids).maps, causal)
     from_stats = pattern_scores_from_statistics(record_statistics(model, ids), causal)
+    assert from_stats["sink_hidden"].isnan().all()  # needs column sums: maps only
     for name, value in from_maps.items():
+        if name == "sink_hidden":
+            continue
         assert torch.allclose(from_stats[name], value, atol=1e-5), name
 
 
