@@ -39,10 +39,23 @@ def _report(args) -> int:
         n_samples=args.samples, n_tokens=args.tokens, seed=args.seed, text_path=args.text_file, n_views=args.views,
         scores=families, needles=NeedleSettings(lengths=lengths, text_path=args.text_file),
     )
+    _init_distributed()
     model, tokenizer = load_model(args.model)
     path = write_report(model, tokenizer, args.model, args.out, settings)
+    if path is None:  # a rank other than 0 of a torchrun job
+        return 0
     print(f"report: {path}\nscores: {path.parent / 'scores.json'}, {path.parent / 'scores.csv'}")
     return 0
+
+
+def _init_distributed() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _layers(text: str | None) -> list[int] | None:

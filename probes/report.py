@@ -58,13 +58,18 @@ EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retr
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True) -> Path | None:
     """Score every head of ``model`` and write the report folder; returns the path of report.html.
 
     scores.json and scores.csv are rewritten after each sample, so a run that stops halfway keeps
     the scores computed so far (marked ``"complete": false``).
+
+    Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node 2 -m headlab report ...``) the
+    windows of the pattern scores are sharded across ranks and their sums gathered on rank 0,
+    which computes the other score families and writes the folder; other ranks return None.
     """
     settings = settings or ReportSettings()
+    rank, world = _distributed()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
@@ -73,7 +78,8 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     provenance = _provenance(model, model_id, settings, causal)
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
-    for index, ids in enumerate(tqdm(windows, desc="scoring heads", unit="sample", disable=not progress)):
+    shard = windows[rank::world]
+    for index, ids in enumerate(tqdm(shard, desc="scoring heads", unit="sample", disable=not progress or rank > 0)):
         if provenance["method"] == "statistics":
             accumulator.add(pattern_scores_from_statistics(record_statistics(model, ids), causal))
             first = first or record_attention(model, ids[:, :VIEW_TOKENS], tokenizer)
@@ -81,8 +87,14 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             record = record_attention(model, ids, tokenizer)
             accumulator.add(pattern_scores(record.maps, causal))
             first = first or record
-        scores = _results(accumulator, model_id, provenance)
-        _write_scores(out_dir, model, provenance, scores, complete=False)
+        if world == 1:
+            _write_scores(out_dir, model, provenance, _results(accumulator, model_id, provenance), complete=False)
+    if world > 1:
+        accumulator.all_reduce()
+        if rank > 0:
+            return None
+        first = record_attention(model, windows[0], tokenizer) if first is None else first
+    scores = _results(accumulator, model_id, provenance)
     if causal:
         for name, extra in _extra_scores(model, tokenizer, model_id, windows, settings, progress):
             scores[name] = extra
@@ -96,6 +108,13 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("validation-*.json"))]
     write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves))
     return report
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):

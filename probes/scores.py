@@ -149,6 +149,14 @@ class ScoreAccumulator:
             self.sums[name] += value.nan_to_num(0.0)
             self.counts[name] += seen.long()
 
+    def all_reduce(self) -> None:
+        """Sum the running totals over the ranks of the process group (every rank ends equal)."""
+        import torch.distributed as dist
+
+        for name in sorted(self.sums):
+            dist.all_reduce(self.sums[name])
+            dist.all_reduce(self.counts[name])
+
     def result(self, name: str, model_id: str, description: str, settings: dict) -> HeadScores:
         counts = self.counts[name]
         values = torch.where(counts > 0, self.sums[name] / counts.clamp_min(1), torch.nan).float()
