@@ -171,25 +171,21 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
 
 
 def copy_scores(prompt: NeedlePrompt, generated: list[int], top_keys: list[torch.Tensor], mode: str) -> torch.Tensor:
-    """``[layer, head]`` copy-paste score of one run (SPEC §4.1)."""
-    span = set(prompt.answer_positions)
-    ids = prompt.input_ids[0]
-    n_prompt = ids.shape[0]
-    copies = torch.zeros(top_keys[0].shape, dtype=torch.float64) if top_keys else None
-    seen: dict[tuple[int, int], set[int]] = {}
-    for token, keys in zip(generated, top_keys):
-        in_span = torch.tensor([[int(k) in span and int(k) < n_prompt and int(ids[int(k)]) == token
-                                 for k in row] for row in keys])
-        for layer, head in in_span.nonzero().tolist():
-            key = int(keys[layer, head])
-            if mode == "set":
-                seen.setdefault((layer, head), set()).add(key)
-            else:
-                copies[layer, head] += 1
-    if mode == "set" and copies is not None:
-        for (layer, head), keys in seen.items():
-            copies[layer, head] = len(keys)
-    return (copies / max(1, len(span))).float() if copies is not None else torch.zeros(0)
+    """``[layer, head]`` copy-paste score of one run (SPEC §4.1): per generated token ``w`` and
+    head, a copy when the head's top key is in the answer span and holds ``w``; ``"count"`` adds
+    1/|span| per copy, ``"set"`` counts distinct copied positions."""
+    span = torch.zeros(prompt.input_ids.shape[1] + len(generated), dtype=torch.bool)
+    span[prompt.answer_positions] = True
+    ids = torch.cat([prompt.input_ids[0], torch.tensor(generated, dtype=torch.long)])
+    copied: dict[tuple[int, int], list[int]] = {}
+    for token, keys in zip(generated, top_keys):  # keys [layer, head]
+        hits = span[keys] & (ids[keys] == token)
+        for layer, head in hits.nonzero().tolist():
+            copied.setdefault((layer, head), []).append(int(keys[layer, head]))
+    scores = torch.zeros(top_keys[0].shape if top_keys else (0, 0))
+    for (layer, head), keys in copied.items():
+        scores[layer, head] = len(keys) if mode == "count" else len(set(keys))
+    return scores / max(1, len(prompt.answer_positions))
 
 
 def needle_prompts(tokenizer, settings: NeedleSettings) -> list[NeedlePrompt]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
+from ..surgeon.files import atomic_path
 from .record import AttentionRecord
 from .scores import HeadScores
 from .view_data import ViewData, png_rgb, view_data_from_record
@@ -192,8 +194,6 @@ def export_figure(fig: go.Figure, path: str | Path, width: int | None = None, he
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ValueError(f"static export writes .png, .svg or .pdf, not {path.name!r}")
     _find_chromium()
-    from ..surgeon.files import atomic_path
-
     with atomic_path(path) as tmp:
         fig.write_image(str(tmp), format=path.suffix[1:].lower(), width=width or fig.layout.width,
                         height=height or fig.layout.height)
@@ -201,8 +201,6 @@ def export_figure(fig: go.Figure, path: str | Path, width: int | None = None, he
 
 
 def _find_chromium() -> None:
-    import os
-
     if os.environ.get("BROWSER_PATH"):
         return
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):

@@ -1,5 +1,6 @@
 """One rank of a sharded report on a tiny model (run by test_distributed.py under torchrun)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from headlab.probes.report import ReportSettings, write_report  # noqa: E402
 
 
 def main(text_path: str, out_dir: str) -> None:
-    if "RANK" in __import__("os").environ:
+    if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
     settings = ReportSettings(n_samples=5, n_tokens=24, seed=2, text_path=text_path, n_views=1, scores=())
     write_report(tiny_llama("gqa"), CharTokenizer(), "tiny-gqa", out_dir, settings, progress=False)
