@@ -31,6 +31,7 @@ def _models(args) -> int:
 def _report(args) -> int:
     from .probes.report import ReportSettings, write_report
     from .probes.retrieval import NeedleSettings
+    from .probes.sinks import SinkSettings
     from .surgeon import load_model
 
     families = tuple(x for x in args.scores.split(",") if x) if args.scores != "none" else ()
@@ -38,6 +39,7 @@ def _report(args) -> int:
     settings = ReportSettings(
         n_samples=args.samples, n_tokens=args.tokens, seed=args.seed, text_path=args.text_file, n_views=args.views,
         scores=families, needles=NeedleSettings(lengths=lengths, text_path=args.text_file),
+        sinks=SinkSettings(ratio_min=args.sink_ratio), probe_data=args.probe_data, probe_pool=args.probe_pool,
     )
     _init_distributed()
     model, tokenizer = load_model(args.model)
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score every attention head of MODEL on real text (sink, entropy, previous-token and "
             "confidence scores from exact attention maps, or from streamed statistics for long windows; "
-            "for decoders also induction, duplicate-token and gradient importance) and write "
+            "the families of --scores; with --probe-data, linear-probe accuracy of each head) and write "
             "OUT/report.html (standalone, opens offline), OUT/scores.json and OUT/scores.csv."
         ),
     )
@@ -229,10 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-file", default=None, help="UTF-8 text to score on (default: Python standard-library docstrings)"
     )
     report.add_argument(
-        "--scores", default="induction,gradient,retrieval",
-        help="comma list of the score families beyond the pattern scores (decoders only): induction "
-             "(+ duplicate-token), gradient, ablation-zero, ablation-mean (slow: one pass per head and window), "
-             "retrieval (needle in a haystack); 'none' for pattern scores only (default induction,gradient,retrieval)")
+        "--scores", default="induction,gradient,retrieval,sinks,context",
+        help="comma list of the score families beyond the pattern scores: induction (+ duplicate-token), "
+             "gradient, ablation-zero, ablation-mean (slow: one pass per head and window), retrieval (needle in a "
+             "haystack) for decoders only; sinks (massive activations, mass on hidden-state sink tokens) and "
+             "context (VHD: output change when the leading half of a window is removed) for any model; 'none' "
+             "for pattern scores only (default induction,gradient,retrieval,sinks,context)")
+    report.add_argument("--sink-ratio", type=float, default=100.0,
+                        help="sink dimension: |x_d| at the first token >= this x its median |x| and > 100 "
+                             "(default 100; the published 1000 finds none in SmolLM2-135M)")
+    report.add_argument("--probe-data", default=None, metavar="JSONL",
+                        help='labelled texts, one {"text": ..., "label": ...} per line: adds probe_accuracy, '
+                             "the 5-fold cross-validated logistic-regression accuracy on each head's output")
+    report.add_argument("--probe-pool", choices=("last", "mean"), default="last",
+                        help="head output probed: at the last token or averaged over tokens (default last)")
     report.add_argument("--max-tokens", type=int, default=4096,
                         help="longest needle-in-a-haystack context in tokens; the grid uses 1024 and this (default 4096)")
     report.set_defaults(run=_report)

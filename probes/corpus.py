@@ -55,8 +55,10 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     """
     if n_samples < 1 or n_tokens < 2:
         raise ValueError("need at least one sample of at least two tokens")
-    specials = len(tokenizer.build_inputs_with_special_tokens([])) if _adds_specials(tokenizer) else 0
-    body = n_tokens - specials
+    prefix, suffix = _special_wrap(tokenizer)
+    body = n_tokens - len(prefix) - len(suffix)
+    if body < 1:
+        raise ValueError(f"{n_tokens} tokens leave no room for text between the special tokens")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     n_windows = len(ids) // body
     if n_windows < n_samples:
@@ -66,12 +68,17 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     starts = sorted(random.Random(seed).sample(range(n_windows), n_samples))
     windows = []
     for start in starts:
-        chunk = ids[start * body : (start + 1) * body]
-        if specials:
-            chunk = tokenizer.build_inputs_with_special_tokens(chunk)
+        chunk = prefix + ids[start * body : (start + 1) * body] + suffix
         windows.append(torch.tensor([chunk]))
     return windows
 
 
-def _adds_specials(tokenizer) -> bool:
-    return len(tokenizer("a").input_ids) > len(tokenizer("a", add_special_tokens=False).input_ids)
+def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a text (``[CLS]`` / ``[SEP]`` for BERT,
+    a BOS for some decoders, nothing for others)."""
+    full = list(tokenizer("a").input_ids)
+    bare = list(tokenizer("a", add_special_tokens=False).input_ids)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    raise ValueError("cannot tell the tokenizer's special tokens from its text tokens")

@@ -22,7 +22,10 @@ from ..surgeon.files import write_json, write_text
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
 from .corpus import load_text, token_windows
+from .divergence import context_divergence
+from .probing import POOLS, load_labelled, probe_heads
 from .retrieval import NeedleSettings, retrieval_scores
+from .sinks import SinkSettings, massive_activations
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
@@ -37,7 +40,11 @@ class ReportSettings:
     add the families named in ``scores`` (:data:`EXTRA_SCORES`): induction and duplicate-token
     (repeated random tokens), Michel gradient importance, zero/mean ablation importance (one
     forward per head and window: minutes on SmolLM2) and retrieval (needle in a haystack with
-    ``needles``; its longest context is ``needles.lengths[-1]``)."""
+    ``needles``; its longest context is ``needles.lengths[-1]``). Any model adds ``sinks``
+    (massive activations and the mass on hidden-state sink tokens, thresholds ``sinks``) and
+    ``context`` (VHD with the leading ``context_fraction`` of each window removed). With
+    ``probe_data`` (JSON lines of ``{"text", "label"}``) each head's output is probed for the
+    labels (pooled by ``probe_pool``)."""
 
     n_samples: int = 8
     n_tokens: int = 256
@@ -45,16 +52,25 @@ class ReportSettings:
     text_path: str | None = None
     n_views: int = 6
     top_k: int = 10
-    scores: tuple[str, ...] = ("induction", "gradient", "retrieval")
+    scores: tuple[str, ...] = ("induction", "gradient", "retrieval", "sinks", "context")
     needles: NeedleSettings = field(default_factory=NeedleSettings)
+    sinks: SinkSettings = field(default_factory=SinkSettings)
+    context_fraction: float = 0.5
+    probe_data: str | None = None
+    probe_pool: str = "last"
 
     def __post_init__(self):
         unknown = sorted(set(self.scores) - set(EXTRA_SCORES))
         if unknown:
             raise ValueError(f"unknown score families {unknown}; choose from {', '.join(EXTRA_SCORES)}")
+        if self.probe_pool not in POOLS:
+            raise ValueError(f"probe pool must be one of {POOLS}, got {self.probe_pool!r}")
+        if self.probe_data:
+            load_labelled(self.probe_data)  # fail on a bad file before hours of scoring
 
 
-EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
+EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval", "sinks", "context")
+DECODER_ONLY = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
@@ -95,10 +111,9 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             return None
         first = record_attention(model, windows[0], tokenizer) if first is None else first
     scores = _results(accumulator, model_id, provenance)
-    if causal:
-        for name, extra in _extra_scores(model, tokenizer, model_id, windows, settings, progress):
-            scores[name] = extra
-            _write_scores(out_dir, model, provenance, scores, complete=False)
+    for name, extra in _extra_scores(model, tokenizer, model_id, windows, settings, causal, progress):
+        scores[name] = extra
+        _write_scores(out_dir, model, provenance, scores, complete=False)
     _write_scores(out_dir, model, provenance, scores, complete=True)
     shape = model_shape(model)
     data = view_data_from_record(first, shape.n_kv_heads, causal)
@@ -117,11 +132,38 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):
-    """Yield ``(name, HeadScores)`` of the decoder-only families in ``settings.scores``, one by one."""
+def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, causal: bool, progress: bool):
+    """Yield ``(name, HeadScores)`` of the families in ``settings.scores`` (those of
+    :data:`DECODER_ONLY` only for causal models) and of the probe, one by one."""
     shape = model_shape(model)
     counts = torch.full((shape.n_layers, shape.n_heads), len(windows))
     window_settings = {"windows": len(windows), "n_tokens": settings.n_tokens}
+    if "sinks" in settings.scores:
+        massive = massive_activations(model, windows, settings.sinks, progress)
+        yield "sink_massive", HeadScores(
+            "sink_massive", massive.scores, counts, model_id,
+            f"mean row mass on hidden-state sink tokens (max over sink dimensions {massive.sink_dims} of |x_d| / "
+            f"RMS(x) > {settings.sinks.tau} at the layer's input; NaN where no row sees one) (§4.4)",
+            {**window_settings, **massive.summary()})
+    if "context" in settings.scores:
+        result = context_divergence(model, windows, settings.context_fraction, progress)
+        yield "context_divergence", HeadScores(
+            "context_divergence", result.raw, counts, model_id,
+            f"VHD: ||z(window) - z(window without its leading {settings.context_fraction:.0%} after the first "
+            "token)|| of each head's output at the last token, mean over windows (§4.3)",
+            {**window_settings, "span_fraction": settings.context_fraction,
+             "outlier_zeroed": result.zeroed.tolist(), "selected": result.selected.int().tolist()})
+    if settings.probe_data:
+        probe = probe_heads(model, tokenizer, load_labelled(settings.probe_data), settings.probe_pool,
+                            seed=settings.seed, progress=progress)
+        yield "probe_accuracy", HeadScores(
+            "probe_accuracy", probe.accuracy, torch.full_like(counts, probe.n_examples), model_id,
+            f"cross-validated accuracy of a logistic regression on the head's output ({settings.probe_pool} token) "
+            f"predicting the labels of {settings.probe_data}; majority-label baseline {probe.majority:.3f} (§4.6)",
+            {**probe.settings, "data": settings.probe_data, "majority": probe.majority,
+             "labels": [str(label) for label in probe.labels]})
+    if not causal:
+        return
     if "induction" in settings.scores:
         repeat = {"n_batch": 10, "half": 50, "seed": settings.seed}
         for name, values in importance.repeated_token_scores(model, **repeat).items():
@@ -260,6 +302,8 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         parts += [
             f"<section id='score-{html.escape(name)}'><h2>{html.escape(name)}</h2>",
             f"<p>{html.escape(score.description)}</p>",
+            f"<details><summary>settings</summary><pre>{html.escape(json.dumps(score.settings, indent=1))}</pre>"
+            "</details>",
             views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), f"heatmap-{name}"),
             _top_table(score, group, settings.top_k, view_ids),
             "</section>",

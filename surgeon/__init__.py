@@ -11,6 +11,7 @@ from .models import (
     UnsupportedModelError,
     bundled_status,
     load_model,
+    model_directory,
     model_shape,
 )
 from .plan import EDIT_KINDS, Edit, HeadScale, Plan, PlanError
@@ -23,5 +24,5 @@ __all__ = [
     "ModelShape", "ModelSpecError", "Plan", "PlanError", "Recording", "Redistribute", "Reinforce", "Request",
     "RequestState", "Session", "Steer", "Taps", "UnsupportedModelError", "apply", "attach", "attach_bridge",
     "attention_modules", "bundled_status", "decoder_layers", "detect_sink_dimensions", "head_output_means",
-    "load_model", "model_shape", "reference_outputs",
+    "load_model", "model_directory", "model_shape", "reference_outputs",
 ]

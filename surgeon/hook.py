@@ -328,10 +328,18 @@ def attach(
 
 
 def decoder_layers(model) -> dict[int, torch.nn.Module]:
-    """``{layer_idx: block}``: the blocks whose ``self_attn`` is one of :func:`attention_modules`."""
+    """``{layer_idx: block}``: the entries of the model's layer lists (``nn.ModuleList``) that hold
+    exactly one of :func:`attention_modules` (a Llama decoder layer, a BERT encoder layer)."""
     attention = {id(m): m.layer_idx for m in attention_modules(model)}
-    return {attention[id(m.self_attn)]: m for m in model.modules()
-            if isinstance(getattr(m, "self_attn", None), torch.nn.Module) and id(m.self_attn) in attention}
+    blocks = {}
+    for container in model.modules():
+        if not isinstance(container, torch.nn.ModuleList):
+            continue
+        for block in container:
+            inside = [attention[id(m)] for m in block.modules() if id(m) in attention]
+            if len(inside) == 1:
+                blocks[inside[0]] = block
+    return blocks
 
 
 def block_input(args, kwargs) -> torch.Tensor:

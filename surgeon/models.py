@@ -171,22 +171,28 @@ def load_model(
     for architectures whose attention bypasses transformers' attention interface.
     """
     spec = str(spec)
-    if spec in BUNDLED:
-        path = _bundled_hf_directory(BUNDLED[spec])
-    elif Path(spec).expanduser().exists():
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise ModelSpecError(f"{spec!r} is a file; a model spec must be a Hugging Face directory")
-        if not (path / "config.json").exists():
-            raise ModelSpecError(
-                f"{spec!r} is a directory without config.json, so it is not a Hugging Face model directory"
-            )
-    else:
-        path = spec
+    path = model_directory(spec) if spec in BUNDLED or Path(spec).expanduser().exists() else spec
     model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.name_or_path = spec
     return model, tokenizer
+
+
+def model_directory(spec: str | os.PathLike) -> Path:
+    """The local Hugging Face directory of a bundled name (GGUF weights dequantized and cached on
+    first use) or of a local directory spec, for tools that load the model themselves (for example
+    TransformerLens' ``TransformerBridge.boot_transformers``)."""
+    spec = str(spec)
+    if spec in BUNDLED:
+        return _bundled_hf_directory(BUNDLED[spec])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelSpecError(f"{spec!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a local directory")
+    if not path.is_dir():
+        raise ModelSpecError(f"{spec!r} is a file; a model spec must be a Hugging Face directory")
+    if not (path / "config.json").exists():
+        raise ModelSpecError(f"{spec!r} is a directory without config.json, so it is not a Hugging Face model directory")
+    return path
 
 
 def require_attention_interface(model) -> None:
@@ -291,6 +297,7 @@ __all__ = [
     "bundled_status",
     "cache_root",
     "load_model",
+    "model_directory",
     "model_shape",
     "require_attention_interface",
     "text_config",

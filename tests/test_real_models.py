@@ -82,3 +82,26 @@ def test_smollm2_sink_dimension_and_var_on_a_document_span(smollm2):
         assert s.state.var_sinks[layer][0, 0], "the first token is a sink token"
         sums = s.recording.attention_map(layer).sum(-1)
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_smollm2_previous_token_scores_rank_like_transformerlens_head_detector(smollm2):
+    """headlab's previous-token score and TransformerLens' detect_head on a TransformerBridge of the
+    same weights order every head the same way (the full comparison, with induction, is
+    examples/crosscheck_transformerlens.py)."""
+    from scipy.stats import spearmanr
+    from transformer_lens.head_detector import detect_head
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from headlab.probes import pattern_scores, record_attention
+    from headlab.surgeon import model_directory
+
+    model, tokenizer = smollm2
+    bridge = TransformerBridge.boot_transformers(str(model_directory("smollm2-135m")), device="cpu")
+    bridge.cfg.default_prepend_bos = False
+    text = "The parser reads each line, splits it on commas and returns the fields as a list of strings."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(bridge.to_tokens(text).cpu(), ids)
+    ours = pattern_scores(record_attention(model, ids).maps, causal=True)["previous_token"]
+    theirs = detect_head(bridge, text, "previous_token_head")
+    assert spearmanr(ours.flatten().numpy(), theirs.flatten().numpy()).statistic > 0.99

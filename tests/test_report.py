@@ -67,6 +67,29 @@ def test_report_scores_match_a_direct_computation(tmp_path):
     assert torch.allclose(torch.tensor(data["scores"]["previous_token"]["values"]), prev, atol=1e-5)
 
 
+def test_report_adds_sink_context_and_probe_scores(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    labelled = tmp_path / "labels.jsonl"
+    labelled.write_text("".join(json.dumps({"text": "ABCDEFGH" + c, "label": c}) + "\n" for c in "PQ" * 5))
+    settings = ReportSettings(n_samples=2, n_tokens=24, seed=0, text_path=str(text), n_views=1,
+                              scores=("sinks", "context"), probe_data=str(labelled))
+    report = write_report(tiny_llama("gqa"), CharTokenizer(), "tiny", tmp_path / "out", settings, progress=False)
+    data = json.loads((tmp_path / "out" / "scores.json").read_text())["scores"]
+    assert {"sink_massive", "context_divergence", "probe_accuracy"} <= set(data)
+    assert data["sink_massive"]["settings"]["sink_dims"] == []  # a random model has no massive activation
+    assert torch.tensor(data["context_divergence"]["values"]).gt(0).all()
+    assert data["probe_accuracy"]["settings"]["majority"] == 0.5
+    assert "sink_dims" in report.read_text()  # settings shown on the page
+
+
+def test_report_rejects_a_bad_probe_file_before_scoring(tmp_path):
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="labels.jsonl:1"):
+        ReportSettings(probe_data=str(bad))
+
+
 def test_cli_help_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -1,0 +1,99 @@
+"""Linear probing of per-head outputs (SPEC §4.6 importance family): how well a logistic regression
+on one head's output predicts a user's labels, cross-validated. The only module that imports
+scikit-learn."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from ..surgeon import Taps, attach, model_shape
+
+POOLS = ("last", "mean")
+
+
+@dataclass
+class ProbeResult:
+    """``accuracy``: ``[layer, head]`` mean cross-validated accuracy; ``majority``: the accuracy of
+    always answering the most frequent label (the chance line); ``labels``: the classes, sorted."""
+
+    accuracy: torch.Tensor
+    majority: float
+    labels: list
+    n_examples: int
+    settings: dict
+
+
+def load_labelled(path: str | Path) -> list[tuple[str, object]]:
+    """Read a JSON-lines file of ``{"text": ..., "label": ...}`` objects, one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labelled data {path} does not exist")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or "label" not in item:
+            raise ValueError(f'{path}:{number}: expected an object with a string "text" and a "label"')
+        if not item["text"].strip():
+            raise ValueError(f"{path}:{number}: empty text")
+        examples.append((item["text"], item["label"]))
+    return examples
+
+
+@torch.no_grad()
+def head_features(model, tokenizer, texts: Sequence[str], pool: str = "last", max_tokens: int = 512,
+                  progress: bool = False) -> np.ndarray:
+    """``[n_texts, layer, head, head_dim]`` per-head outputs (the input of ``o_proj``) at the last
+    token (``pool="last"``) or averaged over tokens (``"mean"``), texts truncated to ``max_tokens``."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    layers = range(model_shape(model).n_layers)
+    rows = []
+    for text in tqdm(texts, desc="head outputs", disable=not progress, leave=False):
+        ids = torch.tensor([tokenizer(text).input_ids[:max_tokens]])
+        with attach(model, taps=Taps(head_outputs=layers)) as session:
+            model(input_ids=ids)
+        outputs = torch.stack([session.recording.head_output(layer)[0] for layer in layers])  # [L, seq, H, D]
+        rows.append((outputs[:, -1] if pool == "last" else outputs.mean(1)).float().numpy())
+    return np.stack(rows)
+
+
+def probe_heads(model, tokenizer, examples: Sequence[tuple[str, object]], pool: str = "last", folds: int = 5,
+                seed: int = 0, max_tokens: int = 512, progress: bool = False) -> ProbeResult:
+    """Cross-validated accuracy of an L2-regularised logistic regression (standardised inputs)
+    on each head's output, with ``folds`` stratified shuffled folds."""
+    labels = [label for _, label in examples]
+    counts = Counter(labels)
+    if len(counts) < 2:
+        raise ValueError(f"probing needs at least two labels, got {sorted(map(str, counts))}")
+    if min(counts.values()) < folds:
+        raise ValueError(f"every label needs at least {folds} examples for {folds}-fold cross-validation; "
+                         f"counts: {dict(counts)}")
+    features = head_features(model, tokenizer, [text for text, _ in examples], pool, max_tokens, progress)
+    n_layers, n_heads = features.shape[1:3]
+    target = np.array([sorted(counts, key=str).index(label) for label in labels])
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    accuracy = torch.zeros(n_layers, n_heads)
+    heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    for layer, head in tqdm(heads, desc="probing heads", disable=not progress, leave=False):
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        accuracy[layer, head] = cross_val_score(classifier, features[:, layer, head], target, cv=splitter).mean()
+    settings = {"pool": pool, "folds": folds, "seed": seed, "max_tokens": max_tokens,
+                "classifier": "StandardScaler + LogisticRegression(C=1, L2)"}
+    return ProbeResult(accuracy, max(counts.values()) / len(labels), sorted(counts, key=str), len(labels), settings)

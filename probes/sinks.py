@@ -1,0 +1,129 @@
+"""Massive activations and the hidden-state sink score (SPEC §4.4, sink tokens as in §2.4).
+
+Per layer, the residual stream entering the layer is logged (its three largest ``|x_d|`` with
+their dimension and token, and the median ``|x|``); the sink dimensions are detected from the
+same inputs (:func:`headlab.surgeon.detect_sink_dimensions`); a token ``j`` is a sink of layer
+``l`` when ``φ(x_j) = max_{d∈D_sink} |x_d| / RMS(x_j) > τ``; a head's score is the attention
+mass its rows put on the sink tokens of its layer, averaged over the rows that can see one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..surgeon import Taps, attach, attention_modules, decoder_layers, detect_sink_dimensions, model_shape
+from ..surgeon.hook import block_input
+
+
+@dataclass
+class SinkSettings:
+    """Thresholds of sink-dimension detection (``abs_min``, ``ratio_min``, ``min_fraction``,
+    ``max_dims``: SPEC §2.4) and of sink tokens (``tau``: ``φ > 20``).
+
+    ``ratio_min`` defaults to 100, not the published 1000 (unverified, from LLaVA-scale models):
+    SmolLM2-135M's largest first-token ratio ``|x_d| / median|x|`` is about 500 (dimension 507,
+    layers 12-28), so the published value finds no sink dimension there."""
+
+    abs_min: float = 100.0
+    ratio_min: float = 100.0
+    min_fraction: float = 0.5
+    max_dims: int = 4
+    tau: float = 20.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MassiveActivations:
+    """What :func:`massive_activations` measured.
+
+    ``top``: per layer, the three largest ``|x_d|`` of the layer's input as
+    ``{"value", "dim", "token", "window"}``; ``median``: per layer, median ``|x|`` (mean over
+    windows); ``sink_dims``: the detected dimensions; ``sink_tokens``: per layer, mean number of
+    sink tokens per window; ``scores``: ``[layer, head]`` mass on sink tokens (NaN where no row
+    saw one)."""
+
+    top: list[list[dict]]
+    median: list[float]
+    sink_dims: list[int]
+    sink_tokens: list[float]
+    scores: torch.Tensor
+    settings: SinkSettings = field(default_factory=SinkSettings)
+
+    def summary(self) -> dict:
+        """JSON-ready record of everything but the scores."""
+        return {"sink_dims": self.sink_dims, "top": self.top, "median": self.median,
+                "sink_tokens_per_window": self.sink_tokens, **self.settings.to_dict()}
+
+
+def sink_token_mask(hidden: torch.Tensor, sink_dims: Sequence[int], tau: float) -> torch.Tensor:
+    """``[batch, seq]`` bool: ``φ(x) = max_{d∈sink_dims}|x_d| / sqrt(mean(x²) + 1e-6) > tau`` for
+    ``hidden [batch, seq, d_model]``."""
+    if not sink_dims:
+        return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    x = hidden.float()
+    rms = (x.pow(2).mean(-1) + 1e-6).sqrt()
+    return x[..., list(sink_dims)].abs().amax(-1) / rms > tau
+
+
+@torch.no_grad()
+def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSettings | None = None,
+                        progress: bool = False) -> MassiveActivations:
+    """Log massive activations, detect sink dimensions and score each head's mass on sink tokens
+    over ``windows`` (each ``[1, seq]`` ids). Two passes per window: detection, then one forward
+    with attention maps consumed layer by layer."""
+    settings = settings or SinkSettings()
+    if not windows:
+        raise ValueError("massive_activations needs at least one window")
+    shape = model_shape(model)
+    dims = detect_sink_dimensions(model, windows, settings.abs_min, settings.ratio_min,
+                                  settings.min_fraction, settings.max_dims)
+    mass = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
+    rows = torch.zeros(shape.n_layers, dtype=torch.float64)
+    tops: list[list[dict]] = [[] for _ in range(shape.n_layers)]
+    medians = torch.zeros(shape.n_layers, dtype=torch.float64)
+    sink_counts = torch.zeros(shape.n_layers, dtype=torch.float64)
+    sinks: dict[int, torch.Tensor] = {}
+
+    def on_input(layer: int, window: int):
+        def hook(module, args, kwargs):
+            x = block_input(args, kwargs)[0].float()  # [seq, d_model]
+            size = x.abs()
+            values, flat = size.flatten().topk(min(3, size.numel()))
+            tops[layer].extend({"value": v, "dim": i % x.shape[1], "token": i // x.shape[1], "window": window}
+                               for v, i in zip(values.tolist(), flat.tolist()))
+            medians[layer] += size.median().item()
+            sinks[layer] = sink_token_mask(x[None], dims, settings.tau)[0]
+            sink_counts[layer] += sinks[layer].sum().item()
+        return hook
+
+    def consume(layer: int, probs: torch.Tensor):  # [1, heads, query, key]
+        sink = sinks[layer]
+        if not sink.any():
+            return
+        first = int(sink.nonzero()[0]) if causal else 0
+        on_sinks = probs[0, :, first:, : sink.shape[0]][..., sink].sum(-1)  # [heads, rows seeing a sink]
+        mass[layer] += on_sinks.double().sum(-1).cpu()
+        rows[layer] += on_sinks.shape[-1]
+
+    causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
+    layers = decoder_layers(model)
+    taps = Taps.all_attention(shape, attention_consumer=consume)
+    for window, ids in enumerate(tqdm(windows, desc="massive activations", disable=not progress, leave=False)):
+        hooks = [module.register_forward_pre_hook(on_input(layer, window), with_kwargs=True)
+                 for layer, module in layers.items()]
+        try:
+            with attach(model, taps=taps):
+                model(input_ids=ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    top = [sorted(entries, key=lambda e: -e["value"])[:3] for entries in tops]
+    scores = torch.where(rows[:, None] > 0, mass / rows.clamp(min=1)[:, None], torch.nan).float()
+    n = len(windows)
+    return MassiveActivations(top, (medians / n).tolist(), dims, (sink_counts / n).tolist(), scores, settings)
