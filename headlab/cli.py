@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import sae_cli
+
 MODEL_HELP = (
     "model spec: a bundled name (smollm2-135m, minilm-l6; see 'headlab models'), "
     "a local Hugging Face directory, or a hub id (only where the network allows)"
@@ -331,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--tokens", type=int, default=256, help="tokens per window for the loss metric (default 256)")
     validate.add_argument("--seed", type=int, default=0, help="seed of the text windows (default 0)")
     validate.set_defaults(run=_validate)
+    sae_cli.add_parser(sub)
     return parser
 
 

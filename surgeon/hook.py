@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from transformers import AttentionInterface
@@ -25,6 +25,8 @@ from .request import Request, RequestState, span_mask
 from .taps import MapBudgetError, Recording, Taps
 
 HOOK_NAME = "headlab"
+
+Splice = Callable[[torch.Tensor], torch.Tensor]  # per-head outputs [B, N, H, D] -> replacement
 _SESSION_ATTR = "_headlab_session"
 
 
@@ -33,8 +35,9 @@ class Session:
     inputs and what its prefill fixed (``state``), and the recording."""
 
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
-                 request: Request | None = None):
+                 request: Request | None = None, splice: Mapping[int, Splice] | None = None):
         self.shape = shape
+        self.splice = dict(splice or {})
         self.plan = plan
         self.taps = taps
         self.gates = gates  # [n_layers, n_heads] multiplier on head outputs (may require grad)
@@ -79,6 +82,12 @@ class Session:
             edited = (heads, probs)
         self._record_attention(layer, module, query, key, attention_mask, scaling, edited)
         out = self.apply_output_edits(layer, out, key.shape[-2])
+        if layer in self.splice:
+            replaced = self.splice[layer](out)
+            if replaced.shape != out.shape:
+                raise ValueError(f"splice of layer {layer} returned shape {tuple(replaced.shape)}, "
+                                 f"expected {tuple(out.shape)}")
+            out = replaced.to(out.dtype)
         if layer in self.taps.head_outputs:
             self.recording.head_outputs[layer].append(out.detach())
         return out, None
@@ -291,13 +300,16 @@ def attach(
     taps: Taps | None = None,
     gates: torch.Tensor | None = None,
     request: Request | None = None,
+    splice: Mapping[int, Splice] | None = None,
 ) -> Iterator[Session]:
     """Run ``model`` through the headlab attention function inside the block.
 
     ``plan``: edits to apply; ``taps``: what to record (``session.recording``); ``gates``: an
     optional ``[n_layers, n_heads]`` tensor multiplying head outputs (may require grad, for
-    gradient importance); ``request``: spans and references the edits read. The previous
-    attention implementation is restored on exit.
+    gradient importance); ``request``: spans and references the edits read; ``splice``:
+    layer -> function replacing that layer's per-head outputs ``[B, N, H, D]`` (after the
+    plan's output edits, before ``o_proj`` and the head-output taps), e.g. a sparse
+    autoencoder's reconstruction. The previous attention implementation is restored on exit.
     """
     require_attention_interface(model)
     shape = model_shape(model)
@@ -311,7 +323,10 @@ def attach(
     if any(hasattr(m, _SESSION_ATTR) for m in modules):
         raise RuntimeError("headlab is already attached to this model; nested attach() is not supported")
     previous = _implementation_snapshot(model.config)
-    session = Session(shape, plan, taps, gates, request)
+    bad = [layer for layer in splice or {} if not 0 <= layer < shape.n_layers]
+    if bad:
+        raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
+    session = Session(shape, plan, taps, gates, request, splice)
     hooks = _residual_hooks(model, plan, session)
     try:
         for module in modules:

@@ -1,0 +1,74 @@
+"""Sparse autoencoder ops (SPEC §7.3): the TopK encoder and the sparse decoder, forward and backward.
+
+``topk_encode(x, W_enc, b_enc, b_dec, k)`` returns ``(values [B, k], indices [B, k])`` of
+``TopK(ReLU((x − b_dec) W_enc + b_enc))``; its backward touches only the ``k`` chosen latents
+(``∂W_enc`` and ``∂b_enc`` by sparse index-add, ``∂b_dec = −Σ_r ∂values · W_enc[:, idx]``).
+``sparse_decode(values, indices, W_dec, b_dec)`` returns ``x̂ [B, d]`` = ``Σ_r values[:, r] ·
+W_dec[indices[:, r]] + b_dec`` through ``embedding_bag`` (forward and backward cost ``O(B·k·d)``,
+never the dense ``B × d_sae`` code).
+
+``dense_reference_*`` are the specifications (dense codes, plain matmuls) the tests compare
+against. ``x`` is never differentiated (it is data).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, b_dec, k: int):
+        pre = torch.addmm(b_enc, x - b_dec, w_enc)  # [B, n]
+        values, indices = pre.topk(k, dim=-1)
+        values = values.clamp(min=0)
+        ctx.save_for_backward(x, w_enc, b_dec, indices, values)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _):
+        x, w_enc, b_dec, indices, values = ctx.saved_tensors
+        d_pre = grad_values * (values > 0)  # ReLU's gradient on the k chosen latents
+        n_rows, k = indices.shape
+        n_latents = w_enc.shape[1]
+        rows = torch.arange(n_rows, device=x.device).repeat_interleave(k)
+        # [n, B] sparse matrix of the chosen (latent, row) gradients
+        chosen = torch.sparse_coo_tensor(torch.stack([indices.flatten(), rows]), d_pre.flatten(),
+                                         (n_latents, n_rows), check_invariants=False).coalesce()
+        grad_w = torch.sparse.mm(chosen, x - b_dec).t() if ctx.needs_input_grad[1] else None
+        per_latent = torch.zeros(n_latents, dtype=d_pre.dtype, device=d_pre.device).index_add_(
+            0, indices.flatten(), d_pre.flatten())  # Σ over rows of ∂pre, [n]
+        grad_b_dec = -(w_enc @ per_latent) if ctx.needs_input_grad[3] else None
+        return None, grad_w, per_latent if ctx.needs_input_grad[2] else None, grad_b_dec, None
+
+
+def topk_encode(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int):
+    """``(values [B, k], indices [B, k])``: the ``k`` largest of ``ReLU((x − b_dec) W_enc + b_enc)``
+    per row (``x [B, d]``, ``W_enc [d, n]``), with a backward that only touches chosen latents."""
+    if not 0 < k <= w_enc.shape[1]:
+        raise ValueError(f"k must be in 1..{w_enc.shape[1]}, got {k}")
+    return _TopKEncode.apply(x, w_enc, b_enc, b_dec, k)
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """``x̂ [B, d] = Σ_r values[:, r] · W_dec[indices[:, r]] + b_dec`` (``W_dec [n, d]``)."""
+    return F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum") + b_dec
+
+
+def dense_codes(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """The dense ``[B, n]`` code of a sparse ``(values, indices)`` pair."""
+    return torch.zeros(values.shape[0], n_latents, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+
+
+def dense_reference_encode(x, w_enc, b_enc, b_dec, k: int) -> torch.Tensor:
+    """Dense ``[B, n]`` TopK code: the specification of :func:`topk_encode`."""
+    pre = F.relu((x - b_dec) @ w_enc + b_enc)
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(1, indices, values)
+
+
+def dense_reference_decode(codes, w_dec, b_dec) -> torch.Tensor:
+    """``codes @ W_dec + b_dec``: the specification of :func:`sparse_decode`."""
+    return codes @ w_dec + b_dec

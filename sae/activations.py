@@ -1,0 +1,155 @@
+"""Activations for training: per-head outputs of one layer (SPEC §6.1), from a model or from an
+on-disk cache of safetensors shards, served in shuffled batches.
+
+A source is a sequence of chunks (one per text window or shard), each ``[n, d_in]`` fp32, with
+``d_in = n_heads · d_head`` (heads flattened head-major). :class:`ShuffleBuffer` turns chunks
+into batches deterministically from its seed, and its state (cursor, buffer, generator) goes into
+training checkpoints so that a resumed run sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..surgeon import Taps, attach, model_shape
+from ..surgeon.files import atomic_path, write_json
+from ..surgeon.stopping import run_until
+
+
+class ActivationSource(Protocol):
+    n_heads: int
+    d_head: int
+
+    def __len__(self) -> int: ...
+    def chunk(self, index: int) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def head_outputs(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """``[seq, n_heads · d_head]`` input of ``o_proj`` at ``layer`` for one input ``[1, seq]``;
+    the forward stops after that layer."""
+    with attach(model, taps=Taps(head_outputs=[layer])) as session:
+        run_until(model, layer, input_ids=input_ids)
+    out = session.recording.head_output(layer)[0]  # [seq, H, D]
+    return out.flatten(1).float()
+
+
+class ModelActivations:
+    """Chunks computed by the model: the head outputs of ``layer`` over each of ``windows``
+    (each ``[1, seq]``), without the first position when ``exclude_first`` (the sink token's
+    outsized norm)."""
+
+    def __init__(self, model, windows: Sequence[torch.Tensor], layer: int, exclude_first: bool = True):
+        shape = model_shape(model)
+        if not 0 <= layer < shape.n_layers:
+            raise ValueError(f"layer {layer} outside 0..{shape.n_layers - 1}")
+        if not windows:
+            raise ValueError("no text windows to take activations from")
+        self.model, self.windows, self.layer, self.exclude_first = model, list(windows), layer, exclude_first
+        self.n_heads, self.d_head = shape.n_heads, shape.head_dim
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def chunk(self, index: int) -> torch.Tensor:
+        acts = head_outputs(self.model, self.windows[index], self.layer)
+        return acts[1:] if self.exclude_first else acts
+
+
+class CachedActivations:
+    """Chunks read back from a folder written by :func:`cache_activations`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest = self.folder / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{folder} is not an activation cache (no manifest.json)")
+        self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+        self.n_heads, self.d_head = self.manifest["n_heads"], self.manifest["d_head"]
+        self.shards = self.manifest["shards"]
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def chunk(self, index: int) -> torch.Tensor:
+        return load_file(self.folder / self.shards[index])["activations"]
+
+
+def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens: int = 65536,
+                      metadata: dict | None = None, progress: bool = True) -> CachedActivations:
+    """Run ``source`` once and store its activations as safetensors shards of about
+    ``shard_tokens`` rows in ``folder`` (with a manifest), so several autoencoders train from
+    one pass; chunk order is kept, so batches match training from the model directly."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, pending, rows, total = [], [], 0, 0
+
+    def flush():
+        nonlocal pending, rows
+        name = f"shard-{len(shards):05d}.safetensors"
+        with atomic_path(folder / name) as tmp:
+            save_file({"activations": torch.cat(pending).contiguous()}, str(tmp))
+        shards.append(name)
+        pending, rows = [], 0
+
+    for index in tqdm(range(len(source)), desc="caching activations", disable=not progress):
+        chunk = source.chunk(index)
+        pending.append(chunk)
+        rows += chunk.shape[0]
+        total += chunk.shape[0]
+        if rows >= shard_tokens:
+            flush()
+    if pending:
+        flush()
+    write_json(folder / "manifest.json", {"n_heads": source.n_heads, "d_head": source.d_head, "layer": source.layer,
+                                          "exclude_first": source.exclude_first, "tokens": total,
+                                          "shards": shards, **(metadata or {})})
+    return CachedActivations(folder)
+
+
+class ShuffleBuffer:
+    """Batches of ``batch_size`` rows from ``source``: the buffer is filled to ``capacity`` rows,
+    shuffled, and refilled once half of it has been served (SPEC §6.4: keeps half, serves half).
+    The source restarts from its first chunk when it runs out (``epoch`` counts the passes)."""
+
+    def __init__(self, source: ActivationSource, batch_size: int, capacity: int, seed: int = 0):
+        if capacity < 2 * batch_size:
+            raise ValueError(f"buffer capacity {capacity} must hold at least two batches of {batch_size}")
+        self.source, self.batch_size, self.capacity = source, batch_size, capacity
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cursor, self.epoch = 0, 0
+        self.buffer = torch.empty(0, source.n_heads * source.d_head)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next ``[batch_size, d_in]`` batch."""
+        if self.buffer.shape[0] < max(self.capacity // 2, self.batch_size):
+            self._refill()
+        batch, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size:]
+        return batch
+
+    def _refill(self) -> None:
+        parts, rows = [self.buffer], self.buffer.shape[0]
+        while rows < self.capacity:
+            chunk = self.source.chunk(self.cursor)
+            parts.append(chunk)
+            rows += chunk.shape[0]
+            self.cursor += 1
+            if self.cursor == len(self.source):
+                self.cursor, self.epoch = 0, self.epoch + 1
+        merged = torch.cat(parts)
+        self.buffer = merged[torch.randperm(merged.shape[0], generator=self.generator)]
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": self.buffer.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+        self.buffer = state["buffer"].clone()
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,273 @@
+"""Training sparse autoencoders (SPEC §6.2–6.4): initialisation, losses, AuxK, the decoder-norm
+constraint, the learning-rate rule and schedule, atomic resumable checkpoints and data-parallel
+training over ``torch.distributed`` ranks.
+
+A run is deterministic given its seed and its batches: a killed run resumed from its last
+checkpoint ends with the same weights as an uninterrupted run (the checkpoint holds the model,
+the optimiser, the step, the dead-latent counters and the batch source's state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..surgeon.files import atomic_path
+from .model import SparseAutoencoder
+
+
+class Batches(Protocol):
+    def next_batch(self) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a run besides its data.
+
+    ``batch_size`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
+    ``2e-4 / sqrt(d_sae / 2^14)``; warm-up is linear over ``warmup_steps`` (capped at 5% of the
+    run), then constant, then a linear decay to 0 over the last ``decay_fraction``.
+    ``l1_coefficient`` (ReLU, on inputs normalised to ``E‖x‖² = d_in``) and ``l0_coefficient``
+    (JumpReLU, inputs normalised to ``E‖x‖² = 1``) are (unverified) defaults. A latent is dead
+    after ``dead_tokens`` tokens without firing (None: min(10M, a tenth of the run), since short
+    CPU runs never reach 10M); AuxK decodes the top ``k_aux`` (None: ``d_in // 2``) dead
+    pre-activations with weight ``aux_coefficient``.
+    """
+
+    arch: str = "topk"
+    k: int = 32
+    expansion: int = 16
+    tokens: int = 1_000_000
+    batch_size: int = 4096
+    buffer_tokens: int = 65536
+    lr: float | None = None
+    warmup_steps: int = 1000
+    decay_fraction: float = 0.2
+    l1_coefficient: float = 1.0
+    l0_coefficient: float = 0.002
+    aux_coefficient: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int | None = None
+    init_rows: int = 32768
+    threshold_ema: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def learning_rate(self, d_sae: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at ``step`` (0-based)."""
+        warmup = min(self.warmup_steps, max(1, self.steps // 20))
+        decay_start = int(self.steps * (1 - self.decay_fraction))
+        if step < warmup:
+            return (step + 1) / warmup
+        if step >= decay_start:
+            return max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
+        return 1.0
+
+    def dead_after(self) -> int:
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if _distributed()[1] > 1:
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    world = _distributed()[1]
+    if world == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(world)]
+    torch.distributed.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def geometric_median(points: torch.Tensor, tolerance: float = 1e-5, max_iterations: int = 100) -> torch.Tensor:
+    """Weiszfeld's algorithm on ``points [n, d]``: the point minimising the sum of distances."""
+    median = points.mean(0)
+    for _ in range(max_iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp(min=1e-8)
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if (updated - median).norm() <= tolerance * median.norm().clamp(min=1e-8):
+            return updated
+        median = updated
+    return median
+
+
+@torch.no_grad()
+def initialise(sae: SparseAutoencoder, sample: torch.Tensor) -> float:
+    """SPEC §6.3 on a raw ``sample [n, d_in]``: the input scale ``c`` (``E‖c·x‖² = d_in``, or 1 for
+    JumpReLU), ``b_dec`` = geometric median of ``c·x``, ``W_enc = W_decᵀ`` scaled so that initial
+    reconstructions have the inputs' mean centred norm. Returns the variance ``E‖c·x − mean‖²``
+    that normalises the TopK/BatchTopK reconstruction loss."""
+    target = 1.0 if sae.arch == "jumprelu" else float(sae.d_in)
+    sae.scale.fill_(math.sqrt(target / sample.pow(2).sum(1).mean().item()))
+    x = sample * sae.scale
+    sae.b_dec.copy_(geometric_median(x))
+    sae.W_enc.copy_(sae.W_dec.t())
+    centred = (x - sae.b_dec).norm(dim=1).mean()
+    reconstructed = (sae(x).x_hat - sae.b_dec).norm(dim=1).mean().clamp(min=1e-8)
+    sae.W_enc.mul_(centred / reconstructed)
+    return (x - x.mean(0)).pow(2).sum(1).mean().item()
+
+
+def _aux_loss(sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int):
+    """AuxK: reconstruct the residual from the top ``k_aux`` dead pre-activations (no ``b_dec``),
+    scaled by ``min(n_dead / k_aux, 1)``."""
+    dead_ids = dead.nonzero().flatten()
+    residual = (x - x_hat).detach()
+    pre = torch.addmm(sae.b_enc[dead_ids], x - sae.b_dec, sae.W_enc[:, dead_ids])
+    values, picked = torch.relu(pre).topk(min(k_aux, dead_ids.numel()), dim=-1)
+    estimate = torch.nn.functional.embedding_bag(picked, sae.W_dec[dead_ids], per_sample_weights=values, mode="sum")
+    variance = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp(min=1e-8)
+    loss = (residual - estimate).pow(2).sum(1).mean() / variance
+    return loss * min(dead_ids.numel() / k_aux, 1.0)
+
+
+def _loss(sae: SparseAutoencoder, x: torch.Tensor, settings: TrainSettings, variance: float,
+          dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, codes)`` for one normalised batch; every term is a mean over rows."""
+    out = sae(x)
+    squared = (x - out.x_hat).pow(2).sum(1)
+    if sae.arch == "relu":
+        loss = squared.mean() + settings.l1_coefficient * out.codes.sum(1).mean()
+    elif sae.arch == "jumprelu":
+        loss = squared.mean() + settings.l0_coefficient * sae.sparsity_step(out.pre).sum(1).mean()
+    else:
+        loss = squared.mean() / variance
+        if dead.any() and settings.aux_coefficient > 0:
+            k_aux = settings.k_aux or sae.d_in // 2
+            loss = loss + settings.aux_coefficient * _aux_loss(sae, x, out.x_hat, dead, k_aux)
+    return loss, out.codes
+
+
+class Trainer:
+    """One training run of ``sae`` on ``batches`` (this rank's share of each global batch),
+    checkpointing into ``folder`` (``checkpoint.pt``, one per rank under ``torch.distributed``)."""
+
+    def __init__(self, sae: SparseAutoencoder, batches: Batches, settings: TrainSettings, folder: str | Path | None = None):
+        self.sae, self.batches, self.settings = sae, batches, settings
+        self.rank, self.world = _distributed()
+        if settings.batch_size % self.world:
+            raise ValueError(f"batch size {settings.batch_size} does not split over {self.world} ranks")
+        self.folder = Path(folder) if folder is not None else None
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=settings.learning_rate(sae.d_sae),
+                                          betas=(0.9, 0.999), eps=6.25e-10)
+        self.step, self.variance = 0, 1.0
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        self.history: list[dict] = []
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.folder is None:
+            return None
+        return self.folder / ("checkpoint.pt" if self.world == 1 else f"checkpoint.rank{self.rank}.pt")
+
+    def save_checkpoint(self) -> None:
+        """Write the whole run state atomically."""
+        state = {"sae": self.sae.state_dict(), "config": self.sae.config(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "variance": self.variance, "since_fired": self.since_fired,
+                 "batches": self.batches.state_dict(), "settings": asdict(self.settings), "history": self.history}
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        """Load the checkpoint if one exists (``weights_only``); False when starting fresh."""
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        state = torch.load(path, weights_only=True)
+        if state["settings"] != asdict(self.settings) or state["config"] != self.sae.config():
+            raise ValueError(f"{path} was written by a run with other settings; use another folder or the same "
+                             f"settings (checkpoint: {state['settings']}, {state['config']})")
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.variance = state["step"], state["variance"]
+        self.since_fired = state["since_fired"]
+        self.batches.load_state_dict(state["batches"])
+        self.history = state["history"]
+        return True
+
+    def _initialise(self) -> None:
+        rows = [self.batches.next_batch() for _ in range(max(1, self.settings.init_rows // self.settings.batch_size))]
+        sample = _all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
+        self.variance = initialise(self.sae, sample)
+
+    def run(self, progress: bool = True, stop_at: int | None = None) -> SparseAutoencoder:
+        """Train to ``settings.steps`` (or stop after step ``stop_at``, as a kill would), resuming
+        from the checkpoint when there is one."""
+        if not self.resume():
+            self._initialise()
+        settings, sae = self.settings, self.sae
+        base_lr = settings.learning_rate(sae.d_sae)
+        bar = tqdm(total=settings.steps, initial=self.step, desc="training SAE", disable=not progress or self.rank > 0)
+        sae.train()
+        while self.step < settings.steps and (stop_at is None or self.step < stop_at):
+            x = self.batches.next_batch() * sae.scale
+            dead = self.since_fired >= settings.dead_after()
+            loss, codes = _loss(sae, x, settings, self.variance, dead)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._synchronise_gradients()
+            sae.remove_parallel_gradient()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = base_lr * settings.lr_factor(self.step)
+            self.optimizer.step()
+            sae.normalise_decoder()
+            stats = self._track(loss.detach(), codes)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", L0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}")
+            if self.folder is not None and (self.step % settings.checkpoint_every == 0 or self.step == settings.steps):
+                self.save_checkpoint()
+        bar.close()
+        sae.eval()
+        return sae
+
+    def _synchronise_gradients(self) -> None:
+        if self.world == 1:
+            return
+        for parameter in self.sae.parameters():
+            if parameter.grad is not None:
+                _all_reduce(parameter.grad).div_(self.world)
+
+    @torch.no_grad()
+    def _track(self, loss: torch.Tensor, codes: torch.Tensor) -> dict:
+        """Update dead-latent counters and BatchTopK's threshold; return the step's statistics."""
+        active = codes > 0
+        fired = _all_reduce(active.any(0).to(torch.long), torch.distributed.ReduceOp.MAX if self.world > 1 else None)
+        self.since_fired += self.settings.batch_size
+        self.since_fired[fired.bool()] = 0
+        if self.sae.arch == "batchtopk" and self.step >= min(1000, self.settings.warmup_steps):
+            smallest = codes[active].min() if active.any() else torch.tensor(0.0)
+            if self.world > 1:
+                _all_reduce(smallest, torch.distributed.ReduceOp.MIN)
+            ema = self.settings.threshold_ema if self.sae.threshold.any() else 0.0  # first value starts it
+            self.sae.threshold.mul_(ema).add_((1 - ema) * smallest)
+        totals = _all_reduce(torch.stack([loss.double(), active.sum(1).double().mean()])) / self.world
+        stats = {"step": self.step, "loss": totals[0].item(), "l0": totals[1].item(),
+                 "dead": (self.since_fired >= self.settings.dead_after()).double().mean().item()}
+        if self.step % 10 == 0:
+            self.history.append(stats)
+        return stats
