@@ -139,7 +139,11 @@ def _aux_loss(sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead
     pre = torch.addmm(sae.b_enc[dead_ids], x - sae.b_dec, sae.W_enc[:, dead_ids])
     values, picked = torch.relu(pre).topk(min(k_aux, dead_ids.numel()), dim=-1)
     estimate = torch.nn.functional.embedding_bag(picked, sae.W_dec[dead_ids], per_sample_weights=values, mode="sum")
-    variance = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp(min=1e-8)
+    # the residual's variance over the global batch (all ranks), so data parallelism changes nothing
+    moments = _all_reduce(torch.cat([residual.sum(0), residual.pow(2).sum()[None],
+                                     torch.tensor([float(residual.shape[0])])]))
+    n = moments[-1]
+    variance = ((moments[-2] - moments[:-2].pow(2).sum() / n) / n).clamp(min=1e-8)
     loss = (residual - estimate).pow(2).sum(1).mean() / variance
     return loss * min(dead_ids.numel() / k_aux, 1.0)
 
