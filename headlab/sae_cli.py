@@ -34,14 +34,14 @@ def _train(args) -> int:
     from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer,
                       evaluate_sae, save_sae)
     from .surgeon import attention_modules, load_model, model_shape
+    from .surgeon.distributed import rank_and_world
     from .surgeon.files import write_json
 
     settings = TrainSettings(arch=args.arch, k=args.k, expansion=args.expansion, tokens=args.tokens,
                              batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, lr=args.lr,
                              seed=args.seed, checkpoint_every=args.checkpoint_every)
     _init_distributed()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     shape = model_shape(model)

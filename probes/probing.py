@@ -4,7 +4,6 @@ scikit-learn."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
+from ..surgeon.files import read_jsonl
 
 POOLS = ("last", "mean")
 
@@ -41,13 +41,7 @@ def load_labelled(path: str | Path) -> list[tuple[str, object]]:
     if not path.is_file():
         raise FileNotFoundError(f"labelled data {path} does not exist")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+    for number, item in read_jsonl(path):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str) or "label" not in item:
             raise ValueError(f'{path}:{number}: expected an object with a string "text" and a "label"')
         if not item["text"].strip():

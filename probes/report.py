@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import attention_modules, model_shape
+from ..surgeon.distributed import rank_and_world
 from ..surgeon.files import write_json, write_text
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
@@ -85,7 +86,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     which computes the other score families and writes the folder; other ranks return None.
     """
     settings = settings or ReportSettings()
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
@@ -123,13 +124,6 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("validation-*.json"))]
     write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves))
     return report
-
-
-def _distributed() -> tuple[int, int]:
-    """``(rank, world size)`` of an initialised process group, else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, causal: bool, progress: bool):

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..surgeon.distributed import rank_and_world
 from ..surgeon.files import atomic_path
 from .model import SparseAutoencoder
 
@@ -81,20 +82,14 @@ class TrainSettings:
         return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    if _distributed()[1] > 1:
+    if rank_and_world()[1] > 1:
         torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
     return tensor
 
 
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    world = _distributed()[1]
+    world = rank_and_world()[1]
     if world == 1:
         return rows
     parts = [torch.empty_like(rows) for _ in range(world)]
@@ -171,7 +166,7 @@ class Trainer:
 
     def __init__(self, sae: SparseAutoencoder, batches: Batches, settings: TrainSettings, folder: str | Path | None = None):
         self.sae, self.batches, self.settings = sae, batches, settings
-        self.rank, self.world = _distributed()
+        self.rank, self.world = rank_and_world()
         if settings.batch_size % self.world:
             raise ValueError(f"batch size {settings.batch_size} does not split over {self.world} ranks")
         self.folder = Path(folder) if folder is not None else None

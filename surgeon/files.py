@@ -41,6 +41,18 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSON-lines file; a line that is
+    not JSON raises ``ValueError`` naming the file and line."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+
+
 def write_json(target: str | os.PathLike, data) -> Path:
     """Write ``data`` as indented JSON to ``target`` atomically."""
     return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")

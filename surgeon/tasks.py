@@ -7,10 +7,11 @@ Choices are scored as continuations of the prompt, so they usually start with a 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import read_jsonl
 
 SPLITS = ("calibration", "test")
 
@@ -110,14 +111,11 @@ def load_task(spec: str, split: str, size: int | None = None, seed: int = 0) -> 
 
 def _read_jsonl(path: Path) -> list[Example]:
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, item in read_jsonl(path):
         try:
-            item = json.loads(line)
             demos = tuple((d["prompt"], d["answer"]) for d in item.get("demonstrations", ()))
             examples.append(Example(item["prompt"], tuple(item["choices"]), int(item["label"]), demos))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{number}: not a task line ({err}); expected prompt, choices, label") from err
     if len(examples) < 2:
         raise ValueError(f"{path} holds {len(examples)} example(s); need at least 2 to split")
