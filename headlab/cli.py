@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import sae_cli
+from . import convert_cli, sae_cli
 
 MODEL_HELP = (
     "model spec: a bundled name (smollm2-135m, minilm-l6; see 'headlab models'), "
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--seed", type=int, default=0, help="seed of the text windows (default 0)")
     validate.set_defaults(run=_validate)
     sae_cli.add_parser(sub)
+    convert_cli.add_parser(sub)
     return parser
 
 

@@ -11,26 +11,11 @@ from pathlib import Path
 MODEL_HELP = "bundled model name (see `headlab models`) or a local Hugging Face directory"
 
 
-def _windows(tokenizer, text_file: str | None, n_train: int, n_eval: int, context: int, seed: int):
-    """``(train, eval)`` disjoint text windows; fewer training windows than asked when the text is
-    short (training then cycles over them)."""
-    from .probes.corpus import load_text, token_windows
-
-    text = load_text(text_file)
-    available = len(tokenizer(text, add_special_tokens=False).input_ids) // context
-    if available < n_eval + 1:
-        raise ValueError(f"the text holds {available} windows of {context} tokens; need at least {n_eval + 1}")
-    n_train = min(n_train, available - n_eval)
-    windows = token_windows(tokenizer, text, n_train + n_eval, context, seed)
-    held_out = set(range(0, n_train + n_eval, max(1, (n_train + n_eval) // n_eval))[:n_eval])
-    train = [w for i, w in enumerate(windows) if i not in held_out]
-    return train, [windows[i] for i in sorted(held_out)]
-
-
 def _train(args) -> int:
     import torch
 
     from .cli import _init_distributed
+    from .probes.corpus import train_eval_windows
     from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer,
                       evaluate_sae, save_sae)
     from .surgeon import attention_modules, load_model, model_shape
@@ -48,7 +33,7 @@ def _train(args) -> int:
     if not 0 <= args.layer < shape.n_layers:
         raise ValueError(f"--layer {args.layer} outside 0..{shape.n_layers - 1}")
     rows_per_window = args.context - 1
-    train, held_out = _windows(tokenizer, args.text_file, math.ceil(args.tokens / rows_per_window), args.eval_windows,
+    train, held_out = train_eval_windows(tokenizer, args.text_file, math.ceil(args.tokens / rows_per_window), args.eval_windows,
                                args.context, args.seed)
     out = Path(args.out)
     start = time.perf_counter()

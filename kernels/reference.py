@@ -81,3 +81,53 @@ def column_stats_reference(
     col_sum = torch.where(rows, p, torch.zeros_like(p)).sum(2)
     col_count = (visible[:, 0] & rows[:, 0]).sum(1)
     return ColumnStats(col_sum, col_count)
+
+
+# Linear and hybrid attention (SPEC §3.1–3.2, §7.2). Shapes: feature-mapped ``fq, fk [B, H, T, K]``,
+# ``q, k [B, H, T, D]``, ``v [B, H, T, V]``; heads are already GQA-expanded. The state of a prefix is
+# ``[B, H, K, V + 1]``: ``Σ φk [v, 1]`` (the last column is the normaliser ``z``).
+
+
+def window_mask_reference(n_tokens: int, window: int, terrace: bool, device=None) -> torch.Tensor:
+    """``[T, T]`` bool: the keys each query attends with softmax. Terrace: its own ``window``-block
+    up to itself plus the whole previous block; sliding: the last ``window`` keys up to itself."""
+    rows = torch.arange(n_tokens, device=device)[:, None]
+    cols = torch.arange(n_tokens, device=device)[None, :]
+    start = (rows // window) * window - window if terrace else rows - window + 1
+    return (cols <= rows) & (cols >= start)
+
+
+def linear_attention_reference(fq, fk, v, *, normalize: bool = True, initial_state=None):
+    """``(o [B, H, T, V], state [B, H, K, V + 1])`` of causal linear attention, from the full
+    ``T × T`` map: ``o_n = Σ_{j≤n} (φq_n·φk_j) v_j``, divided by ``Σ_{j≤n} φq_n·φk_j`` (plus the
+    initial state's share) when ``normalize``."""
+    n_tokens = fq.shape[2]
+    v1 = torch.cat([v.double(), torch.ones_like(v[..., :1]).double()], -1)
+    causal = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=fq.device).tril()
+    a = (fq.double() @ fk.double().transpose(-1, -2)) * causal
+    out = a @ v1
+    state = fk.double().transpose(-1, -2) @ v1
+    if initial_state is not None:
+        out = out + fq.double() @ initial_state.double()
+        state = state + initial_state.double()
+    o = out[..., :-1] / out[..., -1:] if normalize else out[..., :-1]
+    return o.to(v.dtype), state.float()
+
+
+def hybrid_attention_reference(q, k, v, fq, fk, gamma, *, window: int = 64, terrace: bool = True, scale=None):
+    """``o [B, H, T, V]`` of the LoLCATs hybrid layer from the full map: softmax over the window
+    ``W_n`` with the exact window maximum ``c_n``, weighted by ``gamma [H]``, plus linear attention
+    over the older keys, under one normaliser:
+    ``o_n = (γ Σ_{W_n} e^{s−c_n} v + Σ_{j<W_n} (φq_n·φk_j) v) / (γ Σ_{W_n} e^{s−c_n} + Σ_{j<W_n} φq_n·φk_j)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_tokens = q.shape[2]
+    in_window = window_mask_reference(n_tokens, window, terrace, q.device)
+    older = torch.ones_like(in_window).tril() & ~in_window
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = s.masked_fill(~in_window, float("-inf"))
+    c = s.amax(-1, keepdim=True)
+    soft = torch.exp(s - c) * gamma.double()[None, :, None, None]
+    lin = (fq.double() @ fk.double().transpose(-1, -2)) * older
+    v1 = torch.cat([v.double(), torch.ones_like(v[..., :1]).double()], -1)
+    out = (soft + lin) @ v1
+    return (out[..., :-1] / out[..., -1:]).to(v.dtype)

@@ -73,6 +73,22 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     return windows
 
 
+def train_eval_windows(tokenizer, text_path: str | Path | None, n_train: int, n_eval: int, n_tokens: int,
+                       seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(train, held_out)``: disjoint windows of ``n_tokens`` ids (each ``[1, n_tokens]``) from the
+    text of ``text_path`` (the standard-library docstrings when None), the held-out ones spread
+    evenly; fewer training windows than asked when the text is short."""
+    text = load_text(text_path)
+    available = len(tokenizer(text, add_special_tokens=False).input_ids) // n_tokens
+    if available < n_eval + 1:
+        raise ValueError(f"the text holds {available} windows of {n_tokens} tokens; need at least {n_eval + 1}")
+    n_train = min(n_train, available - n_eval)
+    windows = token_windows(tokenizer, text, n_train + n_eval, n_tokens, seed)
+    held_out = set(range(0, n_train + n_eval, max(1, (n_train + n_eval) // n_eval))[:n_eval])
+    train = [w for i, w in enumerate(windows) if i not in held_out]
+    return train, [windows[i] for i in sorted(held_out)]
+
+
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     """The special ids the tokenizer puts before and after a text (``[CLS]`` / ``[SEP]`` for BERT,
     a BOS for some decoders, nothing for others)."""

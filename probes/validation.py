@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import HeadScale, Plan, attach
+from ..surgeon.evaluate import heldout_loss
 from .retrieval import NeedleSettings, retrieval_scores
 from .scores import HeadScores
 
@@ -87,7 +88,7 @@ def loss_metric(model, windows: list[torch.Tensor]):
     @torch.no_grad()
     def metric(plan: Plan | None) -> float:
         with attach(model, plan):
-            return sum(model(input_ids=ids, labels=ids).loss.item() for ids in windows) / len(windows)
+            return heldout_loss(model, windows)
     return metric
 
 

@@ -64,3 +64,12 @@ def evaluate(model, tokenizer, examples: list[Example], plan: Plan | None = None
     scores = choice_logprobs(model, tokenizer, examples, plan, batch_size, progress)
     correct = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
     return EvalResult(sum(correct) / len(correct), len(correct), correct)
+
+
+@torch.no_grad()
+def heldout_loss(model, windows: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats) over ``windows`` (each ``[1, seq]``); its exponential
+    is the perplexity."""
+    if not windows:
+        raise ValueError("no windows to evaluate")
+    return sum(model(input_ids=ids, labels=ids, use_cache=False).loss.item() for ids in windows) / len(windows)

@@ -166,12 +166,19 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from a bundled name, a local HF directory or a hub id.
 
-    The model is in eval mode on the CPU with ``attn_implementation`` (SDPA by default). Raises
+    The model is in eval mode on the CPU with ``attn_implementation`` (SDPA by default). A
+    directory written by ``headlab convert`` reloads with its linear-attention layers. Raises
     :class:`ModelSpecError` for specs that name nothing loadable and :class:`UnsupportedModelError`
     for architectures whose attention bypasses transformers' attention interface.
     """
     spec = str(spec)
     path = model_directory(spec) if spec in BUNDLED or Path(spec).expanduser().exists() else spec
+    from .conversion import is_converted_directory, load_converted
+
+    if isinstance(path, Path) and is_converted_directory(path):
+        model, tokenizer = load_converted(path, dtype=dtype, attn_implementation=attn_implementation)
+        model.name_or_path = spec
+        return model, tokenizer
     model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.name_or_path = spec

@@ -1,0 +1,120 @@
+"""Converting a causal LM's attention layers to linear/hybrid attention, and saving or reloading the
+converted checkpoint.
+
+A converted checkpoint is a directory: the base model's ``config.json`` and tokenizer, every weight
+(base, LoRA-merged, feature maps, window weights) in ``model.safetensors``, and
+``headlab_conversion.json`` with the :class:`LinearSettings` and the provenance (base model, training
+summary). :func:`load_model` recognises the directory and rebuilds the same modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model as save_safetensors_from
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .files import write_json
+from .hedgehog import LinearSettings
+from .hook import decoder_layers
+from .linear_layer import LinearAttention
+from .models import UnsupportedModelError, model_shape
+
+CONVERSION_FILE = "headlab_conversion.json"
+WEIGHTS_FILE = "model.safetensors"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def convert(model, settings: LinearSettings):
+    """Replace the ``self_attn`` of the chosen layers (all when ``settings.layers`` is None) by
+    :class:`LinearAttention` in place; returns the model. Other layers stay softmax."""
+    if not getattr(model.config, "is_decoder", False) and not _is_causal(model):
+        raise UnsupportedModelError("linear-attention conversion needs a causal language model")
+    shape = model_shape(model)
+    blocks = decoder_layers(model)
+    chosen = range(shape.n_layers) if settings.layers is None else settings.layers
+    bad = [i for i in chosen if not 0 <= i < shape.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: the model has {shape.n_layers} layers (0–{shape.n_layers - 1})")
+    for index in chosen:
+        attention = blocks[index].self_attn
+        if isinstance(attention, LinearAttention):
+            raise ValueError(f"layer {index} is already converted")
+        _require_plain_projections(attention)
+        blocks[index].self_attn = LinearAttention(attention, settings, shape.n_heads, shape.n_kv_heads, shape.head_dim)
+    model.config.use_cache = True
+    return model
+
+
+def converted_layers(model) -> dict[int, LinearAttention]:
+    """``{layer_idx: module}`` of the converted layers."""
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, LinearAttention)}
+
+
+def conversion_settings(model) -> LinearSettings | None:
+    """The settings a model was converted with, or None for an unconverted model."""
+    layers = converted_layers(model)
+    return next(iter(layers.values())).settings if layers else None
+
+
+def _is_causal(model) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
+def _require_plain_projections(attention) -> None:
+    children = {name for name, _ in attention.named_children()}
+    if not set(PROJECTIONS) <= children or children - set(PROJECTIONS):
+        raise UnsupportedModelError(
+            f"{type(attention).__name__} has submodules {sorted(children)}; conversion supports attention made of "
+            f"exactly {', '.join(PROJECTIONS)} with rotary positions (Llama, Mistral, Qwen2 families)")
+
+
+def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: dict | None = None) -> Path:
+    """Write a converted model as a reloadable checkpoint into ``directory`` (created if needed).
+
+    Files are written beside the target and renamed into place; ``headlab_conversion.json`` goes
+    last, so a directory is recognised as a converted checkpoint only once it is complete.
+    """
+    settings = conversion_settings(model)
+    if settings is None:
+        raise ValueError("the model has no converted layers")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".save.", dir=directory) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_safetensors_from(model, str(Path(tmp) / WEIGHTS_FILE))
+        for file in sorted(Path(tmp).iterdir()):
+            os.replace(file, directory / file.name)
+    write_json(directory / CONVERSION_FILE, {"settings": settings.to_dict(), "provenance": provenance or {}})
+    return directory
+
+
+def is_converted_directory(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONVERSION_FILE).is_file()
+
+
+def read_conversion(path: str | os.PathLike) -> tuple[LinearSettings, dict]:
+    """``(settings, provenance)`` recorded in a converted checkpoint."""
+    data = json.loads((Path(path) / CONVERSION_FILE).read_text(encoding="utf-8"))
+    return LinearSettings.from_dict(data["settings"]), data.get("provenance", {})
+
+
+def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """``(model, tokenizer)`` of a converted checkpoint: the base architecture built from its config,
+    converted with the recorded settings, then every weight loaded (strictly) from safetensors."""
+    path = Path(path)
+    settings, _ = read_conversion(path)
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    convert(model, settings)
+    load_safetensors_into(model, str(path / WEIGHTS_FILE), strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model.eval(), tokenizer

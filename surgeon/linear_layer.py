@@ -1,0 +1,227 @@
+"""The converted attention layer: Hedgehog linear or LoLCATs hybrid attention (SPEC §3.1–3.3).
+
+:class:`LinearAttention` replaces a decoder layer's ``self_attn``. It reuses the original
+``q/k/v/o_proj`` modules and the family's rotary function, and owns the feature maps ``φ_q``, ``φ_k``
+(per query head, applied after RoPE and GQA expansion) and, for the hybrid, the window weights
+``θ [H]`` with ``γ = sigmoid(θ)``.
+
+Caching: with a ``Cache`` the layer swaps its own slot for a :class:`RecurrentState` (the window of
+recent keys plus ``Σ φk [v, 1]`` over older ones), so the stock KV cache never grows for converted
+layers. The first call on an empty state runs the parallel form; later calls run a dense step over
+the window (``hybrid_step_torch``), which equals the parallel form.
+
+Attention transfer (stage 1): with ``transfer = True`` the layer also computes the softmax teacher
+from the same ``q, k, v`` (no gradient), stores the student's loss in ``transfer_loss`` and passes the
+teacher's output downstream, so every layer trains independently.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import CacheLayerMixin
+
+from headlab.kernels.linear_attention import hybrid_attention, linear_attention
+from headlab.kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
+
+from .hedgehog import FeatureMap, LinearSettings, logit
+
+TRANSFER_LOSSES = ("mse", "ce")
+
+
+class RecurrentState(CacheLayerMixin):
+    """A converted layer's decoding state: window keys/values ``[B, H_kv, L, D]`` at positions
+    ``key_start … seen − 1``, and ``state [B, H, 2F, D + 1]`` over the positions before ``key_start``."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.seen = 0
+        self.key_start = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise TypeError("a converted layer's state is filled by the layer itself")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError("a converted layer keeps a recurrent state, not a growing KV cache")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.state = None
+        self.seen = self.key_start = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.state = (
+                t.index_select(0, beam_idx.to(t.device)) for t in (self.keys, self.values, self.state))
+
+    def memory_bytes(self) -> int:
+        """Bytes held: window keys and values plus the recurrent state."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.state))
+
+
+def state_slot(cache, layer_idx: int) -> RecurrentState:
+    """The :class:`RecurrentState` of ``layer_idx`` in a transformers ``Cache``, installed on first use."""
+    while len(cache.layers) <= layer_idx:
+        if cache.layer_class_to_replicate is None:
+            raise ValueError(f"the cache has no slot for layer {layer_idx}")
+        cache.layers.append(cache.layer_class_to_replicate())
+    slot = cache.layers[layer_idx]
+    if not isinstance(slot, RecurrentState):
+        if slot.get_seq_length() > 0:
+            raise ValueError(f"layer {layer_idx}'s cache slot already holds softmax keys")
+        slot = cache.layers[layer_idx] = RecurrentState()
+    return slot
+
+
+class LinearAttention(nn.Module):
+    """Drop-in ``self_attn`` with Hedgehog linear or hybrid attention (see the module docstring)."""
+
+    def __init__(self, attention: nn.Module, settings: LinearSettings, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.settings = settings
+        self.config = attention.config
+        self.layer_idx = attention.layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scaling = attention.scaling
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.feature_q = FeatureMap(n_heads, head_dim, settings)
+        self.feature_k = FeatureMap(n_heads, head_dim, settings)
+        self.mix_logit = nn.Parameter(torch.full((n_heads,), logit(settings.gamma_init))) if settings.is_hybrid else None
+        self.backend = "auto"
+        self.transfer: str | None = None  # None, "mse" or "ce": stage-1 attention transfer
+        self.transfer_loss: torch.Tensor | None = None
+
+    @property
+    def gamma(self) -> torch.Tensor | None:
+        """``[H]`` softmax-window weights (hybrid only)."""
+        return None if self.mix_logit is None else torch.sigmoid(self.mix_logit.float())
+
+    def _expand(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+    def _project(self, hidden_states, position_embeddings):
+        """Post-RoPE ``q [B, H, T, D]`` and ``k, v [B, H_kv, T, D]``."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        return q, k, v
+
+    def parallel(self, q, k, v) -> torch.Tensor:
+        """``[B, H, T, D]`` outputs of the converted form from post-RoPE ``q`` and expanded ``k, v``."""
+        fq, fk = self.feature_q(q), self.feature_k(k)
+        s = self.settings
+        if s.is_hybrid:
+            return hybrid_attention(q, k, v, fq, fk, self.gamma, window=s.window, terrace=s.terrace,
+                                    scale=self.scaling, backend=self.backend)
+        return linear_attention(fq, fk, v, backend=self.backend)[0]
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError(
+                "converted linear-attention layers do not support padded batches or custom masks; "
+                "pass sequences of equal length without padding")
+        q, k, v = self._project(hidden_states, position_embeddings)
+        slot = state_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
+        if slot is not None and slot.seen > 0:
+            out = self._step(slot, q, k, v)
+        else:
+            ke, ve = self._expand(k), self._expand(v)
+            out = self._transfer(q, ke, ve) if self.transfer else self.parallel(q, ke, ve)
+            if slot is not None:
+                self._fill(slot, k, v, 0)
+        out = out.to(hidden_states.dtype).transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(out), None
+
+    def _transfer(self, q, k, v) -> torch.Tensor:
+        """Teacher output (passed on), with the student's loss stored in ``transfer_loss``."""
+        if self.transfer not in TRANSFER_LOSSES:
+            raise ValueError(f"transfer must be one of {TRANSFER_LOSSES}, got {self.transfer!r}")
+        with torch.no_grad():
+            teacher = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+        if self.transfer == "mse":
+            self.transfer_loss = F.mse_loss(self.parallel(q, k, v).float(), teacher.float())
+        else:
+            self.transfer_loss = self._attention_cross_entropy(q, k)
+        return teacher
+
+    def _attention_cross_entropy(self, q, k) -> torch.Tensor:
+        """``−Σ_{j≤i} a_ij log â_ij`` averaged over rows: softmax teacher ``a`` vs the converted
+        layer's weights ``â`` (dense ``T × T``: short sequences only)."""
+        n = q.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        s = (q.float() @ k.float().transpose(-1, -2)) * self.scaling
+        with torch.no_grad():
+            teacher = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+        student = self.attention_weights(q, k)
+        return -(teacher * torch.log(student.clamp(min=1e-12))).sum(-1).mean()
+
+    def attention_weights(self, q, k) -> torch.Tensor:
+        """``[B, H, T, T]`` attention weights of the converted form (rows sum to one), from post-RoPE
+        ``q`` and expanded ``k``; dense, for short diagnostics."""
+        n = q.shape[2]
+        pos = torch.arange(n, device=q.device)
+        causal = pos[None, :] <= pos[:, None]
+        s_ = self.settings
+        start = window_starts(pos, s_.window, s_.terrace)[:, None] if s_.is_hybrid else pos[:, None] + 1
+        in_window = causal & (pos[None, :] >= start)
+        weights = (self.feature_q(q) @ self.feature_k(k).transpose(-1, -2)) * (causal & ~in_window)
+        if s_.is_hybrid:
+            s = ((q.float() @ k.float().transpose(-1, -2)) * self.scaling).masked_fill(~in_window, float("-inf"))
+            soft = torch.exp(s - s.amax(-1, keepdim=True)) * self.gamma[None, :, None, None]
+            weights = weights + soft
+        return weights / weights.sum(-1, keepdim=True)
+
+    def _step(self, slot: RecurrentState, q, k, v) -> torch.Tensor:
+        """Outputs of new tokens from the recurrent state, then the state advanced past them."""
+        keys = torch.cat([slot.keys, k], 2)
+        values = torch.cat([slot.values, v], 2)
+        ke, ve = self._expand(keys), self._expand(values)
+        s = self.settings
+        out = hybrid_step_torch(
+            q, ke, ve, self.feature_q(q), self.feature_k(ke), self.gamma, slot.state,
+            first_position=slot.seen, key_start=slot.key_start,
+            window=s.window if s.is_hybrid else 0, terrace=s.terrace, scale=self.scaling)
+        self._fill(slot, keys, values, slot.key_start)
+        return out
+
+    def _fill(self, slot: RecurrentState, keys, values, key_start: int) -> None:
+        """Keep the keys the next query's window needs; fold older ones into the state.
+        ``keys, values [B, H_kv, L, D]`` sit at positions ``key_start …``."""
+        seen = key_start + keys.shape[2]
+        s = self.settings
+        next_start = int(window_starts(torch.tensor(seen), s.window, s.terrace)) if s.is_hybrid else seen
+        n_fold = next_start - key_start
+        state = slot.state
+        if state is None:
+            n_feat = self.feature_k.n_features
+            state = keys.new_zeros(keys.shape[0], self.n_heads, n_feat, self.head_dim + 1, dtype=torch.float32)
+        if n_fold > 0:
+            fk = self.feature_k(self._expand(keys[:, :, :n_fold]))
+            state = state + fk.transpose(-1, -2) @ with_ones(self._expand(values[:, :, :n_fold]).float())
+        slot.keys, slot.values = keys[:, :, n_fold:].detach(), values[:, :, n_fold:].detach()
+        slot.state, slot.seen, slot.key_start = state.detach(), seen, next_start
+        slot.is_initialized = True

@@ -1,0 +1,224 @@
+"""Training a converted model (SPEC §3.3–3.4): stage 1 attention transfer, stage 2 low-rank adjusting.
+
+Stage 1 trains only the feature maps and window weights; every converted layer computes its
+softmax teacher from the same ``q, k, v`` and passes the teacher's output on, and the loss is
+``1000 × mean over layers`` of the per-head output MSE (or the attention cross-entropy). Stage 2
+adds LoRA (peft) to ``q/k/v/o_proj`` and trains it with next-token loss, the feature maps frozen.
+
+Both stages use AdamW, gradient clipping, micro-batch 1 with gradient accumulation,
+ReduceLROnPlateau on the validation loss measured every ``eval_every`` steps, and keep the best
+weights by validation loss. A stage is resumable: its checkpoint (trainable weights, optimiser,
+scheduler, step, best weights, history) is written atomically every ``eval_every`` steps, and a
+run resumed from it ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .conversion import converted_layers
+from .files import atomic_path
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class StageSettings:
+    """One training stage. Defaults are stage 1's (SPEC §3.3); :func:`lora_defaults` gives stage 2's.
+    ``loss`` is ``"mse"`` or ``"ce"`` (stage 1 only)."""
+
+    steps: int = 100
+    lr: float = 1e-2
+    accumulation: int = 8
+    clip: float = 1.0
+    eval_every: int = 25
+    patience: int = 10
+    factor: float = 0.1
+    min_lr: float = 1e-5
+    loss: str = "mse"
+    loss_scale: float = 1000.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lora_defaults(**overrides) -> StageSettings:
+    """Stage 2 settings: lr 1e-4, LoRA r 8, α 16 (SPEC §3.4)."""
+    return StageSettings(**{"lr": 1e-4, **overrides})
+
+
+@contextmanager
+def transfer_mode(model, loss: str):
+    """Converted layers compute their teacher and store their transfer loss inside the block."""
+    layers = list(converted_layers(model).values())
+    for layer in layers:
+        layer.transfer = loss
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.transfer, layer.transfer_loss = None, None
+
+
+def transfer_loss(model, ids: torch.Tensor, layers, scale: float) -> torch.Tensor:
+    """``scale × mean`` of the converted layers' transfer losses for one sequence ``[1, T]``."""
+    model(ids, use_cache=False)
+    return scale * torch.stack([layer.transfer_loss for layer in layers]).mean()
+
+
+def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``ids [B, T]``."""
+    return model(ids, labels=ids, use_cache=False).loss
+
+
+def stage1_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Feature maps and window weights; freezes everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = {}
+    for name, p in model.named_parameters():
+        if ".feature_q." in name or ".feature_k." in name or name.endswith(".mix_logit"):
+            p.requires_grad_(True)
+            chosen[name] = p
+    if not chosen:
+        raise ValueError("the model has no converted layers to train")
+    return chosen
+
+
+def add_lora(model, settings: StageSettings):
+    """Wrap ``model`` with peft LoRA adapters on ``q/k/v/o_proj`` (everything else frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(model, config)
+
+
+def run_stage(
+    name: str,
+    model,
+    parameters: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    train: torch.Tensor,
+    validation: torch.Tensor,
+    settings: StageSettings,
+    folder: str | Path | None = None,
+    stop_at: int | None = None,
+) -> dict:
+    """Train ``parameters`` on ``loss_fn`` over the sequences of ``train [n, T]`` (one per
+    micro-batch, in a seeded order), validating on ``validation [m, T]``; resumes from
+    ``folder/{name}.pt`` when present. Ends holding the best weights; returns the summary
+    (losses, steps, tokens, seconds). ``stop_at`` halts early after that step (for tests of resuming)."""
+    run = _Run(name, model, parameters, loss_fn, train, validation, settings, folder)
+    return run.train(stop_at)
+
+
+class _Run:
+    def __init__(self, name, model, parameters, loss_fn, train, validation, settings, folder):
+        self.name, self.model, self.params = name, model, parameters
+        self.loss_fn, self.train_ids, self.val_ids, self.settings = loss_fn, train, validation, settings
+        self.path = Path(folder) / f"{name}.pt" if folder is not None else None
+        self.optimizer = torch.optim.AdamW(list(parameters.values()), lr=settings.lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=settings.factor, patience=settings.patience, min_lr=settings.min_lr)
+        self.order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
+        self.step, self.seconds, self.history = 0, 0.0, []
+        self.best = {"loss": math.inf, "step": 0, "weights": self._weights()}
+        self.initial_val: float | None = None
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def _sequence(self, index: int) -> torch.Tensor:
+        return self.train_ids[self.order[index % len(self.order)]][None]
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        losses = [float(self.loss_fn(ids[None])) for ids in self.val_ids]
+        return sum(losses) / len(losses)
+
+    def train(self, stop_at: int | None) -> dict:
+        s = self.settings
+        self._resume()
+        if self.initial_val is None:
+            self.initial_val = self.validate()
+        bar = tqdm(total=s.steps, initial=self.step, desc=self.name, unit="step")
+        while self.step < s.steps:
+            started = time.perf_counter()
+            loss = self._update()
+            self.step += 1
+            self.seconds += time.perf_counter() - started
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
+            if self.step % s.eval_every == 0 or self.step == s.steps:
+                self._evaluate(loss)
+                self._save()
+            if stop_at is not None and self.step >= stop_at:
+                break
+        bar.close()
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.best["weights"][k])
+        return self.summary()
+
+    def _update(self) -> float:
+        s = self.settings
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(s.accumulation):
+            loss = self.loss_fn(self._sequence(self.step * s.accumulation + micro)) / s.accumulation
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip)
+        self.optimizer.step()
+        return total
+
+    def _evaluate(self, train_loss: float) -> None:
+        val = self.validate()
+        self.scheduler.step(val)
+        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val,
+                             "lr": self.optimizer.param_groups[0]["lr"]})
+        if val < self.best["loss"]:
+            self.best = {"loss": val, "step": self.step, "weights": self._weights()}
+
+    def summary(self) -> dict:
+        tokens = self.step * self.settings.accumulation * self.train_ids.shape[1]
+        return {"stage": self.name, "steps": self.step, "train_tokens": tokens, "seconds": round(self.seconds, 1),
+                "initial_val_loss": self.initial_val, "best_val_loss": self.best["loss"],
+                "best_step": self.best["step"], "history": self.history, "settings": self.settings.to_dict()}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        state = {"step": self.step, "seconds": self.seconds, "history": self.history,
+                 "initial_val": self.initial_val, "weights": self._weights(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "best_loss": self.best["loss"], "best_step": self.best["step"], "best_weights": self.best["weights"]}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def _resume(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        state = torch.load(self.path, weights_only=True)
+        if set(state["weights"]) != set(self.params):
+            raise ValueError(f"{self.path} was written for other parameters; remove it or choose another folder")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["weights"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.initial_val = state["initial_val"]
+        self.best = {"loss": state["best_loss"], "step": state["best_step"], "weights": state["best_weights"]}
