@@ -92,6 +92,20 @@ def state_slot(cache, layer_idx: int) -> RecurrentState:
     return slot
 
 
+def _require_causal(mask: torch.Tensor | None) -> None:
+    """Refuse masks other than plain causal ones (padding, packing): the state cannot skip tokens.
+    ``mask [B, 1, T_q, T_k]``, bool (True attends) or additive float."""
+    if mask is None:
+        return
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    n_query, n_key = allowed.shape[-2:]
+    rows = torch.arange(n_query, device=mask.device)[:, None] + (n_key - n_query)
+    causal = torch.arange(n_key, device=mask.device)[None, :] <= rows
+    if not torch.equal(allowed, causal.expand_as(allowed)):
+        raise ValueError("converted linear-attention layers do not support padded batches or custom masks; "
+                         "pass sequences of equal length without padding")
+
+
 class LinearAttention(nn.Module):
     """Drop-in ``self_attn`` with Hedgehog linear or hybrid attention (see the module docstring)."""
 
@@ -140,10 +154,7 @@ class LinearAttention(nn.Module):
         return linear_attention(fq, fk, v, backend=self.backend)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if attention_mask is not None:
-            raise ValueError(
-                "converted linear-attention layers do not support padded batches or custom masks; "
-                "pass sequences of equal length without padding")
+        _require_causal(attention_mask)
         q, k, v = self._project(hidden_states, position_embeddings)
         slot = state_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
         if slot is not None and slot.seen > 0:

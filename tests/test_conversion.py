@@ -1,0 +1,224 @@
+"""Linear/hybrid conversion of tiny Llamas: decoding from the recurrent state, the transfer teacher,
+training stages and their resumption, save/reload, the convert command and its errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headlab.cli import main as headlab
+from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
+from headlab.surgeon import UnsupportedModelError, load_model
+from headlab.surgeon.conversion import convert, converted_layers, load_converted, save_converted
+from headlab.surgeon.hook import block_input
+from headlab.surgeon.hedgehog import FeatureMap, LinearSettings
+from headlab.surgeon.linear_layer import RecurrentState
+from headlab.surgeon.linear_training import (StageSettings, run_stage, stage1_parameters, transfer_loss,
+                                             transfer_mode)
+
+
+def converted(kind="gqa", form="hybrid", window=4, layers=(0, 2), seed=0, terrace=True, feature_map="lolcats"):
+    """A tiny Llama with converted layers whose feature maps are perturbed away from the identity."""
+    model = tiny_llama(kind, seed=seed)
+    convert(model, LinearSettings(form=form, window=window, layers=layers, terrace=terrace, feature_map=feature_map))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in converted_layers(model).values():
+            for fmap in (layer.feature_q, layer.feature_k):
+                fmap.weight.add_(0.5 * torch.randn(fmap.weight.shape, generator=g))
+    return model
+
+
+def ids(batch=2, n=23, seed=3):
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("form,terrace", [("hybrid", True), ("hybrid", False), ("linear", True)])
+def test_cached_decoding_equals_parallel_form(kind, form, terrace):
+    model, x = converted(kind, form, terrace=terrace), ids()
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :9], use_cache=True)
+        cache, pieces = out.past_key_values, [out.logits]
+        for t in range(9, x.shape[1], 2):  # one and two tokens at a time
+            out = model(x[:, t:t + 2], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+    assert isinstance(cache.layers[0], RecurrentState) and not isinstance(cache.layers[1], RecurrentState)
+    if form == "linear":
+        assert cache.layers[0].keys.shape[2] == 0  # the state alone: nothing grows
+    else:
+        assert cache.layers[0].keys.shape[2] <= 2 * 4  # the window only
+
+
+def test_generate_matches_recomputation_without_cache():
+    model, x = converted(), ids(batch=1, n=6)
+    generated = model.generate(x, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(x))
+    current = x
+    with torch.no_grad():
+        for _ in range(10):
+            current = torch.cat([current, model(current).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, current)
+
+
+def test_decoding_state_stays_constant_in_size():
+    model = converted(form="linear", layers=None)
+    sizes = []
+    with torch.no_grad():
+        out = model(ids(batch=1, n=5), use_cache=True)
+        cache = out.past_key_values
+        for step in range(40):
+            out = model(torch.tensor([[step % VOCAB]]), past_key_values=cache, use_cache=True)
+            sizes.append(sum(layer.memory_bytes() for layer in cache.layers))
+    assert len(set(sizes)) == 1
+
+
+def test_converted_layer_matches_the_kernel_references():
+    """One converted layer's head outputs equal the dense references on its own q, k, v."""
+    for form in ("hybrid", "linear"):
+        model = converted(form=form)
+        layer = converted_layers(model)[0]
+        captured = {}
+        layer.o_proj.register_forward_pre_hook(lambda m, a: captured.update(z=a[0]))
+        hidden = {}
+        model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: hidden.update(h=block_input(a, kw)),
+                                                         with_kwargs=True)
+        with torch.no_grad():
+            model(ids(batch=1, n=20))
+            x = model.model.layers[0].input_layernorm(hidden["h"])
+            pos = model.model.rotary_emb(x, torch.arange(20)[None])
+            q, k, v = layer._project(x, pos)
+            k, v = layer._expand(k), layer._expand(v)
+            fq, fk = layer.feature_q(q), layer.feature_k(k)
+            if form == "hybrid":
+                want = hybrid_attention_reference(q, k, v, fq, fk, layer.gamma, window=4, scale=layer.scaling)
+            else:
+                want = linear_attention_reference(fq, fk, v)[0]
+        got = captured["z"].view(1, 20, -1, 6).transpose(1, 2)
+        assert torch.allclose(got, want.float(), atol=1e-5)
+
+
+def test_transfer_mode_passes_the_teacher_downstream():
+    """With every layer converted and in transfer mode, logits equal the original softmax model's."""
+    original = tiny_llama("gqa")
+    model = converted(layers=None)
+    x = ids()
+    with torch.no_grad(), transfer_mode(model, "mse") as layers:
+        logits = model(x, use_cache=False).logits
+        losses = [float(layer.transfer_loss) for layer in layers]
+        assert torch.allclose(logits, original(x).logits, atol=1e-5)
+    assert all(loss > 0 for loss in losses)
+    assert all(layer.transfer is None for layer in converted_layers(model).values())
+
+
+def test_attention_weights_rows_sum_to_one_and_reproduce_outputs():
+    model = converted(form="hybrid")
+    layer = converted_layers(model)[0]
+    q, k, v = (torch.randn(1, 9, 12, 6) for _ in range(3))  # the gqa model: 9 query heads
+    weights = layer.attention_weights(q, k)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 9, 12), atol=1e-6)
+    assert torch.allclose(weights @ v, layer.parallel(q, k, v), atol=1e-5)
+
+
+def test_feature_maps_start_from_the_identity_and_have_documented_widths():
+    x = torch.randn(2, 3, 7, 6)
+    lolcats = FeatureMap(3, 6, LinearSettings(feature_dim=8))
+    fla = FeatureMap(3, 6, LinearSettings(feature_map="fla"))
+    assert lolcats(x).shape[-1] == 16 and fla(x).shape[-1] == 12
+    u = F.pad(x, (0, 2))  # x I_{6×8}
+    assert torch.allclose(lolcats(x), torch.cat([u.softmax(-1), (-u).softmax(-1)], -1))
+    assert torch.allclose(fla(x), torch.cat([2 * x, -2 * x], -1).softmax(-1))
+
+
+@pytest.mark.parametrize("feature_map", ["lolcats", "fla"])
+def test_checkpoint_reloads_to_identical_logits(tmp_path, feature_map):
+    model, x = converted(feature_map=feature_map), ids()
+    save_converted(model, None, tmp_path / "ckpt", {"note": "test"})
+    reloaded, _ = load_converted(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+    assert sorted(converted_layers(reloaded)) == [0, 2]
+    assert json.loads((tmp_path / "ckpt" / "headlab_conversion.json").read_text())["settings"]["feature_map"] == feature_map
+
+
+def _stage1(model, folder, steps, stop_at=None):
+    train = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(5))
+    val = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    params = stage1_parameters(model)
+    settings = StageSettings(steps=steps, lr=3e-2, accumulation=2, eval_every=2)
+    with transfer_mode(model, "mse") as layers:
+        return run_stage("stage1", model, params, lambda t: transfer_loss(model, t, layers, 1000.0), train, val,
+                         settings, folder, stop_at=stop_at)
+
+
+def test_stage1_lowers_the_transfer_loss_and_trains_only_feature_maps():
+    model = converted(layers=None)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "feature" not in n and "mix_logit" not in n}
+    summary = _stage1(model, None, steps=8)
+    assert summary["best_val_loss"] < summary["initial_val_loss"]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_killed_stage_resumes_to_the_same_weights(tmp_path):
+    straight = converted(layers=None)
+    _stage1(straight, tmp_path / "a", steps=6)
+    resumed = converted(layers=None)
+    _stage1(resumed, tmp_path / "b", steps=6, stop_at=4)
+    again = converted(layers=None)  # a fresh process: weights come from the checkpoint
+    summary = _stage1(again, tmp_path / "b", steps=6)
+    assert summary["steps"] == 6
+    for (name, p), (_, q) in zip(straight.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_padding_and_bad_layers_are_refused():
+    model = converted()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="out of range"):
+        convert(tiny_llama("gqa"), LinearSettings(layers=(5,)))
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model, LinearSettings(layers=(0,)))
+
+
+def test_attention_with_extra_submodules_is_refused():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=30, head_dim=6, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=5, num_key_value_heads=1)
+    with pytest.raises(UnsupportedModelError, match="q_norm"):
+        convert(Qwen3ForCausalLM(config), LinearSettings())
+
+
+@pytest.mark.real_model
+def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
+    tokenizer = smollm2[1]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=30, head_dim=6, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "converted"
+    args = ["convert", str(tmp_path / "base"), "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "8",
+            "--seq-len", "48", "--accumulation", "2", "--eval-every", "1", "--eval-windows", "2", "--layers", "1"]
+    assert headlab(args) == 0
+    model, tok = load_model(out)
+    assert sorted(converted_layers(model)) == [1] and tok is not None
+    record = json.loads((out / "headlab_conversion.json").read_text())
+    assert [s["stage"] for s in record["provenance"]["stages"]] == ["stage1", "stage2"]
+    assert set(record["provenance"]["held_out_perplexity"]) == {"original", "converted_untrained", "after_stage1",
+                                                                 "after_stage2"}
+    import shutil
+
+    shutil.rmtree(out / "training")
+    assert headlab(args) == 2  # a finished checkpoint is never overwritten
+    assert headlab(["convert", str(tmp_path / "base"), "--to", "hybrid", "--out", str(tmp_path / "o2"),
+                    "--layers", "7", "--steps", "1"]) == 2
