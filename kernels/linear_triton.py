@@ -1,0 +1,426 @@
+"""Triton kernels for chunked causal linear attention and the LoLCATs hybrid, forward and backward
+(SPEC §7.2). Semantics are those of :mod:`.reference`; launchers and autograd live here too.
+
+Linear attention runs on ``[v, 1]`` so that one kernel yields numerator and normaliser, divided in
+torch. It is three passes forward and backward, tiled ``BK × BV`` over the state:
+* ``_state_fwd``: walks the chunks in order, storing the state ``h_c`` at each chunk start;
+* ``_output_fwd``: per chunk, ``o_c = φq_c h_c + ((φq_c φk_cᵀ) ⊙ M) v_c`` (``INTRA`` off: no second term);
+* ``_state_bwd``: walks the chunks in reverse, storing ``g_c = Σ_{c'>c} φq_c'ᵀ do_c'``;
+* ``_grad_qk`` and ``_grad_v``: per chunk, the gradients from ``h_c``, ``g_c`` and the intra block.
+
+The hybrid splits into a linear part and a window part. With chunk = window ``C``, the linear part of
+query chunk ``c`` reads keys older than chunk ``c − 1``: plain linear attention on keys and values
+shifted by one chunk, without the intra block (terrace) or with it (sliding window, whose older keys
+in chunk ``c − 1`` are exactly those at offsets ``≤`` the query's). The window part is a two-tile
+softmax with the exact window maximum ``m``, computed by ``_window_fwd`` (which also returns ``m`` and
+its key) and differentiated at fixed ``m`` by ``_window_bwd_q`` and ``_window_bwd_kv``; the gradient
+through ``m`` itself is added in torch by gathering the maximal key.
+
+Under ``TRITON_INTERPRET=1`` tiles are upcast to fp32 before every dot and outputs are pre-filled
+with NaN, so an unwritten element shows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+WINDOWS = (16, 32, 64, 128)
+
+
+def _alloc(shape, dtype, device):
+    if INTERPRET:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile(n: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(n)))
+
+
+# ---------------------------------------------------------------- linear attention, forward
+
+
+@triton.jit
+def _state_fwd(FK, V, H0, HS, HT, T, NT, K, DV,
+               HAS_H0: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ok = ik * BK + tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    ot = tl.arange(0, C)
+    kv_mask = (ok[:, None] < K) & (ov[None, :] < DV)
+    h = tl.zeros([BK, BV], tl.float32)
+    if HAS_H0:
+        h += tl.load(H0 + bh * K * DV + ok[:, None] * DV + ov[None, :], mask=kv_mask, other=0.0)
+    for c in range(NT):
+        tl.store(HS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :], h, mask=kv_mask)
+        t = c * C + ot
+        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=(t[:, None] < T) & (ok[None, :] < K), other=0.0)
+        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < DV), other=0.0)
+        if UPCAST:
+            fk, v = fk.to(tl.float32), v.to(tl.float32)
+        h += tl.dot(tl.trans(fk), v)
+    tl.store(HT + bh * K * DV + ok[:, None] * DV + ov[None, :], h, mask=kv_mask)
+
+
+@triton.jit
+def _output_fwd(FQ, FK, V, HS, O, T, NT, K, DV,
+                INTRA: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ot = tl.arange(0, C)
+    t = c * C + ot
+    ov = iv * BV + tl.arange(0, BV)
+    row_ok = t < T
+    acc = tl.zeros([C, BV], tl.float32)
+    a = tl.zeros([C, C], tl.float32)
+    for ik in range(tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=row_ok[:, None] & (ok[None, :] < K), other=0.0)
+        h = tl.load(HS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :],
+                    mask=(ok[:, None] < K) & (ov[None, :] < DV), other=0.0)
+        if UPCAST:
+            fq = fq.to(tl.float32)
+        acc += tl.dot(fq.to(h.dtype), h)
+        if INTRA:
+            fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=row_ok[:, None] & (ok[None, :] < K), other=0.0)
+            if UPCAST:
+                fk = fk.to(tl.float32)
+            a += tl.dot(fq, tl.trans(fk))
+    if INTRA:
+        a = tl.where(ot[None, :] <= ot[:, None], a, 0.0)
+        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=row_ok[:, None] & (ov[None, :] < DV), other=0.0)
+        acc += tl.dot(a, v.to(tl.float32))
+    tl.store(O + (bh * T + t[:, None]) * DV + ov[None, :], acc, mask=row_ok[:, None] & (ov[None, :] < DV))
+
+
+# ---------------------------------------------------------------- linear attention, backward
+
+
+@triton.jit
+def _state_bwd(FQ, DO, GS, DH0, T, NT, K, DV, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               UPCAST: tl.constexpr):
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ok = ik * BK + tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    ot = tl.arange(0, C)
+    kv_mask = (ok[:, None] < K) & (ov[None, :] < DV)
+    g = tl.zeros([BK, BV], tl.float32)
+    for i in range(NT):
+        c = NT - 1 - i
+        tl.store(GS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :], g, mask=kv_mask)
+        t = c * C + ot
+        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=(t[:, None] < T) & (ok[None, :] < K), other=0.0)
+        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < DV), other=0.0)
+        if UPCAST:
+            fq = fq.to(tl.float32)
+        g += tl.dot(tl.trans(fq), do.to(fq.dtype))
+    tl.store(DH0 + bh * K * DV + ok[:, None] * DV + ov[None, :], g, mask=kv_mask)
+
+
+@triton.jit
+def _grad_qk(FQ, FK, V, DO, HS, GS, DFQ, DFK, T, NT, K, DV,
+             INTRA: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ot = tl.arange(0, C)
+    t = c * C + ot
+    row_ok = t < T
+    ok = ik * BK + tl.arange(0, BK)
+    qk_mask = row_ok[:, None] & (ok[None, :] < K)
+    dq = tl.zeros([C, BK], tl.float32)
+    dk = tl.zeros([C, BK], tl.float32)
+    da = tl.zeros([C, C], tl.float32)
+    for iv in range(tl.cdiv(DV, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        tv_mask = row_ok[:, None] & (ov[None, :] < DV)
+        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        kv_off = ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :]
+        kv_mask = (ok[:, None] < K) & (ov[None, :] < DV)
+        h = tl.load(HS + kv_off, mask=kv_mask, other=0.0)
+        g = tl.load(GS + kv_off, mask=kv_mask, other=0.0)
+        dq += tl.dot(do, tl.trans(h))
+        dk += tl.dot(v, tl.trans(g))
+        if INTRA:
+            da += tl.dot(do, tl.trans(v))
+    if INTRA:
+        da = tl.where(ot[None, :] <= ot[:, None], da, 0.0)
+        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        dq += tl.dot(da, fk)
+        dk += tl.dot(tl.trans(da), fq)
+    tl.store(DFQ + (bh * T + t[:, None]) * K + ok[None, :], dq, mask=qk_mask)
+    tl.store(DFK + (bh * T + t[:, None]) * K + ok[None, :], dk, mask=qk_mask)
+
+
+@triton.jit
+def _grad_v(FQ, FK, DO, GS, DV_OUT, T, NT, K, DV,
+            INTRA: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ot = tl.arange(0, C)
+    t = c * C + ot
+    row_ok = t < T
+    ov = iv * BV + tl.arange(0, BV)
+    tv_mask = row_ok[:, None] & (ov[None, :] < DV)
+    dv = tl.zeros([C, BV], tl.float32)
+    a = tl.zeros([C, C], tl.float32)
+    for ik in range(tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        qk_mask = row_ok[:, None] & (ok[None, :] < K)
+        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        g = tl.load(GS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :],
+                    mask=(ok[:, None] < K) & (ov[None, :] < DV), other=0.0)
+        dv += tl.dot(fk, g)
+        if INTRA:
+            fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            a += tl.dot(fq, tl.trans(fk))
+    if INTRA:
+        a = tl.where(ot[None, :] <= ot[:, None], a, 0.0)
+        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        dv += tl.dot(tl.trans(a), do)
+    tl.store(DV_OUT + (bh * T + t[:, None]) * DV + ov[None, :], dv, mask=tv_mask)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *x.shape[2:]).contiguous()
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    """``(o [B,H,T,V'], final state [B,H,K,V'])`` = unnormalised causal linear attention of ``fq, fk``
+    over ``v`` (no normalisation; ``v`` is usually ``[v, 1]``), from ``h0`` (or zero)."""
+
+    @staticmethod
+    def forward(ctx, fq, fk, v, h0, chunk: int, intra: bool):
+        batch, heads, n, k_dim = fq.shape
+        dv_dim = v.shape[-1]
+        n_chunks = triton.cdiv(n, chunk)
+        fq_, fk_, v_ = _flat(fq), _flat(fk), _flat(v)
+        bk, bv = _tile(k_dim), _tile(dv_dim)
+        bh = batch * heads
+        states = _alloc((bh, n_chunks, k_dim, dv_dim), torch.float32, fq.device)
+        final = _alloc((bh, k_dim, dv_dim), torch.float32, fq.device)
+        h0_ = _flat(h0.float()) if h0 is not None else final
+        upcast = INTERPRET or fq.dtype == torch.float32
+        _state_fwd[(triton.cdiv(k_dim, bk), triton.cdiv(dv_dim, bv), bh)](
+            fk_, v_, h0_, states, final, n, n_chunks, k_dim, dv_dim,
+            HAS_H0=h0 is not None, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
+        out = _alloc((bh, n, dv_dim), torch.float32, fq.device)
+        _output_fwd[(n_chunks, triton.cdiv(dv_dim, bv), bh)](
+            fq_, fk_, v_, states, out, n, n_chunks, k_dim, dv_dim, INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
+        ctx.save_for_backward(fq_, fk_, v_, states)
+        ctx.meta = (batch, heads, n, k_dim, dv_dim, n_chunks, chunk, intra, bk, bv, upcast, fq.dtype, v.dtype,
+                    h0 is not None)
+        return out.view(batch, heads, n, dv_dim), final.view(batch, heads, k_dim, dv_dim)
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        fq_, fk_, v_, states = ctx.saved_tensors
+        batch, heads, n, k_dim, dv_dim, n_chunks, chunk, intra, bk, bv, upcast, q_dtype, v_dtype, has_h0 = ctx.meta
+        bh = batch * heads
+        do_ = _flat(d_out.float())
+        grads = _alloc((bh, n_chunks, k_dim, dv_dim), torch.float32, fq_.device)
+        dh0 = _alloc((bh, k_dim, dv_dim), torch.float32, fq_.device)
+        _state_bwd[(triton.cdiv(k_dim, bk), triton.cdiv(dv_dim, bv), bh)](
+            fq_, do_, grads, dh0, n, n_chunks, k_dim, dv_dim, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
+        if d_final is not None:  # the final state reads every key: it adds to every chunk's g
+            grads += _flat(d_final.float())[:, None]
+            dh0 += _flat(d_final.float())
+        dfq = _alloc((bh, n, k_dim), torch.float32, fq_.device)
+        dfk = _alloc((bh, n, k_dim), torch.float32, fq_.device)
+        _grad_qk[(n_chunks, triton.cdiv(k_dim, bk), bh)](
+            fq_, fk_, v_, do_, states, grads, dfq, dfk, n, n_chunks, k_dim, dv_dim,
+            INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
+        dv = _alloc((bh, n, dv_dim), torch.float32, fq_.device)
+        _grad_v[(n_chunks, triton.cdiv(dv_dim, bv), bh)](
+            fq_, fk_, do_, grads, dv, n, n_chunks, k_dim, dv_dim, INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
+        shape_qk, shape_v = (batch, heads, n, k_dim), (batch, heads, n, dv_dim)
+        return (dfq.view(shape_qk).to(q_dtype), dfk.view(shape_qk).to(q_dtype), dv.view(shape_v).to(v_dtype),
+                dh0.view(batch, heads, k_dim, dv_dim) if has_h0 else None, None, None)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+
+
+def linear_attention_triton(fq, fk, v, *, normalize=True, initial_state=None, chunk: int = 64):
+    """Triton counterpart of ``linear_attention_torch``: ``(o [B,H,T,V], final state [B,H,K,V+1])``."""
+    out, final = _ChunkedLinear.apply(fq, fk, _with_ones(v), initial_state, chunk, True)
+    o = out[..., :-1] / out[..., -1:] if normalize else out[..., :-1]
+    return o.to(v.dtype), final
+
+
+# ---------------------------------------------------------------- hybrid: window softmax part
+
+
+@triton.jit
+def _window_fwd(Q, K, V, W, M, IDX, T, D, DV, scale,
+                TERRACE: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    ot = tl.arange(0, C)
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    tq = c * C + ot
+    tp = tq - C  # keys of the previous chunk
+    q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=(tq[:, None] < T) & (od[None, :] < D), other=0.0)
+    k_own = tl.load(K + (bh * T + tq[:, None]) * D + od[None, :], mask=(tq[:, None] < T) & (od[None, :] < D), other=0.0)
+    k_prev = tl.load(K + (bh * T + tp[:, None]) * D + od[None, :], mask=(tp[:, None] >= 0) & (od[None, :] < D), other=0.0)
+    if UPCAST:
+        q, k_own, k_prev = q.to(tl.float32), k_own.to(tl.float32), k_prev.to(tl.float32)
+    s_own = tl.dot(q, tl.trans(k_own)) * scale
+    s_prev = tl.dot(q, tl.trans(k_prev)) * scale
+    own_ok = (ot[None, :] <= ot[:, None]) & (tq[None, :] < T)
+    prev_ok = (tp[None, :] >= 0) & (ot[:, None] >= 0)
+    if not TERRACE:
+        prev_ok = prev_ok & (ot[None, :] > ot[:, None])
+    s_own = tl.where(own_ok, s_own, float("-inf"))
+    s_prev = tl.where(prev_ok, s_prev, float("-inf"))
+    max_own = tl.max(s_own, 1)
+    max_prev = tl.max(s_prev, 1)
+    m = tl.maximum(max_own, max_prev)
+    idx = tl.where(max_own > max_prev, c * C + tl.argmax(s_own, 1), (c - 1) * C + tl.argmax(s_prev, 1))
+    p_own = tl.where(own_ok, tl.exp(s_own - m[:, None]), 0.0)
+    p_prev = tl.where(prev_ok, tl.exp(s_prev - m[:, None]), 0.0)
+    v_own = tl.load(V + (bh * T + tq[:, None]) * DV + ov[None, :], mask=(tq[:, None] < T) & (ov[None, :] < DV), other=0.0)
+    v_prev = tl.load(V + (bh * T + tp[:, None]) * DV + ov[None, :], mask=(tp[:, None] >= 0) & (ov[None, :] < DV), other=0.0)
+    w = tl.dot(p_own, v_own.to(tl.float32)) + tl.dot(p_prev, v_prev.to(tl.float32))
+    row_ok = tq < T
+    tl.store(W + (bh * T + tq[:, None]) * DV + ov[None, :], w, mask=row_ok[:, None] & (ov[None, :] < DV))
+    tl.store(M + bh * T + tq, m, mask=row_ok)
+    tl.store(IDX + bh * T + tq, idx.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _window_probs(q, k, m, tq, tk, prev: tl.constexpr, T, scale, TERRACE: tl.constexpr, C: tl.constexpr):
+    """``P [C, C]`` of query rows ``tq`` on key columns ``tk`` (the own or the previous chunk) at fixed ``m``."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    oq = tq % C
+    ok_ = tk % C
+    if prev:
+        allowed = (tk[None, :] >= 0) & (tq[:, None] < T)
+        if not TERRACE:
+            allowed = allowed & (ok_[None, :] > oq[:, None])
+    else:
+        allowed = (ok_[None, :] <= oq[:, None]) & (tk[None, :] < T) & (tq[:, None] < T)
+    return tl.where(allowed, tl.exp(s - m[:, None]), 0.0)
+
+
+@triton.jit
+def _window_bwd_q(Q, K, V, M, DW, DQ, T, D, DV, scale,
+                  TERRACE: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    ot = tl.arange(0, C)
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    tq = c * C + ot
+    q_mask = (tq[:, None] < T) & (od[None, :] < D)
+    q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    m = tl.load(M + bh * T + tq, mask=tq < T, other=0.0)
+    dw = tl.load(DW + (bh * T + tq[:, None]) * DV + ov[None, :], mask=(tq[:, None] < T) & (ov[None, :] < DV), other=0.0)
+    dq = tl.zeros([C, BD], tl.float32)
+    for j in range(2):
+        tk = tq - j * C
+        k = tl.load(K + (bh * T + tk[:, None]) * D + od[None, :], mask=(tk[:, None] >= 0) & (tk[:, None] < T) & (od[None, :] < D),
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + (bh * T + tk[:, None]) * DV + ov[None, :],
+                    mask=(tk[:, None] >= 0) & (tk[:, None] < T) & (ov[None, :] < DV), other=0.0).to(tl.float32)
+        p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
+        ds = p * tl.dot(dw.to(tl.float32), tl.trans(v))
+        dq += tl.dot(ds, k) * scale
+    tl.store(DQ + (bh * T + tq[:, None]) * D + od[None, :], dq, mask=q_mask)
+
+
+@triton.jit
+def _window_bwd_kv(Q, K, V, M, DW, DK, DVV, T, D, DV, scale,
+                   TERRACE: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    ot = tl.arange(0, C)
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    tk = c * C + ot
+    k_mask = (tk[:, None] < T) & (od[None, :] < D)
+    v_mask = (tk[:, None] < T) & (ov[None, :] < DV)
+    k = tl.load(K + (bh * T + tk[:, None]) * D + od[None, :], mask=k_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + (bh * T + tk[:, None]) * DV + ov[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    dk = tl.zeros([C, BD], tl.float32)
+    dv = tl.zeros([C, BV], tl.float32)
+    for j in range(2):  # queries of the own chunk (j = 0) and of the next one (j = 1)
+        tq = tk + j * C
+        q_ok = tq < T
+        q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0).to(tl.float32)
+        m = tl.load(M + bh * T + tq, mask=q_ok, other=0.0)
+        dw = tl.load(DW + (bh * T + tq[:, None]) * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
+                     other=0.0).to(tl.float32)
+        p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
+        dv += tl.dot(tl.trans(p), dw)
+        ds = p * tl.dot(dw, tl.trans(v))
+        dk += tl.dot(tl.trans(ds), q) * scale
+    tl.store(DK + (bh * T + tk[:, None]) * D + od[None, :], dk, mask=k_mask)
+    tl.store(DVV + (bh * T + tk[:, None]) * DV + ov[None, :], dv, mask=v_mask)
+
+
+class _Window(torch.autograd.Function):
+    """``(W [B,H,T,V'], m [B,H,T], argmax [B,H,T])``: ``W_n = Σ_{i∈W_n} e^{s_ni − m_n} v_i`` with the
+    window maximum ``m_n`` and its key; differentiated at fixed ``m`` (see :func:`_window_part`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, window: int, terrace: bool):
+        batch, heads, n, d = q.shape
+        dv_dim = v.shape[-1]
+        q_, k_, v_ = _flat(q), _flat(k), _flat(v)
+        bh = batch * heads
+        w = _alloc((bh, n, dv_dim), torch.float32, q.device)
+        m = _alloc((bh, n), torch.float32, q.device)
+        idx = torch.full((bh, n), -1, dtype=torch.int64, device=q.device)
+        meta = dict(TERRACE=terrace, C=window, BD=max(16, triton.next_power_of_2(d)),
+                    BV=max(16, triton.next_power_of_2(dv_dim)), UPCAST=INTERPRET or q.dtype == torch.float32)
+        _window_fwd[(triton.cdiv(n, window), bh)](q_, k_, v_, w, m, idx, n, d, dv_dim, scale, **meta)
+        ctx.save_for_backward(q_, k_, v_, m)
+        ctx.meta, ctx.shape, ctx.scale = meta, (batch, heads, n, d, dv_dim), scale
+        ctx.dtypes = (q.dtype, v.dtype)
+        ctx.mark_non_differentiable(m, idx)
+        return w.view(batch, heads, n, dv_dim), m.view(batch, heads, n), idx.view(batch, heads, n)
+
+    @staticmethod
+    def backward(ctx, d_w, _dm, _didx):
+        q_, k_, v_, m = ctx.saved_tensors
+        batch, heads, n, d, dv_dim = ctx.shape
+        bh, window = batch * heads, ctx.meta["C"]
+        dw = _flat(d_w.float())
+        dq = _alloc((bh, n, d), torch.float32, q_.device)
+        dk = _alloc((bh, n, d), torch.float32, q_.device)
+        dv = _alloc((bh, n, dv_dim), torch.float32, q_.device)
+        grid = (triton.cdiv(n, window), bh)
+        _window_bwd_q[grid](q_, k_, v_, m, dw, dq, n, d, dv_dim, ctx.scale, **ctx.meta)
+        _window_bwd_kv[grid](q_, k_, v_, m, dw, dk, dv, n, d, dv_dim, ctx.scale, **ctx.meta)
+        q_dtype, v_dtype = ctx.dtypes
+        return (dq.view(batch, heads, n, d).to(q_dtype), dk.view(batch, heads, n, d).to(q_dtype),
+                dv.view(batch, heads, n, dv_dim).to(v_dtype), None, None, None)
+
+
+def _window_part(q, k, v1, scale: float, window: int, terrace: bool) -> torch.Tensor:
+    """``Σ_{W_n} e^{s − m_n} [v, 1]`` with the gradient through the window maximum ``m_n``: the
+    kernel differentiates at fixed ``m``; ``m`` recomputed in torch from the maximal key adds
+    ``∂/∂m = −W`` (the value is unchanged: the factor is exactly one)."""
+    w, _, idx = _Window.apply(q, k, v1, scale, window, terrace)
+    k_max = torch.gather(k, 2, idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
+    m = (q.float() * k_max.float()).sum(-1, keepdim=True) * scale
+    return w * torch.exp(m.detach() - m)
+
+
+def _shift(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``x`` delayed by one chunk along time (zeros first)."""
+    return torch.nn.functional.pad(x, (0, 0, chunk, 0))[:, :, : x.shape[2]]
+
+
+def hybrid_attention_triton(q, k, v, fq, fk, gamma, *, window: int, terrace: bool, scale: float):
+    """Triton counterpart of ``hybrid_attention_torch`` (window must be one of :data:`WINDOWS`)."""
+    if window not in WINDOWS:
+        raise ValueError(f"the Triton hybrid kernel supports windows {WINDOWS}, got {window}; use backend='torch'")
+    v1 = _with_ones(v)
+    lin, _ = _ChunkedLinear.apply(fq, _shift(fk, window), _shift(v1, window), None, window, not terrace)
+    soft = _window_part(q, k, v1, scale, window, terrace)
+    num = lin + gamma.float()[None, :, None, None] * soft
+    return (num[..., :-1] / num[..., -1:]).to(v.dtype)
