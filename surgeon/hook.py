@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math, editing
+from .linear_layer import LinearAttention
 from .models import ModelShape, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
 from .request import Request, RequestState, span_mask
@@ -255,6 +256,21 @@ def register() -> None:
 register()
 
 
+def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice) -> None:
+    """Layers converted to linear attention never call the attention interface: an edit, tap,
+    gate or splice there would be silently ignored, so it is refused."""
+    converted = {m.layer_idx for m in modules if isinstance(m, LinearAttention)}
+    if not converted:
+        return
+    touched = plan.layers() | set(taps.attention) | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
+    if gates is not None:
+        touched |= converted
+    clash = sorted(touched & converted)
+    if clash:
+        raise PlanError(f"layers {clash} are converted to linear attention, which the attention hook does not reach; "
+                        "edit, record or gate softmax layers only")
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
     """The modules that call the attention interface: those with an integer ``layer_idx`` and
     q/k projections or a ``scaling``, in the language model only."""
@@ -326,6 +342,7 @@ def attach(
     bad = [layer for layer in splice or {} if not 0 <= layer < shape.n_layers]
     if bad:
         raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
+    _refuse_converted_layers(modules, plan, taps, gates, splice)
     session = Session(shape, plan, taps, gates, request, splice)
     hooks = _residual_hooks(model, plan, session)
     try:

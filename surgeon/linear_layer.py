@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
-from headlab.kernels.linear_attention import hybrid_attention, linear_attention
-from headlab.kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
+from ..kernels.linear_attention import hybrid_attention, linear_attention
+from ..kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
 
 from .hedgehog import FeatureMap, LinearSettings, logit
 

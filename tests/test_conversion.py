@@ -188,6 +188,20 @@ def test_padding_and_bad_layers_are_refused():
         convert(model, LinearSettings(layers=(0,)))
 
 
+def test_hook_refuses_edits_and_taps_on_converted_layers():
+    from headlab.surgeon import HeadScale, Plan, PlanError, Taps, attach
+
+    model = converted(layers=(0,))
+    with pytest.raises(PlanError, match="converted"):
+        with attach(model, Plan([HeadScale(layer=0, heads=(1,), scale=0.0)])):
+            pass
+    with pytest.raises(PlanError, match="converted"):
+        with attach(model, taps=Taps(head_outputs=[0])):
+            pass
+    with attach(model, Plan([HeadScale(layer=1, heads=(1,), scale=0.0)])):  # softmax layers stay editable
+        model(ids())
+
+
 def test_attention_with_extra_submodules_is_refused():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
