@@ -1,0 +1,81 @@
+"""CPU benchmark: decoding cost vs context length, converted (hybrid, plain linear) vs original softmax.
+
+A random-weight model with SmolLM2-135M's exact config (30 layers, 9 query / 3 KV heads, head dim 64)
+is converted without training: memory and time per token do not depend on the trained values. For
+each context length N the model prefills N tokens with a cache, then greedily decodes ``--new``
+tokens; we report the median time per decoded token and the bytes the cache holds after decoding
+(softmax: the KV cache, growing with N; converted: window keys plus the state, flat).
+
+    python benchmarks/linear_decode_cpu.py --lengths 256 1024 2048 4096 --out benchmarks/results/linear_decode_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from headlab.surgeon import model_directory
+from headlab.surgeon.conversion import convert
+from headlab.surgeon.files import write_json
+from headlab.surgeon.hedgehog import LinearSettings
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every layer of a transformers cache (KV tensors, or window plus state)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "memory_bytes"):
+            total += layer.memory_bytes()
+        elif layer.keys is not None:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
+
+
+@torch.no_grad()
+def decode(model, n_context: int, n_new: int) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (1, n_context), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill = time.perf_counter() - started
+    cache, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    for _ in range(n_new):
+        started = time.perf_counter()
+        out = model(token, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - started)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return {"prefill_s": round(prefill, 3), "ms_per_token": round(1000 * statistics.median(times), 2),
+            "cache_mib": round(cache_bytes(cache) / 2**20, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+    parser.add_argument("--new", type=int, default=16, help="decoded tokens per length")
+    parser.add_argument("--out", default="benchmarks/results/linear_decode_cpu.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_directory("smollm2-135m"))
+    original = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    models = {"softmax (original)": original}
+    for form in ("hybrid", "linear"):
+        models[form] = convert(copy.deepcopy(original), LinearSettings(form=form))
+    rows = []
+    for n in args.lengths:
+        for name, model in models.items():
+            row = {"model": name, "context": n, **decode(model, n, args.new)}
+            rows.append(row)
+            print(row, flush=True)
+    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "model": "SmolLM2-135M config, random weights", "new_tokens": args.new,
+              "rows": rows}
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
