@@ -54,10 +54,14 @@ def main() -> None:
     args = parser.parse_args()
     lengths = tuple(int(x) for x in args.lengths.split(","))
     torch.manual_seed(0)
-    summary = {"settings": vars(args), "threads": torch.get_num_threads(), "forms": {}}
-    model, tokenizer = load_model("smollm2-135m")
-    summary["original"] = {"needles": needle_recall(model, tokenizer, lengths), "sample": sample(model, tokenizer)}
-    del model
+    path = Path(args.out) / "hedgehog_smollm2.json"
+    # Forms run separately (--forms) are merged into one summary; the original is measured once.
+    summary = json.loads(path.read_text()) if path.exists() else {"forms": {}}
+    summary.update({"settings": vars(args), "threads": torch.get_num_threads()})
+    if "original" not in summary:
+        model, tokenizer = load_model("smollm2-135m")
+        summary["original"] = {"needles": needle_recall(model, tokenizer, lengths), "sample": sample(model, tokenizer)}
+        del model
     for form in args.forms.split(","):
         target = Path(args.work) / form
         started = time.perf_counter()
@@ -75,8 +79,7 @@ def main() -> None:
             "needles": needle_recall(converted, tokenizer, lengths),
             "sample": sample(converted, tokenizer),
         }
-        write_json(Path(args.out) / "hedgehog_smollm2.json", summary)
-    write_json(Path(args.out) / "hedgehog_smollm2.json", summary)
+        write_json(path, summary)
     print(json.dumps({f: v["held_out_perplexity"] for f, v in summary["forms"].items()}, indent=2))
 
 
