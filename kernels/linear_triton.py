@@ -28,14 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_torch import with_ones
+from .stats_triton import _alloc
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WINDOWS = (16, 32, 64, 128)
-
-
-def _alloc(shape, dtype, device):
-    if INTERPRET:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _tile(n: int) -> int:
@@ -241,13 +238,9 @@ class _ChunkedLinear(torch.autograd.Function):
                 dh0.view(batch, heads, k_dim, dv_dim) if has_h0 else None, None, None)
 
 
-def _with_ones(v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
-
-
 def linear_attention_triton(fq, fk, v, *, normalize=True, initial_state=None, chunk: int = 64):
     """Triton counterpart of ``linear_attention_torch``: ``(o [B,H,T,V], final state [B,H,K,V+1])``."""
-    out, final = _ChunkedLinear.apply(fq, fk, _with_ones(v), initial_state, chunk, True)
+    out, final = _ChunkedLinear.apply(fq, fk, with_ones(v), initial_state, chunk, True)
     o = out[..., :-1] / out[..., -1:] if normalize else out[..., :-1]
     return o.to(v.dtype), final
 
@@ -419,7 +412,7 @@ def hybrid_attention_triton(q, k, v, fq, fk, gamma, *, window: int, terrace: boo
     """Triton counterpart of ``hybrid_attention_torch`` (window must be one of :data:`WINDOWS`)."""
     if window not in WINDOWS:
         raise ValueError(f"the Triton hybrid kernel supports windows {WINDOWS}, got {window}; use backend='torch'")
-    v1 = _with_ones(v)
+    v1 = with_ones(v)
     lin, _ = _ChunkedLinear.apply(fq, _shift(fk, window), _shift(v1, window), None, window, not terrace)
     soft = _window_part(q, k, v1, scale, window, terrace)
     num = lin + gamma.float()[None, :, None, None] * soft
