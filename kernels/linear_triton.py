@@ -39,6 +39,20 @@ def _tile(n: int) -> int:
     return min(64, max(16, triton.next_power_of_2(n)))
 
 
+@triton.jit
+def _load_rows(PTR, bh, T, t, cols, width):
+    """Tile ``[rows t, columns cols]`` of a contiguous ``[BH, T, width]`` tensor; zeros outside it."""
+    mask = (t[:, None] >= 0) & (t[:, None] < T) & (cols[None, :] < width)
+    return tl.load(PTR + (bh * T + t[:, None]) * width + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, bh, T, t, cols, width, value):
+    """Store a tile into a contiguous ``[BH, T, width]`` tensor, skipping what lies outside it."""
+    mask = (t[:, None] >= 0) & (t[:, None] < T) & (cols[None, :] < width)
+    tl.store(PTR + (bh * T + t[:, None]) * width + cols[None, :], value, mask=mask)
+
+
 # ---------------------------------------------------------------- linear attention, forward
 
 
@@ -56,8 +70,8 @@ def _state_fwd(FK, V, H0, HS, HT, T, NT, K, DV,
     for c in range(NT):
         tl.store(HS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :], h, mask=kv_mask)
         t = c * C + ot
-        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=(t[:, None] < T) & (ok[None, :] < K), other=0.0)
-        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < DV), other=0.0)
+        fk = _load_rows(FK, bh, T, t, ok, K)
+        v = _load_rows(V, bh, T, t, ov, DV)
         if UPCAST:
             fk, v = fk.to(tl.float32), v.to(tl.float32)
         h += tl.dot(tl.trans(fk), v)
@@ -71,27 +85,26 @@ def _output_fwd(FQ, FK, V, HS, O, T, NT, K, DV,
     ot = tl.arange(0, C)
     t = c * C + ot
     ov = iv * BV + tl.arange(0, BV)
-    row_ok = t < T
     acc = tl.zeros([C, BV], tl.float32)
     a = tl.zeros([C, C], tl.float32)
     for ik in range(tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
-        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=row_ok[:, None] & (ok[None, :] < K), other=0.0)
+        fq = _load_rows(FQ, bh, T, t, ok, K)
         h = tl.load(HS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :],
                     mask=(ok[:, None] < K) & (ov[None, :] < DV), other=0.0)
         if UPCAST:
             fq = fq.to(tl.float32)
         acc += tl.dot(fq.to(h.dtype), h)
         if INTRA:
-            fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=row_ok[:, None] & (ok[None, :] < K), other=0.0)
+            fk = _load_rows(FK, bh, T, t, ok, K)
             if UPCAST:
                 fk = fk.to(tl.float32)
             a += tl.dot(fq, tl.trans(fk))
     if INTRA:
         a = tl.where(ot[None, :] <= ot[:, None], a, 0.0)
-        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=row_ok[:, None] & (ov[None, :] < DV), other=0.0)
+        v = _load_rows(V, bh, T, t, ov, DV)
         acc += tl.dot(a, v.to(tl.float32))
-    tl.store(O + (bh * T + t[:, None]) * DV + ov[None, :], acc, mask=row_ok[:, None] & (ov[None, :] < DV))
+    _store_rows(O, bh, T, t, ov, DV, acc)
 
 
 # ---------------------------------------------------------------- linear attention, backward
@@ -110,8 +123,8 @@ def _state_bwd(FQ, DO, GS, DH0, T, NT, K, DV, C: tl.constexpr, BK: tl.constexpr,
         c = NT - 1 - i
         tl.store(GS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :], g, mask=kv_mask)
         t = c * C + ot
-        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=(t[:, None] < T) & (ok[None, :] < K), other=0.0)
-        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=(t[:, None] < T) & (ov[None, :] < DV), other=0.0)
+        fq = _load_rows(FQ, bh, T, t, ok, K)
+        do = _load_rows(DO, bh, T, t, ov, DV)
         if UPCAST:
             fq = fq.to(tl.float32)
         g += tl.dot(tl.trans(fq), do.to(fq.dtype))
@@ -124,17 +137,14 @@ def _grad_qk(FQ, FK, V, DO, HS, GS, DFQ, DFK, T, NT, K, DV,
     c, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ot = tl.arange(0, C)
     t = c * C + ot
-    row_ok = t < T
     ok = ik * BK + tl.arange(0, BK)
-    qk_mask = row_ok[:, None] & (ok[None, :] < K)
     dq = tl.zeros([C, BK], tl.float32)
     dk = tl.zeros([C, BK], tl.float32)
     da = tl.zeros([C, C], tl.float32)
     for iv in range(tl.cdiv(DV, BV)):
         ov = iv * BV + tl.arange(0, BV)
-        tv_mask = row_ok[:, None] & (ov[None, :] < DV)
-        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        do = _load_rows(DO, bh, T, t, ov, DV).to(tl.float32)
+        v = _load_rows(V, bh, T, t, ov, DV).to(tl.float32)
         kv_off = ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :]
         kv_mask = (ok[:, None] < K) & (ov[None, :] < DV)
         h = tl.load(HS + kv_off, mask=kv_mask, other=0.0)
@@ -145,12 +155,12 @@ def _grad_qk(FQ, FK, V, DO, HS, GS, DFQ, DFK, T, NT, K, DV,
             da += tl.dot(do, tl.trans(v))
     if INTRA:
         da = tl.where(ot[None, :] <= ot[:, None], da, 0.0)
-        fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        fq = _load_rows(FQ, bh, T, t, ok, K).to(tl.float32)
+        fk = _load_rows(FK, bh, T, t, ok, K).to(tl.float32)
         dq += tl.dot(da, fk)
         dk += tl.dot(tl.trans(da), fq)
-    tl.store(DFQ + (bh * T + t[:, None]) * K + ok[None, :], dq, mask=qk_mask)
-    tl.store(DFK + (bh * T + t[:, None]) * K + ok[None, :], dk, mask=qk_mask)
+    _store_rows(DFQ, bh, T, t, ok, K, dq)
+    _store_rows(DFK, bh, T, t, ok, K, dk)
 
 
 @triton.jit
@@ -159,26 +169,23 @@ def _grad_v(FQ, FK, DO, GS, DV_OUT, T, NT, K, DV,
     c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ot = tl.arange(0, C)
     t = c * C + ot
-    row_ok = t < T
     ov = iv * BV + tl.arange(0, BV)
-    tv_mask = row_ok[:, None] & (ov[None, :] < DV)
     dv = tl.zeros([C, BV], tl.float32)
     a = tl.zeros([C, C], tl.float32)
     for ik in range(tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
-        qk_mask = row_ok[:, None] & (ok[None, :] < K)
-        fk = tl.load(FK + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        fk = _load_rows(FK, bh, T, t, ok, K).to(tl.float32)
         g = tl.load(GS + ((bh * NT + c) * K + ok[:, None]) * DV + ov[None, :],
                     mask=(ok[:, None] < K) & (ov[None, :] < DV), other=0.0)
         dv += tl.dot(fk, g)
         if INTRA:
-            fq = tl.load(FQ + (bh * T + t[:, None]) * K + ok[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            fq = _load_rows(FQ, bh, T, t, ok, K).to(tl.float32)
             a += tl.dot(fq, tl.trans(fk))
     if INTRA:
         a = tl.where(ot[None, :] <= ot[:, None], a, 0.0)
-        do = tl.load(DO + (bh * T + t[:, None]) * DV + ov[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        do = _load_rows(DO, bh, T, t, ov, DV).to(tl.float32)
         dv += tl.dot(tl.trans(a), do)
-    tl.store(DV_OUT + (bh * T + t[:, None]) * DV + ov[None, :], dv, mask=tv_mask)
+    _store_rows(DV_OUT, bh, T, t, ov, DV, dv)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +264,9 @@ def _window_fwd(Q, K, V, W, M, IDX, T, D, DV, scale,
     ov = tl.arange(0, BV)
     tq = c * C + ot
     tp = tq - C  # keys of the previous chunk
-    q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=(tq[:, None] < T) & (od[None, :] < D), other=0.0)
-    k_own = tl.load(K + (bh * T + tq[:, None]) * D + od[None, :], mask=(tq[:, None] < T) & (od[None, :] < D), other=0.0)
-    k_prev = tl.load(K + (bh * T + tp[:, None]) * D + od[None, :], mask=(tp[:, None] >= 0) & (od[None, :] < D), other=0.0)
+    q = _load_rows(Q, bh, T, tq, od, D)
+    k_own = _load_rows(K, bh, T, tq, od, D)
+    k_prev = _load_rows(K, bh, T, tp, od, D)
     if UPCAST:
         q, k_own, k_prev = q.to(tl.float32), k_own.to(tl.float32), k_prev.to(tl.float32)
     s_own = tl.dot(q, tl.trans(k_own)) * scale
@@ -276,11 +283,11 @@ def _window_fwd(Q, K, V, W, M, IDX, T, D, DV, scale,
     idx = tl.where(max_own > max_prev, c * C + tl.argmax(s_own, 1), (c - 1) * C + tl.argmax(s_prev, 1))
     p_own = tl.where(own_ok, tl.exp(s_own - m[:, None]), 0.0)
     p_prev = tl.where(prev_ok, tl.exp(s_prev - m[:, None]), 0.0)
-    v_own = tl.load(V + (bh * T + tq[:, None]) * DV + ov[None, :], mask=(tq[:, None] < T) & (ov[None, :] < DV), other=0.0)
-    v_prev = tl.load(V + (bh * T + tp[:, None]) * DV + ov[None, :], mask=(tp[:, None] >= 0) & (ov[None, :] < DV), other=0.0)
+    v_own = _load_rows(V, bh, T, tq, ov, DV)
+    v_prev = _load_rows(V, bh, T, tp, ov, DV)
     w = tl.dot(p_own, v_own.to(tl.float32)) + tl.dot(p_prev, v_prev.to(tl.float32))
     row_ok = tq < T
-    tl.store(W + (bh * T + tq[:, None]) * DV + ov[None, :], w, mask=row_ok[:, None] & (ov[None, :] < DV))
+    _store_rows(W, bh, T, tq, ov, DV, w)
     tl.store(M + bh * T + tq, m, mask=row_ok)
     tl.store(IDX + bh * T + tq, idx.to(tl.int64), mask=row_ok)
 
@@ -308,21 +315,18 @@ def _window_bwd_q(Q, K, V, M, DW, DQ, T, D, DV, scale,
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     tq = c * C + ot
-    q_mask = (tq[:, None] < T) & (od[None, :] < D)
-    q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q = _load_rows(Q, bh, T, tq, od, D).to(tl.float32)
     m = tl.load(M + bh * T + tq, mask=tq < T, other=0.0)
-    dw = tl.load(DW + (bh * T + tq[:, None]) * DV + ov[None, :], mask=(tq[:, None] < T) & (ov[None, :] < DV), other=0.0)
+    dw = _load_rows(DW, bh, T, tq, ov, DV)
     dq = tl.zeros([C, BD], tl.float32)
     for j in range(2):
         tk = tq - j * C
-        k = tl.load(K + (bh * T + tk[:, None]) * D + od[None, :], mask=(tk[:, None] >= 0) & (tk[:, None] < T) & (od[None, :] < D),
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + (bh * T + tk[:, None]) * DV + ov[None, :],
-                    mask=(tk[:, None] >= 0) & (tk[:, None] < T) & (ov[None, :] < DV), other=0.0).to(tl.float32)
+        k = _load_rows(K, bh, T, tk, od, D).to(tl.float32)
+        v = _load_rows(V, bh, T, tk, ov, DV).to(tl.float32)
         p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
         ds = p * tl.dot(dw.to(tl.float32), tl.trans(v))
         dq += tl.dot(ds, k) * scale
-    tl.store(DQ + (bh * T + tq[:, None]) * D + od[None, :], dq, mask=q_mask)
+    _store_rows(DQ, bh, T, tq, od, D, dq)
 
 
 @triton.jit
@@ -333,25 +337,22 @@ def _window_bwd_kv(Q, K, V, M, DW, DK, DVV, T, D, DV, scale,
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     tk = c * C + ot
-    k_mask = (tk[:, None] < T) & (od[None, :] < D)
-    v_mask = (tk[:, None] < T) & (ov[None, :] < DV)
-    k = tl.load(K + (bh * T + tk[:, None]) * D + od[None, :], mask=k_mask, other=0.0).to(tl.float32)
-    v = tl.load(V + (bh * T + tk[:, None]) * DV + ov[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    k = _load_rows(K, bh, T, tk, od, D).to(tl.float32)
+    v = _load_rows(V, bh, T, tk, ov, DV).to(tl.float32)
     dk = tl.zeros([C, BD], tl.float32)
     dv = tl.zeros([C, BV], tl.float32)
     for j in range(2):  # queries of the own chunk (j = 0) and of the next one (j = 1)
         tq = tk + j * C
         q_ok = tq < T
-        q = tl.load(Q + (bh * T + tq[:, None]) * D + od[None, :], mask=q_ok[:, None] & (od[None, :] < D), other=0.0).to(tl.float32)
+        q = _load_rows(Q, bh, T, tq, od, D).to(tl.float32)
         m = tl.load(M + bh * T + tq, mask=q_ok, other=0.0)
-        dw = tl.load(DW + (bh * T + tq[:, None]) * DV + ov[None, :], mask=q_ok[:, None] & (ov[None, :] < DV),
-                     other=0.0).to(tl.float32)
+        dw = _load_rows(DW, bh, T, tq, ov, DV).to(tl.float32)
         p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
         dv += tl.dot(tl.trans(p), dw)
         ds = p * tl.dot(dw, tl.trans(v))
         dk += tl.dot(tl.trans(ds), q) * scale
-    tl.store(DK + (bh * T + tk[:, None]) * D + od[None, :], dk, mask=k_mask)
-    tl.store(DVV + (bh * T + tk[:, None]) * DV + ov[None, :], dv, mask=v_mask)
+    _store_rows(DK, bh, T, tk, od, D, dk)
+    _store_rows(DVV, bh, T, tk, ov, DV, dv)
 
 
 class _Window(torch.autograd.Function):
