@@ -7,6 +7,10 @@
 W_dec[indices[:, r]] + b_dec`` through ``embedding_bag`` (forward and backward cost ``O(B·k·d)``,
 never the dense ``B × d_sae`` code).
 
+``backend="auto"`` picks the Triton kernels (:mod:`.sae_triton`) for CUDA tensors with ``k ≤ 512``
+and the torch path (sparse ``index_add``/``embedding_bag``) otherwise; ``"triton"`` forces the
+kernels (on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the torch path.
+
 ``dense_reference_*`` are the specifications (dense codes, plain matmuls) the tests compare
 against. ``x`` is never differentiated (it is data).
 """
@@ -15,6 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .attention_stats import resolve_backend
+
+MAX_TRITON_K = 512  # SPEC §7.3: larger k falls back to the torch path
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -44,16 +52,42 @@ class _TopKEncode(torch.autograd.Function):
         return None, grad_w, per_latent if ctx.needs_input_grad[2] else None, grad_b_dec, None
 
 
-def topk_encode(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int):
+def _use_triton(backend: str, device: torch.device, k: int) -> bool:
+    if resolve_backend(backend, device) != "triton":
+        return False
+    if k > MAX_TRITON_K:
+        if backend == "triton":
+            raise ValueError(f"the Triton SAE kernels handle k up to {MAX_TRITON_K}, got {k}; use backend='torch'")
+        return False
+    return True
+
+
+def topk_encode(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int,
+                backend: str = "auto"):
     """``(values [B, k], indices [B, k])``: the ``k`` largest of ``ReLU((x − b_dec) W_enc + b_enc)``
     per row (``x [B, d]``, ``W_enc [d, n]``), with a backward that only touches chosen latents."""
     if not 0 < k <= w_enc.shape[1]:
         raise ValueError(f"k must be in 1..{w_enc.shape[1]}, got {k}")
+    if x.dim() != 2 or tuple(w_enc.shape) != (x.shape[1], b_enc.shape[0]) or b_dec.shape != (x.shape[1],):
+        raise ValueError(f"expected x [B, d], W_enc [d, n], b_enc [n], b_dec [d]; got {tuple(x.shape)}, "
+                         f"{tuple(w_enc.shape)}, {tuple(b_enc.shape)}, {tuple(b_dec.shape)}")
+    if _use_triton(backend, x.device, k):
+        from .sae_triton import topk_encode_triton
+
+        return topk_encode_triton(x, w_enc, b_enc, b_dec, k)
     return _TopKEncode.apply(x, w_enc, b_enc, b_dec, k)
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
+                  backend: str = "auto") -> torch.Tensor:
     """``x̂ [B, d] = Σ_r values[:, r] · W_dec[indices[:, r]] + b_dec`` (``W_dec [n, d]``)."""
+    if values.shape != indices.shape or values.dim() != 2 or b_dec.shape != w_dec.shape[1:]:
+        raise ValueError(f"expected values and indices [B, k], W_dec [n, d], b_dec [d]; got {tuple(values.shape)}, "
+                         f"{tuple(indices.shape)}, {tuple(w_dec.shape)}, {tuple(b_dec.shape)}")
+    if _use_triton(backend, values.device, values.shape[1]):
+        from .sae_triton import sparse_decode_triton
+
+        return sparse_decode_triton(values, indices, w_dec, b_dec)
     return F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum") + b_dec
 
 
