@@ -52,6 +52,16 @@ class _TopKEncode(torch.autograd.Function):
         return None, grad_w, per_latent if ctx.needs_input_grad[2] else None, grad_b_dec, None
 
 
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The float tensors cast to the autocast dtype when autocast is on for their device (so the
+    encoder GEMM runs in bf16/fp16 with fp32 master weights, as under autocast any matmul would)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _use_triton(backend: str, device: torch.device, k: int) -> bool:
     if resolve_backend(backend, device) != "triton":
         return False
@@ -71,11 +81,13 @@ def topk_encode(x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec
     if x.dim() != 2 or tuple(w_enc.shape) != (x.shape[1], b_enc.shape[0]) or b_dec.shape != (x.shape[1],):
         raise ValueError(f"expected x [B, d], W_enc [d, n], b_enc [n], b_dec [d]; got {tuple(x.shape)}, "
                          f"{tuple(w_enc.shape)}, {tuple(b_enc.shape)}, {tuple(b_dec.shape)}")
+    x, w_enc, b_enc, b_dec = _autocast(x, w_enc, b_enc, b_dec)
     if _use_triton(backend, x.device, k):
         from .sae_triton import topk_encode_triton
 
         return topk_encode_triton(x, w_enc, b_enc, b_dec, k)
-    return _TopKEncode.apply(x, w_enc, b_enc, b_dec, k)
+    with torch.autocast(x.device.type, enabled=False):
+        return _TopKEncode.apply(x, w_enc, b_enc, b_dec, k)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor,
@@ -84,6 +96,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tens
     if values.shape != indices.shape or values.dim() != 2 or b_dec.shape != w_dec.shape[1:]:
         raise ValueError(f"expected values and indices [B, k], W_dec [n, d], b_dec [d]; got {tuple(values.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(w_dec.shape)}, {tuple(b_dec.shape)}")
+    values, w_dec, b_dec = _autocast(values, w_dec, b_dec)
     if _use_triton(backend, values.device, values.shape[1]):
         from .sae_triton import sparse_decode_triton
 

@@ -89,3 +89,17 @@ def test_backends_agree_and_large_k_is_refused_on_triton():
         topk_encode(x, *params[:3], 513, backend="triton")
     with pytest.raises(ValueError, match="expected x"):
         topk_encode(x[:, :5], *params[:3], 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_runs_the_ops_in_bf16_with_fp32_weights(backend):
+    x, params, grad_out = sae_tensors(12, 16, 64, torch.float32)
+    w_enc, b_enc, b_dec, w_dec = params
+    with torch.autocast(x.device.type, torch.bfloat16):
+        values, indices = topk_encode(x, w_enc, b_enc, b_dec, 4, backend=backend)
+        out = sparse_decode(values, indices, w_dec, b_dec, backend=backend)
+    assert values.dtype == out.dtype == torch.bfloat16
+    (out.float() * grad_out).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    want, _ = run(x, params, grad_out, 4, "reference")
+    assert rel_error(out, want) < 2e-2
