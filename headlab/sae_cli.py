@@ -24,7 +24,8 @@ def _train(args) -> int:
 
     settings = TrainSettings(arch=args.arch, k=args.k, expansion=args.expansion, tokens=args.tokens,
                              batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, lr=args.lr,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every)
+                             seed=args.seed, checkpoint_every=args.checkpoint_every, l1_coefficient=args.l1,
+                             resample_every=args.resample_every)
     _init_distributed()
     rank, world = rank_and_world()
     torch.manual_seed(args.seed)
@@ -138,7 +139,12 @@ def add_parser(sub) -> None:
     train.add_argument("--tokens", type=int, default=200_000, help="training tokens")
     train.add_argument("--batch-size", type=int, default=1024, help="global batch in tokens")
     train.add_argument("--buffer-tokens", type=int, default=32768, help="shuffle buffer size in tokens")
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 / sqrt(d_sae / 2^14))")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: 2e-4 / sqrt(d_sae / 2^14); relu: 1.2e-3)")
+    train.add_argument("--l1", type=float, default=1.0,
+                       help="relu: L1 coefficient on inputs normalised to E|x|^2 = d_in (unverified default)")
+    train.add_argument("--resample-every", type=int, default=25_000,
+                       help="relu: steps between dead-latent resamples (at most 4)")
     train.add_argument("--context", type=int, default=128, help="tokens per text window")
     train.add_argument("--eval-windows", type=int, default=16, help="held-out windows for metrics.json")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")

@@ -1,6 +1,6 @@
 """Training sparse autoencoders (SPEC §6.2–6.4): initialisation, losses, AuxK, the decoder-norm
-constraint, the learning-rate rule and schedule, atomic resumable checkpoints and data-parallel
-training over ``torch.distributed`` ranks.
+constraint, the learning-rate rule and schedule, dead-latent resampling (ReLU preset), atomic
+resumable checkpoints and data-parallel training over ``torch.distributed`` ranks.
 
 A run is deterministic given its seed and its batches: a killed run resumed from its last
 checkpoint ends with the same weights as an uninterrupted run (the checkpoint holds the model,
@@ -34,7 +34,11 @@ class TrainSettings:
 
     ``batch_size`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
     ``2e-4 / sqrt(d_sae / 2^14)``; warm-up is linear over ``warmup_steps`` (capped at 5% of the
-    run), then constant, then a linear decay to 0 over the last ``decay_fraction``.
+    run), then constant, then a linear decay to 0 over the last ``decay_fraction``. The ReLU + L1
+    preset (SPEC §6.2) instead uses Adam with betas (0, 0.9999), ``lr`` 1.2e-3 and a cosine decay
+    over the run whose linear warm-up restarts after each resample; every ``resample_every`` steps
+    (at most ``resample_times`` times) latents firing on less than ``dead_frequency`` of the tokens
+    since the previous resample are re-initialised from high-loss inputs.
     ``l1_coefficient`` (ReLU, on inputs normalised to ``E‖x‖² = d_in``) and ``l0_coefficient``
     (JumpReLU, inputs normalised to ``E‖x‖² = 1``) are (unverified) defaults. A latent is dead
     after ``dead_tokens`` tokens without firing (None: min(10M, a tenth of the run), since short
@@ -60,17 +64,38 @@ class TrainSettings:
     threshold_ema: float = 0.999
     seed: int = 0
     checkpoint_every: int = 100
+    resample_every: int = 25_000
+    resample_times: int = 4
+    dead_frequency: float = 1e-6
+
+    def __post_init__(self):
+        if self.resample_every < 1 or not 0 < self.dead_frequency < 1:
+            raise ValueError(f"resample_every must be >= 1 and dead_frequency in (0, 1), got "
+                             f"{self.resample_every} and {self.dead_frequency}")
 
     @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
-    def learning_rate(self, d_sae: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+    @property
+    def resamples(self) -> bool:
+        """Whether dead latents are resampled (the ReLU + L1 preset)."""
+        return self.arch == "relu" and self.resample_times > 0
 
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the learning rate at ``step`` (0-based)."""
+    def learning_rate(self, d_sae: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.2e-3 if self.arch == "relu" else 2e-4 / math.sqrt(d_sae / 2**14)
+
+    def adam_betas(self) -> tuple[float, float]:
+        return (0.0, 0.9999) if self.arch == "relu" else (0.9, 0.999)
+
+    def lr_factor(self, step: int, warm_from: int = 0) -> float:
+        """Multiplier of the learning rate at ``step`` (0-based); ``warm_from`` is the step of the
+        last resample, where the ReLU preset's warm-up restarts."""
         warmup = min(self.warmup_steps, max(1, self.steps // 20))
+        if self.arch == "relu":
+            return min(1.0, (step - warm_from + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
         decay_start = int(self.steps * (1 - self.decay_fraction))
         if step < warmup:
             return (step + 1) / warmup
@@ -171,9 +196,12 @@ class Trainer:
             raise ValueError(f"batch size {settings.batch_size} does not split over {self.world} ranks")
         self.folder = Path(folder) if folder is not None else None
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=settings.learning_rate(sae.d_sae),
-                                          betas=(0.9, 0.999), eps=6.25e-10)
+                                          betas=settings.adam_betas(), eps=6.25e-10)
         self.step, self.variance = 0, 1.0
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        # the ReLU preset's resampling window: firings per latent and tokens since the last resample
+        self.window_fires = torch.zeros(sae.d_sae, dtype=torch.long)
+        self.window_tokens, self.resampled, self.last_resample = 0, 0, 0
         self.history: list[dict] = []
 
     @property
@@ -186,6 +214,8 @@ class Trainer:
         """Write the whole run state atomically."""
         state = {"sae": self.sae.state_dict(), "config": self.sae.config(), "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "variance": self.variance, "since_fired": self.since_fired,
+                 "resampling": {"fires": self.window_fires, "tokens": self.window_tokens, "count": self.resampled,
+                                "last": self.last_resample},
                  "batches": self.batches.state_dict(), "settings": asdict(self.settings), "history": self.history}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -203,6 +233,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.variance = state["step"], state["variance"]
         self.since_fired = state["since_fired"]
+        resampling = state["resampling"]
+        self.window_fires, self.window_tokens = resampling["fires"], resampling["tokens"]
+        self.resampled, self.last_resample = resampling["count"], resampling["last"]
         self.batches.load_state_dict(state["batches"])
         self.history = state["history"]
         return True
@@ -231,11 +264,15 @@ class Trainer:
             sae.remove_parallel_gradient()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             for group in self.optimizer.param_groups:
-                group["lr"] = base_lr * settings.lr_factor(self.step)
+                group["lr"] = base_lr * settings.lr_factor(self.step, self.last_resample)
             self.optimizer.step()
             sae.normalise_decoder()
             stats = self._track(loss.detach(), codes)
             self.step += 1
+            if self._resample_due():
+                count = self.resample(x)
+                if count and self.rank == 0 and progress:
+                    bar.write(f"step {self.step}: resampled {count} dead latents")
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", L0=f"{stats['l0']:.1f}", dead=f"{stats['dead']:.3f}")
             if self.folder is not None and (self.step % settings.checkpoint_every == 0 or self.step == settings.steps):
@@ -258,6 +295,9 @@ class Trainer:
         fired = _all_reduce(active.any(0).to(torch.long), torch.distributed.ReduceOp.MAX if self.world > 1 else None)
         self.since_fired += self.settings.batch_size
         self.since_fired[fired.bool()] = 0
+        if self.settings.resamples:
+            self.window_fires += _all_reduce(active.sum(0).to(torch.long))
+            self.window_tokens += self.settings.batch_size
         if self.sae.arch == "batchtopk" and self.step >= min(1000, self.settings.warmup_steps):
             smallest = codes[active].min() if active.any() else torch.tensor(0.0)
             if self.world > 1:
@@ -270,3 +310,42 @@ class Trainer:
         if self.step % 10 == 0:
             self.history.append(stats)
         return stats
+
+    def _resample_due(self) -> bool:
+        settings = self.settings
+        return (settings.resamples and self.resampled < settings.resample_times
+                and self.step % settings.resample_every == 0 and self.step < settings.steps)
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """Re-initialise the latents that fired on less than ``dead_frequency`` of the tokens since
+        the last resample (SPEC §6.2, ReLU preset) from this step's normalised batch ``x`` (all
+        ranks' rows): inputs are drawn with probability ∝ their squared reconstruction loss (seeded
+        by seed and step, so every rank and a resumed run draw the same); the decoder row becomes
+        the unit direction of ``x − b_dec``, the encoder column that direction times 0.2 × the mean
+        encoder norm of the live latents, ``b_enc`` 0, and their Adam moments are reset. Returns
+        the number of latents resampled; starts a new window and restarts the warm-up."""
+        sae = self.sae
+        dead = (self.window_fires.double() / max(1, self.window_tokens) < self.settings.dead_frequency).nonzero().flatten()
+        self.window_fires.zero_()
+        self.window_tokens, self.resampled, self.last_resample = 0, self.resampled + 1, self.step
+        if dead.numel() == 0:
+            return 0
+        rows = _all_gather_rows(x)
+        losses = (rows - sae(rows).x_hat).pow(2).sum(1)
+        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
+        weights = losses.pow(2).cpu().double()
+        picked = torch.multinomial(weights if weights.sum() > 0 else torch.ones_like(weights), dead.numel(),
+                                   replacement=True, generator=generator)
+        directions = torch.nn.functional.normalize(rows[picked.to(rows.device)] - sae.b_dec, dim=1)
+        alive = torch.ones(sae.d_sae, dtype=torch.bool)
+        alive[dead] = False
+        encoder_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = directions.t() * 0.2 * encoder_norm
+        sae.b_enc[dead] = 0.0
+        for parameter, where in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            for moment in self.optimizer.state.get(parameter, {}).values():
+                if moment.dim() > 0:
+                    moment[where] = 0.0
+        return dead.numel()

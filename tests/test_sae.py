@@ -2,6 +2,7 @@
 deterministic and resumable training, data parallelism, save/load, evaluation through the hook,
 attribution and the dashboard."""
 
+import math
 import json
 import subprocess
 import sys
@@ -233,3 +234,58 @@ def test_sae_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sae", "train", "--help"])
     assert "--expansion" in capsys.readouterr().out
+
+
+def relu_trainer(folder=None, **overrides):
+    settings = TrainSettings(**{**SETTINGS.__dict__, "arch": "relu", "lr": 1e-2, "l1_coefficient": 0.01, **overrides})
+    sae = SparseAutoencoder(12, 48, "relu", n_heads=3, seed=0)
+    return Trainer(sae, ShuffleBuffer(Chunks(0), 16, 64, seed=0), settings, folder)
+
+
+def test_resampling_reinitialises_dead_latents_from_high_loss_inputs():
+    trainer = relu_trainer()
+    trainer.run(progress=False, stop_at=2)  # initialised, with Adam moments
+    sae = trainer.sae
+    before = {name: value.clone() for name, value in sae.state_dict().items()}
+    moments = {name: value.clone() for name, value in trainer.optimizer.state[sae.W_dec].items()}
+    trainer.window_fires.fill_(50)
+    trainer.window_fires[:5] = 0  # latents 0-4 never fired in this window
+    trainer.window_tokens = 100
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(3))
+    x[7] *= 100  # its squared loss outweighs the other rows' by far
+    alive_norm = sae.W_enc[:, 5:].norm(dim=0).mean()
+    assert trainer.resample(x) == 5
+    direction = torch.nn.functional.normalize(x[7] - sae.b_dec, dim=0)
+    assert torch.allclose(sae.W_dec[:5], direction.expand(5, -1), atol=1e-6)
+    assert torch.allclose(sae.W_enc[:, :5].norm(dim=0), 0.2 * alive_norm.expand(5), atol=1e-6)
+    assert torch.equal(sae.b_enc[:5], torch.zeros(5))
+    for name in ("W_dec", "b_enc"):
+        assert torch.equal(sae.state_dict()[name][5:], before[name][5:]), name
+    assert torch.equal(sae.W_enc[:, 5:], before["W_enc"][:, 5:])
+    for name, moment in trainer.optimizer.state[sae.W_dec].items():
+        if moment.dim():
+            assert not moment[:5].any() and torch.equal(moment[5:], moments[name][5:]), name
+    assert trainer.window_tokens == 0 and not trainer.window_fires.any() and trainer.last_resample == trainer.step
+    # the warm-up restarts at the resample; the cosine runs over the whole run
+    settings = TrainSettings(arch="relu", tokens=100 * 4096, warmup_steps=5)
+    assert settings.lr_factor(40, warm_from=40) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.4)))
+    assert settings.lr_factor(44, warm_from=40) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.44)))
+
+
+def test_relu_run_with_resampling_resumes_to_the_same_weights(tmp_path):
+    overrides = {"resample_every": 3, "dead_frequency": 0.3, "checkpoint_every": 2}
+
+    def run(folder, stop_at=None):
+        trainer = relu_trainer(folder, **overrides)
+        trainer.run(progress=False, stop_at=stop_at)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    assert whole.resampled == 2 and whole.last_resample == 6  # steps 3 and 6 of 8
+    assert whole.optimizer.param_groups[0]["betas"] == (0.0, 0.9999)
+    run(tmp_path / "killed", stop_at=5)
+    resumed = run(tmp_path / "killed")
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    with pytest.raises(ValueError, match="resample_every"):
+        TrainSettings(resample_every=0)
