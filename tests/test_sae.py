@@ -3,7 +3,6 @@ deterministic and resumable training, data parallelism, save/load, evaluation th
 attribution and the dashboard."""
 
 import math
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_llama
 from headlab.probes import views
