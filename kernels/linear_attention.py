@@ -1,8 +1,9 @@
 """Public entry points: causal linear attention and the LoLCATs hybrid (SPEC §3.1–3.2, §7.2).
 
 ``backend="auto"`` picks Triton for CUDA tensors and the chunked torch path elsewhere; ``"triton"``
-forces the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the
-chunked torch path. Both are differentiable. Shapes: ``fq, fk [B, H, T, K]`` (feature-mapped),
+forces the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``), and ``"auto"`` falls
+back to torch for hybrid forms they lack (other windows; fp32 with window 128); ``"torch"`` forces
+the chunked torch path. Both are differentiable. Shapes: ``fq, fk [B, H, T, K]`` (feature-mapped),
 ``q, k [B, H, T, D]``, ``v [B, H, T, V]`` with heads already GQA-expanded; ``gamma [H]``; a state is
 ``[B, H, K, V + 1]`` = ``Σ φk [v, 1]``. Specification: :mod:`.reference`.
 """
@@ -69,7 +70,9 @@ def hybrid_attention(
         raise ValueError(f"window must be at least 1, got {window}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_backend(backend, q.device) == "triton":
-        from .linear_triton import hybrid_attention_triton
+        from .linear_triton import hybrid_attention_triton, hybrid_unsupported
 
+        if backend == "auto" and hybrid_unsupported(window, q.dtype):  # CUDA, a form the kernel lacks
+            return hybrid_attention_torch(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)
         return hybrid_attention_triton(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)
     return hybrid_attention_torch(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)

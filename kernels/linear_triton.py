@@ -35,8 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WINDOWS = (16, 32, 64, 128)
 
 
-def _tile(n: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(n)))
+def _tile(n: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
 
 
 @triton.jit
@@ -202,7 +202,8 @@ class _ChunkedLinear(torch.autograd.Function):
         dv_dim = v.shape[-1]
         n_chunks = triton.cdiv(n, chunk)
         fq_, fk_, v_ = _flat(fq), _flat(fk), _flat(v)
-        bk, bv = _tile(k_dim), _tile(dv_dim)
+        cap = 32 if chunk >= 128 and fq.dtype == torch.float32 else 64  # fp32 tiles of 128 rows overflow shared memory
+        bk, bv = _tile(k_dim, cap), _tile(dv_dim, cap)
         bh = batch * heads
         states = _alloc((bh, n_chunks, k_dim, dv_dim), torch.float32, fq.device)
         final = _alloc((bh, k_dim, dv_dim), torch.float32, fq.device)
@@ -261,7 +262,6 @@ def _window_fwd(Q, K, V, W, M, IDX, T, D, DV, scale,
     c, bh = tl.program_id(0), tl.program_id(1)
     ot = tl.arange(0, C)
     od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     tq = c * C + ot
     tp = tq - C  # keys of the previous chunk
     q = _load_rows(Q, bh, T, tq, od, D)
@@ -283,11 +283,12 @@ def _window_fwd(Q, K, V, W, M, IDX, T, D, DV, scale,
     idx = tl.where(max_own > max_prev, c * C + tl.argmax(s_own, 1), (c - 1) * C + tl.argmax(s_prev, 1))
     p_own = tl.where(own_ok, tl.exp(s_own - m[:, None]), 0.0)
     p_prev = tl.where(prev_ok, tl.exp(s_prev - m[:, None]), 0.0)
-    v_own = _load_rows(V, bh, T, tq, ov, DV)
-    v_prev = _load_rows(V, bh, T, tp, ov, DV)
-    w = tl.dot(p_own, v_own.to(tl.float32)) + tl.dot(p_prev, v_prev.to(tl.float32))
+    for v0 in range(0, DV, BV):  # value columns in tiles of BV
+        ov = v0 + tl.arange(0, BV)
+        v_own = _load_rows(V, bh, T, tq, ov, DV).to(tl.float32)
+        v_prev = _load_rows(V, bh, T, tp, ov, DV).to(tl.float32)
+        _store_rows(W, bh, T, tq, ov, DV, tl.dot(p_own, v_own) + tl.dot(p_prev, v_prev))
     row_ok = tq < T
-    _store_rows(W, bh, T, tq, ov, DV, w)
     tl.store(M + bh * T + tq, m, mask=row_ok)
     tl.store(IDX + bh * T + tq, idx.to(tl.int64), mask=row_ok)
 
@@ -308,24 +309,37 @@ def _window_probs(q, k, m, tq, tk, prev: tl.constexpr, T, scale, TERRACE: tl.con
 
 
 @triton.jit
+def _window_dp(DW, V, bh, T, tq, tk, DV, C: tl.constexpr, BV: tl.constexpr):
+    """``dP [C, C] = dW[tq] V[tk]ᵀ``, summed over value tiles of ``BV``."""
+    dp = tl.zeros([C, C], tl.float32)
+    for v0 in range(0, DV, BV):
+        ov = v0 + tl.arange(0, BV)
+        dw = _load_rows(DW, bh, T, tq, ov, DV).to(tl.float32)
+        v = _load_rows(V, bh, T, tk, ov, DV).to(tl.float32)
+        dp += tl.dot(dw, tl.trans(v))
+    return dp
+
+
+@triton.jit
 def _window_bwd_q(Q, K, V, M, DW, DQ, T, D, DV, scale,
                   TERRACE: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
     c, bh = tl.program_id(0), tl.program_id(1)
     ot = tl.arange(0, C)
     od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     tq = c * C + ot
-    q = _load_rows(Q, bh, T, tq, od, D).to(tl.float32)
+    q = _load_rows(Q, bh, T, tq, od, D)
+    if UPCAST:
+        q = q.to(tl.float32)
     m = tl.load(M + bh * T + tq, mask=tq < T, other=0.0)
-    dw = _load_rows(DW, bh, T, tq, ov, DV)
     dq = tl.zeros([C, BD], tl.float32)
-    for j in range(2):
+    for j in tl.static_range(2):
         tk = tq - j * C
-        k = _load_rows(K, bh, T, tk, od, D).to(tl.float32)
-        v = _load_rows(V, bh, T, tk, ov, DV).to(tl.float32)
+        k = _load_rows(K, bh, T, tk, od, D)
+        if UPCAST:
+            k = k.to(tl.float32)
         p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
-        ds = p * tl.dot(dw.to(tl.float32), tl.trans(v))
-        dq += tl.dot(ds, k) * scale
+        ds = p * _window_dp(DW, V, bh, T, tq, tk, DV, C, BV)
+        dq += tl.dot(ds.to(k.dtype), k) * scale
     _store_rows(DQ, bh, T, tq, od, D, dq)
 
 
@@ -335,24 +349,28 @@ def _window_bwd_kv(Q, K, V, M, DW, DK, DVV, T, D, DV, scale,
     c, bh = tl.program_id(0), tl.program_id(1)
     ot = tl.arange(0, C)
     od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     tk = c * C + ot
-    k = _load_rows(K, bh, T, tk, od, D).to(tl.float32)
-    v = _load_rows(V, bh, T, tk, ov, DV).to(tl.float32)
+    k = _load_rows(K, bh, T, tk, od, D)
+    if UPCAST:
+        k = k.to(tl.float32)
     dk = tl.zeros([C, BD], tl.float32)
-    dv = tl.zeros([C, BV], tl.float32)
-    for j in range(2):  # queries of the own chunk (j = 0) and of the next one (j = 1)
+    for j in tl.static_range(2):  # queries of the own chunk (j = 0) and of the next one (j = 1)
         tq = tk + j * C
-        q_ok = tq < T
-        q = _load_rows(Q, bh, T, tq, od, D).to(tl.float32)
-        m = tl.load(M + bh * T + tq, mask=q_ok, other=0.0)
-        dw = _load_rows(DW, bh, T, tq, ov, DV).to(tl.float32)
+        q = _load_rows(Q, bh, T, tq, od, D)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m = tl.load(M + bh * T + tq, mask=tq < T, other=0.0)
         p = _window_probs(q, k, m, tq, tk, j == 1, T, scale, TERRACE, C)
-        dv += tl.dot(tl.trans(p), dw)
-        ds = p * tl.dot(dw, tl.trans(v))
-        dk += tl.dot(tl.trans(ds), q) * scale
+        ds = p * _window_dp(DW, V, bh, T, tq, tk, DV, C, BV)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+        for v0 in range(0, DV, BV):  # dV[tk] += Pᵀ dW[tq], tile by tile; this program owns rows tk
+            ov = v0 + tl.arange(0, BV)
+            dv = tl.dot(tl.trans(p), _load_rows(DW, bh, T, tq, ov, DV).to(tl.float32))
+            if j == 1:
+                tl.debug_barrier()
+                dv += _load_rows(DVV, bh, T, tk, ov, DV)
+            _store_rows(DVV, bh, T, tk, ov, DV, dv)
     _store_rows(DK, bh, T, tk, od, D, dk)
-    _store_rows(DVV, bh, T, tk, ov, DV, dv)
 
 
 class _Window(torch.autograd.Function):
@@ -369,7 +387,7 @@ class _Window(torch.autograd.Function):
         m = _alloc((bh, n), torch.float32, q.device)
         idx = torch.full((bh, n), -1, dtype=torch.int64, device=q.device)
         meta = dict(TERRACE=terrace, C=window, BD=max(16, triton.next_power_of_2(d)),
-                    BV=max(16, triton.next_power_of_2(dv_dim)), UPCAST=INTERPRET or q.dtype == torch.float32)
+                    BV=min(64, max(16, triton.next_power_of_2(dv_dim))), UPCAST=INTERPRET or q.dtype == torch.float32)
         _window_fwd[(triton.cdiv(n, window), bh)](q_, k_, v_, w, m, idx, n, d, dv_dim, scale, **meta)
         ctx.save_for_backward(q_, k_, v_, m)
         ctx.meta, ctx.shape, ctx.scale = meta, (batch, heads, n, d, dv_dim), scale
@@ -409,10 +427,21 @@ def _shift(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, chunk, 0))[:, :, : x.shape[2]]
 
 
-def hybrid_attention_triton(q, k, v, fq, fk, gamma, *, window: int, terrace: bool, scale: float):
-    """Triton counterpart of ``hybrid_attention_torch`` (window must be one of :data:`WINDOWS`)."""
+def hybrid_unsupported(window: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton hybrid kernel cannot run ``window`` in ``dtype``, or None when it can: windows
+    are :data:`WINDOWS`, and the backward's fp32 tiles of a 128-window exceed sm_90 shared memory."""
     if window not in WINDOWS:
-        raise ValueError(f"the Triton hybrid kernel supports windows {WINDOWS}, got {window}; use backend='torch'")
+        return f"the Triton hybrid kernel supports windows {WINDOWS}, got {window}"
+    if window == 128 and dtype == torch.float32 and not INTERPRET:
+        return "the Triton hybrid kernel runs window 128 in bf16/fp16 only (fp32 tiles exceed shared memory)"
+    return None
+
+
+def hybrid_attention_triton(q, k, v, fq, fk, gamma, *, window: int, terrace: bool, scale: float):
+    """Triton counterpart of ``hybrid_attention_torch`` (see :func:`hybrid_unsupported`)."""
+    reason = hybrid_unsupported(window, q.dtype)
+    if reason:
+        raise ValueError(f"{reason}; use backend='torch'")
     v1 = with_ones(v)
     lin, _ = _ChunkedLinear.apply(fq, _shift(fk, window), _shift(v1, window), None, window, not terrace)
     soft = _window_part(q, k, v1, scale, window, terrace)

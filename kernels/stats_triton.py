@@ -229,6 +229,7 @@ def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, 
     top_w = _alloc((batch, n_heads, n_query, topk), torch.float32, device) if topk else lse
     valid = key_valid.to(device=device, dtype=torch.int8).contiguous() if key_valid is not None else lse
     grid = (triton.cdiv(n_query, BLOCK_M), batch * n_heads)
+    block_n = BLOCK_N // 2 if q.dtype == torch.float32 and block_d >= 128 else BLOCK_N  # fits sm_90 shared memory
     _stats_fwd_kernel[grid](
         q, k, v, valid, groups, out, lse, entropy, mass, top_i, top_w,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -236,7 +237,7 @@ def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, 
         GQA=n_heads // k.shape[1], CAUSAL=causal, HAS_KEY_VALID=key_valid is not None, HAS_GROUPS=n_groups > 0,
         TOPK=topk, TOPK_PAD=max(2, triton.next_power_of_2(max(topk, 1))),
         UPCAST=INTERPRET or q.dtype == torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, GPAD=GROUP_PAD,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, GPAD=GROUP_PAD,
     )
     return AttentionStats(out, lse, entropy, mass if n_groups else None,
                           top_i if topk else None, top_w if topk else None)

@@ -69,10 +69,10 @@ def _grads(fn, tensors, weight):
 
 
 @pytest.mark.parametrize("terrace", [True, False])
-@pytest.mark.parametrize("n", [63, 100])
-def test_hybrid_gradients_match_reference(n, terrace):
-    tensors = inputs(n)
-    weight = torch.randn(1, 2, n, 16, device=DEVICE)
+@pytest.mark.parametrize("n,d", [(63, 16), (100, 16), (70, 64)])  # d 64: values in two tiles (64 + ones)
+def test_hybrid_gradients_match_reference(n, d, terrace):
+    tensors = inputs(n, d=d)
+    weight = torch.randn(1, 2, n, d, device=DEVICE)
     got = _grads(lambda *a: hybrid_attention(*a, window=16, terrace=terrace, backend="triton"), tensors, weight)
     want = _grads(lambda *a: hybrid_attention_reference(*a, window=16, terrace=terrace), tensors, weight)
     for name, g, w in zip(("q", "k", "v", "fq", "fk", "gamma"), got, want):
