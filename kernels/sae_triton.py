@@ -142,6 +142,11 @@ def _check_dtypes(*tensors):
         raise TypeError(f"the Triton SAE kernels need one float dtype (fp32, fp16 or bf16), got {sorted(map(str, dtypes))}")
 
 
+def _column_block(d: int) -> int:
+    """Width of the column tiles over ``d`` features."""
+    return min(128, max(16, triton.next_power_of_2(d)))
+
+
 def _by_latent(indices: torch.Tensor, n_latents: int):
     """``(order, starts, counts)``: the flat (row, latent) pairs sorted by latent, stably."""
     flat = indices.flatten()
@@ -155,7 +160,7 @@ def _segment_sum_launch(indices, weights, source, shift, out, stride_latent, str
     n_latents = out.numel() // source.shape[1]
     order, starts, counts = _by_latent(indices, n_latents)
     d = source.shape[1]
-    block = min(128, max(16, triton.next_power_of_2(d)))
+    block = _column_block(d)
     _segment_sum[(n_latents, triton.cdiv(d, block))](
         order, starts, counts, weights.contiguous(), source, shift if shift is not None else source,
         out, weight_sums if weight_sums is not None else out, indices.shape[1], d, stride_latent, stride_d,
@@ -204,7 +209,7 @@ class _SparseDecode(torch.autograd.Function):
         rows, k = indices.shape
         d = w_dec.shape[1]
         out = _alloc((rows, d), w_dec.dtype, w_dec.device)
-        block = min(128, max(16, triton.next_power_of_2(d)))
+        block = _column_block(d)
         _decode_fwd[(triton.cdiv(rows, 16), triton.cdiv(d, block))](
             values, indices, w_dec, b_dec, out, rows, k, d, BM=16, BDIM=block)
         ctx.save_for_backward(values, indices, w_dec)
@@ -219,7 +224,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_values = _alloc((rows, k), torch.float32, w_dec.device)
-            block = min(128, max(16, triton.next_power_of_2(d)))
+            block = _column_block(d)
             _decode_grad_values[(triton.cdiv(rows, 16), k)](grad_out, indices, w_dec, grad_values, rows, k, d,
                                                            BM=16, BDIM=block)
             grad_values = grad_values.to(values.dtype)
