@@ -76,6 +76,7 @@ def attention_with_stats(
     marks column sets (sinks, a needle span, an image span). With ``columns`` the result also
     holds :class:`ColumnStats` over the rows marked in ``query_valid [B, Nq]`` (default all): the
     torch path sums them in the same pass, the Triton path in :func:`column_stats`' second pass.
+    Forward only: the results carry no gradient.
     """
     _check(q, k, v, key_valid, key_groups, topk)
     scale, q_offset = _defaults(q, k, scale, q_offset)

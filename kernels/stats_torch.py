@@ -5,9 +5,19 @@ masks and the empty-row convention). Each block holds whole rows, so probabiliti
 within the block and the column sums come out of the same pass. Causal blocks only touch the
 keys their rows can see, and hidden logits are set to the fp32 minimum (``0 · min = 0``, so the
 entropy product needs no extra masking).
+
+Speed on the CPU: each block's logits and weights go into two buffers reused from block to
+block (a fresh multi-MB tensor per block costs its page faults again), and on the CPU the
+blocks are dealt round-robin to ``torch.get_num_threads()`` Python threads that each run
+single-threaded ops (per-op threading over one small block leaves a third of the time
+on the table). Results do not depend on the thread count, except the column sums' summation
+order. Forward only (no autograd graph).
 """
 
 from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,13 +35,54 @@ def _key_end(stop: int, n_key: int, causal: bool, q_offset: int) -> int:
     return max(0, min(n_key, stop + q_offset)) if causal else n_key
 
 
-def _block_logits(q_scaled, kf, start, stop, key_end):
-    """fp32 logits ``[B, Hq, blk, key_end]`` of rows ``start:stop``, GQA without expanding K."""
+class _Scratch:
+    """One worker's reusable fp32 buffers for a block's logits and weights."""
+
+    def __init__(self, numel: int, device):
+        self.logits = torch.empty(numel, device=device)
+        self.weights = torch.empty(numel, device=device)
+
+    def view(self, buffer: torch.Tensor, shape) -> torch.Tensor:
+        """The first ``prod(shape)`` elements of ``buffer``, contiguous, as ``shape``."""
+        return buffer[: math.prod(shape)].view(shape)
+
+
+def _block_logits(q_scaled, kf, start, stop, key_end, scratch):
+    """fp32 logits ``[B, Hq, blk, key_end]`` of rows ``start:stop`` in ``scratch.logits``, GQA
+    without expanding K."""
     batch, n_heads, _, dim = q_scaled.shape
     n_kv = kf.shape[1]
     blk = stop - start
     qb = q_scaled[:, :, start:stop].reshape(batch, n_kv, (n_heads // n_kv) * blk, dim)
-    return torch.matmul(qb, kf[:, :, :key_end].transpose(-1, -2)).reshape(batch, n_heads, blk, key_end)
+    s = scratch.view(scratch.logits, (batch, n_kv, (n_heads // n_kv) * blk, key_end))
+    torch.matmul(qb, kf[:, :, :key_end].transpose(-1, -2), out=s)
+    return s.view(batch, n_heads, blk, key_end)
+
+
+def _for_blocks(n_query, block, fill, make_state, parallel: bool) -> list:
+    """Call ``fill(state, start, stop)`` for every query block of ``block`` rows; return the
+    per-worker states made by ``make_state()``. With ``parallel``, blocks go round-robin to
+    ``torch.get_num_threads()`` threads running single-threaded ops; the thread setting is
+    restored afterwards."""
+    starts = range(0, n_query, block)
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, len(starts))) if parallel else 1
+
+    def work(worker):
+        state = make_state()
+        if workers > 1:
+            torch.set_num_threads(1)
+        for start in starts[worker::workers]:
+            fill(state, start, min(start + block, n_query))
+        return state
+
+    if workers == 1:
+        return [work(0)]
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="headlab-stats") as pool:
+            return list(pool.map(work, range(workers)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gqa_matmul(p, vf):
@@ -89,7 +140,7 @@ class _Outputs:
     """Results filled block by block; pre-filled with NaN (indices with ``UNWRITTEN``) so that
     a row the blocks miss shows up in tests (they are O(B·Hq·Nq·D), cheap to fill)."""
 
-    def __init__(self, q, v, n_key, n_groups, topk, columns):
+    def __init__(self, q, v, n_groups, topk):
         batch, n_heads, n_query, _ = q.shape
         nan = dict(fill_value=float("nan"), device=q.device)
         self.out = torch.full((batch, n_heads, n_query, v.shape[-1]), dtype=q.dtype, **nan)
@@ -101,7 +152,15 @@ class _Outputs:
         if topk:
             self.idx = torch.full((batch, n_heads, n_query, topk), UNWRITTEN, dtype=torch.long, device=q.device)
             self.weights = torch.full((batch, n_heads, n_query, topk), **nan)
-        self.col_sum = torch.zeros(batch, n_heads, n_key, device=q.device) if columns else None
+
+
+class _Worker:
+    """A worker's scratch buffers and, when column sums are asked for, its own ``[B, Hq, Nk]``
+    accumulator (summed over workers at the end, so threads never add into one tensor)."""
+
+    def __init__(self, scratch_numel, col_shape, device):
+        self.scratch = _Scratch(scratch_numel, device)
+        self.col_sum = None if col_shape is None else torch.zeros(col_shape, device=device)
 
 
 def _extended_values(v, k, key_groups):
@@ -121,6 +180,7 @@ def block_rows(batch, n_heads, n_key, budget_bytes=_BLOCK_BYTES) -> int:
     return max(_MIN_BLOCK, min(_MAX_BLOCK, budget_bytes // (4 * batch * n_heads * max(n_key, 1))))
 
 
+@torch.no_grad()
 def attention_stats_torch(
     q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0,
     columns=False, query_valid=None, block=None,
@@ -135,25 +195,31 @@ def attention_stats_torch(
         key_valid = None  # nothing to hide beyond causality: skip a pass per block
     q_scaled, kf = q.float() * scale, k.float()
     extended = _extended_values(v, k, key_groups)
-    res = _Outputs(q, v, n_key, None if key_groups is None else key_groups.shape[1], topk, columns)
+    res = _Outputs(q, v, None if key_groups is None else key_groups.shape[1], topk)
     key_counts = visible_key_counts(batch, n_query, n_key, causal, q_offset, key_valid, q.device)
     row_weight = None
     if columns:
         row_weight = torch.ones(batch, n_query) if query_valid is None else query_valid.float()
         row_weight = (row_weight.to(q.device) * (key_counts > 0)).float()
-    for start in range(0, n_query, block):
-        stop = min(start + block, n_query)
+
+    def fill(worker, start, stop):
         key_end = _key_end(stop, n_key, causal, q_offset)
-        _fill_block(res, q_scaled, kf, extended, topk, row_weight, key_counts[:, start:stop],
+        _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, key_counts[:, start:stop],
                     start, stop, key_end, causal, q_offset, key_valid)
+
+    def make_worker():
+        return _Worker(batch * n_heads * min(block, n_query) * n_key,
+                       (batch, n_heads, n_key) if columns else None, q.device)
+
+    workers = _for_blocks(n_query, block, fill, make_worker, q.device.type == "cpu")
     cols = None
     if columns:
         counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)
-        cols = ColumnStats(res.col_sum, counts)
+        cols = ColumnStats(sum(w.col_sum for w in workers), counts)
     return AttentionStats(res.out, res.lse, res.entropy, res.mass, res.idx, res.weights, cols)
 
 
-def _fill_block(res, q_scaled, kf, extended, topk, row_weight, counts, start, stop, key_end, causal,
+def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, start, stop, key_end, causal,
                 q_offset, key_valid):
     """All results of rows ``start:stop`` (``counts [B, blk]``: visible keys per row).
 
@@ -164,26 +230,30 @@ def _fill_block(res, q_scaled, kf, extended, topk, row_weight, counts, start, st
     if key_end == 0:  # no row of the block sees anything
         _fill_empty(res, rows)
         return
-    s = _block_logits(q_scaled, kf, start, stop, key_end)
+    s = _block_logits(q_scaled, kf, start, stop, key_end, worker.scratch)
     _hide(s, start, causal, q_offset, key_valid)
-    chunk_max = _chunk_maxima(s)
-    row_max = chunk_max.amax(-1, keepdim=True)
-    top = _topk_keys(s, chunk_max, topk) if topk else None
+    top = None
+    if topk:
+        chunk_max = _chunk_maxima(s)
+        row_max = chunk_max.amax(-1, keepdim=True)
+        top = _topk_keys(s, chunk_max, topk)
+    else:
+        row_max = s.amax(-1, keepdim=True)
     s.sub_(row_max)
-    e = torch.exp(s)
+    e = torch.exp(s, out=worker.scratch.view(worker.scratch.weights, s.shape))
     mixed = _gqa_matmul(e, extended)  # [B, Hq, blk, D_v + G + 1]
     d_v = res.out.shape[-1]
     total = mixed[..., -1:]
     mixed = mixed[..., :-1] / total
     lse = (row_max + total.log()).squeeze(-1)
-    entropy = (total.log() - torch.linalg.vecdot(e, s)[..., None] / total).squeeze(-1)
+    entropy = total.log().squeeze(-1) - s.mul_(e).sum(-1) / total.squeeze(-1)  # s is spent here
     if top is not None:
         _fill_topk(res, rows, top, row_max, total, counts, topk)
     if res.mass is not None:
         res.mass[:, :, rows] = mixed[..., d_v:]
     if row_weight is not None:
         weight = row_weight[:, None, None, rows] / total.transpose(-1, -2)  # [B, Hq, 1, blk]
-        res.col_sum[:, :, :key_end] += torch.matmul(weight, e).squeeze(2)
+        worker.col_sum[:, :, :key_end] += torch.matmul(weight, e).squeeze(2)
     res.out[:, :, rows] = mixed[..., :d_v].to(res.out.dtype)
     res.lse[:, :, rows] = lse.masked_fill(empty, float("-inf"))
     res.entropy[:, :, rows] = entropy.masked_fill(empty, 0.0)
@@ -248,6 +318,7 @@ def _clear_rows(res, rows, empty):
         res.mass[:, :, rows] *= keep
 
 
+@torch.no_grad()
 def column_stats_torch(
     q, k, lse, *, scale, causal, q_offset, key_valid=None, query_valid=None, block=None
 ) -> ColumnStats:
@@ -256,17 +327,21 @@ def column_stats_torch(
     n_key = k.shape[-2]
     block = block or block_rows(batch, n_heads, n_key)
     q_scaled, kf = q.float() * scale, k.float()
-    col_sum = torch.zeros(batch, n_heads, n_key, device=q.device)
     weight = torch.ones(batch, n_query, device=q.device) if query_valid is None else query_valid.float()
     weight = weight * torch.isfinite(lse).all(1)  # rows that see no key contribute nothing
-    for start in range(0, n_query, block):
-        stop = min(start + block, n_query)
+
+    def fill(worker, start, stop):
         key_end = _key_end(stop, n_key, causal, q_offset)
         if key_end == 0:
-            continue
-        s = _block_logits(q_scaled, kf, start, stop, key_end)
+            return
+        s = _block_logits(q_scaled, kf, start, stop, key_end, worker.scratch)
         _hide(s, start, causal, q_offset, key_valid)
-        p = torch.exp(s.sub_(lse[:, :, start:stop, None].clamp_min(_HIDDEN)))
-        col_sum[:, :, :key_end] += torch.matmul(weight[:, None, None, start:stop], p).squeeze(2)
+        p = torch.exp(s.sub_(lse[:, :, start:stop, None].clamp_min(_HIDDEN)), out=s)
+        worker.col_sum[:, :, :key_end] += torch.matmul(weight[:, None, None, start:stop], p).squeeze(2)
+
+    def make_worker():
+        return _Worker(batch * n_heads * min(block, n_query) * n_key, (batch, n_heads, n_key), q.device)
+
+    workers = _for_blocks(n_query, block, fill, make_worker, q.device.type == "cpu")
     counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)
-    return ColumnStats(col_sum, counts)
+    return ColumnStats(sum(w.col_sum for w in workers), counts)

@@ -184,7 +184,8 @@ class Session:
                 q, k, stats.lse, self.taps.stats_row_offsets, scale=_scaling(module, scaling, query),
                 q_offset=q_offset, key_valid=key_valid,
             ))
-        if all_heads and not (dropout and module.training):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if all_heads and not (dropout and module.training) and not needs_grad:  # the op is forward only
             return stats.out.transpose(1, 2)
         return None
 

@@ -147,3 +147,23 @@ def test_bad_arguments_raise_clear_errors():
         attention_with_stats(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="key_valid"):
         attention_with_stats(q, k, v, key_valid=torch.ones(1, 7, dtype=torch.bool))
+
+
+def test_torch_path_gives_the_same_results_on_one_or_two_threads_and_restores_the_setting():
+    """Blocks are dealt to worker threads: the rows each writes, and the thread setting after the
+    call, must not depend on that."""
+    q, k, v, key_valid, groups = make_inputs(2, 3, 1, 90, 90, 64, "left", torch.float32)
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            runs.append(attention_stats_torch(q, k, v, scale=0.125, causal=True, q_offset=0, key_valid=key_valid,
+                                              key_groups=groups, topk=4, columns=True, block=16))
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+    one, two = runs
+    for name in ("out", "lse", "entropy", "group_mass", "topk_index", "topk_weight"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
+    assert torch.allclose(one.columns.col_sum, two.columns.col_sum, atol=1e-6)

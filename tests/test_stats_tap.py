@@ -60,6 +60,22 @@ def test_layers_whose_every_head_is_tapped_keep_the_models_outputs():
     assert len(session.recording.stats[0]) == 1 + 1 + 3  # forward, generate's prefill, 3 decode steps
 
 
+def test_stats_taps_with_gradients_keep_the_models_gradients():
+    """The statistics op is forward only: with autograd on, the hook must not hand its output to
+    the model, so gradients through a tapped layer equal the untapped ones."""
+    model = tiny_llama("gqa")
+    ids, mask = padded_batch([10], 10, "left")
+    model.zero_grad()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    expected = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    with attach(model, taps=Taps(stats={layer: None for layer in range(3)})) as session:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert len(session.recording.stats[0]) == 1
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight.grad, expected, atol=1e-6)
+    assert expected.abs().max() > 0
+
+
 def test_mask_decomposition_refuses_other_structures():
     causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
     key_valid, query_valid, offset = decompose_mask(causal, 6, 6, True, "cpu")
