@@ -84,6 +84,17 @@ class MaskStructureError(ValueError):
     """The mask is not (causal or bidirectional) visibility with key padding."""
 
 
+_CHECK_ROWS = 1024  # rows per chunk when checking a mask's structure (no second N×N tensor)
+
+
+def _visible_entries(mask, n_query: int, n_key: int, is_causal: bool, device) -> torch.Tensor:
+    """Bool ``[batch or 1, 1, query, key]``: True where a row sees a key. A boolean mask is used
+    as it is (no fp32 copy: at 8192 tokens that would be 256 MB)."""
+    if mask is not None and mask.dtype == torch.bool:
+        return mask[..., :n_key]
+    return additive_mask(mask, n_query, n_key, is_causal, device) > MASKED / 2
+
+
 def decompose_mask(mask, n_query: int, n_key: int, is_causal: bool, device):
     """``(key_valid [B, Nk], query_valid [B, Nq], q_offset)`` of a self-attention mask that is
     causal (offset ``Nk - Nq``) or bidirectional visibility restricted to non-padded keys; a
@@ -93,15 +104,19 @@ def decompose_mask(mask, n_query: int, n_key: int, is_causal: bool, device):
     checked on the valid rows, so statistics are never computed under the wrong mask.
     """
     q_offset = n_key - n_query
-    visible = additive_mask(mask, n_query, n_key, is_causal, device) > MASKED / 2  # [B or 1, 1, Nq, Nk]
-    key_valid = visible[:, 0].any(1)
+    visible = _visible_entries(mask, n_query, n_key, is_causal, device)[:, 0]  # [B or 1, Nq, Nk]
+    key_valid = visible.any(1)
     query_valid = key_valid[:, q_offset:]  # self-attention: row i is the token at key i + q_offset
-    expected = visibility(key_valid.shape[0], n_query, n_key, is_causal, q_offset, key_valid, device)[:, 0]
-    if not torch.equal(visible[:, 0][query_valid], expected[query_valid]):
-        raise MaskStructureError(
-            "attention statistics need a causal or bidirectional mask with key padding; this layer's "
-            "mask has another structure (sliding window or packed sequences?)"
-        )
+    for start in range(0, n_query, _CHECK_ROWS):
+        stop = min(start + _CHECK_ROWS, n_query)
+        expected = visibility(key_valid.shape[0], stop - start, n_key, is_causal, q_offset + start, key_valid,
+                              device)[:, 0]
+        rows = query_valid[:, start:stop]
+        if not torch.equal(visible[:, start:stop][rows], expected[rows]):
+            raise MaskStructureError(
+                "attention statistics need a causal or bidirectional mask with key padding; this layer's "
+                "mask has another structure (sliding window or packed sequences?)"
+            )
     return key_valid, query_valid, q_offset
 
 

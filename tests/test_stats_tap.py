@@ -85,6 +85,20 @@ def test_mask_decomposition_refuses_other_structures():
         decompose_mask(window, 6, 6, True, "cpu")
 
 
+def test_mask_decomposition_checks_every_row_of_a_long_mask():
+    """The structure check runs in row chunks; a defect past the first chunk is still found."""
+    n = 1100
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+    key_valid, query_valid, offset = decompose_mask(causal, n, n, True, "cpu")
+    assert key_valid.all() and query_valid.all() and offset == 0
+    broken = causal.clone()
+    broken[..., 1050, 3] = False
+    with pytest.raises(MaskStructureError):
+        decompose_mask(broken, n, n, True, "cpu")
+    with pytest.raises(MaskStructureError):  # the same defect in an additive float mask
+        decompose_mask(torch.zeros(1, 1, n, n).masked_fill(~broken, torch.finfo(torch.float32).min), n, n, True, "cpu")
+
+
 @pytest.mark.real_model
 def test_stats_tap_on_smollm2_matches_eager_maps(smollm2):
     model, tokenizer = smollm2
