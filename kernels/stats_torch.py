@@ -8,12 +8,12 @@ entropy product needs no extra masking). Logits are kept in base 2 (``log2(e)`` 
 query scale) because ``exp2`` is a third cheaper than ``exp`` on the CPU at the same accuracy;
 LSE and entropy are converted back to nats.
 
-Speed on the CPU: each block's logits and weights go into two buffers reused from block to
-block (a fresh multi-MB tensor per block costs its page faults again), and on the CPU the
-blocks are dealt round-robin to ``torch.get_num_threads()`` Python threads that each run
-single-threaded ops (per-op threading over one small block leaves a third of the time
-on the table). Results do not depend on the thread count, except the column sums' summation
-order. Forward only (no autograd graph).
+Speed: each block's logits and weights go into two buffers reused from block to block (a
+fresh multi-MB tensor per block costs its page faults again), and on the CPU the blocks are
+dealt round-robin to ``torch.get_num_threads()`` Python threads that each run single-threaded
+ops (per-op threading over one small block leaves a third of the time on the table). Results do
+not depend on the thread count, except the column sums' summation order. Forward only (no
+autograd graph).
 """
 
 from __future__ import annotations
