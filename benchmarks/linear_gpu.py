@@ -22,20 +22,19 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import median_ms
+
 from headlab.kernels.linear_attention import hybrid_attention, linear_attention
 from headlab.surgeon.files import write_json
 
 
-def bench(fn, backward: bool, grads) -> float:
-    import triton
-
+def timed_step(fn, backward: bool, grads):
+    """``fn`` followed, when ``backward``, by a backward pass with ``grads``."""
     def run():
         out = fn()
         if backward:
             out.backward(grads)
-
-    run()  # compile / autotune once
-    return float(triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
+    return run
 
 
 def fla_chunk():
@@ -69,11 +68,7 @@ def one_shape(batch, heads, n, dim, features, dtype, fla) -> dict:
     for name, fn in candidates.items():
         for backward in (False, True):
             key = f"{name}_{'fwd_bwd' if backward else 'fwd'}"
-            try:
-                row["ms"][key] = round(bench(fn, backward, grad), 4)
-            except torch.OutOfMemoryError:
-                row["ms"][key] = None
-            torch.cuda.empty_cache()
+            row["ms"][key] = median_ms(timed_step(fn, backward, grad))
     ms = row["ms"]
     for mode in ("fwd", "fwd_bwd"):
         for ours in ("linear", "hybrid"):

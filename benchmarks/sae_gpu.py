@@ -30,6 +30,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import median_ms
 from sae_steps import dense_step, headlab_step, saelens_step
 
 from headlab.kernels.sae_ops import dense_codes, sparse_decode, topk_encode
@@ -37,19 +38,6 @@ from headlab.sae import SparseAutoencoder
 from headlab.surgeon.files import write_json
 
 SHAPES = ((768, 24576, 32), (2048, 65536, 64), (4096, 65536, 64))
-
-
-def bench(fn) -> float | None:
-    """Median milliseconds of ``fn()``; None when it runs out of memory."""
-    import triton
-
-    try:
-        fn()
-        return round(float(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0]), 4)
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        torch.cuda.empty_cache()
 
 
 def with_backward(fn, params):
@@ -84,8 +72,8 @@ def kernel_rows(x, d_sae, k, dtype) -> dict:
     }
     ms = {}
     for name, fn in fns.items():
-        ms[f"{name}_fwd"] = bench(fn)
-        ms[f"{name}_fwd_bwd"] = bench(with_backward(fn, (*params, values, codes)))
+        ms[f"{name}_fwd"] = median_ms(fn)
+        ms[f"{name}_fwd_bwd"] = median_ms(with_backward(fn, (*params, values, codes)))
     return ms
 
 
@@ -104,7 +92,7 @@ def training_steps(x, d_sae, k) -> dict:
         def run(step=step):
             with torch.autocast("cuda", torch.bfloat16):
                 step(x)
-        ms = bench(run)
+        ms = median_ms(run)
         out[f"step_{name}_ms"] = ms
         out[f"step_{name}_tokens_per_s"] = round(rows / ms * 1000) if ms else None
     return out

@@ -24,24 +24,13 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import median_ms
+
 from headlab.kernels import attention_with_stats, column_stats
 from headlab.surgeon.files import write_json
 
 TARGETS = {"stats_over_flash_throughput": ">= 0.85", "top8_over_stats_time": "<= 1.25",
            "columns_over_stats_time": "<= 0.6"}
-
-
-def bench(fn) -> float | None:
-    """Median milliseconds of ``fn``; None when it runs out of memory."""
-    import triton
-
-    try:
-        fn()  # compile once
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        torch.cuda.empty_cache()
 
 
 def one_shape(batch: int, heads: int, n: int, dim: int) -> dict:
@@ -59,14 +48,14 @@ def one_shape(batch: int, heads: int, n: int, dim: int) -> dict:
 
     lse = stats().lse
     ms = {
-        "sdpa_flash": bench(sdpa),
-        "stats": bench(stats),
-        "stats_top8": bench(lambda: stats(8)),
-        "columns": bench(lambda: column_stats(q, k, lse, backend="triton")),
+        "sdpa_flash": median_ms(sdpa),
+        "stats": median_ms(stats),
+        "stats_top8": median_ms(lambda: stats(8)),
+        "columns": median_ms(lambda: column_stats(q, k, lse, backend="triton")),
     }
     flop = 4 * batch * heads * n * n * dim / 2
     row = {"batch": batch, "heads": heads, "n": n, "dim": dim, "map_gib": round(batch * heads * n * n * 4 / 2**30, 1),
-           "ms": {name: None if t is None else round(t, 4) for name, t in ms.items()},
+           "ms": ms,
            "tflops": {name: round(flop / (t * 1e-3) / 1e12, 1) for name, t in ms.items()
                       if t is not None and name != "columns"}}
     if ms["sdpa_flash"] and ms["stats"]:
