@@ -12,8 +12,10 @@ Speed: each block's logits and weights go into two buffers reused from block to 
 fresh multi-MB tensor per block costs its page faults again), and on the CPU the blocks are
 dealt round-robin to ``torch.get_num_threads()`` Python threads that each run single-threaded
 ops (per-op threading over one small block leaves a third of the time on the table). Results do
-not depend on the thread count, except the column sums' summation order. Forward only (no
-autograd graph).
+not depend on the thread count, except the column sums' summation order. The per-row work
+after the logits (maximum, top-k, ``exp2``, entropy product) is one native call per block
+(:mod:`.native`) where a C compiler is available, else torch ops. Forward only (no autograd
+graph).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import native
 from .types import AttentionStats, ColumnStats
 
 _BLOCK_BYTES = 8 * 2**20
@@ -39,11 +42,18 @@ def _key_end(stop: int, n_key: int, causal: bool, q_offset: int) -> int:
 
 
 class _Scratch:
-    """One worker's reusable fp32 buffers for a block's logits and weights."""
+    """One worker's reusable fp32 buffers for a block's logits and (made on first use: the
+    native pass needs none) weights."""
 
     def __init__(self, numel: int, device):
         self.logits = torch.empty(numel, device=device)
-        self.weights = torch.empty(numel, device=device)
+        self._weights = None
+
+    @property
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:
+            self._weights = torch.empty_like(self.logits)
+        return self._weights
 
     def view(self, buffer: torch.Tensor, shape) -> torch.Tensor:
         """The first ``prod(shape)`` elements of ``buffer``, contiguous, as ``shape``."""
@@ -236,21 +246,13 @@ def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, s
         return
     s = _block_logits(q_scaled, kf, start, stop, key_end, worker.scratch)
     _hide(s, start, causal, q_offset, key_valid)
-    top = None
-    if topk:
-        chunk_max = _chunk_maxima(s)
-        row_max = chunk_max.amax(-1, keepdim=True)
-        top = _topk_keys(s, chunk_max, topk)
-    else:
-        row_max = s.amax(-1, keepdim=True)
-    s.sub_(row_max)
-    e = torch.exp2(s, out=worker.scratch.view(worker.scratch.weights, s.shape))
+    e, row_max, spread, top = _row_pass(s, topk, worker.scratch)
     mixed = _gqa_matmul(e, extended)  # [B, Hq, blk, D_v + G + 1]
     d_v = res.out.shape[-1]
     total = mixed[..., -1:]
     mixed = mixed[..., :-1] / total
     lse = (row_max + total.log2()).squeeze(-1) * _LN2
-    entropy = (total.log2().squeeze(-1) - s.mul_(e).sum(-1) / total.squeeze(-1)) * _LN2  # s is spent here
+    entropy = (total.log2().squeeze(-1) - spread / total.squeeze(-1)) * _LN2
     if top is not None:
         _fill_topk(res, rows, top, row_max, total, counts, topk)
     if res.mass is not None:
@@ -263,6 +265,26 @@ def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, s
     res.entropy[:, :, rows] = entropy.masked_fill(empty, 0.0)
     if bool(empty.any()):
         _clear_rows(res, rows, empty)
+
+
+def _row_pass(s, topk, scratch):
+    """``(e, row_max [..., 1], spread [...], top)`` of base-2 logits ``s [B, Hq, blk, Nk]``:
+    ``e = 2^(s - max)``, ``spread = Σ_j e_j (s_j - max)`` and, with ``topk``, the top keys
+    ``(logits, indices)`` sorted descending. The native pass works in place on ``s`` (one scan,
+    one exponentiation); the torch ops spend ``s`` and write ``e`` to ``scratch.weights``."""
+    if s.device.type == "cpu" and native.available():
+        row_max, spread, values, indices = native.row_pass(s, min(topk, s.shape[-1]))
+        return s, row_max[..., None], spread, (values, indices) if topk else None
+    top = None
+    if topk:
+        chunk_max = _chunk_maxima(s)
+        row_max = chunk_max.amax(-1, keepdim=True)
+        top = _topk_keys(s, chunk_max, topk)
+    else:
+        row_max = s.amax(-1, keepdim=True)
+    s.sub_(row_max)
+    e = torch.exp2(s, out=scratch.view(scratch.weights, s.shape))
+    return e, row_max, s.mul_(e).sum(-1), top
 
 
 def _chunk_maxima(s):

@@ -1,13 +1,15 @@
 """Attention-statistics kernels (torch and Triton backends) against the naive reference.
 
 Triton runs in its interpreter on the CPU (TRITON_INTERPRET=1, set in conftest); its outputs are
-pre-filled with NaN / a sentinel so every element must be written.
+pre-filled with NaN / a sentinel so every element must be written. The torch backend runs twice:
+``torch`` with the native row pass (which must have been built here) and ``torch-ops`` with it
+switched off, the fallback for machines without a C compiler.
 """
 
 import pytest
 import torch
 
-from headlab.kernels import attention_with_stats, column_stats
+from headlab.kernels import attention_with_stats, column_stats, native
 from headlab.kernels.reference import attention_probs_reference, attention_stats_reference, column_stats_reference
 from headlab.kernels.stats_torch import attention_stats_torch
 from headlab.kernels.stats_triton import UNWRITTEN_INDEX
@@ -34,6 +36,19 @@ def rel_rms(x, y):
     return ((x - y).pow(2).mean().sqrt() / (y.pow(2).mean().sqrt() + 1e-8)).item()
 
 
+@pytest.fixture
+def row_pass(request, monkeypatch):
+    """Parametrised by backend name: ``torch-ops`` switches the native row pass off and returns
+    ``"torch"``; ``torch`` insists that the native pass is in use."""
+    backend = request.param
+    if backend == "torch-ops":
+        monkeypatch.setattr(native, "available", lambda: False)
+        return "torch"
+    if backend == "torch":
+        assert native.available(), "the native row pass did not build (is a C compiler installed?)"
+    return backend
+
+
 def make_inputs(batch, heads, kv_heads, n_query, n_key, dim, padding, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, n_query, dim, generator=gen).to(dtype)
@@ -50,9 +65,10 @@ def make_inputs(batch, heads, kv_heads, n_query, n_key, dim, padding, dtype, see
     return q, k, v, key_valid, groups
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("row_pass", ["torch", "torch-ops", "triton"], indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}q{c[3]}k{c[4]}d{c[5]}{'c' if c[6] else 'b'}{c[7] or ''}{str(c[8])[-2:]}")
-def test_statistics_match_reference(case, backend):
+def test_statistics_match_reference(case, row_pass):
+    backend = row_pass
     batch, heads, kv_heads, n_query, n_key, dim, causal, padding, dtype, topk = case
     q, k, v, key_valid, groups = make_inputs(batch, heads, kv_heads, n_query, n_key, dim, padding, dtype)
     got = attention_with_stats(q, k, v, causal=causal, key_valid=key_valid, key_groups=groups, topk=topk, backend=backend)
@@ -93,9 +109,10 @@ def test_column_sums_match_reference(case, backend):
     assert torch.allclose(got.col_sum.double().sum(-1), total_rows, atol=1e-3)
 
 
+@pytest.mark.parametrize("row_pass", ["torch", "torch-ops"], indirect=True)
 @pytest.mark.parametrize("block", [16, 37])
 @pytest.mark.parametrize("case", CASES[:4], ids=["mha", "gqa9-left", "bidir-right", "decode"])
-def test_torch_blocks_and_fused_columns_match_reference(case, block):
+def test_torch_blocks_and_fused_columns_match_reference(case, block, row_pass):
     """Many query blocks (causal key slicing, empty rows inside a block) and the column sums
     taken in the same pass agree with the reference."""
     batch, heads, kv_heads, n_query, n_key, dim, causal, padding, dtype, topk = case

@@ -1,0 +1,120 @@
+"""The CPU path's native row pass (``row_stats.c``), compiled with the system C compiler at first use.
+
+One call per query block replaces six torch passes over the block's logits (maximum, top-k
+pre-selection and selection, shift, ``exp2``, entropy product): a vector scan keeps a running
+top-k per row, and one pass writes ``2^(s - max)`` in place and sums ``e · (s - max)``.
+
+The shared library is cached under ``$HEADLAB_CACHE/native`` (default ``~/.cache/headlab``),
+named by a hash of the source, compiler and flags, and written atomically. Without a C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``), or with ``HEADLAB_NATIVE=0``, :func:`row_pass` is
+``None`` and the statistics fall back to torch ops (same results, slower), with one warning
+when compilation was tried and failed. Triton needs the same compiler for its GPU launchers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("row_stats.c")
+
+
+class NativeUnavailable(RuntimeError):
+    """The native row pass cannot be built or loaded here."""
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("HEADLAB_CACHE")
+    if env:
+        return Path(env).expanduser() / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "headlab" / "native"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise NativeUnavailable("no C compiler found (set $CC, or install gcc)")
+
+
+def _flags() -> list[str]:
+    """Optimise for the vector width torch itself dispatches to on this CPU."""
+    flags = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile ``row_stats.c`` (once; later calls find the cached library) and return its path."""
+    compiler, flags = _compiler(), _flags()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()[:16]
+    target = (cache_dir or _cache_dir()) / f"row_stats-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if run.returncode:
+            raise NativeUnavailable(f"{compiler} failed on {SOURCE.name}:\n{run.stderr.strip()}")
+        os.replace(built, target)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with its one function's argument types declared."""
+    lib = ctypes.CDLL(str(path))  # CDLL calls release the GIL, so worker threads run in parallel
+    lib.headlab_row_stats.restype = None
+    lib.headlab_row_stats.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("HEADLAB_NATIVE", "1") == "0":
+        return None
+    try:
+        return load(build())
+    except (NativeUnavailable, OSError) as error:
+        warnings.warn(f"headlab: native CPU statistics unavailable, using torch ops (slower): {error}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def available() -> bool:
+    """Whether :func:`row_pass` runs natively here (builds the library on first call)."""
+    return _library() is not None
+
+
+def row_pass(s: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """In place on fp32 CPU logits ``s [..., n]`` (contiguous, base 2, ``0 <= k <= n``): returns
+    ``(row_max [...], spread [...], top_vals [..., k], top_idx [..., k])`` and leaves
+    ``e = 2^(s - row_max)`` in ``s``; ``spread = Σ_j e_j (s_j - row_max)``. Top keys are sorted
+    descending, ties to the earlier key. Needs :func:`available`."""
+    lib = _library()
+    if lib is None:
+        raise NativeUnavailable("the native row pass is not available here")
+    if s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous():
+        raise ValueError("row_pass needs contiguous fp32 CPU logits")
+    n = s.shape[-1]
+    if n == 0 or not 0 <= k <= n:
+        raise ValueError(f"k must be between 0 and the row length {n} (>= 1), got {k}")
+    lead = s.shape[:-1]
+    row_max, spread = torch.empty(lead), torch.empty(lead)
+    top_vals, top_idx = torch.empty(*lead, k), torch.empty(*lead, k, dtype=torch.int64)
+    lib.headlab_row_stats(s.data_ptr(), s.numel() // n, n, k, row_max.data_ptr(), spread.data_ptr(),
+                          top_vals.data_ptr(), top_idx.data_ptr())
+    return row_max, spread, top_vals, top_idx

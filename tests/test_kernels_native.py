@@ -1,0 +1,89 @@
+"""The native row pass of the CPU statistics (kernels/row_stats.c) against float64 torch, and its
+build: cached, and a failed build falls back to torch ops with a warning."""
+
+import pytest
+import torch
+
+from headlab.kernels import native
+
+HIDDEN = torch.finfo(torch.float32).min
+
+
+def expected(s: torch.Tensor, k: int):
+    """float64 ``(row_max, e, spread, top values, top indices)``; ties go to the earlier key."""
+    x = s.double()
+    row_max = x.amax(-1)
+    shifted = x - row_max[..., None]
+    e = torch.exp2(shifted)
+    spread = (e * shifted).nan_to_num().sum(-1)  # hidden keys: 0 · (-3.4e38)
+    top = torch.sort(-x, dim=-1, stable=True)  # stable: equal values stay in key order
+    return row_max, e, spread, -top.values[..., :k], top.indices[..., :k]
+
+
+@pytest.mark.parametrize("n,k", [(n, k) for n in (1, 7, 8, 63, 64, 65, 130, 1000) for k in (0, 1, 3, 8) if k <= n])
+def test_row_pass_matches_float64(n, k):
+    gen = torch.Generator().manual_seed(n * 10 + k)
+    s = torch.randn(4, 3, n, generator=gen) * 4
+    s[0, 0, n // 2 :] = HIDDEN  # a causal-style hidden tail
+    s[1, 1, ::3] = HIDDEN  # padding inside the row
+    s[2, 2, : max(1, n // 4)] = 1.5  # ties at the top: earlier keys first
+    if n > 64:
+        s[3, 0, 64:] = s[3, 0, :64].max() + torch.rand(n - 64, generator=gen)  # rising row
+    row_max, e, spread, top_vals, top_idx = expected(s, k)
+    work = s.clone()
+    got_max, got_spread, got_vals, got_idx = native.row_pass(work, k)
+    assert torch.equal(got_max.double(), row_max)
+    assert torch.allclose(work.double(), e, rtol=2e-6, atol=1e-30)
+    seen = (s > HIDDEN).any(-1, keepdim=True)  # rows with a visible key (the op clears the others)
+    assert (work[(s == HIDDEN) & seen] == 0).all(), "hidden keys must weigh exactly 0"
+    assert torch.allclose(got_spread.double(), spread, rtol=1e-5, atol=1e-5)
+    assert got_vals.shape == (4, 3, k) and got_idx.dtype == torch.int64
+    assert torch.equal(got_vals.double(), top_vals)
+    assert torch.equal(got_idx, top_idx)
+
+
+def test_exp2_is_accurate_over_its_whole_range():
+    x = torch.linspace(-126, 0, 2_000_001)
+    work = x.clone()
+    native.row_pass(work, 0)  # the maximum is 0, so e = 2^x
+    ref = torch.exp2(x.double())
+    assert ((work.double() - ref).abs() / ref).max() < 2e-7
+    below = torch.tensor([-127.0, -200.0, -1e30, HIDDEN, 0.0])
+    native.row_pass(below, 0)
+    assert below[:4].eq(0).all() and below[4] == 1
+
+
+def test_row_pass_rejects_bad_input():
+    with pytest.raises(ValueError, match="between 0 and the row length"):
+        native.row_pass(torch.zeros(2, 5), 6)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.row_pass(torch.zeros(5, 2).t(), 1)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.row_pass(torch.zeros(2, 5, dtype=torch.float16), 1)
+
+
+def test_build_is_cached_by_source_and_flags(tmp_path):
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name], "no temporary files left behind"
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeypatch):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: simulated failure' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeUnavailable, match="simulated failure"):
+        native.build()
+    native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="using torch ops"):
+            assert not native.available()
+        with pytest.raises(native.NativeUnavailable):
+            native.row_pass(torch.zeros(1, 4), 1)
+    finally:
+        native._library.cache_clear()
+    monkeypatch.undo()
+    assert native.available()
