@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+_BUILD_LOCK = threading.Lock()  # the statistics' worker threads may ask at the same time
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("HEADLAB_NATIVE", "1") == "0":
@@ -94,9 +98,14 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
+def _locked_library() -> ctypes.CDLL | None:
+    with _BUILD_LOCK:
+        return _library()
+
+
 def available() -> bool:
     """Whether :func:`row_pass` runs natively here (builds the library on first call)."""
-    return _library() is not None
+    return _locked_library() is not None
 
 
 def row_pass(s: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -104,7 +113,7 @@ def row_pass(s: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     ``(row_max [...], spread [...], top_vals [..., k], top_idx [..., k])`` and leaves
     ``e = 2^(s - row_max)`` in ``s``; ``spread = Σ_j e_j (s_j - row_max)``. Top keys are sorted
     descending, ties to the earlier key. Needs :func:`available`."""
-    lib = _library()
+    lib = _locked_library()
     if lib is None:
         raise NativeUnavailable("the native row pass is not available here")
     if s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous():

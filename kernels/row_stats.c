@@ -5,15 +5,16 @@
  *   1. scan:  the row maximum and, for k >= 1, the k largest logits and their key indices in
  *             descending order (ties keep the earlier key).
  *   2. exp:   s is overwritten with e = 2^(s - max), and spread = sum_j e_j (s_j - max).
- * Hidden keys (logit = FLT_MIN's negative, -3.4e38) get e = 0 exactly.
+ * Hidden keys (logit = -FLT_MAX, -3.4e38) get e = 0 exactly.
  *
  * Written with GCC vector extensions (gcc, clang) so that it compiles to AVX2 or SSE or NEON,
- * whatever the compiler is told; no intrinsics and no fast-math, so results are deterministic.
+ * whatever the compiler is told; no intrinsics and no fast-math (one build gives the same
+ * results every run; builds with and without FMA differ in the last bits).
  */
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 8
+#define LANES 8 /* 32-byte vectors; any() below reads them as four int64 */
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef int64_t vq __attribute__((vector_size(4 * LANES)));
