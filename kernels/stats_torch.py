@@ -42,18 +42,12 @@ def _key_end(stop: int, n_key: int, causal: bool, q_offset: int) -> int:
 
 
 class _Scratch:
-    """One worker's reusable fp32 buffers for a block's logits and (made on first use: the
-    native pass needs none) weights."""
+    """One worker's reusable fp32 buffers for a block's logits and, unless the weights are
+    written over the logits, its weights."""
 
-    def __init__(self, numel: int, device):
+    def __init__(self, numel: int, device, weights: bool):
         self.logits = torch.empty(numel, device=device)
-        self._weights = None
-
-    @property
-    def weights(self) -> torch.Tensor:
-        if self._weights is None:
-            self._weights = torch.empty_like(self.logits)
-        return self._weights
+        self.weights = torch.empty(numel, device=device) if weights else None
 
     def view(self, buffer: torch.Tensor, shape) -> torch.Tensor:
         """The first ``prod(shape)`` elements of ``buffer``, contiguous, as ``shape``."""
@@ -76,18 +70,19 @@ def _for_blocks(n_query, block, fill, make_state, parallel: bool) -> list:
     """Call ``fill(state, start, stop)`` for every query block of ``block`` rows; return the
     per-worker states made by ``make_state()``. With ``parallel``, blocks go round-robin to
     ``torch.get_num_threads()`` threads running single-threaded ops; the thread setting is
-    restored afterwards."""
+    restored afterwards. States are made in the calling thread, so that their large buffers come
+    from its allocator arena (memory a short-lived thread's arena frees stays with the process)."""
     starts = range(0, n_query, block)
     threads = torch.get_num_threads()
     workers = max(1, min(threads, len(starts))) if parallel else 1
+    states = [make_state() for _ in range(workers)]
 
     def work(worker):
-        state = make_state()
         if workers > 1:
             torch.set_num_threads(1)
         for start in starts[worker::workers]:
-            fill(state, start, min(start + block, n_query))
-        return state
+            fill(states[worker], start, min(start + block, n_query))
+        return states[worker]
 
     if workers == 1:
         return [work(0)]
@@ -171,8 +166,9 @@ class _Worker:
     """A worker's scratch buffers and, when column sums are asked for, its own ``[B, Hq, Nk]``
     accumulator (summed over workers at the end, so threads never add into one tensor)."""
 
-    def __init__(self, scratch_numel, col_shape, device):
-        self.scratch = _Scratch(scratch_numel, device)
+    def __init__(self, scratch_numel, col_shape, device, row_pass: str | None):
+        self.row_pass = row_pass  # "native" (in place), "torch" (needs a weights buffer) or None
+        self.scratch = _Scratch(scratch_numel, device, weights=row_pass == "torch")
         self.col_sum = None if col_shape is None else torch.zeros(col_shape, device=device)
 
 
@@ -220,9 +216,11 @@ def attention_stats_torch(
         _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, key_counts[:, start:stop],
                     start, stop, key_end, causal, q_offset, key_valid)
 
+    row_pass = "native" if q.device.type == "cpu" and native.available() else "torch"
+
     def make_worker():
         return _Worker(batch * n_heads * min(block, n_query) * n_key,
-                       (batch, n_heads, n_key) if columns else None, q.device)
+                       (batch, n_heads, n_key) if columns else None, q.device, row_pass)
 
     workers = _for_blocks(n_query, block, fill, make_worker, q.device.type == "cpu")
     cols = None
@@ -246,7 +244,7 @@ def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, s
         return
     s = _block_logits(q_scaled, kf, start, stop, key_end, worker.scratch)
     _hide(s, start, causal, q_offset, key_valid)
-    e, row_max, spread, top = _row_pass(s, topk, worker.scratch)
+    e, row_max, spread, top = _row_pass(s, topk, worker)
     mixed = _gqa_matmul(e, extended)  # [B, Hq, blk, D_v + G + 1]
     d_v = res.out.shape[-1]
     total = mixed[..., -1:]
@@ -267,12 +265,12 @@ def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, s
         _clear_rows(res, rows, empty)
 
 
-def _row_pass(s, topk, scratch):
+def _row_pass(s, topk, worker):
     """``(e, row_max [..., 1], spread [...], top)`` of base-2 logits ``s [B, Hq, blk, Nk]``:
     ``e = 2^(s - max)``, ``spread = Σ_j e_j (s_j - max)`` and, with ``topk``, the top keys
     ``(logits, indices)`` sorted descending. The native pass works in place on ``s`` (one scan,
-    one exponentiation); the torch ops spend ``s`` and write ``e`` to ``scratch.weights``."""
-    if s.device.type == "cpu" and native.available():
+    one exponentiation); the torch ops spend ``s`` and write ``e`` to the weights buffer."""
+    if worker.row_pass == "native":
         row_max, spread, values, indices = native.row_pass(s, min(topk, s.shape[-1]))
         return s, row_max[..., None], spread, (values, indices) if topk else None
     top = None
@@ -283,7 +281,7 @@ def _row_pass(s, topk, scratch):
     else:
         row_max = s.amax(-1, keepdim=True)
     s.sub_(row_max)
-    e = torch.exp2(s, out=scratch.view(scratch.weights, s.shape))
+    e = torch.exp2(s, out=worker.scratch.view(worker.scratch.weights, s.shape))
     return e, row_max, s.mul_(e).sum(-1), top
 
 
@@ -369,7 +367,7 @@ def column_stats_torch(
         worker.col_sum[:, :, :key_end] += torch.matmul(weight[:, None, None, start:stop], p).squeeze(2)
 
     def make_worker():
-        return _Worker(batch * n_heads * min(block, n_query) * n_key, (batch, n_heads, n_key), q.device)
+        return _Worker(batch * n_heads * min(block, n_query) * n_key, (batch, n_heads, n_key), q.device, None)
 
     workers = _for_blocks(n_query, block, fill, make_worker, q.device.type == "cpu")
     counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)
