@@ -34,6 +34,7 @@ class NativeUnavailable(RuntimeError):
 
 
 def _cache_dir() -> Path:
+    """The root of ``headlab.surgeon.models.cache_root`` (kernels import nothing else of headlab)."""
     env = os.environ.get("HEADLAB_CACHE")
     if env:
         return Path(env).expanduser() / "native"
@@ -127,3 +128,25 @@ def row_pass(s: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     lib.headlab_row_stats(s.data_ptr(), s.numel() // n, n, k, row_max.data_ptr(), spread.data_ptr(),
                           top_vals.data_ptr(), top_idx.data_ptr())
     return row_max, spread, top_vals, top_idx
+
+
+@functools.cache
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    The statistics free tens of MB of temporaries per layer, sizes that glibc serves from its heap
+    once its adaptive mmap threshold has risen; the freed holes then stay resident between cache
+    tensors that outlive them, and at 8192 tokens a SmolLM2 forward ended ~0.6 GB above SDPA's peak
+    memory for free memory alone. Costs a heap walk, about a millisecond."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
+

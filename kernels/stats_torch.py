@@ -223,6 +223,8 @@ def attention_stats_torch(
                        (batch, n_heads, n_key) if columns else None, q.device, row_pass)
 
     workers = _for_blocks(n_query, block, fill, make_worker, q.device.type == "cpu")
+    if q.device.type == "cpu":
+        native.release_free_memory()
     cols = None
     if columns:
         counts = visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, q.device)

@@ -1,6 +1,9 @@
 """The native row pass of the CPU statistics (kernels/row_stats.c) against float64 torch, and its
 build: cached, and a failed build falls back to torch ops with a warning."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -87,3 +90,25 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeyp
         native._library.cache_clear()
     monkeypatch.undo()
     assert native.available()
+
+
+FRAGMENTED_HEAP = """
+import torch
+from headlab.kernels import native
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+big = torch.ones(5 * 2**20); del big  # freeing a 20 MB mmapped chunk raises glibc's mmap threshold
+keep, drop = [], []
+for i in range(60):
+    (keep if i % 2 else drop).append(torch.ones(2**20))  # 4 MB each, now served from the heap
+drop.clear()  # 120 MB of holes between live tensors: free, but resident
+freed = rss_mib()
+native.release_free_memory()
+print(freed - rss_mib())
+"""
+
+
+@pytest.mark.skipif(native._libc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+def test_release_free_memory_returns_heap_holes_to_the_os():
+    done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True)
+    assert float(done.stdout) > 100, "the freed 120 MB should leave the resident set"
