@@ -1,4 +1,5 @@
-"""Attention statistics in plain torch, chunked over query blocks: memory O(B·Hq·block·Nk).
+"""Attention statistics chunked over query blocks in torch (plus a native row pass on the CPU):
+memory O(B·Hq·block·Nk).
 
 The CPU path. Same semantics as :mod:`headlab.kernels.reference` (see its docstring for shapes,
 masks and the empty-row convention). Each block holds whole rows, so probabilities are exact
@@ -8,14 +9,14 @@ entropy product needs no extra masking). Logits are kept in base 2 (``log2(e)`` 
 query scale) because ``exp2`` is a third cheaper than ``exp`` on the CPU at the same accuracy;
 LSE and entropy are converted back to nats.
 
-Speed: each block's logits and weights go into two buffers reused from block to block (a
-fresh multi-MB tensor per block costs its page faults again), and on the CPU the blocks are
-dealt round-robin to ``torch.get_num_threads()`` Python threads that each run single-threaded
-ops (per-op threading over one small block leaves a third of the time on the table). Results do
-not depend on the thread count, except the column sums' summation order. The per-row work
-after the logits (maximum, top-k, ``exp2``, entropy product) is one native call per block
-(:mod:`.native`) where a C compiler is available, else torch ops. Forward only (no autograd
-graph).
+Speed: each block's logits (and, for the torch ops, its weights) go into buffers reused from
+block to block (a fresh multi-MB tensor per block costs its page faults again), and on the CPU
+the blocks are dealt round-robin to ``torch.get_num_threads()`` Python threads that each run
+single-threaded ops (per-op threading over one small block leaves a third of the time on the
+table). Results do not depend on the thread count, except the column sums' summation order. The
+per-row work after the logits (maximum, top-k, ``exp2``, entropy product) is one native call per
+block (:mod:`.native`) where a C compiler is available, else torch ops. Forward only (no
+autograd graph).
 """
 
 from __future__ import annotations
