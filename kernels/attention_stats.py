@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .scoring import check_scoring
 from .stats_torch import attention_stats_torch, column_stats_torch
 from .types import AttentionStats, ColumnStats
 
@@ -65,6 +66,9 @@ def attention_with_stats(
     topk: int = 0,
     columns: bool = False,
     query_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> AttentionStats:
     """Attention output plus, per row, log-sum-exp, entropy, mass on ``key_groups`` and the
@@ -76,21 +80,27 @@ def attention_with_stats(
     marks column sets (sinks, a needle span, an image span). With ``columns`` the result also
     holds :class:`ColumnStats` over the rows marked in ``query_valid [B, Nq]`` (default all): the
     torch path sums them in the same pass, the Triton path in :func:`column_stats`' second pass.
+    Family quirks (:mod:`.scoring`): ``window`` keys per causal row (sliding-window layers),
+    ``softcap`` (``c·tanh(s/c)`` logits), ``sinks [Hq]`` learned sink logits (then ``lse`` and
+    ``entropy`` cover the sink column too, and key probabilities sum to ``1 - p_sink``).
     Forward only: the results carry no gradient.
     """
     _check(q, k, v, key_valid, key_groups, topk)
+    check_scoring(window, softcap, sinks, causal, q.shape[1])
     scale, q_offset = _defaults(q, k, scale, q_offset)
+    quirks = dict(window=window, softcap=softcap)
     if resolve_backend(backend, q.device) == "triton":
         from .stats_triton import attention_stats_triton, column_stats_triton
 
         stats = attention_stats_triton(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                                       key_valid=key_valid, key_groups=key_groups, topk=topk)
+                                       key_valid=key_valid, key_groups=key_groups, topk=topk, sinks=sinks, **quirks)
         if columns:
             stats.columns = column_stats_triton(q, k, stats.lse, scale=scale, causal=causal, q_offset=q_offset,
-                                                key_valid=key_valid, query_valid=query_valid)
+                                                key_valid=key_valid, query_valid=query_valid, **quirks)
         return stats
     return attention_stats_torch(q, k, v, scale=scale, causal=causal, q_offset=q_offset, key_valid=key_valid,
-                                 key_groups=key_groups, topk=topk, columns=columns, query_valid=query_valid)
+                                 key_groups=key_groups, topk=topk, columns=columns, query_valid=query_valid,
+                                 sinks=sinks, **quirks)
 
 
 def column_stats(
@@ -103,16 +113,20 @@ def column_stats(
     q_offset: int | None = None,
     key_valid: torch.Tensor | None = None,
     query_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> ColumnStats:
     """Second pass reusing ``lse [B, Hq, Nq]`` from :func:`attention_with_stats`: attention each
-    key receives summed over valid rows (``query_valid [B, Nq]``), and how many valid rows see it."""
+    key receives summed over valid rows (``query_valid [B, Nq]``), and how many valid rows see it.
+    ``window`` and ``softcap`` as there; learned sinks need nothing here (they are in ``lse``)."""
     _check(q, k, None, key_valid, None, 0)
+    check_scoring(window, softcap, None, causal, q.shape[1])
     scale, q_offset = _defaults(q, k, scale, q_offset)
     if resolve_backend(backend, q.device) == "triton":
         from .stats_triton import column_stats_triton
 
         return column_stats_triton(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
-                                   key_valid=key_valid, query_valid=query_valid)
+                                   key_valid=key_valid, query_valid=query_valid, window=window, softcap=softcap)
     return column_stats_torch(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
-                              key_valid=key_valid, query_valid=query_valid)
+                              key_valid=key_valid, query_valid=query_valid, window=window, softcap=softcap)

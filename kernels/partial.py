@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .scoring import softcapped
+
 
 def partial_attention(
     q: torch.Tensor,
@@ -20,13 +22,16 @@ def partial_attention(
     scale: float | None = None,
     causal: bool = True,
     q_offset: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mass [B, Hq, Nq], out [B, Hq, Nq, D])`` over the keys ``key_index [B, S]`` (int64,
     -1 for unused slots; repeated indices count once each, so pass each key once).
 
     ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``, ``lse [B, Hq, Nq]`` the rows' natural-log
-    normalisers; computed in fp32 (fp64 for fp64 inputs). A row sees key j when ``not causal`` or ``j <= i + q_offset`` (default
-    ``Nk - Nq``). Rows with ``lse = -inf`` (no visible key) get zeros.
+    normalisers; computed in fp32 (fp64 for fp64 inputs). A row sees key j when ``not causal`` or
+    ``j <= i + q_offset`` (default ``Nk - Nq``), and ``j > i + q_offset - window`` with a sliding
+    window; ``softcap`` as in :mod:`.scoring`. Rows with ``lse = -inf`` (no visible key) get zeros.
     """
     batch, n_heads, n_query, dim = q.shape
     n_kv, n_key = k.shape[1], k.shape[2]
@@ -42,11 +47,13 @@ def partial_attention(
     gather = safe[:, None, :, None].expand(batch, n_kv, safe.shape[1], dim)
     k_sel = torch.gather(k.to(work), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, S, D]
     v_sel = torch.gather(v.to(work), 2, gather).repeat_interleave(n_heads // n_kv, dim=1)
-    s = torch.matmul(q.to(work), k_sel.transpose(-1, -2)) * scale  # [B, Hq, Nq, S]
+    s = softcapped(torch.matmul(q.to(work), k_sel.transpose(-1, -2)) * scale, softcap)  # [B, Hq, Nq, S]
     visible = used[:, None, None, :].expand_as(s)
     if causal:
         rows = torch.arange(n_query, device=q.device)[:, None] + q_offset
         visible = visible & (safe[:, None, None, :] <= rows)
+        if window is not None:
+            visible = visible & (safe[:, None, None, :] > rows - window)
     finite = torch.isfinite(lse)[..., None]
     p = torch.where(visible & finite, torch.exp(s - lse.to(work).masked_fill(~finite[..., 0], 0.0)[..., None]),
                     torch.zeros_like(s))
@@ -62,10 +69,13 @@ def row_key_probs(
     scale: float | None = None,
     q_offset: int | None = None,
     key_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, Nq, len(offsets)]``: the weight row ``i`` gives key ``i + q_offset - d`` for each
     offset ``d ≥ 0`` (``d = 1``: the previous token), from the rows' LSE in O(Nq·D) per offset;
-    0 where that key does not exist or is padded (``key_valid [B, Nk]``), or the row sees nothing."""
+    0 where that key does not exist, is padded (``key_valid [B, Nk]``) or lies outside a sliding
+    ``window`` (``d >= window``), or the row sees nothing. ``softcap`` as in :mod:`.scoring`."""
     batch, n_heads, n_query, dim = q.shape
     n_kv, n_key = k.shape[1], k.shape[2]
     if any(d < 0 for d in offsets):
@@ -78,9 +88,9 @@ def row_key_probs(
     out = torch.zeros(batch, n_heads, n_query, len(offsets), dtype=work, device=q.device)
     for slot, d in enumerate(offsets):
         keys = torch.arange(n_query, device=q.device) + q_offset - d  # [Nq]
-        exists = (keys >= 0) & (keys < n_key)
+        exists = (keys >= 0) & (keys < n_key) & (window is None or d < window)
         safe = keys.clamp(0, n_key - 1)
-        s = (q.to(work) * kx[:, :, safe]).sum(-1) * scale  # [B, Hq, Nq]
+        s = softcapped((q.to(work) * kx[:, :, safe]).sum(-1) * scale, softcap)  # [B, Hq, Nq]
         valid = exists[None, None, :] & finite
         if key_valid is not None:
             valid = valid & key_valid[:, safe][:, None, :].bool()

@@ -7,6 +7,11 @@ causal row sees keys ``j <= i + q_offset``. ``key_valid [B, Nk]`` (bool) removes
 
 A row with no visible key has ``out = 0``, ``lse = -inf``, ``entropy = 0``, group mass 0 and
 top-k indices -1 with weight 0. For tests only: memory is ``B·Hq·Nq·Nk`` floats.
+
+The family quirks of :mod:`.scoring` are written out literally here: ``window`` limits a causal
+row to its last ``window`` keys, ``softcap`` maps logits to ``c·tanh(s/c)``, and ``sinks [Hq]``
+is a real extra column of the softmax that is dropped afterwards (a row that sees no key then
+puts all its mass on the sink: ``lse = sink``, ``entropy = 0``, ``out = 0``).
 """
 
 from __future__ import annotations
@@ -17,45 +22,59 @@ from .types import AttentionStats, ColumnStats
 
 
 def visibility(
-    batch: int, n_query: int, n_key: int, causal: bool, q_offset: int, key_valid: torch.Tensor | None, device
+    batch: int, n_query: int, n_key: int, causal: bool, q_offset: int, key_valid: torch.Tensor | None, device,
+    window: int | None = None,
 ) -> torch.Tensor:
     """``[B, 1, Nq, Nk]`` bool: which keys each row sees."""
     visible = torch.ones(batch, 1, n_query, n_key, dtype=torch.bool, device=device)
     if causal:
         rows = torch.arange(n_query, device=device)[:, None] + q_offset
-        visible = visible & (torch.arange(n_key, device=device)[None, :] <= rows)
+        keys = torch.arange(n_key, device=device)[None, :]
+        visible = visible & (keys <= rows)
+        if window is not None:
+            visible = visible & (keys > rows - window)
     if key_valid is not None:
         visible = visible & key_valid[:, None, None, :].bool()
     return visible
 
 
-def attention_probs_reference(q, k, scale, causal, q_offset=None, key_valid=None):
-    """``(p, s, visible)``: fp32 probabilities, logits and visibility, all ``[B, Hq, Nq, Nk]``."""
+def attention_probs_reference(q, k, scale, causal, q_offset=None, key_valid=None, window=None, softcap=None,
+                              sinks=None):
+    """``(p, s, visible)``: fp32 probabilities, logits (soft-capped) and visibility, all
+    ``[B, Hq, Nq, Nk]``; with ``sinks`` the rows of ``p`` sum to ``1 - p_sink``."""
     batch, n_heads, n_query, _ = q.shape
     n_key = k.shape[-2]
     group = n_heads // k.shape[1]
     q_offset = n_key - n_query if q_offset is None else q_offset
     kx = k.float().repeat_interleave(group, dim=1)
     s = torch.matmul(q.float(), kx.transpose(-1, -2)) * scale
-    visible = visibility(batch, n_query, n_key, causal, q_offset, key_valid, q.device).expand_as(s)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    visible = visibility(batch, n_query, n_key, causal, q_offset, key_valid, q.device, window).expand_as(s)
     masked = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        masked = torch.cat([masked, sinks.float()[None, :, None, None].expand(batch, n_heads, n_query, 1)], -1)
     lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-    p = torch.where(visible, torch.exp(masked - lse), torch.zeros_like(s))
+    p = torch.exp(masked - lse)[..., :n_key]
+    p = torch.where(visible, p, torch.zeros_like(s))
     return p, s, visible
 
 
 def attention_stats_reference(
-    q, k, v, *, scale=None, causal=True, q_offset=None, key_valid=None, key_groups=None, topk=0
+    q, k, v, *, scale=None, causal=True, q_offset=None, key_valid=None, key_groups=None, topk=0, window=None,
+    softcap=None, sinks=None,
 ) -> AttentionStats:
     """Output, log-sum-exp, entropy, group mass and top-k keys of every row, from the full map."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p, s, visible = attention_probs_reference(q, k, scale, causal, q_offset, key_valid)
+    p, s, visible = attention_probs_reference(q, k, scale, causal, q_offset, key_valid, window, softcap, sinks)
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(p, v.float().repeat_interleave(group, dim=1)).to(q.dtype)
-    any_visible = visible.any(-1)
-    lse = torch.logsumexp(s.masked_fill(~visible, float("-inf")), dim=-1)
-    weighted = torch.where(visible, p * s, torch.zeros_like(s)).sum(-1)
-    entropy = torch.where(any_visible, lse - weighted, torch.zeros_like(lse))
+    masked = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        masked = torch.cat([masked, sinks.float()[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+    lse = torch.logsumexp(masked, dim=-1)
+    full_p = torch.exp(masked - lse[..., None])
+    entropy = torch.where(full_p > 0, -full_p * (masked - lse[..., None]), torch.zeros_like(full_p)).sum(-1)
     mass = None
     if key_groups is not None:
         mass = torch.einsum("bhqk,bgk->bhqg", p, key_groups.float())
@@ -69,11 +88,12 @@ def attention_stats_reference(
 
 
 def column_stats_reference(
-    q, k, *, scale=None, causal=True, q_offset=None, key_valid=None, query_valid=None
+    q, k, *, scale=None, causal=True, q_offset=None, key_valid=None, query_valid=None, window=None, softcap=None,
+    sinks=None,
 ) -> ColumnStats:
     """Attention each key receives, summed over valid rows, and how many valid rows see it."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p, _, visible = attention_probs_reference(q, k, scale, causal, q_offset, key_valid)
+    p, _, visible = attention_probs_reference(q, k, scale, causal, q_offset, key_valid, window, softcap, sinks)
     rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
     if query_valid is not None:
         rows = query_valid.bool()

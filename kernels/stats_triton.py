@@ -1,5 +1,8 @@
 """Fused Triton kernels: attention forward with statistics (online softmax) and the key-major
 column-sum pass. Launchers check shapes and dtypes; semantics are those of :mod:`.reference`.
+A sliding window skips the key tiles (forward) and query tiles (column pass) outside every row's
+window; soft-capping is applied to each tile's logits; learned sinks are folded into the forward's
+results by the launcher (:func:`.scoring.with_sinks`).
 
 Under ``TRITON_INTERPRET=1`` (CPU) tiles are upcast to fp32 before every dot (bf16 dots are wrong
 in the interpreter) and outputs are pre-filled with NaN so that an unwritten element shows.
@@ -13,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .scoring import with_sinks
 from .stats_torch import visible_row_counts
 from .types import AttentionStats, ColumnStats
 
@@ -23,14 +27,32 @@ GROUP_PAD = 16  # key groups are padded to a dot-friendly width
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exponential (no overflow: the argument of exp is never positive)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``scale · q kᵀ`` of a tile, soft-capped to ``c · tanh(s / c)`` when asked."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    return s
+
+
+@triton.jit
 def _stats_fwd_kernel(
     Q, K, V, KEY_VALID, GROUPS, OUT, LSE, ENT, MASS, TOPI, TOPW,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    n_heads, n_query, n_key, head_dim, n_groups, q_offset, scale,
+    n_heads, n_query, n_key, head_dim, n_groups, q_offset, scale, window, softcap,
     GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GPAD: tl.constexpr,
 ):
@@ -58,10 +80,13 @@ def _stats_fwd_kernel(
     top_v = tl.full([BLOCK_M, TOPK_PAD], float("-inf"), tl.float32)
     top_i = tl.full([BLOCK_M, TOPK_PAD], -1, tl.int32)
 
+    lo = 0
     hi = n_key
     if CAUSAL:
         hi = tl.minimum(n_key, (pid_m + 1) * BLOCK_M + q_offset)
-    for start_n in range(0, hi, BLOCK_N):
+    if HAS_WINDOW:  # key tiles before the first row's window are never seen
+        lo = tl.maximum(pid_m * BLOCK_M + q_offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_key
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -70,10 +95,12 @@ def _stats_fwd_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _scores(q, k, scale, softcap, HAS_SOFTCAP)
         visible = n_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] + q_offset - window)
         if HAS_KEY_VALID:
             kvalid = tl.load(KEY_VALID + b * n_key + offs_n, mask=n_ok, other=0)
             visible = visible & (kvalid[None, :] != 0)
@@ -147,8 +174,9 @@ def _column_kernel(
     Q, K, LSE, KEY_VALID, QUERY_VALID, COL,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
-    n_heads, n_query, n_key, head_dim, q_offset, scale,
+    n_heads, n_query, n_key, head_dim, q_offset, scale, window, softcap,
     GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_QUERY_VALID: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -169,9 +197,12 @@ def _column_kernel(
         key_ok = key_ok & (tl.load(KEY_VALID + b * n_key + offs_n, mask=n_ok, other=0) != 0)
     col = tl.zeros([BLOCK_N], tl.float32)
     lo = 0
+    hi = n_query
     if CAUSAL:
         lo = tl.maximum(pid_n * BLOCK_N - q_offset, 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, n_query, BLOCK_M):
+    if HAS_WINDOW:  # rows past the last key's window never see this tile
+        hi = tl.minimum(n_query, (pid_n + 1) * BLOCK_N - 1 + window - q_offset)
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_query
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -181,10 +212,12 @@ def _column_kernel(
         if HAS_QUERY_VALID:
             row_ok = row_ok & (tl.load(QUERY_VALID + b * n_query + offs_m, mask=row_ok, other=0) != 0)
         lse = tl.load(LSE + pid_bh * n_query + offs_m, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = _scores(q, k, scale, softcap, HAS_SOFTCAP)
         visible = row_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] + q_offset - window)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         col += tl.sum(p, 0)
     tl.store(COL + pid_bh * n_key + offs_n, col, mask=n_ok)
@@ -211,7 +244,8 @@ def _alloc(shape, dtype, device):
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0) -> AttentionStats:
+def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0,
+                           window=None, softcap=None, sinks=None) -> AttentionStats:
     """Launch the fused forward; returns the same :class:`AttentionStats` as the references."""
     block_d = _prepare(q, k, v)
     batch, n_heads, n_query, dim = q.shape
@@ -233,17 +267,23 @@ def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, 
     _stats_fwd_kernel[grid](
         q, k, v, valid, groups, out, lse, entropy, mass, top_i, top_w,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_heads, n_query, n_key, dim, n_groups, q_offset, scale,
+        n_heads, n_query, n_key, dim, n_groups, q_offset, scale, window or 0, softcap or 0.0,
         GQA=n_heads // k.shape[1], CAUSAL=causal, HAS_KEY_VALID=key_valid is not None, HAS_GROUPS=n_groups > 0,
-        TOPK=topk, TOPK_PAD=max(2, triton.next_power_of_2(max(topk, 1))),
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, TOPK=topk, TOPK_PAD=max(2, triton.next_power_of_2(max(topk, 1))),
         UPCAST=INTERPRET or q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, GPAD=GROUP_PAD,
     )
+    lse, entropy, keep = with_sinks(lse, entropy, sinks)
+    if keep is not None:
+        out = (out.float() * keep[..., None]).to(out.dtype)
+        mass = mass * keep[..., None] if n_groups else mass
+        top_w = top_w * keep[..., None] if topk else top_w
     return AttentionStats(out, lse, entropy, mass if n_groups else None,
                           top_i if topk else None, top_w if topk else None)
 
 
-def column_stats_triton(q, k, lse, *, scale, causal, q_offset, key_valid=None, query_valid=None) -> ColumnStats:
+def column_stats_triton(q, k, lse, *, scale, causal, q_offset, key_valid=None, query_valid=None, window=None,
+                        softcap=None) -> ColumnStats:
     """Launch the key-major column pass; counts of seeing rows come from :func:`visible_row_counts`."""
     block_d = _prepare(q, k)
     batch, n_heads, n_query, dim = q.shape
@@ -257,9 +297,11 @@ def column_stats_triton(q, k, lse, *, scale, causal, q_offset, key_valid=None, q
     _column_kernel[grid](
         q, k, lse, kv, qv, col,
         *q.stride(), *k.stride(),
-        n_heads, n_query, n_key, dim, q_offset, scale,
+        n_heads, n_query, n_key, dim, q_offset, scale, window or 0, softcap or 0.0,
         GQA=n_heads // k.shape[1], CAUSAL=causal, HAS_KEY_VALID=key_valid is not None,
-        HAS_QUERY_VALID=query_valid is not None, UPCAST=INTERPRET or q.dtype == torch.float32,
+        HAS_QUERY_VALID=query_valid is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=INTERPRET or q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
     )
-    return ColumnStats(col, visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, device))
+    return ColumnStats(col, visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, device,
+                                               window))

@@ -76,6 +76,12 @@ def drive_stats(dtypes, dims):
                 stats_triton.column_stats_triton(q, k, stats.lse, scale=0.1, causal=causal, q_offset=0,
                                                  key_valid=valid, query_valid=valid)
                 stats_triton.column_stats_triton(q, k, stats.lse, scale=0.1, causal=causal, q_offset=0)
+            quirks = dict(window=64, softcap=30.0)  # sliding-window and soft-capped layers (Gemma 2)
+            stats = stats_triton.attention_stats_triton(q, k, v, scale=0.1, causal=True, q_offset=0, key_valid=valid,
+                                                        key_groups=torch.ones(1, 2, 100), topk=8,
+                                                        sinks=torch.zeros(6), **quirks)
+            stats_triton.column_stats_triton(q, k, stats.lse, scale=0.1, causal=True, q_offset=0, key_valid=valid,
+                                             query_valid=valid, **quirks)
 
 
 def drive_linear(dtypes, dims, windows, terraces):
