@@ -160,9 +160,10 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
             cache = out.past_key_values
             next_id = int(out.logits[0, -1].argmax())
             if record:  # the map of this call is one row per head: [1, heads, 1, keys]
-                rows = torch.stack([session.recording.attention_map(layer, -1)[0, :, -1]
-                                    for layer in range(shape.n_layers)])
-                top_keys.append(rows.argmax(-1))
+                recording = session.recording
+                top_keys.append(torch.stack([  # sequence positions (sliding-window caches keep the last keys only)
+                    recording.attention_map(layer, -1)[0, :, -1].argmax(-1) + recording.attention_key_start[layer][-1]
+                    for layer in range(shape.n_layers)]))
             generated.append(next_id)
             if next_id in stop_ids:
                 break

@@ -2,7 +2,7 @@
 
 The bridge re-implements attention step by step (forced eager, its own softmax) so that its
 ``hook_attn_scores``/``hook_pattern`` fire; it never calls transformers' attention interface,
-so the registered ``"headlab"`` function does not run inside it. ``attach_bridge`` therefore
+so the registered ``"headlab-*"`` functions do not run inside it. ``attach_bridge`` therefore
 applies the same :class:`Session` logic through the bridge's own hook points:
 ``blocks.{l}.attn.hook_pattern`` (``[batch, heads, query, key]``, for attention taps) and
 ``blocks.{l}.attn.hook_z`` (``[batch, seq, heads, head_dim]``, for output edits and head-output
@@ -64,7 +64,7 @@ def _pattern_tap(session: Session, layer: int):
 
 def _z_hook(session: Session, layer: int):
     def edit(z, hook):
-        z = session.apply_output_edits(layer, z, z.shape[1])
+        z = session.apply_output_edits(layer, z, torch.arange(z.shape[1]))
         if layer in session.taps.head_outputs:
             session.recording.head_outputs[layer].append(z.detach())
         return z

@@ -13,6 +13,7 @@ import torch
 
 DROP_FIRST = ("lowest", "position0", "none")
 _TINY = 1e-6
+REST_MIN = 1e-12  # ACT leaves a row alone when its non-sink mass is at most this (nothing to give the mass to)
 
 
 # --- ACT: attention calibration (§2.3) -------------------------------------------------------
@@ -62,17 +63,22 @@ def act_sink_set(
 def act_reweight(a: torch.Tensor, sinks: torch.Tensor, visible: torch.Tensor, beta: float,
                  protected_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Scale sink weights by ``beta`` and give the freed mass to the other visible keys in
-    proportion: ``a' = β a`` on S, ``a (1 - β m) / (1 - m)`` elsewhere, ``m`` the row's sink mass.
+    proportion: ``a' = β a`` on S, ``a (r + (1 - β) m) / r`` elsewhere, with ``m`` the row's sink
+    mass and ``r`` its directly summed non-sink mass (equal to ``(1 - β m) / (1 - m)`` when the row
+    sums to one, but without the cancellation of ``1 - m`` when the sinks hold nearly all of it,
+    and mass-preserving under a learned sink column, whose share is untouched).
 
-    Rows with ``m = 0`` or ``1 - m < 1e-6`` and ``protected_rows [B, Nq]`` (the first token at
+    Rows with ``m = 0`` or ``r <= REST_MIN`` and ``protected_rows [B, Nq]`` (the first token at
     prefill) are unchanged.
     """
     in_sink = sinks[:, :, None, :] & visible
-    m = torch.where(in_sink, a, torch.zeros_like(a)).sum(-1, keepdim=True)  # [B, h, Nq, 1]
-    edit = (m > 0) & (1 - m >= _TINY)
+    zeros = torch.zeros_like(a)
+    m = torch.where(in_sink, a, zeros).sum(-1, keepdim=True)  # [B, h, Nq, 1]
+    rest = torch.where(visible & ~in_sink, a, zeros).sum(-1, keepdim=True)
+    edit = (m > 0) & (rest > REST_MIN)
     if protected_rows is not None:
         edit = edit & ~protected_rows[:, None, :, None]
-    gamma = (1 - beta * m) / (1 - m).clamp_min(_TINY)
+    gamma = (rest + (1 - beta) * m) / rest.clamp_min(REST_MIN)
     factor = torch.where(in_sink, torch.full_like(a, beta), gamma.expand_as(a))
     return torch.where(edit, a * factor, a)
 

@@ -1,26 +1,32 @@
-"""The one attention function headlab registers with transformers, and the context manager that installs it.
+"""The attention functions headlab registers with transformers, and the context manager that installs them.
 
-``attach(model, plan, taps)`` switches the model to the registered ``"headlab"`` implementation,
-hands every attention module the session (plan, taps, recording) and restores the previous
-implementation on exit, also after an exception. Layers with nothing to do delegate to the
-unmodified SDPA path, so an empty plan reproduces the untouched model's logits exactly.
+``attach(model, plan, taps)`` switches the model to ``"headlab-<base>"``, where ``<base>`` is the
+attention implementation the model was using (``sdpa``, ``eager``, ...): the registered function
+hands each call to the attach's session, and the mask builder registered under the same name is
+the base's own, so every layer receives the mask it always received. A layer with nothing to do
+calls the base implementation itself (for ``eager``, the modeling file's own
+``eager_attention_forward``) with every keyword transformers passed (sliding window, soft-cap,
+learned sinks, dropout, scaling): an empty plan reproduces the untouched model bit for bit. The
+previous implementation is restored on exit, also after an exception.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math, editing
+from .attention_math import AttentionCall
 from .linear_layer import LinearAttention
-from .models import ModelShape, model_shape, require_attention_interface, text_config
+from .models import ModelShape, UnsupportedModelError, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
 from .request import Request, RequestState, span_mask
 from .taps import MapBudgetError, Recording, Taps
@@ -29,6 +35,7 @@ HOOK_NAME = "headlab"
 
 Splice = Callable[[torch.Tensor], torch.Tensor]  # per-head outputs [B, N, H, D] -> replacement
 _SESSION_ATTR = "_headlab_session"
+_MASK_CACHE_SIZE = 4  # distinct masks of one forward: full and sliding-window layers
 
 
 class Session:
@@ -36,7 +43,8 @@ class Session:
     inputs and what its prefill fixed (``state``), and the recording."""
 
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
-                 request: Request | None = None, splice: Mapping[int, Splice] | None = None):
+                 request: Request | None = None, splice: Mapping[int, Splice] | None = None,
+                 delegates: Mapping[int, Callable] | None = None):
         self.shape = shape
         self.splice = dict(splice or {})
         self.plan = plan
@@ -45,9 +53,11 @@ class Session:
         self.request = request or Request()
         self.state = RequestState()
         self.recording = Recording()
+        self.delegates = dict(delegates or {})  # layer -> the model's own attention function
         self._prefilled_layers: set[int] = set()
+        self._seen: dict[int, int] = {}  # layer -> tokens of the current sequence so far
         self._map_bytes_this_call = 0
-        self._mask_cache: tuple | None = None  # (mask, shape, is_causal) -> decomposition
+        self._mask_cache: list[tuple] = []  # (signature, mask, decomposition)
 
     def set_taps(self, taps: Taps) -> None:
         """Record ``taps`` from the next call on (e.g. only the decode steps after a prefill that
@@ -56,33 +66,39 @@ class Session:
         self.taps = taps
         self.recording.clear()
 
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout, kwargs):
-        """Attention for one layer call: SDPA (or, where every head's statistics are recorded,
-        the statistics op's own output), then the layer's softmax-stage edits on their heads,
-        taps and output edits."""
+    def attend(self, module, query, key, value, attention_mask, kwargs):
+        """Attention for one layer call: the model's own (or, where every head's statistics are
+        recorded, the statistics op's output), then the layer's softmax-stage edits on their
+        heads, taps and output edits. Returns ``(out [B, Nq, H, D], weights or None)``."""
         layer = module.layer_idx
-        is_causal = bool(getattr(module, "is_causal", False))
+        n_query, n_key = query.shape[-2], key.shape[-2]
+        key_start = self._key_start(layer, n_query, n_key)
+        own = self.delegates[layer]
+        if not self._touches(layer):
+            return own(module, query, key, value, attention_mask, **kwargs)
         bias, redistribute = self.plan.for_layer(layer, "bias"), self.plan.for_layer(layer, "redistribute")
-        output_stage = self.plan.for_layer(layer, "output")
-        if bias or redistribute or output_stage:
-            self._begin_call(layer, attention_mask, query, key, is_causal)
-        out = self._record_stats(layer, module, query, key, value, attention_mask, scaling, dropout)
+        if layer in self.plan.layers():
+            self._begin_request(layer, n_query, n_key)
+        call = None
+        if bias or redistribute or self._reads_scores(layer):
+            call = AttentionCall.read(module, query, kwargs, key_start)
+        weights = None
+        out = self._record_stats(layer, query, key, value, attention_mask, call, module.training and
+                                 bool(kwargs.get("dropout")))
         if out is None:
-            sdpa_mask = None if self._plain_mask(attention_mask, query, key, is_causal) else attention_mask
-            out, _ = sdpa_attention_forward(
-                module, query, key, value, sdpa_mask, dropout=dropout, scaling=scaling, **kwargs
-            )
+            out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
         if bias or redistribute:
+            self._fix_prompt(attention_mask, query, key, call)
             heads, probs, head_out = editing.edited_attention(
-                layer, bias, redistribute, self.state, query, key, value, attention_mask,
-                _scaling(module, scaling, query), self.shape.group_size, is_causal,
+                layer, bias, redistribute, self.state, query, key, value, attention_mask, call,
+                self.shape.group_size,
             )
             out = out.clone()
             out[:, :, list(heads)] = head_out
-            edited = (heads, probs)
-        self._record_attention(layer, module, query, key, attention_mask, scaling, edited)
-        out = self.apply_output_edits(layer, out, key.shape[-2])
+            edited, weights = (heads, probs), None
+        self._record_attention(layer, query, key, attention_mask, call, edited)
+        out = self.apply_output_edits(layer, out, torch.arange(n_query) + key_start + n_key - n_query)
         if layer in self.splice:
             replaced = self.splice[layer](out)
             if replaced.shape != out.shape:
@@ -91,40 +107,64 @@ class Session:
             out = replaced.to(out.dtype)
         if layer in self.taps.head_outputs:
             self.recording.head_outputs[layer].append(out.detach())
-        return out, None
+        return out, weights
 
-    def apply_output_edits(self, layer: int, out: torch.Tensor, n_key: int) -> torch.Tensor:
-        """The plan's output-stage edits times the gates, on ``out [B, Nq, H, D]`` whose rows
-        are the last ``Nq`` of ``n_key`` positions."""
+    def apply_output_edits(self, layer: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The plan's output-stage edits times the gates, on ``out [B, Nq, H, D]`` whose rows sit at
+        sequence positions ``rows [Nq]``. Needs no mask."""
         output_stage = self.plan.for_layer(layer, "output")
         if output_stage:
-            rows = torch.arange(out.shape[1]) + n_key - out.shape[1]
             out = editing.output_edits(layer, output_stage, self.state, self.request, out, rows)
         if self.gates is not None:
             out = attention_math.scale_heads(out, self.gates[layer])
         return out
 
-    def _begin_call(self, layer, attention_mask, query, key, is_causal) -> None:
+    def _touches(self, layer: int) -> bool:
+        """Whether this session edits, gates, splices or records anything on ``layer``."""
+        return (self.gates is not None or layer in self.plan.layers() or layer in self.splice
+                or layer in self.taps.head_outputs or self._reads_scores(layer))
+
+    def _reads_scores(self, layer: int) -> bool:
+        """Whether a tap on ``layer`` needs the attention scores (maps or statistics)."""
+        return layer in self.taps.attention or layer in self.taps.stats
+
+    def _key_start(self, layer: int, n_query: int, n_key: int) -> int:
+        """Sequence position of this call's first key. A call with as many queries as keys starts
+        a sequence; later calls add their rows to it, and a sliding-window cache hands over only
+        the last keys. Tracked on every call of every layer, so it is known when needed."""
+        seen = n_key if n_query == n_key else self._seen.get(layer, n_key - n_query) + n_query
+        self._seen[layer] = seen
+        return seen - n_key
+
+    def _begin_request(self, layer: int, n_query: int, n_key: int) -> None:
         """At a prefill call (as many queries as keys) of a new request, reset the state (unless
-        pinned) and fix the prompt's valid keys and spans."""
-        n_query, n_key = query.shape[-2], key.shape[-2]
-        if n_query == n_key and not self.state.pinned:
+        pinned) and note the prompt length."""
+        if n_query != n_key:
+            return
+        if not self.state.pinned:
             if layer in self._prefilled_layers:  # a second prefill: a new request
                 self.state = RequestState(pending_hidden=self.state.pending_hidden)
                 self._prefilled_layers.clear()
             self._prefilled_layers.add(layer)
-        if self.state.prompt_keys is None:
-            if n_query != n_key:
-                raise PlanError("edits need the prefill of a request before its decode steps")
-            key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, is_causal)
-            batch = query.shape[0]
-            self.state.prompt_keys = key_valid.cpu().clone()
-            self.state.span = span_mask(self.request.span, batch, n_key, "span")
-            self.state.emphasis = span_mask(self.request.emphasis, batch, n_key, "emphasis")
+        if self.state.n_prompt is None:
+            self.state.n_prompt = n_key
 
-    def _record_attention(self, layer, module, query, key, attention_mask, scaling, edited=None) -> None:
+    def _fix_prompt(self, attention_mask, query, key, call: AttentionCall) -> None:
+        """Once per request, from a prefill call: the prompt's valid keys and the request's spans
+        (softmax-stage edits read them)."""
+        if self.state.prompt_keys is not None:
+            return
+        if query.shape[-2] != key.shape[-2] or call.key_start:
+            raise PlanError("edits need the prefill of a request before its decode steps")
+        key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, call)
+        batch, n_key = query.shape[0], key.shape[-2]
+        self.state.prompt_keys = key_valid.cpu().clone()
+        self.state.span = span_mask(self.request.span, batch, n_key, "span")
+        self.state.emphasis = span_mask(self.request.emphasis, batch, n_key, "emphasis")
+
+    def _record_attention(self, layer, query, key, attention_mask, call, edited=None) -> None:
         """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed
-        them, else recomputed in fp32 beside SDPA."""
+        them, else recomputed in fp32 beside the model's own attention."""
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
@@ -139,11 +179,8 @@ class Session:
                 f"the budget of {self.taps.map_budget_bytes / 2**20:.0f} MiB; tap fewer layers/heads, use "
                 "shorter inputs, or raise Taps.map_budget_bytes"
             )
-        probs = attention_math.attention_probs(
-            query, key, attention_mask, _scaling(module, scaling, query), heads,
-            module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1,
-            bool(getattr(module, "is_causal", False)),
-        )
+        self._decomposed_mask(attention_mask, query, key, call)  # the model's mask must be what the call declares
+        probs = attention_math.attention_probs(query, key, attention_mask, call, heads, self.shape.group_size)
         if edited is not None:
             edited_heads, edited_probs = edited
             for pos, head in enumerate(heads):
@@ -154,26 +191,29 @@ class Session:
             self.taps.attention_consumer(layer, probs.detach())
         else:
             self.recording.attention[layer].append(probs.detach())
+            self.recording.attention_key_start[layer].append(call.key_start)
 
-    def _record_stats(self, layer, module, query, key, value, attention_mask, scaling, dropout):
+    def _record_stats(self, layer, query, key, value, attention_mask, call, dropout_active: bool):
         """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``
         when the op computed it for every head (one attention pass instead of two), else None."""
         heads = self.taps.stats_heads(layer, self.shape.n_heads)
         if heads is None:
             return None
-        is_causal = bool(getattr(module, "is_causal", False))
-        key_valid, query_valid, q_offset = self._decomposed_mask(attention_mask, query, key, is_causal)
+        key_valid, query_valid, q_offset = self._decomposed_mask(attention_mask, query, key, call)
         all_heads = len(heads) == self.shape.n_heads
         if all_heads:
             q, k, v = query, key, value
         else:  # a subset of query heads: give each its own copy of its KV head
             kv = attention_math.kv_heads_for(heads, self.shape.group_size)
             q, k, v = query[:, list(heads)], key[:, kv], value[:, kv]
+        quirks = call.kernel_quirks(heads)
         stats = attention_with_stats(
-            q, k, v, scale=_scaling(module, scaling, query), causal=is_causal, q_offset=q_offset,
-            key_valid=key_valid, key_groups=self._key_groups(key.shape[-2]), topk=self.taps.stats_topk,
-            columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend,
+            q, k, v, scale=call.scaling, causal=call.is_causal, q_offset=q_offset, key_valid=key_valid,
+            key_groups=self._key_groups(call.key_start, key.shape[-2]), topk=self.taps.stats_topk,
+            columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend, **quirks,
         )
+        if stats.topk_index is not None and call.key_start:  # sequence positions, as everywhere else
+            stats.topk_index = torch.where(stats.topk_index >= 0, stats.topk_index + call.key_start, -1)
         # the recording keeps the statistics, not the output (30 layers of outputs at 8192 tokens
         # would add ~0.6 GB to SmolLM2's peak memory)
         self.recording.stats[layer].append(dataclasses.replace(stats, out=None, columns=None))
@@ -181,80 +221,76 @@ class Session:
             self.recording.columns[layer].append(stats.columns)
         if self.taps.stats_row_offsets:
             self.recording.row_keys[layer].append(row_key_probs(
-                q, k, stats.lse, self.taps.stats_row_offsets, scale=_scaling(module, scaling, query),
-                q_offset=q_offset, key_valid=key_valid,
+                q, k, stats.lse, self.taps.stats_row_offsets, scale=call.scaling, q_offset=q_offset,
+                key_valid=key_valid, window=call.window, softcap=call.softcap,
             ))
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if all_heads and not (dropout and module.training) and not needs_grad:  # the op is forward only
+        if all_heads and not dropout_active and not needs_grad:  # the op is forward only
             return stats.out.transpose(1, 2)
         return None
 
-    def _plain_mask(self, attention_mask, query, key, is_causal) -> bool:
-        """True when the mask hides nothing but the causal future (or nothing) and SDPA can take
-        ``None`` instead, as the untouched SDPA model does (its ``is_causal`` path, about twice as
-        fast on the CPU as an explicit float mask): square prefill or a single decode row, no
-        padding. Other shapes keep the explicit mask."""
-        if attention_mask is None:
-            return False
-        n_query, n_key = query.shape[-2], key.shape[-2]
-        if is_causal and not (n_query == n_key or n_query == 1):
-            return False
-        try:
-            key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, is_causal)
-        except attention_math.MaskStructureError:
-            return False
-        return bool(key_valid.all())
-
-    def _decomposed_mask(self, attention_mask, query, key, is_causal):
-        """:func:`attention_math.decompose_mask` of this call's mask, computed once per forward
-        (every layer receives the same mask tensor)."""
-        signature = (attention_mask, tuple(query.shape), tuple(key.shape), is_causal)
-        cached = self._mask_cache
-        if cached is not None and cached[0][0] is attention_mask and cached[0][1:] == signature[1:]:
-            return cached[1]
+    def _decomposed_mask(self, attention_mask, query, key, call: AttentionCall):
+        """:func:`attention_math.decompose_mask` of this call's mask under the call's window,
+        computed once per mask (every layer of a kind receives the same mask tensor)."""
+        signature = (tuple(query.shape), tuple(key.shape), call.is_causal, call.window)
+        for cached_signature, cached_mask, result in self._mask_cache:
+            if cached_mask is attention_mask and cached_signature == signature:
+                return result
         key_valid, query_valid, q_offset = attention_math.decompose_mask(
-            attention_mask, query.shape[-2], key.shape[-2], is_causal, query.device
+            attention_mask, query.shape[-2], key.shape[-2], call.is_causal, query.device, call.window
         )
         result = (key_valid.expand(query.shape[0], -1), query_valid.expand(query.shape[0], -1), q_offset)
-        self._mask_cache = (signature, result)
+        self._mask_cache = [*self._mask_cache[-(_MASK_CACHE_SIZE - 1):], (signature, attention_mask, result)]
         return result
 
-    def _key_groups(self, n_key: int) -> torch.Tensor | None:
-        """The requested key groups, extended with False for keys added by decoding."""
+    def _key_groups(self, key_start: int, n_key: int) -> torch.Tensor | None:
+        """The requested key groups (indexed by sequence position) for a call's keys."""
         groups = self.taps.stats_key_groups
-        if groups is None or groups.shape[-1] >= n_key:
-            return None if groups is None else groups[..., :n_key]
-        return torch.nn.functional.pad(groups, (0, n_key - groups.shape[-1]), value=False)
+        return None if groups is None else RequestState.in_call(groups, key_start, n_key)
 
 
-def _scaling(module, scaling, query) -> float:
-    if scaling is not None:
-        return scaling
-    return getattr(module, "scaling", query.shape[-1] ** -0.5)
+def own_attention(base: str, module) -> Callable:
+    """The attention function ``module`` runs under the implementation ``base``: the registered
+    one, or for ``eager`` the ``eager_attention_forward`` of the module's modeling file."""
+    if base == "eager":
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward in its modeling "
+                                        "file, so headlab cannot reproduce its eager attention")
+        return function
+    if base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        raise UnsupportedModelError(f"attention implementation {base!r} is not registered with transformers")
+    return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def headlab_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: ``(out [batch, query, heads, head_dim], None)``.
-
-    Modules without an attached session (for example another model switched to ``"headlab"``
-    by hand) get plain SDPA.
-    """
-    session: Session | None = getattr(module, _SESSION_ATTR, None)
-    if session is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    return session.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+def hook_name(base: str) -> str:
+    """The implementation name headlab registers over ``base`` (``"headlab-sdpa"``, ...)."""
+    return f"{HOOK_NAME}-{base}"
 
 
-def register() -> None:
-    """Register ``"headlab"`` with the attention interface and, bound to the eager (additive float)
-    mask builder, with the mask interface; without the latter the mask would arrive as None."""
-    AttentionInterface.register(HOOK_NAME, headlab_attention)
-    AttentionMaskInterface.register(HOOK_NAME, eager_mask)
+def _headlab_attention(base: str) -> Callable:
+    def headlab_attention(module, query, key, value, attention_mask, **kwargs):
+        """The registered attention function: ``(out [batch, query, heads, head_dim], weights or None)``.
+        Modules without an attached session (another model switched to this name by hand) get
+        the base implementation."""
+        session: Session | None = getattr(module, _SESSION_ATTR, None)
+        if session is None:
+            return own_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return session.attend(module, query, key, value, attention_mask, kwargs)
+
+    return headlab_attention
 
 
-register()
+def register(base: str) -> str:
+    """Register ``hook_name(base)`` with the attention interface and, with ``base``'s own mask
+    builder, with the mask interface (a base without one gets none either: transformers then passes
+    no mask, as it does to the base). Returns the name."""
+    name = hook_name(base)
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, _headlab_attention(base))
+        if base in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
 
 
 def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice) -> None:
@@ -298,15 +334,15 @@ def _implementation_snapshot(config) -> dict:
     return snap
 
 
-def _hooked_implementation(model) -> str | dict:
-    """``"headlab"`` for a text model; for a multimodal model, ``"headlab"`` for the language
-    model's sub-config only (vision towers keep theirs)."""
+def _hooked_implementation(model, name: str) -> str | dict:
+    """``name`` for a text model; for a multimodal model, ``name`` for the language model's
+    sub-config only (vision towers keep theirs)."""
     text_cfg = text_config(model.config)
     if text_cfg is model.config:
-        return HOOK_NAME
+        return name
     for key in model.config.sub_configs:
         if getattr(model.config, key, None) is text_cfg:
-            return {key: HOOK_NAME}
+            return {key: name}
     raise PlanError(f"cannot find the language-model sub-config of {type(model).__name__}")
 
 
@@ -327,6 +363,7 @@ def attach(
     layer -> function replacing that layer's per-head outputs ``[B, N, H, D]`` (after the
     plan's output edits, before ``o_proj`` and the head-output taps), e.g. a sparse
     autoencoder's reconstruction. The previous attention implementation is restored on exit.
+    Layers the session leaves alone run the model's own implementation, unchanged.
     """
     require_attention_interface(model)
     shape = model_shape(model)
@@ -344,12 +381,15 @@ def attach(
     if bad:
         raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
     _refuse_converted_layers(modules, plan, taps, gates, splice)
-    session = Session(shape, plan, taps, gates, request, splice)
+    base = text_config(model.config)._attn_implementation
+    delegates = {m.layer_idx: own_attention(base, m) for m in modules if not isinstance(m, LinearAttention)}
+    name = register(base)
+    session = Session(shape, plan, taps, gates, request, splice, delegates)
     hooks = _residual_hooks(model, plan, session)
     try:
         for module in modules:
             setattr(module, _SESSION_ATTR, session)
-        model.set_attn_implementation(_hooked_implementation(model))
+        model.set_attn_implementation(_hooked_implementation(model, name))
         yield session
     finally:
         for hook in hooks:

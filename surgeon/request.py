@@ -54,8 +54,13 @@ def span_mask(span: Span | None, batch: int, n_key: int, name: str) -> torch.Ten
 
 @dataclass
 class RequestState:
-    """What the prefill of the current request fixed; reset by the next prefill unless pinned."""
+    """What the prefill of the current request fixed; reset by the next prefill unless pinned.
 
+    Key sets are indexed by sequence position ``[B, N0]`` over the prompt; a call whose keys
+    start later (sliding-window caches) or run past the prompt (decoding) reads them through
+    :meth:`in_call`."""
+
+    n_prompt: int | None = None  # prompt length: positions before it are prompt, later ones generated
     prompt_keys: torch.Tensor | None = None  # [B, N0] bool: valid prompt tokens
     span: torch.Tensor | None = None  # [B, N0] bool
     emphasis: torch.Tensor | None = None  # [B, N0] bool
@@ -71,6 +76,9 @@ class RequestState:
         self.pinned = True
 
     @staticmethod
-    def extend(keys: torch.Tensor, n_key: int) -> torch.Tensor:
-        """A ``[..., N0]`` key mask padded with False up to ``n_key`` keys (generated tokens)."""
-        return torch.nn.functional.pad(keys, (0, n_key - keys.shape[-1]), value=False)
+    def in_call(keys: torch.Tensor, key_start: int, n_key: int) -> torch.Tensor:
+        """The entries of a ``[..., N0]`` key mask for a call's keys, positions
+        ``key_start .. key_start + n_key - 1``; positions past the prompt (generated tokens) are False."""
+        stop = key_start + n_key
+        padded = torch.nn.functional.pad(keys, (0, max(0, stop - keys.shape[-1])), value=False)
+        return padded[..., key_start:stop]

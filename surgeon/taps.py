@@ -31,7 +31,8 @@ class Taps:
     (:func:`headlab.kernels.attention_with_stats`: LSE, entropy, mass on ``stats_key_groups``
     ``[batch, groups, key]``, top-``stats_topk`` keys; with ``stats_columns`` also the attention
     each key receives, in ``Recording.columns``). One :class:`~headlab.kernels.AttentionStats` per
-    call, heads along dim 1, without the attention output (``out`` is None). Where every head of
+    call, heads along dim 1, without the attention output (``out`` is None; top-k indices are
+    sequence positions). Where every head of
     a layer is tapped, the op's own output replaces SDPA's (one attention pass, not two; equal to
     SDPA within fp32 rounding, ≤1e-5 on the logits in the tests); map and head-output taps never
     change outputs. ``stats_row_offsets``:
@@ -105,13 +106,16 @@ class Recording:
     def __init__(self):
         self.attention: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.attention_heads: dict[int, tuple[int, ...]] = {}
+        self.attention_key_start: dict[int, list[int]] = defaultdict(list)  # sequence position of each map's key 0
         self.head_outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.stats: dict[int, list] = defaultdict(list)  # AttentionStats per call
         self.columns: dict[int, list] = defaultdict(list)  # ColumnStats per call
         self.row_keys: dict[int, list[torch.Tensor]] = defaultdict(list)  # [B, H, Nq, offsets] per call
 
     def attention_map(self, layer: int, call: int = 0) -> torch.Tensor:
-        """Probabilities ``[batch, heads, query, key]`` of one call; heads as in ``attention_heads``."""
+        """Probabilities ``[batch, heads, query, key]`` of one call; heads as in ``attention_heads``.
+        Key ``j`` is sequence position ``attention_key_start[layer][call] + j`` (0 + j except in
+        the decode steps of a sliding-window layer, whose cache keeps only the window)."""
         return self.attention[layer][call]
 
     def head_output(self, layer: int, call: int | None = None) -> torch.Tensor:
@@ -122,6 +126,7 @@ class Recording:
     def clear(self) -> None:
         self.attention.clear()
         self.attention_heads.clear()
+        self.attention_key_start.clear()
         self.head_outputs.clear()
         self.stats.clear()
         self.columns.clear()

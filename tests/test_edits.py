@@ -37,9 +37,9 @@ def loop_mean_received(a, visible, query_valid):
 
 
 def loop_act_row(row, visible_row, sinks, beta):
-    """Step 4 of ACT on one row, as published (with headlab's guard for m = 0 / m ≈ 1)."""
+    """Step 4 of ACT on one row, as published (with headlab's guard for m = 0 / no non-sink mass)."""
     m = sum(row[j] for j in range(len(row)) if sinks[j] and visible_row[j])
-    if m == 0 or 1 - m < 1e-6:
+    if m == 0 or 1 - m <= 1e-12:
         return row.clone()
     out = row.clone()
     for j in range(len(row)):

@@ -5,7 +5,7 @@ import torch
 from conftest import padded_batch, tiny_bert, tiny_llama
 
 from headlab.surgeon import HeadScale, Plan, Taps, attach
-from headlab.surgeon.hook import HOOK_NAME, attention_modules
+from headlab.surgeon.hook import attention_modules, hook_name
 
 
 def logits(model, ids, mask):
@@ -43,28 +43,43 @@ def test_empty_plan_is_bitwise_identical_encoder(bert):
     assert torch.equal(before[valid], during[valid])
 
 
-def test_hook_really_runs_and_mask_is_not_none(llama):
-    """The registered function is the one called, and it receives a float mask, padded or not."""
-    seen = []
+def test_hook_really_runs_and_receives_the_base_implementations_mask(llama):
+    """The registered function is the one called, and every layer receives exactly the mask the
+    untouched model's SDPA receives (the padded batch's mask; none for a plain causal batch), so
+    the mask never silently goes missing."""
     import headlab.surgeon.hook as hook
+    from transformers.integrations import sdpa_attention
 
-    original = hook.Session.attend
+    seen, base = [], []
+    original_attend, original_sdpa = hook.Session.attend, sdpa_attention.sdpa_attention_forward
 
     def spy(self, module, q, k, v, mask, *rest):
         seen.append(mask)
-        return original(self, module, q, k, v, mask, *rest)
+        return original_attend(self, module, q, k, v, mask, *rest)
+
+    def base_spy(module, q, k, v, mask, **kwargs):
+        base.append(mask)
+        return original_sdpa(module, q, k, v, mask, **kwargs)
 
     hook.Session.attend = spy
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = base_spy
     try:
         for lengths in ([8, 8], [8, 5]):
             ids, mask = padded_batch(lengths, 8, "left")
+            base.clear()
+            logits(llama, ids, mask)
+            expected = list(base)
             seen.clear()
             with attach(llama):
                 logits(llama, ids, mask)
             assert len(seen) == llama.config.num_hidden_layers
-            assert all(m is not None and m.is_floating_point() for m in seen)
+            assert all((m is None) == (e is None) for m, e in zip(seen, expected))
+            assert all(m is None or torch.equal(m, e) for m, e in zip(seen, expected))
+            assert (seen[0] is None) == (lengths == [8, 8])
     finally:
-        hook.Session.attend = original
+        hook.Session.attend = original_attend
+        ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = original_sdpa
 
 
 @pytest.mark.parametrize("side", ["left"])
@@ -93,7 +108,7 @@ def test_restores_previous_implementation_on_exit_and_after_exception():
     model = tiny_llama("mha")
     model.set_attn_implementation("eager")
     with attach(model):
-        assert model.config._attn_implementation == HOOK_NAME
+        assert model.config._attn_implementation == hook_name("eager")
     assert model.config._attn_implementation == "eager"
     with pytest.raises(RuntimeError, match="boom"):
         with attach(model, Plan([HeadScale(0, (1,), 0.0)])):

@@ -198,9 +198,9 @@ def test_edits_on_a_few_heads_build_maps_for_those_heads_only(monkeypatch):
     built = []
     real = attention_math.attention_logits
 
-    def spy(query, key, mask, scaling, heads, group_size, is_causal):
+    def spy(query, key, mask, call, heads, group_size):
         built.append(tuple(heads))
-        return real(query, key, mask, scaling, heads, group_size, is_causal)
+        return real(query, key, mask, call, heads, group_size)
 
     monkeypatch.setattr(attention_math, "attention_logits", spy)
     model = tiny_llama("gqa", layers=5)

@@ -37,7 +37,7 @@ def test_only_the_language_model_is_hooked_and_an_empty_plan_is_exact():
     modules = attention_modules(model)
     assert len(modules) == 5 and all(m.config is model.config.text_config for m in modules)
     with torch.no_grad(), attach(model):
-        assert model.config.text_config._attn_implementation == "headlab"
+        assert model.config.text_config._attn_implementation == "headlab-sdpa"
         assert model.config.vision_config._attn_implementation == "sdpa"
         hooked = model(input_ids=ids, pixel_values=pixels).logits
     assert torch.equal(hooked, plain)
