@@ -92,7 +92,7 @@ class Session:
             self._fix_prompt(attention_mask, query, key, call)
             heads, probs, head_out = editing.edited_attention(
                 layer, bias, redistribute, self.state, query, key, value, attention_mask, call,
-                self.shape.group_size,
+                query.shape[1] // key.shape[1],
             )
             out = out.clone()
             out[:, :, list(heads)] = head_out
@@ -180,7 +180,7 @@ class Session:
                 "shorter inputs, or raise Taps.map_budget_bytes"
             )
         self._decomposed_mask(attention_mask, query, key, call)  # the model's mask must be what the call declares
-        probs = attention_math.attention_probs(query, key, attention_mask, call, heads, self.shape.group_size)
+        probs = attention_math.attention_probs(query, key, attention_mask, call, heads, query.shape[1] // key.shape[1])
         if edited is not None:
             edited_heads, edited_probs = edited
             for pos, head in enumerate(heads):
@@ -204,7 +204,7 @@ class Session:
         if all_heads:
             q, k, v = query, key, value
         else:  # a subset of query heads: give each its own copy of its KV head
-            kv = attention_math.kv_heads_for(heads, self.shape.group_size)
+            kv = attention_math.kv_heads_for(heads, query.shape[1] // key.shape[1])
             q, k, v = query[:, list(heads)], key[:, kv], value[:, kv]
         quirks = call.kernel_quirks(heads)
         stats = attention_with_stats(
