@@ -14,7 +14,8 @@ from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model
                       readme_table)
 
 from headlab.sae.activations import head_outputs
-from headlab.surgeon import Calibrate, HeadScale, Plan, Taps, UnsupportedModelError, attach, model_shape
+from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Taps, UnsupportedModelError, attach,
+                             model_shape)
 from headlab.surgeon.hook import attention_modules
 
 N_TOKENS = 23
@@ -175,17 +176,17 @@ def test_calibrate_keeps_every_rows_sum(name):
     assert (after >= 0).all()
 
 
-def _cached_and_recomputed(model, plan, ids, mask, steps=6):
+def _cached_and_recomputed(model, plan, ids, mask, steps=6, request=None):
     """``(generated [B, steps], cached logits, recomputed logits [B, steps, vocab])``: greedy
     decoding with ``plan`` (sliding-window caches drop keys between steps), and one forward over
     the prompt plus the generated tokens with the state the prompt's prefill fixed (pinned)."""
     full_mask = torch.cat([mask, torch.ones(2, steps - 1, dtype=mask.dtype)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers left-padded rows
     with torch.no_grad():
-        with attach(model, plan):
+        with attach(model, plan, request=request):
             run = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
                                  output_logits=True, return_dict_in_generate=True)
-        with attach(model, plan) as session:
+        with attach(model, plan, request=request) as session:
             model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :N_TOKENS])  # fixes the sink sets
             session.state.pin()
             full = model(input_ids=run.sequences[:, :-1], attention_mask=full_mask,
@@ -194,13 +195,15 @@ def _cached_and_recomputed(model, plan, ids, mask, steps=6):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_cached_decoding_equals_the_recomputation_under_calibrate(name):
-    """Cached decoding under the plan equals the recomputation: its logits differ no more than the
+def test_cached_decoding_equals_the_recomputation_under_softmax_edits(name):
+    """Cached decoding under PASTA's bias and ACT (frozen emphasis span and sink sets, read at sequence
+    positions through sliding-window caches) equals the recomputation: its logits differ no more than the
     model's own cached and recomputed logits do without a plan (times 10, for rounding that the
     edit's extra ops add), on every step up to a row's end token."""
     model = family_model(name)
     ids, mask = batch()
-    generated, cached, full = _cached_and_recomputed(model, _calibrate_plan(model), ids, mask)
+    plan = Plan([Steer(CALIBRATED_LAYER, (0, 1), alpha=0.1), *_calibrate_plan(model).edits])
+    generated, cached, full = _cached_and_recomputed(model, plan, ids, mask, request=Request(emphasis=(9, 16)))
     _, own_cached, own_full = _cached_and_recomputed(model, Plan(), ids, mask)
     # a row that emitted the end token is padded afterwards: only its tokens up to that one are choices
     choices = (generated == model.generation_config.eos_token_id).long().cumsum(-1).roll(1, -1) == 0
