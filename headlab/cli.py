@@ -6,11 +6,8 @@ import argparse
 import sys
 
 from . import convert_cli, sae_cli
+from .cli_common import add_model_arguments, load_model_from
 
-MODEL_HELP = (
-    "model spec: a bundled name (smollm2-135m, gemma3-270m, minilm-l6; see 'headlab models'), "
-    "a local Hugging Face directory, or a hub id (only where the network allows)"
-)
 
 
 def _models(args) -> int:
@@ -36,7 +33,6 @@ def _report(args) -> int:
     from .probes.report import ReportSettings, write_report
     from .probes.retrieval import NeedleSettings
     from .probes.sinks import SinkSettings
-    from .surgeon import load_model
 
     families = tuple(x for x in args.scores.split(",") if x) if args.scores != "none" else ()
     lengths = tuple(sorted({min(1024, args.max_tokens), args.max_tokens}))
@@ -46,7 +42,7 @@ def _report(args) -> int:
         sinks=SinkSettings(ratio_min=args.sink_ratio), probe_data=args.probe_data, probe_pool=args.probe_pool,
     )
     _init_distributed()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     path = write_report(model, tokenizer, args.model, args.out, settings)
     if path is None:  # a rank other than 0 of a torchrun job
         return 0
@@ -77,11 +73,10 @@ def _layers(text: str | None) -> list[int] | None:
 def _calibrate(args) -> int:
     from pathlib import Path
 
-    from .surgeon import load_model
     from .surgeon.search import SearchSettings, calibration_search, default_candidates, plan_from_search
     from .surgeon.tasks import load_task
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     examples = [ex for task in args.task for ex in load_task(task, "calibration", args.size, args.seed)]
     settings = SearchSettings(tuple(args.task), len(examples), tuple(default_candidates(model, _layers(args.layers))),
                               args.beta, args.threshold, args.margin)
@@ -95,13 +90,13 @@ def _calibrate(args) -> int:
 
 
 def _eval(args) -> int:
-    from .surgeon import Plan, load_model
+    from .surgeon import Plan
     from .surgeon.evaluate import evaluate
     from .surgeon.files import write_json
     from .surgeon.tasks import load_task
 
     plan = Plan.load(args.plan) if args.plan else None
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     results = {"model": args.model, "plan": args.plan, "split": args.split, "seed": args.seed, "tasks": {}}
     for task in args.task:
         examples = load_task(task, args.split, args.size, args.seed)
@@ -122,14 +117,14 @@ def _view(args) -> int:
     from .probes import views
     from .probes.view_data import gather_view
     from .probes.view_page import write_view
-    from .surgeon import Plan, load_model
+    from .surgeon import Plan
 
     text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError("the text to view is empty")
     plan = Plan.load(args.compare) if args.compare else None
     scores = _load_scores(args.scores) if args.scores else None
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     ids = tokenizer(text, return_tensors="pt").input_ids
     if args.max_tokens and ids.shape[1] > args.max_tokens:
         raise ValueError(f"the text is {ids.shape[1]} tokens, more than --max-tokens {args.max_tokens}; "
@@ -153,7 +148,7 @@ def _validate(args) -> int:
     from .probes.corpus import load_text, token_windows
     from .probes.retrieval import NeedleSettings
     from .probes.validation import MaskingSettings, loss_metric, masking_curve, needle_recall_metric
-    from .surgeon import load_model
+
     from .surgeon.files import write_json, write_text
 
     scores = _load_scores(args.scores)
@@ -161,7 +156,7 @@ def _validate(args) -> int:
         raise ValueError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
     metric_name = args.metric or ("needle-recall" if args.score == "retrieval" else "loss")
     settings = MaskingSettings(tuple(int(k) for k in args.ks.split(",")), args.seeds, args.exclude_top, metric_name)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     if metric_name == "needle-recall":
         needles = NeedleSettings(lengths=tuple(sorted({min(1024, args.max_tokens), args.max_tokens})))
         metric = needle_recall_metric(model, tokenizer, needles)
@@ -194,7 +189,7 @@ def _load_scores(path: str) -> dict:
 def _task_arguments(parser) -> None:
     from .surgeon.tasks import BUILTIN_TASKS
 
-    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_model_arguments(parser)
     parser.add_argument("--task", action="append", required=True,
                         help=f"a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) or a JSONL file of "
                              "{prompt, choices, label[, demonstrations]} lines; repeat for several")
@@ -225,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT/report.html (standalone, opens offline), OUT/scores.json and OUT/scores.csv."
         ),
     )
-    report.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_model_arguments(report)
     report.add_argument("--out", required=True, help="output folder (created if missing)")
     report.add_argument("--samples", type=int, default=8, help="number of text windows (default 8)")
     report.add_argument("--tokens", type=int, default=256, help="tokens per window (default 256)")
@@ -292,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
             "beside the original with their difference."
         ),
     )
-    view.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_model_arguments(view)
     source = view.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the text to view")
     source.add_argument("--file", help="a UTF-8 file holding the text to view")
@@ -321,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
             "folder afterwards shows the curve."
         ),
     )
-    validate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_model_arguments(validate)
     validate.add_argument("--scores", required=True, help="a report's scores.json")
     validate.add_argument("--score", default="retrieval", help="the score to validate (default retrieval)")
     validate.add_argument("--out", required=True, help="output folder (e.g. the report folder)")

@@ -7,7 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
-MODEL_HELP = "bundled model name (see `headlab models`), a local Hugging Face directory, or a hub id"
+from .cli_common import MODEL_HELP
+
 FORMS = {"hedgehog": "linear", "hybrid": "hybrid"}
 
 
@@ -90,7 +91,7 @@ def add_parser(sub) -> None:
                     "model.safetensors, headlab_conversion.json with settings, perplexities and training history) "
                     "goes to OUT and reloads with headlab.surgeon.load_model(OUT). Decoding then keeps a constant-size "
                     "state (plus the window) instead of a growing KV cache.")
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)  # converts in memory: no --max-memory
     p.add_argument("--to", choices=tuple(FORMS), required=True, help="plain linear (hedgehog) or the hybrid")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--layers", default=None, help="layers to convert, e.g. 2-27 or 3,5,9 (default: all)")

@@ -8,7 +8,8 @@ import math
 import time
 from pathlib import Path
 
-MODEL_HELP = "bundled model name (see `headlab models`) or a local Hugging Face directory"
+from .cli_common import add_model_arguments, load_model_from
+
 
 
 def _train(args) -> int:
@@ -18,7 +19,7 @@ def _train(args) -> int:
     from .probes.corpus import train_eval_windows
     from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer,
                       evaluate_sae, save_sae)
-    from .surgeon import attention_modules, load_model, model_shape
+    from .surgeon import attention_modules, model_shape
     from .surgeon.distributed import rank_and_world
     from .surgeon.files import write_json
 
@@ -29,7 +30,7 @@ def _train(args) -> int:
     _init_distributed()
     rank, world = rank_and_world()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from(args)
     shape = model_shape(model)
     if not 0 <= args.layer < shape.n_layers:
         raise ValueError(f"--layer {args.layer} outside 0..{shape.n_layers - 1}")
@@ -74,12 +75,11 @@ def _train(args) -> int:
     return 0
 
 
-def _load(folder: str, model_spec: str | None):
+def _load(args):
     from .sae import load_sae
-    from .surgeon import load_model
 
-    sae, config = load_sae(folder)
-    model, tokenizer = load_model(model_spec or config["metadata"]["model_name"])
+    sae, config = load_sae(args.sae)
+    model, tokenizer = load_model_from(args, args.model or config["metadata"]["model_name"])
     return sae, config, model, tokenizer
 
 
@@ -88,7 +88,7 @@ def _eval(args) -> int:
     from .sae import evaluate_sae
     from .surgeon.files import write_json
 
-    sae, config, model, tokenizer = _load(args.sae, args.model)
+    sae, config, model, tokenizer = _load(args)
     layer = config["headlab"]["layer"]
     windows = token_windows(tokenizer, load_text(args.text_file), args.windows, args.context, args.seed)
     metrics, _ = evaluate_sae(model, sae, windows, layer, progress=True)
@@ -101,7 +101,7 @@ def _dashboard(args) -> int:
     from .probes.corpus import load_text, token_windows
     from .sae import collect_examples, write_dashboard
 
-    sae, config, model, tokenizer = _load(args.sae, args.model)
+    sae, config, model, tokenizer = _load(args)
     layer = config["headlab"]["layer"]
     windows = token_windows(tokenizer, load_text(args.text_file), args.windows, args.context, args.seed)
     if args.latents:
@@ -131,7 +131,7 @@ def add_parser(sub) -> None:
                     "started again with the same arguments), then save OUT/cfg.json + OUT/sae_weights.safetensors "
                     "(SAELens layout) and OUT/metrics.json measured on held-out windows. Runs data-parallel under "
                     "torchrun.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_model_arguments(train)
     train.add_argument("--layer", type=int, required=True, help="layer whose head outputs are encoded")
     train.add_argument("--arch", choices=("topk", "batchtopk", "relu", "jumprelu"), default="topk")
     train.add_argument("--k", type=int, default=32, help="active latents (topk, batchtopk)")
@@ -158,7 +158,7 @@ def add_parser(sub) -> None:
     evaluate = commands.add_parser("eval", help="metrics of a saved autoencoder on text, as JSON",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     evaluate.add_argument("sae", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
-    evaluate.add_argument("--model", default=None, help="model (default: the one recorded in cfg.json)")
+    add_model_arguments(evaluate, required=False)  # default: the model recorded in cfg.json
     evaluate.add_argument("--windows", type=int, default=16)
     evaluate.add_argument("--context", type=int, default=128)
     evaluate.add_argument("--seed", type=int, default=1, help="window seed (training used --seed 0 by default)")
@@ -169,7 +169,7 @@ def add_parser(sub) -> None:
     dashboard = commands.add_parser("dashboard", help="standalone HTML page of chosen latents",
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     dashboard.add_argument("sae", metavar="SAE_DIR")
-    dashboard.add_argument("--model", default=None)
+    add_model_arguments(dashboard, required=False)
     dashboard.add_argument("--latents", default=None, help="comma list (default: the --top most frequent)")
     dashboard.add_argument("--top", type=int, default=8)
     dashboard.add_argument("--windows", type=int, default=32)

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape, reference_outputs
+from ..surgeon.stopping import run_for_taps
 
 
 @dataclass
@@ -43,7 +44,7 @@ def head_divergence(model, input_ids: torch.Tensor, span: tuple[int, int],
     layers = list(range(model_shape(model).n_layers)) if layers is None else list(layers)
     without = reference_outputs(model, input_ids, span, layers)  # {layer: [1, H, D]}
     with attach(model, taps=Taps(head_outputs=layers)) as session:
-        model(input_ids=input_ids)
+        run_for_taps(model, input_ids=input_ids)
     vhd, ta = [], []
     for layer in layers:
         z_with = session.recording.head_output(layer)[0, -1].double()  # [H, D]

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import HeadMean, HeadScale, Plan, Taps, attach, model_shape
 from ..surgeon.references import head_output_means
+from ..surgeon.stopping import run_for_taps
 
 REPEAT_DESCRIPTIONS = {
     "induction": "mean attention from each second-copy token to the token after its first occurrence, "
@@ -36,7 +37,7 @@ def repeated_token_scores(model, n_batch: int = 10, half: int = 50, seed: int = 
     ids = repeated_tokens(model.config.get_text_config().vocab_size, n_batch, half, seed)
     taps = Taps(attention={layer: None for layer in range(shape.n_layers)})
     with attach(model, taps=taps) as session:
-        model(input_ids=ids)
+        run_for_taps(model, input_ids=ids)
     rows = torch.arange(half, 2 * half)
     induction, duplicate = [], []
     for layer in range(shape.n_layers):

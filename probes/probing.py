@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.files import read_jsonl
+from ..surgeon.stopping import run_for_taps
 
 POOLS = ("last", "mean")
 
@@ -62,7 +63,7 @@ def head_features(model, tokenizer, texts: Sequence[str], pool: str = "last", ma
     for text in tqdm(texts, desc="head outputs", disable=not progress, leave=False):
         ids = torch.tensor([tokenizer(text).input_ids[:max_tokens]])
         with attach(model, taps=Taps(head_outputs=layers)) as session:
-            model(input_ids=ids)
+            run_for_taps(model, input_ids=ids)
         outputs = torch.stack([session.recording.head_output(layer)[0] for layer in layers])  # [L, seq, H, D]
         rows.append((outputs[:, -1] if pool == "last" else outputs.mean(1)).float().numpy())
     return np.stack(rows)

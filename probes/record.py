@@ -9,7 +9,7 @@ import torch
 
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
-from ..surgeon.stopping import run_until
+from ..surgeon.stopping import run_for_taps, run_until
 
 DIMS = ("layer", "head", "query", "key")
 
@@ -80,7 +80,7 @@ def record_statistics(model, input_ids: torch.Tensor, layers: Sequence[int] | No
     taps = Taps(stats={layer: None for layer in layers}, stats_key_groups=first, stats_topk=1,
                 stats_row_offsets=(1,), stats_backend=backend)
     with torch.no_grad(), attach(model, plan, taps) as session:
-        model(input_ids=input_ids)
+        run_for_taps(model, input_ids=input_ids)
     out = {}
     for layer in layers:
         stats = session.recording.stats[layer][0]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
+from ..surgeon.stopping import run_for_taps
 from .corpus import load_text
 
 
@@ -159,7 +160,8 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
     token, the most attended key of every head ``[layer, head]`` on the row that produced it."""
     shape = model_shape(model)
     with attach(model, plan) as session:
-        out = model(input_ids=input_ids[:, :-1], use_cache=True)  # prefill: the plan applies, nothing recorded
+        # prefill: the plan applies, nothing is recorded, only the cache is needed
+        out = run_for_taps(model, input_ids=input_ids[:, :-1], use_cache=True)
         if record:
             session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
         cache, token = out.past_key_values, input_ids[:, -1:]

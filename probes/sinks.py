@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, attention_modules, decoder_layers, detect_sink_dimensions, model_shape
 from ..surgeon.hook import block_input
+from ..surgeon.stopping import run_for_taps
 
 
 @dataclass
@@ -119,7 +120,7 @@ def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSe
                  for layer, module in layers.items()]
         try:
             with attach(model, taps=taps):
-                model(input_ids=ids)
+                run_for_taps(model, input_ids=ids)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -204,8 +204,18 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: str | None = None,
 ):
-    """Load ``(model, tokenizer)`` from a bundled name, a local HF directory or a hub id.
+    """Load ``(model, tokenizer)`` from a bundled name, a local HF directory or a hub id (the
+    tokenizer is None for a directory without tokenizer files).
+
+    ``max_memory`` (e.g. ``"300MB"``) caps the CPU memory the weights may take: accelerate then
+    places the layers that fit in memory and leaves the rest on disk, loading each one during its
+    forward (``device_map="auto"``; from safetensors weights nothing is copied, other formats are
+    offloaded under the cache folder). ``device_map`` may also be given as accelerate takes it.
+    Everything headlab does goes through the attention interface and module hooks, so it works
+    the same on such a model, only slower.
 
     The model is in eval mode on the CPU with ``attn_implementation`` (by default transformers'
     choice: SDPA where the family supports it, else eager, e.g. Gemma 2's soft-capping). A
@@ -218,13 +228,21 @@ def load_model(
     from .conversion import is_converted_directory, load_converted
 
     if isinstance(path, Path) and is_converted_directory(path):
+        if device_map is not None or max_memory is not None:
+            raise ModelSpecError(f"{spec!r} is a converted checkpoint, which loads in memory only (no max_memory)")
         model, tokenizer = load_converted(path, dtype=dtype, attn_implementation=attn_implementation)
         model.name_or_path = spec
         return model, tokenizer
-    model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    placement = _placement(device_map, max_memory, spec)
+    model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code, placement)
+    tokenizer = None
+    if not isinstance(path, Path) or any((path / name).exists() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.name_or_path = spec
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def model_directory(spec: str | os.PathLike) -> Path:
@@ -258,7 +276,22 @@ def require_attention_interface(model) -> None:
     )
 
 
-def _from_pretrained(path, spec: str, dtype, attn_implementation: str | None, trust_remote_code: bool):
+def _placement(device_map, max_memory: str | None, spec: str) -> dict:
+    """The ``from_pretrained`` arguments that spread a model over memory and disk (none by default)."""
+    if device_map is None and max_memory is None:
+        return {}
+    placement = {"device_map": device_map or "auto", "offload_folder": str(cache_root() / "offload" / _safe_name(spec))}
+    if max_memory is not None:
+        placement["max_memory"] = {"cpu": max_memory}
+    return placement
+
+
+def _safe_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)[-100:]
+
+
+def _from_pretrained(path, spec: str, dtype, attn_implementation: str | None, trust_remote_code: bool,
+                     placement: dict):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -278,6 +311,7 @@ def _from_pretrained(path, spec: str, dtype, attn_implementation: str | None, tr
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        **placement,
     )
     require_attention_interface(model)
     return model.eval()

@@ -11,6 +11,7 @@ import torch
 from .hook import attach, block_input, decoder_layers
 from .models import model_shape
 from .plan import PlanError
+from .stopping import run_for_taps
 from .taps import Taps
 
 
@@ -40,7 +41,7 @@ def detect_sink_dimensions(
     try:
         for ids in inputs:
             captured.clear()
-            model(input_ids=ids)
+            run_for_taps(model, input_ids=ids)
             n_inputs += 1
             marked = set()
             for first in captured:  # [d_model] per layer
@@ -78,7 +79,7 @@ def reference_outputs(model, input_ids: torch.Tensor, span: tuple[int, int], lay
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask[:, keep]
     with attach(model, taps=Taps(head_outputs=layers)) as session:
-        model(**inputs)
+        run_for_taps(model, **inputs)
     return {layer: session.recording.head_output(layer)[:, -1] for layer in layers}
 
 
@@ -92,7 +93,7 @@ def head_output_means(model, inputs: Iterable[torch.Tensor], layer: int, heads: 
     total, count = None, 0
     for ids in inputs:
         with attach(model, taps=Taps(head_outputs=[layer])) as session:
-            model(input_ids=ids)
+            run_for_taps(model, input_ids=ids)
         z = session.recording.head_output(layer)[0][:, list(heads)].double()  # [seq, h, D]
         total = z.sum(0) if total is None else total + z.sum(0)
         count += z.shape[0]
