@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from headlab.surgeon import model_directory
 from headlab.surgeon.conversion import convert
 from headlab.surgeon.files import write_json
-from headlab.surgeon.hedgehog import LinearSettings
+from headlab.surgeon.conversion_settings import LinearSettings
 
 
 def cache_bytes(cache) -> int:

@@ -1,15 +1,30 @@
-"""Command-line pieces the subcommands share: the model argument and how it is loaded."""
+"""Command-line pieces every subcommand shares: the parser whose errors are one line, the model
+argument, ``--out``/``--overwrite``, settings options, and loading a model after a cheap check of
+what it is. Importing this module costs no torch (argument errors answer at once)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from pathlib import Path
+from typing import Callable
+
+from .surgeon.errors import HeadlabError, ModelSpecError
+from .surgeon.settings import add_options, resolve_indices, settings_from_args
 
 MODEL_HELP = (
     "model spec: a bundled name (smollm2-135m, gemma3-270m, minilm-l6; see 'headlab models'), "
     "a local Hugging Face directory, or a hub id (only where the network allows)"
 )
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``headlab CMD: error: …``, with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def memory_size(text: str) -> str:
@@ -19,19 +34,96 @@ def memory_size(text: str) -> str:
     return text.strip()
 
 
-def add_model_arguments(parser, name: str = "model", required: bool = True) -> None:
-    """The positional model spec (or ``--model`` when ``required`` is False) and ``--max-memory``."""
+def add_model_arguments(parser, required: bool = True) -> None:
+    """The positional model spec (``--model`` when not ``required``) and ``--max-memory``."""
     if required:
-        parser.add_argument(name, metavar="MODEL", help=MODEL_HELP)
+        parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     else:
-        parser.add_argument(f"--{name}", default=None, metavar="MODEL", help=MODEL_HELP)
+        parser.add_argument("--model", default=None, metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                         help="cap the memory the model's weights take (e.g. 300MB): layers beyond it stay on disk "
                              "and are read during their forward (slower, same results)")
+
+
+def add_output_arguments(parser, what: str) -> None:
+    """``--out`` (required) and ``--overwrite``."""
+    parser.add_argument("--out", required=True, metavar="PATH", help=what)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write even where --out holds files headlab did not write (never needed to redo "
+                             "headlab's own output)")
+
+
+def add_settings(parser, *classes) -> None:
+    """The options of settings classes (:mod:`headlab.surgeon.settings`)."""
+    for cls in classes:
+        add_options(parser, cls)
+
+
+def settings(cls, args):
+    """The settings ``cls`` from the parsed options (the others at the library's defaults)."""
+    return settings_from_args(cls, args)
+
+
+def model_config(args, spec: str | None = None, causal: bool = False, needs: str = ""):
+    """The model's config, read without its weights (cheap): the check of what the spec names and,
+    with ``causal``, that it is a causal language model (``needs`` says what for)."""
+    from .surgeon.models import is_causal_lm, load_config
+
+    spec = spec or args.model
+    _, config = load_config(spec)
+    if causal and not is_causal_lm(config):
+        kind = ", ".join(config.architectures or [type(config).__name__])
+        raise ModelSpecError(f"{spec} is not a causal language model ({kind}); {needs or 'this command'} needs one")
+    return config
+
+
+def model_shape_of(config):
+    from .surgeon.shape import model_shape
+
+    return model_shape(config)
 
 
 def load_model_from(args, spec: str | None = None):
     """``(model, tokenizer)`` of ``spec`` (default ``args.model``) as the arguments ask."""
     from .surgeon import load_model
 
-    return load_model(spec or args.model, max_memory=args.max_memory)
+    model, tokenizer = load_model(spec or args.model, max_memory=args.max_memory)
+    if tokenizer is None:
+        raise ModelSpecError(f"{spec or args.model} has no tokenizer files; this command needs its tokenizer")
+    return model, tokenizer
+
+
+def layers_of(value, n_layers: int, flag: str) -> list[int] | None:
+    """Resolved ``--layers``-style indices (None stays None)."""
+    return None if value is None else resolve_indices(value, n_layers, flag)
+
+
+def one_layer(value: int, n_layers: int, flag: str) -> int:
+    """A single layer index; negative counts from the end."""
+    return resolve_indices((value,), n_layers, flag)[0]
+
+
+def init_distributed() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def interrupted(message: str | Callable[[argparse.Namespace], str]):
+    """``set_defaults`` value: what a command says when Ctrl-C stops it (what was kept, how to resume)."""
+    return message if callable(message) else (lambda args: message)
+
+
+def check_paths_differ(out: str, source: Path, what: str) -> None:
+    """Refuse an output folder that is, or lies inside, ``source`` (e.g. the model being converted)."""
+    out_path, source_path = Path(out).expanduser().resolve(), source.expanduser().resolve()
+    if out_path == source_path or source_path in out_path.parents:
+        raise HeadlabError(f"--out {out} is {what} itself or inside it; write the result to another folder")
+
+
+__all__ = ["MODEL_HELP", "Parser", "add_model_arguments", "add_output_arguments", "add_settings",
+           "check_paths_differ", "init_distributed", "interrupted", "layers_of", "load_model_from", "model_config",
+           "model_shape_of", "one_layer", "settings"]

@@ -2,71 +2,123 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .cli_common import add_model_arguments, load_model_from
+from . import cli_common as common
+from .surgeon.errors import HeadlabError
+from .surgeon.files import claim_file, claim_folder
+from .surgeon.settings import Integer, Items, Maybe, Text, check_settings, setting
 
+TRAIN_ENTRIES = ("cfg.json", "sae_weights.safetensors", "metrics.json", "sparsity.safetensors", "checkpoints")
+
+
+@dataclass
+class TrainData:
+    """Which layer ``sae train`` encodes, where its activations come from and how it is measured."""
+
+    layer: int = setting(help="layer whose head outputs are encoded (negative counts from the end)", kind=Integer(),
+                         flag="--layer")
+    eval_windows: int = setting(16, "held-out windows for metrics.json", kind=Integer(1), flag="--eval-windows")
+    cache: str | None = setting(None, "activation cache folder (safetensors shards): written on the first run, read "
+                                      "by later ones (single process)", kind=Maybe(Text()), flag="--cache")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class EvalData:
+    """The held-out text windows ``sae eval`` measures on."""
+
+    windows: int = setting(16, "text windows", kind=Integer(1), flag="--windows")
+    seed: int = setting(1, "window seed (training used --seed 0 by default)", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class DashboardData:
+    """Which latents ``sae dashboard`` shows and on how many windows it looks for their examples."""
+
+    latents: tuple[int, ...] | None = setting(None, "comma list of latents (default: the --top most frequent)",
+                                              kind=Maybe(Items(Integer(0))), flag="--latents")
+    top: int = setting(8, "most frequently active latents shown when --latents is not given", kind=Integer(1),
+                       flag="--top")
+    windows: int = setting(32, "text windows searched for examples", kind=Integer(1), flag="--windows")
+    seed: int = setting(1, "window seed", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def _train(args) -> int:
+    from .sae.settings import TextWindows, TrainSettings
+
+    settings, text = common.settings(TrainSettings, args), common.settings(TextWindows, args)
+    data = common.settings(TrainData, args)
+    claim_folder(args.out, TRAIN_ENTRIES, args.overwrite, "--out folder")
+    if data.cache:
+        claim_folder(data.cache, (), args.overwrite, "--cache folder")
+    config = common.model_config(args)
+    shape = common.model_shape_of(config)
+    layer = common.one_layer(data.layer, shape.n_layers, "--layer")
+    d_in = shape.n_heads * shape.head_dim
+    if settings.arch in ("topk", "batchtopk") and settings.k > settings.expansion * d_in:
+        raise HeadlabError(f"--k {settings.k} is more than the {settings.expansion * d_in} latents (--expansion "
+                           f"{settings.expansion} x {d_in} inputs)")
     import torch
 
-    from .cli import _init_distributed
     from .probes.corpus import train_eval_windows
-    from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer,
-                      evaluate_sae, save_sae)
-    from .surgeon import attention_modules, model_shape
+    from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, Trainer, evaluate_sae,
+                      save_sae)
+    from .surgeon import attention_modules
     from .surgeon.distributed import rank_and_world
-    from .surgeon.files import write_json
+    from .surgeon.files import atomic_path, write_json
 
-    settings = TrainSettings(arch=args.arch, k=args.k, expansion=args.expansion, tokens=args.tokens,
-                             batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, lr=args.lr,
-                             seed=args.seed, checkpoint_every=args.checkpoint_every, l1_coefficient=args.l1,
-                             resample_every=args.resample_every)
-    _init_distributed()
+    common.init_distributed()
     rank, world = rank_and_world()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_from(args)
-    shape = model_shape(model)
-    if not 0 <= args.layer < shape.n_layers:
-        raise ValueError(f"--layer {args.layer} outside 0..{shape.n_layers - 1}")
-    rows_per_window = args.context - 1
-    train, held_out = train_eval_windows(tokenizer, args.text_file, math.ceil(args.tokens / rows_per_window), args.eval_windows,
-                               args.context, args.seed)
+    torch.manual_seed(settings.seed)
+    model, tokenizer = common.load_model_from(args)
+    train, held_out = train_eval_windows(tokenizer, text.text_path, math.ceil(settings.tokens / (text.context - 1)),
+                                         data.eval_windows, text.context, settings.seed)
     out = Path(args.out)
     start = time.perf_counter()
-    if args.cache and world == 1:
-        cache = Path(args.cache)
+    if data.cache and world == 1:
+        cache = Path(data.cache)
         source = CachedActivations(cache) if (cache / "manifest.json").exists() else None
         if source is None:
             from .sae import cache_activations
-            source = cache_activations(ModelActivations(model, train, args.layer), cache,
-                                       metadata={"model": args.model, "context": args.context, "seed": args.seed})
+            source = cache_activations(ModelActivations(model, train, layer), cache,
+                                       metadata={"model": args.model, "context": text.context, "seed": settings.seed})
     else:
-        source = ModelActivations(model, train[rank::world], args.layer)
-    buffer = ShuffleBuffer(source, settings.batch_size // world, max(settings.buffer_tokens // world,
-                                                                     2 * settings.batch_size // world), args.seed + rank)
-    sae = SparseAutoencoder(shape.n_heads * shape.head_dim, settings.expansion * shape.n_heads * shape.head_dim,
-                            settings.arch, settings.k, shape.n_heads, shape.head_dim, args.seed)
+        source = ModelActivations(model, train[rank::world], layer)
+    batch = settings.batch_size // world
+    capacity = max(min(settings.buffer_tokens, settings.tokens) // world, 2 * batch)  # never more than the run uses
+    buffer = ShuffleBuffer(source, batch, capacity, settings.seed + rank)
+    sae = SparseAutoencoder(d_in, settings.expansion * d_in, settings.arch, settings.k, shape.n_heads, shape.head_dim,
+                            settings.seed)
     trainer = Trainer(sae, buffer, settings, out / "checkpoints")
     trainer.run()
     if rank > 0:
         return 0
     wall = time.perf_counter() - start
-    module = f"{type(attention_modules(model)[args.layer]).__name__} (layer {args.layer}) o_proj input"
+    module = f"{type(attention_modules(model)[layer]).__name__} (layer {layer}) o_proj input"
     provenance = {"settings": {**settings.__dict__}, "tokens_trained": settings.steps * settings.batch_size,
-                  "train_windows": len(train), "epochs_over_windows": buffer.epoch, "context": args.context,
-                  "wall_s": round(wall, 1), "world_size": world, "text": args.text_file or "Python standard-library docstrings"}
-    save_sae(sae, out, args.model, args.layer, module, args.context, provenance)
-    metrics, frequency = evaluate_sae(model, sae, held_out, args.layer, progress=True)
-    metrics.update({"held_out_windows": len(held_out), "train_wall_s": round(wall, 1)})
+                  "train_windows": len(train), "epochs_over_windows": buffer.epoch, "context": text.context,
+                  "wall_s": round(wall, 1), "world_size": world,
+                  "text": text.text_path or "Python standard-library docstrings"}
+    save_sae(sae, out, args.model, layer, module, text.context, provenance)
+    metrics, frequency = evaluate_sae(model, sae, held_out, layer, progress=True)
+    metrics.update({"format": "headlab-sae-metrics/1", "held_out_windows": len(held_out),
+                    "train_wall_s": round(wall, 1)})
     write_json(out / "metrics.json", metrics)
     from safetensors.torch import save_file
-    from .surgeon.files import atomic_path
+
     with atomic_path(out / "sparsity.safetensors") as tmp:
         save_file({"sparsity": frequency.float()}, str(tmp))
     print(json.dumps({k: metrics[k] for k in ("l0", "explained_variance", "ce_loss_recovered", "dead_fraction")
@@ -75,54 +127,76 @@ def _train(args) -> int:
     return 0
 
 
-def _load(args):
+def _saved(args):
+    """``(sae, cfg, model spec)`` of SAE_DIR, checked before any model is loaded."""
     from .sae import load_sae
 
     sae, config = load_sae(args.sae)
-    model, tokenizer = load_model_from(args, args.model or config["metadata"]["model_name"])
-    return sae, config, model, tokenizer
+    spec = args.model or config["metadata"]["model_name"]
+    shape = common.model_shape_of(common.model_config(args, spec))
+    layer = config["headlab"]["layer"]
+    if layer >= shape.n_layers or shape.n_heads * shape.head_dim != sae.d_in:
+        raise HeadlabError(f"the autoencoder in {args.sae} reads layer {layer} with {sae.d_in} inputs; {spec} has "
+                           f"{shape.n_layers} layers of {shape.n_heads * shape.head_dim} head outputs")
+    return sae, config, spec
 
 
 def _eval(args) -> int:
+    from .sae.settings import TextWindows
+
+    data, text = common.settings(EvalData, args), common.settings(TextWindows, args)
+    claim_file(args.out, args.overwrite, "--out metrics")
+    sae, config, spec = _saved(args)
+    model, tokenizer = common.load_model_from(args, spec)
     from .probes.corpus import load_text, token_windows
     from .sae import evaluate_sae
     from .surgeon.files import write_json
 
-    sae, config, model, tokenizer = _load(args)
-    layer = config["headlab"]["layer"]
-    windows = token_windows(tokenizer, load_text(args.text_file), args.windows, args.context, args.seed)
-    metrics, _ = evaluate_sae(model, sae, windows, layer, progress=True)
-    metrics.update({"windows": args.windows, "context": args.context, "seed": args.seed, "sae": args.sae})
+    windows = token_windows(tokenizer, load_text(text.text_path), data.windows, text.context, data.seed)
+    metrics, _ = evaluate_sae(model, sae, windows, config["headlab"]["layer"], progress=True)
+    metrics.update({"format": "headlab-sae-metrics/1", "windows": data.windows, "context": text.context,
+                    "seed": data.seed, "sae": args.sae})
     print(write_json(args.out, metrics))
     return 0
 
 
 def _dashboard(args) -> int:
+    from .sae.settings import TextWindows
+
+    data, text = common.settings(DashboardData, args), common.settings(TextWindows, args)
+    claim_file(args.out, args.overwrite, "--out page")
+    sae, config, spec = _saved(args)
+    for latent in data.latents or ():
+        if latent >= sae.d_sae:
+            raise HeadlabError(f"--latents: {latent} is not a latent of this autoencoder (0..{sae.d_sae - 1})")
+    if data.latents is None and data.top > sae.d_sae:
+        raise HeadlabError(f"--top {data.top} is more than the autoencoder's {sae.d_sae} latents")
+    model, tokenizer = common.load_model_from(args, spec)
     from .probes.corpus import load_text, token_windows
     from .sae import collect_examples, write_dashboard
 
-    sae, config, model, tokenizer = _load(args)
     layer = config["headlab"]["layer"]
-    windows = token_windows(tokenizer, load_text(args.text_file), args.windows, args.context, args.seed)
-    if args.latents:
-        latents = [int(x) for x in args.latents.split(",")]
-    else:
+    windows = token_windows(tokenizer, load_text(text.text_path), data.windows, text.context, data.seed)
+    latents = list(data.latents) if data.latents else None
+    if latents is None:
         from .sae.evaluate import evaluate_sae
         _, frequency = evaluate_sae(model, sae, windows[: max(1, len(windows) // 4)], layer)
-        latents = frequency.topk(args.top).indices.tolist()  # the most frequently active latents
+        latents = frequency.topk(data.top).indices.tolist()  # the most frequently active latents
     examples = collect_examples(model, sae, windows, layer, latents, progress=True)
     tokens = [[tokenizer.decode([i]) for i in w[0].tolist()] for w in windows]
     title = f"SAE features: {config['metadata']['model_name']} {config['metadata']['hook_name']}"
-    print(write_dashboard(args.out, sae, examples, tokens, title))
+    print(write_dashboard(args.out, sae, examples, tokens, title, overwrite=args.overwrite))
     return 0
 
 
 def add_parser(sub) -> None:
     """Register ``sae`` and its subcommands on the main parser's subparsers."""
+    from .sae.settings import TextWindows, TrainSettings
+
     sae = sub.add_parser("sae", help="sparse autoencoders on per-head attention outputs (train, eval, dashboard)",
                          description="Sparse autoencoders on the per-head outputs of one layer (the input of o_proj, "
                                      "heads flattened; TransformerLens blocks.L.attn.hook_z).")
-    commands = sae.add_subparsers(dest="sae_command", required=True)
+    commands = sae.add_subparsers(dest="sae_command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
         "train", help="train an autoencoder on one layer's head outputs",
@@ -130,51 +204,25 @@ def add_parser(sub) -> None:
                     "the layer; first token excluded), checkpointing to OUT/checkpoints (a killed run resumes when "
                     "started again with the same arguments), then save OUT/cfg.json + OUT/sae_weights.safetensors "
                     "(SAELens layout) and OUT/metrics.json measured on held-out windows. Runs data-parallel under "
-                    "torchrun.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_arguments(train)
-    train.add_argument("--layer", type=int, required=True, help="layer whose head outputs are encoded")
-    train.add_argument("--arch", choices=("topk", "batchtopk", "relu", "jumprelu"), default="topk")
-    train.add_argument("--k", type=int, default=32, help="active latents (topk, batchtopk)")
-    train.add_argument("--expansion", type=int, default=16, help="d_sae = expansion x n_heads x d_head")
-    train.add_argument("--tokens", type=int, default=200_000, help="training tokens")
-    train.add_argument("--batch-size", type=int, default=1024, help="global batch in tokens")
-    train.add_argument("--buffer-tokens", type=int, default=32768, help="shuffle buffer size in tokens")
-    train.add_argument("--lr", type=float, default=None,
-                       help="learning rate (default: 2e-4 / sqrt(d_sae / 2^14); relu: 1.2e-3)")
-    train.add_argument("--l1", type=float, default=1.0,
-                       help="relu: L1 coefficient on inputs normalised to E|x|^2 = d_in (unverified default)")
-    train.add_argument("--resample-every", type=int, default=25_000,
-                       help="relu: steps between dead-latent resamples (at most 4)")
-    train.add_argument("--context", type=int, default=128, help="tokens per text window")
-    train.add_argument("--eval-windows", type=int, default=16, help="held-out windows for metrics.json")
-    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    train.add_argument("--cache", default=None, help="activation cache folder (safetensors shards): written on the "
-                                                     "first run, read by later ones (single process)")
-    train.add_argument("--text-file", default=None, help="UTF-8 text (default: Python standard-library docstrings)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", required=True, help="output folder")
-    train.set_defaults(run=_train)
+                    "torchrun.")
+    common.add_model_arguments(train)
+    common.add_output_arguments(train, "output folder (new, empty or headlab's own)")
+    common.add_settings(train, TrainData, TrainSettings, TextWindows)
+    train.set_defaults(run=_train, interrupted=common.interrupted(
+        lambda args: f"checkpoints are in {args.out}/checkpoints; run the same command again to resume"))
 
-    evaluate = commands.add_parser("eval", help="metrics of a saved autoencoder on text, as JSON",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate = commands.add_parser("eval", help="metrics of a saved autoencoder on text, as JSON")
     evaluate.add_argument("sae", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
-    add_model_arguments(evaluate, required=False)  # default: the model recorded in cfg.json
-    evaluate.add_argument("--windows", type=int, default=16)
-    evaluate.add_argument("--context", type=int, default=128)
-    evaluate.add_argument("--seed", type=int, default=1, help="window seed (training used --seed 0 by default)")
-    evaluate.add_argument("--text-file", default=None)
-    evaluate.add_argument("--out", required=True, help="JSON file to write")
-    evaluate.set_defaults(run=_eval)
+    common.add_model_arguments(evaluate, required=False)
+    common.add_output_arguments(evaluate, "JSON file to write")
+    common.add_settings(evaluate, EvalData, TextWindows)
+    evaluate.set_defaults(run=_eval, interrupted=common.interrupted("nothing was written"))
 
-    dashboard = commands.add_parser("dashboard", help="standalone HTML page of chosen latents",
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    dashboard.add_argument("sae", metavar="SAE_DIR")
-    add_model_arguments(dashboard, required=False)
-    dashboard.add_argument("--latents", default=None, help="comma list (default: the --top most frequent)")
-    dashboard.add_argument("--top", type=int, default=8)
-    dashboard.add_argument("--windows", type=int, default=32)
-    dashboard.add_argument("--context", type=int, default=128)
-    dashboard.add_argument("--seed", type=int, default=1)
-    dashboard.add_argument("--text-file", default=None)
-    dashboard.add_argument("--out", required=True, help="HTML file to write")
-    dashboard.set_defaults(run=_dashboard)
+    dashboard = commands.add_parser("dashboard", help="standalone HTML page of chosen latents")
+    dashboard.add_argument("sae", metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors")
+    common.add_model_arguments(dashboard, required=False)
+    common.add_output_arguments(dashboard, "HTML page to write")
+    common.add_settings(dashboard, DashboardData, TextWindows)
+    dashboard.set_defaults(run=_dashboard, interrupted=common.interrupted("nothing was written"))
+    for subparser in commands.choices.values():
+        subparser.set_defaults(prog=subparser.prog)

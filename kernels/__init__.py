@@ -1,12 +1,33 @@
 """headlab.kernels: pure tensor ops with plain-torch references (imports nothing else of headlab)."""
 
-from .attention_stats import BACKENDS, MAX_TOPK, attention_with_stats, column_stats, resolve_backend
-from .linear_attention import hybrid_attention, linear_attention
-from .partial import partial_attention, row_key_probs
-from .sae_ops import dense_codes, sparse_decode, topk_encode
-from .types import AttentionStats, ColumnStats
+from importlib import import_module
 
-__all__ = [
-    "BACKENDS", "MAX_TOPK", "AttentionStats", "ColumnStats", "attention_with_stats", "column_stats",
-    "dense_codes", "hybrid_attention", "linear_attention", "partial_attention", "resolve_backend", "row_key_probs", "sparse_decode", "topk_encode",
-]
+_EXPORTS = {
+    "attention_with_stats": "attention_stats",
+    "AttentionStats": "types",
+    "BACKENDS": "attention_stats",
+    "column_stats": "attention_stats",
+    "ColumnStats": "types",
+    "dense_codes": "sae_ops",
+    "hybrid_attention": "linear_attention",
+    "linear_attention": "linear_attention",
+    "MAX_TOPK": "attention_stats",
+    "partial_attention": "partial",
+    "resolve_backend": "attention_stats",
+    "row_key_probs": "partial",
+    "sparse_decode": "sae_ops",
+    "topk_encode": "sae_ops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = import_module(f".{module}", __name__)
+    return loaded if module == name else getattr(loaded, name)
+
+
+def __dir__():
+    return __all__

@@ -1,20 +1,30 @@
 """headlab.probes: read-only measurement of attention (records, head scores, reports, views)."""
 
-from .corpus import load_text, stdlib_docstrings, token_windows
-from .record import AttentionRecord, record_attention
-from .report import ReportSettings, write_report
-from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores
+from importlib import import_module
 
-__all__ = [
-    "PATTERN_SCORES",
-    "AttentionRecord",
-    "HeadScores",
-    "ReportSettings",
-    "ScoreAccumulator",
-    "load_text",
-    "pattern_scores",
-    "record_attention",
-    "stdlib_docstrings",
-    "token_windows",
-    "write_report",
-]
+_EXPORTS = {
+    "AttentionRecord": "record",
+    "HeadScores": "scores",
+    "load_text": "corpus",
+    "PATTERN_SCORES": "scores",
+    "pattern_scores": "scores",
+    "record_attention": "record",
+    "ReportSettings": "report",
+    "ScoreAccumulator": "scores",
+    "stdlib_docstrings": "corpus",
+    "token_windows": "corpus",
+    "write_report": "report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = import_module(f".{module}", __name__)
+    return loaded if module == name else getattr(loaded, name)
+
+
+def __dir__():
+    return __all__

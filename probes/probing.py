@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.files import read_jsonl
 from ..surgeon.stopping import run_for_taps
+from .settings import POOLS
 
-POOLS = ("last", "mean")
 
 
 @dataclass

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,64 +18,36 @@ from tqdm.auto import tqdm
 
 from ..surgeon import attention_modules, model_shape
 from ..surgeon.distributed import rank_and_world
-from ..surgeon.files import write_json, write_text
+from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
+from ..surgeon.shape import text_config
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
 from .corpus import load_text, token_windows
 from .divergence import context_divergence
-from .probing import POOLS, load_labelled, probe_heads
-from .retrieval import NeedleSettings, retrieval_scores
-from .sinks import SinkSettings, massive_activations
+from .probing import load_labelled, probe_heads
+from .retrieval import retrieval_scores
+from .settings import DECODER_ONLY, ReportSettings
+from .validation import load_curves
+from .sinks import massive_activations
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
 from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
 
 
-@dataclass
-class ReportSettings:
-    """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
-    (standard-library docstrings when None), chosen with ``seed``; ``n_views`` attention views.
-    The pattern scores (sink, entropy, previous-token, confidence) are always computed; decoders
-    add the families named in ``scores`` (:data:`EXTRA_SCORES`): induction and duplicate-token
-    (repeated random tokens), Michel gradient importance, zero/mean ablation importance (one
-    forward per head and window: minutes on SmolLM2) and retrieval (needle in a haystack with
-    ``needles``; its longest context is ``needles.lengths[-1]``). Any model adds ``sinks``
-    (massive activations and the mass on hidden-state sink tokens, thresholds ``sinks``) and
-    ``context`` (VHD with the leading ``context_fraction`` of each window removed). With
-    ``probe_data`` (JSON lines of ``{"text", "label"}``) each head's output is probed for the
-    labels (pooled by ``probe_pool``)."""
-
-    n_samples: int = 8
-    n_tokens: int = 256
-    seed: int = 0
-    text_path: str | None = None
-    n_views: int = 6
-    top_k: int = 10
-    scores: tuple[str, ...] = ("induction", "gradient", "retrieval", "sinks", "context")
-    needles: NeedleSettings = field(default_factory=NeedleSettings)
-    sinks: SinkSettings = field(default_factory=SinkSettings)
-    context_fraction: float = 0.5
-    probe_data: str | None = None
-    probe_pool: str = "last"
-
-    def __post_init__(self):
-        unknown = sorted(set(self.scores) - set(EXTRA_SCORES))
-        if unknown:
-            raise ValueError(f"unknown score families {unknown}; choose from {', '.join(EXTRA_SCORES)}")
-        if self.probe_pool not in POOLS:
-            raise ValueError(f"probe pool must be one of {POOLS}, got {self.probe_pool!r}")
-        if self.probe_data:
-            load_labelled(self.probe_data)  # fail on a bad file before hours of scoring
 
 
-EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval", "sinks", "context")
-DECODER_ONLY = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
+REPORT_ENTRIES = ("report.html", "views.html", "scores.json", "scores.csv")
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
-                 progress: bool = True) -> Path | None:
+                 progress: bool = True, overwrite: bool = False) -> Path | None:
     """Score every head of ``model`` and write the report folder; returns the path of report.html.
+
+    The folder must be new, empty or hold only headlab's files (``overwrite``: anything; only the
+    report's own files are replaced). Masking curves already in it (``validation-*.json``) are
+    read, and checked, before any scoring. Score families that do not apply to the model (the
+    decoder-only ones on an encoder) are listed in ``scores.json`` under ``"skipped"``.
 
     scores.json and scores.csv are rewritten after each sample, so a run that stops halfway keeps
     the scores computed so far (marked ``"complete": false``).
@@ -88,11 +59,14 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     settings = settings or ReportSettings()
     rank, world = rank_and_world()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
+    curves = load_curves(out_dir)
     causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)
+    provenance["skipped"] = skipped_families(settings.scores, causal)
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
     shard = windows[rank::world]
@@ -121,9 +95,13 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     viewed = _view_heads(scores, settings.n_views)
     write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
     report = out_dir / "report.html"
-    curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("validation-*.json"))]
     write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves))
     return report
+
+
+def skipped_families(families, causal: bool) -> dict[str, str]:
+    """``{family: reason}`` of the requested score families that do not apply to the model."""
+    return {name: "needs a causal language model" for name in families if name in DECODER_ONLY and not causal}
 
 
 def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, causal: bool, progress: bool):
@@ -207,8 +185,8 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
         "architecture": type(model).__name__,
         **shape.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "attention": "headlab hook (unplanned layers delegate to SDPA), maps recomputed in fp32"
-        if method == "maps" else "headlab hook, per-row statistics from the fused op (no maps)",
+        "attention": f"headlab hook over the model's own {text_config(model.config)._attn_implementation} attention; "
+                     + ("maps recomputed in fp32" if method == "maps" else "per-row statistics from the fused op (no maps)"),
         "method": method,
         "causal": causal,
         "n_samples": settings.n_samples,
@@ -281,7 +259,7 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
     group = model_shape(model).group_size
     view_ids = {(l, h): f"view-L{l}-H{h}" for l, h, _ in viewed}
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}",
         f"<title>headlab report: {html.escape(provenance['model_id'])}</title>",
         f"<style>{STYLE}</style><script>{views.plotly_js()}</script></head><body>",
         f"<h1>Head-importance report: {html.escape(provenance['model_id'])}</h1>",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +20,7 @@ from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text
+from .settings import NeedleSettings
 
 
 @dataclass(frozen=True)
@@ -39,34 +40,6 @@ NEEDLES = (
     Needle("The password for the archive room on the third floor is purple walrus nineteen.",
            "What is the password for the archive room on the third floor?", "purple walrus nineteen"),
 )
-
-
-@dataclass
-class NeedleSettings:
-    """The NIAH grid: every needle at every ``(length, depth)``; ``length`` counts prompt tokens
-    (haystack + needle + question, chat template included). Defaults are a CPU-sized subset of
-    the published grid (20 lengths × 10 depths up to 50k tokens)."""
-
-    lengths: tuple[int, ...] = (1024, 4096)
-    depths: tuple[float, ...] = (0.25, 0.75)
-    n_needles: int = len(NEEDLES)
-    max_new_tokens: int = 24
-    mode: str = "count"  # "count" (reference files) or "set" (the paper's |g ∩ k| / |k|)
-    rouge_min: float = 0.5  # samples count only when the answer's ROUGE-1 recall exceeds this
-    text_path: str | None = None
-    retrieval_threshold: float = 0.1
-
-    def __post_init__(self):
-        if self.mode not in ("count", "set"):
-            raise ValueError(f"mode must be 'count' or 'set', not {self.mode!r}")
-        if not 1 <= self.n_needles <= len(NEEDLES):
-            raise ValueError(f"n_needles must be in 1..{len(NEEDLES)}")
-        for depth in self.depths:
-            if not 0.0 <= depth <= 1.0:
-                raise ValueError(f"depth {depth} outside [0, 1]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

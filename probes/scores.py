@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..surgeon.files import write_json
+from ..surgeon.errors import InputFileError
+from ..surgeon.files import read_text_file, write_json
+from ..surgeon.settings import Integer, Kind, Number, Text, check_object
 
 
 @dataclass
@@ -41,10 +43,18 @@ class HeadScores:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadScores":
-        values = torch.tensor([[math.nan if v is None else v for v in row] for row in data["values"]])
-        return cls(data["name"], values, torch.tensor(data["counts"]), data["model_id"],
-                   data.get("description", ""), data.get("settings", {}))
+    def from_dict(cls, data: dict, where: str = "score") -> "HeadScores":
+        """The score of :meth:`to_dict`'s JSON; :class:`InputFileError` naming ``where`` for anything
+        else (unknown keys, ragged or non-finite values, counts that are not whole numbers)."""
+        item = check_object(data, where, {"name": Text(), "values": _Grid(Number(), allow_null=True),
+                                          "counts": _Grid(Integer(0)), "model_id": Text()},
+                            {"description": _String(), "settings": _Object()})
+        values = torch.tensor([[math.nan if v is None else v for v in row] for row in item["values"]])
+        counts = torch.tensor(item["counts"])
+        if counts.shape != values.shape:
+            raise InputFileError(f"{where}: counts {tuple(counts.shape)} and values {tuple(values.shape)} differ")
+        return cls(item["name"], values, counts, item["model_id"], item.get("description", ""),
+                   item.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:
         """Write the score as JSON (atomically)."""
@@ -52,7 +62,7 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(_read_json(path, "score file"), str(path))
 
     def top(self, k: int) -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads as ``(layer, head, value)``, NaN excluded."""
@@ -60,6 +70,61 @@ class HeadScores:
         order = [int(i) for i in torch.argsort(flat.nan_to_num(-math.inf), descending=True)]
         n_heads = self.values.shape[1]
         return [(i // n_heads, i % n_heads, float(flat[i])) for i in order if not math.isnan(flat[i])][:k]
+
+
+def load_scores_file(path: str | Path, shape=None) -> dict[str, HeadScores]:
+    """The scores of a report's ``scores.json``, checked (and, given the model's ``shape``, checked
+    to be a model of that geometry): :class:`InputFileError` naming the file otherwise."""
+    data = _read_json(path, "scores file")
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
+        raise InputFileError(f"{path} is not a headlab scores.json (no 'scores' object)")
+    scores = {}
+    for name, item in data["scores"].items():
+        score = HeadScores.from_dict(item, f"{path}: score {name!r}")
+        if score.name != name:
+            raise InputFileError(f"{path}: score {name!r} calls itself {score.name!r}")
+        if shape is not None and tuple(score.values.shape) != (shape.n_layers, shape.n_heads):
+            raise InputFileError(f"{path}: score {name!r} has {tuple(score.values.shape)} heads (layers x heads), "
+                                 f"the model {(shape.n_layers, shape.n_heads)}")
+        scores[name] = score
+    if not scores:
+        raise InputFileError(f"{path} holds no scores")
+    return scores
+
+
+def _read_json(path, what: str):
+    try:
+        return json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{what} {path} is not JSON ({err.msg}, line {err.lineno})") from None
+
+
+class _Grid(Kind):
+    """A rectangular ``[layer][head]`` list of values of one kind (``null`` allowed for values)."""
+
+    def __init__(self, item: Kind, allow_null: bool = False):
+        self.item, self.allow_null = item, allow_null
+
+    def check(self, value):
+        if not isinstance(value, list) or not value or not all(isinstance(row, list) and row for row in value):
+            raise ValueError("expected a non-empty list of non-empty rows")
+        if len({len(row) for row in value}) != 1:
+            raise ValueError("rows of different lengths")
+        return [[None if v is None and self.allow_null else self.item.check(v) for v in row] for row in value]
+
+
+class _String(Kind):
+    def check(self, value):
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+
+
+class _Object(Kind):
+    def check(self, value):
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not an object")
+        return value
 
 
 PATTERN_SCORES = {

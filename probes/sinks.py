@@ -18,25 +18,7 @@ from tqdm.auto import tqdm
 from ..surgeon import Taps, attach, attention_modules, decoder_layers, detect_sink_dimensions, model_shape
 from ..surgeon.hook import block_input
 from ..surgeon.stopping import run_for_taps
-
-
-@dataclass
-class SinkSettings:
-    """Thresholds of sink-dimension detection (``abs_min``, ``ratio_min``, ``min_fraction``,
-    ``max_dims``: SPEC §2.4) and of sink tokens (``tau``: ``φ > 20``).
-
-    ``ratio_min`` defaults to 100, not the published 1000 (unverified, from LLaVA-scale models):
-    SmolLM2-135M's largest first-token ratio ``|x_d| / median|x|`` is about 500 (dimension 507,
-    layers 12-28), so the published value finds no sink dimension there."""
-
-    abs_min: float = 100.0
-    ratio_min: float = 100.0
-    min_fraction: float = 0.5
-    max_dims: int = 4
-    tau: float = 20.0
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+from .settings import SinkSettings
 
 
 @dataclass

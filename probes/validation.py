@@ -4,36 +4,65 @@ heads the task needs drops the metric far more under top-K than under random-K."
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import HeadScale, Plan, attach
+from ..surgeon.errors import InputFileError
 from ..surgeon.evaluate import heldout_loss
-from .retrieval import NeedleSettings, retrieval_scores
+from ..surgeon.files import read_text_file
+from ..surgeon.settings import Integer, Items, Kind, Number, Text, check_object
+from .retrieval import retrieval_scores
 from .scores import HeadScores
+from .settings import METRICS, MaskingSettings, NeedleSettings
 
-METRICS = ("needle-recall", "loss")
 
 
-@dataclass
-class MaskingSettings:
-    """K values, random seeds and where random heads come from (outside the top ``exclude_top``,
-    reduced when the model has too few heads to leave K). Masking is zero ablation (scale 0)."""
+def load_curves(folder: str | Path) -> list[dict]:
+    """The masking curves (``validation-*.json``) in a report folder, each checked: a malformed one
+    raises :class:`InputFileError` naming it."""
+    curves = []
+    for path in sorted(Path(folder).glob("validation-*.json")):
+        try:
+            data = json.loads(read_text_file(path, "masking curve"))
+        except json.JSONDecodeError as err:
+            raise InputFileError(f"masking curve {path} is not JSON ({err.msg}); move it away or redo it") from None
+        curve = check_object(data, str(path), _CURVE, _CURVE_OPTIONAL)
+        n_k = len(curve["k"])
+        if not (len(curve["top"]) == len(curve["random_mean"]) == len(curve["random"]) == n_k):
+            raise InputFileError(f"{path}: k, top, random and random_mean differ in length")
+        curves.append(curve)
+    return curves
 
-    ks: tuple[int, ...] = (5, 10, 20)
-    seeds: int = 3
-    exclude_top: int = 100
-    metric: str = "needle-recall"
 
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
-        if self.seeds < 1 or not self.ks or min(self.ks) < 1:
-            raise ValueError("need at least one seed and K values >= 1")
+class _Values(Kind):
+    """A list of finite numbers or nulls."""
+
+    def check(self, value):
+        if not isinstance(value, list):
+            raise ValueError(f"{value!r} is not a list")
+        return [None if v is None else Number().check(v) for v in value]
+
+
+class _Rows(Kind):
+    """A list of lists of finite numbers or nulls."""
+
+    def check(self, value):
+        if not isinstance(value, list):
+            raise ValueError(f"{value!r} is not a list")
+        return [_Values().check(row) for row in value]
+
+
+_CURVE = {"score": Text(), "k": Items(Integer(1)), "baseline": Number(), "top": _Values(),
+          "random": _Rows(), "random_mean": _Values()}
+_CURVE_OPTIONAL = {"format": Text(), "settings": Kind(), "metric": Text(), "model_id": Text(), "random_heads": Kind(),
+                   "top_heads": Kind()}
 
 
 def masking_plan(heads: list[tuple[int, int]]) -> Plan:
@@ -61,7 +90,8 @@ def masking_curve(score: HeadScores, metric: Callable[[Plan | None], float], set
     """The metric unmasked, under top-K and under random-K masking for every K."""
     ks = list(settings.ks)
     jobs = [("top", k, None) for k in ks] + [("random", k, s) for k in ks for s in range(settings.seeds)]
-    result = {"score": score.name, "settings": asdict(settings), "k": ks, "baseline": metric(None),
+    result = {"format": "headlab-masking-curve/1", "score": score.name, "settings": asdict(settings), "k": ks,
+              "baseline": metric(None),
               "top": [None] * len(ks), "random": [[None] * settings.seeds for _ in ks],
               "top_heads": {}, "random_heads": {}}
     for kind, k, seed in tqdm(jobs, desc=f"masking {score.name}", unit="run", disable=not progress):

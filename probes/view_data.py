@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_until
-from .record import AttentionRecord, record_attention
+from .record import AttentionRecord
 from .scores import PATTERN_SCORES, pattern_scores
 
 TOKEN_CELLS = 512  # up to this many tokens a view shows one cell per token

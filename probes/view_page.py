@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..surgeon.files import write_text
+from ..surgeon.files import GENERATOR_META, claim_file, write_text
 from . import views
 from .scores import HeadScores
 from .view_data import ViewData, encode_map
@@ -60,10 +60,12 @@ def safe_json(value) -> str:
 
 
 def write_view(data: ViewData, path: str | Path, scores: dict[str, HeadScores] | None = None,
-               head: tuple[int, int] | None = None, plotlyjs: str = "inline") -> Path:
+               head: tuple[int, int] | None = None, plotlyjs: str = "inline", overwrite: bool = False) -> Path:
     """Write the standalone page to ``path`` (atomically). ``head`` opens first (default: the top
     head of the previous-token score); ``plotlyjs`` is ``"inline"`` (opens offline, +4.7 MB) or
-    ``"cdn"``."""
+    ``"cdn"``. An existing file at ``path`` is replaced only when headlab wrote it, or with
+    ``overwrite``."""
+    claim_file(path, overwrite, "view page")
     if plotlyjs not in ("inline", "cdn"):
         raise ValueError(f"plotlyjs must be 'inline' or 'cdn', not {plotlyjs!r}")
     if head is not None and head not in data.before:
@@ -73,7 +75,7 @@ def write_view(data: ViewData, path: str | Path, scores: dict[str, HeadScores] |
     script = f"<script>{views.plotly_js()}</script>" if plotlyjs == "inline" else \
         f"<script src='https://cdn.plot.ly/plotly-{views.plotly_js_version()}.min.js'></script>"
     title = html.escape(f"headlab attention view: {data.model_id}")
-    page = PAGE.format(title=title, plotly=script, payload=safe_json(payload), style=STYLE, script=SCRIPT)
+    page = PAGE.format(generator=GENERATOR_META, title=title, plotly=script, payload=safe_json(payload), style=STYLE, script=SCRIPT)
     write_text(path, page)
     return Path(path)
 
@@ -89,7 +91,7 @@ body { font-family: system-ui, sans-serif; margin: 1em 2em; color: #222; }
 """
 
 PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{title}</title>
+<html><head><meta charset="utf-8">{generator}<title>{title}</title>
 <style>{style}</style>{plotly}</head>
 <body>
 <h1>{title}</h1>

@@ -1,17 +1,42 @@
 """headlab.sae: sparse autoencoders on per-head attention outputs (the input of ``o_proj``):
 activation stores, the autoencoder, training, evaluation, head attribution and dashboards."""
 
-from .activations import CachedActivations, ModelActivations, ShuffleBuffer, cache_activations, head_outputs
-from .attribution import decoder_head_shares, direct_feature_attribution, head_shares, top_latents_per_head
-from .dashboard import collect_examples, write_dashboard
-from .evaluate import evaluate_sae, splice_function
-from .model import ARCHITECTURES, SparseAutoencoder
-from .saving import hook_name, load_sae, save_sae
-from .training import TrainSettings, Trainer, geometric_median, initialise
+from importlib import import_module
 
-__all__ = [
-    "ARCHITECTURES", "CachedActivations", "ModelActivations", "ShuffleBuffer", "SparseAutoencoder", "TrainSettings",
-    "Trainer", "cache_activations", "collect_examples", "decoder_head_shares", "direct_feature_attribution",
-    "evaluate_sae", "geometric_median", "head_outputs", "head_shares", "hook_name", "initialise", "load_sae",
-    "save_sae", "splice_function", "top_latents_per_head", "write_dashboard",
-]
+_EXPORTS = {
+    "ARCHITECTURES": "model",
+    "cache_activations": "activations",
+    "CachedActivations": "activations",
+    "collect_examples": "dashboard",
+    "decoder_head_shares": "attribution",
+    "direct_feature_attribution": "attribution",
+    "evaluate_sae": "evaluate",
+    "geometric_median": "training",
+    "head_outputs": "activations",
+    "head_shares": "attribution",
+    "hook_name": "saving",
+    "initialise": "training",
+    "load_sae": "saving",
+    "ModelActivations": "activations",
+    "save_sae": "saving",
+    "ShuffleBuffer": "activations",
+    "SparseAutoencoder": "model",
+    "splice_function": "evaluate",
+    "top_latents_per_head": "attribution",
+    "Trainer": "training",
+    "TrainSettings": "training",
+    "write_dashboard": "dashboard",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = import_module(f".{module}", __name__)
+    return loaded if module == name else getattr(loaded, name)
+
+
+def __dir__():
+    return __all__

@@ -135,13 +135,16 @@ class ShuffleBuffer:
 
     def _refill(self) -> None:
         parts, rows = [self.buffer], self.buffer.shape[0]
-        while rows < self.capacity:
-            chunk = self.source.chunk(self.cursor)
-            parts.append(chunk)
-            rows += chunk.shape[0]
-            self.cursor += 1
-            if self.cursor == len(self.source):
-                self.cursor, self.epoch = 0, self.epoch + 1
+        with tqdm(total=self.capacity, initial=rows, desc="gathering activations", unit="row", leave=False,
+                  disable=rows > 0) as bar:  # the first fill is the long wait before training starts
+            while rows < self.capacity:
+                chunk = self.source.chunk(self.cursor)
+                parts.append(chunk)
+                rows += chunk.shape[0]
+                bar.update(chunk.shape[0])
+                self.cursor += 1
+                if self.cursor == len(self.source):
+                    self.cursor, self.epoch = 0, self.epoch + 1
         merged = torch.cat(parts)
         self.buffer = merged[torch.randperm(merged.shape[0], generator=self.generator)]
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon.files import write_text
+from ..surgeon.files import GENERATOR_META, claim_file, write_text
 from .activations import head_outputs
 from .attribution import decoder_head_shares
 from .model import SparseAutoencoder
@@ -83,10 +83,12 @@ def _histogram_svg(values: list[float], bins: int = 30) -> str:
 
 
 def write_dashboard(path: str | Path, sae: SparseAutoencoder, examples: dict[int, LatentExamples],
-                    window_tokens: list[list[str]], title: str, context_width: int = 24) -> Path:
-    """Write the dashboard page for ``examples`` (``window_tokens``: the token strings of each window)."""
+                    window_tokens: list[list[str]], title: str, context_width: int = 24, overwrite: bool = False) -> Path:
+    """Write the dashboard page for ``examples`` (``window_tokens``: the token strings of each window);
+    an existing file is replaced only when headlab wrote it, or with ``overwrite``."""
+    claim_file(path, overwrite, "dashboard page")
     shares = decoder_head_shares(sae)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}", f"<title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for latent, found in examples.items():
         head_rows = "".join(f"<tr><td>head {h}</td><td><span class='bar' style='width:{300 * s:.1f}px'></span> "

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dense_codes, sparse_decode, topk_encode
+from .settings import ARCHITECTURES
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 JUMP_BANDWIDTH = 0.001  # ε of the rectangle kernel of JumpReLU's straight-through gradient
 
 

@@ -10,7 +10,7 @@ the optimiser, the step, the dead-latent counters and the batch source's state).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -20,91 +20,13 @@ from tqdm.auto import tqdm
 from ..surgeon.distributed import rank_and_world
 from ..surgeon.files import atomic_path
 from .model import SparseAutoencoder
+from .settings import TrainSettings
 
 
 class Batches(Protocol):
     def next_batch(self) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class TrainSettings:
-    """Everything that determines a run besides its data.
-
-    ``batch_size`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
-    ``2e-4 / sqrt(d_sae / 2^14)``; warm-up is linear over ``warmup_steps`` (capped at 5% of the
-    run), then constant, then a linear decay to 0 over the last ``decay_fraction``. The ReLU + L1
-    preset (SPEC §6.2) instead uses Adam with betas (0, 0.9999), ``lr`` 1.2e-3 and a cosine decay
-    over the run whose linear warm-up restarts after each resample; every ``resample_every`` steps
-    (at most ``resample_times`` times) latents firing on less than ``dead_frequency`` of the tokens
-    since the previous resample are re-initialised from high-loss inputs.
-    ``l1_coefficient`` (ReLU, on inputs normalised to ``E‖x‖² = d_in``) and ``l0_coefficient``
-    (JumpReLU, inputs normalised to ``E‖x‖² = 1``) are (unverified) defaults. A latent is dead
-    after ``dead_tokens`` tokens without firing (None: min(10M, a tenth of the run), since short
-    CPU runs never reach 10M); AuxK decodes the top ``k_aux`` (None: ``d_in // 2``) dead
-    pre-activations with weight ``aux_coefficient``.
-    """
-
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 16
-    tokens: int = 1_000_000
-    batch_size: int = 4096
-    buffer_tokens: int = 65536
-    lr: float | None = None
-    warmup_steps: int = 1000
-    decay_fraction: float = 0.2
-    l1_coefficient: float = 1.0
-    l0_coefficient: float = 0.002
-    aux_coefficient: float = 1 / 32
-    k_aux: int | None = None
-    dead_tokens: int | None = None
-    init_rows: int = 32768
-    threshold_ema: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 100
-    resample_every: int = 25_000
-    resample_times: int = 4
-    dead_frequency: float = 1e-6
-
-    def __post_init__(self):
-        if self.resample_every < 1 or not 0 < self.dead_frequency < 1:
-            raise ValueError(f"resample_every must be >= 1 and dead_frequency in (0, 1), got "
-                             f"{self.resample_every} and {self.dead_frequency}")
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.tokens // self.batch_size)
-
-    @property
-    def resamples(self) -> bool:
-        """Whether dead latents are resampled (the ReLU + L1 preset)."""
-        return self.arch == "relu" and self.resample_times > 0
-
-    def learning_rate(self, d_sae: int) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1.2e-3 if self.arch == "relu" else 2e-4 / math.sqrt(d_sae / 2**14)
-
-    def adam_betas(self) -> tuple[float, float]:
-        return (0.0, 0.9999) if self.arch == "relu" else (0.9, 0.999)
-
-    def lr_factor(self, step: int, warm_from: int = 0) -> float:
-        """Multiplier of the learning rate at ``step`` (0-based); ``warm_from`` is the step of the
-        last resample, where the ReLU preset's warm-up restarts."""
-        warmup = min(self.warmup_steps, max(1, self.steps // 20))
-        if self.arch == "relu":
-            return min(1.0, (step - warm_from + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
-        decay_start = int(self.steps * (1 - self.decay_fraction))
-        if step < warmup:
-            return (step + 1) / warmup
-        if step >= decay_start:
-            return max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
-        return 1.0
-
-    def dead_after(self) -> int:
-        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
 
 
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
@@ -241,7 +163,8 @@ class Trainer:
         return True
 
     def _initialise(self) -> None:
-        rows = [self.batches.next_batch() for _ in range(max(1, self.settings.init_rows // self.settings.batch_size))]
+        init_rows = min(self.settings.init_rows, self.settings.tokens)  # a short run gathers no more than it trains on
+        rows = [self.batches.next_batch() for _ in range(max(1, init_rows // self.settings.batch_size))]
         sample = _all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
         self.variance = initialise(self.sae, sample)
 

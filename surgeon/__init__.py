@@ -1,28 +1,53 @@
 """headlab.surgeon: everything that touches a live model (loading, the attention hook, edit plans, taps)."""
 
-from .bridge import attach_bridge
-from . import search
-from .edit_kinds import Calibrate, HeadMean, Redistribute, Reinforce, Steer
-from .hook import HOOK_NAME, Session, apply, attach, attention_modules, decoder_layers
-from .models import (
-    BUNDLED,
-    ModelShape,
-    ModelSpecError,
-    UnsupportedModelError,
-    bundled_status,
-    load_model,
-    model_directory,
-    model_shape,
-)
-from .plan import EDIT_KINDS, Edit, HeadScale, Plan, PlanError
-from .references import detect_sink_dimensions, head_output_means, reference_outputs
-from .request import Request, RequestState
-from .taps import MapBudgetError, Recording, Taps
+from importlib import import_module
 
-__all__ = [
-    "BUNDLED", "EDIT_KINDS", "HOOK_NAME", "Calibrate", "Edit", "HeadMean", "HeadScale", "MapBudgetError",
-    "ModelShape", "ModelSpecError", "Plan", "PlanError", "Recording", "Redistribute", "Reinforce", "Request",
-    "RequestState", "Session", "Steer", "Taps", "UnsupportedModelError", "apply", "attach", "attach_bridge",
-    "attention_modules", "bundled_status", "decoder_layers", "detect_sink_dimensions", "head_output_means",
-    "load_model", "model_directory", "model_shape", "reference_outputs",
-]
+_EXPORTS = {
+    "apply": "hook",
+    "attach": "hook",
+    "attach_bridge": "bridge",
+    "attention_modules": "hook",
+    "BUNDLED": "models",
+    "bundled_status": "models",
+    "Calibrate": "edit_kinds",
+    "decoder_layers": "hook",
+    "detect_sink_dimensions": "references",
+    "Edit": "plan",
+    "EDIT_KINDS": "plan",
+    "head_output_means": "references",
+    "HeadMean": "edit_kinds",
+    "HeadScale": "plan",
+    "HOOK_NAME": "hook",
+    "load_model": "models",
+    "MapBudgetError": "taps",
+    "model_directory": "models",
+    "model_shape": "models",
+    "ModelShape": "models",
+    "ModelSpecError": "models",
+    "Plan": "plan",
+    "PlanError": "plan",
+    "Recording": "taps",
+    "Redistribute": "edit_kinds",
+    "reference_outputs": "references",
+    "Reinforce": "edit_kinds",
+    "Request": "request",
+    "RequestState": "request",
+    "search": "search",
+    "Session": "hook",
+    "Steer": "edit_kinds",
+    "Taps": "taps",
+    "UnsupportedModelError": "models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    loaded = import_module(f".{module}", __name__)
+    return loaded if module == name else getattr(loaded, name)
+
+
+def __dir__():
+    return __all__

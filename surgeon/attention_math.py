@@ -22,6 +22,7 @@ import torch
 
 from ..kernels.reference import visibility
 from ..kernels.scoring import softcapped
+from .errors import HeadlabError
 
 MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
 
@@ -34,7 +35,7 @@ NEUTRAL_KEYWORDS = frozenset({
 QUIRK_KEYWORDS = frozenset({"sliding_window", "softcap", "s_aux"})
 
 
-class UnsupportedAttentionError(ValueError):
+class UnsupportedAttentionError(HeadlabError):
     """An attention call carries something headlab cannot reproduce exactly (an unknown keyword
     that may change the scores), so edits and taps on it are refused."""
 
@@ -139,7 +140,7 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     return softmax_with_sinks(logits, sinks)
 
 
-class MaskStructureError(ValueError):
+class MaskStructureError(HeadlabError):
     """The mask is not (causal, optionally sliding-window, or bidirectional) visibility with key padding."""
 
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .files import write_json
-from .hedgehog import LinearSettings
+from .files import claim_folder, record_owned, write_json
+from .conversion_settings import LinearSettings
 from .hook import decoder_layers
 from .linear_layer import LinearAttention
 from .models import UnsupportedModelError, model_shape
@@ -74,8 +74,10 @@ def _require_plain_projections(attention) -> None:
             f"exactly {', '.join(PROJECTIONS)} with rotary positions (Llama, Mistral, Qwen2 families)")
 
 
-def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: dict | None = None) -> Path:
-    """Write a converted model as a reloadable checkpoint into ``directory`` (created if needed).
+def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a converted model as a reloadable checkpoint into ``directory``: a folder that is new,
+    empty or headlab's (``overwrite``: any).
 
     Files are written beside the target and renamed into place; ``headlab_conversion.json`` goes
     last, so a directory is recognised as a converted checkpoint only once it is complete.
@@ -83,16 +85,18 @@ def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: d
     settings = conversion_settings(model)
     if settings is None:
         raise ValueError("the model has no converted layers")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = claim_folder(directory, (CONVERSION_FILE,), overwrite, "checkpoint folder")
     with tempfile.TemporaryDirectory(prefix=".save.", dir=directory) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_safetensors_from(model, str(Path(tmp) / WEIGHTS_FILE))
-        for file in sorted(Path(tmp).iterdir()):
-            os.replace(file, directory / file.name)
-    write_json(directory / CONVERSION_FILE, {"settings": settings.to_dict(), "provenance": provenance or {}})
+        names = sorted(file.name for file in Path(tmp).iterdir())
+        record_owned(directory, names)
+        for name in names:
+            os.replace(Path(tmp) / name, directory / name)
+    write_json(directory / CONVERSION_FILE, {"format": "headlab-conversion/1", "settings": settings.to_dict(),
+                                             "provenance": provenance or {}})
     return directory
 
 

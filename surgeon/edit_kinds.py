@@ -12,6 +12,7 @@ from typing import ClassVar
 from .edits import DROP_FIRST
 from .models import ModelShape
 from .plan import Edit, PlanError, register_edit
+from .search_settings import ACT_BETA, ACT_THRESHOLD
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 
@@ -32,8 +33,8 @@ class Calibrate(Edit):
     kind: ClassVar[str] = "calibrate"
     stage: ClassVar[str] = "redistribute"
 
-    beta: float = 0.4
-    threshold: float = 0.1
+    beta: float = ACT_BETA
+    threshold: float = ACT_THRESHOLD
     relative_c: float | None = None
     drop_first: str = "lowest"
 

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .search_settings import ACT_THRESHOLD
+
 DROP_FIRST = ("lowest", "position0", "none")
 _TINY = 1e-6
 REST_MIN = 1e-12  # ACT leaves a row alone when its non-sink mass is at most this (nothing to give the mass to)
@@ -32,7 +34,7 @@ def mean_received(a: torch.Tensor, visible: torch.Tensor, query_valid: torch.Ten
 def act_sink_set(
     scores: torch.Tensor,
     key_valid: torch.Tensor,
-    threshold: float = 0.1,
+    threshold: float = ACT_THRESHOLD,
     relative_c: float | None = None,
     drop_first: str = "lowest",
 ) -> torch.Tensor:

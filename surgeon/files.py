@@ -8,7 +8,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from .errors import InputFileError, OutputError
 
 
 @contextmanager
@@ -41,16 +43,32 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; :class:`InputFileError` (one line) when it is missing, a folder,
+    unreadable or not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise InputFileError(f"{what} {path} cannot be read ({err.strerror})") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> Iterator[tuple[int, object]]:
     """``(line number, parsed value)`` for each non-blank line of a JSON-lines file; a line that is
-    not JSON raises ``ValueError`` naming the file and line."""
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    not JSON raises :class:`InputFileError` naming the file and line."""
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            raise InputFileError(f"{path}:{number}: not JSON ({err.msg})") from None
 
 
 def write_json(target: str | os.PathLike, data) -> Path:
@@ -79,3 +97,92 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- what headlab may overwrite ------------------------------------------------------------------
+
+OWNED_MANIFEST = ".headlab-owned.json"  # in each output folder: the entries headlab wrote there
+GENERATOR_META = '<meta name="generator" content="headlab">'  # in every page headlab writes
+
+
+def headlab_wrote(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is one headlab wrote, by its content: a JSON object whose
+    ``format`` starts with ``headlab``, or a page carrying headlab's generator tag."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    if GENERATOR_META.encode() in head:
+        return True
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and str(data.get("format", "")).startswith("headlab")
+    return False
+
+
+def claim_file(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Path:
+    """Check, before any work, that ``path`` may be written: a new file in a folder that can be
+    created and written, or a file headlab wrote (:func:`headlab_wrote`); with ``overwrite``
+    any file. Raises :class:`OutputError` with the reason."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file path")
+    if path.exists() and not overwrite and not headlab_wrote(path):
+        raise OutputError(f"{what} {path} exists and headlab did not write it; choose another path or pass --overwrite")
+    _writable_folder(path.parent, what)
+    return path
+
+
+def claim_folder(path: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
+                 what: str = "output folder") -> Path:
+    """Check, before any work, that headlab may write the entries ``names`` into the folder
+    ``path``, and record them as headlab's (:data:`OWNED_MANIFEST`). The folder must be new,
+    empty, or hold only entries headlab wrote; with ``overwrite`` it may hold anything (entries
+    outside ``names`` are never touched). Raises :class:`OutputError` with the reason."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file; give a folder")
+    owned = _owned(path)
+    if path.is_dir() and not overwrite:
+        foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in owned | {OWNED_MANIFEST})
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OutputError(f"{what} {path} holds files headlab did not write ({shown}); choose a new or empty "
+                              "folder, or pass --overwrite")
+    _writable_folder(path, what)
+    record_owned(path, names)
+    return path
+
+
+def record_owned(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Add ``names`` to the entries headlab owns in ``folder`` (:data:`OWNED_MANIFEST`)."""
+    folder = Path(folder)
+    write_json(folder / OWNED_MANIFEST, {"format": "headlab-owned/1", "entries": sorted(_owned(folder) | set(names))})
+
+
+def _owned(folder: Path) -> set[str]:
+    manifest = folder / OWNED_MANIFEST
+    if not manifest.is_file():
+        return set()
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        return set(data["entries"]) if data.get("format") == "headlab-owned/1" else set()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return set()
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and check that files can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot create the {what} folder {folder}: a file of that name is in the way") from None
+    except OSError as err:
+        raise OutputError(f"cannot create the {what} folder {folder} ({err.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {folder} (permission denied)")

@@ -27,7 +27,8 @@ from transformers.cache_utils import CacheLayerMixin
 from ..kernels.linear_attention import hybrid_attention, linear_attention
 from ..kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
 
-from .hedgehog import FeatureMap, LinearSettings, logit
+from .conversion_settings import LinearSettings
+from .hedgehog import FeatureMap, logit
 
 TRANSFER_LOSSES = ("mse", "ce")
 

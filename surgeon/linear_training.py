@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,37 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .conversion import converted_layers
+from .conversion_settings import StageSettings
 from .files import atomic_path
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-@dataclass
-class StageSettings:
-    """One training stage. Defaults are stage 1's (SPEC §3.3); :func:`lora_defaults` gives stage 2's.
-    ``loss`` is ``"mse"`` or ``"ce"`` (stage 1 only)."""
-
-    steps: int = 100
-    lr: float = 1e-2
-    accumulation: int = 8
-    clip: float = 1.0
-    eval_every: int = 25
-    patience: int = 10
-    factor: float = 0.1
-    min_lr: float = 1e-5
-    loss: str = "mse"
-    loss_scale: float = 1000.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def lora_defaults(**overrides) -> StageSettings:
-    """Stage 2 settings: lr 1e-4, LoRA r 8, α 16 (SPEC §3.4)."""
-    return StageSettings(**{"lr": 1e-4, **overrides})
 
 
 @contextmanager

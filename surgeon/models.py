@@ -8,26 +8,24 @@ A model spec is one of
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
+import pickle
+import socket
 import tempfile
-from dataclasses import asdict, dataclass
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from .errors import ModelSpecError, UnsupportedModelError
 from .files import atomic_directory
-
-
-class ModelSpecError(ValueError):
-    """The model spec names nothing headlab can load."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model loads, but its attention does not go through transformers' attention interface."""
+from .shape import ModelShape, model_shape, text_config
 
 
 @dataclass(frozen=True)
@@ -132,40 +130,6 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The attention geometry of a model: what plans and head scores are indexed by."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA group size ``g``)."""
-        return self.n_heads // self.n_kv_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def text_config(config):
-    """The config that holds the attention geometry (the language model's, for multimodal models)."""
-    getter = getattr(config, "get_text_config", None)
-    return getter() if getter is not None else config
-
-
-def model_shape(model_or_config) -> ModelShape:
-    """Layers, query heads, KV heads and head dimension of a model or config."""
-    config = getattr(model_or_config, "config", model_or_config)
-    cfg = text_config(config)
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    return ModelShape(cfg.num_hidden_layers, n_heads, n_kv, head_dim)
-
-
 def cache_root() -> Path:
     """Where headlab caches converted models: ``$HEADLAB_CACHE`` or ``~/.cache/headlab``."""
     env = os.environ.get("HEADLAB_CACHE")
@@ -223,8 +187,8 @@ def load_model(
     :class:`ModelSpecError` for specs that name nothing loadable and :class:`UnsupportedModelError`
     for architectures whose attention bypasses transformers' attention interface.
     """
+    path, config = load_config(spec, trust_remote_code)
     spec = str(spec)
-    path = model_directory(spec) if spec in BUNDLED or Path(spec).expanduser().exists() else spec
     from .conversion import is_converted_directory, load_converted
 
     if isinstance(path, Path) and is_converted_directory(path):
@@ -234,7 +198,7 @@ def load_model(
         model.name_or_path = spec
         return model, tokenizer
     placement = _placement(device_map, max_memory, spec)
-    model = _from_pretrained(path, spec, dtype, attn_implementation, trust_remote_code, placement)
+    model = _from_pretrained(path, config, spec, dtype, attn_implementation, trust_remote_code, placement)
     tokenizer = None
     if not isinstance(path, Path) or any((path / name).exists() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -290,35 +254,66 @@ def _safe_name(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)[-100:]
 
 
-def _from_pretrained(path, spec: str, dtype, attn_implementation: str | None, trust_remote_code: bool,
-                     placement: dict):
+def load_config(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """``(path or hub id, transformers config)`` of a model spec, without its weights: the quick
+    check of what a spec names (``ModelSpecError`` when nothing, at once when the hub is needed
+    but unreachable)."""
+    spec = str(spec)
+    if spec in BUNDLED or Path(spec).expanduser().exists():
+        path = model_directory(spec)
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise ModelSpecError(f"model folder {spec} does not exist")
+    else:
+        _require_hub(spec)
+        path = spec
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelSpecError(
             f"cannot load model {spec!r}: it is neither a bundled model ({', '.join(BUNDLED)}) nor a "
-            f"local Hugging Face directory, and the hub could not provide it ({_first_line(err)}). "
-            "Offline, use a bundled model or a local directory."
-        ) from err
+            f"local Hugging Face directory, and the hub could not provide it ({_first_line(err)})"
+        ) from None
     except ValueError as err:
-        raise ModelSpecError(f"cannot load model {spec!r}: {_first_line(err)}") from err
-    auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+        raise ModelSpecError(f"cannot load model {spec!r}: {_first_line(err)}") from None
+
+
+def is_causal_lm(config) -> bool:
+    """Whether a config describes a causal language model (a decoder with a language-model head)."""
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def _require_hub(spec: str) -> None:
+    """Fail at once, naming the bundled models, when a spec can only come from an unreachable hub."""
+    close = difflib.get_close_matches(spec, list(BUNDLED), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; bundled models: {', '.join(BUNDLED)}"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
+        raise ModelSpecError(f"{spec!r} is neither a bundled model nor a local directory, and HF_HUB_OFFLINE is set"
+                             + hint)
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise ModelSpecError(f"{spec!r} is neither a bundled model nor a local directory, and the Hugging Face hub "
+                             f"({host}) cannot be reached" + hint) from None
+
+
+def _from_pretrained(path, config, spec: str, dtype, attn_implementation: str | None, trust_remote_code: bool,
+                     placement: dict):
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     model_class = auto._model_mapping.get(type(config), None)
     if model_class is not None:
         require_attention_interface(model_class)
-    model = auto.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **placement,
-    )
+    try:
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                     trust_remote_code=trust_remote_code, **placement)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        reason = _first_line(err)
+        if "weights only" in reason.lower() or isinstance(err, pickle.UnpicklingError):
+            reason = ("its weights are a pickle holding more than tensors, which headlab refuses to unpickle "
+                      "(it loads safetensors, or pickles of plain tensors only)")
+        raise ModelSpecError(f"cannot load the weights of {spec!r}: {reason}") from None
     require_attention_interface(model)
     return model.eval()
-
-
-def _is_causal_lm(config) -> bool:
-    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
 
 def _first_line(err: Exception) -> str:
@@ -392,6 +387,8 @@ __all__ = [
     "UnsupportedModelError",
     "bundled_status",
     "cache_root",
+    "is_causal_lm",
+    "load_config",
     "load_model",
     "model_directory",
     "model_shape",

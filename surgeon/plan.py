@@ -14,14 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .files import write_json
-from .models import ModelShape
+from .errors import PlanError
+from .files import claim_file, write_json
+from .shape import ModelShape
 
 STAGES = ("bias", "redistribute", "output")
-
-
-class PlanError(ValueError):
-    """A plan that cannot be applied: bad indices, unknown edit kind, wrong model shape, bad file."""
 
 
 EDIT_KINDS: dict[str, type["Edit"]] = {}
@@ -123,8 +120,10 @@ class Plan:
         shape = ModelShape(**data["shape"]) if data.get("shape") else None
         return cls([_edit_from_dict(e) for e in data.get("edits", [])], data.get("model"), shape)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON (atomically)."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the plan as JSON (atomically); an existing file is replaced only when headlab wrote
+        it, or with ``overwrite``."""
+        claim_file(path, overwrite, "plan")
         return write_json(path, self.to_dict())
 
     @classmethod

@@ -18,6 +18,7 @@ from .evaluate import evaluate
 from .files import write_json
 from .models import model_shape
 from .plan import Plan, PlanError
+from .search_settings import ACT_BETA, ACT_THRESHOLD
 from .tasks import Example
 
 
@@ -28,8 +29,8 @@ class SearchSettings:
     tasks: tuple[str, ...]
     n_examples: int
     candidates: tuple[tuple[int, int], ...]
-    beta: float = 0.4
-    threshold: float = 0.1
+    beta: float = ACT_BETA
+    threshold: float = ACT_THRESHOLD
     margin: float = 0.0
 
     def to_dict(self) -> dict:

@@ -8,13 +8,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .models import ModelShape
-from .plan import PlanError
+from .errors import HeadlabError, PlanError
+from .shape import ModelShape
 
 DEFAULT_MAP_BUDGET_BYTES = 2 * 1024**3
 
 
-class MapBudgetError(MemoryError):
+class MapBudgetError(HeadlabError, MemoryError):
     """Recording the requested attention maps would exceed the byte budget."""
 
 

@@ -11,7 +11,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputFileError
 from .files import read_jsonl
+from .settings import Integer, Items, Kind, Maybe, Text, check_object, check_settings, setting
 
 SPLITS = ("calibration", "test")
 
@@ -87,6 +89,41 @@ def _arithmetic(rng: random.Random) -> Example:
 BUILTIN_TASKS = {"kv-recall": _kv_recall, "label-words": _label_words, "arithmetic": _arithmetic}
 
 
+class TaskName(Kind):
+    """A built-in task's name or the path of an existing JSONL task file."""
+
+    metavar = "TASK"
+
+    def check(self, value):
+        if isinstance(value, str) and value in BUILTIN_TASKS:
+            return value
+        if isinstance(value, str) and Path(value).is_file():
+            return value
+        raise ValueError(f"{value!r} is neither a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) nor a JSONL file")
+
+
+@dataclass
+class TaskSettings:
+    """Which multiple-choice tasks to run and how many examples of each."""
+
+    tasks: tuple[str, ...] = setting((), "a built-in task (arithmetic, kv-recall, label-words) or a JSONL file of "
+                                         "{prompt, choices, label[, demonstrations]} lines; repeat for several",
+                                     kind=Items(TaskName()), flag="--task")
+    size: int | None = setting(None, "examples per task (built-in default 100; JSONL: the whole split)",
+                               kind=Maybe(Integer(1)), flag="--size")
+    seed: int = setting(0, "seed of the generators and of the JSONL shuffle", kind=Integer(0), flag="--seed")
+    batch_size: int = setting(16, "sequences per forward", kind=Integer(1), flag="--batch-size")
+
+    def __post_init__(self):
+        check_settings(self)
+        if not self.tasks:
+            raise InputFileError("no task given: name a built-in task or a JSONL file (--task)")
+
+    def examples(self, split: str) -> list[Example]:
+        """Every task's examples of ``split``, in order."""
+        return [example for task in self.tasks for example in load_task(task, split, self.size, self.seed)]
+
+
 def load_task(spec: str, split: str, size: int | None = None, seed: int = 0) -> list[Example]:
     """Examples of a built-in task name or a JSONL file.
 
@@ -101,7 +138,7 @@ def load_task(spec: str, split: str, size: int | None = None, seed: int = 0) -> 
         return [BUILTIN_TASKS[spec](rng) for _ in range(size or 100)]
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"unknown task {spec!r}: not a built-in task {sorted(BUILTIN_TASKS)} nor a JSONL file")
+        raise InputFileError(f"unknown task {spec!r}: not a built-in task {sorted(BUILTIN_TASKS)} nor a JSONL file")
     examples = _read_jsonl(path)
     random.Random(seed).shuffle(examples)
     half = len(examples) // 2
@@ -109,14 +146,21 @@ def load_task(spec: str, split: str, size: int | None = None, seed: int = 0) -> 
     return chosen[:size] if size else chosen
 
 
+_DEMONSTRATION = {"prompt": Text(), "answer": Text()}
+
+
 def _read_jsonl(path: Path) -> list[Example]:
     examples = []
-    for number, item in read_jsonl(path):
-        try:
-            demos = tuple((d["prompt"], d["answer"]) for d in item.get("demonstrations", ()))
-            examples.append(Example(item["prompt"], tuple(item["choices"]), int(item["label"]), demos))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{number}: not a task line ({err}); expected prompt, choices, label") from err
+    for number, item in read_jsonl(path, "task file"):
+        where = f"{path}:{number}"
+        line = check_object(item, where, {"prompt": Text(), "choices": Items(Text(), min_items=2), "label": Integer(0)},
+                            {"demonstrations": Items(Kind(), unique=False, min_items=0)})
+        if line["label"] >= len(line["choices"]):
+            raise InputFileError(f"{where}: label {line['label']} is not an index of {len(line['choices'])} choices")
+        demos = tuple(check_object(demo, f"{where}: demonstration {i}", _DEMONSTRATION)
+                      for i, demo in enumerate(line.get("demonstrations", ())))
+        examples.append(Example(line["prompt"], line["choices"], line["label"],
+                                tuple((demo["prompt"], demo["answer"]) for demo in demos)))
     if len(examples) < 2:
-        raise ValueError(f"{path} holds {len(examples)} example(s); need at least 2 to split")
+        raise InputFileError(f"{path} holds {len(examples)} example(s); need at least 2 to split")
     return examples

@@ -14,9 +14,10 @@ from headlab.kernels.reference import hybrid_attention_reference, linear_attenti
 from headlab.surgeon import UnsupportedModelError, load_model
 from headlab.surgeon.conversion import convert, converted_layers, load_converted, save_converted
 from headlab.surgeon.hook import block_input
-from headlab.surgeon.hedgehog import FeatureMap, LinearSettings
+from headlab.surgeon.conversion_settings import LinearSettings, StageSettings
+from headlab.surgeon.hedgehog import FeatureMap
 from headlab.surgeon.linear_layer import RecurrentState
-from headlab.surgeon.linear_training import (StageSettings, run_stage, stage1_parameters, transfer_loss,
+from headlab.surgeon.linear_training import (run_stage, stage1_parameters, transfer_loss,
                                              transfer_mode)
 
 

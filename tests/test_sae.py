@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file
 
+from headlab.surgeon.errors import InputFileError
 from headlab.cli import main
 from headlab.kernels.sae_ops import dense_reference_decode, dense_reference_encode, sparse_decode, topk_encode
 from headlab.sae import (
@@ -145,7 +146,7 @@ def test_save_and_load_give_identical_outputs(tmp_path, arch):
     x = torch.randn(20, 12) * 5
     assert torch.allclose(loaded.reconstruct(x), sae.reconstruct(x), atol=1e-4)
     assert torch.equal(loaded.encode(x) > 0, sae.encode(x) > 0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputFileError, match="cfg.json is missing"):
         load_sae(tmp_path)
 
 
@@ -266,7 +267,7 @@ def test_resampling_reinitialises_dead_latents_from_high_loss_inputs():
             assert not moment[:5].any() and torch.equal(moment[5:], moments[name][5:]), name
     assert trainer.window_tokens == 0 and not trainer.window_fires.any() and trainer.last_resample == trainer.step
     # the warm-up restarts at the resample; the cosine runs over the whole run
-    settings = TrainSettings(arch="relu", tokens=100 * 4096, warmup_steps=5)
+    settings = TrainSettings(arch="relu", tokens=100 * 4096, batch_size=4096, warmup_steps=5)
     assert settings.lr_factor(40, warm_from=40) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.4)))
     assert settings.lr_factor(44, warm_from=40) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.44)))
 

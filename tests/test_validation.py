@@ -80,11 +80,12 @@ def test_validate_command_with_loss_on_smollm2(smollm2, tmp_path):
     scores = {"scores": {"gradient_importance": HeadScores("gradient_importance", values, torch.ones(*shape),
                                                           "smollm2-135m").to_dict()}}
     (tmp_path / "scores.json").write_text(json.dumps(scores))
+    out = tmp_path / "out"
     argv = ["validate", "smollm2-135m", "--scores", str(tmp_path / "scores.json"), "--score", "gradient_importance",
-            "--out", str(tmp_path), "--ks", "3", "--seeds", "2", "--samples", "1", "--tokens", "24"]
+            "--out", str(out), "--ks", "3", "--seeds", "2", "--samples", "1", "--tokens", "24"]
     assert main(argv) == 0
-    curve = json.loads((tmp_path / "validation-gradient_importance.json").read_text())
+    curve = json.loads((out / "validation-gradient_importance.json").read_text())
     assert curve["settings"]["metric"] == "loss" and len(curve["random"][0]) == 2
     assert curve["top"][0] != curve["baseline"]
-    assert (tmp_path / "validation-gradient_importance.html").stat().st_size > 1000
-    assert main(argv[:4] + ["--score", "retrieval", "--out", str(tmp_path)]) == 2
+    assert (out / "validation-gradient_importance.html").stat().st_size > 1000
+    assert main(argv[:4] + ["--score", "retrieval", "--out", str(out)]) == 2

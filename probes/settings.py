@@ -1,0 +1,191 @@
+"""Settings of the probes' commands (the report, needle-in-a-haystack runs, sink detection, the
+masking validation, the attention view), one definition for the library and the command line
+(:mod:`headlab.surgeon.settings`). Importing this module costs no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..surgeon.settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, check_settings,
+                                setting)
+
+N_NEEDLES = 3  # needles defined in .retrieval
+EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval", "sinks", "context")
+DECODER_ONLY = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
+POOLS = ("last", "mean")
+METRICS = ("needle-recall", "loss")
+
+
+@dataclass
+class NeedleSettings:
+    """The NIAH grid: every needle at every ``(length, depth)``; ``length`` counts prompt tokens
+    (haystack + needle + question, chat template included). Defaults are a CPU-sized subset of
+    the published grid (20 lengths × 10 depths up to 50k tokens)."""
+
+    lengths: tuple[int, ...] = setting((1024, 4096), "prompt lengths of the needle-in-a-haystack runs, in tokens",
+                                       kind=Items(Integer(128)), flag="--needle-lengths")
+    depths: tuple[float, ...] = setting((0.25, 0.75), "needle depths (0 = start of the haystack, 1 = end)",
+                                        kind=Items(Number(0.0, 1.0)), flag="--needle-depths")
+    n_needles: int = setting(N_NEEDLES, "needles hidden at each length and depth", kind=Integer(1, N_NEEDLES),
+                             flag="--needles")
+    max_new_tokens: int = setting(24, "greedy tokens generated per run", kind=Integer(1))
+    mode: str = setting("count", "copy-score rule: 'count' (reference files) or 'set' (the paper's |g ∩ k| / |k|)",
+                        kind=Choice("count", "set"))
+    rouge_min: float = setting(0.5, "a run counts when the answer's ROUGE-1 recall exceeds this",
+                               kind=Number(0.0, 1.0))
+    text_path: str | None = setting(None, "haystack text (default: standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()))
+    retrieval_threshold: float = setting(0.1, "score above which a head counts as a retrieval head",
+                                         kind=Number(0.0))
+
+    def __post_init__(self):
+        check_settings(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SinkSettings:
+    """Thresholds of sink-dimension detection (``abs_min``, ``ratio_min``, ``min_fraction``,
+    ``max_dims``) and of sink tokens (``tau``: ``φ > 20``).
+
+    ``ratio_min`` defaults to 100, not the published 1000 (from LLaVA-scale models): SmolLM2-135M's
+    largest first-token ratio ``|x_d| / median|x|`` is about 500 (dimension 507, layers 12-28), so
+    the published value finds no sink dimension there."""
+
+    abs_min: float = setting(100.0, "a sink dimension's first-token |x_d| is above this", kind=Number(0.0))
+    ratio_min: float = setting(100.0, "sink dimension: |x_d| at the first token >= this x its median |x| and > 100 "
+                                      "(the published 1000 finds none in SmolLM2-135M)",
+                               kind=Number(1.0), flag="--sink-ratio")
+    min_fraction: float = setting(0.5, "fraction of layers where a dimension must qualify", kind=Number(0.0, 1.0))
+    max_dims: int = setting(4, "most sink dimensions kept", kind=Integer(1))
+    tau: float = setting(20.0, "a token is a sink token when max_d |x_d| / RMS(x) exceeds this", kind=Number(0.0))
+
+    def __post_init__(self):
+        check_settings(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ReportSettings:
+    """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
+    (standard-library docstrings when None; also the needle runs' haystack unless ``needles`` names
+    another), chosen with ``seed``; ``n_views`` attention views. The pattern scores (sink, entropy,
+    previous-token, confidence) are always computed; decoders add the families named in ``scores``
+    (:data:`EXTRA_SCORES`): induction and duplicate-token (repeated random tokens), Michel gradient
+    importance, zero/mean ablation importance (one forward per head and window: minutes on
+    SmolLM2) and retrieval (needle in a haystack with ``needles``). Any model adds ``sinks``
+    (massive activations and the mass on hidden-state sink tokens, thresholds ``sinks``) and
+    ``context`` (VHD with the leading ``context_fraction`` of each window removed). With
+    ``probe_data`` (JSON lines of ``{"text", "label"}``) each head's output is probed for the
+    labels (pooled by ``probe_pool``)."""
+
+    n_samples: int = setting(8, "number of text windows", kind=Integer(1), flag="--samples")
+    n_tokens: int = setting(256, "tokens per window", kind=Integer(4), flag="--tokens")
+    seed: int = setting(0, "seed choosing the windows", kind=Integer(0), flag="--seed")
+    text_path: str | None = setting(None, "UTF-8 text to score on (default: Python standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()), flag="--text-file")
+    n_views: int = setting(6, "attention views of top heads", kind=Integer(0), flag="--views")
+    top_k: int = setting(10, "heads listed per score", kind=Integer(1))
+    scores: tuple[str, ...] = setting(
+        ("induction", "gradient", "retrieval", "sinks", "context"),
+        "comma list of the score families beyond the pattern scores, or 'none': induction (+ duplicate-token), "
+        "gradient, ablation-zero, ablation-mean (slow: one pass per head and window), retrieval (needle in a "
+        "haystack) for decoders only; sinks (massive activations, mass on hidden-state sink tokens) and context "
+        "(VHD: output change when the leading half of a window is removed) for any model",
+        kind=Items(Choice(*EXTRA_SCORES), none_word="none", min_items=0), flag="--scores")
+    needles: NeedleSettings = setting(default_factory=NeedleSettings)
+    sinks: SinkSettings = setting(default_factory=SinkSettings)
+    context_fraction: float = setting(0.5, "leading fraction of a window removed for the context score",
+                                      kind=Number(0.0, 1.0, low_open=True, high_open=True))
+    probe_data: str | None = setting(None, 'labelled texts, one {"text": ..., "label": ...} per line: adds '
+                                           "probe_accuracy, the 5-fold cross-validated logistic-regression accuracy "
+                                           "on each head's output", kind=Maybe(ExistingFile()), flag="--probe-data")
+    probe_pool: str = setting("last", "head output probed: at the last token or averaged over tokens",
+                              kind=Choice(*POOLS), flag="--probe-pool")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.text_path is not None and self.needles.text_path is None:
+            self.needles = dataclasses.replace(self.needles, text_path=self.text_path)
+        if self.probe_data:
+            from .probing import load_labelled
+
+            load_labelled(self.probe_data)  # fail on a bad file before hours of scoring
+
+
+@dataclass
+class MaskingSettings:
+    """K values, random seeds and where random heads come from (outside the top ``exclude_top``,
+    reduced when the model has too few heads to leave K). Masking is zero ablation (scale 0)."""
+
+    ks: tuple[int, ...] = setting((5, 10, 20), "numbers of heads masked", kind=Items(Integer(1)), flag="--ks")
+    seeds: int = setting(3, "random head sets per K", kind=Integer(1), flag="--seeds")
+    exclude_top: int = setting(100, "random heads come from outside this many top heads", kind=Integer(0),
+                               flag="--exclude-top")
+    metric: str | None = setting(None, "what masking is measured by (default needle-recall for the retrieval score, "
+                                       "loss for the others)", kind=Maybe(Choice(*METRICS)), flag="--metric")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class ValidationSettings:
+    """The masking validation of a score (:class:`MaskingSettings`) and the data its metrics run
+    on: needle prompts of ``needle_lengths`` tokens (needle recall), or ``samples`` windows of
+    ``tokens`` tokens chosen with ``seed`` (next-token loss)."""
+
+    masking: MaskingSettings = setting(default_factory=MaskingSettings)
+    needle_lengths: tuple[int, ...] = setting((1024, 2048), "prompt lengths of the needle-recall metric",
+                                              kind=Items(Integer(128)), flag="--needle-lengths")
+    samples: int = setting(4, "text windows for the loss metric", kind=Integer(1), flag="--samples")
+    tokens: int = setting(256, "tokens per window for the loss metric", kind=Integer(4), flag="--tokens")
+    seed: int = setting(0, "seed of the text windows", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+class HeadRef(Kind):
+    """``LAYER.HEAD`` such as ``17.3`` (a negative layer counts from the end)."""
+
+    metavar = "L.H"
+
+    def parse(self, text: str):
+        layer, dot, head = text.strip().partition(".")
+        try:
+            return self.check((int(layer), int(head)) if dot else None)
+        except ValueError:
+            raise ValueError(f"{text!r} is not LAYER.HEAD such as 17.3") from None
+
+    def check(self, value):
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"{value!r} is not a (layer, head) pair")
+        return Integer().check(value[0]), Integer(0).check(value[1])
+
+
+@dataclass
+class ViewSettings:
+    """What the attention view records and how large its page may grow."""
+
+    layers: tuple | None = setting(None, "layers to record, e.g. 10-14, 3,7 or -2--1 (default all)",
+                                   kind=Maybe(Indices()), flag="--layers")
+    head: tuple[int, int] | None = setting(None, "head to open first, e.g. 17.3 (default: the top previous-token "
+                                                 "head)", kind=Maybe(HeadRef()), flag="--head")
+    max_tokens: int = setting(8192, "refuse longer texts", kind=Integer(2), flag="--max-tokens")
+    max_payload_mb: float = setting(20.0, "cap on the page's encoded maps in MB; pooling coarsens to fit",
+                                    kind=Number(0.01), flag="--max-payload-mb")
+    plotlyjs: str = setting("inline", "inline plotly.js so the page opens offline (+4.7 MB) or link the CDN",
+                            kind=Choice("inline", "cdn"), flag="--plotlyjs")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+__all__ = ["DECODER_ONLY", "EXTRA_SCORES", "METRICS", "MaskingSettings", "NeedleSettings", "POOLS",
+           "ReportSettings", "SinkSettings", "ValidationSettings", "ViewSettings"]

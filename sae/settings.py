@@ -1,0 +1,111 @@
+"""Settings of sparse-autoencoder training and of the ``sae`` commands, one definition for the
+library and the command line (:mod:`headlab.surgeon.settings`). Importing this module costs no torch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..surgeon.settings import Choice, ExistingFile, Integer, Maybe, Number, check_settings, setting
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a run besides its data.
+
+    ``batch_size`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
+    ``2e-4 / sqrt(d_sae / 2^14)``; warm-up is linear over ``warmup_steps`` (capped at 5% of the
+    run), then constant, then a linear decay to 0 over the last ``decay_fraction``. The ReLU + L1
+    preset instead uses Adam with betas (0, 0.9999), ``lr`` 1.2e-3 and a cosine decay over the run
+    whose linear warm-up restarts after each resample; every ``resample_every`` steps (at most
+    ``resample_times`` times) latents firing on less than ``dead_frequency`` of the tokens since
+    the previous resample are re-initialised from high-loss inputs.
+    ``l1_coefficient`` (ReLU, on inputs normalised to ``E‖x‖² = d_in``) and ``l0_coefficient``
+    (JumpReLU, inputs normalised to ``E‖x‖² = 1``) are unverified defaults. A latent is dead
+    after ``dead_tokens`` tokens without firing (None: min(10M, a tenth of the run), since short
+    CPU runs never reach 10M); AuxK decodes the top ``k_aux`` (None: ``d_in // 2``) dead
+    pre-activations with weight ``aux_coefficient``. The defaults are sized for a CPU run
+    (200k tokens); published runs train on hundreds of millions.
+    """
+
+    arch: str = setting("topk", "architecture", kind=Choice(*ARCHITECTURES), flag="--arch")
+    k: int = setting(32, "active latents (topk, batchtopk)", kind=Integer(1), flag="--k")
+    expansion: int = setting(16, "d_sae = expansion x n_heads x d_head", kind=Integer(1), flag="--expansion")
+    tokens: int = setting(200_000, "training tokens", kind=Integer(1), flag="--tokens")
+    batch_size: int = setting(1024, "global batch in tokens", kind=Integer(1), flag="--batch-size")
+    buffer_tokens: int = setting(32768, "shuffle buffer size in tokens (at most --tokens are gathered)",
+                                 kind=Integer(1), flag="--buffer-tokens")
+    lr: float | None = setting(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14); relu: 1.2e-3)",
+                               kind=Maybe(Number(0.0, low_open=True)), flag="--lr")
+    warmup_steps: int = setting(1000, "linear warm-up steps (at most 5% of the run)", kind=Integer(0))
+    decay_fraction: float = setting(0.2, "final fraction of the run with a linear decay", kind=Number(0.0, 1.0))
+    l1_coefficient: float = setting(1.0, "relu: L1 coefficient on inputs normalised to E|x|^2 = d_in (unverified "
+                                         "default)", kind=Number(0.0), flag="--l1")
+    l0_coefficient: float = setting(0.002, "jumprelu: L0 coefficient", kind=Number(0.0))
+    aux_coefficient: float = setting(1 / 32, "AuxK loss weight", kind=Number(0.0))
+    k_aux: int | None = setting(None, "dead latents AuxK decodes (default d_in // 2)", kind=Maybe(Integer(1)))
+    dead_tokens: int | None = setting(None, "tokens without firing after which a latent is dead",
+                                      kind=Maybe(Integer(1)))
+    init_rows: int = setting(32768, "rows for the decoder-bias initialisation (at most --tokens)", kind=Integer(1))
+    threshold_ema: float = setting(0.999, "BatchTopK: EMA factor of the inference threshold",
+                                   kind=Number(0.0, 1.0, high_open=True))
+    seed: int = setting(0, "seed", kind=Integer(0), flag="--seed")
+    checkpoint_every: int = setting(50, "steps between checkpoints", kind=Integer(1), flag="--checkpoint-every")
+    resample_every: int = setting(25_000, "relu: steps between dead-latent resamples (at most 4)", kind=Integer(1),
+                                  flag="--resample-every")
+    resample_times: int = setting(4, "relu: most resamples", kind=Integer(0))
+    dead_frequency: float = setting(1e-6, "relu: firing frequency below which a latent is resampled",
+                                    kind=Number(0.0, 1.0, True, True))
+
+    def __post_init__(self):
+        check_settings(self)
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    @property
+    def resamples(self) -> bool:
+        """Whether dead latents are resampled (the ReLU + L1 preset)."""
+        return self.arch == "relu" and self.resample_times > 0
+
+    def learning_rate(self, d_sae: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.2e-3 if self.arch == "relu" else 2e-4 / math.sqrt(d_sae / 2**14)
+
+    def adam_betas(self) -> tuple[float, float]:
+        return (0.0, 0.9999) if self.arch == "relu" else (0.9, 0.999)
+
+    def lr_factor(self, step: int, warm_from: int = 0) -> float:
+        """Multiplier of the learning rate at ``step`` (0-based); ``warm_from`` is the step of the
+        last resample, where the ReLU preset's warm-up restarts."""
+        warmup = min(self.warmup_steps, max(1, self.steps // 20))
+        if self.arch == "relu":
+            return min(1.0, (step - warm_from + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        decay_start = int(self.steps * (1 - self.decay_fraction))
+        if step < warmup:
+            return (step + 1) / warmup
+        if step >= decay_start:
+            return max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
+        return 1.0
+
+    def dead_after(self) -> int:
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
+
+
+@dataclass
+class TextWindows:
+    """Windows of real text the ``sae`` commands read activations from."""
+
+    context: int = setting(128, "tokens per text window", kind=Integer(2), flag="--context")
+    text_path: str | None = setting(None, "UTF-8 text (default: Python standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()), flag="--text-file")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+__all__ = ["ARCHITECTURES", "TextWindows", "TrainSettings"]

@@ -1,0 +1,162 @@
+"""Settings of a linear-attention conversion: how layers are converted (:class:`LinearSettings`,
+saved beside the weights), how each training stage runs (:class:`StageSettings`) and what
+``headlab convert`` asks for (:class:`ConversionSettings`). Importing this module costs no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import HeadlabError
+from .settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, check_settings,
+                       setting)
+
+FORMS = ("hybrid", "linear")
+FEATURE_MAPS = ("lolcats", "fla")
+LOSSES = ("mse", "ce")
+LORA_LR = 1e-4  # stage 2's learning rate (SPEC §3.4)
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """How attention layers are converted (saved beside the weights as ``headlab_conversion.json``).
+
+    ``layers`` lists the converted layer indices (``None``: all); the others stay softmax.
+    ``feature_dim`` is ``F`` (64 by default whatever the head size, as LoLCATs does; the features
+    number ``2F``). ``gamma_init`` is the initial softmax-window weight ``γ = sigmoid(θ)``.
+    """
+
+    form: str = setting("hybrid", "converted form", kind=Choice(*FORMS))
+    window: int = setting(64, "softmax window of the hybrid", kind=Integer(1), flag="--window")
+    terrace: bool = setting(True, "terrace window (own block plus the previous one) rather than a sliding one",
+                            kind=Switch())
+    feature_dim: int = setting(64, "F of the feature map (2F features)", kind=Integer(1), flag="--feature-dim")
+    feature_map: str = setting("lolcats", "feature map", kind=Choice(*FEATURE_MAPS), flag="--feature-map")
+    feature_bias: bool = setting(False, "feature maps with a bias", kind=Switch())
+    gamma_init: float = setting(0.1, "initial softmax-window weight", kind=Number(0.0, 1.0, True, True))
+    layers: tuple[int, ...] | None = setting(None, "converted layers (None: all)", kind=Maybe(Items(Integer(0))))
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.form == "hybrid"
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LinearSettings":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("layers") is not None:
+            known["layers"] = tuple(known["layers"])
+        return cls(**known)
+
+
+@dataclass
+class StageSettings:
+    """One training stage. Defaults are stage 1's (SPEC §3.3); :func:`lora_defaults` gives stage 2's.
+    ``loss`` is ``"mse"`` or ``"ce"`` (stage 1 only)."""
+
+    steps: int = setting(100, "optimiser steps (0 skips the stage)", kind=Integer(0))
+    lr: float = setting(1e-2, "learning rate", kind=Number(0.0, low_open=True))
+    accumulation: int = setting(8, "sequences per optimiser step", kind=Integer(1))
+    clip: float = setting(1.0, "gradient-norm clip", kind=Number(0.0, low_open=True))
+    eval_every: int = setting(25, "steps between validations and checkpoints", kind=Integer(1))
+    patience: int = setting(10, "validations without improvement before the learning rate drops", kind=Integer(0))
+    factor: float = setting(0.1, "learning-rate drop factor", kind=Number(0.0, 1.0, True, True))
+    min_lr: float = setting(1e-5, "smallest learning rate", kind=Number(0.0))
+    loss: str = setting("mse", "stage-1 loss", kind=Choice(*LOSSES))
+    loss_scale: float = setting(1000.0, "stage-1 loss multiplier", kind=Number(0.0, low_open=True))
+    lora_rank: int = setting(8, "LoRA rank (stage 2)", kind=Integer(1))
+    lora_alpha: int = setting(16, "LoRA alpha (stage 2)", kind=Integer(1))
+    seed: int = setting(0, "seed", kind=Integer(0))
+
+    def __post_init__(self):
+        check_settings(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lora_defaults(**overrides) -> StageSettings:
+    """Stage 2 settings: lr 1e-4, LoRA r 8, α 16 (SPEC §3.4)."""
+    return StageSettings(**{"lr": LORA_LR, **overrides})
+
+
+class StepPair(Kind):
+    """``S1[,S2]``: optimiser steps of stage 1 and stage 2 (one number: both)."""
+
+    metavar = "S1[,S2]"
+
+    def parse(self, text: str):
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) > 2:
+            raise ValueError(f"{text!r} names more than two stages")
+        try:
+            steps = tuple(int(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"{text!r} is not S1[,S2] (whole numbers of steps)") from None
+        return self.check(steps * 2 if len(steps) == 1 else steps)
+
+    def check(self, value):
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"{value!r} is not a pair of step counts")
+        return tuple(Integer(0).check(steps) for steps in value)
+
+
+_STAGE1, _STAGE2 = StageSettings(), lora_defaults()
+
+
+@dataclass
+class ConversionSettings:
+    """What ``headlab convert`` trains: the conversion (``linear``) of ``layers``, stage 1 (the
+    feature maps match each layer's softmax output) and stage 2 (LoRA with next-token loss), on
+    windows of ``seq_len`` tokens of ``text_path``."""
+
+    to: str = setting("hybrid", "plain linear (hedgehog) or the hybrid", kind=Choice("hybrid", "hedgehog"), flag="--to")
+    layers: tuple | None = setting(None, "layers to convert, e.g. 2-27 or 3,5,-2 (default: all)",
+                                   kind=Maybe(Indices()), flag="--layers")
+    linear: LinearSettings = setting(default_factory=LinearSettings)
+    sliding: bool = setting(False, "sliding window instead of the terrace (own + previous block)", kind=Switch(),
+                            flag="--sliding")
+    steps: tuple[int, int] = setting((_STAGE1.steps, _STAGE2.steps), "optimiser steps of stage 1 and stage 2 "
+                                     "(one number: both; 0 skips a stage)", kind=StepPair(), flag="--steps")
+    loss: str = setting(_STAGE1.loss, "stage-1 loss: per-head output MSE or attention cross-entropy (T x T maps: "
+                                      "short --seq-len)", kind=Choice(*LOSSES), flag="--loss")
+    lr1: float = setting(_STAGE1.lr, "stage-1 learning rate", kind=Number(0.0, low_open=True), flag="--lr1")
+    lr2: float = setting(_STAGE2.lr, "stage-2 learning rate", kind=Number(0.0, low_open=True), flag="--lr2")
+    seq_len: int = setting(512, "tokens per training sequence", kind=Integer(8), flag="--seq-len")
+    accumulation: int = setting(_STAGE1.accumulation, "sequences per optimiser step", kind=Integer(1),
+                                flag="--accumulation")
+    eval_every: int = setting(_STAGE1.eval_every, "steps between validations and checkpoints", kind=Integer(1),
+                              flag="--eval-every")
+    eval_windows: int = setting(4, "held-out windows for validation and perplexity", kind=Integer(1),
+                                flag="--eval-windows")
+    text_path: str | None = setting(None, "UTF-8 training text (default: Python standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()), flag="--text-file")
+    seed: int = setting(0, "seed", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.steps == (0, 0):
+            raise HeadlabError("--steps 0,0 trains nothing: give stage 1 or stage 2 some steps")
+
+    def linear_settings(self, layers: tuple[int, ...] | None) -> LinearSettings:
+        """The conversion with the resolved ``layers``."""
+        form = "linear" if self.to == "hedgehog" else "hybrid"
+        return dataclasses.replace(self.linear, form=form, terrace=not self.sliding, layers=layers)
+
+    def stages(self) -> tuple[StageSettings, StageSettings]:
+        common = dict(accumulation=self.accumulation, eval_every=self.eval_every, seed=self.seed)
+        return (StageSettings(steps=self.steps[0], lr=self.lr1, loss=self.loss, **common),
+                lora_defaults(steps=self.steps[1], lr=self.lr2, **common))
+
+
+__all__ = ["FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings", "StageSettings",
+           "lora_defaults"]

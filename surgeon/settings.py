@@ -1,0 +1,440 @@
+"""Settings with one definition for the library and the command line.
+
+A settings class is a dataclass whose fields are made with :func:`setting`: a default, a help
+text, a :class:`Kind` that checks a value (integers that are not booleans, finite numbers inside a
+range, one of a few choices, a comma list, an existing file) and, for fields the command line
+offers, the option's flag. The class checks every field when it is built
+(:func:`check_settings`, from ``__post_init__``), so a bad value fails with one line in the
+Python API and on the command line alike; :func:`add_options` generates the argparse options
+from the same fields, so the library's defaults are the command line's. Nested settings (a field
+whose default is another settings class) contribute their own options.
+
+Importing this module costs nothing (no torch): argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import HeadlabError, InputFileError
+
+_MISSING = dataclasses.MISSING
+
+
+class Kind:
+    """How a setting's values are read from the command line and checked."""
+
+    metavar = "VALUE"
+
+    def parse(self, text: str):
+        """The value of a command-line string (raise ``ValueError`` with the reason)."""
+        return self.check(text)
+
+    def check(self, value):
+        """``value`` in its canonical form; ``ValueError`` with the reason when it is not allowed."""
+        return value
+
+    def describe(self) -> str:
+        return ""
+
+
+class Integer(Kind):
+    """An integer in ``[low, high]`` (booleans and fractional numbers are refused)."""
+
+    metavar = "N"
+
+    def __init__(self, low: int | None = None, high: int | None = None):
+        self.low, self.high = low, high
+
+    def parse(self, text: str):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        return self.check(value)
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ValueError(f"{value!r} is not an integer")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"{value} is below the minimum {self.low}")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{value} is above the maximum {self.high}")
+        return value
+
+    def describe(self) -> str:
+        return _range(self.low, self.high, "integer")
+
+
+class Number(Kind):
+    """A finite number in ``[low, high]`` (``low_open``/``high_open``: the bound itself excluded)."""
+
+    metavar = "X"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def parse(self, text: str):
+        try:
+            value = float(text)
+        except ValueError as err:
+            raise ValueError(f"{text!r} is not a number") from err
+        return self.check(value)
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is not a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise ValueError(f"{value} must be {'above' if self.low_open else 'at least'} {self.low}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise ValueError(f"{value} must be {'below' if self.high_open else 'at most'} {self.high}")
+        return value
+
+    def describe(self) -> str:
+        return _range(self.low, self.high, "number", self.low_open, self.high_open)
+
+
+class Choice(Kind):
+    """One of a few strings."""
+
+    def __init__(self, *values: str):
+        self.values = values
+        self.metavar = "{" + ",".join(values) + "}"
+
+    def check(self, value):
+        if value not in self.values:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.values)}")
+        return value
+
+
+class Switch(Kind):
+    """A yes/no setting; on the command line a flag that turns it on."""
+
+    def check(self, value):
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+
+
+class Text(Kind):
+    """A non-empty string."""
+
+    metavar = "TEXT"
+
+    def check(self, value):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{value!r} is not a non-empty string")
+        return value
+
+
+class ExistingFile(Kind):
+    """The path of an existing, readable file."""
+
+    metavar = "FILE"
+
+    def check(self, value):
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            raise ValueError(f"{value!r} is not a file path")
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ValueError(f"{value} does not exist")
+        if not path.is_file():
+            raise ValueError(f"{value} is not a file")
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{value} cannot be read ({err.strerror})") from err
+        return str(value)
+
+
+class Items(Kind):
+    """A comma list of items of one kind (a tuple in the library, a JSON list in files);
+    ``none_word`` reads as ()."""
+
+    def __init__(self, item: Kind, none_word: str | None = None, unique: bool = True, min_items: int = 1):
+        self.item, self.none_word, self.unique, self.min_items = item, none_word, unique, min_items
+        self.metavar = f"{item.metavar},..."
+
+    def parse(self, text: str):
+        if self.none_word is not None and text.strip() == self.none_word:
+            return self.check(())
+        parts = [part.strip() for part in text.split(",")]
+        if any(not part for part in parts):
+            raise ValueError(f"{text!r} has an empty item")
+        return self.check(tuple(self.item.parse(part) for part in parts))
+
+    def check(self, value):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list")
+        items = tuple(self.item.check(item) for item in value)
+        if len(items) < self.min_items and not (self.none_word is not None and not items):
+            raise ValueError(f"needs at least {self.min_items} item(s)")
+        if self.unique and len(set(items)) != len(items):
+            raise ValueError(f"{list(items)} repeats an item")
+        return items
+
+
+class Indices(Kind):
+    """Layer or head indices: a comma list of ``i`` and ranges ``a-b`` (both ends included);
+    negative numbers count from the end (``-1`` is the last, ``2--2`` runs from 2 to the
+    second-to-last). The value is a tuple of ints and ``(a, b)`` pairs, resolved against the
+    model's size by :func:`resolve_indices`."""
+
+    metavar = "I,A-B,..."
+    _ITEM = re.compile(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?$")
+
+    def parse(self, text: str):
+        items = []
+        for part in text.split(","):
+            match = self._ITEM.match(part)
+            if match is None:
+                raise ValueError(f"{part.strip()!r} is not an index or a range a-b (e.g. 2-28, 3,5,9, -1)")
+            first, last = match.groups()
+            items.append(int(first) if last is None else (int(first), int(last)))
+        return self.check(tuple(items))
+
+    def check(self, value):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{value!r} is not a non-empty list of indices")
+        items = []
+        for item in value:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                first, last = (Integer().check(end) for end in item)
+                if (first < 0) == (last < 0) and last < first:
+                    raise ValueError(f"the range {first}-{last} is empty")
+                items.append((first, last))
+            else:
+                items.append(Integer().check(item))
+        return tuple(items)
+
+
+def resolve_indices(value, n: int, what: str) -> list[int]:
+    """The sorted distinct indices ``0 … n-1`` that an :class:`Indices` value names; a
+    :class:`HeadlabError` naming ``what`` for an index outside the model or an empty range."""
+
+    def one(index: int) -> int:
+        resolved = index + n if index < 0 else index
+        if not 0 <= resolved < n:
+            raise HeadlabError(f"{what}: {index} is outside 0..{n - 1} (or -{n}..-1)")
+        return resolved
+
+    found = set()
+    for item in Indices().check(value):
+        if isinstance(item, tuple):
+            first, last = one(item[0]), one(item[1])
+            if last < first:
+                raise HeadlabError(f"{what}: the range {item[0]}-{item[1]} is empty ({first} > {last})")
+            found.update(range(first, last + 1))
+        else:
+            found.add(one(item))
+    return sorted(found)
+
+
+class Maybe(Kind):
+    """``None`` or a value of ``kind``."""
+
+    def __init__(self, kind: Kind):
+        self.kind, self.metavar = kind, kind.metavar
+
+    def parse(self, text: str):
+        return self.kind.parse(text)
+
+    def check(self, value):
+        return None if value is None else self.kind.check(value)
+
+    def describe(self) -> str:
+        return self.kind.describe()
+
+
+def _range(low, high, noun: str, low_open: bool = False, high_open: bool = False) -> str:
+    if low is None and high is None:
+        return noun
+    if high is None:
+        return f"{noun} {'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{noun} {'<' if high_open else '<='} {high}"
+    return f"{noun} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A setting's metadata: help, kind and (when the command line offers it) the flag."""
+
+    help: str
+    kind: Kind
+    flag: str | None = None
+    repeat: bool = False  # the flag may be given several times; its lists are joined
+
+
+def setting(default=_MISSING, help: str = "", *, kind: Kind | None = None, flag: str | None = None,
+            repeat: bool = False, default_factory: Callable[[], Any] | None = None):
+    """A dataclass field carrying an :class:`Option` (``kind`` checks its values; ``flag`` offers it
+    on the command line, ``repeat`` lets an :class:`Items` flag be given several times)."""
+    metadata = {"option": Option(help, kind or Kind(), flag, repeat)}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_settings(settings) -> None:
+    """Check and normalise every field of a settings dataclass in place; raises
+    :class:`HeadlabError` naming the field (and its flag) and what would be valid."""
+    for field in dataclasses.fields(settings):
+        option = field.metadata.get("option")
+        if option is None:
+            continue
+        value = getattr(settings, field.name)
+        try:
+            checked = option.kind.check(value)
+        except ValueError as err:
+            where = f" ({option.flag})" if option.flag else ""
+            raise HeadlabError(f"{type(settings).__name__}.{field.name}{where}: {err}") from None
+        object.__setattr__(settings, field.name, checked)
+
+
+def from_dict(cls, data: dict, source: str):
+    """``cls(**data)`` from a JSON object, refusing unknown keys and naming ``source`` in errors."""
+    if not isinstance(data, dict):
+        raise HeadlabError(f"{source}: expected a JSON object of {cls.__name__} fields, got {type(data).__name__}")
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise HeadlabError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has {sorted(names)}")
+    nested = {}
+    for field in dataclasses.fields(cls):
+        default = _default(field)
+        if field.name in data and dataclasses.is_dataclass(default):
+            nested[field.name] = from_dict(type(default), data[field.name], f"{source}: {field.name}")
+    return cls(**{**data, **nested})
+
+
+def _default(field):
+    if field.default is not _MISSING:
+        return field.default
+    if field.default_factory is not _MISSING:
+        return field.default_factory()
+    return None
+
+
+def check_object(item, where: str, required: dict[str, Kind], optional: dict[str, Kind] | None = None) -> dict:
+    """A JSON object from a file, checked field by field with ``Kind`` s: unknown and missing keys
+    and values of the wrong kind raise :class:`InputFileError` naming ``where`` (file and line)."""
+    optional = optional or {}
+    if not isinstance(item, dict):
+        raise InputFileError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    unknown = sorted(set(item) - set(required) - set(optional))
+    if unknown:
+        raise InputFileError(f"{where}: unknown key(s) {unknown}; expected {sorted(required)}"
+                             + (f" and optionally {sorted(optional)}" if optional else ""))
+    missing = sorted(set(required) - set(item))
+    if missing:
+        raise InputFileError(f"{where}: missing key(s) {missing}")
+    checked = {}
+    for key, value in item.items():
+        try:
+            checked[key] = {**required, **optional}[key].check(value)
+        except ValueError as err:
+            raise InputFileError(f"{where}: {key}: {err}") from None
+    return checked
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """Add an option for every flagged field of ``cls`` (and of its nested settings) to ``parser``.
+    Unset options keep the dataclass default (argparse ``SUPPRESS``)."""
+    for field in dataclasses.fields(cls):
+        option = field.metadata.get("option")
+        default = _default(field)
+        dest = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
+            add_options(parser, type(default), prefix=f"{dest}.")
+            continue
+        if option is None or option.flag is None:
+            continue
+        shown = _shown(default, option.kind)
+        text = option.help + (f" (default {shown})" if shown is not None else "")
+        if _required(field):
+            parser.add_argument(option.flag, dest=dest, type=_argparse_type(option.kind), required=True,
+                                metavar=option.kind.metavar, help=text)
+        elif isinstance(option.kind, Switch):
+            parser.add_argument(option.flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+        elif option.repeat:
+            parser.add_argument(option.flag, dest=dest, type=_argparse_type(option.kind), action="append",
+                                default=argparse.SUPPRESS, metavar=option.kind.metavar, help=text)
+        else:
+            parser.add_argument(option.flag, dest=dest, type=_argparse_type(option.kind), default=argparse.SUPPRESS,
+                                metavar=option.kind.metavar, help=text)
+
+
+def _required(field) -> bool:
+    return field.default is _MISSING and field.default_factory is _MISSING
+
+
+def _argparse_type(kind: Kind):
+    def parse(text: str):
+        try:
+            return kind.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = type(kind).__name__.lower()
+    return parse
+
+
+def _shown(default, kind: Kind) -> str | None:
+    if default is None:
+        return None
+    if isinstance(default, tuple):
+        return ",".join(str(x) for x in default) if default else getattr(kind, "none_word", None) or "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def settings_from_args(cls, args: argparse.Namespace, prefix: str = ""):
+    """The settings ``cls`` with every option given in ``args`` (the others at their defaults)."""
+    given = vars(args)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        option = field.metadata.get("option")
+        default = _default(field)
+        dest = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
+            kwargs[field.name] = settings_from_args(type(default), args, prefix=f"{dest}.")
+        elif dest in given:
+            value = given[dest]
+            kwargs[field.name] = tuple(item for part in value for item in part) if option.repeat else value
+    return cls(**kwargs)
+
+
+def flag_defaults(cls, prefix: str = "") -> dict[str, Any]:
+    """``{flag: default}`` of every command-line option of ``cls`` (for tests and docs)."""
+    found = {}
+    for field in dataclasses.fields(cls):
+        option = field.metadata.get("option")
+        default = _default(field)
+        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
+            found.update(flag_defaults(type(default), f"{prefix}{field.name}."))
+        elif option is not None and option.flag is not None:
+            found[option.flag] = default
+    return found
+
+
+__all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Switch", "Text",
+           "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "resolve_indices", "setting",
+           "settings_from_args", "Indices"]
