@@ -12,14 +12,10 @@ from typing import ClassVar
 from .edits import DROP_FIRST
 from .models import ModelShape
 from .plan import Edit, PlanError, register_edit
+from .settings import Choice, Integer, Items, Maybe, Number, setting
 from .search_settings import ACT_BETA, ACT_THRESHOLD
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
-
-
-def _check_range(edit: Edit, name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise PlanError(f"{edit.kind} edit on layer {edit.layer}: {name} must be in [{low}, {high}], got {value}")
 
 
 @register_edit
@@ -33,18 +29,16 @@ class Calibrate(Edit):
     kind: ClassVar[str] = "calibrate"
     stage: ClassVar[str] = "redistribute"
 
-    beta: float = ACT_BETA
-    threshold: float = ACT_THRESHOLD
-    relative_c: float | None = None
-    drop_first: str = "lowest"
+    beta: float = setting(ACT_BETA, "factor on the sink weights", kind=Number(0.0, 1.0))
+    threshold: float = setting(ACT_THRESHOLD, "mean received attention above which a key is a sink",
+                               kind=Number(0.0, 1.0))
+    relative_c: float | None = setting(None, "sinks exceed relative_c / N instead", kind=Maybe(Number(0.0, low_open=True)))
+    drop_first: str = setting("lowest", "which first sink is spared", kind=Choice(*DROP_FIRST))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)
         if self.layer < FIRST_EDITABLE_LAYER:
             raise PlanError(f"calibrate edit on layer {self.layer}: layers 0-1 are never calibrated")
-        _check_range(self, "beta", self.beta, 0.0, 1.0)
-        if self.drop_first not in DROP_FIRST:
-            raise PlanError(f"calibrate edit: drop_first must be one of {DROP_FIRST}, got {self.drop_first!r}")
 
 
 @register_edit
@@ -59,15 +53,12 @@ class Redistribute(Edit):
     kind: ClassVar[str] = "redistribute"
     stage: ClassVar[str] = "redistribute"
 
-    sink_dims: tuple[int, ...] = ()
-    keep_fraction: float = 0.6
-    span_mass_min: float = 0.2
-    sink_share_max: float = 0.5
-    sink_threshold: float = 20.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "sink_dims", tuple(int(d) for d in self.sink_dims))
+    sink_dims: tuple[int, ...] = setting((), "residual-stream dimensions that mark sink tokens",
+                                         kind=Items(Integer(0), min_items=0))
+    keep_fraction: float = setting(0.6, "fraction of each sink weight kept", kind=Number(0.0, 1.0))
+    span_mass_min: float = setting(0.2, "rows with at least this mass on the span are edited", kind=Number(0.0, 1.0))
+    sink_share_max: float = setting(0.5, "... and at most this share of it on sinks", kind=Number(0.0, 1.0))
+    sink_threshold: float = setting(20.0, "a token is a sink when max |x_d| / RMS(x) exceeds this", kind=Number(0.0))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)
@@ -78,7 +69,6 @@ class Redistribute(Edit):
             )
         if not self.sink_dims:
             raise PlanError("redistribute edit needs sink_dims (detect them with detect_sink_dimensions)")
-        _check_range(self, "keep_fraction", self.keep_fraction, 0.0, 1.0)
 
 
 @register_edit
@@ -90,11 +80,8 @@ class Steer(Edit):
     kind: ClassVar[str] = "steer"
     stage: ClassVar[str] = "bias"
 
-    alpha: float = 0.01
-
-    def validate(self, shape: ModelShape) -> None:
-        super().validate(shape)
-        _check_range(self, "alpha", self.alpha, 1e-30, 1.0)
+    alpha: float = setting(0.01, "factor on the attention of keys outside the emphasised span",
+                           kind=Number(0.0, 1.0, low_open=True))
 
 
 @register_edit
@@ -109,7 +96,7 @@ class Reinforce(Edit):
     kind: ClassVar[str] = "reinforce"
     stage: ClassVar[str] = "output"
 
-    alpha: float = 2.0
+    alpha: float = setting(2.0, "factor on the selected heads' outputs", kind=Number(0.0, 1000.0))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)
@@ -126,11 +113,9 @@ class HeadMean(Edit):
     kind: ClassVar[str] = "head_mean"
     stage: ClassVar[str] = "output"
 
-    means: tuple[tuple[float, ...], ...] = ()
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "means", tuple(tuple(float(x) for x in row) for row in self.means))
+    means: tuple[tuple[float, ...], ...] = setting((), "each head's mean output", kind=Items(Items(Number(), unique=False,
+                                                                                                   min_items=1),
+                                                                                             unique=False, min_items=0))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import PlanError
-from .files import claim_file, write_json
+from .errors import HeadlabError, PlanError
+from .files import claim_file, read_text_file, write_json
+from .settings import Integer, Items, Kind, Maybe, Number, Text, check_object, check_settings, setting
 from .shape import ModelShape
 
 STAGES = ("bias", "redistribute", "output")
@@ -37,15 +38,13 @@ class Edit:
     kind: ClassVar[str] = ""
     stage: ClassVar[str] = ""
 
-    layer: int
-    heads: tuple[int, ...]
+    layer: int = setting(help="the layer edited", kind=Integer())
+    heads: tuple[int, ...] = setting(help="the query heads edited (distinct)", kind=Items(Integer(), min_items=0))
 
     def __post_init__(self):
-        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        check_settings(self, PlanError)  # types here; indices against the model in validate()
         if not self.heads:
             raise PlanError(f"{self.kind} edit on layer {self.layer} names no heads")
-        if len(set(self.heads)) != len(self.heads):
-            raise PlanError(f"{self.kind} edit on layer {self.layer} repeats a head: {self.heads}")
 
     def validate(self, shape: ModelShape) -> None:
         """Raise :class:`PlanError` if the edit does not fit a model of ``shape``."""
@@ -72,7 +71,8 @@ class HeadScale(Edit):
     kind: ClassVar[str] = "head_scale"
     stage: ClassVar[str] = "output"
 
-    scale: float = 1.0
+    scale: float = setting(1.0, "factor on the heads' outputs (0 ablates; at most 1000 in size)",
+                           kind=Number(-1000.0, 1000.0))
 
 
 @dataclass
@@ -114,11 +114,19 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict, source: str = "plan") -> "Plan":
+        """The plan of :meth:`to_dict`'s JSON; :class:`PlanError` naming ``source`` for anything else
+        (unknown keys or kinds, wrong types, non-finite or out-of-range values)."""
         if not isinstance(data, dict) or data.get("format") != "headlab-plan/1":
-            raise PlanError("not a headlab plan (expected a JSON object with format 'headlab-plan/1')")
-        shape = ModelShape(**data["shape"]) if data.get("shape") else None
-        return cls([_edit_from_dict(e) for e in data.get("edits", [])], data.get("model"), shape)
+            raise PlanError(f"{source} is not a headlab plan (expected a JSON object with format 'headlab-plan/1')")
+        try:
+            plan = check_object(data, source, {"format": Text(), "edits": Items(Kind(), unique=False, min_items=0)},
+                                {"model": Maybe(Text()), "shape": Maybe(_ShapeKind())})
+        except HeadlabError as err:
+            raise PlanError(str(err)) from None
+        shape = ModelShape(**plan["shape"]) if plan.get("shape") else None
+        edits = [_edit_from_dict(item, f"{source}: edit {i}") for i, item in enumerate(plan["edits"])]
+        return cls(edits, plan.get("model"), shape)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the plan as JSON (atomically); an existing file is replaced only when headlab wrote
@@ -130,22 +138,36 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan written by :meth:`save`."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise PlanError(f"cannot read plan {path}: {err}") from err
-        return cls.from_dict(data)
+            data = json.loads(read_text_file(path, "plan"))
+        except json.JSONDecodeError as err:
+            raise PlanError(f"cannot read plan {path}: not JSON ({err.msg}, line {err.lineno})") from None
+        return cls.from_dict(data, f"plan {path}")
 
 
-def _edit_from_dict(data: dict) -> Edit:
+def _edit_from_dict(data, where: str) -> Edit:
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: expected a JSON object, got {type(data).__name__}")
     kind = data.get("kind")
-    cls = EDIT_KINDS.get(kind)
+    cls = EDIT_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise PlanError(f"unknown edit kind {kind!r}; known kinds: {sorted(EDIT_KINDS)}")
+        raise PlanError(f"{where}: unknown edit kind {kind!r}; known kinds: {sorted(EDIT_KINDS)}")
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names - {"kind"}
     if unknown:
-        raise PlanError(f"{kind} edit has unknown field(s) {sorted(unknown)}; fields: {sorted(names)}")
+        raise PlanError(f"{where}: {kind} edit has unknown field(s) {sorted(unknown)}; fields: {sorted(names)}")
+    missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+                     and f.default_factory is MISSING)
+    if missing:
+        raise PlanError(f"{where}: {kind} edit lacks field(s) {missing}")
     try:
         return cls(**{k: v for k, v in data.items() if k != "kind"})
-    except TypeError as err:
-        raise PlanError(f"bad {kind} edit {data}: {err}") from err
+    except PlanError as err:
+        raise PlanError(f"{where}: {err}") from None
+
+
+class _ShapeKind(Kind):
+    """A model shape object: four positive integers."""
+
+    def check(self, value):
+        return check_object(value, "shape", {name: Integer(1) for name in ("n_layers", "n_heads", "n_kv_heads",
+                                                                            "head_dim")})

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .plan import PlanError
+from .errors import PlanError
+from .settings import Integer
 
 Span = tuple[int, int] | torch.Tensor
 
@@ -42,7 +43,12 @@ def span_mask(span: Span | None, batch: int, n_key: int, name: str) -> torch.Ten
             raise PlanError(f"{name} mask must be bool [batch={batch}, ≤{n_key}], got {span.dtype} {tuple(span.shape)}")
         mask = torch.nn.functional.pad(span, (0, n_key - span.shape[1]), value=False)
     else:
-        start, stop = (int(x) for x in span)
+        if isinstance(span, (str, bytes)) or len(span) != 2:
+            raise PlanError(f"{name} must be (start, stop) or a bool tensor [batch, keys], got {span!r}")
+        try:
+            start, stop = (Integer().check(x) for x in span)
+        except ValueError as err:
+            raise PlanError(f"{name}: {err}") from None
         if not 0 <= start < stop <= n_key:
             raise PlanError(f"{name} ({start}, {stop}) is empty or outside the input of {n_key} tokens")
         mask = torch.zeros(batch, n_key, dtype=torch.bool)

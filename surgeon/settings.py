@@ -289,9 +289,9 @@ def setting(default=_MISSING, help: str = "", *, kind: Kind | None = None, flag:
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def check_settings(settings) -> None:
-    """Check and normalise every field of a settings dataclass in place; raises
-    :class:`HeadlabError` naming the field (and its flag) and what would be valid."""
+def check_settings(settings, error: type[HeadlabError] = HeadlabError) -> None:
+    """Check and normalise every field of a settings dataclass in place; raises ``error`` (a
+    :class:`HeadlabError`) naming the field (and its flag) and what would be valid."""
     for field in dataclasses.fields(settings):
         option = field.metadata.get("option")
         if option is None:
@@ -301,7 +301,7 @@ def check_settings(settings) -> None:
             checked = option.kind.check(value)
         except ValueError as err:
             where = f" ({option.flag})" if option.flag else ""
-            raise HeadlabError(f"{type(settings).__name__}.{field.name}{where}: {err}") from None
+            raise error(f"{type(settings).__name__}.{field.name}{where}: {err}") from None
         object.__setattr__(settings, field.name, checked)
 
 

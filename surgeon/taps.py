@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import HeadlabError, PlanError
+from .settings import Integer, Number
 from .shape import ModelShape
 
 DEFAULT_MAP_BUDGET_BYTES = 2 * 1024**3
@@ -56,15 +57,15 @@ class Taps:
     attention_consumer: Callable[[int, torch.Tensor], None] | None = None
 
     def __post_init__(self):
-        self.attention = {
-            int(layer): None if heads is None else tuple(int(h) for h in heads)
-            for layer, heads in self.attention.items()
-        }
-        self.head_outputs = frozenset(int(layer) for layer in self.head_outputs)
-        self.stats = {
-            int(layer): None if heads is None else tuple(int(h) for h in heads) for layer, heads in self.stats.items()
-        }
-        self.stats_row_offsets = tuple(int(d) for d in self.stats_row_offsets)
+        self.attention = _layer_heads(self.attention, "attention")
+        self.head_outputs = frozenset(_index(layer, "head_outputs layer") for layer in self.head_outputs)
+        self.stats = _layer_heads(self.stats, "stats")
+        self.stats_row_offsets = tuple(_index(d, "stats_row_offsets") for d in self.stats_row_offsets)
+        self.stats_topk = _index(self.stats_topk, "stats_topk")
+        try:
+            Number(0.0, low_open=True).check(self.map_budget_bytes)
+        except ValueError as err:
+            raise PlanError(f"Taps.map_budget_bytes: {err}") from None
 
     @classmethod
     def all_attention(cls, shape: ModelShape, **kwargs) -> "Taps":
@@ -91,6 +92,28 @@ class Taps:
     def stats_heads(self, layer: int, n_heads: int) -> tuple[int, ...] | None:
         """The heads whose statistics are recorded on ``layer``, or None."""
         return _heads(self.stats, layer, n_heads)
+
+
+def _index(value, what: str) -> int:
+    """A non-negative integer (not a bool, not a fraction), else :class:`PlanError`."""
+    try:
+        return Integer(0).check(value)
+    except ValueError as err:
+        raise PlanError(f"Taps.{what}: {err}") from None
+
+
+def _layer_heads(requests, what: str) -> dict[int, tuple[int, ...] | None]:
+    """``{layer: heads or None}`` with every index checked."""
+    if not isinstance(requests, Mapping):
+        raise PlanError(f"Taps.{what} must map layers to head lists (or None), got {type(requests).__name__}")
+    checked = {}
+    for layer, heads in requests.items():
+        if heads is not None:
+            if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+                raise PlanError(f"Taps.{what}[{layer}]: {heads!r} is not a list of heads")
+            heads = tuple(_index(h, f"{what}[{layer}] head") for h in heads)
+        checked[_index(layer, f"{what} layer")] = heads
+    return checked
 
 
 def _heads(requests, layer: int, n_heads: int) -> tuple[int, ...] | None:
