@@ -204,11 +204,9 @@ def _validate(args) -> int:
     if metric_name == "needle-recall" and not is_causal_lm(config):
         raise ModelSpecError(f"{args.model} is not a causal language model; needle recall needs one (use --metric loss)")
     model, tokenizer = common.load_model_from(args)
-    from .probes import views
     from .probes.corpus import load_text, token_windows
-    from .probes.validation import loss_metric, masking_curve, needle_recall_metric
-    from .surgeon.escaping import html_text
-    from .surgeon.files import GENERATOR_META, write_json, write_text
+    from .probes.validation import loss_metric, masking_curve, needle_recall_metric, write_curve_page
+    from .surgeon.files import write_json
 
     if metric_name == "needle-recall":
         metric = needle_recall_metric(model, tokenizer, NeedleSettings(lengths=settings.needle_lengths))
@@ -217,10 +215,7 @@ def _validate(args) -> int:
         metric = loss_metric(model, windows)
     curve = masking_curve(scores[args.score], metric, masking)
     write_json(out / f"{stem}.json", curve)
-    page = views.masking_figure(curve).to_html(include_plotlyjs=True, full_html=True)
-    page = page.replace("<head>", f"<head>{GENERATOR_META}<title>{html_text(f'masking validation: {args.score}')}"
-                                  "</title>", 1)
-    write_text(out / f"{stem}.html", page)
+    write_curve_page(curve, out / f"{stem}.html")
     rows = "\n".join(f"  K={k}: top {t:.3f}, random {r:.3f}" for k, t, r in zip(curve["k"], curve["top"],
                                                                                  curve["random_mean"]))
     print(f"{metric_name} unmasked {curve['baseline']:.3f}\n{rows}\nwritten: {out / f'{stem}.json'}")

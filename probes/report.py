@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import html
 import importlib.metadata
 import io
 import json
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import attention_modules, model_shape
 from ..surgeon.distributed import rank_and_world
+from ..surgeon.escaping import element_id, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
 from ..surgeon.shape import text_config
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
@@ -257,26 +257,26 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
                  viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict]) -> str:
     group = model_shape(model).group_size
-    view_ids = {(l, h): f"view-L{l}-H{h}" for l, h, _ in viewed}
+    view_ids = {(l, h): element_id("view", f"L{l}", f"H{h}") for l, h, _ in viewed}
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}",
-        f"<title>headlab report: {html.escape(provenance['model_id'])}</title>",
+        f"<title>headlab report: {html_text(provenance['model_id'])}</title>",
         f"<style>{STYLE}</style><script>{views.plotly_js()}</script></head><body>",
-        f"<h1>Head-importance report: {html.escape(provenance['model_id'])}</h1>",
+        f"<h1>Head-importance report: {html_text(provenance['model_id'])}</h1>",
         "<dl class='provenance'>",
-        *(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in provenance.items()),
+        *(f"<dt>{html_text(k)}</dt><dd>{html_text(v)}</dd>" for k, v in provenance.items()),
         "</dl><nav><b>Scores:</b> ",
-        " · ".join(f"<a href='#score-{html.escape(n)}'>{html.escape(n)}</a>" for n in scores),
+        " · ".join(f"<a href='#{element_id('score', n)}'>{html_text(n)}</a>" for n in scores),
         " · <a href='#masking'>masking validation</a> · <a href='#views'>attention views</a>",
         " · <a href='views.html'>interactive view of every head (views.html)</a></nav>",
     ]
     for name, score in scores.items():
         parts += [
-            f"<section id='score-{html.escape(name)}'><h2>{html.escape(name)}</h2>",
-            f"<p>{html.escape(score.description)}</p>",
-            f"<details><summary>settings</summary><pre>{html.escape(json.dumps(score.settings, indent=1))}</pre>"
+            f"<section id='{element_id('score', name)}'><h2>{html_text(name)}</h2>",
+            f"<p>{html_text(score.description)}</p>",
+            f"<details><summary>settings</summary><pre>{html_text(json.dumps(score.settings, indent=1))}</pre>"
             "</details>",
-            views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), f"heatmap-{name}"),
+            views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), "heatmap", name),
             _top_table(score, group, settings.top_k, view_ids),
             "</section>",
         ]
@@ -285,16 +285,16 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         parts.append("<p>No masking curves in this folder yet: run <code>headlab validate MODEL --scores "
                      "scores.json --score retrieval --out .</code> here, then write the report again.</p>")
     for curve in curves:
-        parts.append(views.figure_div(views.masking_figure(curve), f"masking-{curve['score']}"))
+        parts.append(views.figure_div(views.masking_figure(curve), "masking", curve["score"]))
     parts.append("</section>")
     parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
                  f"{len(data.tokens)} tokens)</h2>")
     for layer, head, reason in viewed:
         title = f"layer {layer}, head {head} (top by {reason})"
         parts += [
-            f"<div id='{view_ids[(layer, head)]}'><h3>{html.escape(title)}</h3>",
+            f"<div id='{view_ids[(layer, head)]}'><h3>{html_text(title)}</h3>",
             f"<p><a href='views.html#head={layer}.{head}'>open interactively</a></p>",
-            views.figure_div(views.head_figure(data, layer, head), f"map-L{layer}-H{head}"),
+            views.figure_div(views.head_figure(data, layer, head), "map", f"L{layer}", f"H{head}"),
             "</div>",
         ]
     parts.append("</section></body></html>")

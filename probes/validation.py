@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from ..surgeon import HeadScale, Plan, attach
 from ..surgeon.errors import InputFileError
 from ..surgeon.evaluate import heldout_loss
-from ..surgeon.files import read_text_file
+from ..surgeon.escaping import html_text
+from ..surgeon.files import GENERATOR_META, read_text_file, write_text
 from ..surgeon.settings import Integer, Items, Kind, Number, Text, check_object
 from .retrieval import retrieval_scores
 from .scores import HeadScores
@@ -63,6 +64,15 @@ _CURVE = {"score": Text(), "k": Items(Integer(1)), "baseline": Number(), "top": 
           "random": _Rows(), "random_mean": _Values()}
 _CURVE_OPTIONAL = {"format": Text(), "settings": Kind(), "metric": Text(), "model_id": Text(), "random_heads": Kind(),
                    "top_heads": Kind()}
+
+
+def write_curve_page(curve: dict, path: str | Path) -> Path:
+    """The masking curve as a standalone page (plotly.js inlined)."""
+    from . import views
+
+    page = views.masking_figure(curve).to_html(include_plotlyjs=True, full_html=True)
+    title = html_text(f"masking validation: {curve['score']}")
+    return write_text(path, page.replace("<head>", f"<head>{GENERATOR_META}<title>{title}</title>", 1))
 
 
 def masking_plan(heads: list[tuple[int, int]]) -> Plan:
@@ -122,5 +132,5 @@ def loss_metric(model, windows: list[torch.Tensor]):
     return metric
 
 
-__all__ = ["METRICS", "MaskingSettings", "loss_metric", "masking_curve", "masking_plan", "needle_recall_metric",
-           "random_heads"]
+__all__ = ["METRICS", "MaskingSettings", "load_curves", "loss_metric", "masking_curve", "masking_plan",
+           "needle_recall_metric", "random_heads", "write_curve_page"]

@@ -8,13 +8,13 @@ shown through ``textContent`` or HTML-escaped plotly labels, so markup in a prom
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..surgeon.escaping import html_text, script_json
 from ..surgeon.files import GENERATOR_META, claim_file, write_text
 from . import views
 from .scores import HeadScores
@@ -53,12 +53,6 @@ def _lut(diverging: bool) -> list[list[int]]:
     return views.colourise(torch.tensor(ramp)[None], diverging)[0].tolist()
 
 
-def safe_json(value) -> str:
-    """JSON that cannot close a ``<script>`` element or open markup."""
-    return json.dumps(value, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace(
-        "&", "\\u0026")
-
-
 def write_view(data: ViewData, path: str | Path, scores: dict[str, HeadScores] | None = None,
                head: tuple[int, int] | None = None, plotlyjs: str = "inline", overwrite: bool = False) -> Path:
     """Write the standalone page to ``path`` (atomically). ``head`` opens first (default: the top
@@ -74,8 +68,9 @@ def write_view(data: ViewData, path: str | Path, scores: dict[str, HeadScores] |
     payload["initial"] = list(head) if head is not None else None
     script = f"<script>{views.plotly_js()}</script>" if plotlyjs == "inline" else \
         f"<script src='https://cdn.plot.ly/plotly-{views.plotly_js_version()}.min.js'></script>"
-    title = html.escape(f"headlab attention view: {data.model_id}")
-    page = PAGE.format(generator=GENERATOR_META, title=title, plotly=script, payload=safe_json(payload), style=STYLE, script=SCRIPT)
+    title = html_text(f"headlab attention view: {data.model_id}")
+    page = PAGE.format(generator=GENERATOR_META, title=title, plotly=script, payload=script_json(payload), style=STYLE,
+                       script=SCRIPT)
     write_text(path, page)
     return Path(path)
 
@@ -317,4 +312,4 @@ function init() {
 init();
 """
 
-__all__ = ["page_payload", "safe_json", "write_view"]
+__all__ = ["page_payload", "write_view"]

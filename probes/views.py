@@ -7,7 +7,6 @@ renders as text.
 from __future__ import annotations
 
 import base64
-import html
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
+from ..surgeon.escaping import element_id, plotly_text
 from ..surgeon.files import atomic_path
 from .record import AttentionRecord
 from .scores import HeadScores
@@ -29,7 +29,7 @@ def display_token(token: str) -> str:
     """A token as safe, visible text for plotly labels: ``&``, ``<``, ``>`` escaped (plotly reads
     a small HTML subset in labels and shows quote entities literally), newlines and tabs shown as
     escapes."""
-    return html.escape(token.replace("\n", "\\n").replace("\t", "\\t"), quote=False)
+    return plotly_text(token.replace("\n", "\\n").replace("\t", "\\t"))
 
 
 def score_heatmap(scores: HeadScores, n_kv_heads: int, top_k: int = 5) -> go.Figure:
@@ -40,7 +40,7 @@ def score_heatmap(scores: HeadScores, n_kv_heads: int, top_k: int = 5) -> go.Fig
     ranks = {(l, h): r + 1 for r, (l, h, _) in enumerate(scores.top(n_layers * n_heads))}
     hover = [
         [
-            f"layer {l}, head {h} (KV group {h // group})<br>{html.escape(scores.name)} = "
+            f"layer {l}, head {h} (KV group {h // group})<br>{plotly_text(scores.name)} = "
             + ("n/a" if math.isnan(values[l, h]) else f"{values[l, h]:.4f}")
             + f"<br>rank {ranks.get((l, h), '-')} of {n_layers * n_heads}, n = {int(scores.counts[l, h])}"
             for h in range(n_heads)
@@ -63,7 +63,7 @@ def score_heatmap(scores: HeadScores, n_kv_heads: int, top_k: int = 5) -> go.Fig
     for l, h, _ in scores.top(top_k):
         fig.add_shape(type="rect", x0=h - 0.5, x1=h + 0.5, y0=l - 0.5, y1=l + 0.5, line={"color": "red", "width": 2})
     fig.update_layout(
-        title=html.escape(scores.name),
+        title=plotly_text(scores.name),
         xaxis_title="head",
         yaxis_title="layer",
         height=max(300, 22 * n_layers + 120),
@@ -107,7 +107,7 @@ def overview_figure(data: ViewData, score: str = "previous_token",
     shown[~viewed] = math.nan
     result = HeadScores(score, shown, viewed.long(), data.model_id)
     fig = score_heatmap(result, data.n_kv_heads)
-    fig.update_layout(title=f"{html.escape(score)}: {html.escape(data.model_id)} ({len(data.tokens)} tokens)")
+    fig.update_layout(title=f"{plotly_text(score)}: {plotly_text(data.model_id)} ({len(data.tokens)} tokens)")
     return fig
 
 
@@ -125,8 +125,8 @@ def head_figure(data: ViewData, layer: int, head: int) -> go.Figure:
         trace = _token_heatmap(data, values, diverging) if data.block == 1 else _block_image(data, values, diverging)
         fig.add_trace(trace, row=1, col=col)
     _label_axes(fig, data, len(panels))
-    plan = f", plan {html.escape(data.plan_name)}" if data.plan_name else ""
-    fig.update_layout(title=f"layer {layer}, head {head}{plan}: {html.escape(data.model_id)}",
+    plan = f", plan {plotly_text(data.plan_name)}" if data.plan_name else ""
+    fig.update_layout(title=f"layer {layer}, head {head}{plan}: {plotly_text(data.model_id)}",
                       width=min(1800, 120 + 660 * len(panels)), height=780,
                       margin={"t": 80, "l": 150, "r": 20, "b": 150})
     return fig
@@ -219,21 +219,23 @@ def masking_figure(curve: dict) -> go.Figure:
     metric = curve["settings"]["metric"]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, *ks], y=[curve["baseline"], *curve["top"]], mode="lines+markers",
-                             name=f"top-K by {html.escape(curve['score'])}", line={"color": "#d62728"}))
+                             name=f"top-K by {plotly_text(curve['score'])}", line={"color": "#d62728"}))
     fig.add_trace(go.Scatter(x=[0, *ks], y=[curve["baseline"], *curve["random_mean"]], mode="lines+markers",
                              name="random-K (mean of seeds)", line={"color": "#1f77b4"}))
     seeds_x = [k for k, row in zip(ks, curve["random"]) for _ in row]
     seeds_y = [v for row in curve["random"] for v in row]
     fig.add_trace(go.Scatter(x=seeds_x, y=seeds_y, mode="markers", name="random-K, each seed",
                              marker={"color": "#1f77b4", "opacity": 0.4, "size": 7}))
-    fig.update_layout(title=f"masking validation of {html.escape(curve['score'])}", xaxis_title="heads masked (K)",
-                      yaxis_title=html.escape(metric), width=700, height=420)
+    fig.update_layout(title=f"masking validation of {plotly_text(curve['score'])}", xaxis_title="heads masked (K)",
+                      yaxis_title=plotly_text(metric), width=700, height=420)
     return fig
 
 
-def figure_div(fig: go.Figure, div_id: str) -> str:
-    """The figure as an HTML ``<div>`` fragment without plotly.js (the page includes it once)."""
-    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id)
+def figure_div(fig: go.Figure, *id_parts) -> str:
+    """The figure as an HTML ``<div>`` fragment without plotly.js (the page includes it once); its
+    element id is built from ``id_parts`` (:func:`~headlab.surgeon.escaping.element_id`: a hostile
+    score name cannot leave the attribute or plotly's script)."""
+    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=element_id(*id_parts))
 
 
 def plotly_js() -> str:

@@ -4,7 +4,6 @@ is HTML-escaped; the page has no script."""
 
 from __future__ import annotations
 
-import html
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..surgeon.escaping import html_text
 from ..surgeon.files import GENERATOR_META, claim_file, write_text
 from .activations import head_outputs
 from .attribution import decoder_head_shares
@@ -66,7 +66,7 @@ td { padding: 1px 8px; }
 
 def _context(tokens: list[str], position: int, width: int) -> str:
     start, stop = max(0, position - width), min(len(tokens), position + 4)
-    parts = [html.escape(t) if i != position else f"<span class='hit'>{html.escape(t)}</span>"
+    parts = [html_text(t) if i != position else f"<span class='hit'>{html_text(t)}</span>"
              for i, t in enumerate(tokens[start:stop], start)]
     return "".join(parts)
 
@@ -88,8 +88,8 @@ def write_dashboard(path: str | Path, sae: SparseAutoencoder, examples: dict[int
     an existing file is replaced only when headlab wrote it, or with ``overwrite``."""
     claim_file(path, overwrite, "dashboard page")
     shares = decoder_head_shares(sae)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}", f"<title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}", f"<title>{html_text(title)}</title>",
+             f"<style>{STYLE}</style></head><body><h1>{html_text(title)}</h1>"]
     for latent, found in examples.items():
         head_rows = "".join(f"<tr><td>head {h}</td><td><span class='bar' style='width:{300 * s:.1f}px'></span> "
                             f"{s:.3f}</td></tr>" for h, s in enumerate(shares[latent].tolist()))

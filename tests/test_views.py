@@ -15,7 +15,8 @@ from headlab.probes.record import record_attention
 from headlab.probes.view_data import (
     PooledMaps, decode_map, encode_map, gather_view, pool_block, png_rgb, view_data_from_record,
 )
-from headlab.probes.view_page import page_payload, safe_json, write_view
+from headlab.probes.view_page import page_payload, write_view
+from headlab.surgeon.escaping import script_json
 from headlab.surgeon import Calibrate, HeadScale, Plan
 
 HOSTILE = ["<script>window.__pwned=1</script>", '"><img src=x onerror="window.__pwned=2">']
@@ -180,7 +181,7 @@ def test_overview_shows_scores_of_viewed_heads_only():
 def test_page_json_cannot_break_out_of_its_script():
     model = tiny_llama("gqa", layers=2)
     data = view_data_from_record(record_attention(model, hostile_ids(10), HostileTokenizer()))
-    text = safe_json(page_payload(data))
+    text = script_json(page_payload(data))
     assert "<" not in text and ">" not in text
     assert json.loads(text)["tokens"][3] == HOSTILE[0]
 

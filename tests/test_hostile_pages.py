@@ -1,0 +1,122 @@
+"""Every page headlab writes, with hostile strings in every field that reaches it (tokens, model
+ids, score names and descriptions, settings values, file names, plan names, generated responses),
+opened in headless Chromium: nothing runs, no page error, and the strings show as text.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_report import CharTokenizer
+from test_view_browser import CHROMIUM, browser  # noqa: F401 (browser is a fixture)
+from test_views import HostileTokenizer, hostile_ids
+
+from headlab.probes import ReportSettings, write_report
+from headlab.probes.scores import HeadScores
+from headlab.probes.validation import write_curve_page
+from headlab.probes.view_data import gather_view
+from headlab.probes.view_page import write_view
+from headlab.sae import SparseAutoencoder, collect_examples, write_dashboard
+from headlab.surgeon import HeadScale, Plan
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)")
+
+PAYLOADS = [
+    '"><img src=x onerror="window.__pwned=1">',
+    "</script><script>window.__pwned=2</script>",
+    "' onmouseover='window.__pwned=3' x='",
+    "<svg onload=window.__pwned=4>",
+    "javascript:window.__pwned=5",
+    "\u2028</div><iframe srcdoc=\"<script>parent.__pwned=6</script>\">",
+    "</title></textarea></style></pre><img src=x onerror=\"window.__pwned=7\">",
+]
+HOSTILE = " ".join(PAYLOADS)
+
+
+def load(browser, path):
+    """Open ``path``; return the page and the errors it reported."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1600})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(300)
+    return page, errors
+
+
+def assert_inert(page, errors):
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img[src='x'], svg[onload], iframe").count() == 0
+    assert errors == []
+
+
+def hostile_curve(score: str) -> dict:
+    return {"format": "headlab-masking-curve/1", "score": score, "settings": {"metric": HOSTILE, "seeds": 1},
+            "k": [1, 2], "baseline": 0.5, "top": [0.4, 0.3], "random": [[0.5], [0.45]], "random_mean": [0.5, 0.45]}
+
+
+@pytest.fixture(scope="module")
+def report_folder(tmp_path_factory):
+    """A report whose text file name, model id, tokens and masking curve's score name are hostile."""
+    root = tmp_path_factory.mktemp("hostile")
+    out = root / "report"
+    out.mkdir()
+    (out / f"validation-{'x'}.json").write_text(json.dumps(hostile_curve(PAYLOADS[0])))
+    (out / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["validation-x.json"]}))
+    text = root / "tx<b>'\"t.txt"
+    text.write_text((HOSTILE + " words of text ") * 8)
+    settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, text_path=str(text), n_views=2, scores=("induction",))
+    write_report(tiny_llama("gqa"), CharTokenizer(), HOSTILE, out, settings, progress=False)
+    return out
+
+
+def test_report_page_runs_nothing(browser, report_folder):  # noqa: F811
+    page, errors = load(browser, report_folder / "report.html")
+    assert_inert(page, errors)
+    body = page.inner_text("body")
+    assert PAYLOADS[0] in body and PAYLOADS[1] in body  # the model id and file name, shown as text
+    assert page.locator(".plotly-graph-div").count() >= 3  # the masking curve of the hostile score renders
+
+
+def test_report_views_page_runs_nothing(browser, report_folder):  # noqa: F811
+    page, errors = load(browser, report_folder / "views.html")
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    assert_inert(page, errors)
+
+
+def test_view_page_with_hostile_scores_plan_and_model_runs_nothing(browser, tmp_path):  # noqa: F811
+    model = tiny_llama("gqa", layers=3)
+    plan = Plan([HeadScale(1, (0, 3), 0.0)])
+    data = gather_view(model, HostileTokenizer(), hostile_ids(30), HOSTILE, plan=plan, progress=False,
+                       plan_label=PAYLOADS[2] + ".json")
+    name = PAYLOADS[3]
+    scores = {name: HeadScores(name, torch.rand(3, 9), torch.ones(3, 9), HOSTILE, PAYLOADS[1], {"x": HOSTILE})}
+    path = write_view(data, tmp_path / "view.html", scores, head=(1, 0))
+    page, errors = load(browser, path)
+    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    page.select_option("#score", name)
+    page.wait_for_timeout(300)
+    assert_inert(page, errors)
+    assert PAYLOADS[2] in page.inner_text("#detail-title") or PAYLOADS[2] in page.content().replace("&amp;", "&")
+
+
+def test_validation_page_runs_nothing(browser, tmp_path):  # noqa: F811
+    path = write_curve_page(hostile_curve(PAYLOADS[1]), tmp_path / "validation.html")
+    page, errors = load(browser, path)
+    assert_inert(page, errors)
+    assert PAYLOADS[1] in page.title()
+
+
+def test_dashboard_runs_nothing(browser, tmp_path):  # noqa: F811
+    model = tiny_llama("gqa", layers=2)
+    sae = SparseAutoencoder(54, 32, "topk", 4, 9, 6)
+    windows = [hostile_ids(12, seed=s) for s in range(2)]
+    examples = collect_examples(model, sae, windows, 1, [0, 1], progress=False)
+    tokens = [[HostileTokenizer().decode([i]) for i in w[0].tolist()] for w in windows]
+    path = write_dashboard(tmp_path / "features.html", sae, examples, tokens, HOSTILE)
+    page, errors = load(browser, path)
+    assert_inert(page, errors)
+    assert PAYLOADS[0] in page.title()
