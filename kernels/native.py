@@ -5,7 +5,8 @@ pre-selection and selection, shift, ``exp2``, entropy product): a vector scan ke
 top-k per row, and one pass writes ``2^(s - max)`` in place and sums ``e · (s - max)``.
 
 The shared library is cached under ``$HEADLAB_CACHE/native`` (default ``~/.cache/headlab``),
-named by a hash of the source, compiler and flags, and written atomically. Without a C compiler
+named by a hash of the source, compiler and flags, written atomically, and loaded only while its
+content matches the sha256 recorded when headlab built it. Without a C compiler
 (``$CC``, else ``cc``/``gcc``/``clang``), or with ``HEADLAB_NATIVE=0``, :func:`row_pass` is
 ``None`` and the statistics fall back to torch ops (same results, slower), with one warning
 when compilation was tried and failed. Triton needs the same compiler for its GPU launchers.
@@ -58,12 +59,17 @@ def _flags() -> list[str]:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """Compile ``row_stats.c`` (once; later calls find the cached library) and return its path."""
+    """Compile ``row_stats.c`` (once; later calls find the cached library) and return its path.
+
+    The library's sha256 is recorded beside it at build time (``.sha256``); a cached file is used
+    only while its content matches that record, so a file dropped into the cache folder (or a
+    damaged one) is rebuilt over, never loaded."""
     compiler, flags = _compiler(), _flags()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()[:16]
     target = (cache_dir or _cache_dir()) / f"row_stats-{key}.so"
-    if target.exists():
+    record = target.with_suffix(".sha256")
+    if target.is_file() and record.is_file() and record.read_text().strip() == _digest(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -71,8 +77,15 @@ def build(cache_dir: Path | None = None) -> Path:
         run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
         if run.returncode:
             raise NativeUnavailable(f"{compiler} failed on {SOURCE.name}:\n{run.stderr.strip()}")
+        digest = Path(tmp) / record.name
+        digest.write_text(_digest(built) + "\n")
+        os.replace(digest, record)
         os.replace(built, target)
     return target
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load(path: Path) -> ctypes.CDLL:

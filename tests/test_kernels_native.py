@@ -69,7 +69,24 @@ def test_build_is_cached_by_source_and_flags(tmp_path):
     first = native.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name], "no temporary files left behind"
+    record = first.with_suffix(".sha256")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, record.name]), "no temporary files left"
+
+
+def test_a_file_dropped_into_the_cache_is_rebuilt_over_not_loaded(tmp_path):
+    """A library whose content does not match the hash recorded at build time (replaced, damaged,
+    or without a record) is never handed to the loader: it is compiled again over it."""
+    built = native.build(tmp_path)
+    good = built.read_bytes()
+    for tamper in ("replace", "unrecorded"):
+        dropped = tmp_path / "dropped"
+        dropped.write_bytes(b"\x7fELF dropped by someone else" + bytes(64))
+        dropped.replace(built)
+        if tamper == "unrecorded":
+            built.with_suffix(".sha256").unlink()
+        again = native.build(tmp_path)
+        assert again == built and again.read_bytes() == good, tamper
+    native.load(built)  # the rebuilt library loads
 
 
 def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeypatch):
