@@ -14,7 +14,7 @@ from pathlib import Path
 from . import cli_common as common
 from . import convert_cli, sae_cli
 from .surgeon.errors import HeadlabError, InputFileError, ModelSpecError
-from .surgeon.files import claim_file, claim_folder
+from .surgeon.files import check_folder, claim_file, claim_folder
 
 
 def _models(args) -> int:
@@ -37,12 +37,12 @@ def _models(args) -> int:
 
 
 def _report(args) -> int:
-    from .probes.report import REPORT_ENTRIES, skipped_families
+    from .probes.report import skipped_families
     from .probes.settings import ReportSettings
     from .probes.validation import load_curves
 
     settings = common.settings(ReportSettings, args)
-    claim_folder(args.out, REPORT_ENTRIES, args.overwrite, "--out report folder")
+    check_folder(args.out, args.overwrite, "--out report folder")
     load_curves(args.out)
     config = common.model_config(args)
     _check_window_fits(config, settings.n_tokens, "--tokens")
@@ -198,7 +198,7 @@ def _validate(args) -> int:
     masking = dataclasses.replace(settings.masking, metric=metric_name)
     out = Path(args.out)
     stem = f"validation-{_file_safe(args.score)}"
-    claim_folder(out, (f"{stem}.json", f"{stem}.html"), args.overwrite, "--out folder")
+    check_folder(out, args.overwrite, "--out folder")
     from .surgeon.models import is_causal_lm
 
     if metric_name == "needle-recall" and not is_causal_lm(config):
@@ -214,6 +214,7 @@ def _validate(args) -> int:
         windows = token_windows(tokenizer, load_text(None), settings.samples, settings.tokens, settings.seed)
         metric = loss_metric(model, windows)
     curve = masking_curve(scores[args.score], metric, masking)
+    claim_folder(out, (f"{stem}.json", f"{stem}.html"), args.overwrite, "--out folder")
     write_json(out / f"{stem}.json", curve)
     write_curve_page(curve, out / f"{stem}.html")
     rows = "\n".join(f"  K={k}: top {t:.3f}, random {r:.3f}" for k, t, r in zip(curve["k"], curve["top"],

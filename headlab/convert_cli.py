@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import cli_common as common
 from .surgeon.errors import HeadlabError
-from .surgeon.files import claim_folder
+from .surgeon.files import check_folder, claim_folder
 
 CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors", "headlab_conversion.json",
                       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -21,7 +21,7 @@ def _convert(args) -> int:
     settings = common.settings(ConversionSettings, args)
     out = Path(args.out)
     _refuse_the_source(args.model, out)
-    claim_folder(out, CHECKPOINT_ENTRIES, args.overwrite, "--out checkpoint folder")
+    check_folder(out, args.overwrite, "--out checkpoint folder")
     config = common.model_config(args, causal=True, needs="conversion")
     layers = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
     import torch
@@ -37,6 +37,7 @@ def _convert(args) -> int:
     if is_converted_directory(out) and not training.exists():
         raise HeadlabError(f"{out} already holds a finished converted checkpoint; choose another --out")
     stage1, stage2 = settings.stages()
+    claim_folder(out, CHECKPOINT_ENTRIES, args.overwrite, "--out checkpoint folder")
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(args.model)
     n_train = max(1, max(stage1.steps, stage2.steps) * settings.accumulation)
@@ -63,7 +64,7 @@ def _convert(args) -> int:
         perplexity["after_stage2"] = math.exp(heldout_loss(model, held_out))
     provenance = {"base_model": args.model, "seq_len": settings.seq_len, "held_out_windows": len(held_out),
                   "held_out_perplexity": perplexity, "stages": summaries}
-    save_converted(model, tokenizer, out, provenance)
+    save_converted(model, tokenizer, out, provenance, overwrite=args.overwrite)
     for name, value in perplexity.items():
         print(f"held-out perplexity {name}: {value:.3f}")
     print(f"converted checkpoint: {out} (reload with headlab.surgeon.load_model({str(out)!r}))")

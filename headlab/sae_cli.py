@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import cli_common as common
 from .surgeon.errors import HeadlabError
-from .surgeon.files import claim_file, claim_folder
+from .surgeon.files import check_folder, claim_file, claim_folder
 from .surgeon.settings import Integer, Items, Maybe, Text, check_settings, setting
 
 TRAIN_ENTRIES = ("cfg.json", "sae_weights.safetensors", "metrics.json", "sparsity.safetensors", "checkpoints")
@@ -61,9 +61,9 @@ def _train(args) -> int:
 
     settings, text = common.settings(TrainSettings, args), common.settings(TextWindows, args)
     data = common.settings(TrainData, args)
-    claim_folder(args.out, TRAIN_ENTRIES, args.overwrite, "--out folder")
+    check_folder(args.out, args.overwrite, "--out folder")
     if data.cache:
-        claim_folder(data.cache, (), args.overwrite, "--cache folder")
+        check_folder(data.cache, args.overwrite, "--cache folder")
     config = common.model_config(args)
     shape = common.model_shape_of(config)
     layer = common.one_layer(data.layer, shape.n_layers, "--layer")
@@ -86,13 +86,14 @@ def _train(args) -> int:
     model, tokenizer = common.load_model_from(args)
     train, held_out = train_eval_windows(tokenizer, text.text_path, math.ceil(settings.tokens / (text.context - 1)),
                                          data.eval_windows, text.context, settings.seed)
-    out = Path(args.out)
+    out = claim_folder(args.out, TRAIN_ENTRIES, args.overwrite, "--out folder")
     start = time.perf_counter()
     if data.cache and world == 1:
         cache = Path(data.cache)
         source = CachedActivations(cache) if (cache / "manifest.json").exists() else None
         if source is None:
             from .sae import cache_activations
+            claim_folder(cache, (), args.overwrite, "--cache folder")
             source = cache_activations(ModelActivations(model, train, layer), cache,
                                        metadata={"model": args.model, "context": text.context, "seed": settings.seed})
     else:
@@ -112,7 +113,7 @@ def _train(args) -> int:
                   "train_windows": len(train), "epochs_over_windows": buffer.epoch, "context": text.context,
                   "wall_s": round(wall, 1), "world_size": world,
                   "text": text.text_path or "Python standard-library docstrings"}
-    save_sae(sae, out, args.model, layer, module, text.context, provenance)
+    save_sae(sae, out, args.model, layer, module, text.context, provenance, overwrite=args.overwrite)
     metrics, frequency = evaluate_sae(model, sae, held_out, layer, progress=True)
     metrics.update({"format": "headlab-sae-metrics/1", "held_out_windows": len(held_out),
                     "train_wall_s": round(wall, 1)})

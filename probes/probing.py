@@ -18,9 +18,13 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
+from ..surgeon.errors import InputFileError
 from ..surgeon.files import read_jsonl
+from ..surgeon.settings import Kind, Text, check_object
 from ..surgeon.stopping import run_for_taps
 from .settings import POOLS
+
+FOLDS = 5  # cross-validation folds of the probes
 
 
 
@@ -36,18 +40,32 @@ class ProbeResult:
     settings: dict
 
 
-def load_labelled(path: str | Path) -> list[tuple[str, object]]:
-    """Read a JSON-lines file of ``{"text": ..., "label": ...}`` objects, one per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled data {path} does not exist")
+class _Label(Kind):
+    """A class label: a non-empty string or an integer (not a boolean or a fraction)."""
+
+    def check(self, value):
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a class label (a string or an integer)")
+
+
+def load_labelled(path: str | Path, folds: int = FOLDS) -> list[tuple[str, object]]:
+    """Read a JSON-lines file of ``{"text": ..., "label": ...}`` objects, one per line, checked:
+    non-empty texts, labels that are strings or integers, at least two classes and ``folds``
+    examples of each (the probe is cross-validated in that many folds)."""
     examples = []
-    for number, item in read_jsonl(path):
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or "label" not in item:
-            raise ValueError(f'{path}:{number}: expected an object with a string "text" and a "label"')
-        if not item["text"].strip():
-            raise ValueError(f"{path}:{number}: empty text")
-        examples.append((item["text"], item["label"]))
+    for number, item in read_jsonl(path, "labelled data"):
+        line = check_object(item, f"{path}:{number}", {"text": Text(), "label": _Label()})
+        examples.append((line["text"], line["label"]))
+    counts = Counter(label for _, label in examples)
+    if len(counts) < 2:
+        raise InputFileError(f"{path} holds {len(counts)} class(es); a probe needs at least two labels")
+    rare = sorted((str(label) for label, n in counts.items() if n < folds))
+    if rare:
+        raise InputFileError(f"{path}: label(s) {rare} have fewer than {folds} examples, the folds of the "
+                             "cross-validation")
     return examples
 
 
@@ -69,7 +87,7 @@ def head_features(model, tokenizer, texts: Sequence[str], pool: str = "last", ma
     return np.stack(rows)
 
 
-def probe_heads(model, tokenizer, examples: Sequence[tuple[str, object]], pool: str = "last", folds: int = 5,
+def probe_heads(model, tokenizer, examples: Sequence[tuple[str, object]], pool: str = "last", folds: int = FOLDS,
                 seed: int = 0, max_tokens: int = 512, progress: bool = False) -> ProbeResult:
     """Cross-validated accuracy of an L2-regularised logistic regression (standardised inputs)
     on each head's output, with ``folds`` stratified shuffled folds."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
-from ..surgeon.files import atomic_path, write_json
+from ..surgeon.files import atomic_path, record_owned, write_json
 from ..surgeon.stopping import run_until
 
 
@@ -93,6 +93,7 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
     def flush():
         nonlocal pending, rows
         name = f"shard-{len(shards):05d}.safetensors"
+        record_owned(folder, (name,))
         with atomic_path(folder / name) as tmp:
             save_file({"activations": torch.cat(pending).contiguous()}, str(tmp))
         shards.append(name)
@@ -107,7 +108,8 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
             flush()
     if pending:
         flush()
-    write_json(folder / "manifest.json", {"n_heads": source.n_heads, "d_head": source.d_head, "layer": source.layer,
+    record_owned(folder, ("manifest.json",))
+    write_json(folder / "manifest.json", {"format": "headlab-activations/1", "n_heads": source.n_heads, "d_head": source.d_head, "layer": source.layer,
                                           "exclude_first": source.exclude_first, "tokens": total,
                                           "shards": shards, **(metadata or {})})
     return CachedActivations(folder)

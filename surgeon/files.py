@@ -126,35 +126,45 @@ def headlab_wrote(path: str | os.PathLike) -> bool:
 
 
 def claim_file(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Path:
-    """Check, before any work, that ``path`` may be written: a new file in a folder that can be
-    created and written, or a file headlab wrote (:func:`headlab_wrote`); with ``overwrite``
-    any file. Raises :class:`OutputError` with the reason."""
+    """Check, before any work and without touching anything, that ``path`` may be written: a new
+    file where a folder can be created and written, or a file headlab wrote (:func:`headlab_wrote`);
+    with ``overwrite`` any file. Raises :class:`OutputError` with the reason."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file path")
     if path.exists() and not overwrite and not headlab_wrote(path):
         raise OutputError(f"{what} {path} exists and headlab did not write it; choose another path or pass --overwrite")
-    _writable_folder(path.parent, what)
+    _check_writable(path.parent, what)
     return path
 
 
-def claim_folder(path: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
-                 what: str = "output folder") -> Path:
-    """Check, before any work, that headlab may write the entries ``names`` into the folder
-    ``path``, and record them as headlab's (:data:`OWNED_MANIFEST`). The folder must be new,
-    empty, or hold only entries headlab wrote; with ``overwrite`` it may hold anything (entries
-    outside ``names`` are never touched). Raises :class:`OutputError` with the reason."""
+def check_folder(path: str | os.PathLike, overwrite: bool = False, what: str = "output folder") -> Path:
+    """Check, before any work and without touching anything, that headlab may write into the
+    folder ``path``: it is new, empty, or holds only entries headlab wrote (:data:`OWNED_MANIFEST`);
+    with ``overwrite`` it may hold anything. Raises :class:`OutputError` with the reason."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; give a folder")
-    owned = _owned(path)
     if path.is_dir() and not overwrite:
+        owned = _owned(path)
         foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in owned | {OWNED_MANIFEST})
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise OutputError(f"{what} {path} holds files headlab did not write ({shown}); choose a new or empty "
                               "folder, or pass --overwrite")
-    _writable_folder(path, what)
+    _check_writable(path, what)
+    return path
+
+
+def claim_folder(path: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
+                 what: str = "output folder") -> Path:
+    """:func:`check_folder`, then create the folder and record the entries ``names`` as headlab's
+    (entries outside ``names`` are never touched). Called where the writing starts."""
+    path = check_folder(path, overwrite, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the {what} {path} ({err.strerror})") from None
     record_owned(path, names)
     return path
 
@@ -176,13 +186,12 @@ def _owned(folder: Path) -> set[str]:
         return set()
 
 
-def _writable_folder(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and check that files can be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise OutputError(f"cannot create the {what} folder {folder}: a file of that name is in the way") from None
-    except OSError as err:
-        raise OutputError(f"cannot create the {what} folder {folder} ({err.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {folder} (permission denied)")
+def _check_writable(folder: Path, what: str) -> None:
+    """``folder``, or the nearest folder above it that exists, takes new files."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write the {what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} into {existing} (permission denied)")

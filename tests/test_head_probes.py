@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from headlab.surgeon.errors import InputFileError
 from headlab.probes.divergence import head_divergence, zero_outliers
 from headlab.probes.probing import load_labelled, probe_heads
 from headlab.probes.sinks import SinkSettings, massive_activations, sink_token_mask
@@ -118,14 +119,14 @@ def test_probe_accuracy_is_chance_for_a_silent_head_and_high_for_a_head_that_see
 
 
 def test_labelled_data_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputFileError, match="does not exist"):
         load_labelled(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a", "label": 1}) + "\n{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         load_labelled(bad)
     bad.write_text(json.dumps({"text": "a"}) + "\n")
-    with pytest.raises(ValueError, match='"label"'):
+    with pytest.raises(ValueError, match="missing key.*'label'"):
         load_labelled(bad)
     with pytest.raises(ValueError, match="two labels"):
         probe_heads(tiny_llama("mqa"), CharTokenizer(), [("ab", 1)] * 6)

@@ -1,0 +1,424 @@
+"""Bad input on the command line and in the Python API: every case ends in one clear line (exit
+status 2 on the command line, a :class:`HeadlabError` in the API), never a traceback, before any
+expensive work, and changes no file: the sandbox of user files and inputs is compared byte for byte
+before and after each case (nothing written, nothing created, even under ``--out``).
+
+Every option of every command appears in at least one case (checked against the parser).
+"""
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from headlab.cli import build_parser, main
+from headlab.probes.scores import HeadScores
+from headlab.surgeon.errors import HeadlabError
+
+SMOL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A folder of user files and inputs, good and bad, shared by the cases."""
+    d = tmp_path_factory.mktemp("sandbox")
+    (d / "user.txt").write_text("the user's own notes\n")
+    (d / "precious").mkdir()
+    (d / "precious" / "scores.json").write_text('{"mine": true}\n')
+    (d / "text.txt").write_text("Some text to look at. " * 20)
+    task = {"prompt": "Q: 1+1 =", "choices": [" 2", " 3"], "label": 0}
+    good_task = json.dumps(task) + "\n" + json.dumps({**task, "label": 1}) + "\n"
+    for name, line in {"str_choices": {**task, "choices": "abc"}, "label_float": {**task, "label": 1.9},
+                       "label_true": {**task, "label": True}, "empty_choices": {**task, "choices": []},
+                       "array": [1, 2], "unknown_key": {**task, "extra": 1}}.items():
+        (d / f"tasks_{name}.jsonl").write_text(json.dumps(line) + "\n" + good_task)
+    shape = {"n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64}
+    plan = {"format": "headlab-plan/1", "model": SMOL, "shape": shape,
+            "edits": [{"kind": "head_scale", "layer": 5, "heads": [1], "scale": 0.0}]}
+    edit = plan["edits"][0]
+    for name, data in {"layer_str": {**edit, "layer": "5"}, "layer_float": {**edit, "layer": 5.5},
+                       "heads_str": {**edit, "heads": "12"}, "scale_nan": {**edit, "scale": math.nan},
+                       "scale_huge": {**edit, "scale": 1e30}}.items():
+        (d / f"plan_{name}.json").write_text(json.dumps({**plan, "edits": [data]}))
+    (d / "plan_edits_str.json").write_text(json.dumps({**plan, "edits": "abc"}))
+    (d / "plan_unknown_shape.json").write_text(json.dumps({**plan, "shape": {**shape, "colour": 1}}))
+    (d / "plan_wrong_shape.json").write_text(json.dumps({**plan, "shape": {**shape, "n_layers": 12}}))
+    (d / "plan_calibrate_nan.json").write_text(json.dumps({**plan, "edits": [
+        {"kind": "calibrate", "layer": 5, "heads": [1], "threshold": math.nan}]}))
+    (d / "probe_lists.jsonl").write_text(json.dumps({"text": "a b", "label": [1, 2]}) + "\n")
+    values = torch.rand(30, 9)
+    score = HeadScores("retrieval", values, torch.ones(30, 9), SMOL).to_dict()
+    (d / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": score}}))
+    (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
+    (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
+        "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
+    _sae_folders(d)
+    tiny = tiny_llama("gqa")
+    tiny.save_pretrained(d / "tinymodel")
+    _pickled_model(tiny, d / "pickled")
+    return d
+
+
+def _sae_folders(d: Path) -> None:
+    from headlab.sae import SparseAutoencoder, save_sae
+
+    save_sae(SparseAutoencoder(576, 1152, "topk", 8, 9, 64), d / "sae", SMOL, 3, "LlamaAttention o_proj input", 64)
+    (d / "sae_empty").mkdir()
+    for name in ("sae_no_d_in", "sae_d_sae", "sae_truncated"):
+        shutil.copytree(d / "sae", d / name)
+    cfg = json.loads((d / "sae" / "cfg.json").read_text())
+    (d / "sae_no_d_in" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_in"}))
+    (d / "sae_d_sae" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 2000}))
+    weights = d / "sae_truncated" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+class _NotATensor:
+    pass
+
+
+def _pickled_model(model, folder: Path) -> None:
+    """A model folder whose weights are a pickle carrying an object beyond tensors."""
+    model.config.save_pretrained(folder)
+    state = dict(model.state_dict())
+    state["payload"] = _NotATensor()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+# (command line, fragment of the one error line); {d} is the sandbox
+CLI_CASES = [
+    # report
+    (f"report {SMOL} --out {{d}}/r --samples 0", "--samples"),
+    (f"report {SMOL} --out {{d}}/r --tokens 3", "--tokens"),
+    (f"report {SMOL} --out {{d}}/r --seed -1", "--seed"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/missing.txt", "does not exist"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}", "is not a file"),
+    (f"report {SMOL} --out {{d}}/r --views -1", "--views"),
+    (f"report {SMOL} --out {{d}}/r --scores induction,bogus", "not one of"),
+    (f"report {SMOL} --out {{d}}/r --scores induction,,gradient", "empty item"),
+    (f"report {SMOL} --out {{d}}/r --sink-ratio nan", "finite"),
+    (f"report {SMOL} --out {{d}}/r --probe-data {{d}}/probe_lists.jsonl", "label"),
+    (f"report {SMOL} --out {{d}}/r --probe-pool max", "--probe-pool"),
+    (f"report {SMOL} --out {{d}}/r --needle-lengths 64", "minimum 128"),
+    (f"report {SMOL} --out {{d}}/r --needle-depths 0.5,1.5", "at most 1.0"),
+    (f"report {SMOL} --out {{d}}/r --needles 4", "maximum 3"),
+    (f"report {SMOL} --out {{d}}/user.txt", "is a file"),
+    (f"report {SMOL} --out {{d}}/precious", "headlab did not write (scores.json)"),
+    (f"report {SMOL} --out {{d}}/precious --overwrite --samples -3", "--samples"),
+    (f"report {SMOL} --out {{d}}/r --max-memory lots", "memory size"),
+    ("report smollm2-13m --out {d}/r", "did you mean 'smollm2-135m'"),
+    ("report ./no/such/model --out {d}/r", "does not exist"),
+    ("report minilm-l6 --out {d}/r --tokens 1000", "longer than the 512 positions"),
+    ("report {d}/pickled --out {d}/r --scores none --samples 1", "refuses to unpickle"),
+    # calibrate
+    (f"calibrate {SMOL} --out {{d}}/p.json --task bogus", "neither a built-in task"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_str_choices.jsonl", "choices: 'abc' is not a list"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_label_float.jsonl", "label: 1.9"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_label_true.jsonl", "label: True"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_empty_choices.jsonl", "at least 2"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_array.jsonl", "expected a JSON object"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_unknown_key.jsonl", "unknown key"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --size 0", "--size"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --seed -2", "--seed"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --batch-size 0", "--batch-size"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --layers 5-2", "empty"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --layers x", "not an index"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --layers 0-3", "never calibrated"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --layers 40", "outside 0..29"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --beta 1.5", "--beta"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --beta nan", "finite"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --threshold -0.1", "--threshold"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --margin 2", "--margin"),
+    (f"calibrate {SMOL} --out {{d}}/user.txt --task kv-recall", "headlab did not write it"),
+    (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --progress {{d}}/user.txt", "headlab did not write"),
+    ("calibrate minilm-l6 --out {d}/p.json --task kv-recall", "not a causal language model"),
+    (f"calibrate {SMOL} --out {{d}}/p.json", "--task"),
+    # eval
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_layer_str.json", "'5' is not an integer"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_layer_float.json", "5.5"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_heads_str.json", "'12' is not a list"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_scale_nan.json", "finite"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_scale_huge.json", "at most 1000"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_edits_str.json", "not a list"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_unknown_shape.json", "unknown key"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_wrong_shape.json", "made for a model"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_calibrate_nan.json", "finite"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/user.txt", "not JSON"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --split train", "--split"),
+    (f"eval {SMOL} --out {{d}}/precious --task kv-recall", "is a folder"),
+    ("eval minilm-l6 --out {d}/e.json --task kv-recall", "not a causal language model"),
+    # view
+    (f"view {SMOL} --text hi --out {{d}}/v.html --head 17", "LAYER.HEAD"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --head 17.9", "heads are 0..8"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --head 40.1", "outside 0..29"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --head 1.2 --layers 3-4", "does not record"),
+    (f"view {SMOL} --file {{d}} --out {{d}}/v.html", "is a folder"),
+    (f"view {SMOL} --file {{d}}/missing.txt --out {{d}}/v.html", "does not exist"),
+    (f"view {SMOL} --text ' ' --out {{d}}/v.html", "empty"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --layers 5-2", "empty"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --max-payload-mb 0", "--max-payload-mb"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --max-tokens 0", "--max-tokens"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --plotlyjs svg", "--plotlyjs"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --compare {{d}}/plan_heads_str.json", "'12'"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --scores {{d}}/scores_bad.json", "rows of different lengths"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --scores {{d}}/scores_shape.json", "layers x heads"),
+    (f"view {SMOL} --text hi --out {{d}}/v.html --export {{d}}/fig.txt", ".png, .svg or .pdf"),
+    (f"view {SMOL} --text hi --out {{d}}/user.txt", "headlab did not write it"),
+    (f"view {SMOL} --text 'a b c d e f g' --out {{d}}/v.html --max-tokens 2", "more than --max-tokens"),
+    # validate
+    (f"validate {SMOL} --scores {{d}}/missing.json --out {{d}}/val", "does not exist"),
+    (f"validate {SMOL} --scores {{d}}/scores_bad.json --out {{d}}/val", "rows of different lengths"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/val", "has no score 'nope'"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 0", "--ks"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 5,x", "not an integer"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --seeds 0", "--seeds"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --exclude-top -1", "--exclude-top"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --metric recall", "--metric"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needle-lengths 10", "minimum 128"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --samples 0", "--samples"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --tokens 1", "--tokens"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --seed -1", "--seed"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/precious", "headlab did not write"),
+    # sae train
+    (f"sae train {SMOL} --out {{d}}/s --layer x", "--layer"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 40", "outside 0..29"),
+    (f"sae train {SMOL} --out {{d}}/s", "--layer"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --arch conv", "--arch"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --k 0", "--k"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --k 100000 --expansion 1", "more than the 576 latents"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --expansion 0", "--expansion"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --tokens 0", "--tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --batch-size 0", "--batch-size"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --buffer-tokens 0", "--buffer-tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --lr 0", "--lr"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --lr nan", "finite"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --l1 -1", "--l1"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --resample-every 0", "--resample-every"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --context 1", "--context"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --eval-windows 0", "--eval-windows"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --checkpoint-every 0", "--checkpoint-every"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --cache {{d}}/user.txt", "is a file"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --text-file {{d}}/missing.txt", "does not exist"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --seed -1", "--seed"),
+    (f"sae train {SMOL} --out {{d}}/precious --layer 3", "headlab did not write"),
+    # sae eval and dashboard
+    ("sae eval {d}/missing --out {d}/m.json", "not a folder"),
+    ("sae eval {d}/sae_empty --out {d}/m.json", "cfg.json is missing"),
+    ("sae eval {d}/sae_no_d_in --out {d}/m.json", "d_in"),
+    ("sae eval {d}/sae_d_sae --out {d}/m.json", "W_enc is (576, 1152), the config says (576, 2000)"),
+    ("sae eval {d}/sae_truncated --out {d}/m.json", "cannot be read as safetensors"),
+    ("sae eval {d}/sae --out {d}/m.json --windows 0", "--windows"),
+    ("sae eval {d}/sae --out {d}/m.json --context 1", "--context"),
+    ("sae eval {d}/sae --out {d}/m.json --seed -1", "--seed"),
+    ("sae eval {d}/sae --out {d}/m.json --text-file {d}", "is not a file"),
+    ("sae eval {d}/sae --out {d}/m.json --model smollm2-13m", "did you mean"),
+    ("sae eval {d}/sae --out {d}/m.json --model minilm-l6", "reads layer 3 with 576 inputs"),
+    ("sae eval {d}/sae --out {d}/user.txt", "headlab did not write"),
+    ("sae eval {d}/sae --out {d}/m.json --max-memory 3 apples", "memory size"),
+    ("sae dashboard {d}/sae --out {d}/f.html --top 100000", "more than the autoencoder's 1152 latents"),
+    ("sae dashboard {d}/sae --out {d}/f.html --latents 3,x", "not an integer"),
+    ("sae dashboard {d}/sae --out {d}/f.html --latents 99999", "not a latent"),
+    ("sae dashboard {d}/sae --out {d}/f.html --windows 0", "--windows"),
+    ("sae dashboard {d}/sae --out {d}/f.html --context 1", "--context"),
+    ("sae dashboard {d}/sae --out {d}/f.html --seed -1", "--seed"),
+    ("sae dashboard {d}/sae --out {d}/f.html --text-file {d}/missing.txt", "does not exist"),
+    ("sae dashboard {d}/sae --out {d}/f.html --model ./nope", "does not exist"),
+    ("sae dashboard {d}/sae --out {d}/user.txt", "headlab did not write"),
+    # convert
+    (f"convert {SMOL} --out {{d}}/c --to linear", "--to"),
+    (f"convert {SMOL} --out {{d}}/c --layers 5-2", "empty"),
+    (f"convert {SMOL} --out {{d}}/c --layers 40", "outside 0..29"),
+    (f"convert {SMOL} --out {{d}}/c --window 0", "--window"),
+    (f"convert {SMOL} --out {{d}}/c --feature-dim 0", "--feature-dim"),
+    (f"convert {SMOL} --out {{d}}/c --feature-map x", "--feature-map"),
+    (f"convert {SMOL} --out {{d}}/c --sliding --steps 0,0", "trains nothing"),
+    (f"convert {SMOL} --out {{d}}/c --steps a", "S1[,S2]"),
+    (f"convert {SMOL} --out {{d}}/c --steps 1,2,3", "more than two"),
+    (f"convert {SMOL} --out {{d}}/c --loss kl", "--loss"),
+    (f"convert {SMOL} --out {{d}}/c --lr1 0", "--lr1"),
+    (f"convert {SMOL} --out {{d}}/c --lr2 -1", "--lr2"),
+    (f"convert {SMOL} --out {{d}}/c --seq-len 4", "--seq-len"),
+    (f"convert {SMOL} --out {{d}}/c --accumulation 0", "--accumulation"),
+    (f"convert {SMOL} --out {{d}}/c --eval-every 0", "--eval-every"),
+    (f"convert {SMOL} --out {{d}}/c --eval-windows 0", "--eval-windows"),
+    (f"convert {SMOL} --out {{d}}/c --text-file {{d}}/missing.txt", "does not exist"),
+    (f"convert {SMOL} --out {{d}}/c --seed -1", "--seed"),
+    (f"convert {SMOL} --out {{d}}/precious", "headlab did not write"),
+    ("convert minilm-l6 --out {d}/c", "not a causal language model"),
+    ("convert {d}/tinymodel --out {d}/tinymodel", "source model's folder itself"),
+    ("convert {d}/tinymodel --out {d}/tinymodel/converted --overwrite", "source model's folder itself or inside"),
+]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(folder.rglob("*"))}
+
+
+def _argv(line: str, sandbox: Path) -> list[str]:
+    import shlex
+
+    return shlex.split(line.replace("{d}", str(sandbox)))
+
+
+@pytest.mark.parametrize("line, fragment", CLI_CASES, ids=[line.split(" --")[0].split(" {")[0][:28] + f"-{i}"
+                                                           for i, (line, _) in enumerate(CLI_CASES)])
+def test_bad_input_is_one_line_before_work_and_writes_nothing(sandbox, capsys, line, fragment):
+    before = _snapshot(sandbox)
+    start = time.perf_counter()
+    try:
+        status = main(_argv(line, sandbox))
+    except SystemExit as exit_:  # argparse's own refusals
+        status = exit_.code
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    lines = [text for text in err.splitlines() if text.strip() and "%|" not in text]  # progress bars aside
+    assert status == 2, err
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+    assert _snapshot(sandbox) == before, "a refused command changed or created files"
+    assert elapsed < 30, f"refused only after {elapsed:.0f} s"
+
+
+def test_every_option_of_every_command_has_a_bad_input_case():
+    parser = build_parser()
+    seen = " ".join(line for line, _ in CLI_CASES)
+    missing = []
+    for name, command in _commands(parser):
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help" and f"{flag} " not in seen + " ":
+                    missing.append(f"{name} {flag}")
+    assert not missing, missing
+
+
+def _commands(parser, prefix=""):
+    for action in parser._actions:
+        if hasattr(action, "choices") and isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                if any(hasattr(a, "choices") and isinstance(a.choices, dict) for a in sub._actions):
+                    yield from _commands(sub, f"{prefix}{name} ")
+                else:
+                    yield f"{prefix}{name}", sub
+
+
+def test_help_and_argument_errors_answer_at_once(capsys):
+    """No model, no torch import needed: both answer in well under a second even on a busy CI box."""
+    import subprocess
+    import sys
+
+    for argv, status in ((["--help"], 0), (["report", SMOL, "--out", "x", "--samples", "0"], 2)):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "headlab", *argv], capture_output=True, text=True)
+        assert done.returncode == status, done.stderr
+        assert time.perf_counter() - start < 3.0
+        assert "torch" not in done.stderr
+
+
+API_CASES = [
+    ("HeadScale with a boolean layer", lambda: _surgeon().HeadScale(True, (0,))),
+    ("HeadScale with a fractional head", lambda: _surgeon().HeadScale(1, (0.7,))),
+    ("HeadScale with heads as a string", lambda: _surgeon().HeadScale(1, "12")),
+    ("HeadScale with a NaN scale", lambda: _surgeon().HeadScale(1, (0,), math.nan)),
+    ("Calibrate with a negative threshold", lambda: _surgeon().Calibrate(2, (0,), threshold=-1.0)),
+    ("Steer with alpha 0", lambda: _surgeon().Steer(2, (0,), alpha=0.0)),
+    ("Taps with a boolean layer", lambda: _surgeon().Taps(attention={True: None})),
+    ("Taps with a fractional head", lambda: _surgeon().Taps(attention={1: (0.5,)})),
+    ("Request with a string span", lambda: _request_span("0:3")),
+    ("Plan with an edit that is a list", lambda: _surgeon().Plan.from_dict({"format": "headlab-plan/1",
+                                                                             "edits": [[1]]})),
+    ("ReportSettings with 0 samples", lambda: _probe_settings().ReportSettings(n_samples=0)),
+    ("ReportSettings with an unknown family", lambda: _probe_settings().ReportSettings(scores=("nope",))),
+    ("NeedleSettings with a depth of 2", lambda: _probe_settings().NeedleSettings(depths=(2.0,))),
+    ("MaskingSettings with K 0", lambda: _probe_settings().MaskingSettings(ks=(0,))),
+    ("TrainSettings with batch 0", lambda: _sae_settings().TrainSettings(batch_size=0)),
+    ("TrainSettings with an unknown architecture", lambda: _sae_settings().TrainSettings(arch="conv")),
+    ("LinearSettings with window 0", lambda: _conversion().LinearSettings(window=0)),
+    ("StageSettings with lr NaN", lambda: _conversion().StageSettings(lr=math.nan)),
+    ("TaskSettings without tasks", lambda: _tasks().TaskSettings()),
+    ("load_model of a mistyped name", lambda: _surgeon().load_model("smollm2-13m")),
+]
+
+
+def _surgeon():
+    import headlab.surgeon as surgeon
+
+    return surgeon
+
+
+def _probe_settings():
+    import headlab.probes.settings as settings
+
+    return settings
+
+
+def _sae_settings():
+    import headlab.sae.settings as settings
+
+    return settings
+
+
+def _conversion():
+    import headlab.surgeon.conversion_settings as settings
+
+    return settings
+
+
+def _tasks():
+    import headlab.surgeon.tasks as tasks
+
+    return tasks
+
+
+def _request_span(span):
+    from headlab.surgeon.request import span_mask
+
+    return span_mask(span, 1, 5, "span")
+
+
+@pytest.mark.parametrize("name, call", API_CASES, ids=[name for name, _ in API_CASES])
+def test_bad_api_input_raises_one_line(name, call):
+    with pytest.raises(HeadlabError) as err:
+        call()
+    assert "\n" not in str(err.value) and str(err.value).strip()
+
+
+@pytest.mark.real_model
+def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path):
+    """SIGINT while the report scores its windows: exit 130, one line naming the scores file and how
+    to finish, no traceback, and the scores so far on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "report"
+    process = subprocess.Popen([sys.executable, "-m", "headlab", "report", SMOL, "--out", str(out), "--samples", "40",
+                                "--scores", "none"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "TQDM_MININTERVAL": "0"})
+    seen, started = [], threading.Event()
+
+    def read():
+        for chunk in iter(lambda: process.stderr.read1(4096), b""):
+            seen.append(chunk.decode(errors="replace"))
+            if "scoring heads" in "".join(seen) and (out / "scores.json").exists():
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(300), "".join(seen)[-2000:]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(120) == 130
+    reader.join(10)
+    err = "".join(seen)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert "interrupted" in last and "scores.json" in last and "run the same command again" in last, last
+    assert json.loads((out / "scores.json").read_text())["complete"] is False
