@@ -58,6 +58,12 @@ def sandbox(tmp_path_factory):
     (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
     (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
+    stray = d / "stray_report"
+    stray.mkdir()
+    (stray / "validation-x.json").write_text(json.dumps({"score": "x", "baseline": 1.0, "top": [], "random": [],
+                                                          "random_mean": []}))  # no "k"
+    (stray / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
+                                                            "entries": ["validation-x.json"]}))
     _sae_folders(d)
     tiny = tiny_llama("gqa")
     tiny.save_pretrained(d / "tinymodel")
@@ -116,6 +122,7 @@ CLI_CASES = [
     ("report ./no/such/model --out {d}/r", "does not exist"),
     ("report minilm-l6 --out {d}/r --tokens 1000", "longer than the 512 positions"),
     ("report {d}/pickled --out {d}/r --scores none --samples 1", "refuses to unpickle"),
+    (f"report {SMOL} --out {{d}}/stray_report", "missing key(s) ['k']"),
     # calibrate
     (f"calibrate {SMOL} --out {{d}}/p.json --task bogus", "neither a built-in task"),
     (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_str_choices.jsonl", "choices: 'abc' is not a list"),
