@@ -76,9 +76,10 @@ def _train(args) -> int:
     from .probes.corpus import train_eval_windows
     from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, Trainer, evaluate_sae,
                       save_sae)
+    from .sae.saving import save_sparsity
     from .surgeon import attention_modules
     from .surgeon.distributed import rank_and_world
-    from .surgeon.files import atomic_path, write_json
+    from .surgeon.files import write_json
 
     common.init_distributed()
     rank, world = rank_and_world()
@@ -113,15 +114,16 @@ def _train(args) -> int:
                   "train_windows": len(train), "epochs_over_windows": buffer.epoch, "context": text.context,
                   "wall_s": round(wall, 1), "world_size": world,
                   "text": text.text_path or "Python standard-library docstrings"}
-    save_sae(sae, out, args.model, layer, module, text.context, provenance, overwrite=args.overwrite)
+    from .probes.corpus import special_tokens
+    from .surgeon.models import hub_id
+
+    save_sae(sae, out, hub_id(args.model), layer, module, text.context, provenance, overwrite=args.overwrite,
+             model_spec=args.model, prepend_bos=bool(special_tokens(tokenizer)[0]), dataset_path=text.text_path or "")
     metrics, frequency = evaluate_sae(model, sae, held_out, layer, progress=True)
     metrics.update({"format": "headlab-sae-metrics/1", "held_out_windows": len(held_out),
                     "train_wall_s": round(wall, 1)})
     write_json(out / "metrics.json", metrics)
-    from safetensors.torch import save_file
-
-    with atomic_path(out / "sparsity.safetensors") as tmp:
-        save_file({"sparsity": frequency.float()}, str(tmp))
+    save_sparsity(out, frequency)
     print(json.dumps({k: metrics[k] for k in ("l0", "explained_variance", "ce_loss_recovered", "dead_fraction")
                       if k in metrics}, indent=1))
     print(f"saved {out / 'cfg.json'}, {out / 'sae_weights.safetensors'}, {out / 'metrics.json'}")
@@ -133,7 +135,7 @@ def _saved(args):
     from .sae import load_sae
 
     sae, config = load_sae(args.sae)
-    spec = args.model or config["metadata"]["model_name"]
+    spec = args.model or config["headlab"].get("model_spec") or config["metadata"]["model_name"]
     shape = common.model_shape_of(common.model_config(args, spec))
     layer = config["headlab"]["layer"]
     if layer >= shape.n_layers or shape.n_heads * shape.head_dim != sae.d_in:

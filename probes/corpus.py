@@ -55,7 +55,7 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     """
     if n_samples < 1 or n_tokens < 2:
         raise ValueError("need at least one sample of at least two tokens")
-    prefix, suffix = _special_wrap(tokenizer)
+    prefix, suffix = special_tokens(tokenizer)
     body = n_tokens - len(prefix) - len(suffix)
     if body < 1:
         raise ValueError(f"{n_tokens} tokens leave no room for text between the special tokens")
@@ -89,7 +89,7 @@ def train_eval_windows(tokenizer, text_path: str | Path | None, n_train: int, n_
     return train, [windows[i] for i in sorted(held_out)]
 
 
-def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The special ids the tokenizer puts before and after a text (``[CLS]`` / ``[SEP]`` for BERT,
     a BOS for some decoders, nothing for others)."""
     full = list(tokenizer("a").input_ids)

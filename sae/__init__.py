@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_sae": "saving",
     "ModelActivations": "activations",
     "save_sae": "saving",
+    "save_sparsity": "saving",
     "ShuffleBuffer": "activations",
     "SparseAutoencoder": "model",
     "splice_function": "evaluate",

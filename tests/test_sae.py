@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from headlab.surgeon.errors import InputFileError
 from headlab.cli import main
 from headlab.kernels.sae_ops import dense_reference_decode, dense_reference_encode, sparse_decode, topk_encode
+from headlab.sae.saving import save_sparsity
 from headlab.sae import (
     ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer, cache_activations,
     collect_examples, decoder_head_shares, direct_feature_attribution, evaluate_sae, geometric_median, head_outputs,
@@ -132,6 +133,13 @@ def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tmp_path):
         assert torch.allclose(ranks[0][name], value, atol=1e-5), name
 
 
+def test_sparsity_is_stored_as_saelens_log10_frequency(tmp_path):
+    frequency = torch.tensor([0.0, 1e-4, 0.5, 1.0])
+    save_sparsity(tmp_path, frequency)
+    stored = load_file(tmp_path / "sparsity.safetensors")["sparsity"]
+    assert torch.allclose(stored.double(), torch.log10(frequency.double() + 1e-10), atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_save_and_load_give_identical_outputs(tmp_path, arch):
     sae = SparseAutoencoder(12, 48, arch, 4, 3, seed=1)
@@ -139,12 +147,20 @@ def test_save_and_load_give_identical_outputs(tmp_path, arch):
     with torch.no_grad():
         sae.threshold.fill_(0.05) if arch != "relu" and arch != "topk" else None
     sae.eval()
-    save_sae(sae, tmp_path / "sae", "tiny", 2, "LlamaAttention o_proj input", 64)
+    assert float(sae.scale) != 1.0  # the input scale that saving moves into the codes
+    save_sae(sae, tmp_path / "sae", "org/tiny", 2, "LlamaAttention o_proj input", 64, model_spec="tiny",
+             prepend_bos=True, dataset_path="text.txt")
     loaded, config = load_sae(tmp_path / "sae")
     assert config["metadata"]["hook_name"] == "blocks.2.attn.hook_z" and config["d_sae"] == 48
     assert config["architecture"] == {"relu": "standard", "topk": "topk"}.get(arch, "jumprelu")
+    assert config["metadata"]["sae_lens_version"].startswith("6.")  # read as a 6.x config, not rebuilt
+    assert (config["metadata"]["model_name"], config["headlab"]["model_spec"]) == ("org/tiny", "tiny")
+    assert config["metadata"]["prepend_bos"] is True and config["metadata"]["neuronpedia_id"] is None
+    saved = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert torch.allclose(saved["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)  # unit-norm decoder rows
     x = torch.randn(20, 12) * 5
     assert torch.allclose(loaded.reconstruct(x), sae.reconstruct(x), atol=1e-4)
+    assert torch.allclose(loaded.encode(x), sae.encode(x) / sae.scale, rtol=1e-5, atol=1e-6)
     assert torch.equal(loaded.encode(x) > 0, sae.encode(x) > 0)
     with pytest.raises(InputFileError, match="cfg.json is missing"):
         load_sae(tmp_path)
