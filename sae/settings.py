@@ -49,7 +49,8 @@ class TrainSettings:
     dead_tokens: int | None = setting(None, "tokens without firing after which a latent is dead",
                                       kind=Maybe(Integer(1)))
     init_rows: int = setting(32768, "rows for the decoder-bias initialisation (at most --tokens)", kind=Integer(1))
-    threshold_ema: float = setting(0.999, "BatchTopK: EMA factor of the inference threshold",
+    threshold_ema: float = setting(0.999, "BatchTopK: EMA factor of the inference threshold (a run of fewer than "
+                                          "10k steps averages over its last tenth instead)",
                                    kind=Number(0.0, 1.0, high_open=True))
     seed: int = setting(0, "seed", kind=Integer(0), flag="--seed")
     checkpoint_every: int = setting(50, "steps between checkpoints", kind=Integer(1), flag="--checkpoint-every")
@@ -61,6 +62,13 @@ class TrainSettings:
 
     def __post_init__(self):
         check_settings(self)
+
+    def threshold_decay(self) -> float:
+        """BatchTopK's threshold EMA factor: ``threshold_ema``, or for a short run one whose window is a
+        tenth of the steps, so the threshold estimated from the first step on reflects the trained
+        encoder of the run's end (never the 0 of a threshold not yet estimated)."""
+        window = min(1 / (1 - self.threshold_ema), max(1.0, self.steps / 10))
+        return 1 - 1 / window
 
     @property
     def steps(self) -> int:

@@ -221,11 +221,11 @@ class Trainer:
         if self.settings.resamples:
             self.window_fires += _all_reduce(active.sum(0).to(torch.long))
             self.window_tokens += self.settings.batch_size
-        if self.sae.arch == "batchtopk" and self.step >= min(1000, self.settings.warmup_steps):
+        if self.sae.arch == "batchtopk":
             smallest = codes[active].min() if active.any() else torch.tensor(0.0)
             if self.world > 1:
                 _all_reduce(smallest, torch.distributed.ReduceOp.MIN)
-            ema = self.settings.threshold_ema if self.sae.threshold.any() else 0.0  # first value starts it
+            ema = self.settings.threshold_decay() if self.sae.threshold.any() else 0.0  # the first value starts it
             self.sae.threshold.mul_(ema).add_((1 - ema) * smallest)
         totals = _all_reduce(torch.stack([loss.double(), active.sum(1).double().mean()])) / self.world
         stats = {"step": self.step, "loss": totals[0].item(), "l0": totals[1].item(),

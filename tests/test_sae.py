@@ -305,3 +305,19 @@ def test_relu_run_with_resampling_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(value, resumed.sae.state_dict()[name]), name
     with pytest.raises(ValueError, match="resample_every"):
         TrainSettings(resample_every=0)
+
+
+def test_a_short_batchtopk_run_saves_a_threshold_that_keeps_k_latents_on_held_out_data(tmp_path):
+    """The inference threshold is estimated from the first step (an EMA over the last tenth of a
+    short run): 40 steps leave it nonzero and the saved autoencoder fires about k latents on data
+    it never saw (before, runs under 1000 steps saved 0: a plain ReLU)."""
+    settings = TrainSettings(**{**SETTINGS.__dict__, "arch": "batchtopk", "k": 4, "tokens": 16 * 40,
+                                "warmup_steps": 1000})  # the default: the old rule waited for step 1000
+    sae = SparseAutoencoder(12, 48, "batchtopk", 4, 3, seed=0)
+    Trainer(sae, ShuffleBuffer(Chunks(0), 16, 64, seed=0), settings).run(progress=False)
+    assert (sae.threshold > 0).all()
+    save_sae(sae, tmp_path / "sae", "tiny", 1, "o_proj input", 64)
+    loaded, _ = load_sae(tmp_path / "sae")
+    held_out = torch.cat([Chunks(7).chunk(i) for i in range(6)])  # another source's activations
+    l0 = (loaded.encode(held_out) > 0).sum(1).double().mean().item()
+    assert abs(l0 - 4) <= 1.0, l0
