@@ -106,10 +106,12 @@ def var_redistribute(
     """VAR on the rows it selects.
 
     ``sinks, span [B, 1, Nk]`` bool (sink tokens; target span I); ``rows [B, Nq]`` the rows that
-    may be edited (after the span at prefill, every decode row). A row is edited when its span
-    mass ``M ≥ span_mass_min`` and the sinks' share of it ``π ≤ sink_share_max``: every sink
-    weight is multiplied by ``keep_fraction`` and the removed mass goes to the span's non-sink
-    keys in proportion. Rows whose span has no non-sink weight are unchanged.
+    may be edited (after the span at prefill, every decode row). As in the released code, a batch
+    element with no sink token inside its span is left alone (the release skips the layer). A row
+    is edited when its span mass ``M ≥ span_mass_min`` and the sinks' share of it
+    ``π ≤ sink_share_max``: every sink weight is multiplied by ``keep_fraction`` and the removed
+    mass goes to the span's non-sink keys in proportion. Rows whose span has no non-sink weight
+    are unchanged.
     """
     zeros = torch.zeros_like(a)
     span_mass = torch.where(span[:, :, None, :], a, zeros).sum(-1, keepdim=True)
@@ -119,7 +121,8 @@ def var_redistribute(
     receiver_mass = torch.where(receivers, a, zeros).sum(-1, keepdim=True)
     share = span_sinks / span_mass.clamp_min(_TINY)
     chosen = (span_mass >= span_mass_min) & (share <= sink_share_max) & (receiver_mass > _TINY)
-    chosen = chosen & rows[:, None, :, None]
+    span_has_sink = (span & sinks).any(-1)  # [B, 1]
+    chosen = chosen & rows[:, None, :, None] & span_has_sink[:, :, None, None]
     budget = (1 - keep_fraction) * sink_mass
     edited = torch.where(sinks[:, :, None, :], a * keep_fraction, a)
     edited = torch.where(receivers, a * (1 + budget / receiver_mass.clamp_min(_TINY)), edited)

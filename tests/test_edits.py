@@ -91,6 +91,11 @@ def test_act_beta_one_and_no_sinks_are_exact_noops():
 
 
 def loop_var_row(row, sinks, span, p, m_min, rho):
+    """VAR on one row as released (VisAttnSink logic.py: HeadFork leaves the layer alone when no
+    sink token lies inside the span; attn_redist moves (1 - p) of every sink's weight to the span's
+    non-sink tokens in proportion)."""
+    if not any(span[j] and sinks[j] for j in range(len(row))):
+        return row.clone()
     span_mass = sum(row[j] for j in range(len(row)) if span[j])
     if span_mass < m_min:
         return row.clone()
@@ -128,6 +133,7 @@ def test_var_matches_the_per_row_loop_and_keeps_row_sums(keep):
                 edited += int(not torch.equal(want, a[b, h, i]))
                 assert torch.allclose(got[b, h, i], want, atol=1e-12), (b, h, i)
     assert edited > 0, "the fixture must select some rows"
+    assert torch.equal(got[1], a[1]), "no sink inside row 1's span: the release leaves it alone"
     live = visible.any(-1)
     assert torch.allclose(got.sum(-1)[live], torch.ones_like(got.sum(-1)[live]), atol=1e-12)
     assert torch.equal(edits.var_redistribute(a, sinks, span, rows, 1.0), a)

@@ -77,6 +77,7 @@ def test_act_through_the_hook_equals_the_loop_on_eager_maps_and_spares_other_hea
 def test_var_rows_sum_to_one_and_the_planted_sink_is_found():
     model = plant_sink(tiny_llama("gqa", layers=5))
     ids, mask = batch_with_first_token([14, 11], 14)
+    ids[:, 8] = 1  # a sink token inside the span as well: VAR edits only where one lies there
     with torch.no_grad(), attach(model, Plan([redistribute()]), Taps(attention={2: None}),
                                  request=Request(span=(7, 10))) as session:
         model(input_ids=ids, attention_mask=mask)
