@@ -167,10 +167,12 @@ def act_output_from_lse(out: torch.Tensor, group_out: torch.Tensor, group_mass: 
 
     ``out, group_out [..., D]``: the row output and ``P = Σ_{j∈S} a_j v_j``; ``group_mass [...]``
     the row's sink mass ``A_S`` (both from :func:`headlab.kernels.partial_attention` with the LSE
-    of the fused pass). Rows with ``A_S = 0`` or ``1 - A_S < 1e-6`` are unchanged, as in
-    :func:`act_reweight`.
+    of the fused pass). Rows with ``A_S = 0`` or ``1 - A_S <= REST_MIN`` are unchanged, as in
+    :func:`act_reweight`. Without the map, the non-sink mass is ``1 - A_S``: in fp32 it keeps about
+    ``6e-8 / (1 - A_S)`` relative precision (0.2 % at ``1 - A_S = 3e-5``), so pass fp64 tensors
+    for rows whose sinks hold nearly all the mass, or use :func:`act_reweight` on the map.
     """
     m = group_mass[..., None]
-    gamma = (1 - beta * m) / (1 - m).clamp_min(_TINY)
+    gamma = (1 - beta * m) / (1 - m).clamp_min(REST_MIN)
     edited = gamma * (out - group_out) + beta * group_out
-    return torch.where((m > 0) & (1 - m >= _TINY), edited, out)
+    return torch.where((m > 0) & (1 - m > REST_MIN), edited, out)

@@ -202,3 +202,24 @@ def test_sink_ratio():
     ratio = edits.sink_ratio(hidden, [5, 2])
     assert ratio[0, 0] == pytest.approx(400.0 / math.sqrt((7 + 400.0**2) / 8 + 1e-6))
     assert ratio[0, 1] == pytest.approx(1.0 / math.sqrt(1 + 1e-6))
+
+
+@pytest.mark.parametrize("rest", [1e-1, 3e-5, 3e-6, 1e-7])
+def test_act_in_fp32_is_within_1e6_of_fp64_when_the_sinks_hold_nearly_all_mass(rest):
+    """γ from the directly summed non-sink mass: no cancellation of 1 - m (that form erred by
+    1.9e-4 at a non-sink mass of 3e-5 and 1.5e-3 at 3e-6)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 64
+    logits = torch.randn(4, 1, 8, n, generator=gen, dtype=torch.float64)
+    others = logits[..., 2:].exp().sum(-1, keepdim=True)
+    logits[..., :2] = torch.log(others * (1 - rest) / rest / 2)  # the two sinks hold 1 - rest
+    a64 = torch.softmax(logits, -1)
+    sinks = torch.zeros(4, 1, n, dtype=torch.bool)
+    sinks[..., :2] = True
+    visible = torch.ones(4, 1, 8, n, dtype=torch.bool)
+    exact = edits.act_reweight(a64, sinks, visible, 0.4)
+    got = edits.act_reweight(a64.float(), sinks, visible, 0.4)
+    non_sink = a64[..., 2:].sum(-1)
+    assert torch.allclose(non_sink, torch.full_like(non_sink, rest), rtol=1e-9)
+    assert (got.double() - exact).abs().max() <= 1e-6
+    assert torch.allclose(got.double().sum(-1), a64.sum(-1), atol=1e-6)
