@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .edits import DROP_FIRST
+from .edits import DROP_FIRST, PASTA_POSITIONS
 from .models import ModelShape
 from .plan import Edit, PlanError, register_edit
-from .settings import Choice, Integer, Items, Maybe, Number, setting
+from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
 from .search_settings import ACT_BETA, ACT_THRESHOLD
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
@@ -74,14 +74,18 @@ class Redistribute(Edit):
 @register_edit
 @dataclass(frozen=True)
 class Steer(Edit):
-    """PASTA: add ``log alpha`` to the logits of every prompt key outside the request's
-    emphasised span (generated keys untouched), on all rows of the chosen heads."""
+    """PASTA: add ``log alpha`` to the logits of every prompt key outside the request's emphasised
+    sections (generated keys untouched), on all rows of the chosen heads (:func:`.edits.pasta_bias`:
+    ``position`` and ``per_section`` give the released code's other modes; the default biases the
+    union of the sections once)."""
 
     kind: ClassVar[str] = "steer"
     stage: ClassVar[str] = "bias"
 
-    alpha: float = setting(0.01, "factor on the attention of keys outside the emphasised span",
-                           kind=Number(0.0, 1.0, low_open=True))
+    alpha: float = setting(0.01, "factor on the attention of the keys the bias applies to",
+                           kind=Number(0.0, 1e6, low_open=True))
+    position: str = setting("exclude", "the release's scale_position", kind=Choice(*PASTA_POSITIONS))
+    per_section: bool = setting(False, "bias once per emphasised section, as the release does", kind=Switch())
 
 
 @register_edit

@@ -65,7 +65,7 @@ def _steer(edit: Steer, state: RequestState, logits: torch.Tensor, call: Attenti
     n_key = logits.shape[-1]
     emphasis = RequestState.in_call(state.emphasis, call.key_start, n_key).to(logits.device)
     prompt = RequestState.in_call(state.prompt_keys, call.key_start, n_key).to(logits.device)
-    return edits.pasta_bias(logits, emphasis, prompt, edit.alpha)
+    return edits.pasta_bias(logits, emphasis, prompt, edit.alpha, edit.position, edit.per_section)
 
 
 def _calibrate(edit: Calibrate, layer, state, probs, visible, rows, call: AttentionCall) -> torch.Tensor:

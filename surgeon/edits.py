@@ -132,16 +132,38 @@ def var_redistribute(
 # --- PASTA: attention steering (§2.6) ---------------------------------------------------------
 
 
-def pasta_bias(logits: torch.Tensor, emphasis: torch.Tensor, prompt: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Add ``log alpha`` to the prompt columns outside the emphasised span, on every row.
+PASTA_POSITIONS = ("exclude", "include", "generation")
 
-    ``logits [B, h, Nq, Nk]`` (masked); ``emphasis, prompt [B, Nk]`` bool (generated keys are not
-    in ``prompt`` and are never down-weighted). ``alpha = 1`` adds exactly 0.
+
+def pasta_bias(logits: torch.Tensor, sections: torch.Tensor, prompt: torch.Tensor, alpha: float,
+               position: str = "exclude", per_section: bool = False) -> torch.Tensor:
+    """PASTA's bias on the logits of every row, in multiples of ``log alpha`` per prompt column.
+
+    ``logits [B, h, Nq, Nk]`` (masked); ``sections [B, S, Nk]`` bool, the emphasised sections;
+    ``prompt [B, Nk]`` bool (generated keys are not in it and get no bias). ``position`` is the
+    released code's ``scale_position``: ``exclude`` biases the prompt columns outside the emphasis,
+    ``include`` biases the emphasis and then every prompt column once the other way, and
+    ``generation`` biases every prompt column. headlab's default treats the sections as one union
+    (each column biased at most once); ``per_section`` applies the bias once per section as the
+    release does (a column outside two sections gets ``2 log alpha``). Both give the same softmax
+    over prompt columns, so prefill rows agree; on decode rows the per-section form moves more
+    mass to the generated keys. ``alpha = 1`` adds exactly 0.
     """
     if alpha <= 0:
         raise ValueError(f"PASTA alpha must be positive, got {alpha}")
-    damp = (prompt & ~emphasis)[:, None, None, :]
-    return logits + torch.where(damp, math.log(alpha), 0.0)
+    if position not in PASTA_POSITIONS:
+        raise ValueError(f"PASTA position must be one of {PASTA_POSITIONS}, got {position!r}")
+    inside = sections & prompt[:, None, :]  # [B, S, Nk]
+    if not per_section:
+        inside = inside.any(1, keepdim=True)
+    n_sections = inside.shape[1]
+    if position == "exclude":
+        count = (prompt[:, None, :] & ~inside).sum(1)
+    elif position == "include":
+        count = inside.sum(1) - prompt.long()
+    else:
+        count = prompt.long() * n_sections
+    return logits + (math.log(alpha) * count.to(logits.dtype))[:, None, None, :]
 
 
 # --- VHR: head reinforcement (§2.5) -------------------------------------------------------------

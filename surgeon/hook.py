@@ -28,7 +28,7 @@ from .attention_math import AttentionCall
 from .linear_layer import LinearAttention
 from .models import ModelShape, UnsupportedModelError, model_shape, require_attention_interface, text_config
 from .plan import Plan, PlanError
-from .request import Request, RequestState, span_mask
+from .request import Request, RequestState, section_masks, span_mask
 from .taps import MapBudgetError, Recording, Taps
 
 HOOK_NAME = "headlab"
@@ -160,7 +160,7 @@ class Session:
         batch, n_key = query.shape[0], key.shape[-2]
         self.state.prompt_keys = key_valid.cpu().clone()
         self.state.span = span_mask(self.request.span, batch, n_key, "span")
-        self.state.emphasis = span_mask(self.request.emphasis, batch, n_key, "emphasis")
+        self.state.emphasis = section_masks(self.request.emphasis, batch, n_key, "emphasis")
 
     def _record_attention(self, layer, query, key, attention_mask, call, edited=None) -> None:
         """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed

@@ -24,13 +24,25 @@ class Request:
 
     ``span``: the target span of VAR and VHR (an image or a document): ``(start, stop)`` key
     positions for every batch row, or a bool tensor ``[B, N]``. ``emphasis``: PASTA's emphasised
-    span, same forms. ``reference``: VHR's per-layer head outputs of the input without its span,
-    ``{layer: [B, H, D]}`` at the last position (:func:`headlab.surgeon.reference_outputs`).
+    span, same forms, or a list of them (several sections). ``reference``: VHR's per-layer head
+    outputs of the input without its span, ``{layer: [B, H, D]}`` at the last position (:func:`headlab.surgeon.reference_outputs`).
     """
 
     span: Span | None = None
-    emphasis: Span | None = None
+    emphasis: Span | list[Span] | None = None
     reference: dict[int, torch.Tensor] | None = None
+
+
+def section_masks(sections, batch: int, n_key: int, name: str) -> torch.Tensor | None:
+    """``[B, S, n_key]`` bool of one span or a list of ``S`` spans (each as :func:`span_mask` takes)."""
+    if sections is None:
+        return None
+    if isinstance(sections, list):
+        if not sections:
+            raise PlanError(f"{name} is an empty list of sections")
+        return torch.stack([span_mask(section, batch, n_key, f"{name} section {i}")
+                            for i, section in enumerate(sections)], dim=1)
+    return span_mask(sections, batch, n_key, name)[:, None, :]
 
 
 def span_mask(span: Span | None, batch: int, n_key: int, name: str) -> torch.Tensor | None:
@@ -69,7 +81,7 @@ class RequestState:
     n_prompt: int | None = None  # prompt length: positions before it are prompt, later ones generated
     prompt_keys: torch.Tensor | None = None  # [B, N0] bool: valid prompt tokens
     span: torch.Tensor | None = None  # [B, N0] bool
-    emphasis: torch.Tensor | None = None  # [B, N0] bool
+    emphasis: torch.Tensor | None = None  # [B, S, N0] bool: one mask per emphasised section
     act_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, h, N0]
     var_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N0]
     vhr_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] bool

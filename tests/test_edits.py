@@ -146,12 +146,12 @@ def test_pasta_equals_the_renormalised_form_and_alpha_one_is_exact():
     emphasis[:, 3:6] = True
     prompt = torch.ones(1, 11, dtype=torch.bool)
     prompt[:, 9:] = False  # the last two keys were generated
-    steered = torch.softmax(edits.pasta_bias(logits, emphasis, prompt, 0.01), -1)
+    steered = torch.softmax(edits.pasta_bias(logits, emphasis[:, None], prompt, 0.01), -1)
     factor = torch.where(prompt & ~emphasis, 0.01, 1.0).double()[:, None, None, :]
     want = a * factor
     want = want / want.sum(-1, keepdim=True)
     assert torch.allclose(steered, want, atol=1e-12)
-    assert torch.equal(edits.pasta_bias(logits, emphasis, prompt, 1.0), logits)
+    assert torch.equal(edits.pasta_bias(logits, emphasis[:, None], prompt, 1.0), logits)
 
 
 def test_vhr_selects_heads_above_the_median_after_outlier_removal():
@@ -223,3 +223,47 @@ def test_act_in_fp32_is_within_1e6_of_fp64_when_the_sinks_hold_nearly_all_mass(r
     assert torch.allclose(non_sink, torch.full_like(non_sink, rest), rtol=1e-9)
     assert (got.double() - exact).abs().max() <= 1e-6
     assert torch.allclose(got.double().sum(-1), a64.sum(-1), atol=1e-6)
+
+
+def release_pasta_mask(n_key, input_len, sections, alpha, position):
+    """The bias the released PASTA adds to one row (pastalib edit_multisection_attention): per section,
+    log alpha on the section (include), outside it up to the input's end (exclude), or on the whole
+    input (generation); include then takes log alpha off the whole input once."""
+    bias = torch.zeros(n_key, dtype=torch.float64)
+    log_alpha = math.log(alpha)
+    for ti, tj in sections:
+        if position == "include":
+            bias[ti:tj] += log_alpha
+        elif position == "exclude":
+            bias[:ti] += log_alpha
+            bias[tj:input_len] += log_alpha
+        else:
+            bias[:input_len] += log_alpha
+    if position == "include":
+        bias[:input_len] -= log_alpha
+    return bias
+
+
+@pytest.mark.parametrize("position", ["exclude", "include", "generation"])
+def test_pasta_per_section_equals_the_release_on_decode_rows(position):
+    """Two sections; keys 10.. were generated (decode rows see them). The per-section form adds the
+    release's bias exactly; the default union form gives the same softmax at prefill (prompt keys
+    only) but not on decode rows, for the exclude position with two sections."""
+    n_key, input_len, sections = 13, 10, [(2, 4), (6, 8)]
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 2, 3, n_key, generator=gen, dtype=torch.float64)
+    masks = torch.zeros(1, 2, n_key, dtype=torch.bool)
+    for s, (ti, tj) in enumerate(sections):
+        masks[0, s, ti:tj] = True
+    prompt = torch.zeros(1, n_key, dtype=torch.bool)
+    prompt[0, :input_len] = True
+    alpha = 0.05 if position != "include" else 20.0
+    got = edits.pasta_bias(logits, masks, prompt, alpha, position, per_section=True)
+    assert torch.allclose(got - logits, release_pasta_mask(n_key, input_len, sections, alpha, position).expand_as(got),
+                          atol=1e-12)
+    union = edits.pasta_bias(logits, masks, prompt, alpha, position)
+    prefill = (slice(None), slice(None), slice(None), slice(0, input_len))
+    assert torch.allclose(torch.softmax(union[prefill], -1), torch.softmax(got[prefill], -1), atol=1e-12)
+    if position == "exclude":
+        gap = (torch.softmax(union, -1) - torch.softmax(got, -1)).abs().max()
+        assert gap > 0.05, "on decode rows the two forms differ (generated keys are never biased)"
