@@ -35,6 +35,7 @@ _EXPORTS = {
     "search": "search",
     "Session": "hook",
     "Steer": "edit_kinds",
+    "Uniform": "edit_kinds",
     "Taps": "taps",
     "UnsupportedModelError": "models",
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .edits import DROP_FIRST, PASTA_POSITIONS
+from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
 from .models import ModelShape
 from .plan import Edit, PlanError, register_edit
 from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
@@ -86,6 +86,25 @@ class Steer(Edit):
                            kind=Number(0.0, 1e6, low_open=True))
     position: str = setting("exclude", "the release's scale_position", kind=Choice(*PASTA_POSITIONS))
     per_section: bool = setting(False, "bias once per emphasised section, as the release does", kind=Switch())
+
+
+@register_edit
+@dataclass(frozen=True)
+class Uniform(Edit):
+    """Zero the chosen heads' logits on every key their rows see, as a zeroed query does: uniform
+    attention over the visible keys (a learned sink keeps its own logit). ``rows="decode"`` edits
+    only calls that extend a cached sequence, leaving the prefill untouched: the retrieval-head
+    masking intervention (Wu et al.'s harness zeroes the query in decode steps only)."""
+
+    kind: ClassVar[str] = "uniform"
+    stage: ClassVar[str] = "bias"
+    needs_prompt: ClassVar[bool] = False
+
+    rows: str = setting("decode", "'decode': calls after the prefill only; 'all': every row", kind=Choice(*UNIFORM_ROWS))
+
+    def edits_call(self, prefill: bool) -> bool:
+        """Whether a call (the prefill of a sequence, or a later one) has rows this edit changes."""
+        return self.rows == "all" or not prefill
 
 
 @register_edit

@@ -13,7 +13,7 @@ import torch
 
 from . import attention_math, edits
 from .attention_math import AttentionCall
-from .edit_kinds import Calibrate, HeadMean, Redistribute, Reinforce, Steer
+from .edit_kinds import Calibrate, HeadMean, Redistribute, Reinforce, Steer, Uniform
 from .plan import Edit, HeadScale, PlanError
 from .request import Request, RequestState
 
@@ -43,7 +43,12 @@ def edited_attention(
     visible = logits > attention_math.MASKED / 2  # [B, h, Nq, Nk]
     for edit in bias:
         idx = [heads.index(h) for h in edit.heads]
-        logits[:, idx] = _steer(edit, state, logits[:, idx], call)
+        if isinstance(edit, Steer):
+            logits[:, idx] = _steer(edit, state, logits[:, idx], call)
+        elif isinstance(edit, Uniform):
+            logits[:, idx] = edits.uniform_logits(logits[:, idx], visible[:, idx])
+        else:
+            raise PlanError(f"no bias rule for {edit.kind}")
     probs = attention_math.softmax_with_sinks(logits, None if call.sinks is None else call.sinks[list(heads)])
     rows = call.row_positions(n_query, n_key)
     for edit in redistribute:

@@ -166,6 +166,18 @@ def pasta_bias(logits: torch.Tensor, sections: torch.Tensor, prompt: torch.Tenso
     return logits + (math.log(alpha) * count.to(logits.dtype))[:, None, None, :]
 
 
+# --- uniform attention (retrieval-head masking) -------------------------------------------------
+
+
+UNIFORM_ROWS = ("decode", "all")
+
+
+def uniform_logits(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``logits [B, h, Nq, Nk]`` replaced by 0 where ``visible`` (the masked entries keep their
+    value): what a zero query gives, so the softmax is uniform over the keys a row sees."""
+    return torch.where(visible, torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+
+
 # --- VHR: head reinforcement (§2.5) -------------------------------------------------------------
 
 

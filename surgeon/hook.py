@@ -76,7 +76,8 @@ class Session:
         own = self.delegates[layer]
         if not self._touches(layer):
             return own(module, query, key, value, attention_mask, **kwargs)
-        bias, redistribute = self.plan.for_layer(layer, "bias"), self.plan.for_layer(layer, "redistribute")
+        prefill = n_query == n_key and not key_start
+        bias, redistribute = (self.plan.for_layer(layer, stage, prefill) for stage in ("bias", "redistribute"))
         if layer in self.plan.layers():
             self._begin_request(layer, n_query, n_key)
         call = None
@@ -88,8 +89,9 @@ class Session:
         if out is None:
             out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
-        if bias or redistribute:
+        if any(edit.needs_prompt for edit in (*bias, *redistribute)):
             self._fix_prompt(attention_mask, query, key, call)
+        if bias or redistribute:
             heads, probs, head_out = editing.edited_attention(
                 layer, bias, redistribute, self.state, query, key, value, attention_mask, call,
                 query.shape[1] // key.shape[1],

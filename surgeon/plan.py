@@ -37,6 +37,7 @@ class Edit:
 
     kind: ClassVar[str] = ""
     stage: ClassVar[str] = ""
+    needs_prompt: ClassVar[bool] = True  # softmax-stage edits read the prompt's keys, found at prefill
 
     layer: int = setting(help="the layer edited", kind=Integer())
     heads: tuple[int, ...] = setting(help="the query heads edited (distinct)", kind=Items(Integer(), min_items=0))
@@ -58,6 +59,10 @@ class Edit:
                 f"{self.kind} edit on layer {self.layer} names head(s) {bad}, but the model has "
                 f"query heads 0..{shape.n_heads - 1}"
             )
+
+    def edits_call(self, prefill: bool) -> bool:
+        """Whether a call (the prefill of a sequence, or a later one) has rows this edit changes."""
+        return True
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
@@ -101,9 +106,11 @@ class Plan:
         """Layers with at least one edit."""
         return {e.layer for e in self.edits}
 
-    def for_layer(self, layer: int, stage: str) -> list[Edit]:
-        """The edits of one layer and stage, in plan order."""
-        return [e for e in self.edits if e.layer == layer and e.stage == stage]
+    def for_layer(self, layer: int, stage: str, prefill: bool | None = None) -> list[Edit]:
+        """The edits of one layer and stage, in plan order; with ``prefill`` given, only those that
+        change a call of that kind (:meth:`Edit.edits_call`)."""
+        return [e for e in self.edits if e.layer == layer and e.stage == stage
+                and (prefill is None or e.edits_call(prefill))]
 
     def to_dict(self) -> dict:
         return {

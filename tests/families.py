@@ -120,7 +120,8 @@ def output_projection(attention_module) -> torch.nn.Module:
 
 
 CHECKS = ("empty plan exact", "`generate` unchanged", "maps = eager", "statistics = eager", "HeadScale",
-          "Calibrate keeps row sums", "cached = recomputed (Steer + Calibrate)", "head-output tap", "SAE activations")
+          "Calibrate keeps row sums", "cached = recomputed (Steer + Calibrate)",
+          "Uniform decode = zeroed query", "head-output tap", "SAE activations")
 
 
 def family_table() -> str:

@@ -4,6 +4,9 @@ eager attention (called in the same forward, so both see the same ``q, k``), and
 projection's input. Tolerances come from :mod:`bounds`.
 """
 
+import sys
+from contextlib import contextmanager
+
 import pytest
 import torch
 from bounds import U, entropy_tolerance, logit_error, probability_tolerance
@@ -12,7 +15,7 @@ from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model
                       readme_table)
 
 from headlab.sae.activations import head_outputs
-from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Taps, UnsupportedModelError, attach,
+from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Taps, Uniform, UnsupportedModelError, attach,
                              model_shape)
 from headlab.surgeon.hook import attention_modules
 
@@ -186,6 +189,58 @@ def test_cached_decoding_equals_the_recomputation_under_softmax_edits(name):
     choices[:, 0] = True
     own_noise = float((own_cached - own_full).abs().max())
     assert (cached - full).abs()[choices].max() <= 10 * own_noise + 1e-5, (own_noise, (cached - full).abs().max())
+
+
+@contextmanager
+def zeroed_query_on_decode(model, layer, heads):
+    """The family's eager attention with the query of ``heads`` on ``layer`` zeroed in calls that
+    extend the cache (the retrieval-head harness's masking)."""
+    module = sys.modules[type(attention_modules(model)[0]).__module__]
+    original = module.eager_attention_forward
+
+    def zeroing(attn, query, key, value, attention_mask, **kwargs):
+        if attn.layer_idx == layer and query.shape[-2] < key.shape[-2]:
+            query = query.clone()
+            query[:, list(heads)] = 0
+        return original(attn, query, key, value, attention_mask, **kwargs)
+
+    previous = model.config._attn_implementation
+    module.eager_attention_forward = zeroing
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+        model.set_attn_implementation(previous)
+
+
+def _decode_logits(model, ids, mask, steps=5):
+    with torch.no_grad():
+        run = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    return run.sequences, torch.stack(run.logits, 1)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_uniform_decode_masking_equals_a_zeroed_query(name):
+    """Uniform(rows="decode") leaves the prefill alone and, on every decode step, gives what zeroing
+    the heads' query in the family's own eager attention gives (soft-caps, windows and learned sinks
+    included). Tolerance: the model's own eager-vs-default difference, times 10, as in the cached check."""
+    model = family_model(name)
+    ids, mask = batch()
+    layer, heads = CALIBRATED_LAYER, (0, 3)
+    with attach(model, Plan([Uniform(layer, heads)])):
+        sequences, ours = _decode_logits(model, ids, mask)
+    with zeroed_query_on_decode(model, layer, heads):
+        ref_sequences, reference = _decode_logits(model, ids, mask)
+    _, own = _decode_logits(model, ids, mask)
+    with eager_recorder(model):
+        _, own_eager = _decode_logits(model, ids, mask)
+    noise = float((own - own_eager).abs().max())
+    assert torch.equal(ours[:, 0], own[:, 0]), "the prefill (first generated token's logits) is untouched"
+    assert torch.equal(sequences, ref_sequences)
+    assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))
+    assert (ours - own).abs()[:, 1:].max() > 1e-3, "the decode steps must change"
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

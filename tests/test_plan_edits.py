@@ -5,7 +5,8 @@ import torch
 from conftest import eager_maps, padded_batch, tiny_llama
 
 from headlab.surgeon import (
-    Calibrate, HeadMean, HeadScale, Plan, PlanError, Redistribute, Reinforce, Request, Steer, Taps, apply, attach,
+    Calibrate, HeadMean, HeadScale, Plan, PlanError, Redistribute, Reinforce, Request, Steer, Taps, Uniform, apply,
+    attach,
     reference_outputs,
 )
 from headlab.surgeon import edits
@@ -210,3 +211,24 @@ def test_edits_on_a_few_heads_build_maps_for_those_heads_only(monkeypatch):
     with torch.no_grad(), apply(model, plan, Request(emphasis=(2, 5))):
         model(input_ids=ids, attention_mask=mask)
     assert sorted(built) == [(1, 2, 7), (4,)]
+
+
+def test_uniform_on_all_rows_spreads_each_row_evenly_over_the_keys_it_sees():
+    """rows="all" edits the prefill too: every row of the chosen heads is 1 / (visible keys) on
+    its visible keys (left padding hidden), the other heads keep their maps."""
+    model = tiny_llama("gqa")
+    ids, mask = padded_batch([9, 6], 9, "left")
+    taps = Taps(attention={1: None})
+    with attach(model, taps=taps) as plain:
+        model(input_ids=ids, attention_mask=mask)
+    with attach(model, Plan([Uniform(1, (2, 5), rows="all")]), taps=taps) as edited:
+        model(input_ids=ids, attention_mask=mask)
+    before, after = plain.recording.attention_map(1), edited.recording.attention_map(1)
+    valid = mask.bool()
+    visible = valid[:, None, :] & torch.ones(9, 9, dtype=torch.bool).tril()  # [B, Nq, Nk]
+    expected = visible / visible.sum(-1, keepdim=True).clamp_min(1)
+    for head in (2, 5):
+        assert torch.allclose(after[:, head][valid], expected[valid], atol=1e-7)
+    others = [h for h in range(after.shape[1]) if h not in (2, 5)]
+    assert torch.equal(after[:, others][valid[:, None].expand(-1, len(others), -1)],
+                       before[:, others][valid[:, None].expand(-1, len(others), -1)])
