@@ -27,7 +27,7 @@ from .divergence import context_divergence
 from .probing import load_labelled, probe_heads
 from .retrieval import retrieval_scores
 from .settings import DECODER_ONLY, ReportSettings
-from .validation import load_curves
+from .validation_file import load_curves
 from .sinks import massive_activations
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
@@ -286,6 +286,7 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
                      "scores.json --score retrieval --out .</code> here, then write the report again.</p>")
     for curve in curves:
         parts.append(views.figure_div(views.masking_figure(curve), "masking", curve["score"]))
+        parts.append(_masking_table(curve))
     parts.append("</section>")
     parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
                  f"{len(data.tokens)} tokens)</h2>")
@@ -299,6 +300,24 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         ]
     parts.append("</section></body></html>")
     return "\n".join(parts)
+
+
+def _masking_table(curve: dict) -> str:
+    """Per measure and K: the top-K and random-K means with their 95% intervals and both p-values."""
+    def interval(mean, ci):
+        return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    rows = []
+    for name, summary in curve["summary"].items():
+        for k, r in summary["by_k"].items():
+            rows.append(f"<tr><td>{html_text(name)}</td><td>{html_text(k)}</td>"
+                        f"<td>{interval(r['top_mean'], r['top_ci'])}</td>"
+                        f"<td>{interval(r['random_mean'], r['random_ci'])}</td>"
+                        f"<td>{r['rank_p']:.3g}</td><td>{r['paired_p']:.3g}</td></tr>")
+    if not rows:
+        return "<p>The unmasked model answered none of the prompts: nothing to compare.</p>"
+    return ("<table><tr><th>measure</th><th>K</th><th>top-K mean [95% CI]</th><th>random-K mean [95% CI]</th>"
+            "<th>rank p (vs the random sets)</th><th>paired p (per item)</th></tr>" + "".join(rows) + "</table>")
 
 
 def _top_table(score: HeadScores, group: int, k: int, view_ids: dict) -> str:

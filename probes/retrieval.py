@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -20,26 +21,8 @@ from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text
+from .needles import NEEDLES, Needle
 from .settings import NeedleSettings
-
-
-@dataclass(frozen=True)
-class Needle:
-    """A fact hidden in the haystack, the question that asks for it, and the answer."""
-
-    sentence: str
-    question: str
-    answer: str
-
-
-NEEDLES = (
-    Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
-           "What is the best thing to do in San Francisco?", "eat a sandwich and sit in Dolores Park on a sunny day"),
-    Needle("The secret ingredient of the lighthouse keeper's soup is smoked paprika from Szeged.",
-           "What is the secret ingredient of the lighthouse keeper's soup?", "smoked paprika from Szeged"),
-    Needle("The password for the archive room on the third floor is purple walrus nineteen.",
-           "What is the password for the archive room on the third floor?", "purple walrus nineteen"),
-)
 
 
 @dataclass
@@ -65,31 +48,41 @@ class RetrievalResult:
         return sum(r["recalled"] for r in self.runs) / max(1, len(self.runs))
 
 
-def chat_prompt(tokenizer, context: str, question: str) -> str:
-    """The NIAH prompt text (through the chat template where the tokenizer has one; a base model
-    gets the plain question-and-answer text)."""
-    user = f"{context}\n\nBased on the content of the text above, answer the question.\nQuestion: {question}\nAnswer:"
-    if _has_chat_template(tokenizer):
+PROMPT_WORDINGS = {
+    # SmolLM2-135M-Instruct answers 20 of 36 held-out prompts in this wording, 11 in the harness's
+    "headlab": "{context}\n\nBased on the content of the text above, answer the question.\nQuestion: {question}\nAnswer:",
+    "harness": "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:",
+}
+
+
+def chat_prompt(tokenizer, context: str, question: str, style: str = "headlab") -> str:
+    """The NIAH prompt text in the wording ``style`` (:data:`PROMPT_WORDINGS`; ``harness`` is the
+    retrieval-head harness's), through the chat template where the tokenizer has one (a base model
+    gets the plain text)."""
+    user = PROMPT_WORDINGS[style].format(context=context, question=question)
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
     return user
 
 
-def _has_chat_template(tokenizer) -> bool:
+def has_chat_template(tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template."""
     return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _encode(tokenizer, prompt_text: str, **kwargs):
     """Token ids of a whole prompt: a chat template already holds its special tokens; plain text
     gets the tokenizer's own (a base model's BOS)."""
-    return tokenizer(prompt_text, add_special_tokens=not _has_chat_template(tokenizer), **kwargs)
+    return tokenizer(prompt_text, add_special_tokens=not has_chat_template(tokenizer), **kwargs)
 
 
-def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: float) -> NeedlePrompt:
+def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: float,
+                 style: str = "headlab") -> NeedlePrompt:
     """A prompt of ``length`` tokens: haystack text with the needle inserted at the sentence end
     preceding ``depth`` of the context, then the question. The answer span is found through the
     tokenizer's character offsets (tokens overlapping the answer inside the needle)."""
-    overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question)).input_ids)
+    overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question, style)).input_ids)
     budget = length - overhead - 1
     if budget < 16:
         raise ValueError(f"length {length} leaves no room for a haystack (needle and question take {overhead})")
@@ -100,7 +93,7 @@ def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: f
         hay = tokenizer.decode(hay_ids[:budget])
         cut = _sentence_end(hay, int(depth * len(hay)))
         context = f"{hay[:cut]} {needle.sentence} {hay[cut:]}".strip()
-        text = chat_prompt(tokenizer, context, needle.question)
+        text = chat_prompt(tokenizer, context, needle.question, style)
         encoded = _encode(tokenizer, text, return_offsets_mapping=True)
         excess = len(encoded.input_ids) - length
         if excess <= 0:
@@ -120,39 +113,82 @@ def _sentence_end(text: str, position: int) -> int:
 
 
 def rouge1_recall(response: str, answer: str) -> float:
-    """Unigram recall of ``answer``'s words in ``response`` (lower-cased, clipped counts)."""
-    words = Counter(re.findall(r"\w+", answer.lower()))
-    got = Counter(re.findall(r"\w+", response.lower()))
-    return sum(min(c, got[w]) for w, c in words.items()) / max(1, sum(words.values()))
+    """ROUGE-1 recall of ``answer`` in ``response`` as the retrieval-head harness scores it
+    (``rouge_score`` with the Porter stemmer)."""
+    return _rouge_scorer().score(answer, response)["rouge1"].recall
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+
+
+StopRule = Callable[[list[int]], bool]
+
+
+def stop_rule(tokenizer) -> StopRule:
+    """When greedy decoding of an answer stops: at an end-of-text (or end-of-turn) token; without a
+    chat template (a base model continues the document) also at a newline once the response holds
+    some text, so a response that opens with a newline goes on."""
+    ends = {i for i in (getattr(tokenizer, "eos_token_id", None),) if i is not None}
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ends.update(i for t, i in vocab.items() if t in ("<|im_end|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<eos>"))
+    newlines = set() if has_chat_template(tokenizer) else {
+        tokenizer(text, add_special_tokens=False).input_ids[-1] for text in ("\n", "\n\n")}
+
+    def stop(generated: list[int]) -> bool:
+        last = generated[-1]
+        if last in ends:
+            return True
+        return last in newlines and bool(tokenizer.decode(generated, skip_special_tokens=True).strip())
+
+    return stop
 
 
 @torch.no_grad()
-def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
+def greedy_from_cache(model, cache, token: torch.Tensor, max_new_tokens: int, stop: StopRule | None,
+                      after_step: Callable[[], None] | None = None) -> list[int]:
+    """Greedy decoding from ``token [1, 1]`` on ``cache`` (which it extends); ``after_step`` runs
+    after each step's forward (while that step's recording is current)."""
+    generated = []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_id = int(out.logits[0, -1].argmax())
+        if after_step is not None:
+            after_step()
+        generated.append(next_id)
+        if stop is not None and stop(generated):
+            break
+        token = torch.tensor([[next_id]])
+    return generated
+
+
+@torch.no_grad()
+def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, stop: StopRule | None,
                          plan: Plan | None = None, record: bool = True) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding from ``input_ids [1, seq]``; returns the generated ids and, per generated
-    token, the most attended key of every head ``[layer, head]`` on the row that produced it."""
+    """Greedy decoding from ``input_ids [1, seq]`` (prefill of all but the last token, then one
+    token per step, as the harness decodes); returns the generated ids and, per generated token,
+    the most attended key of every head ``[layer, head]`` on the row that produced it."""
     shape = model_shape(model)
+    top_keys = []
     with attach(model, plan) as session:
         # prefill: the plan applies, nothing is recorded, only the cache is needed
         out = run_for_taps(model, input_ids=input_ids[:, :-1], use_cache=True)
         if record:
             session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
-        cache, token = out.past_key_values, input_ids[:, -1:]
-        generated, top_keys = [], []
-        for _ in range(max_new_tokens):
-            session.recording.clear()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            next_id = int(out.logits[0, -1].argmax())
-            if record:  # the map of this call is one row per head: [1, heads, 1, keys]
-                recording = session.recording
-                top_keys.append(torch.stack([  # sequence positions (sliding-window caches keep the last keys only)
-                    recording.attention_map(layer, -1)[0, :, -1].argmax(-1) + recording.attention_key_start[layer][-1]
-                    for layer in range(shape.n_layers)]))
-            generated.append(next_id)
-            if next_id in stop_ids:
-                break
-            token = torch.tensor([[next_id]])
+
+        def note_top_keys() -> None:  # the map of a step is one row per head: [1, heads, 1, keys]
+            recording = session.recording
+            top_keys.append(torch.stack([  # sequence positions (sliding-window caches keep the last keys only)
+                recording.attention_map(layer, -1)[0, :, -1].argmax(-1) + recording.attention_key_start[layer][-1]
+                for layer in range(shape.n_layers)]))
+            recording.clear()
+
+        generated = greedy_from_cache(model, out.past_key_values, input_ids[:, -1:], max_new_tokens, stop,
+                                      note_top_keys if record else None)
     return generated, top_keys
 
 
@@ -175,10 +211,15 @@ def copy_scores(prompt: NeedlePrompt, generated: list[int], top_keys: list[torch
 
 
 def needle_prompts(tokenizer, settings: NeedleSettings) -> list[NeedlePrompt]:
-    """Every (needle, length, depth) prompt of the grid."""
-    haystack = load_text(settings.text_path)
-    return [build_prompt(tokenizer, haystack, needle, length, depth)
-            for needle in NEEDLES[:settings.n_needles] for length in settings.lengths for depth in settings.depths]
+    """Every (needle, length, depth) prompt of the scoring grid."""
+    return needle_grid(tokenizer, load_text(settings.text_path), NEEDLES[:settings.n_needles], settings.lengths,
+                       settings.depths, settings.prompt_style)
+
+
+def needle_grid(tokenizer, haystack: str, needles, lengths, depths, style: str = "headlab") -> list[NeedlePrompt]:
+    """A prompt for every needle at every length and depth, over ``haystack``, in wording ``style``."""
+    return [build_prompt(tokenizer, haystack, needle, length, depth, style)
+            for needle in needles for length in lengths for depth in depths]
 
 
 def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, plan: Plan | None = None,
@@ -186,12 +227,12 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     """Run the NIAH grid; return retrieval scores (``record=False``: recall only, scores NaN)."""
     settings = settings or NeedleSettings()
     shape = model_shape(model)
-    stop_ids = _stop_ids(tokenizer)
+    stop = stop_rule(tokenizer)
     total = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
     accepted, runs = 0, []
     prompts = needle_prompts(tokenizer, settings)
     for prompt in tqdm(prompts, desc="needle in a haystack", unit="run", disable=not progress):
-        generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop_ids,
+        generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop,
                                                    plan, record)
         response = tokenizer.decode(generated, skip_special_tokens=True)
         recall = rouge1_recall(response, prompt.needle.answer)
@@ -205,15 +246,6 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     return RetrievalResult(scores, runs)
 
 
-def _stop_ids(tokenizer) -> set[int]:
-    """End-of-text tokens and tokens that contain a newline (decoding stops there)."""
-    stops = {i for i in (getattr(tokenizer, "eos_token_id", None),) if i is not None}
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    newline = tokenizer("\n", add_special_tokens=False).input_ids
-    stops.update(newline[-1:])
-    stops.update(i for t, i in vocab.items() if t in ("<|im_end|>", "<|endoftext|>", "</s>"))
-    return stops
-
-
 __all__ = ["NEEDLES", "Needle", "NeedlePrompt", "NeedleSettings", "RetrievalResult", "build_prompt", "copy_scores",
-           "greedy_with_top_keys", "needle_prompts", "retrieval_scores", "rouge1_recall"]
+           "PROMPT_WORDINGS", "greedy_from_cache", "greedy_with_top_keys", "needle_grid", "needle_prompts", "retrieval_scores", "rouge1_recall",
+           "stop_rule"]

@@ -1,136 +1,255 @@
-"""Masking validation (SPEC §4.9): mask the top-K heads of a score and K random heads from
-outside its top ranks (several seeds), and measure a task metric for each. A score that names
-heads the task needs drops the metric far more under top-K than under random-K."""
+"""Masking validation of a head score, as the retrieval-head paper tests its heads: mask the score's
+top-K heads, and random sets of K heads matched by layer (:mod:`.masking`), and measure a task on
+held-out data. The task is needle recall on held-out needles and haystacks (counting only the
+prompts the unmasked model answers) or next-token loss on held-out text windows; the statistics
+(:mod:`.masking_stats`) say whether the top-K heads matter more than random ones.
+
+Needle measures per prompt: ``recalled`` (ROUGE-1 recall of the answer above the threshold),
+``rouge1_recall`` and ``answer_logprob`` (mean log-probability of the answer's tokens as the
+response, teacher-forced under the same masking). In the default ``uniform`` mode the masking acts
+on decode steps only, so one unmasked prefill per prompt serves every masked condition.
+"""
 
 from __future__ import annotations
 
-import json
-import random
-from dataclasses import asdict
-from pathlib import Path
-from typing import Callable
+import copy
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon import HeadScale, Plan, attach
-from ..surgeon.errors import InputFileError
-from ..surgeon.evaluate import heldout_loss
-from ..surgeon.escaping import html_text
-from ..surgeon.files import GENERATOR_META, read_text_file, write_text
-from ..surgeon.settings import Integer, Items, Kind, Number, Text, check_object
-from .retrieval import retrieval_scores
+from ..surgeon import Plan, attach
+from ..surgeon.stopping import run_for_taps
+from .corpus import load_text, token_windows
+from .masking import head_means, masking_plan, random_sets, top_heads
+from .masking_stats import summarize
+from .needles import HELDOUT_NEEDLES
+from .retrieval import NeedlePrompt, has_chat_template, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
 from .scores import HeadScores
-from .settings import METRICS, MaskingSettings, NeedleSettings
+from .settings import METRICS, MaskingSettings, ValidationSettings
+from .validation_file import CURVE_FORMAT, load_curves, write_curve_page
+
+RETRIEVAL_THRESHOLD = 0.1  # the paper's retrieval-head threshold: random sets exclude heads above it
 
 
+@dataclass(frozen=True)
+class Measure:
+    """One per-item quantity of a task and which direction is better."""
 
-def load_curves(folder: str | Path) -> list[dict]:
-    """The masking curves (``validation-*.json``) in a report folder, each checked: a malformed one
-    raises :class:`InputFileError` naming it."""
-    curves = []
-    for path in sorted(Path(folder).glob("validation-*.json")):
-        try:
-            data = json.loads(read_text_file(path, "masking curve"))
-        except json.JSONDecodeError as err:
-            raise InputFileError(f"masking curve {path} is not JSON ({err.msg}); move it away or redo it") from None
-        curve = check_object(data, str(path), _CURVE, _CURVE_OPTIONAL)
-        n_k = len(curve["k"])
-        if not (len(curve["top"]) == len(curve["random_mean"]) == len(curve["random"]) == n_k):
-            raise InputFileError(f"{path}: k, top, random and random_mean differ in length")
-        curves.append(curve)
-    return curves
+    name: str
+    higher_is_better: bool
+    description: str
 
 
-class _Values(Kind):
-    """A list of finite numbers or nulls."""
-
-    def check(self, value):
-        if not isinstance(value, list):
-            raise ValueError(f"{value!r} is not a list")
-        return [None if v is None else Number().check(v) for v in value]
-
-
-class _Rows(Kind):
-    """A list of lists of finite numbers or nulls."""
-
-    def check(self, value):
-        if not isinstance(value, list):
-            raise ValueError(f"{value!r} is not a list")
-        return [_Values().check(row) for row in value]
+NEEDLE_MEASURES = (
+    Measure("recalled", True, "fraction of answers whose ROUGE-1 recall exceeds the threshold"),
+    Measure("rouge1_recall", True, "ROUGE-1 recall of the answer (Porter stemming)"),
+    Measure("answer_logprob", True, "mean log-probability of the answer's tokens as the response (teacher-forced)"),
+)
+LOSS_MEASURES = (Measure("loss", False, "next-token cross-entropy of a held-out window (nats)"),)
 
 
-_CURVE = {"score": Text(), "k": Items(Integer(1)), "baseline": Number(), "top": _Values(),
-          "random": _Rows(), "random_mean": _Values()}
-_CURVE_OPTIONAL = {"format": Text(), "settings": Kind(), "metric": Text(), "model_id": Text(), "random_heads": Kind(),
-                   "top_heads": Kind()}
+class NeedleTask:
+    """Needle recall on held-out prompts; ``mode`` says how heads are masked."""
 
+    measures = NEEDLE_MEASURES
 
-def write_curve_page(curve: dict, path: str | Path) -> Path:
-    """The masking curve as a standalone page (plotly.js inlined)."""
-    from . import views
+    def __init__(self, model, tokenizer, settings: ValidationSettings, mode: str):
+        self.model, self.tokenizer, self.settings, self.mode = model, tokenizer, settings, mode
+        haystack = load_text(settings.text_path, heldout=True)
+        self.prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], settings.needle_lengths,
+                                   settings.needle_depths, settings.prompt_style)
+        self.stop = stop_rule(tokenizer)
+        self.shared_prefill = mode == "uniform"  # the masking edits decode calls only
 
-    page = views.masking_figure(curve).to_html(include_plotlyjs=True, full_html=True)
-    title = html_text(f"masking validation: {curve['score']}")
-    return write_text(path, page.replace("<head>", f"<head>{GENERATOR_META}<title>{title}</title>", 1))
+    def items(self) -> list[dict]:
+        """What each prompt is (needle, length, depth)."""
+        return [{"needle": HELDOUT_NEEDLES.index(p.needle), "length": p.length, "depth": p.depth} for p in self.prompts]
 
+    def answer_ids(self, prompt: NeedlePrompt) -> torch.Tensor:
+        """``[1, n]`` tokens of the answer as the response's start (a plain prompt ends ``Answer:``,
+        so the answer follows a space there)."""
+        text = prompt.needle.answer if has_chat_template(self.tokenizer) else " " + prompt.needle.answer
+        return torch.tensor([self.tokenizer(text, add_special_tokens=False).input_ids])
 
-def masking_plan(heads: list[tuple[int, int]]) -> Plan:
-    """Zero-ablate ``heads`` (one HeadScale edit per layer)."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    return Plan([HeadScale(layer, tuple(sorted(h)), 0.0) for layer, h in sorted(by_layer.items())])
-
-
-def random_heads(score: HeadScores, k: int, seed: int, exclude_top: int) -> list[tuple[int, int]]:
-    """``k`` heads drawn with ``seed`` from outside the score's top ``exclude_top`` (fewer
-    excluded when needed so that ``k`` remain)."""
-    n_layers, n_heads = score.values.shape
-    total = n_layers * n_heads
-    if k > total:
-        raise ValueError(f"cannot mask {k} heads: the model has {total}")
-    excluded = {(l, h) for l, h, _ in score.top(min(exclude_top, total - k))}
-    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
-    return sorted(random.Random(seed).sample(pool, k))
-
-
-def masking_curve(score: HeadScores, metric: Callable[[Plan | None], float], settings: MaskingSettings,
-                  progress: bool = True) -> dict:
-    """The metric unmasked, under top-K and under random-K masking for every K."""
-    ks = list(settings.ks)
-    jobs = [("top", k, None) for k in ks] + [("random", k, s) for k in ks for s in range(settings.seeds)]
-    result = {"format": "headlab-masking-curve/1", "score": score.name, "settings": asdict(settings), "k": ks,
-              "baseline": metric(None),
-              "top": [None] * len(ks), "random": [[None] * settings.seeds for _ in ks],
-              "top_heads": {}, "random_heads": {}}
-    for kind, k, seed in tqdm(jobs, desc=f"masking {score.name}", unit="run", disable=not progress):
-        i = ks.index(k)
-        if kind == "top":
-            heads = [(l, h) for l, h, _ in score.top(k)]
-            result["top"][i] = metric(masking_plan(heads))
-            result["top_heads"][str(k)] = heads
-        else:
-            heads = random_heads(score, k, seed, settings.exclude_top)
-            result["random"][i][seed] = metric(masking_plan(heads))
-            result["random_heads"][f"{k}/{seed}"] = heads
-    result["random_mean"] = [sum(r) / len(r) for r in result["random"]]
-    return result
-
-
-def needle_recall_metric(model, tokenizer, needles: NeedleSettings, progress: bool = False):
-    """Metric: fraction of NIAH runs whose answer is recalled."""
-    return lambda plan: retrieval_scores(model, tokenizer, needles, plan, progress, record=False).recall
-
-
-def loss_metric(model, windows: list[torch.Tensor]):
-    """Metric: mean next-token cross-entropy over ``windows`` (each ``[1, seq]``)."""
     @torch.no_grad()
-    def metric(plan: Plan | None) -> float:
-        with attach(model, plan):
-            return heldout_loss(model, windows)
-    return metric
+    def prefill(self, prompt: NeedlePrompt):
+        """The cache of the prompt without its last token (the harness decodes from that one)."""
+        return run_for_taps(self.model, input_ids=prompt.input_ids[:, :-1], use_cache=True).past_key_values
+
+    @torch.no_grad()
+    def evaluate(self, prompt: NeedlePrompt, plan: Plan | None, shared_cache=None) -> dict:
+        """The measures of one prompt under ``plan`` (and the response)."""
+        with attach(self.model, plan) as session:
+            if shared_cache is None:
+                cache = self.prefill(prompt)
+            else:
+                session.resume(prompt.length - 1)
+                cache = shared_cache
+            logprob = self._answer_logprob(prompt, copy.deepcopy(cache))
+            generated = greedy_from_cache(self.model, copy.deepcopy(cache), prompt.input_ids[:, -1:],
+                                          self.settings.max_new_tokens, self._stop_for(prompt))
+        response = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        recall = rouge1_recall(response, prompt.needle.answer)
+        return {"recalled": float(recall > self.settings.rouge_min), "rouge1_recall": recall,
+                "answer_logprob": logprob, "response": response}
+
+    def _stop_for(self, prompt: NeedlePrompt):
+        """The stop rule, and a stop once the whole answer is in the response's completed words (those
+        later tokens cannot change): ROUGE-1 recall cannot fall as the response grows, so the
+        measures are those of the full decoding (the stored response ends at the answer)."""
+        def stop(generated: list[int]) -> bool:
+            if self.stop(generated):
+                return True
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            return rouge1_recall(re.sub(r"[A-Za-z0-9]+$", "", text), prompt.needle.answer) >= 1
+        return stop
+
+    def _answer_logprob(self, prompt: NeedlePrompt, cache) -> float:
+        answer = self.answer_ids(prompt)
+        inputs = torch.cat([prompt.input_ids[:, -1:], answer[:, :-1]], dim=1)
+        logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0].float()
+        return float(torch.log_softmax(logits, -1).gather(-1, answer[0, :, None]).mean())
+
+    def run(self, conditions: list[tuple[str, Plan]], progress: bool):
+        """Every prompt unmasked; the conditions on the prompts the unmasked model answers. Returns
+        ``(baseline per prompt, indices of the answered prompts, {condition: per answered prompt})``."""
+        baseline, results = [], {name: [] for name, _ in conditions}
+        bar = tqdm(total=len(self.prompts) * (1 + len(conditions)), desc="masking validation", unit="run",
+                   disable=not progress)
+        for prompt in self.prompts:
+            shared = self.prefill(prompt) if self.shared_prefill else None
+            base = self.evaluate(prompt, None, shared)
+            baseline.append(base)
+            bar.update(1)
+            if not base["recalled"]:
+                bar.update(len(conditions))
+                continue
+            for name, plan in conditions:
+                results[name].append(self.evaluate(prompt, plan, shared))
+                bar.update(1)
+        bar.close()
+        return baseline, [i for i, base in enumerate(baseline) if base["recalled"]], results
 
 
-__all__ = ["METRICS", "MaskingSettings", "load_curves", "loss_metric", "masking_curve", "masking_plan",
-           "needle_recall_metric", "random_heads", "write_curve_page"]
+class LossTask:
+    """Next-token loss on held-out windows; every window counts."""
+
+    measures = LOSS_MEASURES
+
+    def __init__(self, model, tokenizer, settings: ValidationSettings):
+        self.model = model
+        self.windows = token_windows(tokenizer, load_text(settings.text_path, heldout=True), settings.samples,
+                                     settings.tokens, settings.seed)
+
+    def items(self) -> list[dict]:
+        return [{"window": i, "tokens": int(w.shape[1])} for i, w in enumerate(self.windows)]
+
+    @torch.no_grad()
+    def evaluate(self, window: torch.Tensor, plan: Plan | None) -> dict:
+        with attach(self.model, plan):
+            return {"loss": float(self.model(input_ids=window, labels=window, use_cache=False).loss)}
+
+    def run(self, conditions: list[tuple[str, Plan]], progress: bool):
+        """Every window unmasked and under every condition: ``(baseline, used, {condition: ...})``."""
+        baseline, results = [], {name: [] for name, _ in conditions}
+        for window in tqdm(self.windows, desc="masking validation", unit="window", disable=not progress):
+            baseline.append(self.evaluate(window, None))
+            for name, plan in conditions:
+                results[name].append(self.evaluate(window, plan))
+        return baseline, list(range(len(self.windows))), results
+
+
+def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSettings | None = None,
+                   model_id: str | None = None, progress: bool = True) -> dict:
+    """The masking validation of ``score`` (the JSON object :func:`write_curve_page` draws):
+    per K the top-K heads and the random sets, every item's measures under each, and per measure
+    and K the means, the rank and paired tests and bootstrap intervals."""
+    settings = settings or ValidationSettings()
+    masking = settings.masking
+    metric = masking.metric or ("needle-recall" if score.name == "retrieval" else "loss")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    started = time.perf_counter()
+    exclude_above = masking.exclude_above
+    if exclude_above is None and score.name == "retrieval":
+        exclude_above = RETRIEVAL_THRESHOLD
+    heads = {}
+    for k in masking.ks:
+        top = top_heads(score, k)
+        heads[k] = (top, random_sets(score, top, masking.random_sets, exclude_above, masking.seed))
+    task = (NeedleTask(model, tokenizer, settings, masking.mode) if metric == "needle-recall"
+            else LossTask(model, tokenizer, settings))
+    plan_of = _plan_maker(model, tokenizer, settings, masking, metric, heads)
+    conditions = [(f"top/{k}", plan_of(top)) for k, (top, _) in heads.items()]
+    conditions += [(f"random/{k}/{i}", plan_of(chosen)) for k, (_, sets) in heads.items()
+                   for i, chosen in enumerate(sets)]
+    baseline, used, results = task.run(conditions, progress)
+    curve = {
+        "format": CURVE_FORMAT, "score": score.name, "model_id": model_id or score.model_id, "metric": metric,
+        "mode": masking.mode, "n_items": len(baseline), "n_used": len(used),
+        "settings": {**dataclasses.asdict(settings), "masking": {**dataclasses.asdict(masking),
+                                                                 "exclude_above": exclude_above, "metric": metric}},
+        "measures": [dataclasses.asdict(m) for m in task.measures],
+        "k": list(masking.ks),
+        "items": [{**item, "used": i in used, "response": baseline[i].get("response")}
+                  for i, item in enumerate(task.items())],
+        "heads": {"top": {str(k): top for k, (top, _) in heads.items()},
+                  "random": {str(k): sets for k, (_, sets) in heads.items()}},
+        "values": _values(task.measures, baseline, used, results, heads),
+    }
+    curve["summary"] = _summary(task.measures, curve["values"], masking, bool(used))
+    curve["seconds"] = round(time.perf_counter() - started, 1)
+    return curve
+
+
+def _plan_maker(model, tokenizer, settings: ValidationSettings, masking: MaskingSettings, metric: str, heads):
+    """A function from a head set to its masking plan; mean masking measures the heads' means once,
+    on held-out windows."""
+    rows = "decode" if metric == "needle-recall" else "all"
+    means = None
+    if masking.mode == "mean":
+        needed = {h for top, sets in heads.values() for chosen in (top, *sets) for h in chosen}
+        windows = token_windows(tokenizer, load_text(settings.text_path, heldout=True), settings.samples,
+                                settings.tokens, settings.seed)
+        means = head_means(model, windows, needed)
+    return lambda chosen: masking_plan(chosen, masking.mode, rows, means)
+
+
+def _values(measures, baseline, used, results, heads) -> dict:
+    """Per condition and measure, the value of every used item (random sets: one list per set)."""
+    def column(runs, name):
+        return [float(run[name]) for run in runs]
+
+    values = {"baseline": {m.name: column([baseline[i] for i in used], m.name) for m in measures},
+              "top": {}, "random": {}, "top_responses": {}}
+    for k, (_, sets) in heads.items():
+        values["top"][str(k)] = {m.name: column(results[f"top/{k}"], m.name) for m in measures}
+        values["random"][str(k)] = {m.name: [column(results[f"random/{k}/{i}"], m.name) for i in range(len(sets))]
+                                    for m in measures}
+        values["top_responses"][str(k)] = [run.get("response") for run in results[f"top/{k}"]]
+    return values
+
+
+def _summary(measures, values, masking: MaskingSettings, any_used: bool) -> dict:
+    """Per measure: the baseline mean and, per K, :func:`.masking_stats.summarize` (empty when no item
+    was used: the unmasked model answered nothing)."""
+    summary = {}
+    for m in measures:
+        base = values["baseline"][m.name]
+        by_k = {}
+        if any_used:
+            for k in masking.ks:
+                top = np.array(values["top"][str(k)][m.name])
+                random = np.array(values["random"][str(k)][m.name])
+                by_k[str(k)] = summarize(top, random, m.higher_is_better, masking.bootstrap, masking.seed)
+        summary[m.name] = {"baseline_mean": float(np.mean(base)) if base else None, "by_k": by_k}
+    return summary
+
+
+__all__ = ["LOSS_MEASURES", "LossTask", "Measure", "NEEDLE_MEASURES", "NeedleTask", "RETRIEVAL_THRESHOLD",
+           "load_curves", "validate_score", "write_curve_page"]

@@ -66,6 +66,14 @@ class Session:
         self.taps = taps
         self.recording.clear()
 
+    def resume(self, n_cached: int) -> None:
+        """The next call extends a cache of ``n_cached`` positions that was filled outside this
+        session (e.g. one unedited prefill shared by plans that edit only later calls), so that
+        every layer knows where its keys sit. Edits that read the prompt still need the prefill."""
+        if n_cached < 1:
+            raise ValueError(f"a resumed cache holds at least one position, not {n_cached}")
+        self._seen = {layer: n_cached for layer in range(self.shape.n_layers)}
+
     def attend(self, module, query, key, value, attention_mask, kwargs):
         """Attention for one layer call: the model's own (or, where every head's statistics are
         recorded, the statistics op's output), then the layer's softmax-stage edits on their

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from types import SimpleNamespace
 from contextlib import contextmanager
 
 import torch
@@ -75,6 +76,20 @@ def eager_maps(model, **inputs):
             return model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation("sdpa")
+
+
+class CharTokenizer:
+    """Characters as token ids below the tiny vocabulary (``min(ord(c), VOCAB - 1)``, no special
+    tokens): enough for reports, probes and text windows on tiny random models."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return SimpleNamespace(input_ids=[min(ord(c), VOCAB - 1) for c in text])
+
+    def decode(self, ids, **kwargs):
+        return "".join(chr(i) for i in ids)
+
+    def build_inputs_with_special_tokens(self, ids):
+        return list(ids)
 
 
 @contextmanager

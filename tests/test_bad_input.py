@@ -60,8 +60,8 @@ def sandbox(tmp_path_factory):
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
     stray = d / "stray_report"
     stray.mkdir()
-    (stray / "validation-x.json").write_text(json.dumps({"score": "x", "baseline": 1.0, "top": [], "random": [],
-                                                          "random_mean": []}))  # no "k"
+    (stray / "validation-x.json").write_text(json.dumps({"format": "headlab-masking-curve/2", "score": "x",
+                                                          "metric": "loss"}))  # no "k" and more
     (stray / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
                                                             "entries": ["validation-x.json"]}))
     _sae_folders(d)
@@ -122,7 +122,8 @@ CLI_CASES = [
     ("report ./no/such/model --out {d}/r", "does not exist"),
     ("report minilm-l6 --out {d}/r --tokens 1000", "longer than the 512 positions"),
     ("report {d}/pickled --out {d}/r --scores none --samples 1", "refuses to unpickle"),
-    (f"report {SMOL} --out {{d}}/stray_report", "missing key(s) ['k']"),
+    (f"report {SMOL} --out {{d}}/stray_report", "missing key(s) ['heads', 'items', 'k'"),
+    (f"report {SMOL} --out {{d}}/r --prompt-style book", "--prompt-style"),
     # calibrate
     (f"calibrate {SMOL} --out {{d}}/p.json --task bogus", "neither a built-in task"),
     (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/tasks_str_choices.jsonl", "choices: 'abc' is not a list"),
@@ -184,8 +185,15 @@ CLI_CASES = [
     (f"validate {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/val", "has no score 'nope'"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 0", "--ks"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 5,x", "not an integer"),
-    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --seeds 0", "--seeds"),
-    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --exclude-top -1", "--exclude-top"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-sets 0", "--random-sets"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --exclude-above nan", "--exclude-above"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --mode query", "--mode"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-seed -2", "--random-seed"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --bootstrap 5", "--bootstrap"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needle-depths 0.5,2", "--needle-depths"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needles 7", "--needles"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --prompt-style book", "--prompt-style"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --text-file {{d}}/missing.txt", "does not exist"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --metric recall", "--metric"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needle-lengths 10", "minimum 128"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --samples 0", "--samples"),

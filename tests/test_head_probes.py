@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CharTokenizer, tiny_llama
 
 from headlab.surgeon.errors import InputFileError
 from headlab.probes.divergence import head_divergence, zero_outliers
@@ -100,11 +100,6 @@ def test_head_divergence_matches_outputs_read_at_o_proj():
 def test_head_divergence_rejects_a_span_covering_the_query():
     with pytest.raises(ValueError):
         head_divergence(tiny_llama("mqa"), torch.randint(1, 90, (1, 10)), (2, 10))
-
-
-class CharTokenizer:
-    def __call__(self, text):
-        return type("Enc", (), {"input_ids": [min(ord(c), 96) for c in text]})()
 
 
 def test_probe_accuracy_is_chance_for_a_silent_head_and_high_for_a_head_that_sees_the_label():

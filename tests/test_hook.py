@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import padded_batch, tiny_bert, tiny_llama
 
-from headlab.surgeon import HeadScale, Plan, Taps, attach
+from headlab.surgeon import HeadScale, Plan, Taps, attach, model_shape
 from headlab.surgeon.hook import attention_modules, hook_name
 
 
@@ -180,3 +180,28 @@ def test_taps_do_not_change_outputs(llama):
     with attach(llama, taps=taps):
         during = logits(llama, ids, mask)
     assert torch.equal(before[mask.bool()], during[mask.bool()])
+
+
+def test_a_resumed_session_places_a_sliding_window_caches_keys_as_an_unbroken_one():
+    """A session that starts at a decode step on a cache filled outside it (resume) records the same
+    maps at the same sequence positions as one that saw the prefill, on a sliding-window model whose
+    cache keeps only the last keys."""
+    from families import WINDOW, family_model
+
+    model = family_model("mistral")
+    ids = torch.randint(3, 97, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2))
+    shape = model_shape(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = ids[:, -1:]
+        with attach(model) as whole:
+            fresh = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            whole.set_taps(Taps.all_attention(shape))
+            model(input_ids=step, past_key_values=fresh, use_cache=True)
+        with attach(model, taps=Taps.all_attention(shape)) as resumed:
+            resumed.resume(ids.shape[1] - 1)
+            model(input_ids=step, past_key_values=cache, use_cache=True)
+    for layer in range(shape.n_layers):
+        assert resumed.recording.attention_key_start[layer] == whole.recording.attention_key_start[layer]
+        assert whole.recording.attention_key_start[layer][-1] > 0  # the window dropped keys
+        assert torch.equal(resumed.recording.attention_map(layer), whole.recording.attention_map(layer))

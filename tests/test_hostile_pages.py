@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_report import CharTokenizer
+from conftest import CharTokenizer, tiny_llama
 from test_view_browser import CHROMIUM, browser  # noqa: F401 (browser is a fixture)
 from test_views import HostileTokenizer, hostile_ids
 
 from headlab.probes import ReportSettings, write_report
 from headlab.probes.scores import HeadScores
-from headlab.probes.validation import write_curve_page
+from headlab.probes.validation_file import CURVE_FORMAT, write_curve_page
 from headlab.probes.view_data import gather_view
 from headlab.probes.view_page import write_view
 from headlab.sae import SparseAutoencoder, collect_examples, write_dashboard
@@ -54,8 +53,15 @@ def assert_inert(page, errors):
 
 
 def hostile_curve(score: str) -> dict:
-    return {"format": "headlab-masking-curve/1", "score": score, "settings": {"metric": HOSTILE, "seeds": 1},
-            "k": [1, 2], "baseline": 0.5, "top": [0.4, 0.3], "random": [[0.5], [0.45]], "random_mean": [0.5, 0.45]}
+    """A masking validation whose score name, measure name and description, settings and responses are hostile."""
+    row = {"top_mean": 0.4, "top_ci": [0.3, 0.5], "random_mean": 0.6, "random_ci": [0.5, 0.7],
+           "random_set_means": [0.55, 0.65], "difference": 0.2, "difference_ci": [0.1, 0.3], "rank_p": 0.33,
+           "paired_p": 0.04}
+    return {"format": CURVE_FORMAT, "score": score, "metric": "loss", "mode": "zero", "n_items": 2, "n_used": 2,
+            "settings": {"text_path": HOSTILE}, "measures": [{"name": HOSTILE, "higher_is_better": True,
+                                                              "description": HOSTILE}],
+            "k": [1, 2], "items": [{"response": HOSTILE, "used": True}], "heads": {}, "values": {},
+            "summary": {HOSTILE: {"baseline_mean": 0.7, "by_k": {"1": row, "2": row}}}, "seconds": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,7 @@ def test_report_page_runs_nothing(browser, report_folder):  # noqa: F811
     body = page.inner_text("body")
     assert PAYLOADS[0] in body and PAYLOADS[1] in body  # the model id and file name, shown as text
     assert page.locator(".plotly-graph-div").count() >= 3  # the masking curve of the hostile score renders
+    assert page.locator("#masking table td", has_text=PAYLOADS[3]).count() == 2  # the measure name, per K
 
 
 def test_report_views_page_runs_nothing(browser, report_folder):  # noqa: F811

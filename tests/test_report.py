@@ -8,23 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CharTokenizer, tiny_llama
 
 from headlab.cli import main
 from headlab.probes import ReportSettings, record_attention, write_report
-
-
-class CharTokenizer:
-    """A character-level tokenizer: enough for the report on a tiny random model."""
-
-    def __call__(self, text, add_special_tokens=True):
-        return type("Enc", (), {"input_ids": [min(ord(c), 96) for c in text]})()
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def build_inputs_with_special_tokens(self, ids):
-        return list(ids)
 
 
 HOSTILE = '<script>window.hacked=1</script>"><img src=x onerror=alert(1)> ' * 40

@@ -5,7 +5,7 @@ import torch
 
 from conftest import eager_maps, tiny_llama
 from headlab.probes.retrieval import (
-    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall,
+    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall, stop_rule,
 )
 from headlab.surgeon import HeadScale, Plan, attach
 
@@ -27,16 +27,41 @@ def test_copy_rule_counts_only_argmax_keys_in_the_span_holding_the_token():
     assert distinct.tolist() == [[pytest.approx(1.0), pytest.approx(1 / 3), 0.0]]
 
 
-def test_rouge1_recall():
+def test_rouge1_recall_stems_as_the_harness_does():
     assert rouge1_recall("It is purple walrus nineteen.", "purple walrus nineteen") == 1.0
     assert rouge1_recall("purple cat", "purple walrus nineteen") == pytest.approx(1 / 3)
     assert rouge1_recall("", "a b") == 0.0
+    # Porter stemming: inflections count, as in rouge_score(use_stemmer=True)
+    assert rouge1_recall("Eating sandwiches while sitting", "eat a sandwich and sit") == pytest.approx(3 / 5)
+
+
+class NewlineTokenizer:
+    """Ids are characters; ``\n`` is id 10; no chat template unless given one."""
+
+    eos_token_id = 0
+
+    def __init__(self, chat_template=None):
+        self.chat_template = chat_template
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [ord(c) for c in text]})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+def test_stop_rule_goes_on_past_a_leading_newline_and_chat_models_stop_only_at_their_end():
+    plain = stop_rule(NewlineTokenizer())
+    assert not plain([10]) and not plain([10, 32, 10])  # nothing but blank text yet
+    assert plain([10, ord("a"), 10]) and plain([ord("a"), 0])
+    chat = stop_rule(NewlineTokenizer(chat_template="{{ messages }}"))
+    assert not chat([ord("a"), 10]) and chat([ord("a"), 0])
 
 
 def test_decode_rows_equal_eager_maps_of_the_full_sequence():
     model = tiny_llama("gqa", layers=3)
     prompt = torch.randint(1, 97, (1, 17), generator=torch.Generator().manual_seed(5))
-    generated, top_keys = greedy_with_top_keys(model, prompt, 6, stop_ids=set())
+    generated, top_keys = greedy_with_top_keys(model, prompt, 6, stop=None)
     with torch.no_grad():
         reference = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert generated == reference[0, 17:].tolist()
@@ -52,10 +77,10 @@ def test_plan_applies_during_decoding():
     model = tiny_llama("mha", layers=3)
     prompt = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(6))
     plan = Plan([HeadScale(layer=layer, heads=tuple(range(5)), scale=0.0) for layer in range(3)])
-    masked, _ = greedy_with_top_keys(model, prompt, 5, set(), plan, record=False)
+    masked, _ = greedy_with_top_keys(model, prompt, 5, None, plan, record=False)
     with torch.no_grad():
         logits = model(input_ids=prompt).logits
-    plain, _ = greedy_with_top_keys(model, prompt, 5, set(), record=False)
+    plain, _ = greedy_with_top_keys(model, prompt, 5, None, record=False)
     assert plain[0] == int(logits[0, -1].argmax())
     with torch.no_grad(), attach(model, plan):
         masked_logits = model(input_ids=prompt).logits

@@ -1,76 +1,191 @@
-"""Masking validation: head choice, the masking plan and the curve harness."""
+"""Masking validation: random control sets, masking plans, the statistics, the held-out needle task
+(shared prefill exact, teacher-forced log-probabilities equal to step-by-step decoding), the file
+and the command."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
+from conftest import CharTokenizer, tiny_llama
 
-from conftest import tiny_llama
 from headlab.cli import main
+from headlab.probes.masking import (eligible_heads, head_means, masking_plan, matched_random_set, random_sets,
+                                    top_heads)
+from headlab.probes.masking_stats import bootstrap_intervals, paired_p, rank_p
+from headlab.probes.needles import HELDOUT_NEEDLES, NEEDLES
 from headlab.probes.scores import HeadScores
-from headlab.probes.validation import MaskingSettings, loss_metric, masking_curve, masking_plan, random_heads
-from headlab.surgeon import attach
+from headlab.probes.settings import MaskingSettings, ValidationSettings
+from headlab.probes.validation import NeedleTask, validate_score
+from headlab.probes.validation_file import CURVE_FORMAT, load_curve, write_curve_page
+from headlab.surgeon import HeadMean, HeadScale, Uniform, attach
+from headlab.surgeon.errors import InputFileError
 
 
-def planted_score(n_layers=4, n_heads=5) -> HeadScores:
-    values = torch.arange(n_layers * n_heads, dtype=torch.float32).flip(0).reshape(n_layers, n_heads)
-    return HeadScores("planted", values, torch.ones(n_layers, n_heads), "tiny")  # head (0, 0) ranks first
+def planted_score(n_layers=4, n_heads=5, name="planted") -> HeadScores:
+    values = torch.arange(n_layers * n_heads, dtype=torch.float32).flip(0).reshape(n_layers, n_heads) / 100
+    return HeadScores(name, values, torch.ones(n_layers, n_heads), "tiny")  # (0, 0) ranks first with 0.19
 
 
-def test_random_heads_come_from_outside_the_top_and_follow_the_seed():
+def test_random_sets_match_the_top_heads_layers_and_skip_the_top_and_high_scorers():
     score = planted_score()
-    top = {(l, h) for l, h, _ in score.top(8)}
-    drawn = random_heads(score, 4, seed=1, exclude_top=8)
-    assert len(set(drawn)) == 4 and not set(drawn) & top
-    assert drawn == random_heads(score, 4, seed=1, exclude_top=8)
-    assert drawn != random_heads(score, 4, seed=2, exclude_top=8)
-    assert len(random_heads(score, 15, seed=0, exclude_top=100)) == 15  # exclusion shrinks to leave 15
-    with pytest.raises(ValueError, match="has 20"):
-        random_heads(score, 21, seed=0, exclude_top=0)
+    top = top_heads(score, 7)  # layer 0: 5 heads, layer 1: 2 heads
+    assert top == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1)]
+    sets = random_sets(score, top, 10, exclude_above=0.105, seed=3)
+    assert sets == random_sets(score, top, 10, exclude_above=0.105, seed=3)
+    assert sets != random_sets(score, top, 10, exclude_above=0.105, seed=4)
+    for chosen in sets:
+        assert len(set(chosen)) == 7 and not set(chosen) & set(top)
+        assert all(score.values[layer, head] <= 0.105 for layer, head in chosen)
+        # layer 0 holds only top heads and layer 1 one eligible head, (1, 4) at 0.10 ((1, 2), (1, 3) score
+        # above 0.1): layer 0's five come from (1, 4) and four of layer 2, layer 1's two from layers 2 and 3
+        assert sorted(layer for layer, _ in chosen) == [1, 2, 2, 2, 2, 2, 3]
+    eligible = eligible_heads(score, top, 0.105)
+    assert (1, 4) in eligible and (1, 3) not in eligible and (0, 0) not in eligible
 
 
-def test_masking_plan_zeroes_exactly_those_heads():
-    model = tiny_llama("mha", layers=3)
-    ids = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(0))
-    plan = masking_plan([(2, 4), (0, 1), (2, 0)])
-    assert [(e.layer, e.heads, e.scale) for e in plan.edits] == [(0, (1,), 0.0), (2, (0, 4), 0.0)]
-    gates = torch.ones(3, 5)
-    gates[0, 1] = gates[2, 0] = gates[2, 4] = 0.0
-    with torch.no_grad(), attach(model, plan):
-        masked = model(input_ids=ids).logits
-    with torch.no_grad(), attach(model, gates=gates):
-        gated = model(input_ids=ids).logits
-    torch.testing.assert_close(masked, gated)
+def test_a_matched_set_keeps_each_layers_count_when_it_can():
+    eligible = {(layer, head) for layer in range(6) for head in range(4)}
+    top = [(1, 7), (1, 8), (4, 9)]
+    for seed in range(20):
+        chosen = matched_random_set(top, set(eligible), random.Random(seed))
+        assert sorted(layer for layer, _ in chosen) == [1, 1, 4]
+    with pytest.raises(ValueError, match="eligible"):
+        matched_random_set(top, {(0, 0), (0, 1)}, random.Random(0))
 
 
-def test_curve_separates_a_score_that_names_the_needed_heads():
-    score = planted_score()
-    needed = {(l, h) for l, h, _ in score.top(5)}
-
-    def metric(plan):  # a task that fails in proportion to the needed heads masked
-        masked = {(e.layer, h) for e in (plan.edits if plan else []) for h in e.heads}
-        return 1.0 - len(masked & needed) / len(needed)
-
-    curve = masking_curve(score, metric, MaskingSettings(ks=(2, 5), seeds=3, exclude_top=5, metric="loss"),
-                          progress=False)
-    assert curve["baseline"] == 1.0 and curve["top"] == [0.6, 0.0]
-    assert curve["random_mean"] == [1.0, 1.0] and len(curve["random"][1]) == 3
-    assert curve["top_heads"]["2"] == [(0, 0), (0, 1)]
+def test_masking_plans_of_each_mode():
+    heads = [(2, 4), (0, 1), (2, 0)]
+    uniform = masking_plan(heads, "uniform")
+    assert [(type(e), e.layer, e.heads, e.rows) for e in uniform.edits] == [(Uniform, 0, (1,), "decode"),
+                                                                           (Uniform, 2, (0, 4), "decode")]
+    zero = masking_plan(heads, "zero")
+    assert [(type(e), e.heads, e.scale) for e in zero.edits] == [(HeadScale, (1,), 0.0), (HeadScale, (0, 4), 0.0)]
+    means = {head: [float(head[1])] * 6 for head in heads}
+    mean = masking_plan(heads, "mean", means=means)
+    assert isinstance(mean.edits[1], HeadMean) and mean.edits[1].means == ((0.0,) * 6, (4.0,) * 6)
 
 
-def test_loss_metric_matches_a_direct_masked_forward():
+def test_head_means_equal_the_mean_of_the_tapped_outputs():
     model = tiny_llama("gqa", layers=3)
-    windows = [torch.randint(1, 97, (1, 13), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    plan = masking_plan([(1, 3)])
-    with torch.no_grad(), attach(model, plan):
-        direct = sum(model(input_ids=w, labels=w).loss.item() for w in windows) / 2
-    assert loss_metric(model, windows)(plan) == pytest.approx(direct)
-    assert loss_metric(model, windows)(None) != pytest.approx(direct)
+    windows = [torch.randint(1, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 12)]
+    means = head_means(model, windows, {(1, 2), (2, 0)})
+    from headlab.surgeon import Taps
+
+    outputs = []
+    for ids in windows:
+        with attach(model, taps=Taps(head_outputs=[1])) as session:
+            model(input_ids=ids)
+        outputs.append(session.recording.head_output(1)[0, :, 2].double())
+    expected = torch.cat(outputs).mean(0)
+    assert torch.allclose(torch.tensor(means[(1, 2)], dtype=torch.float64), expected, atol=1e-7)
 
 
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="metric"):
-        MaskingSettings(metric="accuracy")
+def test_rank_p_counts_the_sets_that_do_at_least_as_much_damage():
+    top = np.array([0.1, 0.2, 0.0])
+    random_ = np.array([[0.9, 0.8, 1.0]] * 19 + [[0.0, 0.0, 0.0]])
+    assert rank_p(top, random_, higher_is_better=True) == pytest.approx(2 / 21)  # itself and the one worse set
+    assert rank_p(top, random_[:19], higher_is_better=True) == pytest.approx(1 / 20)
+    assert rank_p(top, random_[:19], higher_is_better=False) == pytest.approx(20 / 20)  # a loss that fell
+
+
+def test_paired_p_is_small_for_a_consistent_drop_and_one_without_differences():
+    gen = np.random.default_rng(0)
+    random_ = gen.uniform(0.5, 1.0, size=(20, 30))
+    drop = random_.mean(0) - gen.uniform(0.2, 0.4, size=30)
+    assert paired_p(drop, random_, higher_is_better=True) < 1e-5
+    assert paired_p(random_.mean(0) + 0.3, random_, higher_is_better=True) > 0.99
+    assert paired_p(random_.mean(0), random_, higher_is_better=True) == 1.0
+
+
+def test_bootstrap_intervals_cover_the_means_and_narrow_with_more_items():
+    gen = np.random.default_rng(1)
+    small, large = gen.normal(size=20), gen.normal(size=2000)
+    rand_small, rand_large = gen.normal(1, 1, size=(5, 20)), gen.normal(1, 1, size=(5, 2000))
+    wide = bootstrap_intervals(small, rand_small, 2000, seed=0)
+    narrow = bootstrap_intervals(large, rand_large, 2000, seed=0)
+    assert wide["top"][0] < small.mean() < wide["top"][1]
+    assert narrow["difference"][0] < rand_large.mean() - large.mean() < narrow["difference"][1]
+    assert np.diff(narrow["top"]) < np.diff(wide["top"]) / 5
+    assert bootstrap_intervals(small, rand_small, 500, seed=2) == bootstrap_intervals(small, rand_small, 500, seed=2)
+
+
+def test_held_out_needles_differ_from_the_scoring_needles():
+    assert not {n.sentence for n in HELDOUT_NEEDLES} & {n.sentence for n in NEEDLES}
+    for needle in HELDOUT_NEEDLES:
+        assert needle.answer in needle.sentence
+
+
+def test_loss_validation_on_a_tiny_model_matches_direct_masked_forwards(tmp_path):
+    model = tiny_llama("gqa", layers=3)
+    text = tmp_path / "text.txt"
+    text.write_text("Some plain words of held-out text, repeated for windows. " * 40)
+    score = planted_score(3, 6, "gradient")
+    settings = ValidationSettings(masking=MaskingSettings(ks=(2, 4), random_sets=3, mode="zero", bootstrap=200),
+                                  text_path=str(text), samples=3, tokens=16)
+    curve = validate_score(model, CharTokenizer(), score, settings, progress=False)
+    assert curve["metric"] == "loss" and curve["n_items"] == curve["n_used"] == 3
+    top = curve["heads"]["top"]["2"]
+    assert top == [(0, 0), (0, 1)]
+    from headlab.probes.corpus import load_text, token_windows
+
+    windows = token_windows(CharTokenizer(), load_text(str(text)), 3, 16, 0)
+    with torch.no_grad(), attach(model, masking_plan(top, "zero")):
+        direct = [float(model(input_ids=w, labels=w).loss) for w in windows]
+    assert curve["values"]["top"]["2"]["loss"] == pytest.approx(direct, abs=1e-6)
+    first_set = curve["heads"]["random"]["4"][0]
+    with torch.no_grad(), attach(model, masking_plan(first_set, "zero")):
+        direct = [float(model(input_ids=w, labels=w).loss) for w in windows]
+    assert curve["values"]["random"]["4"]["loss"][0] == pytest.approx(direct, abs=1e-6)
+    summary = curve["summary"]["loss"]["by_k"]["4"]
+    assert len(summary["random_set_means"]) == 3 and 1 / 4 <= summary["rank_p"] <= 1
+    path = tmp_path / "validation-gradient.json"
+    path.write_text(json.dumps(curve))
+    loaded = load_curve(path)["summary"]["loss"]["by_k"]["4"]
+    assert loaded["rank_p"] == summary["rank_p"] and list(loaded["top_ci"]) == summary["top_ci"]
+    assert write_curve_page(load_curve(path), tmp_path / "v.html").stat().st_size > 100_000
+
+
+def test_curve_files_of_another_format_or_damaged_are_one_clear_error(tmp_path):
+    path = tmp_path / "validation-x.json"
+    path.write_text(json.dumps({"format": "headlab-masking-curve/1", "score": "x", "k": [1]}))
+    with pytest.raises(InputFileError, match="not a masking validation of this headlab"):
+        load_curve(path)
+    path.write_text(json.dumps({"format": CURVE_FORMAT, "score": "x"}))
+    with pytest.raises(InputFileError, match="missing key"):
+        load_curve(path)
+    path.write_text("{")
+    with pytest.raises(InputFileError, match="not JSON"):
+        load_curve(path)
+
+
+@pytest.mark.real_model
+def test_needle_task_on_smollm2_shares_the_prefill_exactly_and_scores_the_answer_as_decoding_would(smollm2):
+    """Uniform masking leaves the prefill alone, so a shared prefill gives what a prefill inside each
+    masked session gives, bit for bit; the teacher-forced answer log-probability equals feeding the
+    answer one token at a time under the same plan (within fp32 rounding of batched vs single rows)."""
+    model, tokenizer = smollm2
+    settings = ValidationSettings(needle_lengths=(256,), needle_depths=(0.5,), n_needles=1, max_new_tokens=8)
+    task = NeedleTask(model, tokenizer, settings, "uniform")
+    prompt = task.prompts[0]
+    plan = masking_plan([(15, 1), (16, 7), (20, 3)], "uniform")
+    shared = task.evaluate(prompt, plan, task.prefill(prompt))
+    own = task.evaluate(prompt, plan, None)
+    assert shared == own
+    answer = task.answer_ids(prompt)
+    cache = task.prefill(prompt)
+    logprobs = []
+    with torch.no_grad(), attach(model, plan) as session:
+        session.resume(prompt.length - 1)
+        token = prompt.input_ids[:, -1:]
+        for target in answer[0]:
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logprobs.append(float(torch.log_softmax(logits, -1)[target]))
+            token = target.view(1, 1)
+    assert shared["answer_logprob"] == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-4)
+    unmasked = task.evaluate(prompt, None, task.prefill(prompt))
+    assert unmasked["answer_logprob"] != pytest.approx(shared["answer_logprob"], abs=1e-3)
 
 
 @pytest.mark.real_model
@@ -82,10 +197,11 @@ def test_validate_command_with_loss_on_smollm2(smollm2, tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     out = tmp_path / "out"
     argv = ["validate", "smollm2-135m", "--scores", str(tmp_path / "scores.json"), "--score", "gradient_importance",
-            "--out", str(out), "--ks", "3", "--seeds", "2", "--samples", "1", "--tokens", "24"]
+            "--out", str(out), "--ks", "3", "--random-sets", "2", "--samples", "2", "--tokens", "24"]
     assert main(argv) == 0
-    curve = json.loads((out / "validation-gradient_importance.json").read_text())
-    assert curve["settings"]["metric"] == "loss" and len(curve["random"][0]) == 2
-    assert curve["top"][0] != curve["baseline"]
+    curve = load_curve(out / "validation-gradient_importance.json")
+    assert curve["metric"] == "loss" and curve["mode"] == "uniform"
+    assert len(curve["values"]["random"]["3"]["loss"]) == 2
+    assert curve["summary"]["loss"]["by_k"]["3"]["top_mean"] != curve["summary"]["loss"]["baseline_mean"]
     assert (out / "validation-gradient_importance.html").stat().st_size > 1000
     assert main(argv[:4] + ["--score", "retrieval", "--out", str(out)]) == 2
