@@ -1,13 +1,17 @@
-"""SmolLM2-135M converted to LoLCATs hybrid and to plain Hedgehog linear attention on this CPU.
+"""SmolLM2-135M converted to the LoLCATs hybrid and to plain Hedgehog linear attention on this CPU,
+and how far back each form still finds a needle.
 
     python examples/hedgehog_smollm2.py --work /tmp/hedgehog-smollm2 --out examples/results
 
-For each form, runs ``headlab convert`` (stage 1 attention transfer, stage 2 LoRA; Python
-standard-library docstrings, held-out windows for perplexity), reloads the checkpoint with
-``load_model``, and measures needle-in-a-haystack recall at 1k–4k tokens (decoding from the
-recurrent state) against the original model, plus a greedy sample. Everything lands in
-``--out/hedgehog_smollm2.json``: perplexities (original, untrained, after stage 1, after stage 2),
-tokens and wall time per stage, recall, samples. Checkpoints stay in ``--work``.
+For each form, runs ``headlab convert`` (stage 1 attention transfer, stage 2 LoRA; ``--data chat``
+by default: chat conversations whose answers the original model wrote), reloads the checkpoint
+with ``load_model`` and measures needle recall on held-out needles against the needle's distance
+from the end of the prompt: inside the hybrid's 64-token softmax window, just outside it, and far
+from it. Per form and distance bin: recall, ROUGE-1 recall and the answer's log-probability with
+95% bootstrap intervals over prompts, and a paired Wilcoxon test of the form against the original
+on the same prompts. Everything lands in ``--out/hedgehog_smollm2.json``: perplexities (original,
+untrained, after stage 1, after stage 2, on held-out windows of the training data's kind), tokens
+and wall time per stage, the needle results and every response. Checkpoints stay in ``--work``.
 """
 
 from __future__ import annotations
@@ -17,29 +21,83 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from headlab.cli import main as headlab
-from headlab.probes.retrieval import NeedleSettings, retrieval_scores
+from headlab.probes.corpus import load_text
+from headlab.probes.masking_stats import bootstrap_intervals, paired_p
+from headlab.probes.needles import HELDOUT_NEEDLES
+from headlab.probes.retrieval import build_prompt
+from headlab.probes.settings import ValidationSettings
+from headlab.probes.validation import NEEDLE_MEASURES, NeedleTask
 from headlab.surgeon import load_model
 from headlab.surgeon.files import write_json
 
-PROMPT = "The three most important ideas in computer science are"
+WINDOW = 64
+BINS = {"inside the window": (0, WINDOW), "just outside": (WINDOW, 3 * WINDOW), "far": (6 * WINDOW, 10 ** 9)}
+TARGET_DISTANCES = (0, 100, 160, 420, 800)  # tokens from the answer's end to the prompt's end (0: closest)
 
 
-def needle_recall(model, tokenizer, lengths: tuple[int, ...]) -> dict:
-    """Recall and responses over 2 needles × ``lengths`` at depth 0.5 (greedy, 24 new tokens)."""
-    settings = NeedleSettings(lengths=lengths, depths=(0.5,), n_needles=2)
-    started = time.perf_counter()
-    result = retrieval_scores(model, tokenizer, settings, record=False)
-    return {"recall": result.recall, "runs": result.runs, "seconds": round(time.perf_counter() - started, 1)}
+def prompt_at_distance(tokenizer, haystack, needle, length: int, distance: int):
+    """The prompt of ``length`` tokens whose answer ends closest to ``distance`` tokens before the end
+    (bisection over the needle's depth)."""
+    def gap_of(prompt):
+        return prompt.length - 1 - prompt.answer_positions[-1]
+
+    last = build_prompt(tokenizer, haystack, needle, length, 1.0)  # the needle closing the context
+    best = (gap_of(last), last)
+    low, high = 0.0, 1.0
+    for _ in range(14):
+        depth = (low + high) / 2
+        prompt = build_prompt(tokenizer, haystack, needle, length, depth)
+        gap = gap_of(prompt)
+        if abs(gap - distance) < abs(best[0] - distance):
+            best = (gap, prompt)
+        low, high = (depth, high) if gap > distance else (low, depth)
+    return best[1]
 
 
-def sample(model, tokenizer, max_new_tokens: int = 40) -> str:
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def distance_prompts(tokenizer, lengths: list[int]):
+    """Every held-out needle at every length and target distance that fits (each prompt once), with
+    its actual distance."""
+    haystack = load_text(None, heldout=True)
+    prompts, seen = [], set()
+    for needle in HELDOUT_NEEDLES:
+        for length in lengths:
+            for target in TARGET_DISTANCES:
+                prompt = prompt_at_distance(tokenizer, haystack, needle, length, target)
+                key = (needle, length, prompt.answer_positions[-1])
+                if key not in seen and abs(prompt.length - 1 - prompt.answer_positions[-1] - target) < target / 2 + 64:
+                    seen.add(key)
+                    prompts.append(prompt)
+    return prompts, [p.length - 1 - p.answer_positions[-1] for p in prompts]
+
+
+def needle_runs(model, tokenizer, prompts) -> list[dict]:
+    """Each prompt's measures and response, unmasked, decoded from the model's own cache or state."""
+    task = NeedleTask(model, tokenizer, ValidationSettings(max_new_tokens=32), "zero", prompts=prompts)
+    return [task.evaluate(prompt, None) for prompt in prompts]
+
+
+def by_distance(runs: list[dict], distances: list[int], reference: list[dict] | None) -> dict:
+    """Per bin and measure: mean, 95% bootstrap interval and (against ``reference``) the paired test."""
+    out = {}
+    for name, (low, high) in BINS.items():
+        chosen = [i for i, d in enumerate(distances) if low <= d < high]
+        if not chosen:
+            continue
+        row = {"n_prompts": len(chosen), "distances": [distances[i] for i in chosen]}
+        for measure in NEEDLE_MEASURES:
+            values = np.array([runs[i][measure.name] for i in chosen])
+            base = values if reference is None else np.array([reference[i][measure.name] for i in chosen])
+            intervals = bootstrap_intervals(values, base[None], 2000, seed=0)
+            row[measure.name] = {"mean": float(values.mean()), "ci": intervals["top"]}
+            if reference is not None:
+                row[measure.name].update(original_mean=float(base.mean()), drop_ci=intervals["difference"],
+                                         paired_p_worse_than_original=paired_p(values, base[None], True))
+        out[name] = row
+    return out
 
 
 def main() -> None:
@@ -49,38 +107,47 @@ def main() -> None:
     parser.add_argument("--steps", default="60,40", help="stage-1,stage-2 optimiser steps")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--accumulation", type=int, default=4)
-    parser.add_argument("--lengths", default="1024,2048,4096", help="needle prompt lengths")
+    parser.add_argument("--lengths", default="512,1024", help="needle prompt lengths in tokens")
     parser.add_argument("--forms", default="hybrid,hedgehog")
+    parser.add_argument("--data", default="chat", choices=("chat", "text"))
     args = parser.parse_args()
-    lengths = tuple(int(x) for x in args.lengths.split(","))
     torch.manual_seed(0)
     path = Path(args.out) / "hedgehog_smollm2.json"
+    model, tokenizer = load_model("smollm2-135m")
+    prompts, distances = distance_prompts(tokenizer, [int(x) for x in args.lengths.split(",")])
     # Forms run separately (--forms) are merged into one summary; the original is measured once.
-    summary = json.loads(path.read_text()) if path.exists() else {"forms": {}}
-    summary.update({"settings": vars(args), "threads": torch.get_num_threads()})
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("distances") != distances:
+        summary = {"forms": {}, "distances": distances}
+    summary.update({"settings": vars(args), "threads": torch.get_num_threads(), "window": WINDOW,
+                    "bins": {name: list(bounds) for name, bounds in BINS.items()}})
     if "original" not in summary:
-        model, tokenizer = load_model("smollm2-135m")
-        summary["original"] = {"needles": needle_recall(model, tokenizer, lengths), "sample": sample(model, tokenizer)}
-        del model
+        runs = needle_runs(model, tokenizer, prompts)
+        summary["original"] = {"needles": by_distance(runs, distances, None), "runs": runs}
+    del model
     for form in args.forms.split(","):
-        target = Path(args.work) / form
+        target = Path(args.work) / f"{form}-{args.data}"
         started = time.perf_counter()
         code = headlab(["convert", "smollm2-135m", "--to", form, "--out", str(target), "--steps", args.steps,
-                        "--seq-len", str(args.seq_len), "--accumulation", str(args.accumulation), "--eval-every", "10"])
+                        "--seq-len", str(args.seq_len), "--accumulation", str(args.accumulation), "--eval-every", "10",
+                        "--data", args.data])
         if code:
             raise SystemExit(code)
         wall = time.perf_counter() - started
         provenance = json.loads((target / "headlab_conversion.json").read_text())["provenance"]
         converted, tokenizer = load_model(target)
-        summary["forms"][form] = {
-            "convert_wall_s": round(wall, 1),
-            "held_out_perplexity": provenance["held_out_perplexity"],
-            "stages": provenance["stages"],
-            "needles": needle_recall(converted, tokenizer, lengths),
-            "sample": sample(converted, tokenizer),
+        started = time.perf_counter()
+        runs = needle_runs(converted, tokenizer, prompts)
+        summary["forms"][f"{form}-{args.data}"] = {
+            "convert_wall_s": round(wall, 1), "needle_wall_s": round(time.perf_counter() - started, 1),
+            "held_out_perplexity": provenance["held_out_perplexity"], "stages": provenance["stages"],
+            "needles": by_distance(runs, distances, summary["original"]["runs"]), "runs": runs,
         }
         write_json(path, summary)
-    print(json.dumps({f: v["held_out_perplexity"] for f, v in summary["forms"].items()}, indent=2))
+    write_json(path, summary)
+    for form, result in summary["forms"].items():
+        recall = {name: row["recalled"]["mean"] for name, row in result["needles"].items()}
+        print(form, result["held_out_perplexity"], recall)
 
 
 if __name__ == "__main__":

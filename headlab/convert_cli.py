@@ -26,7 +26,7 @@ def _convert(args) -> int:
     layers = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
     import torch
 
-    from .probes.corpus import train_eval_windows
+    from .conversion_data import require_chat_template, training_windows
     from .surgeon import load_model
     from .surgeon.conversion import convert, is_converted_directory, save_converted
     from .surgeon.evaluate import heldout_loss
@@ -40,9 +40,10 @@ def _convert(args) -> int:
     claim_folder(out, CHECKPOINT_ENTRIES, args.overwrite, "--out checkpoint folder")
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(args.model)
+    if settings.data == "chat":
+        require_chat_template(tokenizer, args.model)
     n_train = max(1, max(stage1.steps, stage2.steps) * settings.accumulation)
-    train, held_out = train_eval_windows(tokenizer, settings.text_path, n_train, settings.eval_windows,
-                                         settings.seq_len, settings.seed)
+    train, held_out = training_windows(model, tokenizer, settings, n_train, training)
     train_ids, val_ids = torch.cat(train), torch.cat(held_out)
     perplexity = {"original": math.exp(heldout_loss(model, held_out))}
     convert(model, settings.linear_settings(None if layers is None else tuple(layers)))
@@ -62,7 +63,8 @@ def _convert(args) -> int:
                                    train_ids, val_ids, stage2, training))
         model = peft_model.merge_and_unload()
         perplexity["after_stage2"] = math.exp(heldout_loss(model, held_out))
-    provenance = {"base_model": args.model, "seq_len": settings.seq_len, "held_out_windows": len(held_out),
+    provenance = {"base_model": args.model, "data": settings.data, "seq_len": settings.seq_len,
+                  "held_out_windows": len(held_out),
                   "held_out_perplexity": perplexity, "stages": summaries}
     save_converted(model, tokenizer, out, provenance, overwrite=args.overwrite)
     for name, value in perplexity.items():
@@ -91,7 +93,10 @@ def add_parser(sub) -> None:
                     "(--to hedgehog) or the LoLCATs hybrid of softmax over a recent window plus linear attention "
                     "over older tokens (--to hybrid). Stage 1 trains only the feature maps (and window weights) to "
                     "match each layer's softmax output; stage 2 trains LoRA adapters (r 8, alpha 16) on q/k/v/o_proj "
-                    "with next-token loss and merges them. Training state goes to OUT/training (a killed run resumes "
+                    "with next-token loss and merges them. --data chat trains on chat conversations instead of plain "
+                    "text windows: passages of the text with questions (half about a fact hidden in them) and the "
+                    "original model's own answers, through its chat template (kept in OUT/training/chat_data.json). "
+                    "Training state goes to OUT/training (a killed run resumes "
                     "when started again with the same arguments); the checkpoint (config, tokenizer, "
                     "model.safetensors, headlab_conversion.json with settings, perplexities and training history) "
                     "goes to OUT and reloads with headlab.surgeon.load_model(OUT). Decoding then keeps a constant-size "

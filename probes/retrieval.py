@@ -80,7 +80,7 @@ def _encode(tokenizer, prompt_text: str, **kwargs):
 def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: float,
                  style: str = "headlab") -> NeedlePrompt:
     """A prompt of ``length`` tokens: haystack text with the needle inserted at the sentence end
-    preceding ``depth`` of the context, then the question. The answer span is found through the
+    preceding ``depth`` of the context (at its very end for depth 1), then the question. The answer span is found through the
     tokenizer's character offsets (tokens overlapping the answer inside the needle)."""
     overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question, style)).input_ids)
     budget = length - overhead - 1
@@ -91,7 +91,7 @@ def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: f
         raise ValueError(f"the haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for length {length}")
     for _ in range(4):  # re-tokenising joined text shifts the count a little; trim until it fits
         hay = tokenizer.decode(hay_ids[:budget])
-        cut = _sentence_end(hay, int(depth * len(hay)))
+        cut = len(hay) if depth >= 1 else _sentence_end(hay, int(depth * len(hay)))
         context = f"{hay[:cut]} {needle.sentence} {hay[cut:]}".strip()
         text = chat_prompt(tokenizer, context, needle.question, style)
         encoded = _encode(tokenizer, text, return_offsets_mapping=True)

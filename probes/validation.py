@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,15 +55,19 @@ LOSS_MEASURES = (Measure("loss", False, "next-token cross-entropy of a held-out 
 
 
 class NeedleTask:
-    """Needle recall on held-out prompts; ``mode`` says how heads are masked."""
+    """Needle recall on held-out prompts (the settings' grid, or ``prompts``); ``mode`` says how heads
+    are masked."""
 
     measures = NEEDLE_MEASURES
 
-    def __init__(self, model, tokenizer, settings: ValidationSettings, mode: str):
+    def __init__(self, model, tokenizer, settings: ValidationSettings, mode: str,
+                 prompts: list[NeedlePrompt] | None = None):
         self.model, self.tokenizer, self.settings, self.mode = model, tokenizer, settings, mode
-        haystack = load_text(settings.text_path, heldout=True)
-        self.prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], settings.needle_lengths,
-                                   settings.needle_depths, settings.prompt_style)
+        if prompts is None:
+            haystack = load_text(settings.text_path, heldout=True)
+            prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], settings.needle_lengths,
+                                  settings.needle_depths, settings.prompt_style)
+        self.prompts = prompts
         self.stop = stop_rule(tokenizer)
         self.shared_prefill = mode == "uniform"  # the masking edits decode calls only
 
@@ -84,11 +89,12 @@ class NeedleTask:
     @torch.no_grad()
     def evaluate(self, prompt: NeedlePrompt, plan: Plan | None, shared_cache=None) -> dict:
         """The measures of one prompt under ``plan`` (and the response)."""
-        with attach(self.model, plan) as session:
+        with (attach(self.model, plan) if plan is not None else nullcontext()) as session:
             if shared_cache is None:
                 cache = self.prefill(prompt)
             else:
-                session.resume(prompt.length - 1)
+                if session is not None:
+                    session.resume(prompt.length - 1)
                 cache = shared_cache
             logprob = self._answer_logprob(prompt, copy.deepcopy(cache))
             generated = greedy_from_cache(self.model, copy.deepcopy(cache), prompt.input_ids[:, -1:],

@@ -13,6 +13,8 @@ from .settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Mayb
 
 FORMS = ("hybrid", "linear")
 FEATURE_MAPS = ("lolcats", "fla")
+FEATURE_INITS = ("identity", "kaiming")
+DATA_KINDS = ("text", "chat")
 LOSSES = ("mse", "ce")
 LORA_LR = 1e-4  # stage 2's learning rate (SPEC §3.4)
 
@@ -32,6 +34,9 @@ class LinearSettings:
                             kind=Switch())
     feature_dim: int = setting(64, "F of the feature map (2F features)", kind=Integer(1), flag="--feature-dim")
     feature_map: str = setting("lolcats", "feature map", kind=Choice(*FEATURE_MAPS), flag="--feature-map")
+    feature_init: str = setting("identity", "feature-map weights start as the truncated identity (headlab) or "
+                                            "kaiming-uniform (the released LoLCATs configs)",
+                                kind=Choice(*FEATURE_INITS), flag="--feature-init")
     feature_bias: bool = setting(False, "feature maps with a bias", kind=Switch())
     gamma_init: float = setting(0.1, "initial softmax-window weight", kind=Number(0.0, 1.0, True, True))
     layers: tuple[int, ...] | None = setting(None, "converted layers (None: all)", kind=Maybe(Items(Integer(0))))
@@ -140,6 +145,9 @@ class ConversionSettings:
                                 flag="--eval-windows")
     text_path: str | None = setting(None, "UTF-8 training text (default: Python standard-library docstrings)",
                                     kind=Maybe(ExistingFile()), flag="--text-file")
+    data: str = setting("text", "train on windows of the text, or on chat conversations: passages of the text with "
+                                "a question (half about a fact hidden in the passage) and the original model's own "
+                                "answer, through its chat template", kind=Choice(*DATA_KINDS), flag="--data")
     seed: int = setting(0, "seed", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):
@@ -158,5 +166,5 @@ class ConversionSettings:
                 lora_defaults(steps=self.steps[1], lr=self.lr2, **common))
 
 
-__all__ = ["FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings", "StageSettings",
+__all__ = ["DATA_KINDS", "FEATURE_INITS", "FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings", "StageSettings",
            "lora_defaults"]

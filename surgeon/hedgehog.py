@@ -4,6 +4,8 @@ A feature map belongs to one layer and one side (queries or keys) and holds one 
 query head. ``lolcats`` (default): ``φ(x) = clamp_{≥1e-12}(softmax(xW + b) ⊕ softmax(−(xW + b)))``
 with ``W [D, F]`` initialised to the truncated identity, giving ``2F`` features. ``fla``: one
 softmax over ``[2xW, −2xW]`` with ``W [D, D]`` initialised to the identity, giving ``2D`` features.
+``feature_init="kaiming"`` starts ``W`` kaiming-uniform instead, as the released LoLCATs configs
+do (fan-in ``D·F`` of the ``[H, D, F]`` tensor, drawn from torch's global generator).
 The two are not interchangeable; a checkpoint records which one it was trained with.
 """
 
@@ -22,8 +24,9 @@ class FeatureMap(nn.Module):
         super().__init__()
         self.kind = settings.feature_map
         width = settings.feature_dim if self.kind == "lolcats" else head_dim
-        eye = torch.eye(head_dim, width)  # truncated identity I_{D×F}
-        self.weight = nn.Parameter(eye.repeat(n_heads, 1, 1))  # [H, D, F]
+        self.weight = nn.Parameter(torch.eye(head_dim, width).repeat(n_heads, 1, 1))  # [H, D, F]: truncated identity
+        if settings.feature_init == "kaiming":
+            nn.init.kaiming_uniform_(self.weight)
         self.bias = nn.Parameter(torch.zeros(n_heads, 1, width)) if settings.feature_bias else None
 
     @property

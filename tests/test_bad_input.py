@@ -251,6 +251,8 @@ CLI_CASES = [
     (f"convert {SMOL} --out {{d}}/c --layers 40", "outside 0..29"),
     (f"convert {SMOL} --out {{d}}/c --window 0", "--window"),
     (f"convert {SMOL} --out {{d}}/c --feature-dim 0", "--feature-dim"),
+    (f"convert {SMOL} --out {{d}}/c --feature-init zeros", "--feature-init"),
+    (f"convert {SMOL} --out {{d}}/c --data alpaca", "--data"),
     (f"convert {SMOL} --out {{d}}/c --feature-map x", "--feature-map"),
     (f"convert {SMOL} --out {{d}}/c --sliding --steps 0,0", "trains nothing"),
     (f"convert {SMOL} --out {{d}}/c --steps a", "S1[,S2]"),

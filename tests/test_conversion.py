@@ -135,6 +135,17 @@ def test_feature_maps_start_from_the_identity_and_have_documented_widths():
     assert torch.allclose(fla(x), torch.cat([2 * x, -2 * x], -1).softmax(-1))
 
 
+def test_kaiming_feature_init_draws_as_the_released_configs_do():
+    """kaiming-uniform on the [H, D, F] weight: fan-in D·F, bound sqrt(6 / (D·F)), seeded by torch."""
+    torch.manual_seed(7)
+    fmap = FeatureMap(3, 6, LinearSettings(feature_dim=8, feature_init="kaiming"))
+    torch.manual_seed(7)
+    expected = torch.nn.init.kaiming_uniform_(torch.empty(3, 6, 8))
+    assert torch.equal(fmap.weight.detach(), expected)
+    assert fmap.weight.abs().max() <= (6 / (6 * 8)) ** 0.5
+    assert not torch.equal(fmap.weight.detach(), FeatureMap(3, 6, LinearSettings(feature_dim=8)).weight.detach())
+
+
 @pytest.mark.parametrize("feature_map", ["lolcats", "fla"])
 def test_checkpoint_reloads_to_identical_logits(tmp_path, feature_map):
     model, x = converted(feature_map=feature_map), ids()
