@@ -21,9 +21,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from headlab.surgeon import model_directory
-from headlab.surgeon.conversion import convert
+from headlab.surgeon.conversion.converted import convert
 from headlab.surgeon.files import write_json
-from headlab.surgeon.conversion_settings import LinearSettings
+from headlab.surgeon.conversion.settings import LinearSettings
 
 
 def cache_bytes(cache) -> int:

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from headlab.surgeon import load_model
-from headlab.surgeon.evaluate import evaluate
+from headlab.surgeon.search.evaluate import evaluate
 from headlab.surgeon.files import write_json
-from headlab.surgeon.search import SearchSettings, calibration_search, default_candidates, plan_from_search
-from headlab.surgeon.tasks import load_task
+from headlab.surgeon.search.calibration import SearchSettings, calibration_search, default_candidates, plan_from_search
+from headlab.surgeon.search.tasks import load_task
 
 TASKS = ("kv-recall", "arithmetic")  # label-words is at 95% without calibration: little room
 

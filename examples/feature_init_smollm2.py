@@ -20,11 +20,11 @@ import torch
 
 from headlab.probes.corpus import train_eval_windows
 from headlab.surgeon import load_model
-from headlab.surgeon.conversion import convert
-from headlab.surgeon.conversion_settings import FEATURE_INITS, LinearSettings, StageSettings
-from headlab.surgeon.evaluate import heldout_loss
+from headlab.surgeon.conversion.converted import convert
+from headlab.surgeon.conversion.settings import FEATURE_INITS, LinearSettings, StageSettings
+from headlab.surgeon.search.evaluate import heldout_loss
 from headlab.surgeon.files import write_json
-from headlab.surgeon.linear_training import run_stage, stage1_parameters, transfer_loss, transfer_mode
+from headlab.surgeon.conversion.training import run_stage, stage1_parameters, transfer_loss, transfer_mode
 
 
 def one_run(init: str, args, train, held_out) -> dict:

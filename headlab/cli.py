@@ -75,8 +75,8 @@ def _check_window_fits(config, n_tokens: int, flag: str) -> None:
 
 
 def _calibrate(args) -> int:
-    from .surgeon.search_settings import CalibrationSettings
-    from .surgeon.tasks import TaskSettings
+    from .surgeon.search.settings import CalibrationSettings
+    from .surgeon.search.tasks import TaskSettings
 
     tasks, search = common.settings(TaskSettings, args), common.settings(CalibrationSettings, args)
     claim_file(args.out, args.overwrite, "--out plan")
@@ -91,7 +91,7 @@ def _calibrate(args) -> int:
     if layers is not None and min(layers) < FIRST_EDITABLE_LAYER:
         raise HeadlabError(f"--layers: layers 0-{FIRST_EDITABLE_LAYER - 1} are never calibrated (ACT)")
     model, tokenizer = common.load_model_from(args)
-    from .surgeon.search import SearchSettings, calibration_search, default_candidates, plan_from_search
+    from .surgeon.search.calibration import SearchSettings, calibration_search, default_candidates, plan_from_search
 
     record = SearchSettings(tasks.tasks, len(examples), tuple(default_candidates(model, layers)), search.beta,
                             search.threshold, search.margin)
@@ -106,7 +106,7 @@ def _calibrate(args) -> int:
 def _eval(args) -> int:
     from .surgeon.files import write_json
     from .surgeon.plan import Plan
-    from .surgeon.tasks import TaskSettings
+    from .surgeon.search.tasks import TaskSettings
 
     tasks = common.settings(TaskSettings, args)
     claim_file(args.out, args.overwrite, "--out results")
@@ -117,7 +117,7 @@ def _eval(args) -> int:
     if plan is not None:
         plan.validate(common.model_shape_of(config))
     model, tokenizer = common.load_model_from(args)
-    from .surgeon.evaluate import evaluate
+    from .surgeon.search.evaluate import evaluate
 
     results = {"format": "headlab-eval/1", "model": args.model, "plan": args.plan, "split": args.split,
                "seed": tasks.seed, "tasks": {}}
@@ -234,7 +234,7 @@ def _file_safe(name: str) -> str:
 
 
 def _task_arguments(parser) -> None:
-    from .surgeon.tasks import TaskSettings
+    from .surgeon.search.tasks import TaskSettings
 
     common.add_model_arguments(parser)
     common.add_settings(parser, TaskSettings)
@@ -250,7 +250,7 @@ def build_parser() -> common.Parser:
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
     from .probes.settings import ReportSettings, ValidationSettings, ViewSettings
-    from .surgeon.search_settings import CalibrationSettings
+    from .surgeon.search.settings import CalibrationSettings
 
     report = sub.add_parser(
         "report", help="score every head and write a head-importance report",

@@ -38,7 +38,7 @@ OTHER_QUESTIONS = ("What is the text above about?", "Summarise the text above in
 
 def training_windows(model, tokenizer, settings, n_train: int, folder: Path, progress: bool = True):
     """``(train, held_out)`` lists of ``[1, seq_len]`` id windows of the kind ``settings.data`` names
-    (:class:`~headlab.surgeon.conversion_settings.ConversionSettings`)."""
+    (:class:`~headlab.surgeon.conversion.settings.ConversionSettings`)."""
     if settings.data == "text":
         return train_eval_windows(tokenizer, settings.text_path, n_train, settings.eval_windows, settings.seq_len,
                                   settings.seed)

@@ -16,7 +16,7 @@ CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "model.safetensor
 
 
 def _convert(args) -> int:
-    from .surgeon.conversion_settings import ConversionSettings
+    from .surgeon.conversion.settings import ConversionSettings
 
     settings = common.settings(ConversionSettings, args)
     out = Path(args.out)
@@ -28,9 +28,9 @@ def _convert(args) -> int:
 
     from .conversion_data import require_chat_template, training_windows
     from .surgeon import load_model
-    from .surgeon.conversion import convert, is_converted_directory, save_converted
-    from .surgeon.evaluate import heldout_loss
-    from .surgeon.linear_training import (add_lora, next_token_loss, run_stage, stage1_parameters, transfer_loss,
+    from .surgeon.conversion.converted import convert, is_converted_directory, save_converted
+    from .surgeon.search.evaluate import heldout_loss
+    from .surgeon.conversion.training import (add_lora, next_token_loss, run_stage, stage1_parameters, transfer_loss,
                                           transfer_mode)
 
     training = out / "training"
@@ -85,7 +85,7 @@ def _refuse_the_source(spec: str, out: Path) -> None:
 
 def add_parser(sub) -> None:
     """Register ``convert`` on the main parser's subparsers."""
-    from .surgeon.conversion_settings import ConversionSettings
+    from .surgeon.conversion.settings import ConversionSettings
 
     p = sub.add_parser(
         "convert", help="convert softmax attention to Hedgehog linear or hybrid attention and train it",

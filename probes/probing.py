@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,14 +17,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import read_jsonl
-from ..surgeon.settings import Kind, Text, check_object
 from ..surgeon.stopping import run_for_taps
+from .labelled import FOLDS
 from .settings import POOLS
-
-FOLDS = 5  # cross-validation folds of the probes
-
 
 
 @dataclass
@@ -38,35 +32,6 @@ class ProbeResult:
     labels: list
     n_examples: int
     settings: dict
-
-
-class _Label(Kind):
-    """A class label: a non-empty string or an integer (not a boolean or a fraction)."""
-
-    def check(self, value):
-        if isinstance(value, str) and value.strip():
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{value!r} is not a class label (a string or an integer)")
-
-
-def load_labelled(path: str | Path, folds: int = FOLDS) -> list[tuple[str, object]]:
-    """Read a JSON-lines file of ``{"text": ..., "label": ...}`` objects, one per line, checked:
-    non-empty texts, labels that are strings or integers, at least two classes and ``folds``
-    examples of each (the probe is cross-validated in that many folds)."""
-    examples = []
-    for number, item in read_jsonl(path, "labelled data"):
-        line = check_object(item, f"{path}:{number}", {"text": Text(), "label": _Label()})
-        examples.append((line["text"], line["label"]))
-    counts = Counter(label for _, label in examples)
-    if len(counts) < 2:
-        raise InputFileError(f"{path} holds {len(counts)} class(es); a probe needs at least two labels")
-    rare = sorted((str(label) for label, n in counts.items() if n < folds))
-    if rare:
-        raise InputFileError(f"{path}: label(s) {rare} have fewer than {folds} examples, the folds of the "
-                             "cross-validation")
-    return examples
 
 
 @torch.no_grad()

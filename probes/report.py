@@ -24,7 +24,8 @@ from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import importance, views
 from .corpus import load_text, token_windows
 from .divergence import context_divergence
-from .probing import load_labelled, probe_heads
+from .labelled import load_labelled
+from .probing import probe_heads
 from .retrieval import retrieval_scores
 from .settings import DECODER_ONLY, ReportSettings
 from .validation_file import load_curves

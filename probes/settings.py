@@ -118,7 +118,7 @@ class ReportSettings:
         if self.text_path is not None and self.needles.text_path is None:
             self.needles = dataclasses.replace(self.needles, text_path=self.text_path)
         if self.probe_data:
-            from .probing import load_labelled
+            from .labelled import load_labelled
 
             load_labelled(self.probe_data)  # fail on a bad file before hours of scoring
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, attention_modules, decoder_layers, detect_sink_dimensions, model_shape
-from ..surgeon.hook import block_input
+from ..surgeon.sites import block_input
 from ..surgeon.stopping import run_for_taps
 from .settings import SinkSettings
 

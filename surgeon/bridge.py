@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from .hook import Session
-from .models import model_shape
+from .shape import model_shape
 from .plan import Plan, PlanError
 from .taps import Taps
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
-from .models import ModelShape
+from .shape import ModelShape
 from .plan import Edit, PlanError, register_edit
 from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
-from .search_settings import ACT_BETA, ACT_THRESHOLD
+from .search.settings import ACT_BETA, ACT_THRESHOLD
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 

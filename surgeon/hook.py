@@ -25,8 +25,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math, editing
 from .attention_math import AttentionCall
-from .linear_layer import LinearAttention
-from .models import ModelShape, UnsupportedModelError, model_shape, require_attention_interface, text_config
+from .conversion.layer import LinearAttention
+from .errors import UnsupportedModelError
+from .shape import ModelShape, model_shape, text_config
+from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
 from .plan import Plan, PlanError
 from .request import Request, RequestState, section_masks, span_mask
 from .taps import MapBudgetError, Recording, Taps
@@ -318,21 +320,6 @@ def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice) -> 
                         "edit, record or gate softmax layers only")
 
 
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The modules that call the attention interface: those with an integer ``layer_idx`` and
-    q/k projections or a ``scaling``, in the language model only."""
-    text_cfg = text_config(model.config)
-    found = []
-    for module in model.modules():
-        if not isinstance(getattr(module, "layer_idx", None), int):
-            continue
-        if getattr(module, "config", text_cfg) is not text_cfg:
-            continue
-        if hasattr(module, "scaling") or hasattr(module, "attention_head_size") or hasattr(module, "q_proj"):
-            found.append(module)
-    return found
-
-
 def _implementation_snapshot(config) -> dict:
     """The attention implementation of a config and of each of its sub-configs, in the dict
     form ``set_attn_implementation`` accepts."""
@@ -408,26 +395,6 @@ def attach(
             if hasattr(module, _SESSION_ATTR):
                 delattr(module, _SESSION_ATTR)
         model.set_attn_implementation(previous)
-
-
-def decoder_layers(model) -> dict[int, torch.nn.Module]:
-    """``{layer_idx: block}``: the entries of the model's layer lists (``nn.ModuleList``) that hold
-    exactly one of :func:`attention_modules` (a Llama decoder layer, a BERT encoder layer)."""
-    attention = {id(m): m.layer_idx for m in attention_modules(model)}
-    blocks = {}
-    for container in model.modules():
-        if not isinstance(container, torch.nn.ModuleList):
-            continue
-        for block in container:
-            inside = [attention[id(m)] for m in block.modules() if id(m) in attention]
-            if len(inside) == 1:
-                blocks[inside[0]] = block
-    return blocks
-
-
-def block_input(args, kwargs) -> torch.Tensor:
-    """The residual stream ``[B, N, d_model]`` a decoder block's forward pre-hook receives."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _residual_hooks(model, plan: Plan, session: Session) -> list:

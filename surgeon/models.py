@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from .errors import ModelSpecError, UnsupportedModelError
 from .files import atomic_directory
 from .shape import ModelShape, model_shape, text_config
+from .sites import require_attention_interface
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def load_model(
     """
     path, config = load_config(spec, trust_remote_code)
     spec = str(spec)
-    from .conversion import is_converted_directory, load_converted
+    from .conversion.converted import is_converted_directory, load_converted
 
     if isinstance(path, Path) and is_converted_directory(path):
         if device_map is not None or max_memory is not None:
@@ -228,20 +229,6 @@ def model_directory(spec: str | os.PathLike) -> Path:
     if not (path / "config.json").exists():
         raise ModelSpecError(f"{spec!r} is a directory without config.json, so it is not a Hugging Face model directory")
     return path
-
-
-def require_attention_interface(model) -> None:
-    """Raise :class:`UnsupportedModelError` unless the model (or model class) dispatches attention
-    through ``AttentionInterface``."""
-    if getattr(model, "_supports_attention_backend", False):
-        return
-    name = model.__name__ if isinstance(model, type) else type(model).__name__
-    raise UnsupportedModelError(
-        f"{name} computes attention in its own code instead of dispatching through "
-        "transformers' AttentionInterface, so headlab's attention hook would be silently ignored. "
-        "Supported: architectures whose modeling code calls AttentionInterface "
-        "(`_supports_attention_backend = True`), e.g. Llama, Mistral, Qwen2/3, Gemma, GPT-2, BERT."
-    )
 
 
 def _placement(device_map, max_memory: str | None, spec: str) -> dict:

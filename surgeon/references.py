@@ -8,8 +8,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .hook import attach, block_input, decoder_layers
-from .models import model_shape
+from .hook import attach
+from .sites import block_input, decoder_layers
+from .shape import model_shape
 from .plan import PlanError
 from .stopping import run_for_taps
 from .taps import Taps

@@ -7,7 +7,7 @@ import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
-from .hook import decoder_layers
+from .sites import decoder_layers
 
 
 class _StopForward(Exception):

@@ -96,7 +96,7 @@ class CharTokenizer:
 def eager_recorder(model):
     """Switch ``model`` to eager attention and record, per layer, what the family's own
     ``eager_attention_forward`` received and returned: ``{layer: (q, k, scaling, kwargs, weights)}``."""
-    from headlab.surgeon.hook import attention_modules
+    from headlab.surgeon.sites import attention_modules
 
     module = sys.modules[type(attention_modules(model)[0]).__module__]
     original = module.eager_attention_forward

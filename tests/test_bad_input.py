@@ -382,13 +382,13 @@ def _sae_settings():
 
 
 def _conversion():
-    import headlab.surgeon.conversion_settings as settings
+    import headlab.surgeon.conversion.settings as settings
 
     return settings
 
 
 def _tasks():
-    import headlab.surgeon.tasks as tasks
+    import headlab.surgeon.search.tasks as tasks
 
     return tasks
 

@@ -12,12 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from headlab.cli import main as headlab
 from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
 from headlab.surgeon import UnsupportedModelError, load_model
-from headlab.surgeon.conversion import convert, converted_layers, load_converted, save_converted
-from headlab.surgeon.hook import block_input
-from headlab.surgeon.conversion_settings import LinearSettings, StageSettings
-from headlab.surgeon.hedgehog import FeatureMap
-from headlab.surgeon.linear_layer import RecurrentState
-from headlab.surgeon.linear_training import (run_stage, stage1_parameters, transfer_loss,
+from headlab.surgeon.conversion.converted import convert, converted_layers, load_converted, save_converted
+from headlab.surgeon.sites import block_input
+from headlab.surgeon.conversion.settings import LinearSettings, StageSettings
+from headlab.surgeon.conversion.hedgehog import FeatureMap
+from headlab.surgeon.conversion.layer import RecurrentState
+from headlab.surgeon.conversion.training import (run_stage, stage1_parameters, transfer_loss,
                                              transfer_mode)
 
 

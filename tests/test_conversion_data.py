@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab import conversion_data
 from headlab.conversion_data import chat_windows, conversation_ids, pack, require_chat_template
-from headlab.surgeon.conversion_settings import ConversionSettings
+from headlab.surgeon.conversion.settings import ConversionSettings
 from headlab.surgeon.errors import HeadlabError
 
 

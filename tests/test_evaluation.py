@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama
 
-from headlab.surgeon import Calibrate, Plan, PlanError, search
-from headlab.surgeon.evaluate import choice_logprobs, evaluate
-from headlab.surgeon.tasks import BUILTIN_TASKS, Example, load_task
+from headlab.surgeon import Calibrate, Plan, PlanError
+from headlab.surgeon.search import calibration as search
+from headlab.surgeon.search.evaluate import choice_logprobs, evaluate
+from headlab.surgeon.search.tasks import BUILTIN_TASKS, Example, load_task
 
 
 class CharTokenizer:

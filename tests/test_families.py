@@ -17,7 +17,7 @@ from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model
 from headlab.sae.activations import head_outputs
 from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Taps, Uniform, UnsupportedModelError, attach,
                              model_shape)
-from headlab.surgeon.hook import attention_modules
+from headlab.surgeon.sites import attention_modules
 
 N_TOKENS = 23
 CALIBRATED_LAYER = 2  # a sliding-window layer in every family that has them

@@ -9,7 +9,8 @@ from conftest import CharTokenizer, tiny_llama
 
 from headlab.surgeon.errors import InputFileError
 from headlab.probes.divergence import head_divergence, zero_outliers
-from headlab.probes.probing import load_labelled, probe_heads
+from headlab.probes.labelled import load_labelled
+from headlab.probes.probing import probe_heads
 from headlab.probes.sinks import SinkSettings, massive_activations, sink_token_mask
 
 

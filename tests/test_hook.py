@@ -5,7 +5,8 @@ import torch
 from conftest import padded_batch, tiny_bert, tiny_llama
 
 from headlab.surgeon import HeadScale, Plan, Taps, attach, model_shape
-from headlab.surgeon.hook import attention_modules, hook_name
+from headlab.surgeon.hook import hook_name
+from headlab.surgeon.sites import attention_modules
 
 
 def logits(model, ids, mask):

@@ -16,15 +16,21 @@ THIRD_PARTY_OWNERS = {"plotly": "probes/views.py", "sklearn": "probes/probing.py
 
 
 def imported_parts(path: Path, part: str):
-    """Yield (line, imported part) for every import of one of our parts in ``path``."""
+    """Yield (line, imported part, name) for every import of one of our parts in ``path`` (relative
+    imports resolved from the file's package: ``surgeon/conversion/x.py``'s ``..files`` is surgeon's)."""
+    try:
+        package = [part, *path.parent.relative_to(ROOT / part).parts]
+    except ValueError:  # a file outside the tree (the checker's own test): a module at the top of part
+        package = [part]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: "from .x" stays inside, "from ..x" reaches a sibling or headlab/
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
                 module = (node.module or "").split(".")[0]
-                names = [part] if node.level == 1 else [module if module in PARTS else "headlab." + module]
+                names = [base[0] if base else (module if module in PARTS else "headlab." + module)]
             else:
                 names = [node.module or ""]
         else:
@@ -73,3 +79,76 @@ def test_the_checker_catches_a_forbidden_edge(tmp_path):
     bad.write_text("from headlab.probes import views\nfrom ..sae import models\nimport headlab.kernels\nfrom .._version import v\n")
     targets = [t for _, t, _ in imported_parts(bad, "kernels")]
     assert targets == ["probes", "sae", "kernels", "headlab"]
+
+
+def module_graph(part: str) -> dict[str, set[str]]:
+    """``{module: modules of the same part it imports}``, counting imports inside functions too."""
+    files = {_module_name(part, path): path for path in python_files(part)}
+    graph = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level):
+                continue
+            base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            for candidate in (target, *(f"{target}.{alias.name}" for alias in node.names)):
+                if candidate in files and candidate != name:
+                    graph[name].add(candidate)
+    return graph
+
+
+def _module_name(part: str, path: Path) -> str:
+    pieces = list(path.relative_to(ROOT / part).with_suffix("").parts)
+    return ".".join([part] + (pieces[:-1] if pieces[-1] == "__init__" else pieces))
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, circles, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    circles.append(sorted(group))
+    return circles
+
+
+def test_no_import_circle_inside_any_part():
+    circles = {part: import_circles(module_graph(part)) for part in sorted(PARTS)}
+    assert not any(circles.values()), circles
+
+
+def test_the_circle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .conversion import converted_layers
-from .conversion_settings import StageSettings
-from .files import atomic_path
+from .converted import converted_layers
+from .settings import StageSettings
+from ..files import atomic_path
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

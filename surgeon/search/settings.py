@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .settings import Indices, Maybe, Number, check_settings, setting
+from ..settings import Indices, Maybe, Number, check_settings, setting
 
 ACT_BETA = 0.4  # sink weights are multiplied by this
 ACT_THRESHOLD = 0.1  # keys whose mean received attention exceeds this are sinks

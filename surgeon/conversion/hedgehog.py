@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .conversion_settings import LinearSettings
+from .settings import LinearSettings
 
 class FeatureMap(nn.Module):
     """Hedgehog feature map of one layer and side: ``[B, H, T, D]`` → ``[B, H, T, 2F]`` (fp32)."""

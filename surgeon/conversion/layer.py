@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
-from ..kernels.linear_attention import hybrid_attention, linear_attention
-from ..kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
+from ...kernels.linear_attention import hybrid_attention, linear_attention
+from ...kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
 
-from .conversion_settings import LinearSettings
+from .settings import LinearSettings
 from .hedgehog import FeatureMap, logit
 
 TRANSFER_LOSSES = ("mse", "ce")

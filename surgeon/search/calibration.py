@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
+from ..edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
 from .evaluate import evaluate
-from .files import write_json
-from .models import model_shape
-from .plan import Plan, PlanError
-from .search_settings import ACT_BETA, ACT_THRESHOLD
+from ..files import write_json
+from ..shape import model_shape
+from ..plan import Plan, PlanError
+from .settings import ACT_BETA, ACT_THRESHOLD
 from .tasks import Example
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .hook import apply
-from .plan import Plan
+from ..hook import apply
+from ..plan import Plan
 from .tasks import Example
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import HeadlabError
-from .settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, check_settings,
+from ..errors import HeadlabError
+from ..settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, check_settings,
                        setting)
 
 FORMS = ("hybrid", "linear")

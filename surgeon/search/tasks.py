@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputFileError
-from .files import read_jsonl
-from .settings import Integer, Items, Kind, Maybe, Text, check_object, check_settings, setting
+from ..errors import InputFileError
+from ..files import read_jsonl
+from ..settings import Integer, Items, Kind, Maybe, Text, check_object, check_settings, setting
 
 SPLITS = ("calibration", "test")
 

@@ -1,0 +1,21 @@
+"""Converting softmax attention to Hedgehog linear or LoLCATs hybrid attention: the settings
+(:mod:`.settings`), the feature maps (:mod:`.hedgehog`), the converted layer (:mod:`.layer`),
+conversion and checkpoints (:mod:`.converted`) and the two training stages (:mod:`.training`)."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ConversionSettings": "settings", "LinearSettings": "settings", "StageSettings": "settings",
+    "FeatureMap": "hedgehog", "LinearAttention": "layer", "RecurrentState": "layer",
+    "convert": "converted", "converted_layers": "converted", "is_converted_directory": "converted",
+    "load_converted": "converted", "save_converted": "converted",
+    "run_stage": "training",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # loaded on first use: the settings alone cost no torch
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

@@ -1,0 +1,62 @@
+"""Where things are in a loaded model: the modules that call the attention interface, the decoder
+blocks that hold them, and the check that a model dispatches attention through the interface at
+all. The bottom of ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedModelError
+from .shape import text_config
+
+
+def require_attention_interface(model) -> None:
+    """Raise :class:`UnsupportedModelError` unless the model (or model class) dispatches attention
+    through ``AttentionInterface``."""
+    if getattr(model, "_supports_attention_backend", False):
+        return
+    name = model.__name__ if isinstance(model, type) else type(model).__name__
+    raise UnsupportedModelError(
+        f"{name} computes attention in its own code instead of dispatching through "
+        "transformers' AttentionInterface, so headlab's attention hook would be silently ignored. "
+        "Supported: architectures whose modeling code calls AttentionInterface "
+        "(`_supports_attention_backend = True`), e.g. Llama, Mistral, Qwen2/3, Gemma, GPT-2, BERT."
+    )
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The modules that call the attention interface: those with an integer ``layer_idx`` and
+    q/k projections or a ``scaling``, in the language model only."""
+    text_cfg = text_config(model.config)
+    found = []
+    for module in model.modules():
+        if not isinstance(getattr(module, "layer_idx", None), int):
+            continue
+        if getattr(module, "config", text_cfg) is not text_cfg:
+            continue
+        if hasattr(module, "scaling") or hasattr(module, "attention_head_size") or hasattr(module, "q_proj"):
+            found.append(module)
+    return found
+
+
+def decoder_layers(model) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: block}``: the entries of the model's layer lists (``nn.ModuleList``) that hold
+    exactly one of :func:`attention_modules` (a Llama decoder layer, a BERT encoder layer)."""
+    attention = {id(m): m.layer_idx for m in attention_modules(model)}
+    blocks = {}
+    for container in model.modules():
+        if not isinstance(container, torch.nn.ModuleList):
+            continue
+        for block in container:
+            inside = [attention[id(m)] for m in block.modules() if id(m) in attention]
+            if len(inside) == 1:
+                blocks[inside[0]] = block
+    return blocks
+
+
+def block_input(args, kwargs) -> torch.Tensor:
+    """The residual stream ``[B, N, d_model]`` a decoder block's forward pre-hook receives."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+__all__ = ["attention_modules", "block_input", "decoder_layers", "require_attention_interface"]
