@@ -22,9 +22,6 @@ from .plan import Plan, PlanError
 from .taps import Taps
 
 
-_BRIDGE_KINDS = frozenset({"head_scale", "head_mean"})
-
-
 @contextmanager
 def attach_bridge(
     bridge, plan: Plan | None = None, taps: Taps | None = None, gates: torch.Tensor | None = None
@@ -36,10 +33,10 @@ def attach_bridge(
     taps = taps or Taps()
     plan.validate(shape)
     taps.validate(shape)
-    unsupported = [e for e in plan.edits if e.kind not in _BRIDGE_KINDS]
+    unsupported = [e for e in plan.edits if not e.on_bridge]
     if unsupported:
         raise PlanError(
-            f"attach_bridge supports {sorted(_BRIDGE_KINDS)} only; {unsupported[0].kind} needs the softmax or "
+            f"attach_bridge runs edits of head outputs only; {unsupported[0].kind} needs the softmax or "
             "per-request state, which the bridge computes in its own code: apply it with attach() on the HF model"
         )
     session = Session(shape, plan, taps, gates)

@@ -1,7 +1,6 @@
-"""The edit kinds a plan can hold besides :class:`~headlab.surgeon.plan.HeadScale` (SPEC §2.3–2.8).
-
-Parameters only: the tensor math is in :mod:`.edits`, per-request state (spans, frozen sink sets,
-selected heads) in :mod:`.request`.
+"""The built-in edit kinds: each class holds its parameters, its stage and needs, and ``apply``, which
+calls the tensor math of :mod:`.edits` (:mod:`.edit` says what a kind is). Shapes: softmax stages
+edit ``[B, h, Nq, Nk]`` over the edit's heads; output edits ``[B, Nq, H, D]`` over every head.
 """
 
 from __future__ import annotations
@@ -9,11 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
+from . import edits
+from .edit import Edit, EditCall, register_edit
 from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
-from .shape import ModelShape
-from .plan import Edit, PlanError, register_edit
-from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
+from .errors import PlanError
 from .search.settings import ACT_BETA, ACT_THRESHOLD
+from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
+from .shape import ModelShape
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 
@@ -28,6 +31,7 @@ class Calibrate(Edit):
 
     kind: ClassVar[str] = "calibrate"
     stage: ClassVar[str] = "redistribute"
+    needs_prompt: ClassVar[bool] = True
 
     beta: float = setting(ACT_BETA, "factor on the sink weights", kind=Number(0.0, 1.0))
     threshold: float = setting(ACT_THRESHOLD, "mean received attention above which a key is a sink",
@@ -39,6 +43,22 @@ class Calibrate(Edit):
         super().validate(shape)
         if self.layer < FIRST_EDITABLE_LAYER:
             raise PlanError(f"calibrate edit on layer {self.layer}: layers 0-1 are never calibrated")
+
+    def apply(self, probs: torch.Tensor, at: EditCall) -> torch.Tensor:
+        """Find the sinks from the prefill's rows (frozen for later calls), then reweight."""
+        state = at.state
+        sinks = state.frozen_for(self, lambda: self._sinks(probs, at))
+        first_valid = state.prompt_keys.float().argmax(-1)  # [B]: position of the first real token
+        protected = at.rows[None, :].to(probs.device) == first_valid[:, None]  # the first token's own row
+        return edits.act_reweight(probs, at.keys(sinks), at.visible, self.beta, protected)
+
+    def _sinks(self, probs: torch.Tensor, at: EditCall) -> torch.Tensor:
+        if probs.shape[-2] != probs.shape[-1] or at.call.key_start:
+            raise PlanError("ACT needs the prefill of the request before its decode rows")
+        prompt = at.state.prompt_keys.to(probs.device)
+        scores = edits.mean_received(probs, at.visible, prompt)
+        return edits.act_sink_set(scores, prompt, self.threshold, self.relative_c,
+                                  self.drop_first)[..., :at.state.n_prompt]
 
 
 @register_edit
@@ -52,6 +72,8 @@ class Redistribute(Edit):
 
     kind: ClassVar[str] = "redistribute"
     stage: ClassVar[str] = "redistribute"
+    needs_prompt: ClassVar[bool] = True
+    needs_residual: ClassVar[bool] = True
 
     sink_dims: tuple[int, ...] = setting((), "residual-stream dimensions that mark sink tokens",
                                          kind=Items(Integer(0), min_items=0))
@@ -70,6 +92,26 @@ class Redistribute(Edit):
         if not self.sink_dims:
             raise PlanError("redistribute edit needs sink_dims (detect them with detect_sink_dimensions)")
 
+    def apply(self, probs: torch.Tensor, at: EditCall) -> torch.Tensor:
+        """Sink tokens from the prefill's residual stream (frozen), then move sink mass to the span on
+        the rows after it."""
+        state = at.state
+        if state.span is None:
+            raise PlanError(f"redistribute edit on layer {self.layer} needs Request(span=...)")
+        sinks = at.keys(state.frozen_for(self, lambda: self._sink_tokens(probs, at)))[:, None, :]
+        span = at.keys(state.span)
+        span_end = torch.where(state.span, torch.arange(state.span.shape[-1]), -1).amax(-1).to(probs.device)  # [B]
+        editable = at.rows[None, :].to(probs.device) > span_end[:, None]  # after the span (and every decode row)
+        return edits.var_redistribute(probs, sinks, span[:, None, :], editable, self.keep_fraction,
+                                      self.span_mass_min, self.sink_share_max)
+
+    def _sink_tokens(self, probs: torch.Tensor, at: EditCall) -> torch.Tensor:
+        hidden = at.state.residual.get(self.layer)
+        if hidden is None or probs.shape[-2] != probs.shape[-1] or at.call.key_start:
+            raise PlanError("VAR needs the prefill of the request (the residual stream entering the layer)")
+        ratio = edits.sink_ratio(hidden[:, :at.state.n_prompt], list(self.sink_dims))
+        return (ratio > self.sink_threshold) & at.state.prompt_keys
+
 
 @register_edit
 @dataclass(frozen=True)
@@ -81,11 +123,18 @@ class Steer(Edit):
 
     kind: ClassVar[str] = "steer"
     stage: ClassVar[str] = "bias"
+    needs_prompt: ClassVar[bool] = True
 
     alpha: float = setting(0.01, "factor on the attention of the keys the bias applies to",
                            kind=Number(0.0, 1e6, low_open=True))
     position: str = setting("exclude", "the release's scale_position", kind=Choice(*PASTA_POSITIONS))
     per_section: bool = setting(False, "bias once per emphasised section, as the release does", kind=Switch())
+
+    def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
+        if at.state.emphasis is None:
+            raise PlanError(f"steer edit on layer {self.layer} needs Request(emphasis=...)")
+        return edits.pasta_bias(logits, at.keys(at.state.emphasis), at.keys(at.state.prompt_keys), self.alpha,
+                                self.position, self.per_section)
 
 
 @register_edit
@@ -98,13 +147,15 @@ class Uniform(Edit):
 
     kind: ClassVar[str] = "uniform"
     stage: ClassVar[str] = "bias"
-    needs_prompt: ClassVar[bool] = False
 
     rows: str = setting("decode", "'decode': calls after the prefill only; 'all': every row", kind=Choice(*UNIFORM_ROWS))
 
     def edits_call(self, prefill: bool) -> bool:
         """Whether a call (the prefill of a sequence, or a later one) has rows this edit changes."""
         return self.rows == "all" or not prefill
+
+    def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
+        return edits.uniform_logits(logits, at.visible)
 
 
 @register_edit
@@ -126,6 +177,30 @@ class Reinforce(Edit):
         if len(self.heads) < 2:
             raise PlanError("reinforce edit needs at least two candidate heads (it keeps those above the median)")
 
+    def apply(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
+        """Select at prefill (per sample, frozen), then scale the last prompt row and every later row."""
+        n_prompt = at.state.n_prompt
+        if n_prompt is None:
+            raise PlanError(f"reinforce edit on layer {self.layer} needs the prefill of the request before its "
+                            "decode steps")
+        selected = at.state.frozen_for(self, lambda: self._select(out, at))  # [B, H]
+        factor = torch.where(selected, self.alpha, 1.0).to(out.dtype)
+        reinforced = (at.rows >= n_prompt - 1).to(out.device)  # [Nq]
+        factors = torch.where(reinforced[None, :, None], factor[:, None, :], torch.ones_like(factor[:, None, :]))
+        return out * factors[..., None]
+
+    def _select(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
+        reference = (at.request.reference or {}).get(self.layer)
+        if reference is None or at.rows[-1] != at.state.n_prompt - 1:
+            raise PlanError(f"reinforce edit on layer {self.layer} needs Request(reference=reference_outputs(...)) "
+                            "and the prefill of the request")
+        candidates = list(self.heads)
+        last = out[:, -1, candidates].float()  # [B, h, D]
+        ref = reference[:, candidates].float().to(out.device)
+        selected = torch.zeros(out.shape[0], out.shape[2], dtype=torch.bool, device=out.device)
+        selected[:, candidates] = edits.vhr_select((last - ref).norm(dim=-1), ref.pow(2).sum(-1))
+        return selected
+
 
 @register_edit
 @dataclass(frozen=True)
@@ -135,6 +210,7 @@ class HeadMean(Edit):
 
     kind: ClassVar[str] = "head_mean"
     stage: ClassVar[str] = "output"
+    on_bridge: ClassVar[bool] = True
 
     means: tuple[tuple[float, ...], ...] = setting((), "each head's mean output", kind=Items(Items(Number(), unique=False,
                                                                                                    min_items=1),
@@ -147,3 +223,30 @@ class HeadMean(Edit):
                 f"head_mean edit on layer {self.layer}: means must be {len(self.heads)} rows of "
                 f"head_dim={shape.head_dim} values"
             )
+
+    def apply(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
+        out = out.clone()
+        out[:, :, list(self.heads)] = torch.tensor(self.means, dtype=out.dtype, device=out.device)
+        return out
+
+
+@register_edit
+@dataclass(frozen=True)
+class HeadScale(Edit):
+    """Multiply the chosen heads' outputs by ``scale`` before ``o_proj`` (0 ablates them)."""
+
+    kind: ClassVar[str] = "head_scale"
+    stage: ClassVar[str] = "output"
+    on_bridge: ClassVar[bool] = True
+
+    scale: float = setting(1.0, "factor on the heads' outputs (0 ablates; at most 1000 in size)",
+                           kind=Number(-1000.0, 1000.0))
+
+    def apply(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
+        scales = torch.ones(out.shape[2], dtype=out.dtype, device=out.device)
+        scales[list(self.heads)] = self.scale
+        return out * scales[None, None, :, None]
+
+
+__all__ = ["FIRST_EDITABLE_LAYER", "Calibrate", "HeadMean", "HeadScale", "Redistribute", "Reinforce", "Steer",
+           "Uniform"]

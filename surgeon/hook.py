@@ -103,7 +103,7 @@ class Session:
             self._fix_prompt(attention_mask, query, key, call)
         if bias or redistribute:
             heads, probs, head_out = editing.edited_attention(
-                layer, bias, redistribute, self.state, query, key, value, attention_mask, call,
+                layer, bias, redistribute, self.state, self.request, query, key, value, attention_mask, call,
                 query.shape[1] // key.shape[1],
             )
             out = out.clone()
@@ -155,7 +155,7 @@ class Session:
             return
         if not self.state.pinned:
             if layer in self._prefilled_layers:  # a second prefill: a new request
-                self.state = RequestState(pending_hidden=self.state.pending_hidden)
+                self.state = RequestState(residual=self.state.residual)
                 self._prefilled_layers.clear()
             self._prefilled_layers.add(layer)
         if self.state.n_prompt is None:
@@ -398,8 +398,8 @@ def attach(
 
 
 def _residual_hooks(model, plan: Plan, session: Session) -> list:
-    """Forward pre-hooks keeping the residual stream entering each layer with a VAR edit."""
-    layers = sorted({e.layer for e in plan.edits if e.kind == "redistribute"})
+    """Forward pre-hooks keeping the residual stream entering each layer with an edit that needs it."""
+    layers = sorted({e.layer for e in plan.edits if e.needs_residual})
     if not layers:
         return []
     blocks = decoder_layers(model)
@@ -409,7 +409,7 @@ def _residual_hooks(model, plan: Plan, session: Session) -> list:
 
     def keeper(layer):
         def hook(module, args, kwargs):
-            session.state.pending_hidden[layer] = block_input(args, kwargs).detach()
+            session.state.residual[layer] = block_input(args, kwargs).detach()
         return hook
 
     return [blocks[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True) for layer in layers]

@@ -3,81 +3,23 @@
 A plan is a list of edits. Each edit names one layer, the query heads it touches and its
 parameters, and belongs to one stage of the attention function (see ARCHITECTURE.md):
 ``bias`` (pre-softmax), ``redistribute`` (mass-preserving, post-softmax) or ``output``
-(per-head output scaling, before ``o_proj``). Edit kinds register themselves in ``EDIT_KINDS``.
+(per-head output scaling, before ``o_proj``). Edit kinds are classes registered in
+:data:`~.edit.EDIT_KINDS` (:mod:`.edit`); importing this module costs no torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import import_module
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
 
+from .edit import EDIT_KINDS, Edit
 from .errors import HeadlabError, PlanError
 from .files import claim_file, read_text_file, write_json
-from .settings import Integer, Items, Kind, Maybe, Number, Text, check_object, check_settings, setting
+from .settings import Integer, Items, Kind, Maybe, Text, check_object
 from .shape import ModelShape
-
-STAGES = ("bias", "redistribute", "output")
-
-
-EDIT_KINDS: dict[str, type["Edit"]] = {}
-
-
-def register_edit(cls: type["Edit"]) -> type["Edit"]:
-    """Class decorator adding an edit kind to the JSON registry under ``cls.kind``."""
-    EDIT_KINDS[cls.kind] = cls
-    return cls
-
-
-@dataclass(frozen=True)
-class Edit:
-    """Base of all edits: one layer, a tuple of query heads."""
-
-    kind: ClassVar[str] = ""
-    stage: ClassVar[str] = ""
-    needs_prompt: ClassVar[bool] = True  # softmax-stage edits read the prompt's keys, found at prefill
-
-    layer: int = setting(help="the layer edited", kind=Integer())
-    heads: tuple[int, ...] = setting(help="the query heads edited (distinct)", kind=Items(Integer(), min_items=0))
-
-    def __post_init__(self):
-        check_settings(self, PlanError)  # types here; indices against the model in validate()
-        if not self.heads:
-            raise PlanError(f"{self.kind} edit on layer {self.layer} names no heads")
-
-    def validate(self, shape: ModelShape) -> None:
-        """Raise :class:`PlanError` if the edit does not fit a model of ``shape``."""
-        if not 0 <= self.layer < shape.n_layers:
-            raise PlanError(
-                f"{self.kind} edit names layer {self.layer}, but the model has layers 0..{shape.n_layers - 1}"
-            )
-        bad = [h for h in self.heads if not 0 <= h < shape.n_heads]
-        if bad:
-            raise PlanError(
-                f"{self.kind} edit on layer {self.layer} names head(s) {bad}, but the model has "
-                f"query heads 0..{shape.n_heads - 1}"
-            )
-
-    def edits_call(self, prefill: bool) -> bool:
-        """Whether a call (the prefill of a sequence, or a later one) has rows this edit changes."""
-        return True
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
-
-
-@register_edit
-@dataclass(frozen=True)
-class HeadScale(Edit):
-    """Multiply the chosen heads' outputs by ``scale`` before ``o_proj`` (0 ablates them)."""
-
-    kind: ClassVar[str] = "head_scale"
-    stage: ClassVar[str] = "output"
-
-    scale: float = setting(1.0, "factor on the heads' outputs (0 ablates; at most 1000 in size)",
-                           kind=Number(-1000.0, 1000.0))
 
 
 @dataclass
@@ -152,6 +94,7 @@ class Plan:
 
 
 def _edit_from_dict(data, where: str) -> Edit:
+    import_module(".edit_kinds", __package__)  # the built-in kinds register themselves on import
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected a JSON object, got {type(data).__name__}")
     kind = data.get("kind")

@@ -1,14 +1,15 @@
 """Per-request inputs of the edits (spans, reference outputs) and the state frozen at prefill.
 
 A request starts with a prefill call (as many queries as keys); decode calls add rows at the
-end of the cache. State found at prefill (the prompt length, ACT sink sets, VAR sink tokens,
-VHR head choices) is kept for the decode rows, so cached decoding matches a full recompute
+end of the cache. State found at prefill (the prompt length, and under each edit's own key what
+it fixed: ACT sink sets, VAR sink tokens, VHR head choices) is kept for the decode rows, so cached decoding matches a full recompute
 with the same state (:meth:`RequestState.pin`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -82,11 +83,19 @@ class RequestState:
     prompt_keys: torch.Tensor | None = None  # [B, N0] bool: valid prompt tokens
     span: torch.Tensor | None = None  # [B, N0] bool
     emphasis: torch.Tensor | None = None  # [B, S, N0] bool: one mask per emphasised section
-    act_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, h, N0]
-    var_sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N0]
-    vhr_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H] bool
-    pending_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> residual [B, N, d]
+    frozen: dict[tuple, Any] = field(default_factory=dict)  # an edit's state_key() -> what its prefill fixed
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> residual stream [B, N, d]
     pinned: bool = False
+
+    def frozen_for(self, edit, make: Callable[[], Any] | None = None) -> Any:
+        """What ``edit`` fixed at this request's prefill (ACT's sink sets, VAR's sink tokens, VHR's
+        heads), made by ``make`` the first time it is asked for."""
+        key = edit.state_key()
+        if key not in self.frozen:
+            if make is None:
+                raise KeyError(f"{edit.kind} edit on layer {edit.layer} has fixed nothing yet (no prefill)")
+            self.frozen[key] = make()
+        return self.frozen[key]
 
     def pin(self) -> None:
         """Keep this state for later calls: a prefill over the prompt plus generated tokens then

@@ -146,3 +146,11 @@ def minilm():
     from headlab.surgeon import load_model
 
     return load_model("minilm-l6")
+
+
+def frozen_state(session, kind: str, layer: int):
+    """What the ``kind`` edit on ``layer`` fixed at the session's prefill (its entry in the request state)."""
+    found = [value for (edit_kind, edit_layer, _), value in session.state.frozen.items()
+             if edit_kind == kind and edit_layer == layer]
+    assert len(found) == 1, f"{len(found)} {kind} edits on layer {layer} fixed state"
+    return found[0]

@@ -6,7 +6,7 @@ forward and its eager attention in the same forward (same ``q, k``); tolerances 
 import pytest
 import torch
 from bounds import entropy_tolerance, logit_error, probability_tolerance
-from conftest import eager_recorder
+from conftest import eager_recorder, frozen_state
 
 from headlab.probes.corpus import load_text
 from headlab.surgeon import Calibrate, Plan, Taps, attach
@@ -97,7 +97,7 @@ def test_decoding_past_the_window_with_and_without_the_hook_and_under_calibrate(
                 runs[name + "-full"] = model(input_ids=runs[name].sequences[:, :-1], attention_mask=full_mask,
                                              position_ids=positions).logits[:, LONG - 1:]
     assert torch.equal(runs["plain"].sequences, runs["empty"].sequences)
-    assert session.state.act_sinks[(SLIDING, (0, 1, 2, 3))].any(), "ACT must find sinks to move mass from"
+    assert frozen_state(session, "calibrate", SLIDING).any(), "ACT must find sinks to move mass from"
     own_noise = (torch.stack(runs["empty"].logits, 1) - runs["empty-full"]).abs().max()
     edited_gap = (torch.stack(runs["calibrate"].logits, 1) - runs["calibrate-full"]).abs().max()
     assert edited_gap <= 10 * own_noise + 1e-5, (float(own_noise), float(edited_gap))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import eager_maps, padded_batch, tiny_llama
+from conftest import eager_maps, frozen_state, padded_batch, tiny_llama
 
 from headlab.surgeon import (
     Calibrate, HeadMean, HeadScale, Plan, PlanError, Redistribute, Reinforce, Request, Steer, Taps, Uniform, apply,
@@ -87,7 +87,7 @@ def test_var_rows_sum_to_one_and_the_planted_sink_is_found():
     edited = session.recording.attention_map(2)
     sums = edited.sum(-1).permute(0, 2, 1)[valid]
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
-    sinks = session.state.var_sinks[2]
+    sinks = frozen_state(session, "redistribute", 2)
     assert torch.equal(sinks, (ids == 1) & valid)
     changed = (edited - plain).abs().amax(-1) > 1e-4  # [B, H, Nq]
     assert changed.any()
@@ -120,10 +120,10 @@ def test_cached_decode_equals_a_full_recompute_with_the_prefill_state():
         with apply(model, full_plan(), request) as session:
             run = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True)
-            heads_after_decode = session.state.vhr_heads[3].clone()
+            heads_after_decode = frozen_state(session, "reinforce", 3).clone()
         with apply(model, full_plan(), request) as session:
             model(input_ids=ids, attention_mask=mask)
-            assert torch.equal(session.state.vhr_heads[3], heads_after_decode), "VHR heads are frozen after step 0"
+            assert torch.equal(frozen_state(session, "reinforce", 3), heads_after_decode), "VHR heads are frozen after step 0"
             session.state.pin()
             full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
             full = model(input_ids=run.sequences[:, :-1], attention_mask=full_mask).logits
@@ -145,7 +145,7 @@ def test_vhr_selects_above_the_median_of_its_own_divergence():
             model(input_ids=ids, attention_mask=mask)
     last = plain.recording.head_output(3)[:, -1]
     want = edits.vhr_select((last - request.reference[3]).norm(dim=-1), request.reference[3].pow(2).sum(-1))
-    assert torch.equal(session.state.vhr_heads[3], want)
+    assert torch.equal(frozen_state(session, "reinforce", 3), want)
 
 
 def test_head_mean_replaces_outputs_with_the_given_means():

@@ -2,6 +2,7 @@
 model is switched to headlab; the image span comes from the model's own image token id."""
 
 import torch
+from conftest import frozen_state
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from headlab.surgeon import Plan, Redistribute, Request, Steer, Taps, attach, attention_modules
@@ -56,7 +57,7 @@ def test_var_and_steering_on_the_image_span():
         plain = model(input_ids=ids, pixel_values=pixels).logits
         with attach(model, plan, taps, request=Request(span=image_span, emphasis=image_span)) as session:
             edited = model(input_ids=ids, pixel_values=pixels).logits
-    assert torch.equal(session.state.var_sinks[2], ids == 1)
+    assert torch.equal(frozen_state(session, "redistribute", 2), ids == 1)
     for layer in (1, 2):
         sums = session.recording.attention_map(layer).sum(-1)
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)

@@ -1,0 +1,104 @@
+"""Adding an edit kind, a score family and an SAE architecture from outside headlab: each toy below is
+registered from this file alone and works end to end (plans, the hook, the report, training and
+saving), with no change to any headlab module."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_llama
+
+from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
+from headlab.surgeon.edit import Edit, EditCall, register_edit
+from headlab.surgeon.settings import Number, setting
+
+
+@register_edit
+@dataclass(frozen=True)
+class Sharpen(Edit):
+    """Toy bias-stage kind: divide the heads' logits by ``temperature`` on the keys each row sees."""
+
+    kind: ClassVar[str] = "toy_sharpen"
+    stage: ClassVar[str] = "bias"
+
+    temperature: float = setting(0.5, "divisor of the logits", kind=Number(0.0, low_open=True))
+
+    def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
+        return torch.where(at.visible, logits / self.temperature, logits)
+
+
+@register_edit
+@dataclass(frozen=True)
+class Negate(Edit):
+    """Toy output-stage kind: flip the sign of the heads' outputs."""
+
+    kind: ClassVar[str] = "toy_negate"
+    stage: ClassVar[str] = "output"
+
+    def apply(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
+        out = out.clone()
+        out[:, :, list(self.heads)] = -out[:, :, list(self.heads)]
+        return out
+
+
+def test_a_toy_edit_kind_round_trips_through_a_plan_file_and_runs_in_the_hook(tmp_path):
+    model = tiny_llama("gqa")
+    ids, mask = padded_batch([9, 6], 9, "left")
+    plan = Plan([Sharpen(1, (2, 4), temperature=0.25), Negate(2, (1,))])
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.edits == plan.edits
+    with pytest.raises(PlanError, match="temperature"):
+        Plan.from_dict({**plan.to_dict(), "edits": [{"kind": "toy_sharpen", "layer": 1, "heads": [2],
+                                                      "temperature": -1.0}]})
+    taps = Taps(attention={1: None})
+    with torch.no_grad(), attach(model, taps=taps) as plain:
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), attach(model, loaded, taps=taps) as edited:
+        model(input_ids=ids, attention_mask=mask)
+    before, after = plain.recording.attention_map(1), edited.recording.attention_map(1)
+    valid = mask.bool()
+    for head in (2, 4):  # softmax(s / T) = a^(1/T) renormalised
+        sharpened = before[:, head] ** 4
+        expected = sharpened / sharpened.sum(-1, keepdim=True)
+        assert torch.allclose(after[:, head][valid], expected[valid], atol=1e-5)
+    assert torch.equal(after[:, 0][valid], before[:, 0][valid])
+
+
+def test_a_toy_output_kind_equals_negating_the_output_projections_input():
+    model = tiny_llama("mha")
+    ids = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(3))
+    head_dim = model_shape(model).head_dim
+    projection = model.model.layers[2].self_attn.o_proj
+
+    def negate(module, args):
+        z = args[0].unflatten(-1, (-1, head_dim)).clone()
+        z[..., 1, :] = -z[..., 1, :]
+        return (z.flatten(-2),)
+
+    handle = projection.register_forward_pre_hook(negate)
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad(), attach(model, Plan([Negate(2, (1,))])):
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_registering_a_kind_under_a_taken_name_or_an_unknown_stage_fails():
+    with pytest.raises(ValueError, match="registered already"):
+        @register_edit
+        @dataclass(frozen=True)
+        class Again(Edit):
+            kind: ClassVar[str] = "toy_negate"
+            stage: ClassVar[str] = "output"
+
+    with pytest.raises(ValueError, match="stage"):
+        @register_edit
+        @dataclass(frozen=True)
+        class Nowhere(Edit):
+            kind: ClassVar[str] = "toy_nowhere"
+            stage: ClassVar[str] = "after"
