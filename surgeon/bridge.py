@@ -51,9 +51,7 @@ def attach_bridge(
 
 def _pattern_tap(session: Session, layer: int):
     def tap(pattern, hook):
-        heads = session.taps.attention_heads(layer, session.shape.n_heads)
-        session.recording.attention_heads[layer] = heads
-        session.recording.attention[layer].append(pattern[:, list(heads)].detach().float())
+        session.recorder.pattern(layer, pattern)
         return pattern
 
     return tap
@@ -62,8 +60,7 @@ def _pattern_tap(session: Session, layer: int):
 def _z_hook(session: Session, layer: int):
     def edit(z, hook):
         z = session.apply_output_edits(layer, z, torch.arange(z.shape[1]))
-        if layer in session.taps.head_outputs:
-            session.recording.head_outputs[layer].append(z.detach())
+        session.recorder.head_output(layer, z)
         return z
 
     return edit

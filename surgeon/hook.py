@@ -12,7 +12,6 @@ previous implementation is restored on exit, also after an exception.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
@@ -22,7 +21,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math, editing
 from .attention_math import AttentionCall
 from .conversion.layer import LinearAttention
@@ -31,18 +29,18 @@ from .shape import ModelShape, model_shape, text_config
 from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
 from .plan import Plan, PlanError
 from .request import Request, RequestState, section_masks, span_mask
-from .taps import MapBudgetError, Recording, Taps
+from .recorder import Recorder
+from .taps import Recording, Taps
 
 HOOK_NAME = "headlab"
 
 Splice = Callable[[torch.Tensor], torch.Tensor]  # per-head outputs [B, N, H, D] -> replacement
 _SESSION_ATTR = "_headlab_session"
-_MASK_CACHE_SIZE = 4  # distinct masks of one forward: full and sliding-window layers
 
 
 class Session:
-    """Per-request state the attention function reads: the plan, taps, gates, the request's
-    inputs and what its prefill fixed (``state``), and the recording."""
+    """Per-request state the attention function reads: the plan, gates, the request's inputs and
+    what its prefill fixed (``state``); taps and the recording are its :class:`~.recorder.Recorder`'s."""
 
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
                  request: Request | None = None, splice: Mapping[int, Splice] | None = None,
@@ -50,23 +48,27 @@ class Session:
         self.shape = shape
         self.splice = dict(splice or {})
         self.plan = plan
-        self.taps = taps
         self.gates = gates  # [n_layers, n_heads] multiplier on head outputs (may require grad)
         self.request = request or Request()
         self.state = RequestState()
-        self.recording = Recording()
+        self.recorder = Recorder(shape, taps)
         self.delegates = dict(delegates or {})  # layer -> the model's own attention function
         self._prefilled_layers: set[int] = set()
         self._seen: dict[int, int] = {}  # layer -> tokens of the current sequence so far
-        self._map_bytes_this_call = 0
-        self._mask_cache: list[tuple] = []  # (signature, mask, decomposition)
+
+    @property
+    def recording(self) -> Recording:
+        """What the taps recorded."""
+        return self.recorder.recording
+
+    @property
+    def taps(self) -> Taps:
+        return self.recorder.taps
 
     def set_taps(self, taps: Taps) -> None:
         """Record ``taps`` from the next call on (e.g. only the decode steps after a prefill that
         recorded nothing); the plan and the request's prefill state stay."""
-        taps.validate(self.shape)
-        self.taps = taps
-        self.recording.clear()
+        self.recorder.set_taps(taps)
 
     def resume(self, n_cached: int) -> None:
         """The next call extends a cache of ``n_cached`` positions that was filled outside this
@@ -91,11 +93,11 @@ class Session:
         if layer in self.plan.layers():
             self._begin_request(layer, n_query, n_key)
         call = None
-        if bias or redistribute or self._reads_scores(layer):
+        if bias or redistribute or self.recorder.reads_scores(layer):
             call = AttentionCall.read(module, query, kwargs, key_start)
         weights = None
-        out = self._record_stats(layer, query, key, value, attention_mask, call, module.training and
-                                 bool(kwargs.get("dropout")))
+        out = self.recorder.stats(layer, query, key, value, attention_mask, call, module.training and
+                                  bool(kwargs.get("dropout")))
         if out is None:
             out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
@@ -109,7 +111,7 @@ class Session:
             out = out.clone()
             out[:, :, list(heads)] = head_out
             edited, weights = (heads, probs), None
-        self._record_attention(layer, query, key, attention_mask, call, edited)
+        self.recorder.attention(layer, query, key, attention_mask, call, edited)
         out = self.apply_output_edits(layer, out, torch.arange(n_query) + key_start + n_key - n_query)
         if layer in self.splice:
             replaced = self.splice[layer](out)
@@ -117,8 +119,7 @@ class Session:
                 raise ValueError(f"splice of layer {layer} returned shape {tuple(replaced.shape)}, "
                                  f"expected {tuple(out.shape)}")
             out = replaced.to(out.dtype)
-        if layer in self.taps.head_outputs:
-            self.recording.head_outputs[layer].append(out.detach())
+        self.recorder.head_output(layer, out)
         return out, weights
 
     def apply_output_edits(self, layer: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -134,11 +135,7 @@ class Session:
     def _touches(self, layer: int) -> bool:
         """Whether this session edits, gates, splices or records anything on ``layer``."""
         return (self.gates is not None or layer in self.plan.layers() or layer in self.splice
-                or layer in self.taps.head_outputs or self._reads_scores(layer))
-
-    def _reads_scores(self, layer: int) -> bool:
-        """Whether a tap on ``layer`` needs the attention scores (maps or statistics)."""
-        return layer in self.taps.attention or layer in self.taps.stats
+                or layer in self.taps.head_outputs or self.recorder.reads_scores(layer))
 
     def _key_start(self, layer: int, n_query: int, n_key: int) -> int:
         """Sequence position of this call's first key. A call with as many queries as keys starts
@@ -168,98 +165,11 @@ class Session:
             return
         if query.shape[-2] != key.shape[-2] or call.key_start:
             raise PlanError("edits need the prefill of a request before its decode steps")
-        key_valid, _, _ = self._decomposed_mask(attention_mask, query, key, call)
+        key_valid, _, _ = self.recorder.decomposed_mask(attention_mask, query, key, call)
         batch, n_key = query.shape[0], key.shape[-2]
         self.state.prompt_keys = key_valid.cpu().clone()
         self.state.span = span_mask(self.request.span, batch, n_key, "span")
         self.state.emphasis = section_masks(self.request.emphasis, batch, n_key, "emphasis")
-
-    def _record_attention(self, layer, query, key, attention_mask, call, edited=None) -> None:
-        """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed
-        them, else recomputed in fp32 beside the model's own attention."""
-        heads = self.taps.attention_heads(layer, self.shape.n_heads)
-        if heads is None:
-            return
-        if layer == min(self.taps.attention) or self.taps.attention_consumer is not None:
-            self._map_bytes_this_call = 0
-        batch, _, n_query, _ = query.shape
-        nbytes = 4 * batch * len(heads) * n_query * key.shape[-2]
-        self._map_bytes_this_call += nbytes
-        if self._map_bytes_this_call > self.taps.map_budget_bytes:
-            raise MapBudgetError(
-                f"recording attention maps needs {self._map_bytes_this_call / 2**20:.0f} MiB in this call, over "
-                f"the budget of {self.taps.map_budget_bytes / 2**20:.0f} MiB; tap fewer layers/heads, use "
-                "shorter inputs, or raise Taps.map_budget_bytes"
-            )
-        self._decomposed_mask(attention_mask, query, key, call)  # the model's mask must be what the call declares
-        probs = attention_math.attention_probs(query, key, attention_mask, call, heads, query.shape[1] // key.shape[1])
-        if edited is not None:
-            edited_heads, edited_probs = edited
-            for pos, head in enumerate(heads):
-                if head in edited_heads:
-                    probs[:, pos] = edited_probs[:, edited_heads.index(head)]
-        self.recording.attention_heads[layer] = heads
-        if self.taps.attention_consumer is not None:
-            self.taps.attention_consumer(layer, probs.detach())
-        else:
-            self.recording.attention[layer].append(probs.detach())
-            self.recording.attention_key_start[layer].append(call.key_start)
-
-    def _record_stats(self, layer, query, key, value, attention_mask, call, dropout_active: bool):
-        """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``
-        when the op computed it for every head (one attention pass instead of two), else None."""
-        heads = self.taps.stats_heads(layer, self.shape.n_heads)
-        if heads is None:
-            return None
-        key_valid, query_valid, q_offset = self._decomposed_mask(attention_mask, query, key, call)
-        all_heads = len(heads) == self.shape.n_heads
-        if all_heads:
-            q, k, v = query, key, value
-        else:  # a subset of query heads: give each its own copy of its KV head
-            kv = attention_math.kv_heads_for(heads, query.shape[1] // key.shape[1])
-            q, k, v = query[:, list(heads)], key[:, kv], value[:, kv]
-        quirks = call.kernel_quirks(heads)
-        stats = attention_with_stats(
-            q, k, v, scale=call.scaling, causal=call.is_causal, q_offset=q_offset, key_valid=key_valid,
-            key_groups=self._key_groups(call.key_start, key.shape[-2]), topk=self.taps.stats_topk,
-            columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend, **quirks,
-        )
-        if stats.topk_index is not None and call.key_start:  # sequence positions, as everywhere else
-            stats.topk_index = torch.where(stats.topk_index >= 0, stats.topk_index + call.key_start, -1)
-        # the recording keeps the statistics, not the output (30 layers of outputs at 8192 tokens
-        # would add ~0.6 GB to SmolLM2's peak memory)
-        self.recording.stats[layer].append(dataclasses.replace(stats, out=None, columns=None))
-        if stats.columns is not None:
-            self.recording.columns[layer].append(stats.columns)
-        if self.taps.stats_row_offsets:
-            self.recording.row_keys[layer].append(row_key_probs(
-                q, k, stats.lse, self.taps.stats_row_offsets, scale=call.scaling, q_offset=q_offset,
-                key_valid=key_valid, window=call.window, softcap=call.softcap,
-            ))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if all_heads and not dropout_active and not needs_grad:  # the op is forward only
-            return stats.out.transpose(1, 2)
-        return None
-
-    def _decomposed_mask(self, attention_mask, query, key, call: AttentionCall):
-        """:func:`attention_math.decompose_mask` of this call's mask under the call's window,
-        computed once per mask (every layer of a kind receives the same mask tensor)."""
-        signature = (tuple(query.shape), tuple(key.shape), call.is_causal, call.window)
-        for cached_signature, cached_mask, result in self._mask_cache:
-            if cached_mask is attention_mask and cached_signature == signature:
-                return result
-        key_valid, query_valid, q_offset = attention_math.decompose_mask(
-            attention_mask, query.shape[-2], key.shape[-2], call.is_causal, query.device, call.window
-        )
-        result = (key_valid.expand(query.shape[0], -1), query_valid.expand(query.shape[0], -1), q_offset)
-        self._mask_cache = [*self._mask_cache[-(_MASK_CACHE_SIZE - 1):], (signature, attention_mask, result)]
-        return result
-
-    def _key_groups(self, key_start: int, n_key: int) -> torch.Tensor | None:
-        """The requested key groups (indexed by sequence position) for a call's keys."""
-        groups = self.taps.stats_key_groups
-        return None if groups is None else RequestState.in_call(groups, key_start, n_key)
-
 
 def own_attention(base: str, module) -> Callable:
     """The attention function ``module`` runs under the implementation ``base``: the registered
