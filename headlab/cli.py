@@ -37,9 +37,9 @@ def _models(args) -> int:
 
 
 def _report(args) -> int:
-    from .probes.report import skipped_families
-    from .probes.settings import ReportSettings
-    from .probes.validation import load_curves
+    from .probes.score_families import requested_families
+    from .probes.report_settings import ReportSettings
+    from .probes.validation_file import load_curves
 
     settings = common.settings(ReportSettings, args)
     check_folder(args.out, args.overwrite, "--out report folder")
@@ -48,7 +48,7 @@ def _report(args) -> int:
     _check_window_fits(config, settings.n_tokens, "--tokens")
     from .surgeon.models import is_causal_lm
 
-    for name, reason in skipped_families(settings.scores, is_causal_lm(config)).items():
+    for name, reason in requested_families(settings, is_causal_lm(config))[1].items():
         print(f"headlab report: note: skipping the {name} score: it {reason} ({args.model} is not one)",
               file=sys.stderr)
     common.init_distributed()
@@ -249,7 +249,8 @@ def build_parser() -> common.Parser:
     models = sub.add_parser("models", help="list the bundled models and whether they are installed")
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
-    from .probes.settings import ReportSettings, ValidationSettings, ViewSettings
+    from .probes.report_settings import ReportSettings
+    from .probes.settings import ValidationSettings, ViewSettings
     from .surgeon.search.settings import CalibrationSettings
 
     report = sub.add_parser(

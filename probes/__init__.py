@@ -9,7 +9,7 @@ _EXPORTS = {
     "PATTERN_SCORES": "scores",
     "pattern_scores": "scores",
     "record_attention": "record",
-    "ReportSettings": "report",
+    "ReportSettings": "report_settings",
     "ScoreAccumulator": "scores",
     "stdlib_docstrings": "corpus",
     "token_windows": "corpus",

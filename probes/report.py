@@ -21,15 +21,11 @@ from ..surgeon.escaping import element_id, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
 from ..surgeon.shape import text_config
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
-from . import importance, views
+from . import views
 from .corpus import load_text, token_windows
-from .divergence import context_divergence
-from .labelled import load_labelled
-from .probing import probe_heads
-from .retrieval import retrieval_scores
-from .settings import DECODER_ONLY, ReportSettings
+from .score_families import FamilyInputs, requested_families
+from .report_settings import ReportSettings
 from .validation_file import load_curves
-from .sinks import massive_activations
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
@@ -67,7 +63,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)
-    provenance["skipped"] = skipped_families(settings.scores, causal)
+    families, provenance["skipped"] = requested_families(settings, causal)
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
     shard = windows[rank::world]
@@ -87,7 +83,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             return None
         first = record_attention(model, windows[0], tokenizer) if first is None else first
     scores = _results(accumulator, model_id, provenance)
-    for name, extra in _extra_scores(model, tokenizer, model_id, windows, settings, causal, progress):
+    for name, extra in _extra_scores(families, model, tokenizer, model_id, windows, settings, progress):
         scores[name] = extra
         _write_scores(out_dir, model, provenance, scores, complete=False)
     _write_scores(out_dir, model, provenance, scores, complete=True)
@@ -100,67 +96,12 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     return report
 
 
-def skipped_families(families, causal: bool) -> dict[str, str]:
-    """``{family: reason}`` of the requested score families that do not apply to the model."""
-    return {name: "needs a causal language model" for name in families if name in DECODER_ONLY and not causal}
-
-
-def _extra_scores(model, tokenizer, model_id: str, windows, settings: ReportSettings, causal: bool, progress: bool):
-    """Yield ``(name, HeadScores)`` of the families in ``settings.scores`` (those of
-    :data:`DECODER_ONLY` only for causal models) and of the probe, one by one."""
-    shape = model_shape(model)
-    counts = torch.full((shape.n_layers, shape.n_heads), len(windows))
-    window_settings = {"windows": len(windows), "n_tokens": settings.n_tokens}
-    if "sinks" in settings.scores:
-        massive = massive_activations(model, windows, settings.sinks, progress)
-        yield "sink_massive", HeadScores(
-            "sink_massive", massive.scores, counts, model_id,
-            f"mean row mass on hidden-state sink tokens (max over sink dimensions {massive.sink_dims} of |x_d| / "
-            f"RMS(x) > {settings.sinks.tau} at the layer's input; NaN where no row sees one) (§4.4)",
-            {**window_settings, **massive.summary()})
-    if "context" in settings.scores:
-        result = context_divergence(model, windows, settings.context_fraction, progress)
-        yield "context_divergence", HeadScores(
-            "context_divergence", result.raw, counts, model_id,
-            f"VHD: ||z(window) - z(window without its leading {settings.context_fraction:.0%} after the first "
-            "token)|| of each head's output at the last token, mean over windows (§4.3)",
-            {**window_settings, "span_fraction": settings.context_fraction,
-             "outlier_zeroed": result.zeroed.tolist(), "selected": result.selected.int().tolist()})
-    if settings.probe_data:
-        probe = probe_heads(model, tokenizer, load_labelled(settings.probe_data), settings.probe_pool,
-                            seed=settings.seed, progress=progress)
-        yield "probe_accuracy", HeadScores(
-            "probe_accuracy", probe.accuracy, torch.full_like(counts, probe.n_examples), model_id,
-            f"cross-validated accuracy of a logistic regression on the head's output ({settings.probe_pool} token) "
-            f"predicting the labels of {settings.probe_data}; majority-label baseline {probe.majority:.3f} (§4.6)",
-            {**probe.settings, "data": settings.probe_data, "majority": probe.majority,
-             "labels": [str(label) for label in probe.labels]})
-    if not causal:
-        return
-    if "induction" in settings.scores:
-        repeat = {"n_batch": 10, "half": 50, "seed": settings.seed}
-        for name, values in importance.repeated_token_scores(model, **repeat).items():
-            yield name, HeadScores(name, values, torch.full_like(counts, 10), model_id,
-                                   importance.REPEAT_DESCRIPTIONS[name], repeat)
-    if "gradient" in settings.scores:
-        yield "gradient_importance", HeadScores(
-            "gradient_importance", importance.gradient_importance(model, windows, progress), counts, model_id,
-            "Michel et al.: mean |dLoss/d gate| per head, layer-L2-normalised, min-max to [0, 1] (§4.6)",
-            window_settings)
-    for mode in ("zero", "mean"):
-        if f"ablation-{mode}" in settings.scores:
-            yield f"ablation_{mode}", HeadScores(
-                f"ablation_{mode}", importance.ablation_importance(model, windows, mode, progress), counts, model_id,
-                f"loss increase when the head is {mode}-ablated (§4.7)", {**window_settings, "mode": mode})
-    if "retrieval" in settings.scores:
-        result = retrieval_scores(model, tokenizer, settings.needles, progress=progress)
-        recalled = sum(r["recalled"] for r in result.runs)
-        yield "retrieval", HeadScores(
-            "retrieval", result.scores, torch.full_like(counts, recalled), model_id,
-            f"Wu et al. copy-paste score on needle-in-a-haystack, mean over the {recalled} of {len(result.runs)} "
-            f"runs whose answer was recalled (ROUGE-1 recall > {settings.needles.rouge_min}); retrieval heads "
-            f"> {settings.needles.retrieval_threshold} (§4.1)",
-            {**settings.needles.to_dict(), "recalled": recalled, "runs": result.runs})
+def _extra_scores(families, model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):
+    """Yield ``(name, HeadScores)`` of each of ``families`` (:mod:`.score_families`), one by one."""
+    inputs = FamilyInputs(model, tokenizer, model_id, windows, settings, progress)
+    for family in families:
+        for scores in family.run(inputs):
+            yield scores.name, scores
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:

@@ -1,5 +1,5 @@
-"""Settings of the probes' commands (the report, needle-in-a-haystack runs, sink detection, the
-masking validation, the attention view), one definition for the library and the command line
+"""Settings of the probes' commands (needle-in-a-haystack runs, sink detection, the masking
+validation, the attention view; the report's own are in :mod:`.report_settings`), one definition for the library and the command line
 (:mod:`headlab.surgeon.settings`). Importing this module costs no torch."""
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from ..surgeon.settings import (Choice, ExistingFile, Indices, Integer, Items, K
 
 N_NEEDLES = 3  # needles of .needles: scoring ...
 N_HELDOUT_NEEDLES = 6  # ... and validation
-EXTRA_SCORES = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval", "sinks", "context")
-DECODER_ONLY = ("induction", "gradient", "ablation-zero", "ablation-mean", "retrieval")
 POOLS = ("last", "mean")
 METRICS = ("needle-recall", "loss")
 PROMPT_STYLES = ("headlab", "harness")  # wordings of .retrieval.PROMPT_WORDINGS
@@ -73,54 +71,6 @@ class SinkSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class ReportSettings:
-    """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
-    (standard-library docstrings when None; also the needle runs' haystack unless ``needles`` names
-    another), chosen with ``seed``; ``n_views`` attention views. The pattern scores (sink, entropy,
-    previous-token, confidence) are always computed; decoders add the families named in ``scores``
-    (:data:`EXTRA_SCORES`): induction and duplicate-token (repeated random tokens), Michel gradient
-    importance, zero/mean ablation importance (one forward per head and window: minutes on
-    SmolLM2) and retrieval (needle in a haystack with ``needles``). Any model adds ``sinks``
-    (massive activations and the mass on hidden-state sink tokens, thresholds ``sinks``) and
-    ``context`` (VHD with the leading ``context_fraction`` of each window removed). With
-    ``probe_data`` (JSON lines of ``{"text", "label"}``) each head's output is probed for the
-    labels (pooled by ``probe_pool``)."""
-
-    n_samples: int = setting(8, "number of text windows", kind=Integer(1), flag="--samples")
-    n_tokens: int = setting(256, "tokens per window", kind=Integer(4), flag="--tokens")
-    seed: int = setting(0, "seed choosing the windows", kind=Integer(0), flag="--seed")
-    text_path: str | None = setting(None, "UTF-8 text to score on (default: Python standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
-    n_views: int = setting(6, "attention views of top heads", kind=Integer(0), flag="--views")
-    top_k: int = setting(10, "heads listed per score", kind=Integer(1))
-    scores: tuple[str, ...] = setting(
-        ("induction", "gradient", "retrieval", "sinks", "context"),
-        "comma list of the score families beyond the pattern scores, or 'none': induction (+ duplicate-token), "
-        "gradient, ablation-zero, ablation-mean (slow: one pass per head and window), retrieval (needle in a "
-        "haystack) for decoders only; sinks (massive activations, mass on hidden-state sink tokens) and context "
-        "(VHD: output change when the leading half of a window is removed) for any model",
-        kind=Items(Choice(*EXTRA_SCORES), none_word="none", min_items=0), flag="--scores")
-    needles: NeedleSettings = setting(default_factory=NeedleSettings)
-    sinks: SinkSettings = setting(default_factory=SinkSettings)
-    context_fraction: float = setting(0.5, "leading fraction of a window removed for the context score",
-                                      kind=Number(0.0, 1.0, low_open=True, high_open=True))
-    probe_data: str | None = setting(None, 'labelled texts, one {"text": ..., "label": ...} per line: adds '
-                                           "probe_accuracy, the 5-fold cross-validated logistic-regression accuracy "
-                                           "on each head's output", kind=Maybe(ExistingFile()), flag="--probe-data")
-    probe_pool: str = setting("last", "head output probed: at the last token or averaged over tokens",
-                              kind=Choice(*POOLS), flag="--probe-pool")
-
-    def __post_init__(self):
-        check_settings(self)
-        if self.text_path is not None and self.needles.text_path is None:
-            self.needles = dataclasses.replace(self.needles, text_path=self.text_path)
-        if self.probe_data:
-            from .labelled import load_labelled
-
-            load_labelled(self.probe_data)  # fail on a bad file before hours of scoring
 
 
 MASKING_MODES = ("uniform", "zero", "mean")
@@ -216,5 +166,5 @@ class ViewSettings:
         check_settings(self)
 
 
-__all__ = ["DECODER_ONLY", "EXTRA_SCORES", "MASKING_MODES", "METRICS", "MaskingSettings", "NeedleSettings", "POOLS",
-           "ReportSettings", "SinkSettings", "ValidationSettings", "ViewSettings"]
+__all__ = ["MASKING_MODES", "METRICS", "MaskingSettings", "NeedleSettings", "POOLS",
+           "SinkSettings", "ValidationSettings", "ViewSettings"]

@@ -119,6 +119,28 @@ class Choice(Kind):
         return value
 
 
+class Registered(Kind):
+    """The name of an entry of ``registry`` (a dict filled by a registration decorator), looked up
+    when checked, so entries registered after this kind was made count too; ``accept`` filters the
+    entries offered."""
+
+    def __init__(self, registry: dict, what: str, accept: Callable[[Any], bool] = lambda entry: True):
+        self.registry, self.what, self.accept = registry, what, accept
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return tuple(name for name, entry in self.registry.items() if self.accept(entry))
+
+    @property
+    def metavar(self) -> str:
+        return "{" + ",".join(self.values) + "}"
+
+    def check(self, value):
+        if value not in self.values:
+            raise ValueError(f"{value!r} is not one of the {self.what}: {', '.join(self.values)}")
+        return value
+
+
 class Switch(Kind):
     """A yes/no setting; on the command line a flag that turns it on."""
 
@@ -166,7 +188,10 @@ class Items(Kind):
 
     def __init__(self, item: Kind, none_word: str | None = None, unique: bool = True, min_items: int = 1):
         self.item, self.none_word, self.unique, self.min_items = item, none_word, unique, min_items
-        self.metavar = f"{item.metavar},..."
+
+    @property
+    def metavar(self) -> str:
+        return f"{self.item.metavar},..."
 
     def parse(self, text: str):
         if self.none_word is not None and text.strip() == self.none_word:
@@ -273,13 +298,18 @@ def _range(low, high, noun: str, low_open: bool = False, high_open: bool = False
 class Option:
     """A setting's metadata: help, kind and (when the command line offers it) the flag."""
 
-    help: str
+    help: str | Callable[[], str]  # a function when the text lists what a registry holds at the time
     kind: Kind
     flag: str | None = None
     repeat: bool = False  # the flag may be given several times; its lists are joined
 
+    @property
+    def text(self) -> str:
+        """The help text."""
+        return self.help() if callable(self.help) else self.help
 
-def setting(default=_MISSING, help: str = "", *, kind: Kind | None = None, flag: str | None = None,
+
+def setting(default=_MISSING, help: str | Callable[[], str] = "", *, kind: Kind | None = None, flag: str | None = None,
             repeat: bool = False, default_factory: Callable[[], Any] | None = None):
     """A dataclass field carrying an :class:`Option` (``kind`` checks its values; ``flag`` offers it
     on the command line, ``repeat`` lets an :class:`Items` flag be given several times)."""
@@ -367,7 +397,7 @@ def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         if option is None or option.flag is None:
             continue
         shown = _shown(default, option.kind)
-        text = option.help + (f" (default {shown})" if shown is not None else "")
+        text = option.text + (f" (default {shown})" if shown is not None else "")
         if _required(field):
             parser.add_argument(option.flag, dest=dest, type=_argparse_type(option.kind), required=True,
                                 metavar=option.kind.metavar, help=text)
@@ -435,6 +465,7 @@ def flag_defaults(cls, prefix: str = "") -> dict[str, Any]:
     return found
 
 
-__all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Switch", "Text",
+__all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Registered", "Switch",
+           "Text",
            "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "resolve_indices", "setting",
            "settings_from_args", "Indices"]

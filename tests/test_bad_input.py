@@ -350,8 +350,8 @@ API_CASES = [
     ("Request with a string span", lambda: _request_span("0:3")),
     ("Plan with an edit that is a list", lambda: _surgeon().Plan.from_dict({"format": "headlab-plan/1",
                                                                              "edits": [[1]]})),
-    ("ReportSettings with 0 samples", lambda: _probe_settings().ReportSettings(n_samples=0)),
-    ("ReportSettings with an unknown family", lambda: _probe_settings().ReportSettings(scores=("nope",))),
+    ("ReportSettings with 0 samples", lambda: _report_settings().ReportSettings(n_samples=0)),
+    ("ReportSettings with an unknown family", lambda: _report_settings().ReportSettings(scores=("nope",))),
     ("NeedleSettings with a depth of 2", lambda: _probe_settings().NeedleSettings(depths=(2.0,))),
     ("MaskingSettings with K 0", lambda: _probe_settings().MaskingSettings(ks=(0,))),
     ("TrainSettings with batch 0", lambda: _sae_settings().TrainSettings(batch_size=0)),
@@ -371,6 +371,12 @@ def _surgeon():
 
 def _probe_settings():
     import headlab.probes.settings as settings
+
+    return settings
+
+
+def _report_settings():
+    import headlab.probes.report_settings as settings
 
     return settings
 

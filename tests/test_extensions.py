@@ -2,14 +2,19 @@
 registered from this file alone and works end to end (plans, the hook, the report, training and
 saving), with no change to any headlab module."""
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_llama
+from conftest import CharTokenizer, padded_batch, tiny_llama
 
+from headlab.probes import ReportSettings, write_report
+from headlab.probes.score_families import score_family
+from headlab.probes.scores import HeadScores
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
+from headlab.surgeon.errors import HeadlabError
 from headlab.surgeon.edit import Edit, EditCall, register_edit
 from headlab.surgeon.settings import Number, setting
 
@@ -102,3 +107,47 @@ def test_registering_a_kind_under_a_taken_name_or_an_unknown_stage_fails():
         class Nowhere(Edit):
             kind: ClassVar[str] = "toy_nowhere"
             stage: ClassVar[str] = "after"
+
+
+@score_family("toy-query-norms", "the Frobenius norm of each head's query projection")
+def _query_norms(inputs):
+    shape = model_shape(inputs.model)
+    values = torch.stack([layer.self_attn.q_proj.weight.detach().unflatten(0, (shape.n_heads, -1)).norm(dim=(1, 2))
+                          for layer in inputs.model.model.layers])
+    yield HeadScores("query_norm", values, inputs.counts(1), inputs.model_id, "norm of W_q per head", {})
+
+
+@score_family("toy-decoder-only", "a family that needs a causal language model", causal_only=True)
+def _decoder_only(inputs):
+    raise AssertionError("never run on an encoder")
+
+
+def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(tmp_path):
+    from headlab.cli import build_parser
+
+    model = tiny_llama("gqa")
+    settings = ReportSettings(n_samples=2, n_tokens=24, scores=("toy-query-norms",), n_views=1)
+    write_report(model, CharTokenizer(), "tiny", tmp_path / "out", settings, progress=False)
+    data = json.loads((tmp_path / "out" / "scores.json").read_text())
+    expected = model.model.layers[1].self_attn.q_proj.weight[6:12].detach().norm()
+    assert data["scores"]["query_norm"]["values"][1][1] == pytest.approx(float(expected), rel=1e-6)
+    assert "norm of W_q per head" in (tmp_path / "out" / "report.html").read_text()
+    report_help = _subcommand_help(build_parser(), "report")  # built from the settings and the registry
+    assert "toy-query-norms: the Frobenius norm" in " ".join(report_help.split())
+    with pytest.raises(HeadlabError, match="toy-nothing"):
+        ReportSettings(scores=("toy-nothing",))
+
+
+def test_a_family_that_needs_a_decoder_is_skipped_with_its_reason_on_an_encoder(tmp_path):
+    from headlab.probes.score_families import requested_families
+
+    families, skipped = requested_families(ReportSettings(scores=("toy-decoder-only", "context")), causal=False)
+    assert [family.name for family in families] == ["context"]
+    assert skipped == {"toy-decoder-only": "needs a causal language model"}
+
+
+def _subcommand_help(parser, name: str) -> str:
+    for action in parser._subparsers._group_actions:
+        if name in action.choices:
+            return action.choices[name].format_help()
+    raise LookupError(name)

@@ -87,7 +87,7 @@ def module_graph(part: str) -> dict[str, set[str]]:
     graph = {name: set() for name in files}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if not (isinstance(node, ast.ImportFrom) and node.level):
                 continue
             base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
@@ -96,6 +96,18 @@ def module_graph(part: str) -> dict[str, set[str]]:
                 if candidate in files and candidate != name:
                     graph[name].add(candidate)
     return graph
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
 
 
 def _module_name(part: str, path: Path) -> str:
