@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from headlab.sae import SparseAutoencoder
-from headlab.sae.training import TrainSettings, _loss
+from headlab.sae.settings import TrainSettings
+from headlab.sae.training import _loss
 
 
 def dense_step(sae: SparseAutoencoder, k: int):

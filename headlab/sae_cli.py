@@ -68,7 +68,7 @@ def _train(args) -> int:
     shape = common.model_shape_of(config)
     layer = common.one_layer(data.layer, shape.n_layers, "--layer")
     d_in = shape.n_heads * shape.head_dim
-    if settings.arch in ("topk", "batchtopk") and settings.k > settings.expansion * d_in:
+    if settings.architecture.uses_k and settings.k > settings.expansion * d_in:
         raise HeadlabError(f"--k {settings.k} is more than the {settings.expansion * d_in} latents (--expansion "
                            f"{settings.expansion} x {d_in} inputs)")
     import torch

@@ -4,7 +4,9 @@ activation stores, the autoencoder, training, evaluation, head attribution and d
 from importlib import import_module
 
 _EXPORTS = {
-    "ARCHITECTURES": "model",
+    "ARCHITECTURES": "architectures",
+    "Architecture": "architectures",
+    "register_architecture": "architectures",
     "cache_activations": "activations",
     "CachedActivations": "activations",
     "collect_examples": "dashboard",
@@ -25,7 +27,7 @@ _EXPORTS = {
     "splice_function": "evaluate",
     "top_latents_per_head": "attribution",
     "Trainer": "training",
-    "TrainSettings": "training",
+    "TrainSettings": "settings",
     "write_dashboard": "dashboard",
 }
 __all__ = sorted(_EXPORTS)

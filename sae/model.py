@@ -1,4 +1,5 @@
-"""The sparse autoencoder (SPEC §6.2–6.4): ReLU + L1, TopK, BatchTopK and JumpReLU on one module.
+"""The sparse autoencoder module; what differs between architectures (ReLU + L1, TopK, BatchTopK,
+JumpReLU, or one registered later) is its :class:`~.architectures.Architecture`.
 
 Shapes: ``x [B, d_in]`` (per-head outputs flattened head-major, ``d_in = n_heads · d_head``),
 codes ``[B, d_sae]``. ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` (unit-norm rows),
@@ -8,74 +9,25 @@ inputs ``c · x``; ``scale = c`` is kept as a buffer and folded in when saving.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dense_codes, sparse_decode, topk_encode
-from .settings import ARCHITECTURES
-
-JUMP_BANDWIDTH = 0.001  # ε of the rectangle kernel of JumpReLU's straight-through gradient
-
-
-@dataclass
-class Encoded:
-    """One forward: ``x_hat [B, d_in]``, dense ``codes [B, d_sae]``, ``pre`` the pre-activations
-    ``[B, d_sae]`` (for AuxK and JumpReLU's sparsity loss)."""
-
-    x_hat: torch.Tensor
-    codes: torch.Tensor
-    pre: torch.Tensor
-
-
-class _JumpStep(torch.autograd.Function):
-    """Heaviside ``1[pre > θ]`` with a straight-through gradient for θ: ``−(1/ε)·K((pre−θ)/ε)``,
-    ``K`` the rectangle on [−½, ½] (no gradient to ``pre``)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold):
-        ctx.save_for_backward(pre, threshold)
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        window = ((pre - threshold).abs() < JUMP_BANDWIDTH / 2).to(pre.dtype)
-        return None, -(grad * window / JUMP_BANDWIDTH).sum(0)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """``pre · 1[pre > θ]``: gradient to ``pre`` where active, straight-through to θ:
-    ``−(θ/ε)·K((pre−θ)/ε)``."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold):
-        ctx.save_for_backward(pre, threshold)
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        window = ((pre - threshold).abs() < JUMP_BANDWIDTH / 2).to(pre.dtype)
-        return grad * (pre > threshold), -(grad * window * threshold / JUMP_BANDWIDTH).sum(0)
+from .architectures import Encoded, architecture
 
 
 class SparseAutoencoder(nn.Module):
-    """A sparse autoencoder of ``arch`` (:data:`ARCHITECTURES`) with ``k`` active latents
-    (TopK/BatchTopK). ``n_heads``/``d_head`` describe the input layout (``d_in`` = their
-    product) for head attribution."""
+    """A sparse autoencoder of the architecture named ``arch`` (:data:`~.architectures.ARCHITECTURES`)
+    with ``k`` active latents where the architecture uses ``k``. ``n_heads``/``d_head`` describe
+    the input layout (``d_in`` = their product) for head attribution."""
 
     def __init__(self, d_in: int, d_sae: int, arch: str = "topk", k: int = 32, n_heads: int = 1,
                  d_head: int | None = None, seed: int = 0):
         super().__init__()
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        self.architecture = architecture(arch)
         d_head = d_head or d_in // n_heads
         if n_heads * d_head != d_in:
             raise ValueError(f"d_in {d_in} is not n_heads {n_heads} x d_head {d_head}")
-        if arch in ("topk", "batchtopk") and not 0 < k <= d_sae:
+        if self.architecture.uses_k and not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..{d_sae}, got {k}")
         self.arch, self.k, self.n_heads, self.d_head = arch, k, n_heads, d_head
         gen = torch.Generator().manual_seed(seed)
@@ -86,7 +38,7 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         threshold = torch.zeros(d_sae)
-        if arch == "jumprelu":
+        if self.architecture.threshold == "learned":
             self.threshold = nn.Parameter(threshold)
         else:
             self.register_buffer("threshold", threshold)
@@ -105,28 +57,8 @@ class SparseAutoencoder(nn.Module):
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
     def forward(self, x: torch.Tensor) -> Encoded:
-        """Encode and decode normalised inputs ``x [B, d_in]``. TopK goes through the sparse
-        ops (no dense code in its backward); BatchTopK keeps the ``B·k`` largest activations
-        of the batch in training and uses its threshold at inference."""
-        if self.arch == "topk":
-            values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
-            x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
-            return Encoded(x_hat, dense_codes(values.detach(), indices, self.d_sae), None)
-        pre = self.pre_activations(x)
-        codes = self.activation(pre)
-        return Encoded(codes @ self.W_dec + self.b_dec, codes, pre)
-
-    def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        """The code of pre-activations ``pre [B, d_sae]`` for the architectures other than TopK."""
-        if self.arch == "relu":
-            return F.relu(pre)
-        if self.arch == "jumprelu":
-            return _JumpReLU.apply(pre, self.threshold)
-        if self.training:  # batchtopk
-            flat = F.relu(pre).flatten()
-            values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()))
-            return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
-        return pre * (pre > self.threshold)
+        """Encode and decode normalised inputs ``x [B, d_in]`` as the architecture does."""
+        return self.architecture.encode(self, x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes ``[B, d_sae]`` of raw (unnormalised) activations."""
@@ -139,10 +71,6 @@ class SparseAutoencoder(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Raw-unit reconstruction ``[B, d_in]`` from dense codes."""
         return (codes @ self.W_dec + self.b_dec) / self.scale
-
-    def sparsity_step(self, pre: torch.Tensor) -> torch.Tensor:
-        """JumpReLU's L0 with a straight-through gradient for the thresholds, ``[B, d_sae]``."""
-        return _JumpStep.apply(pre, self.threshold)
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:

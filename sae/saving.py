@@ -20,12 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from ..surgeon.errors import InputFileError
 from ..surgeon.files import atomic_path, claim_folder, read_text_file, write_json
-from ..surgeon.settings import Choice, Integer, check_object
+from ..surgeon.settings import Integer, Registered, check_object
 from .model import SparseAutoencoder
-from .settings import ARCHITECTURES
+from .architectures import ARCHITECTURES
 
 WEIGHTS, CONFIG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
-SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose cfg.json layout this writes (and CI loads it with)
 SPARSITY_EPS = 1e-10  # SAELens stores log10(firing frequency + this)
 
@@ -50,12 +49,12 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer:
     c = sae.scale.item()
     tensors = {"W_enc": sae.W_enc.detach(), "W_dec": sae.W_dec.detach(), "b_enc": sae.b_enc.detach() / c,
                "b_dec": sae.b_dec.detach() / c}
-    if sae.arch in ("jumprelu", "batchtopk"):
+    if sae.architecture.threshold is not None:
         tensors["threshold"] = sae.threshold.detach() / c
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file({name: t.float().contiguous() for name, t in tensors.items()}, str(tmp))
     config = {
-        "architecture": SAELENS_ARCHITECTURE[sae.arch],
+        "architecture": sae.architecture.saelens,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -71,7 +70,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer:
                     "model_spec": model_spec or model_name, "module_path": module_path, "input_scale": c,
                     "codes": "the trained codes divided by input_scale", "provenance": provenance or {}},
     }
-    if sae.arch in ("topk", "batchtopk"):
+    if sae.architecture.uses_k:
         config["k"] = sae.k
     write_json(folder / CONFIG, config)
     return folder
@@ -106,13 +105,13 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     sizes = check_object({key: config.get(key) for key in ("d_in", "d_sae")}, where,
                          {"d_in": Integer(1), "d_sae": Integer(1)})
     extra = check_object({key: config["headlab"].get(key) for key in ("arch", "layer", "n_heads", "d_head")},
-                         f"{where}: headlab", {"arch": Choice(*ARCHITECTURES), "layer": Integer(0),
+                         f"{where}: headlab", {"arch": Registered(ARCHITECTURES, "SAE architectures"), "layer": Integer(0),
                                                "n_heads": Integer(1), "d_head": Integer(1)})
     if extra["n_heads"] * extra["d_head"] != sizes["d_in"]:
         raise InputFileError(f"{where}: d_in {sizes['d_in']} is not n_heads {extra['n_heads']} x d_head "
                              f"{extra['d_head']}")
     k = 1
-    if extra["arch"] in ("topk", "batchtopk"):
+    if ARCHITECTURES[extra["arch"]].uses_k:
         k = check_object({"k": config.get("k")}, where, {"k": Integer(1, sizes["d_sae"])})["k"]
     sae = SparseAutoencoder(sizes["d_in"], sizes["d_sae"], extra["arch"], k, extra["n_heads"], extra["d_head"])
     _load_weights(sae, folder / WEIGHTS)
@@ -125,7 +124,7 @@ def _load_weights(sae: SparseAutoencoder, path: Path) -> None:
         tensors = load_file(path)
     except Exception as err:  # safetensors raises its own error type for truncated or foreign files
         raise InputFileError(f"{path} cannot be read as safetensors ({' '.join(str(err).split())})") from None
-    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if sae.arch in ("jumprelu", "batchtopk") else [])
+    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if sae.architecture.threshold is not None else [])
     with torch.no_grad():
         for name in needed:
             target = getattr(sae, name)

@@ -3,12 +3,10 @@ library and the command line (:mod:`headlab.surgeon.settings`). Importing this m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..surgeon.settings import Choice, ExistingFile, Integer, Maybe, Number, check_settings, setting
-
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+from ..surgeon.settings import ExistingFile, Integer, Maybe, Number, Registered, check_settings, setting
+from .architectures import ARCHITECTURES, Architecture, architecture
 
 
 @dataclass
@@ -30,7 +28,9 @@ class TrainSettings:
     (200k tokens); published runs train on hundreds of millions.
     """
 
-    arch: str = setting("topk", "architecture", kind=Choice(*ARCHITECTURES), flag="--arch")
+    arch: str = setting("topk", lambda: "architecture: " + "; ".join(f"{name}: {a.summary}"
+                                                                    for name, a in ARCHITECTURES.items()),
+                        kind=Registered(ARCHITECTURES, "SAE architectures"), flag="--arch")
     k: int = setting(32, "active latents (topk, batchtopk)", kind=Integer(1), flag="--k")
     expansion: int = setting(16, "d_sae = expansion x n_heads x d_head", kind=Integer(1), flag="--expansion")
     tokens: int = setting(200_000, "training tokens", kind=Integer(1), flag="--tokens")
@@ -75,30 +75,24 @@ class TrainSettings:
         return max(1, self.tokens // self.batch_size)
 
     @property
+    def architecture(self) -> Architecture:
+        return architecture(self.arch)
+
+    @property
     def resamples(self) -> bool:
         """Whether dead latents are resampled (the ReLU + L1 preset)."""
-        return self.arch == "relu" and self.resample_times > 0
+        return self.architecture.resamples and self.resample_times > 0
 
     def learning_rate(self, d_sae: int) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1.2e-3 if self.arch == "relu" else 2e-4 / math.sqrt(d_sae / 2**14)
+        return self.lr if self.lr is not None else self.architecture.learning_rate(d_sae)
 
     def adam_betas(self) -> tuple[float, float]:
-        return (0.0, 0.9999) if self.arch == "relu" else (0.9, 0.999)
+        return self.architecture.adam_betas
 
     def lr_factor(self, step: int, warm_from: int = 0) -> float:
         """Multiplier of the learning rate at ``step`` (0-based); ``warm_from`` is the step of the
         last resample, where the ReLU preset's warm-up restarts."""
-        warmup = min(self.warmup_steps, max(1, self.steps // 20))
-        if self.arch == "relu":
-            return min(1.0, (step - warm_from + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
-        decay_start = int(self.steps * (1 - self.decay_fraction))
-        if step < warmup:
-            return (step + 1) / warmup
-        if step >= decay_start:
-            return max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
-        return 1.0
+        return self.architecture.lr_factor(self, step, warm_from)
 
     def dead_after(self) -> int:
         return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
@@ -116,4 +110,4 @@ class TextWindows:
         check_settings(self)
 
 
-__all__ = ["ARCHITECTURES", "TextWindows", "TrainSettings"]
+__all__ = ["TextWindows", "TrainSettings"]

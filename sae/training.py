@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon.distributed import rank_and_world
+from ..surgeon.distributed import all_gather_rows, all_reduce, rank_and_world
 from ..surgeon.files import atomic_path
 from .model import SparseAutoencoder
 from .settings import TrainSettings
@@ -27,21 +27,6 @@ class Batches(Protocol):
     def next_batch(self) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    if rank_and_world()[1] > 1:
-        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    world = rank_and_world()[1]
-    if world == 1:
-        return rows
-    parts = [torch.empty_like(rows) for _ in range(world)]
-    torch.distributed.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
 
 
 def geometric_median(points: torch.Tensor, tolerance: float = 1e-5, max_iterations: int = 100) -> torch.Tensor:
@@ -62,7 +47,7 @@ def initialise(sae: SparseAutoencoder, sample: torch.Tensor) -> float:
     JumpReLU), ``b_dec`` = geometric median of ``c·x``, ``W_enc = W_decᵀ`` scaled so that initial
     reconstructions have the inputs' mean centred norm. Returns the variance ``E‖c·x − mean‖²``
     that normalises the TopK/BatchTopK reconstruction loss."""
-    target = 1.0 if sae.arch == "jumprelu" else float(sae.d_in)
+    target = 1.0 if sae.architecture.input_norm == "one" else float(sae.d_in)
     sae.scale.fill_(math.sqrt(target / sample.pow(2).sum(1).mean().item()))
     x = sample * sae.scale
     sae.b_dec.copy_(geometric_median(x))
@@ -73,38 +58,11 @@ def initialise(sae: SparseAutoencoder, sample: torch.Tensor) -> float:
     return (x - x.mean(0)).pow(2).sum(1).mean().item()
 
 
-def _aux_loss(sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int):
-    """AuxK: reconstruct the residual from the top ``k_aux`` dead pre-activations (no ``b_dec``),
-    scaled by ``min(n_dead / k_aux, 1)``."""
-    dead_ids = dead.nonzero().flatten()
-    residual = (x - x_hat).detach()
-    pre = torch.addmm(sae.b_enc[dead_ids], x - sae.b_dec, sae.W_enc[:, dead_ids])
-    values, picked = torch.relu(pre).topk(min(k_aux, dead_ids.numel()), dim=-1)
-    estimate = torch.nn.functional.embedding_bag(picked, sae.W_dec[dead_ids], per_sample_weights=values, mode="sum")
-    # the residual's variance over the global batch (all ranks), so data parallelism changes nothing
-    moments = _all_reduce(torch.cat([residual.sum(0), residual.pow(2).sum()[None],
-                                     torch.tensor([float(residual.shape[0])])]))
-    n = moments[-1]
-    variance = ((moments[-2] - moments[:-2].pow(2).sum() / n) / n).clamp(min=1e-8)
-    loss = (residual - estimate).pow(2).sum(1).mean() / variance
-    return loss * min(dead_ids.numel() / k_aux, 1.0)
-
-
 def _loss(sae: SparseAutoencoder, x: torch.Tensor, settings: TrainSettings, variance: float,
           dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, codes)`` for one normalised batch; every term is a mean over rows."""
+    """``(loss, codes)`` for one normalised batch (the architecture's loss terms)."""
     out = sae(x)
-    squared = (x - out.x_hat).pow(2).sum(1)
-    if sae.arch == "relu":
-        loss = squared.mean() + settings.l1_coefficient * out.codes.sum(1).mean()
-    elif sae.arch == "jumprelu":
-        loss = squared.mean() + settings.l0_coefficient * sae.sparsity_step(out.pre).sum(1).mean()
-    else:
-        loss = squared.mean() / variance
-        if dead.any() and settings.aux_coefficient > 0:
-            k_aux = settings.k_aux or sae.d_in // 2
-            loss = loss + settings.aux_coefficient * _aux_loss(sae, x, out.x_hat, dead, k_aux)
-    return loss, out.codes
+    return sae.architecture.loss(sae, out, x, settings, variance, dead), out.codes
 
 
 class Trainer:
@@ -165,7 +123,7 @@ class Trainer:
     def _initialise(self) -> None:
         init_rows = min(self.settings.init_rows, self.settings.tokens)  # a short run gathers no more than it trains on
         rows = [self.batches.next_batch() for _ in range(max(1, init_rows // self.settings.batch_size))]
-        sample = _all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
+        sample = all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
         self.variance = initialise(self.sae, sample)
 
     def run(self, progress: bool = True, stop_at: int | None = None) -> SparseAutoencoder:
@@ -209,25 +167,20 @@ class Trainer:
             return
         for parameter in self.sae.parameters():
             if parameter.grad is not None:
-                _all_reduce(parameter.grad).div_(self.world)
+                all_reduce(parameter.grad).div_(self.world)
 
     @torch.no_grad()
     def _track(self, loss: torch.Tensor, codes: torch.Tensor) -> dict:
         """Update dead-latent counters and BatchTopK's threshold; return the step's statistics."""
         active = codes > 0
-        fired = _all_reduce(active.any(0).to(torch.long), torch.distributed.ReduceOp.MAX if self.world > 1 else None)
+        fired = all_reduce(active.any(0).to(torch.long), torch.distributed.ReduceOp.MAX if self.world > 1 else None)
         self.since_fired += self.settings.batch_size
         self.since_fired[fired.bool()] = 0
         if self.settings.resamples:
-            self.window_fires += _all_reduce(active.sum(0).to(torch.long))
+            self.window_fires += all_reduce(active.sum(0).to(torch.long))
             self.window_tokens += self.settings.batch_size
-        if self.sae.arch == "batchtopk":
-            smallest = codes[active].min() if active.any() else torch.tensor(0.0)
-            if self.world > 1:
-                _all_reduce(smallest, torch.distributed.ReduceOp.MIN)
-            ema = self.settings.threshold_decay() if self.sae.threshold.any() else 0.0  # the first value starts it
-            self.sae.threshold.mul_(ema).add_((1 - ema) * smallest)
-        totals = _all_reduce(torch.stack([loss.double(), active.sum(1).double().mean()])) / self.world
+        self.sae.architecture.after_step(self.sae, codes, self.settings)
+        totals = all_reduce(torch.stack([loss.double(), active.sum(1).double().mean()])) / self.world
         stats = {"step": self.step, "loss": totals[0].item(), "l0": totals[1].item(),
                  "dead": (self.since_fired >= self.settings.dead_after()).double().mean().item()}
         if self.step % 10 == 0:
@@ -254,7 +207,7 @@ class Trainer:
         self.window_tokens, self.resampled, self.last_resample = 0, self.resampled + 1, self.step
         if dead.numel() == 0:
             return 0
-        rows = _all_gather_rows(x)
+        rows = all_gather_rows(x)
         losses = (rows - sae(rows).x_hat).pow(2).sum(1)
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
         weights = losses.pow(2).cpu().double()

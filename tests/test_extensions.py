@@ -1,6 +1,6 @@
 """Adding an edit kind, a score family and an SAE architecture from outside headlab: each toy below is
 registered from this file alone and works end to end (plans, the hook, the report, training and
-saving), with no change to any headlab module."""
+saving, the command line's help), with no change to any headlab module."""
 
 import json
 from dataclasses import dataclass
@@ -13,6 +13,7 @@ from conftest import CharTokenizer, padded_batch, tiny_llama
 from headlab.probes import ReportSettings, write_report
 from headlab.probes.score_families import score_family
 from headlab.probes.scores import HeadScores
+from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
 from headlab.surgeon.errors import HeadlabError
 from headlab.surgeon.edit import Edit, EditCall, register_edit
@@ -133,7 +134,7 @@ def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(
     assert data["scores"]["query_norm"]["values"][1][1] == pytest.approx(float(expected), rel=1e-6)
     assert "norm of W_q per head" in (tmp_path / "out" / "report.html").read_text()
     report_help = _subcommand_help(build_parser(), "report")  # built from the settings and the registry
-    assert "toy-query-norms: the Frobenius norm" in " ".join(report_help.split())
+    assert _squeezed("toy-query-norms: the Frobenius norm") in _squeezed(report_help)
     with pytest.raises(HeadlabError, match="toy-nothing"):
         ReportSettings(scores=("toy-nothing",))
 
@@ -146,8 +147,59 @@ def test_a_family_that_needs_a_decoder_is_skipped_with_its_reason_on_an_encoder(
     assert skipped == {"toy-decoder-only": "needs a causal language model"}
 
 
+def _squeezed(text: str) -> str:
+    """``text`` without whitespace (argparse wraps help lines, also at hyphens)."""
+    return "".join(text.split())
+
+
 def _subcommand_help(parser, name: str) -> str:
     for action in parser._subparsers._group_actions:
         if name in action.choices:
             return action.choices[name].format_help()
     raise LookupError(name)
+
+
+@register_architecture
+class Absolute(Architecture):
+    """Toy architecture: codes ``|pre|`` with an L1 penalty (positively homogeneous, so the input scale
+    folds into the saved weights); saved as SAELens' standard."""
+
+    name = "toy-absolute"
+    summary = "absolute values of the pre-activations"
+
+    def activation(self, sae, pre):
+        return pre.abs()
+
+    def loss(self, sae, out, x, settings, variance, dead):
+        return (x - out.x_hat).pow(2).sum(1).mean() + settings.l1_coefficient * out.codes.sum(1).mean()
+
+
+def test_a_toy_sae_architecture_trains_saves_and_loads(tmp_path):
+    from sae_worker import SETTINGS, Chunks
+
+    from headlab.sae import ShuffleBuffer, SparseAutoencoder, Trainer, load_sae, save_sae
+    from headlab.sae.settings import TrainSettings
+
+    settings = TrainSettings(**{**SETTINGS.__dict__, "arch": "toy-absolute", "l1_coefficient": 0.01})
+    sae = SparseAutoencoder(12, 48, "toy-absolute", n_heads=3, seed=0)
+    before = sae.W_dec.detach().clone()
+    Trainer(sae, ShuffleBuffer(Chunks(0), 16, 64, seed=0), settings).run(progress=False)
+    assert not torch.equal(before, sae.W_dec)
+    x = Chunks(1).chunk(0)
+    pre = sae.pre_activations(x * sae.scale)
+    assert torch.equal(sae.encode(x), pre.abs())
+    save_sae(sae, tmp_path / "sae", "tiny", 0, "model.layers.0.self_attn.o_proj", 16)
+    loaded, config = load_sae(tmp_path / "sae")
+    assert config["headlab"]["arch"] == "toy-absolute" and config["architecture"] == "standard"
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x) / sae.scale, rtol=1e-5, atol=1e-5)
+    assert _squeezed("toy-absolute: absolute values of the pre-activations") in _squeezed(
+        _subcommand_help(_sae_parser(), "train"))
+
+
+def _sae_parser():
+    from headlab.cli import build_parser
+
+    for action in build_parser()._subparsers._group_actions:
+        if "sae" in action.choices:
+            return action.choices["sae"]
+    raise LookupError("sae")
