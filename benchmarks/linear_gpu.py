@@ -1,7 +1,7 @@
 """GPU benchmark: Triton linear and hybrid attention vs SDPA (flash backend) and flash-linear-attention.
 
 Needs CUDA; on a machine without one it exits with an error and writes nothing (no numbers are
-invented). Shapes follow SPEC §7.5: ``H`` heads of dim ``D`` (default 16 × 128, bf16), ``B·N`` about
+invented). Shapes: ``H`` heads of dim ``D`` (default 16 × 128, bf16), ``B·N`` about
 ``--tokens`` (16K) tokens, N from 1K to 64K; Hedgehog features ``K = 2F = 128``, hybrid window 64.
 Timing: ``triton.testing.do_bench`` (warm-up 25 ms, rep 100 ms), median; every shape is run once
 before timing. Forward and forward+backward are measured for

@@ -2,8 +2,7 @@
 throughput against a dense torch trainer (and SAELens where it imports), side by side in one run.
 
 Needs CUDA; on a machine without one it exits with an error and writes nothing (no numbers are
-invented). Synthetic bf16 activations, ``--batch`` rows (default 4096). Shapes follow SPEC §6.8 and
-§7.3: ``(d_in, d_sae, k)`` = (768, 24576, 32), (2048, 65536, 64) and (4096, 65536, 64), i.e.
+invented). Synthetic bf16 activations, ``--batch`` rows (default 4096). Shapes: ``(d_in, d_sae, k)`` = (768, 24576, 32), (2048, 65536, 64) and (4096, 65536, 64), i.e.
 ``k/d_sae ≤ 1/256``. Timing: ``triton.testing.do_bench`` (warm-up 25 ms, rep 100 ms), median, after
 one untimed call. Per shape:
   matmul            bare ``x @ W_enc`` (the encoder GEMM alone)

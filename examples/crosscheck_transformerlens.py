@@ -6,7 +6,7 @@ run on a ``TransformerBridge`` of the same model.
 Writes ``--out/transformerlens_crosscheck.json`` with, over every head, the Spearman rank
 correlation and the largest difference between:
 
-* previous-token: headlab's report score (mean ``A[i, i-1]`` over rows ≥ 1, SPEC §4.5) and
+* previous-token: headlab's report score (mean ``A[i, i-1]`` over rows ≥ 1) and
   TransformerLens' ``detect_head(bridge, text, "previous_token_head")`` ('mul' measure) on the same
   text windows (the bridge's BOS prepending off, so both see the same tokens);
 * induction: headlab's report score (mean ``A[i, i-half+1]`` over the second copy of random tokens

@@ -1,3 +1,8 @@
-from .cli import main
+"""``python -m headlab``: the command line."""
+
 import sys
-sys.exit(main())
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Public entry points: causal linear attention and the LoLCATs hybrid (SPEC §3.1–3.2, §7.2).
+"""Public entry points: causal linear attention and the LoLCATs hybrid (docs/methods/conversion.md).
 
 ``backend="auto"`` picks Triton for CUDA tensors and the chunked torch path elsewhere; ``"triton"``
 forces the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``), and ``"auto"`` falls

@@ -1,4 +1,4 @@
-"""Chunked torch implementations of causal linear and hybrid attention (SPEC §7.2), differentiable
+"""Chunked torch implementations of causal linear and hybrid attention (docs/guides/gpu.md), differentiable
 by autograd, plus the dense step used for decoding from a recurrent state.
 
 Shapes: ``fq, fk [B, H, T, K]`` (feature-mapped), ``q, k [B, H, T, D]``, ``v [B, H, T, V]``; a state

@@ -1,5 +1,5 @@
 """Triton kernels for chunked causal linear attention and the LoLCATs hybrid, forward and backward
-(SPEC §7.2). Semantics are those of :mod:`.reference`; launchers and autograd live here too.
+(docs/guides/gpu.md). Semantics are those of :mod:`.reference`; launchers and autograd live here too.
 
 Linear attention runs on ``[v, 1]`` so that one kernel yields numerator and normaliser, divided in
 torch. It is three passes forward and backward, tiled ``BK × BV`` over the state:

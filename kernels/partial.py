@@ -2,7 +2,7 @@
 
 With the LSE of a fused pass, the mass ``A_G = Σ_{j∈G} a_j`` and partial output
 ``P_G = Σ_{j∈G} a_j v_j`` of a small key set ``G`` (sinks, a span) cost O(Nq·|G|·D): this is what
-the mass-preserving edits need to correct an output without the N×N map (SPEC §2.2).
+the mass-preserving edits need to correct an output without the N×N map (docs/methods/statistics.md).
 """
 
 from __future__ import annotations

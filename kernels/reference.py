@@ -103,7 +103,7 @@ def column_stats_reference(
     return ColumnStats(col_sum, col_count)
 
 
-# Linear and hybrid attention (SPEC §3.1–3.2, §7.2). Shapes: feature-mapped ``fq, fk [B, H, T, K]``,
+# Linear and hybrid attention (docs/methods/conversion.md). Shapes: feature-mapped ``fq, fk [B, H, T, K]``,
 # ``q, k [B, H, T, D]``, ``v [B, H, T, V]``; heads are already GQA-expanded. The state of a prefix is
 # ``[B, H, K, V + 1]``: ``Σ φk [v, 1]`` (the last column is the normaliser ``z``).
 

@@ -1,4 +1,4 @@
-"""Sparse autoencoder ops (SPEC §7.3): the TopK encoder and the sparse decoder, forward and backward.
+"""Sparse autoencoder ops (docs/guides/gpu.md): the TopK encoder and the sparse decoder, forward and backward.
 
 ``topk_encode(x, W_enc, b_enc, b_dec, k)`` returns ``(values [B, k], indices [B, k])`` of
 ``TopK(ReLU((x − b_dec) W_enc + b_enc))``; its backward touches only the ``k`` chosen latents
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .attention_stats import resolve_backend
 
-MAX_TRITON_K = 512  # SPEC §7.3: larger k falls back to the torch path
+MAX_TRITON_K = 512  # larger k falls back to the torch path
 
 
 class _TopKEncode(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Triton kernels for the TopK sparse autoencoder (SPEC §7.3): the fused TopK encoder and the sparse
+"""Triton kernels for the TopK sparse autoencoder (docs/guides/gpu.md): the fused TopK encoder and the sparse
 decoder, forward and backward. Semantics are those of :mod:`.sae_ops`' dense references.
 
 Shapes: ``x [B, d]``, ``W_enc [d, n]``, ``b_enc [n]``, ``b_dec [d]``, ``W_dec [n, d]``, codes as
@@ -33,7 +33,7 @@ import triton.language as tl
 from .stats_triton import _alloc
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_K = 512  # larger k goes through the torch path (SPEC §7.3 fallback)
+MAX_K = 512  # larger k goes through the torch path (the fallback)
 NO_KEY = torch.iinfo(torch.int64).min
 
 

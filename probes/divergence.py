@@ -1,4 +1,4 @@
-"""Context-aware head divergence (VHD, SPEC §2.5 and §4.3): how much a head's output at the
+"""Context-aware head divergence (VHD, docs/methods/vhr.md): how much a head's output at the
 query position changes when a span (image tokens, a document) is removed from the input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Head scores that need their own inputs or passes (SPEC §4.5–4.7): induction and duplicate-token
+"""Head scores that need their own inputs or passes (docs/methods/patterns.md, importance.md): induction and duplicate-token
 scores on repeated random tokens, Michel gradient importance and ablation importance.
 Every function returns ``[layer, head]`` tensors."""
 
@@ -13,8 +13,8 @@ from ..surgeon.stopping import run_for_taps
 
 REPEAT_DESCRIPTIONS = {
     "induction": "mean attention from each second-copy token to the token after its first occurrence, "
-                 "on random tokens repeated twice (TransformerLens convention, §4.5)",
-    "duplicate_token": "mean attention from each second-copy token to its first occurrence (§4.5)",
+                 "on random tokens repeated twice (TransformerLens convention)",
+    "duplicate_token": "mean attention from each second-copy token to its first occurrence",
 }
 
 

@@ -1,4 +1,4 @@
-"""Linear probing of per-head outputs (SPEC §4.6 importance family): how well a logistic regression
+"""Linear probing of per-head outputs (docs/methods/probing.md): how well a logistic regression
 on one head's output predicts a user's labels, cross-validated. The only module that imports
 scikit-learn."""
 

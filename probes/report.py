@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import attention_modules, model_shape
 from ..surgeon.distributed import rank_and_world
-from ..surgeon.escaping import element_id, html_text
+from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
 from ..surgeon.shape import text_config
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
@@ -29,7 +29,8 @@ from .validation_file import load_curves
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
-from .scores import PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
+from .scores import (PATTERN_PAGES, PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores,
+                     pattern_scores_from_statistics)
 
 
 
@@ -83,8 +84,9 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             return None
         first = record_attention(model, windows[0], tokenizer) if first is None else first
     scores = _results(accumulator, model_id, provenance)
-    for name, extra in _extra_scores(families, model, tokenizer, model_id, windows, settings, progress):
-        scores[name] = extra
+    pages = dict(PATTERN_PAGES)
+    for extra, page in _extra_scores(families, model, tokenizer, model_id, windows, settings, progress):
+        scores[extra.name], pages[extra.name] = extra, page
         _write_scores(out_dir, model, provenance, scores, complete=False)
     _write_scores(out_dir, model, provenance, scores, complete=True)
     shape = model_shape(model)
@@ -92,16 +94,30 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     viewed = _view_heads(scores, settings.n_views)
     write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
     report = out_dir / "report.html"
-    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves))
+    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves, pages))
     return report
 
 
 def _extra_scores(families, model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):
-    """Yield ``(name, HeadScores)`` of each of ``families`` (:mod:`.score_families`), one by one."""
+    """Yield ``(HeadScores, documentation page)`` of each of ``families`` (:mod:`.score_families`), one by one."""
     inputs = FamilyInputs(model, tokenizer, model_id, windows, settings, progress)
     for family in families:
         for scores in family.run(inputs):
-            yield scores.name, scores
+            yield scores, family.page
+
+
+DOCS_ROOT = Path(__file__).resolve().parents[1]  # the source checkout: docs/ and the built site/
+
+
+def method_link(page: str | None) -> str | None:
+    """A ``file:`` link to a method page: the built documentation (``mkdocs build`` writes site/) or
+    else its source; None when neither is on this machine (an installed wheel)."""
+    if page is None:
+        return None
+    for path in (DOCS_ROOT / "site" / f"{page}.html", DOCS_ROOT / "docs" / f"{page}.md"):
+        if path.is_file():
+            return path.as_uri()
+    return None
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:
@@ -197,7 +213,8 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 
 
 def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
-                 viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict]) -> str:
+                 viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict],
+                 pages: dict[str, str | None]) -> str:
     group = model_shape(model).group_size
     view_ids = {(l, h): element_id("view", f"L{l}", f"H{h}") for l, h, _ in viewed}
     parts = [
@@ -216,6 +233,7 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         parts += [
             f"<section id='{element_id('score', name)}'><h2>{html_text(name)}</h2>",
             f"<p>{html_text(score.description)}</p>",
+            _method_paragraph(pages.get(name)),
             f"<details><summary>settings</summary><pre>{html_text(json.dumps(score.settings, indent=1))}</pre>"
             "</details>",
             views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), "heatmap", name),
@@ -242,6 +260,13 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         ]
     parts.append("</section></body></html>")
     return "\n".join(parts)
+
+
+def _method_paragraph(page: str | None) -> str:
+    link = method_link(page)
+    if link is None:
+        return ""
+    return f"<p class='method'><a href='{html_attribute(link)}'>how this score is computed ({html_text(page)})</a></p>"
 
 
 def _masking_table(curve: dict) -> str:

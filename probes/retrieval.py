@@ -1,4 +1,4 @@
-"""Retrieval heads (Wu et al.): needle-in-a-haystack with the copy-paste rule (SPEC §4.1).
+"""Retrieval heads (Wu et al.): needle-in-a-haystack with the copy-paste rule (docs/methods/retrieval.md).
 
 At each greedy decode step the row that produces token ``w`` is recorded for every head (one
 ``[heads, keys]`` row per layer: cheap even at long context); a head copies when its most
@@ -193,7 +193,7 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
 
 
 def copy_scores(prompt: NeedlePrompt, generated: list[int], top_keys: list[torch.Tensor], mode: str) -> torch.Tensor:
-    """``[layer, head]`` copy-paste score of one run (SPEC §4.1): per generated token ``w`` and
+    """``[layer, head]`` copy-paste score of one run: per generated token ``w`` and
     head, a copy when the head's top key is in the answer span and holds ``w``; ``"count"`` adds
     1/|span| per copy, ``"set"`` counts distinct copied positions."""
     span = torch.zeros(prompt.input_ids.shape[1] + len(generated), dtype=torch.bool)

@@ -48,7 +48,8 @@ class FamilyInputs:
 @dataclass(frozen=True)
 class ScoreFamily:
     """One family: ``run(inputs)`` yields its scores; ``requested(settings)`` says whether a report
-    asked for it (default: its name is in ``--scores``); ``choice``: offered by ``--scores``."""
+    asked for it (default: its name is in ``--scores``); ``choice``: offered by ``--scores``;
+    ``page``: the documentation page the report links its scores to."""
 
     name: str
     summary: str
@@ -56,6 +57,7 @@ class ScoreFamily:
     causal_only: bool = False
     choice: bool = True
     requested: Callable[["ReportSettings"], bool] | None = field(default=None, compare=False)
+    page: str | None = None  # its method page in the documentation, e.g. "methods/sinks"
 
     def is_requested(self, settings: "ReportSettings") -> bool:
         return self.requested(settings) if self.requested is not None else self.name in settings.scores
@@ -65,12 +67,12 @@ SCORE_FAMILIES: dict[str, ScoreFamily] = {}
 
 
 def score_family(name: str, summary: str, causal_only: bool = False, choice: bool = True,
-                 requested: Callable[["ReportSettings"], bool] | None = None):
+                 requested: Callable[["ReportSettings"], bool] | None = None, page: str | None = None):
     """Decorator registering a scoring function ``run(inputs) -> Iterator[HeadScores]`` as a family."""
     def register(run):
         if name in SCORE_FAMILIES:
             raise ValueError(f"score family {name!r} is registered already")
-        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested)
+        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested, page)
         return run
     return register
 
@@ -94,7 +96,8 @@ def _scores(name, values, counts, inputs: FamilyInputs, description: str, settin
     return HeadScores(name, values, counts, inputs.model_id, description, settings)
 
 
-@score_family("sinks", "massive activations and each head's mass on hidden-state sink tokens")
+@score_family("sinks", "massive activations and each head's mass on hidden-state sink tokens",
+              page="methods/sinks")
 def _sinks(inputs: FamilyInputs):
     from .sinks import massive_activations
 
@@ -106,7 +109,8 @@ def _sinks(inputs: FamilyInputs):
                   {**inputs.window_settings, **massive.summary()})
 
 
-@score_family("context", "VHD: how far each head's output moves when the leading part of a window is removed")
+@score_family("context", "VHD: how far each head's output moves when the leading part of a window is removed",
+              page="methods/vhr")
 def _context(inputs: FamilyInputs):
     from .divergence import context_divergence
 
@@ -120,7 +124,7 @@ def _context(inputs: FamilyInputs):
 
 
 @score_family("probe", "cross-validated logistic-regression accuracy on each head's output (with --probe-data)",
-              choice=False, requested=lambda settings: settings.probe_data is not None)
+              choice=False, requested=lambda settings: settings.probe_data is not None, page="methods/probing")
 def _probe(inputs: FamilyInputs):
     import torch
 
@@ -137,7 +141,8 @@ def _probe(inputs: FamilyInputs):
                    "labels": [str(label) for label in probe.labels]})
 
 
-@score_family("induction", "induction and duplicate-token attention on repeated random tokens", causal_only=True)
+@score_family("induction", "induction and duplicate-token attention on repeated random tokens", causal_only=True,
+              page="methods/patterns")
 def _induction(inputs: FamilyInputs):
     from . import importance
 
@@ -146,7 +151,8 @@ def _induction(inputs: FamilyInputs):
         yield _scores(name, values, inputs.counts(10), inputs, importance.REPEAT_DESCRIPTIONS[name], repeat)
 
 
-@score_family("gradient", "Michel et al.'s gradient importance of each head's gate", causal_only=True)
+@score_family("gradient", "Michel et al.'s gradient importance of each head's gate", causal_only=True,
+              page="methods/importance")
 def _gradient(inputs: FamilyInputs):
     from . import importance
 
@@ -167,12 +173,13 @@ def _ablation(mode: str):
 
 
 score_family("ablation-zero", "loss increase with the head's output zeroed (one pass per head and window)",
-             causal_only=True)(_ablation("zero"))
+             causal_only=True, page="methods/importance")(_ablation("zero"))
 score_family("ablation-mean", "loss increase with the head's output at its mean (one pass per head and window)",
-             causal_only=True)(_ablation("mean"))
+             causal_only=True, page="methods/importance")(_ablation("mean"))
 
 
-@score_family("retrieval", "Wu et al.'s copy-paste score on needle-in-a-haystack runs", causal_only=True)
+@score_family("retrieval", "Wu et al.'s copy-paste score on needle-in-a-haystack runs", causal_only=True,
+              page="methods/retrieval")
 def _retrieval(inputs: FamilyInputs):
     import torch
 

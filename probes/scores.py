@@ -1,6 +1,6 @@
 """Head scores: ``[layer, head]`` tensors in a named result, and the pattern scores of attention maps.
 
-Definitions follow SPEC.md §4.4-4.6. All scores here are computed from full maps of unpadded
+Definitions: docs/methods/patterns.md and sinks.md. All scores here are computed from full maps of unpadded
 inputs, ``A [layer, head, query, key]`` (rows sum to one over visible keys).
 """
 
@@ -128,14 +128,17 @@ class _Object(Kind):
 
 
 PATTERN_SCORES = {
-    "sink_first_token": "mean attention received by the first token (s_0, SPEC §4.4)",
-    "entropy": "mean row entropy normalised by log(visible keys), rows with one visible key excluded (§4.6)",
-    "previous_token": "mean attention on the previous token, rows 1.. (§4.5, 'mul' measure)",
-    "confidence": "mean over rows of the largest attention weight (Voita confidence, §4.6)",
+    "sink_first_token": "mean attention received by the first token (s_0)",
+    "entropy": "mean row entropy normalised by log(visible keys), rows with one visible key excluded",
+    "previous_token": "mean attention on the previous token, rows 1.. (TransformerLens' 'mul' measure)",
+    "confidence": "mean over rows of the largest attention weight (Voita et al.'s confidence)",
     "sink_hidden": "mean row mass on hidden sinks: keys after the first whose mean received attention (over the "
-                   "rows that see them) exceeds 0.1, among keys seen by at least 32 rows (ACT's score, §4.4); "
+                   "rows that see them) exceeds 0.1, among keys seen by at least 32 rows (ACT's sink criterion); "
                    "from maps only (NaN in statistics mode)",
 }
+
+PATTERN_PAGES = {"sink_first_token": "methods/sinks", "sink_hidden": "methods/sinks", "entropy": "methods/patterns",
+                 "previous_token": "methods/patterns", "confidence": "methods/patterns"}
 
 HIDDEN_SINK_THRESHOLD = 0.1
 HIDDEN_SINK_MIN_ROWS = 32  # keys seen by fewer rows (the last ones, under a causal mask) are too noisy

@@ -1,4 +1,4 @@
-"""Massive activations and the hidden-state sink score (SPEC §4.4, sink tokens as in §2.4).
+"""Massive activations and the hidden-state sink score (docs/methods/sinks.md; sink tokens as VAR finds them).
 
 Per layer, the residual stream entering the layer is logged (its three largest ``|x_d|`` with
 their dimension and token, and the median ``|x|``); the sink dimensions are detected from the

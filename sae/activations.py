@@ -1,4 +1,4 @@
-"""Activations for training: per-head outputs of one layer (SPEC §6.1), from a model or from an
+"""Activations for training: per-head outputs of one layer (the input of ``o_proj``), from a model or from an
 on-disk cache of safetensors shards, served in shuffled batches.
 
 A source is a sequence of chunks (one per text window or shard), each ``[n, d_in]`` fp32, with
@@ -117,7 +117,7 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
 
 class ShuffleBuffer:
     """Batches of ``batch_size`` rows from ``source``: the buffer is filled to ``capacity`` rows,
-    shuffled, and refilled once half of it has been served (SPEC §6.4: keeps half, serves half).
+    shuffled, and refilled once half of it has been served (keeps half, serves half).
     The source restarts from its first chunk when it runs out (``epoch`` counts the passes)."""
 
     def __init__(self, source: ActivationSource, batch_size: int, capacity: int, seed: int = 0):

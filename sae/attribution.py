@@ -1,4 +1,4 @@
-"""Attributing latents to heads (SPEC §6.5): decoder-norm shares and direct feature attribution
+"""Attributing latents to heads (docs/methods/sae.md): decoder-norm shares and direct feature attribution
 of one pre-activation to heads and source positions."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation of an autoencoder on held-out text (SPEC §6.6), with the reconstruction spliced back
+"""Evaluation of an autoencoder on held-out text (docs/methods/sae.md), with the reconstruction spliced back
 into the model through the attention hook for the loss metrics.
 
 Explained variance is measured about the per-dimension mean of the whole evaluation set:

@@ -1,4 +1,4 @@
-"""Training sparse autoencoders (SPEC §6.2–6.4): initialisation, losses, AuxK, the decoder-norm
+"""Training sparse autoencoders (docs/methods/sae.md): initialisation, losses, AuxK, the decoder-norm
 constraint, the learning-rate rule and schedule, dead-latent resampling (ReLU preset), atomic
 resumable checkpoints and data-parallel training over ``torch.distributed`` ranks.
 
@@ -43,7 +43,7 @@ def geometric_median(points: torch.Tensor, tolerance: float = 1e-5, max_iteratio
 
 @torch.no_grad()
 def initialise(sae: SparseAutoencoder, sample: torch.Tensor) -> float:
-    """SPEC §6.3 on a raw ``sample [n, d_in]``: the input scale ``c`` (``E‖c·x‖² = d_in``, or 1 for
+    """The initialisation, on a raw ``sample [n, d_in]``: the input scale ``c`` (``E‖c·x‖² = d_in``, or 1 for
     JumpReLU), ``b_dec`` = geometric median of ``c·x``, ``W_enc = W_decᵀ`` scaled so that initial
     reconstructions have the inputs' mean centred norm. Returns the variance ``E‖c·x − mean‖²``
     that normalises the TopK/BatchTopK reconstruction loss."""
@@ -195,7 +195,7 @@ class Trainer:
     @torch.no_grad()
     def resample(self, x: torch.Tensor) -> int:
         """Re-initialise the latents that fired on less than ``dead_frequency`` of the tokens since
-        the last resample (SPEC §6.2, ReLU preset) from this step's normalised batch ``x`` (all
+        the last resample (the ReLU preset) from this step's normalised batch ``x`` (all
         ranks' rows): inputs are drawn with probability ∝ their squared reconstruction loss (seeded
         by seed and step, so every rank and a resumed run draw the same); the decoder row becomes
         the unit direction of ``x − b_dec``, the encoder column that direction times 0.2 × the mean

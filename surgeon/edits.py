@@ -1,4 +1,4 @@
-"""The attention edits as pure functions on tensors (SPEC §2.2–2.6); the hook only dispatches.
+"""The attention edits as pure functions on tensors (docs/methods: act, var, pasta, vhr); the edit kinds call them.
 
 Shapes: probabilities ``a [B, h, Nq, Nk]`` fp32 for the ``h`` edited heads; ``visible [B, 1 or h,
 Nq, Nk]`` bool; key sets (sinks, spans) ``[B, h or 1, Nk]`` bool; per-head outputs ``z [B, N, H, D]``.
@@ -18,7 +18,7 @@ _TINY = 1e-6
 REST_MIN = 1e-12  # ACT leaves a row alone when its non-sink mass is at most this (nothing to give the mass to)
 
 
-# --- ACT: attention calibration (§2.3) -------------------------------------------------------
+# --- ACT: attention calibration -------------------------------------------------------
 
 
 def mean_received(a: torch.Tensor, visible: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def act_reweight(a: torch.Tensor, sinks: torch.Tensor, visible: torch.Tensor, be
     return torch.where(edit, a * factor, a)
 
 
-# --- VAR: sink redistribution to a span (§2.4) ---------------------------------------------------
+# --- VAR: sink redistribution to a span ---------------------------------------------------
 
 
 def sink_ratio(hidden: torch.Tensor, sink_dims: list[int]) -> torch.Tensor:
@@ -129,7 +129,7 @@ def var_redistribute(
     return torch.where(chosen, edited, a)
 
 
-# --- PASTA: attention steering (§2.6) ---------------------------------------------------------
+# --- PASTA: attention steering ---------------------------------------------------------
 
 
 PASTA_POSITIONS = ("exclude", "include", "generation")
@@ -178,7 +178,7 @@ def uniform_logits(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.where(visible, torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
 
 
-# --- VHR: head reinforcement (§2.5) -------------------------------------------------------------
+# --- VHR: head reinforcement -------------------------------------------------------------
 
 
 def vhr_select(divergence: torch.Tensor, reference_energy: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def vhr_select(divergence: torch.Tensor, reference_energy: torch.Tensor) -> torc
     return cleaned > cleaned.median(-1, keepdim=True).values
 
 
-# --- the LSE form of the mass-preserving edits (§2.2) ---------------------------------------
+# --- the LSE form of the mass-preserving edits ---------------------------------------
 
 
 def act_output_from_lse(out: torch.Tensor, group_out: torch.Tensor, group_mass: torch.Tensor, beta: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ def detect_sink_dimensions(
     min_fraction: float = 0.5,
     max_dims: int = 4,
 ) -> list[int]:
-    """VAR's sink dimensions (SPEC §2.4) from calibration inputs (each ``[1, seq]`` ids).
+    """VAR's sink dimensions (docs/methods/var.md) from calibration inputs (each ``[1, seq]`` ids).
 
     For each layer ≥ 2, a dimension of the residual stream entering the layer is marked on an
     input when its value at the first token has ``|x_d| > abs_min`` and ``|x_d| ≥ ratio_min ×

@@ -27,7 +27,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=N_HEADS * HEAD_DIM, intermediate_siz
 ALTERNATING = ["sliding_attention", "full_attention"] * (N_LAYERS // 2)
 MOE = dict(num_experts_per_tok=2)
 README = Path(__file__).parents[1] / "README.md"
-TABLE_START, TABLE_END = "<!-- family-table:start -->", "<!-- family-table:end -->"
+TABLE_START, TABLE_END = "<!-- --8<-- [start:family-table] -->", "<!-- --8<-- [end:family-table] -->"
 
 
 @dataclass(frozen=True)

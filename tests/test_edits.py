@@ -1,4 +1,4 @@
-"""Edit functions against direct per-row loops of the published algorithms (SPEC §2.3–2.6, §2.9)."""
+"""Edit functions against direct per-row loops of the published algorithms (ACT, VAR, PASTA, VHR)."""
 
 import math
 
@@ -163,7 +163,7 @@ def test_vhr_selects_heads_above_the_median_after_outlier_removal():
 
 
 def test_act_output_from_lse_equals_the_edited_map():
-    """§2.2: o' = γ(o − P) + βP from the rows' LSE and a partial pass over the sinks (fp64, so
+    """The LSE form: o' = γ(o − P) + βP from the rows' LSE and a partial pass over the sinks (fp64, so
     rows whose sink mass is within rounding of 1 are not ambiguous)."""
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 6, 20, 8, generator=gen, dtype=torch.float64)

@@ -27,7 +27,7 @@ def test_gradient_importance_matches_o_proj_gates_and_is_zero_for_a_dead_head():
     model = model_with_a_dead_head()
     score = gradient_importance(model, windows())
     assert score[DEAD] == 0.0 and score.max() == 1.0
-    # the SPEC's independent route: a leaf ξ multiplying each head's slice of the o_proj input
+    # an independent route: a leaf ξ multiplying each head's slice of the o_proj input
     xi = torch.ones(3, 9, requires_grad=True)
     hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
         lambda m, args, idx=idx: (args[0] * xi[idx].repeat_interleave(6),)) for idx, layer in enumerate(model.model.layers)]

@@ -29,7 +29,7 @@ CASES = [
 
 
 def rel_rms(x, y):
-    """Relative RMS error, passing outright when the max error is ≤ 1e-6 (SPEC §7.4)."""
+    """Relative RMS error, passing outright when the max error is ≤ 1e-6."""
     x, y = x.double(), y.double()
     if (x - y).abs().max() <= 1e-6:
         return 0.0
@@ -142,7 +142,7 @@ def test_columns_flag_of_the_public_op(backend):
 
 
 def test_reference_identities():
-    """Oracles of SPEC §7.1: entropy = LSE - scale·(q · attn(V := k)); sink mass = attention with V := 1[sink]."""
+    """Independent oracles: entropy = LSE - scale·(q · attn(V := k)); sink mass = attention with V := 1[sink]."""
     q, k, v, _, groups = make_inputs(1, 3, 1, 40, 40, 16, None, torch.float64)
     scale = 16**-0.5
     ref = attention_stats_reference(q, k, v, scale=scale, causal=True, key_groups=groups)

@@ -1,4 +1,4 @@
-"""Edit plans applied through the hook on tiny models: the oracles of SPEC §2.9."""
+"""Edit plans applied through the hook on tiny models: row sums, no-ops, frozen state, cached decoding."""
 
 import pytest
 import torch

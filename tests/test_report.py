@@ -5,6 +5,8 @@ import json
 import re
 import subprocess
 import sys
+import urllib.parse
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,11 @@ def test_report_folder_on_a_tiny_model(tmp_path):
     assert page.count("view-L") >= 2 and "views.html#head=" in page
     views_page = (tmp_path / "out" / "views.html").read_text()
     assert "<script>window" not in views_page and "<img src=x" not in views_page
+    # every score section links to its method page, a file of this checkout's documentation
+    links = re.findall(r"<p class='method'><a href='(file:[^']+)'>", page)
+    assert len(links) == len(data["scores"])
+    assert all(Path(urllib.parse.unquote(urllib.parse.urlparse(link).path)).is_file() for link in links)
+    assert any(link.endswith("methods/patterns.md") or link.endswith("methods/patterns.html") for link in links)
 
 
 def test_report_scores_match_a_direct_computation(tmp_path):

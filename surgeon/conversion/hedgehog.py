@@ -1,4 +1,4 @@
-"""The trainable Hedgehog feature maps (SPEC §3.1); their settings are :class:`LinearSettings`.
+"""The trainable Hedgehog feature maps (docs/methods/conversion.md); their settings are :class:`LinearSettings`.
 
 A feature map belongs to one layer and one side (queries or keys) and holds one projection per
 query head. ``lolcats`` (default): ``φ(x) = clamp_{≥1e-12}(softmax(xW + b) ⊕ softmax(−(xW + b)))``

@@ -1,4 +1,4 @@
-"""The converted attention layer: Hedgehog linear or LoLCATs hybrid attention (SPEC §3.1–3.3).
+"""The converted attention layer: Hedgehog linear or LoLCATs hybrid attention (docs/methods/conversion.md).
 
 :class:`LinearAttention` replaces a decoder layer's ``self_attn``. It reuses the original
 ``q/k/v/o_proj`` modules and the family's rotary function, and owns the feature maps ``φ_q``, ``φ_k``

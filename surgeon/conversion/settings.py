@@ -16,7 +16,7 @@ FEATURE_MAPS = ("lolcats", "fla")
 FEATURE_INITS = ("identity", "kaiming")
 DATA_KINDS = ("text", "chat")
 LOSSES = ("mse", "ce")
-LORA_LR = 1e-4  # stage 2's learning rate (SPEC §3.4)
+LORA_LR = 1e-4  # stage 2's learning rate (LoLCATs' low-rank adjusting)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class LinearSettings:
 
 @dataclass
 class StageSettings:
-    """One training stage. Defaults are stage 1's (SPEC §3.3); :func:`lora_defaults` gives stage 2's.
+    """One training stage. Defaults are stage 1's (LoLCATs' attention transfer); :func:`lora_defaults` gives stage 2's.
     ``loss`` is ``"mse"`` or ``"ce"`` (stage 1 only)."""
 
     steps: int = setting(100, "optimiser steps (0 skips the stage)", kind=Integer(0))
@@ -90,7 +90,7 @@ class StageSettings:
 
 
 def lora_defaults(**overrides) -> StageSettings:
-    """Stage 2 settings: lr 1e-4, LoRA r 8, α 16 (SPEC §3.4)."""
+    """Stage 2 settings: lr 1e-4, LoRA r 8, α 16 (LoLCATs)."""
     return StageSettings(**{"lr": LORA_LR, **overrides})
 
 

@@ -1,4 +1,4 @@
-"""Training a converted model (SPEC §3.3–3.4): stage 1 attention transfer, stage 2 low-rank adjusting.
+"""Training a converted model (docs/methods/conversion.md): stage 1 attention transfer, stage 2 low-rank adjusting.
 
 Stage 1 trains only the feature maps and window weights; every converted layer computes its
 softmax teacher from the same ``q, k, v`` and passes the teacher's output on, and the loss is

@@ -1,4 +1,4 @@
-"""ACT's offline head search (SPEC §2.3): calibrate one head at a time, keep the heads that help.
+"""ACT's offline head search (docs/methods/act.md): calibrate one head at a time, keep the heads that help.
 
 Progress is written atomically after every head to a JSON file; a search started again with the
 same settings skips the heads already measured, so a killed search continues where it stopped.
@@ -41,7 +41,7 @@ class SearchSettings:
 
 
 def default_candidates(model, layers: list[int] | None = None) -> list[tuple[int, int]]:
-    """Every head of ``layers`` (default ``2 … n_layers - 2``, SPEC §2.3's generalisation)."""
+    """Every head of ``layers`` (default ``2 … n_layers - 2``: the released layers 2-30 of 32, generalised)."""
     shape = model_shape(model)
     layers = list(range(FIRST_EDITABLE_LAYER, shape.n_layers - 1)) if layers is None else layers
     bad = [layer for layer in layers if not FIRST_EDITABLE_LAYER <= layer < shape.n_layers]
