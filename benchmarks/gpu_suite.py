@@ -1,0 +1,203 @@
+"""One prepared GPU run: every Triton kernel of headlab.kernels against its torch path in bf16 and fp16,
+then the headline timings of the three GPU benchmarks, in one JSON.
+
+    python benchmarks/gpu_suite.py --out gpu_suite.json            # on an H100/H200, under 8 minutes
+    TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --dry-run    # on a CPU: tiny shapes, no timings
+
+It needs only torch and triton (the device machine's torch 2.11 / triton 3.6): it imports
+``headlab.kernels`` straight from this repository's ``kernels/`` folder, which imports nothing else of
+headlab, and uses synthetic tensors only. Checks (each against the torch path of the same op on the
+same low-precision inputs, computed in fp32 internally):
+
+* attention statistics: output, LSE, entropy, group mass, top-8 keys, column sums; causal, a sliding
+  window, a soft-cap and learned sinks;
+* linear and LoLCATs hybrid attention, forward and backward;
+* the TopK SAE encoder and sparse decoder, forward and backward.
+
+A check passes when the largest difference is within ``tolerance × (1 + max |reference|)``, with the
+tolerance 2⁻⁶ for bf16 and 2⁻⁹ for fp16 (a few units of the dtype's rounding, which the Triton and torch
+paths round at different points) and 1e-4 in the fp32 dry run. Timings (skipped in the dry run) call the
+benchmark scripts' own functions at one headline size each, within a time budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {"bfloat16": 2**-6, "float16": 2**-9, "float32": 1e-4}
+
+
+def import_kernels():
+    """``headlab.kernels`` from this checkout's ``kernels/`` folder (installed or not: the device
+    machine has only torch and triton)."""
+    package = types.ModuleType("headlab")
+    package.__path__ = [str(ROOT / "headlab")]
+    sys.modules["headlab"] = package
+    spec = importlib.util.spec_from_file_location("headlab.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["headlab.kernels"] = kernels
+    spec.loader.exec_module(kernels)
+    return kernels
+
+
+def close(got, want, dtype_name: str) -> tuple[bool, float]:
+    """``(passed, largest difference)`` of two tensors (or None/None) under the dtype's tolerance."""
+    if got is None or want is None:
+        return got is None and want is None, 0.0
+    got, want = got.detach().float(), want.detach().float()
+    difference = float((got - want).abs().max()) if got.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return difference <= TOLERANCE[dtype_name] * (1 + scale), difference
+
+
+def check_statistics(kernels, torch, device, dtype, n: int, d: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for case, quirks in (("causal", {}), ("window", {"window": n // 4}), ("softcap", {"softcap": 20.0}),
+                         ("sinks", {"sinks": torch.randn(4, generator=gen).to(device)})):
+        q, k, v = (torch.randn(1, 4, n, d, generator=gen).to(device, dtype) for _ in range(3))
+        groups = torch.zeros(1, 1, n, dtype=torch.bool, device=device)
+        groups[..., 0] = True
+        args = dict(key_groups=groups, topk=8, columns=True, **quirks)
+        got = kernels.attention_with_stats(q, k, v, backend="triton", **args)
+        want = kernels.attention_with_stats(q, k, v, backend="torch", **args)
+        for field in ("out", "lse", "entropy", "group_mass", "topk_weight"):
+            ok, diff = close(getattr(got, field), getattr(want, field), str(dtype).split(".")[1])
+            rows.append({"op": "attention_with_stats", "case": case, "field": field, "max_diff": diff, "passed": ok})
+        ok, diff = close(got.columns.col_sum, want.columns.col_sum, str(dtype).split(".")[1])
+        rows.append({"op": "column_stats", "case": case, "field": "col_sum", "max_diff": diff, "passed": ok})
+    return rows
+
+
+def check_linear(kernels, torch, device, dtype, n: int, d: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    name = str(dtype).split(".")[1]
+
+    def make(*shape, positive=False):
+        x = torch.randn(*shape, generator=gen)
+        x = x.softmax(-1) if positive else x
+        return x.to(device, dtype).requires_grad_(True)
+
+    fq, fk, v = make(1, 2, n, 2 * d, positive=True), make(1, 2, n, 2 * d, positive=True), make(1, 2, n, d)
+    q, k = make(1, 2, n, d), make(1, 2, n, d)
+    gamma = torch.full((2,), 0.1, device=device, requires_grad=False)
+    for op, call in (("linear_attention", lambda backend: kernels.linear_attention(fq, fk, v, backend=backend)[0]),
+                     ("hybrid_attention", lambda backend: kernels.hybrid_attention(q, k, v, fq, fk, gamma, window=64,
+                                                                                   backend=backend))):
+        results = {}
+        for backend in ("triton", "torch"):
+            out = call(backend)
+            leaves = [t for t in (q, k, v, fq, fk) if t.requires_grad]
+            grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+            results[backend] = (out, grads)
+        ok, diff = close(results["triton"][0], results["torch"][0], name)
+        rows.append({"op": op, "case": "forward", "field": "out", "max_diff": diff, "passed": ok})
+        for index, (a, b) in enumerate(zip(results["triton"][1], results["torch"][1])):
+            ok, diff = close(a, b, name)
+            rows.append({"op": op, "case": "backward", "field": f"grad{index}", "max_diff": diff, "passed": ok})
+    return rows
+
+
+def check_sae(kernels, torch, device, dtype, rows_: int, d: int, n: int, k: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    name = str(dtype).split(".")[1]
+    x = torch.randn(rows_, d, generator=gen).to(device, dtype)
+    w_enc = (torch.randn(d, n, generator=gen) / d**0.5).to(device, dtype).requires_grad_(True)
+    w_dec = (torch.randn(n, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_(True)
+    b_enc = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
+    b_dec = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
+    results = {}
+    for backend in ("triton", "torch"):
+        values, indices = kernels.topk_encode(x, w_enc, b_enc, b_dec, k, backend=backend)
+        x_hat = kernels.sparse_decode(values, indices, w_dec, b_dec, backend=backend)
+        grads = torch.autograd.grad(x_hat.float().pow(2).sum(), [w_enc, w_dec, b_enc, b_dec], allow_unused=True)
+        results[backend] = (kernels.dense_codes(values.detach(), indices, n), x_hat.detach(), grads)
+    for field, index in (("codes", 0), ("x_hat", 1)):
+        ok, diff = close(results["triton"][index], results["torch"][index], name)
+        rows.append({"op": "topk_sae", "case": "forward", "field": field, "max_diff": diff, "passed": ok})
+    for field, a, b in zip(("grad_w_enc", "grad_w_dec", "grad_b_enc", "grad_b_dec"), results["triton"][2],
+                           results["torch"][2]):
+        ok, diff = close(a, b, name)
+        rows.append({"op": "topk_sae", "case": "backward", "field": field, "max_diff": diff, "passed": ok})
+    return rows
+
+
+def timings(budget_s: float) -> dict:
+    """The three benchmarks at one headline size each (their own functions), while the budget lasts."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+
+    started, out = time.perf_counter(), {}
+    jobs = [("stats_gpu", lambda m: m.one_shape(1, 16, 16384, 128)),
+            ("linear_gpu", lambda m: m.one_shape(1, 16, 16384, 128, 128, torch.bfloat16, None)),
+            ("sae_gpu", lambda m: m.kernel_rows(torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16),
+                                                24576, 32, torch.bfloat16))]
+    for name, job in jobs:
+        if time.perf_counter() - started > budget_s:
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        try:
+            out[name] = job(__import__(name))
+        except Exception as err:  # a timing that fails is recorded, the rest still runs
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_suite.json", help="the JSON to write")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, fp32, tiny shapes, no timings (under "
+                        "TRITON_INTERPRET=1): checks that the suite is wired")
+    parser.add_argument("--timing-budget", type=float, default=240.0, help="seconds for the timings")
+    args = parser.parse_args()
+    import torch
+
+    kernels = import_kernels()
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        device, dtypes, sizes = "cpu", [torch.float32], {"n": 64, "d": 16, "sae": (8, 32, 128, 4)}
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: use --dry-run on a CPU")
+        device, dtypes, sizes = "cuda", [torch.bfloat16, torch.float16], {"n": 1024, "d": 64, "sae": (512, 768, 8192, 32)}
+    started = time.perf_counter()
+    checks = []
+    for dtype in dtypes:
+        checks += check_statistics(kernels, torch, device, dtype, sizes["n"], sizes["d"])
+        checks += check_linear(kernels, torch, device, dtype, sizes["n"], sizes["d"])
+        checks += check_sae(kernels, torch, device, dtype, *sizes["sae"])
+        for row in checks:
+            row.setdefault("dtype", str(dtype).split(".")[1])
+    import triton
+
+    result = {
+        "suite": "headlab GPU suite", "dry_run": args.dry_run,
+        "machine": {"platform": platform.platform(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "torch": torch.__version__, "triton": triton.__version__},
+        "checks": checks, "all_passed": all(row["passed"] for row in checks),
+        "check_seconds": round(time.perf_counter() - started, 1),
+        "timings": {} if args.dry_run else timings(args.timing_budget),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    failed = [row for row in checks if not row["passed"]]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed; written {args.out}")
+    for row in failed:
+        print("FAILED", row)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
