@@ -38,16 +38,19 @@ TOLERANCE = {"bfloat16": 2**-6, "float16": 2**-9, "float32": 1e-4}
 
 def import_kernels():
     """``headlab.kernels`` from this checkout's ``kernels/`` folder (installed or not: the device
-    machine has only torch and triton)."""
+    machine has only torch, triton and transformers' dependencies); ``headlab.surgeon`` and
+    ``headlab.sae`` are mapped too, for the benchmark scripts the timings call."""
     package = types.ModuleType("headlab")
     package.__path__ = [str(ROOT / "headlab")]
     sys.modules["headlab"] = package
-    spec = importlib.util.spec_from_file_location("headlab.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["headlab.kernels"] = kernels
-    spec.loader.exec_module(kernels)
-    return kernels
+    for part in ("surgeon", "sae", "kernels"):
+        spec = importlib.util.spec_from_file_location(f"headlab.{part}", ROOT / part / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / part)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"headlab.{part}"] = module
+        spec.loader.exec_module(module)
+        setattr(package, part, module)
+    return sys.modules["headlab.kernels"]
 
 
 def close(got, want, dtype_name: str) -> tuple[bool, float]:
