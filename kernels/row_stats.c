@@ -7,14 +7,16 @@
  *   2. exp:   s is overwritten with e = 2^(s - max), and spread = sum_j e_j (s_j - max).
  * Hidden keys (logit = -FLT_MAX, -3.4e38) get e = 0 exactly.
  *
- * Written with GCC vector extensions (gcc, clang) so that it compiles to AVX2 or SSE or NEON,
- * whatever the compiler is told; no intrinsics and no fast-math (one build gives the same
+ * Written with GCC vector extensions (gcc, clang) so that it compiles to AVX-512, AVX2, SSE or
+ * NEON, whatever the compiler is told (-DLANES=16 for 64-byte vectors); no intrinsics and no fast-math (one build gives the same
  * results every run; builds with and without FMA differ in the last bits).
  */
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 8 /* 32-byte vectors; any() below reads them as four int64 */
+#ifndef LANES
+#define LANES 8 /* floats per vector: 8 (32 bytes, AVX2) by default, 16 (64 bytes) for AVX-512 builds */
+#endif
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef int64_t vq __attribute__((vector_size(4 * LANES)));
@@ -22,7 +24,12 @@ typedef int64_t vq __attribute__((vector_size(4 * LANES)));
 static inline vf load(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
 static inline void store(float *p, vf x) { memcpy(p, &x, sizeof x); }
 static inline vf splat(float a) { vf x; for (int t = 0; t < LANES; t++) x[t] = a; return x; }
-static inline int any(vi m) { vq w = (vq)m; return (w[0] | w[1] | w[2] | w[3]) != 0; }
+static inline int any(vi m) {
+    vq w = (vq)m;
+    int64_t bits = 0;
+    for (int t = 0; t < LANES / 2; t++) bits |= w[t];
+    return bits != 0;
+}
 static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
 /* Keep vals/idx sorted descending with `filled` entries (capacity k). */
