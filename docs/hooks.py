@@ -8,10 +8,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("surgeon", "probes", "sae", "kernels")
 
 
+@event_priority(100)  # before mkdocstrings reads its paths, which drops folders that do not exist yet
 def on_config(config, **kwargs):
     package = ROOT / "build" / "docs-src" / "headlab"
     if package.parent.exists():
