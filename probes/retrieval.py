@@ -8,6 +8,7 @@ through SDPA with no taps, so long contexts cost one ordinary forward.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -166,17 +167,48 @@ def greedy_from_cache(model, cache, token: torch.Tensor, max_new_tokens: int, st
     return generated
 
 
+@dataclass
+class SharedPrefix:
+    """The cache of the first ``length`` tokens that several prompts share, computed once."""
+
+    length: int
+    cache: object
+
+
+@torch.no_grad()
+def shared_prefix(model, prompts: list[NeedlePrompt]) -> SharedPrefix | None:
+    """The cache of the longest token prefix every prompt of ``prompts`` shares (leaving each at least
+    one prefill token of its own), or None when they share nothing worth a forward."""
+    ids = [prompt.input_ids[0] for prompt in prompts]
+    limit = min(len(i) for i in ids) - 2
+    length = 0
+    while length < limit and all(i[length] == ids[0][length] for i in ids[1:]):
+        length += 1
+    if len(prompts) < 2 or length < 2:
+        return None
+    out = run_for_taps(model, input_ids=ids[0][None, :length], use_cache=True)
+    return SharedPrefix(length, out.past_key_values)
+
+
 @torch.no_grad()
 def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, stop: StopRule | None,
-                         plan: Plan | None = None, record: bool = True) -> tuple[list[int], list[torch.Tensor]]:
+                         plan: Plan | None = None, record: bool = True,
+                         prefix: SharedPrefix | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding from ``input_ids [1, seq]`` (prefill of all but the last token, then one
     token per step, as the harness decodes); returns the generated ids and, per generated token,
-    the most attended key of every head ``[layer, head]`` on the row that produced it."""
+    the most attended key of every head ``[layer, head]`` on the row that produced it. ``prefix``
+    (unedited models only: a plan's state could depend on the whole prefill) holds the cache of the
+    prompt's first tokens; the prefill then continues from a copy of it."""
     shape = model_shape(model)
     top_keys = []
+    if prefix is not None and plan is not None and plan.edits:
+        raise ValueError("a shared prefix is only for the unedited model")
     with attach(model, plan) as session:
         # prefill: the plan applies, nothing is recorded, only the cache is needed
-        out = run_for_taps(model, input_ids=input_ids[:, :-1], use_cache=True)
+        start, cache = (0, None) if prefix is None else (prefix.length, copy.deepcopy(prefix.cache))
+        if prefix is not None:
+            session.resume(prefix.length)
+        out = run_for_taps(model, input_ids=input_ids[:, start:-1], past_key_values=cache, use_cache=True)
         if record:
             session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
 
@@ -229,23 +261,38 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     shape = model_shape(model)
     stop = stop_rule(tokenizer)
     total = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
-    accepted, runs = 0, []
+    accepted, runs = 0, {}
     prompts = needle_prompts(tokenizer, settings)
-    for prompt in tqdm(prompts, desc="needle in a haystack", unit="run", disable=not progress):
-        generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop,
-                                                   plan, record)
-        response = tokenizer.decode(generated, skip_special_tokens=True)
-        recall = rouge1_recall(response, prompt.needle.answer)
-        recalled = recall > settings.rouge_min
-        if recalled and record:
-            total += copy_scores(prompt, generated, top_keys, settings.mode).double()
-            accepted += 1
-        runs.append({"needle": NEEDLES.index(prompt.needle), "length": prompt.length, "depth": prompt.depth,
-                     "response": response.strip(), "rouge1_recall": round(recall, 4), "recalled": recalled})
+    bar = tqdm(total=len(prompts), desc="needle in a haystack", unit="run", disable=not progress)
+    for group in _prefix_groups(prompts):  # the needles at one length and depth share the text before them
+        prefix = shared_prefix(model, [prompts[i] for i in group]) if plan is None or not plan.edits else None
+        for index in group:
+            prompt = prompts[index]
+            generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop,
+                                                       plan, record, prefix)
+            response = tokenizer.decode(generated, skip_special_tokens=True)
+            recall = rouge1_recall(response, prompt.needle.answer)
+            recalled = recall > settings.rouge_min
+            if recalled and record:
+                total += copy_scores(prompt, generated, top_keys, settings.mode).double()
+                accepted += 1
+            runs[index] = {"needle": NEEDLES.index(prompt.needle), "length": prompt.length, "depth": prompt.depth,
+                           "response": response.strip(), "rouge1_recall": round(recall, 4), "recalled": recalled}
+            bar.update()
+    bar.close()
     scores = (total / accepted).float() if accepted else torch.full(total.shape, math.nan)
-    return RetrievalResult(scores, runs)
+    return RetrievalResult(scores, [runs[i] for i in range(len(prompts))])
+
+
+def _prefix_groups(prompts: list[NeedlePrompt]) -> list[list[int]]:
+    """Indices of ``prompts`` grouped by depth and length (to 64 tokens), in first-seen order: the
+    needles of one group share the text before them."""
+    groups: dict[tuple, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault((prompt.depth, prompt.length // 64), []).append(index)
+    return list(groups.values())
 
 
 __all__ = ["NEEDLES", "Needle", "NeedlePrompt", "NeedleSettings", "RetrievalResult", "build_prompt", "copy_scores",
-           "PROMPT_WORDINGS", "greedy_from_cache", "greedy_with_top_keys", "needle_grid", "needle_prompts", "retrieval_scores", "rouge1_recall",
+           "PROMPT_WORDINGS", "SharedPrefix", "greedy_from_cache", "greedy_with_top_keys", "needle_grid", "needle_prompts", "retrieval_scores", "rouge1_recall", "shared_prefix",
            "stop_rule"]

@@ -95,6 +95,18 @@ def kv_heads_for(heads: Sequence[int], group_size: int) -> list[int]:
     return [h // group_size for h in heads]
 
 
+def per_kv_head_matmul(a: torch.Tensor, b: torch.Tensor, heads: Sequence[int], group_size: int) -> torch.Tensor:
+    """``a [B, h, Nq, X]`` (the query heads ``heads``) times each head's KV-head operand ``b [B, kv, X, Y]``:
+    ``[B, h, Nq, Y]``. When ``heads`` are every query head in order, the heads of one KV group share
+    one product (rows stacked), so ``b`` is not copied once per query head."""
+    n_kv = b.shape[1]
+    if group_size > 1 and list(heads) == list(range(n_kv * group_size)):
+        batch, n_heads, n_query, width = a.shape
+        out = torch.matmul(a.reshape(batch, n_kv, group_size * n_query, width), b)
+        return out.reshape(batch, n_heads, n_query, out.shape[-1])
+    return torch.matmul(a, b[:, kv_heads_for(heads, group_size)])
+
+
 def additive_mask(mask: torch.Tensor | None, n_query: int, n_key: int, is_causal: bool, device,
                   window: int | None = None) -> torch.Tensor:
     """An fp32 additive mask ``[batch or 1, 1, query, key]`` (0 visible, fp32 min hidden).
@@ -117,9 +129,9 @@ def attention_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     """Masked fp32 logits ``[batch, len(heads), query, key]`` of the chosen query heads, soft-capped
     before masking as the model does."""
     q = query[:, list(heads)].float()
-    k = key[:, kv_heads_for(heads, group_size)].float()
-    scores = softcapped(torch.matmul(q, k.transpose(-1, -2)) * call.scaling, call.softcap)
-    return scores + additive_mask(mask, q.shape[-2], k.shape[-2], call.is_causal, q.device, call.window)
+    products = per_kv_head_matmul(q, key.float().transpose(-1, -2), heads, group_size)
+    scores = softcapped(products * call.scaling, call.softcap)
+    return scores + additive_mask(mask, q.shape[-2], key.shape[-2], call.is_causal, q.device, call.window)
 
 
 def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

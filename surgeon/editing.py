@@ -49,8 +49,7 @@ def edited_attention(
     for edit in redistribute:
         idx = [heads.index(h) for h in edit.heads]
         probs[:, idx] = edit.apply(probs[:, idx], EditCall(layer, state, request, rows, call, visible[:, idx]))
-    kv = attention_math.kv_heads_for(heads, group_size)
-    out = torch.matmul(probs, value[:, kv].float()).to(value.dtype)
+    out = attention_math.per_kv_head_matmul(probs, value.float(), heads, group_size).to(value.dtype)
     return heads, probs, out.transpose(1, 2)
 
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import eager_maps, tiny_llama
+from families import family_model
 from headlab.probes.retrieval import (
-    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall, stop_rule,
+    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall,
+    shared_prefix, stop_rule,
 )
 from headlab.surgeon import HeadScale, Plan, attach
 
@@ -71,6 +73,25 @@ def test_decode_rows_equal_eager_maps_of_the_full_sequence():
         row = 16 + step  # the row whose logits produced generated[step]
         expected = torch.stack([maps[layer][0, :, row, : row + 1].argmax(-1) for layer in range(3)])
         assert torch.equal(keys, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3_text: a 7-token window on 3 of 4 layers
+def test_a_shared_prefix_gives_the_tokens_and_top_keys_of_a_full_prefill(family):
+    model = family_model(family)
+    generator = torch.Generator().manual_seed(8)
+    common = torch.randint(3, 97, (1, 15), generator=generator)
+    prompts = [NeedlePrompt(torch.cat([common, torch.randint(3, 97, (1, 6 + i), generator=generator)], 1), [], NEEDLES[0],
+                            21 + i, 0.5) for i in range(3)]
+    prefix = shared_prefix(model, prompts)
+    assert prefix.length == 15 and prefix.cache.get_seq_length() <= 15
+    for prompt in prompts:
+        alone = greedy_with_top_keys(model, prompt.input_ids, 5, None)
+        shared = greedy_with_top_keys(model, prompt.input_ids, 5, None, prefix=prefix)
+        assert shared[0] == alone[0]
+        assert all(torch.equal(a, b) for a, b in zip(shared[1], alone[1]))
+    with pytest.raises(ValueError, match="unedited"):
+        greedy_with_top_keys(model, prompts[0].input_ids, 2, None, Plan([HeadScale(layer=0, heads=(0,), scale=0.0)]),
+                             prefix=prefix)
 
 
 def test_plan_applies_during_decoding():

@@ -5,7 +5,7 @@ import torch
 from conftest import eager_maps, padded_batch, tiny_bert, tiny_llama
 
 from headlab.surgeon import HeadScale, MapBudgetError, Plan, PlanError, Taps, attach
-from headlab.surgeon.attention_math import kv_heads_for
+from headlab.surgeon.attention_math import kv_heads_for, per_kv_head_matmul
 
 
 def o_proj_inputs(model, ids, mask, modules):
@@ -67,6 +67,14 @@ def test_head_output_taps_are_o_proj_inputs(llama):
         z = session.recording.head_output(layer, call=0)
         assert z.shape == (2, 8, n_heads, head_dim)
         assert torch.equal(z.reshape(2, 8, -1), expected[layer])
+
+
+@pytest.mark.parametrize("heads", [range(6), [1, 4, 5], [5, 0]])
+def test_per_kv_head_matmul_equals_one_copy_of_the_kv_head_per_query_head(heads):
+    a = torch.randn(2, len(heads), 3, 8, dtype=torch.float64)
+    b = torch.randn(2, 2, 8, 5, dtype=torch.float64)  # 2 KV heads, 3 query heads each
+    expected = torch.stack([a[:, i] @ b[:, h // 3] for i, h in enumerate(heads)], dim=1)
+    torch.testing.assert_close(per_kv_head_matmul(a, b, heads, 3), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_gqa_mapping_query_head_reads_kv_head_h_div_g():
