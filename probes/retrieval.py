@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
+from ..surgeon.kv_cache import reserved_cache
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text
@@ -176,9 +177,10 @@ class SharedPrefix:
 
 
 @torch.no_grad()
-def shared_prefix(model, prompts: list[NeedlePrompt]) -> SharedPrefix | None:
+def shared_prefix(model, prompts: list[NeedlePrompt], reserve: int = 0) -> SharedPrefix | None:
     """The cache of the longest token prefix every prompt of ``prompts`` shares (leaving each at least
-    one prefill token of its own), or None when they share nothing worth a forward."""
+    one prefill token of its own), or None when they share nothing worth a forward; its full-attention
+    layers keep room for ``reserve`` positions past each prompt (:func:`.reserved_cache`)."""
     ids = [prompt.input_ids[0] for prompt in prompts]
     limit = min(len(i) for i in ids) - 2
     length = 0
@@ -186,7 +188,8 @@ def shared_prefix(model, prompts: list[NeedlePrompt]) -> SharedPrefix | None:
         length += 1
     if len(prompts) < 2 or length < 2:
         return None
-    out = run_for_taps(model, input_ids=ids[0][None, :length], use_cache=True)
+    out = run_for_taps(model, input_ids=ids[0][None, :length], past_key_values=reserved_cache(model, reserve),
+                       use_cache=True)
     return SharedPrefix(length, out.past_key_values)
 
 
@@ -205,7 +208,10 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
         raise ValueError("a shared prefix is only for the unedited model")
     with attach(model, plan) as session:
         # prefill: the plan applies, nothing is recorded, only the cache is needed
-        start, cache = (0, None) if prefix is None else (prefix.length, copy.deepcopy(prefix.cache))
+        if prefix is None:  # decoding writes into room kept ahead instead of concatenating every step
+            start, cache = 0, reserved_cache(model, max_new_tokens + 1)
+        else:
+            start, cache = prefix.length, copy.deepcopy(prefix.cache)
         if prefix is not None:
             session.resume(prefix.length)
         out = run_for_taps(model, input_ids=input_ids[:, start:-1], past_key_values=cache, use_cache=True)
@@ -265,7 +271,8 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     prompts = needle_prompts(tokenizer, settings)
     bar = tqdm(total=len(prompts), desc="needle in a haystack", unit="run", disable=not progress)
     for group in _prefix_groups(prompts):  # the needles at one length and depth share the text before them
-        prefix = shared_prefix(model, [prompts[i] for i in group]) if plan is None or not plan.edits else None
+        prefix = (shared_prefix(model, [prompts[i] for i in group], settings.max_new_tokens + 1)
+                  if plan is None or not plan.edits else None)
         for index in group:
             prompt = prompts[index]
             generated, top_keys = greedy_with_top_keys(model, prompt.input_ids, settings.max_new_tokens, stop,

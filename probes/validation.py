@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach
+from ..surgeon.kv_cache import reserved_cache
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text, token_windows
 from .masking import head_means, masking_plan, random_sets, top_heads
@@ -84,7 +85,9 @@ class NeedleTask:
     @torch.no_grad()
     def prefill(self, prompt: NeedlePrompt):
         """The cache of the prompt without its last token (the harness decodes from that one)."""
-        return run_for_taps(self.model, input_ids=prompt.input_ids[:, :-1], use_cache=True).past_key_values
+        cache = reserved_cache(self.model, self.settings.max_new_tokens + 1)
+        return run_for_taps(self.model, input_ids=prompt.input_ids[:, :-1], past_key_values=cache,
+                            use_cache=True).past_key_values
 
     @torch.no_grad()
     def evaluate(self, prompt: NeedlePrompt, plan: Plan | None, shared_cache=None) -> dict:
