@@ -1,18 +1,15 @@
 """One training step (forward, backward, Adam) of each TopK autoencoder the SAE benchmarks compare:
 a plain dense torch implementation, headlab's trainer step, and SAELens' where ``sae_lens`` imports.
-Each ``*_step(...)`` builds its state and returns a function of a batch ``x [B, d_in]``."""
+Each ``*_step(...)`` builds its state and returns a function of a batch ``x [B, d_in]``. Only
+``headlab_step`` imports headlab (SAELens' environment runs this file without it)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from headlab.sae import SparseAutoencoder
-from headlab.sae.settings import TrainSettings
-from headlab.sae.training import _loss
 
-
-def dense_step(sae: SparseAutoencoder, k: int):
+def dense_step(sae, k: int):
     """A plain dense TopK autoencoder with ``sae``'s initial weights: the ``B × d_sae`` code is built,
     decoded with a matmul, and autograd differentiates the dense encoder."""
     params = [p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
@@ -30,10 +27,13 @@ def dense_step(sae: SparseAutoencoder, k: int):
     return step
 
 
-def headlab_step(sae: SparseAutoencoder, k: int):
+def headlab_step(sae, k: int):
     """headlab's step: sparse TopK ops (Triton on CUDA), decoder-norm constraint, clipping."""
+    from headlab.sae.settings import TrainSettings
+    from headlab.sae.training import _loss
+
     settings = TrainSettings(k=k)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as the trainer
     no_dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
 
     def step(x):
