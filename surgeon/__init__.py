@@ -37,6 +37,7 @@ _EXPORTS = {
     "search": "search",
     "Session": "hook",
     "Steer": "edit_kinds",
+    "Stream": "edit_kinds",
     "Uniform": "edit_kinds",
     "Taps": "taps",
     "UnsupportedModelError": "errors",

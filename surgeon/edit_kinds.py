@@ -160,6 +160,37 @@ class Uniform(Edit):
 
 @register_edit
 @dataclass(frozen=True)
+class Stream(Edit):
+    """A streaming head (RazorAttention, DuoAttention): every row sees only the sequence's first
+    ``sinks`` valid tokens and the ``window`` latest positions up to itself, at prefill and in
+    decoding. The policy is per KV head: ``heads`` must hold every query head of each KV head they
+    touch, so that KV head's cache needs only those entries."""
+
+    kind: ClassVar[str] = "stream"
+    stage: ClassVar[str] = "bias"
+    needs_prompt: ClassVar[bool] = True
+
+    sinks: int = setting(4, "first valid tokens every row keeps (attention sinks)", kind=Integer(0))
+    window: int = setting(256, "latest positions every row keeps, itself included", kind=Integer(1))
+
+    def validate(self, shape: ModelShape) -> None:
+        super().validate(shape)
+        group = shape.group_size
+        partial = sorted({h // group for h in self.heads if any(g not in self.heads for g in
+                                                                range(h // group * group, (h // group + 1) * group))})
+        if partial:
+            raise PlanError(f"stream edit on layer {self.layer}: KV head(s) {partial} stream only if all their query "
+                            f"heads do (each KV head serves {group} query heads)")
+
+    def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
+        valid = at.state.prompt_keys  # [B, N0]
+        first = valid & (valid.cumsum(-1) <= self.sinks)
+        key_positions = at.call.key_start + torch.arange(logits.shape[-1])
+        return edits.streaming_logits(logits, at.keys(first), key_positions, at.rows, self.window)
+
+
+@register_edit
+@dataclass(frozen=True)
 class Reinforce(Edit):
     """VHR: among the candidate ``heads``, multiply by ``alpha`` the outputs of the heads whose
     divergence between the request with and without its span is above the layer median (after
@@ -248,5 +279,5 @@ class HeadScale(Edit):
         return out * scales[None, None, :, None]
 
 
-__all__ = ["FIRST_EDITABLE_LAYER", "Calibrate", "HeadMean", "HeadScale", "Redistribute", "Reinforce", "Steer",
+__all__ = ["FIRST_EDITABLE_LAYER", "Calibrate", "HeadMean", "HeadScale", "Redistribute", "Reinforce", "Steer", "Stream",
            "Uniform"]

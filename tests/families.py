@@ -121,7 +121,7 @@ def output_projection(attention_module) -> torch.nn.Module:
 
 CHECKS = ("empty plan exact", "`generate` unchanged", "maps = eager", "statistics = eager", "HeadScale",
           "Calibrate keeps row sums", "cached = recomputed (Steer + Calibrate)",
-          "Uniform decode = zeroed query", "head-output tap", "SAE activations")
+          "Uniform decode = zeroed query", "Stream = sink + window mask", "head-output tap", "SAE activations")
 
 
 def family_table() -> str:

@@ -15,8 +15,9 @@ from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model
                       readme_table)
 
 from headlab.sae.activations import head_outputs
-from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Taps, Uniform, UnsupportedModelError, attach,
-                             model_shape)
+from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Stream, Taps, Uniform, UnsupportedModelError,
+                             attach, model_shape)
+from headlab.surgeon.errors import PlanError
 from headlab.surgeon.sites import attention_modules
 
 N_TOKENS = 23
@@ -241,6 +242,75 @@ def test_uniform_decode_masking_equals_a_zeroed_query(name):
     assert torch.equal(sequences, ref_sequences)
     assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))
     assert (ours - own).abs()[:, 1:].max() > 1e-3, "the decode steps must change"
+
+
+@contextmanager
+def streaming_in_eager(model, layer, heads, sinks, window, key_mask):
+    """The family's eager attention, uncached, with ``heads`` of ``layer`` kept to the first ``sinks``
+    valid tokens of each row of ``key_mask [B, N]`` and the ``window`` latest positions (a per-head mask)."""
+    module = sys.modules[type(attention_modules(model)[0]).__module__]
+    original = module.eager_attention_forward
+
+    def streaming(attn, query, key, value, attention_mask, **kwargs):
+        if attn.layer_idx == layer:
+            batch, n_heads, n = query.shape[0], query.shape[1], key.shape[-2]
+            assert query.shape[-2] == n, "the reference recomputes without a cache"
+            valid = key_mask.bool()
+            sink = valid & (valid.cumsum(-1) <= sinks)  # [B, N]
+            position = torch.arange(n)
+            keep = sink[:, None, None, :] | (position[None, None, None, :] > position[None, None, :, None] - window)
+            streamed = torch.zeros(n_heads, dtype=torch.bool)
+            streamed[list(heads)] = True
+            hide = ~keep & streamed[None, :, None, None]  # [B, H, N, N]
+            attention_mask = attention_mask[..., :n].expand(batch, n_heads, n, n)
+            attention_mask = (attention_mask & ~hide if attention_mask.dtype == torch.bool
+                              else attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min))
+        return original(attn, query, key, value, attention_mask, **kwargs)
+
+    previous = model.config._attn_implementation
+    module.eager_attention_forward = streaming
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+        model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_streaming_heads_decode_as_a_sink_and_window_mask_in_eager_attention(name):
+    """Stream on one KV head's query heads of a full-attention layer: cached decoding (prefill and
+    decode steps) gives the logits of the family's eager attention recomputing the whole sequence
+    with a per-head sink + window mask (left padding included). Tolerance: the model's own cached
+    logits against its own eager recomputation, times 10, as in the cached check."""
+    model = family_model(name)
+    ids, mask = batch()
+    shape = model_shape(model)
+    layer, heads = 3, tuple(range(shape.group_size))  # every query head of KV head 0
+    steps = 6
+    with attach(model, Plan([Stream(layer, heads, sinks=2, window=4)])):
+        sequences, ours = _decode_logits(model, ids, mask, steps)
+    full_mask = torch.cat([mask, torch.ones(2, steps - 1, dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with streaming_in_eager(model, layer, heads, 2, 4, full_mask), torch.no_grad():
+        reference = model(input_ids=sequences[:, :-1], attention_mask=full_mask,
+                          position_ids=positions).logits[:, N_TOKENS - 1:]
+    own_sequences, own = _decode_logits(model, ids, mask, steps)
+    with streaming_in_eager(model, layer, (), 2, 4, full_mask), torch.no_grad():  # no head streamed
+        own_recomputed = model(input_ids=own_sequences[:, :-1], attention_mask=full_mask,
+                               position_ids=positions).logits[:, N_TOKENS - 1:]
+    noise = float((own - own_recomputed).abs().max())  # the model's own cached-vs-recomputed rounding
+    choices = (sequences[:, N_TOKENS:] == model.generation_config.eos_token_id).long().cumsum(-1).roll(1, -1) == 0
+    choices[:, 0] = True
+    assert (ours - reference).abs()[choices].max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))
+    assert (ours - own).abs().max() > 1e-3, "streaming must change the logits"
+
+
+def test_streaming_is_per_kv_head():
+    shape = model_shape(family_model("qwen2"))  # one KV head for 5 query heads
+    with pytest.raises(PlanError, match="KV head"):
+        Plan([Stream(1, (0, 1))]).validate(shape)
+    Plan([Stream(1, tuple(range(shape.n_heads)))]).validate(shape)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
