@@ -213,6 +213,29 @@ def _validate(args) -> int:
     return 0
 
 
+def _stream_plan(args) -> int:
+    from .probes.scores import load_scores_file
+    from .surgeon.search.settings import StreamingSettings
+
+    settings = common.settings(StreamingSettings, args)
+    claim_file(args.out, args.overwrite, "--out plan")
+    config = common.model_config(args, causal=True, needs="a plan of streaming heads")
+    shape = common.model_shape_of(config)
+    scores = load_scores_file(args.scores, shape)
+    if args.score not in scores:
+        raise InputFileError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
+    from .probes.streaming import full_kv_heads, streaming_plan
+
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    full, streaming = full_kv_heads(scores[args.score], shape, settings.keep, layer_types)
+    plan = streaming_plan(scores[args.score], shape, settings, layer_types, model_id=args.model)
+    plan.save(args.out)
+    print(f"{len(full)} of {len(full) + len(streaming)} KV heads of the global-attention layers keep the whole "
+          f"context (highest {args.score}); {len(streaming)} stream with {settings.sinks} sink tokens and a "
+          f"{settings.window}-position window\nplan: {args.out}")
+    return 0
+
+
 def _validation_lines(curve: dict) -> str:
     """A few lines of the result: per measure and K the means and both p-values."""
     lines = [f"{curve['metric']}, {curve['mode']} masking: {curve['n_used']} of {curve['n_items']} items used"]
@@ -251,7 +274,7 @@ def build_parser() -> common.Parser:
 
     from .probes.report_settings import ReportSettings
     from .probes.settings import ValidationSettings, ViewSettings
-    from .surgeon.search.settings import CalibrationSettings
+    from .surgeon.search.settings import CalibrationSettings, StreamingSettings
 
     report = sub.add_parser(
         "report", help="score every head and write a head-importance report",
@@ -327,6 +350,21 @@ def build_parser() -> common.Parser:
     common.add_output_arguments(validate, "output folder (e.g. the report folder)")
     common.add_settings(validate, ValidationSettings)
     validate.set_defaults(run=_validate, interrupted=common.interrupted("nothing was written; run the command again"))
+
+    stream = sub.add_parser(
+        "stream-plan", help="a plan that streams the KV heads a score ranks lowest (KV-cache compression)",
+        description="Write a plan of streaming heads (RazorAttention, DuoAttention): the --keep fraction of the KV "
+                    "heads of the global-attention layers that the score ranks highest (a KV head scores the maximum "
+                    "of its query heads) keep the whole context; every other KV head of those layers sees only its "
+                    "first --sinks tokens and a --window of latest positions. Sliding-window layers are left as they "
+                    "are. Reads the model's config only. Apply the plan with 'headlab eval --plan' or "
+                    "Plan.load + attach.")
+    common.add_model_arguments(stream)
+    stream.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
+    stream.add_argument("--score", default="retrieval", help="the score that ranks the heads (default retrieval)")
+    common.add_output_arguments(stream, "plan JSON to write")
+    common.add_settings(stream, StreamingSettings)
+    stream.set_defaults(run=_stream_plan, interrupted=common.interrupted("nothing was written"))
 
     sae_cli.add_parser(sub)
     convert_cli.add_parser(sub)

@@ -14,7 +14,7 @@ from . import edits
 from .edit import Edit, EditCall, register_edit
 from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
 from .errors import PlanError
-from .search.settings import ACT_BETA, ACT_THRESHOLD
+from .search.settings import ACT_BETA, ACT_THRESHOLD, STREAM_SINKS, STREAM_WINDOW
 from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
 from .shape import ModelShape
 
@@ -170,8 +170,8 @@ class Stream(Edit):
     stage: ClassVar[str] = "bias"
     needs_prompt: ClassVar[bool] = True
 
-    sinks: int = setting(4, "first valid tokens every row keeps (attention sinks)", kind=Integer(0))
-    window: int = setting(256, "latest positions every row keeps, itself included", kind=Integer(1))
+    sinks: int = setting(STREAM_SINKS, "first valid tokens every row keeps (attention sinks)", kind=Integer(0))
+    window: int = setting(STREAM_WINDOW, "latest positions every row keeps, itself included", kind=Integer(1))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)

@@ -200,6 +200,15 @@ CLI_CASES = [
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --tokens 1", "--tokens"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --seed -1", "--seed"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/precious", "headlab did not write"),
+    # stream-plan
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/s.json --keep 1.5", "--keep"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/s.json --sinks -1", "--sinks"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/s.json --window 0", "--window"),
+    (f"stream-plan {SMOL} --scores {{d}}/missing.json --out {{d}}/s.json", "does not exist"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores_shape.json --out {{d}}/s.json", "layers x heads"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/s.json", "has no score 'nope'"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/user.txt", "headlab did not write"),
+    ("stream-plan minilm-l6 --scores {d}/scores.json --out {d}/s.json", "not a causal language model"),
     # sae train
     (f"sae train {SMOL} --out {{d}}/s --layer x", "--layer"),
     (f"sae train {SMOL} --out {{d}}/s --layer 40", "outside 0..29"),

@@ -1,0 +1,80 @@
+"""Choosing streaming heads from a score: the ranking per KV head, the global layers, the plan file."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from headlab.cli import main
+from headlab.probes.scores import HeadScores
+from headlab.probes.streaming import full_kv_heads, kv_head_scores, streaming_plan
+from headlab.surgeon import Plan, Stream, attach, model_shape
+from headlab.surgeon.errors import HeadlabError
+from headlab.surgeon.search.settings import StreamingSettings
+from headlab.surgeon.shape import ModelShape
+
+SHAPE = ModelShape(n_layers=3, n_heads=6, n_kv_heads=2, head_dim=4)  # KV head g serves query heads 3g..3g+2
+
+
+def score(values) -> HeadScores:
+    values = torch.tensor(values, dtype=torch.float32)
+    return HeadScores("retrieval", values, torch.ones_like(values), "tiny")
+
+
+VALUES = [[0.0, 0.9, 0.0, 0.1, 0.1, 0.1],   # layer 0: KV 0 max 0.9, KV 1 max 0.1
+          [0.2, 0.2, 0.2, 0.0, 0.0, 0.5],   # layer 1: 0.2, 0.5
+          [0.3, 0.0, 0.0, 0.05, 0.0, 0.0]]  # layer 2: 0.3, 0.05
+
+
+def test_a_kv_head_scores_the_maximum_of_its_query_heads():
+    expected = torch.tensor([[0.9, 0.1], [0.2, 0.5], [0.3, 0.05]])
+    torch.testing.assert_close(kv_head_scores(score(VALUES).values, 3), expected)
+
+
+@pytest.mark.parametrize("keep, full", [(0.0, []), (0.5, [(0, 0), (1, 1), (2, 0)]), (1 / 3, [(0, 0), (1, 1)]),
+                                        (1.0, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)])])
+def test_the_kept_fraction_holds_the_highest_kv_heads(keep, full):
+    kept, streaming = full_kv_heads(score(VALUES), SHAPE, keep)
+    assert kept == full and len(kept) + len(streaming) == 6 and not set(kept) & set(streaming)
+
+
+def test_sliding_layers_are_never_candidates():
+    kept, streaming = full_kv_heads(score(VALUES), SHAPE, 0.5, ["full_attention", "sliding_attention", "full_attention"])
+    assert kept == [(0, 0), (2, 0)] and streaming == [(0, 1), (2, 1)]
+
+
+def test_the_plan_streams_whole_groups_and_a_missing_score_is_refused():
+    plan = streaming_plan(score(VALUES), SHAPE, StreamingSettings(keep=0.5, sinks=2, window=8), model_id="tiny")
+    assert [(e.layer, e.heads, e.sinks, e.window) for e in plan.edits] == [
+        (0, (3, 4, 5), 2, 8), (1, (0, 1, 2), 2, 8), (2, (3, 4, 5), 2, 8)]
+    values = [row[:] for row in VALUES]
+    values[1][4] = float("nan")
+    with pytest.raises(HeadlabError, match=r"missing \(NaN\) on layer\(s\) \[1\]"):
+        full_kv_heads(score(values), SHAPE, 0.5)
+
+
+def test_stream_plan_command_writes_a_plan_that_runs(tmp_path):
+    model = tiny_llama("gqa")
+    model.save_pretrained(tmp_path / "model")
+    shape = model_shape(model)
+    values = torch.rand(shape.n_layers, shape.n_heads, generator=torch.Generator().manual_seed(3))
+    (tmp_path / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {
+        "retrieval": HeadScores("retrieval", values, torch.ones_like(values), "tiny").to_dict()}}))
+    status = main(["stream-plan", str(tmp_path / "model"), "--scores", str(tmp_path / "scores.json"),
+                   "--keep", "0.5", "--window", "3", "--out", str(tmp_path / "plan.json")])
+    assert status == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    streamed = [(e.layer, h) for e in plan.edits for h in e.heads]
+    assert all(isinstance(e, Stream) and e.window == 3 for e in plan.edits)
+    assert len(streamed) == 4 * shape.group_size  # of 9 KV heads, round(4.5) = 5 keep the context; whole groups
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    unbounded = Plan([Stream(e.layer, e.heads, sinks=e.sinks, window=1000) for e in plan.edits])
+    with torch.no_grad():
+        with attach(model, unbounded):
+            everything = model(input_ids=ids).logits
+        with attach(model, plan):
+            streaming = model(input_ids=ids).logits
+    seen_whole = 4 + 3  # rows 0..6 see every earlier key through 4 sinks and a 3-position window
+    assert torch.equal(everything[:, :seen_whole], streaming[:, :seen_whole])
+    assert (everything[:, seen_whole:] - streaming[:, seen_whole:]).abs().max() > 1e-4
