@@ -1,10 +1,13 @@
-"""The reserved decoding cache against transformers' own: the same tokens and bit-identical logits."""
+"""The reserved and the streaming decoding caches against transformers' own: the same tokens and
+bit-identical logits; the streaming cache stores less by exactly the dropped entries."""
 
 import pytest
 import torch
 from families import family_model
+from transformers import DynamicCache
 
-from headlab.surgeon.kv_cache import ReservedLayer, reserved_cache
+from headlab.surgeon import Plan, Stream, attach, model_shape
+from headlab.surgeon.kv_cache import ReservedLayer, StreamingLayer, cache_bytes, reserved_cache, streaming_cache
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2", "gpt_oss"])
@@ -34,3 +37,40 @@ def test_a_step_inside_the_room_copies_nothing_and_a_reorder_is_followed():
     layer.batch_select_indices(torch.tensor([1]))  # transformers replaces the held tensors
     keys, _ = layer.update(step[:1], step[:1])
     assert torch.equal(keys, torch.cat([first[1:], step[1:], step[:1]], dim=-2))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])  # MHA-like, windowed layers, MQA
+def test_a_streaming_cache_decodes_bit_identically_and_stores_only_what_streaming_heads_see(family):
+    model = family_model(family)
+    shape = model_shape(model)
+    layers = [1, 3]  # layer 3 is a global layer in every family here; layer 1 slides in gemma3_text
+    plan = Plan([Stream(layer, tuple(range(shape.group_size)), sinks=2, window=5) for layer in layers])
+    ids = torch.randint(3, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, :6] = 0  # left padding moves the second row's sinks to positions 6 and 7
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad(), attach(model, plan):
+        plain_cache, cache = DynamicCache(config=model.config), streaming_cache(model, plan, mask)
+        plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, **settings)
+        streaming = model.generate(ids, attention_mask=mask, past_key_values=cache, **settings)
+    assert torch.equal(plain.sequences, streaming.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, streaming.logits))
+    positions, entry = 23 + 8 - 1, 2 * 2 * shape.head_dim * 4  # keys and values of 2 rows in fp32
+    saved = 0
+    for layer in layers:
+        if not isinstance(cache.layers[layer], StreamingLayer):
+            assert family == "gemma3_text" and layer == 1  # a sliding layer keeps transformers' own cache
+            continue
+        kept = 6 + 2 + 5  # the positions up to the padded row's second sink, and the latest 5
+        saved += (positions - kept) * entry  # KV head 0 streams
+    assert saved > 0 and cache_bytes(plain_cache) - cache_bytes(cache) == saved
+
+
+def test_a_streaming_cache_refuses_what_it_cannot_do():
+    layer = StreamingLayer([0], 2, 4)
+    layer.update(torch.randn(1, 2, 9, 3), torch.randn(1, 2, 9, 3))
+    with pytest.raises(NotImplementedError, match="cropped"):
+        layer.crop(-2)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.batch_select_indices(torch.tensor([0]))
