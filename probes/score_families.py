@@ -151,6 +151,16 @@ def _induction(inputs: FamilyInputs):
         yield _scores(name, values, inputs.counts(10), inputs, importance.REPEAT_DESCRIPTIONS[name], repeat)
 
 
+@score_family("razor", "RazorAttention's echo and induction scores on 4 x 2500 repeated random ids (one 10,001-token "
+              "forward, statistics only)", causal_only=True, page="methods/streaming")
+def _razor(inputs: FamilyInputs):
+    from .razor import DESCRIPTIONS, PERIOD, REPEATS, razor_scores
+
+    repeat = {"period": PERIOD, "repeats": REPEATS, "seed": inputs.settings.seed}
+    for name, values in razor_scores(inputs.model, **repeat, progress=inputs.progress).items():
+        yield _scores(name, values, inputs.counts(1), inputs, DESCRIPTIONS[name].format(**repeat), repeat)
+
+
 @score_family("gradient", "Michel et al.'s gradient importance of each head's gate", causal_only=True,
               page="methods/importance")
 def _gradient(inputs: FamilyInputs):
