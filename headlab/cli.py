@@ -343,7 +343,8 @@ def build_parser() -> common.Parser:
                     "a rank test against the random sets, a paired per-prompt test and 95% bootstrap intervals. "
                     "Writes OUT/validation-SCORE.json and a plot OUT/validation-SCORE.html; a report written into the "
                     "same folder afterwards shows them. The default grid (6 needles x 3 lengths x 5 depths, 3 K x 20 "
-                    "sets) takes about half an hour on SmolLM2-135M on two CPU cores.")
+                    "sets: up to 5,760 decodes) takes over an hour on SmolLM2-135M on two CPU cores; fewer --ks, "
+                    "--needles or --needle-lengths shorten it.")
     common.add_model_arguments(validate)
     validate.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
     validate.add_argument("--score", default="retrieval", help="the score to validate (default retrieval)")
