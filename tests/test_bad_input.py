@@ -432,9 +432,12 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path):
     import threading
 
     out = tmp_path / "report"
+    # a shell that started this run in the background hands its children SIGINT ignored; Ctrl-C reaches a user's
+    # headlab with the default disposition, so the child starts with that
     process = subprocess.Popen([sys.executable, "-m", "headlab", "report", SMOL, "--out", str(out), "--samples", "40",
                                 "--scores", "none"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               env={**os.environ, "TQDM_MININTERVAL": "0"})
+                               env={**os.environ, "TQDM_MININTERVAL": "0"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, started = [], threading.Event()
 
     def read():
