@@ -28,12 +28,13 @@ import importlib.util, sys
 root = sys.argv[1]
 spec = importlib.util.spec_from_file_location("headlab", root + "/headlab/__init__.py",
                                               submodule_search_locations=[root + "/headlab"])
-package = importlib.util.module_from_spec(spec); sys.modules["headlab"] = package; spec.loader.exec_module(package)
-for part in ("kernels", "surgeon", "probes", "sae"):
-    spec = importlib.util.spec_from_file_location("headlab." + part, root + "/" + part + "/__init__.py",
-                                                  submodule_search_locations=[root + "/" + part])
-    module = importlib.util.module_from_spec(spec); sys.modules["headlab." + part] = module
-    setattr(package, part, module); spec.loader.exec_module(module)
+package = importlib.util.module_from_spec(spec); sys.modules["headlab"] = package
+for part in ("kernels", "surgeon", "probes", "sae"):  # first: an older headlab/__init__ imports them eagerly
+    part_spec = importlib.util.spec_from_file_location("headlab." + part, root + "/" + part + "/__init__.py",
+                                                       submodule_search_locations=[root + "/" + part])
+    module = importlib.util.module_from_spec(part_spec); sys.modules["headlab." + part] = module
+    setattr(package, part, module); part_spec.loader.exec_module(module)
+spec.loader.exec_module(package)
 from headlab.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -42,9 +43,15 @@ sys.exit(main(sys.argv[2:]))
 def run_report(tree: Path, out: Path) -> float:
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"], "TQDM_DISABLE": "1"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-S", "-c", RUNNER, str(tree), "report", "smollm2-135m", "--out", str(out)],
-                   env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-S", "-c", RUNNER, str(tree), "report", "smollm2-135m", "--out", str(out)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the report from {tree} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not math.isnan(x)
 
 
 def largest_difference(a: Path, b: Path) -> dict:
@@ -52,7 +59,7 @@ def largest_difference(a: Path, b: Path) -> dict:
     out = {}
     for name in sorted(set(old) & set(new)):
         pairs = [(x, y) for row_x, row_y in zip(old[name]["values"], new[name]["values"]) for x, y in zip(row_x, row_y)
-                 if not (isinstance(x, float) and math.isnan(x)) and not (isinstance(y, float) and math.isnan(y))]
+                 if _number(x) and _number(y)]  # NaN (not analysed) is null in the files
         out[name] = max((abs(x - y) for x, y in pairs), default=0.0)
     return out
 
