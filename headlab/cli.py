@@ -182,16 +182,23 @@ def _view(args) -> int:
     return 0
 
 
-def _validate(args) -> int:
+def _chosen_score(args, shape):
+    """The ``--score`` of the ``--scores`` file, checked against the model's ``shape``."""
     from .probes.scores import load_scores_file
+
+    scores = load_scores_file(args.scores, shape)
+    if args.score not in scores:
+        raise InputFileError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
+    return scores[args.score]
+
+
+def _validate(args) -> int:
     from .probes.settings import ValidationSettings
 
     settings = common.settings(ValidationSettings, args)
     config = common.model_config(args)
     shape = common.model_shape_of(config)
-    scores = load_scores_file(args.scores, shape)
-    if args.score not in scores:
-        raise InputFileError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
+    score = _chosen_score(args, shape)
     metric = settings.masking.metric or ("needle-recall" if args.score == "retrieval" else "loss")
     out = Path(args.out)
     stem = f"validation-{_file_safe(args.score)}"
@@ -204,7 +211,7 @@ def _validate(args) -> int:
     from .probes.validation import validate_score, write_curve_page
     from .surgeon.files import write_json
 
-    curve = validate_score(model, tokenizer, scores[args.score], settings, model_id=args.model)
+    curve = validate_score(model, tokenizer, score, settings, model_id=args.model)
     claim_folder(out, (f"{stem}.json", f"{stem}.html"), args.overwrite, "--out folder")
     write_json(out / f"{stem}.json", curve)
     write_curve_page(curve, out / f"{stem}.html")
@@ -214,24 +221,22 @@ def _validate(args) -> int:
 
 
 def _stream_plan(args) -> int:
-    from .probes.scores import load_scores_file
     from .surgeon.search.settings import StreamingSettings
 
     settings = common.settings(StreamingSettings, args)
     claim_file(args.out, args.overwrite, "--out plan")
     config = common.model_config(args, causal=True, needs="a plan of streaming heads")
     shape = common.model_shape_of(config)
-    scores = load_scores_file(args.scores, shape)
-    if args.score not in scores:
-        raise InputFileError(f"{args.scores} has no score {args.score!r}; it has {', '.join(scores)}")
-    from .probes.streaming import full_kv_heads, streaming_plan
+    score = _chosen_score(args, shape)
+    from .probes.streaming import global_layers, streaming_plan
 
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
-    full, streaming = full_kv_heads(scores[args.score], shape, settings.keep, layer_types)
-    plan = streaming_plan(scores[args.score], shape, settings, layer_types, model_id=args.model)
+    plan = streaming_plan(score, shape, settings, layer_types, model_id=args.model)
     plan.save(args.out)
-    print(f"{len(full)} of {len(full) + len(streaming)} KV heads of the global-attention layers keep the whole "
-          f"context (highest {args.score}); {len(streaming)} stream with {settings.sinks} sink tokens and a "
+    candidates = len(global_layers(shape, layer_types)) * shape.n_kv_heads
+    streaming = sum(len(edit.heads) for edit in plan.edits) // shape.group_size
+    print(f"{candidates - streaming} of {candidates} KV heads of the global-attention layers keep the whole "
+          f"context (highest {args.score}); {streaming} stream with {settings.sinks} sink tokens and a "
           f"{settings.window}-position window\nplan: {args.out}")
     return 0
 
@@ -261,6 +266,12 @@ def _task_arguments(parser) -> None:
 
     common.add_model_arguments(parser)
     common.add_settings(parser, TaskSettings)
+
+
+def _score_arguments(parser, what: str) -> None:
+    """``--scores`` (a report's scores.json) and ``--score`` (one of its scores, default retrieval)."""
+    parser.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
+    parser.add_argument("--score", default="retrieval", help=f"{what} (default retrieval)")
 
 
 def build_parser() -> common.Parser:
@@ -346,8 +357,7 @@ def build_parser() -> common.Parser:
                     "sets: up to 5,760 decodes) takes over an hour on SmolLM2-135M on two CPU cores; fewer --ks, "
                     "--needles or --needle-lengths shorten it.")
     common.add_model_arguments(validate)
-    validate.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
-    validate.add_argument("--score", default="retrieval", help="the score to validate (default retrieval)")
+    _score_arguments(validate, "the score to validate")
     common.add_output_arguments(validate, "output folder (e.g. the report folder)")
     common.add_settings(validate, ValidationSettings)
     validate.set_defaults(run=_validate, interrupted=common.interrupted("nothing was written; run the command again"))
@@ -361,8 +371,7 @@ def build_parser() -> common.Parser:
                     "are. Reads the model's config only. Apply the plan with 'headlab eval --plan' or "
                     "Plan.load + attach.")
     common.add_model_arguments(stream)
-    stream.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
-    stream.add_argument("--score", default="retrieval", help="the score that ranks the heads (default retrieval)")
+    _score_arguments(stream, "the score that ranks the heads")
     common.add_output_arguments(stream, "plan JSON to write")
     common.add_settings(stream, StreamingSettings)
     stream.set_defaults(run=_stream_plan, interrupted=common.interrupted("nothing was written"))

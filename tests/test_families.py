@@ -193,26 +193,33 @@ def test_cached_decoding_equals_the_recomputation_under_softmax_edits(name):
 
 
 @contextmanager
-def zeroed_query_on_decode(model, layer, heads):
-    """The family's eager attention with the query of ``heads`` on ``layer`` zeroed in calls that
-    extend the cache (the retrieval-head harness's masking)."""
+def patched_eager(model, wrap):
+    """The model on its family's eager attention, with ``eager_attention_forward`` replaced by
+    ``wrap(original)`` for the block."""
     module = sys.modules[type(attention_modules(model)[0]).__module__]
     original = module.eager_attention_forward
-
-    def zeroing(attn, query, key, value, attention_mask, **kwargs):
-        if attn.layer_idx == layer and query.shape[-2] < key.shape[-2]:
-            query = query.clone()
-            query[:, list(heads)] = 0
-        return original(attn, query, key, value, attention_mask, **kwargs)
-
     previous = model.config._attn_implementation
-    module.eager_attention_forward = zeroing
+    module.eager_attention_forward = wrap(original)
     model.set_attn_implementation("eager")
     try:
         yield
     finally:
         module.eager_attention_forward = original
         model.set_attn_implementation(previous)
+
+
+def zeroed_query_on_decode(model, layer, heads):
+    """The family's eager attention with the query of ``heads`` on ``layer`` zeroed in calls that
+    extend the cache (the retrieval-head harness's masking)."""
+    def wrap(original):
+        def zeroing(attn, query, key, value, attention_mask, **kwargs):
+            if attn.layer_idx == layer and query.shape[-2] < key.shape[-2]:
+                query = query.clone()
+                query[:, list(heads)] = 0
+            return original(attn, query, key, value, attention_mask, **kwargs)
+        return zeroing
+
+    return patched_eager(model, wrap)
 
 
 def _decode_logits(model, ids, mask, steps=5):
@@ -244,37 +251,28 @@ def test_uniform_decode_masking_equals_a_zeroed_query(name):
     assert (ours - own).abs()[:, 1:].max() > 1e-3, "the decode steps must change"
 
 
-@contextmanager
 def streaming_in_eager(model, layer, heads, sinks, window, key_mask):
     """The family's eager attention, uncached, with ``heads`` of ``layer`` kept to the first ``sinks``
     valid tokens of each row of ``key_mask [B, N]`` and the ``window`` latest positions (a per-head mask)."""
-    module = sys.modules[type(attention_modules(model)[0]).__module__]
-    original = module.eager_attention_forward
+    def wrap(original):
+        def streaming(attn, query, key, value, attention_mask, **kwargs):
+            if attn.layer_idx == layer:
+                batch, n_heads, n = query.shape[0], query.shape[1], key.shape[-2]
+                assert query.shape[-2] == n, "the reference recomputes without a cache"
+                valid = key_mask.bool()
+                sink = valid & (valid.cumsum(-1) <= sinks)  # [B, N]
+                position = torch.arange(n)
+                keep = sink[:, None, None, :] | (position[None, None, None, :] > position[None, None, :, None] - window)
+                streamed = torch.zeros(n_heads, dtype=torch.bool)
+                streamed[list(heads)] = True
+                hide = ~keep & streamed[None, :, None, None]  # [B, H, N, N]
+                attention_mask = attention_mask[..., :n].expand(batch, n_heads, n, n)
+                attention_mask = (attention_mask & ~hide if attention_mask.dtype == torch.bool
+                                  else attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min))
+            return original(attn, query, key, value, attention_mask, **kwargs)
+        return streaming
 
-    def streaming(attn, query, key, value, attention_mask, **kwargs):
-        if attn.layer_idx == layer:
-            batch, n_heads, n = query.shape[0], query.shape[1], key.shape[-2]
-            assert query.shape[-2] == n, "the reference recomputes without a cache"
-            valid = key_mask.bool()
-            sink = valid & (valid.cumsum(-1) <= sinks)  # [B, N]
-            position = torch.arange(n)
-            keep = sink[:, None, None, :] | (position[None, None, None, :] > position[None, None, :, None] - window)
-            streamed = torch.zeros(n_heads, dtype=torch.bool)
-            streamed[list(heads)] = True
-            hide = ~keep & streamed[None, :, None, None]  # [B, H, N, N]
-            attention_mask = attention_mask[..., :n].expand(batch, n_heads, n, n)
-            attention_mask = (attention_mask & ~hide if attention_mask.dtype == torch.bool
-                              else attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min))
-        return original(attn, query, key, value, attention_mask, **kwargs)
-
-    previous = model.config._attn_implementation
-    module.eager_attention_forward = streaming
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        module.eager_attention_forward = original
-        model.set_attn_implementation(previous)
+    return patched_eager(model, wrap)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
