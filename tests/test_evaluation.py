@@ -9,7 +9,9 @@ from conftest import VOCAB, tiny_llama
 
 from headlab.surgeon import Calibrate, Plan, PlanError
 from headlab.surgeon.search import calibration as search
-from headlab.surgeon.search.evaluate import choice_logprobs, evaluate
+from headlab.surgeon.hook import apply
+from headlab.surgeon.search.evaluate import choice_batches, choice_logprobs, evaluate, score_batches
+from headlab.surgeon.search.prefix import LayerPrefix
 from headlab.surgeon.search.tasks import BUILTIN_TASKS, Example, load_task
 
 
@@ -77,16 +79,16 @@ def test_the_head_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     complete = search.calibration_search(model, tok, examples, settings, tmp_path / "full.json")
 
     calls, killed = [], []
-    real_evaluate = search.evaluate
+    real_measure = search.measure_head
 
-    def dying_evaluate(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else None)
-        if len(calls) == 6 and not killed:
+    def dying_measure(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 5 and not killed:
             killed.append(True)
             raise Killed  # the search is killed while measuring its fifth head
-        return real_evaluate(*args, **kwargs)
+        return real_measure(*args, **kwargs)
 
-    monkeypatch.setattr(search, "evaluate", dying_evaluate)
+    monkeypatch.setattr(search, "measure_head", dying_measure)
     with pytest.raises(Killed):
         search.calibration_search(model, tok, examples, settings, tmp_path / "run.json")
     calls.clear()
@@ -99,6 +101,56 @@ def test_the_head_search_resumes_where_it_stopped(tmp_path, monkeypatch):
         search.calibration_search(model, tok, examples, other, tmp_path / "run.json")
     plan = search.plan_from_search(model, "tiny", {"kept": [[2, 1], [3, 4], [2, 5]]}, 0.4, 0.05)
     assert plan.edits == [Calibrate(2, (1, 5), beta=0.4, threshold=0.05), Calibrate(3, (4,), beta=0.4, threshold=0.05)]
+
+
+def _one_head_at_a_time(model, tok, examples, candidates, beta, threshold):
+    """Each head's plan evaluated on its own with the whole model: what the search must reproduce."""
+    return {f"{layer},{head}": evaluate(model, tok, examples, Plan([Calibrate(layer, (head,), beta, threshold)])).accuracy
+            for layer, head in candidates}
+
+
+def test_scores_from_a_kept_layer_input_equal_the_whole_forward_bit_for_bit():
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = load_task("kv-recall", "test", 5)
+    batches = choice_batches(tok, examples, 3)
+    prefix = LayerPrefix(model, batches)
+    for layer in (3, 2, 4, 0, 4):  # forwards, backwards (from the embeddings again) and repeated
+        prefix.advance(layer)
+        assert prefix.layer == layer
+        for plan in (Plan(), Plan([Calibrate(layer if layer >= 2 else 2, (1, 4), beta=0.0, threshold=0.02)])):
+            whole = choice_logprobs(model, tok, examples, plan, batch_size=3)
+            with apply(model, plan):
+                from_prefix = score_batches(batches, len(examples), prefix.forward)
+            assert from_prefix == whole
+    assert not any("forward" in vars(block) for block in prefix.blocks), "the blocks' own forwards are restored"
+
+
+def test_the_search_measures_what_each_head_alone_measures(tmp_path):
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = load_task("arithmetic", "calibration", 12)
+    candidates = tuple(search.default_candidates(model, [3, 2]))
+    settings = search.SearchSettings(("arithmetic",), len(examples), candidates, beta=0.0, threshold=0.02)
+    state = search.calibration_search(model, tok, examples, settings, tmp_path / "s.json", batch_size=5)
+    assert state["heads"] == _one_head_at_a_time(model, tok, examples, candidates, 0.0, 0.02)
+    assert state["baseline"] == evaluate(model, tok, examples).accuracy
+    assert len(set(state["heads"].values())) > 1, "the heads must differ for the comparison to mean something"
+
+
+def test_the_search_on_smollm2_measures_what_each_head_alone_measures(tmp_path, smollm2):
+    model, tok = smollm2
+    examples = load_task("kv-recall", "calibration", 8)
+    candidates = ((3, 4), (15, 2), (27, 7))
+    settings = search.SearchSettings(("kv-recall",), len(examples), candidates, beta=0.0)
+    state = search.calibration_search(model, tok, examples, settings, tmp_path / "s.json")
+    assert state["heads"] == _one_head_at_a_time(model, tok, examples, candidates, 0.0, settings.threshold)
+    batches = choice_batches(tok, examples, 16)
+    prefix = LayerPrefix(model, batches)
+    prefix.advance(15)
+    plan = Plan([Calibrate(15, (2,), beta=0.0)])
+    whole = choice_logprobs(model, tok, examples, plan)
+    with apply(model, plan):
+        assert score_batches(batches, len(examples), prefix.forward) == whole
+    assert whole != choice_logprobs(model, tok, examples), "the edit must change the scores"
 
 
 def test_a_plan_changes_scores_and_an_empty_plan_does_not():

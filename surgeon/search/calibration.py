@@ -1,6 +1,8 @@
 """ACT's offline head search (docs/methods/act.md): calibrate one head at a time, keep the heads that help.
 
-Progress is written atomically after every head to a JSON file; a search started again with the
+The heads are measured layer by layer from the residual stream entering their layer, kept from one
+unedited pass (:class:`~.prefix.LayerPrefix`): the same accuracies as evaluating each head's plan
+on its own, without running the layers below the head again for every head. Progress is written atomically after every head to a JSON file; a search started again with the
 same settings skips the heads already measured, so a killed search continues where it stopped.
 """
 
@@ -14,10 +16,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
-from .evaluate import evaluate
+from ..errors import UnsupportedModelError
 from ..files import write_json
+from ..hook import apply
 from ..shape import model_shape
 from ..plan import Plan, PlanError
+from .evaluate import EvalResult, accuracy, choice_batches, model_forward, score_batches
+from .prefix import LayerPrefix
 from .settings import ACT_BETA, ACT_THRESHOLD
 from .tasks import Example
 
@@ -60,19 +65,46 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
     """
     progress_path = Path(progress_path)
     state = _resume(progress_path, settings)
+    batches = choice_batches(tokenizer, examples, batch_size)
+    prefix = _prefix_or_none(model, batches)
+    forward = prefix.forward if prefix is not None else model_forward(model)
     if state["baseline"] is None:
-        state["baseline"] = evaluate(model, tokenizer, examples, batch_size=batch_size).accuracy
+        state["baseline"] = accuracy(examples, score_batches(batches, len(examples), forward)).accuracy
         write_json(progress_path, state)
-    todo = [c for c in settings.candidates if _key(c) not in state["heads"]]
+    todo = sorted(c for c in settings.candidates if _key(c) not in state["heads"])
     for layer, head in tqdm(todo, desc="calibration search", initial=len(settings.candidates) - len(todo),
                             total=len(settings.candidates)):
+        if prefix is not None and not _advanced(prefix, layer):
+            prefix, forward = None, model_forward(model)
         plan = Plan([Calibrate(layer, (head,), beta=settings.beta, threshold=settings.threshold)])
-        state["heads"][_key((layer, head))] = evaluate(model, tokenizer, examples, plan, batch_size).accuracy
+        state["heads"][_key((layer, head))] = measure_head(model, examples, batches, plan, forward).accuracy
         write_json(progress_path, state)
     state["kept"] = [list(c) for c in settings.candidates
                      if state["heads"][_key(c)] - state["baseline"] > settings.margin]
     write_json(progress_path, state)
     return state
+
+
+def measure_head(model, examples: list[Example], batches, plan: Plan, forward) -> EvalResult:
+    """Accuracy under ``plan`` with ``forward`` (the whole model, or from the kept stream of the plan's layer)."""
+    with apply(model, plan):
+        return accuracy(examples, score_batches(batches, len(examples), forward))
+
+
+def _prefix_or_none(model, batches) -> LayerPrefix | None:
+    try:
+        return LayerPrefix(model, batches)
+    except UnsupportedModelError:
+        return None  # every head then runs the whole model
+
+
+def _advanced(prefix: LayerPrefix, layer: int) -> bool:
+    """Whether ``prefix`` now starts at ``layer`` (False: the model's blocks cannot be skipped)."""
+    try:
+        prefix.advance(layer)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def plan_from_search(model, model_id: str, state: dict, beta: float, threshold: float) -> Plan:

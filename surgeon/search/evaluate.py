@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,45 +27,97 @@ class EvalResult:
         return {"accuracy": self.accuracy, "n": self.n, "n_correct": sum(self.correct)}
 
 
+@dataclass
+class ChoiceBatch:
+    """Right-padded ``(context + choice)`` sequences, ``input_ids`` and ``attention_mask`` ``[B, N]``.
+
+    ``read [K]``: the positions whose next-token logits score a choice token, over all rows;
+    ``rows``: per row, ``(example index, choice token ids [T], their logits' indices into read [T])``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    read: torch.Tensor
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+Forward = Callable[[int, ChoiceBatch], torch.Tensor]  # (batch index, batch) -> logits [B, K, vocab] at batch.read
+
+
 def _sequences(tokenizer, example: Example) -> list[tuple[list[int], int]]:
     """``(ids, n_context)`` per choice: context tokens then the choice's tokens."""
     context = tokenizer(example.context()).input_ids
     return [(context + tokenizer(choice, add_special_tokens=False).input_ids, len(context)) for choice in example.choices]
 
 
+def choice_batches(tokenizer, examples: list[Example], batch_size: int = 16) -> list[ChoiceBatch]:
+    """Every choice of every example as one sequence, in order, ``batch_size`` sequences per batch."""
+    items = [(i, ids, n_ctx) for i, ex in enumerate(examples) for ids, n_ctx in _sequences(tokenizer, ex)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        width = max(len(ids) for _, ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (_, ids, _) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        read = sorted({p for _, ids, n_ctx in chunk for p in range(n_ctx - 1, len(ids) - 1)})
+        where = {p: k for k, p in enumerate(read)}
+        rows = [(index, torch.tensor(ids[n_ctx:]), torch.tensor([where[p] for p in range(n_ctx - 1, len(ids) - 1)]))
+                for index, ids, n_ctx in chunk]
+        batches.append(ChoiceBatch(input_ids, mask, torch.tensor(read, dtype=torch.long), rows))
+    return batches
+
+
+def model_forward(model) -> Forward:
+    """The plain forward: logits at each batch's ``read`` positions only (``logits_to_keep`` where the
+    model takes it, else sliced from the full logits)."""
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(index: int, batch: ChoiceBatch) -> torch.Tensor:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if keeps:
+            return model(**inputs, logits_to_keep=batch.read).logits
+        return model(**inputs).logits[:, batch.read]
+
+    return forward
+
+
 @torch.no_grad()
+def score_batches(batches: list[ChoiceBatch], n_examples: int, forward: Forward,
+                  progress: bool = False) -> list[list[float]]:
+    """Sum of each choice's token log-probabilities, per example and choice, from ``forward``."""
+    scores: list[list[float]] = [[] for _ in range(n_examples)]
+    for index, batch in enumerate(tqdm(batches, desc="scoring", disable=not progress, leave=False)):
+        logprobs = torch.log_softmax(forward(index, batch).float(), -1)  # [B, K, vocab]
+        for row, (example, targets, at) in enumerate(batch.rows):
+            scores[example].append(logprobs[row, at].gather(-1, targets[:, None].to(logprobs.device)).sum().item())
+    return scores
+
+
 def choice_logprobs(model, tokenizer, examples: list[Example], plan: Plan | None = None,
                     batch_size: int = 16, progress: bool = False) -> list[list[float]]:
     """Sum of the log-probabilities of each choice's tokens after the example's context, per
     example and choice. Sequences are right-padded into batches of ``batch_size``."""
-    items = [(i, ids, n_ctx) for i, ex in enumerate(examples) for ids, n_ctx in _sequences(tokenizer, ex)]
-    scores: list[list[float]] = [[] for _ in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = choice_batches(tokenizer, examples, batch_size)
     with apply(model, plan) if plan is not None and plan.edits else nullcontext():
-        for start in tqdm(range(0, len(items), batch_size), desc="scoring", disable=not progress, leave=False):
-            chunk = items[start : start + batch_size]
-            width = max(len(ids) for _, ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, (_, ids, _) in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                mask[row, : len(ids)] = 1
-            logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-            for row, (index, ids, n_ctx) in enumerate(chunk):
-                targets = torch.tensor(ids[n_ctx:])
-                picked = logprobs[row, n_ctx - 1 : len(ids) - 1].gather(-1, targets[:, None])
-                scores[index].append(picked.sum().item())
-    return scores
+        return score_batches(batches, len(examples), model_forward(model), progress)
+
+
+def accuracy(examples: list[Example], scores: list[list[float]]) -> EvalResult:
+    """An example is correct when its label's choice has the highest log-probability."""
+    correct = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
+    return EvalResult(sum(correct) / len(correct), len(correct), correct)
 
 
 def evaluate(model, tokenizer, examples: list[Example], plan: Plan | None = None,
              batch_size: int = 16, progress: bool = False) -> EvalResult:
-    """Accuracy: an example is correct when its label's choice has the highest log-probability."""
+    """Accuracy of ``model`` (under ``plan``) on ``examples``; see :func:`accuracy`."""
     if not examples:
         raise ValueError("no examples to evaluate")
-    scores = choice_logprobs(model, tokenizer, examples, plan, batch_size, progress)
-    correct = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
-    return EvalResult(sum(correct) / len(correct), len(correct), correct)
+    return accuracy(examples, choice_logprobs(model, tokenizer, examples, plan, batch_size, progress))
 
 
 @torch.no_grad()

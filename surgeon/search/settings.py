@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import Indices, Integer, Maybe, Number, check_settings, setting
+from ..settings import Indices, Integer, Maybe, Number, Switch, check_settings, setting
 
 ACT_BETA = 0.4  # sink weights are multiplied by this
 ACT_THRESHOLD = 0.1  # keys whose mean received attention exceeds this are sinks
@@ -35,14 +35,18 @@ class CalibrationSettings:
 @dataclass
 class StreamingSettings:
     """Which KV heads keep their whole context: the ``keep`` fraction of the global-attention layers' KV
-    heads with the highest score (a KV head scores the maximum of its query heads); every other KV head
-    of those layers streams with ``sinks`` first tokens and a ``window`` of latest positions."""
+    heads a selection rule ranks highest (``seed``: of the random rule); every other KV head of those
+    layers streams with ``sinks`` first tokens and a ``window`` of latest positions, and with
+    ``compensate`` a compensation token."""
 
     keep: float = setting(0.25, "fraction of KV heads (of the global-attention layers) that keep the whole context",
                           kind=Number(0.0, 1.0), flag="--keep")
     sinks: int = setting(STREAM_SINKS, "first valid tokens a streaming head keeps", kind=Integer(0), flag="--sinks")
     window: int = setting(STREAM_WINDOW, "latest positions a streaming head keeps, itself included", kind=Integer(1),
                           flag="--window")
+    compensate: bool = setting(False, "streaming heads also keep RazorAttention's compensation token (the mean key "
+                                      "and value of the positions they drop)", kind=Switch(), flag="--compensate")
+    seed: int = setting(0, "seed of the random rule (the control)", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):
         check_settings(self)
