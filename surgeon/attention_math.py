@@ -124,6 +124,20 @@ def additive_mask(mask: torch.Tensor | None, n_query: int, n_key: int, is_causal
     return mask.float()
 
 
+def narrowed_mask(mask: torch.Tensor | None, keep: torch.Tensor, n_query: int, n_key: int, is_causal: bool,
+                  window: int | None = None) -> torch.Tensor:
+    """The layer's ``mask`` (boolean or additive, in its own form) with the entries outside ``keep``
+    ``[B, H or 1, Nq, Nk]`` hidden too. ``None`` (SDPA's causal shortcut) becomes a boolean mask,
+    which SDPA-like implementations take (eager ones always receive a mask)."""
+    keep = keep.to(mask.device if mask is not None else keep.device)
+    if mask is None:
+        return visibility(1, n_query, n_key, is_causal, n_key - n_query, None, keep.device, window) & keep
+    mask = mask[..., :n_key]
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
 def attention_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, call: AttentionCall,
                      heads: Sequence[int], group_size: int) -> torch.Tensor:
     """Masked fp32 logits ``[batch, len(heads), query, key]`` of the chosen query heads, soft-capped
@@ -132,6 +146,21 @@ def attention_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     products = per_kv_head_matmul(q, key.float().transpose(-1, -2), heads, group_size)
     scores = softcapped(products * call.scaling, call.softcap)
     return scores + additive_mask(mask, q.shape[-2], key.shape[-2], call.is_causal, q.device, call.window)
+
+
+def compensation_token(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
+                       call: AttentionCall, heads: Sequence[int], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RazorAttention's compensation token of each row of the query heads ``heads``: the mean key
+    ``k̄`` and value ``v̄`` of the ``n`` keys ``hidden [B, h, Nq, Nk]`` hides from the row, which
+    enters the softmax as ``n`` copies of ``k̄``. Returns ``(logit [B, h, Nq, 1], value [B, h, Nq, D])``:
+    the logit ``s(q, k̄) + log n`` (soft-capped as the model's logits), masked where ``n`` is 0."""
+    weights = hidden.float()
+    counts = weights.sum(-1, keepdim=True)
+    mean_key = per_kv_head_matmul(weights, key.float(), heads, group_size) / counts.clamp(min=1)
+    mean_value = per_kv_head_matmul(weights, value.float(), heads, group_size) / counts.clamp(min=1)
+    products = (query[:, list(heads)].float() * mean_key).sum(-1, keepdim=True)
+    logit = softcapped(products * call.scaling, call.softcap) + counts.clamp(min=1).log()
+    return torch.where(counts > 0, logit, torch.full_like(logit, MASKED)), mean_value
 
 
 def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

@@ -101,6 +101,18 @@ class Edit:
                 f"query heads 0..{shape.n_heads - 1}"
             )
 
+    def kept_keys(self, at: EditCall, n_key: int) -> "torch.Tensor | None":
+        """For a bias-stage edit that only hides keys: ``[B, Nq, Nk]``, True where a row keeps a key
+        (the hook then runs the model's own attention under the narrowed mask instead of recomputing
+        the heads in fp32). None (the default) for an edit that changes logits otherwise."""
+        return None
+
+    @property
+    def compensates(self) -> bool:
+        """Whether the keys this (bias-stage) edit hides from a row come back as one compensation
+        token: their mean key and value, weighted by their count (RazorAttention)."""
+        return False
+
     def edits_call(self, prefill: bool) -> bool:
         """Whether a call (the prefill of a sequence, or a later one) has rows this edit changes."""
         return True

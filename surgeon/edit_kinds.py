@@ -14,6 +14,7 @@ from . import edits
 from .edit import Edit, EditCall, register_edit
 from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
 from .errors import PlanError
+from .request import RequestState
 from .search.settings import ACT_BETA, ACT_THRESHOLD, STREAM_SINKS, STREAM_WINDOW
 from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
 from .shape import ModelShape
@@ -163,8 +164,10 @@ class Uniform(Edit):
 class Stream(Edit):
     """A streaming head (RazorAttention, DuoAttention): every row sees only the sequence's first
     ``sinks`` valid tokens and the ``window`` latest positions up to itself, at prefill and in
-    decoding. The policy is per KV head: ``heads`` must hold every query head of each KV head they
-    touch, so that KV head's cache needs only those entries."""
+    decoding; with ``compensate``, also RazorAttention's compensation token (the mean key and value
+    of the keys it no longer sees, weighted by their count). The policy is per KV head: ``heads``
+    must hold every query head of each KV head they touch, so that KV head's cache needs only those
+    entries."""
 
     kind: ClassVar[str] = "stream"
     stage: ClassVar[str] = "bias"
@@ -172,6 +175,12 @@ class Stream(Edit):
 
     sinks: int = setting(STREAM_SINKS, "first valid tokens every row keeps (attention sinks)", kind=Integer(0))
     window: int = setting(STREAM_WINDOW, "latest positions every row keeps, itself included", kind=Integer(1))
+    compensate: bool = setting(False, "the hidden keys come back as one compensation token (RazorAttention)",
+                               kind=Switch())
+
+    @property
+    def compensates(self) -> bool:
+        return self.compensate
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)
@@ -183,10 +192,19 @@ class Stream(Edit):
                             f"heads do (each KV head serves {group} query heads)")
 
     def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
+        keep = self._keep(at, logits.shape[-1]).to(logits.device)
+        return logits.masked_fill(~keep[:, None], torch.finfo(torch.float32).min)
+
+    def kept_keys(self, at: EditCall, n_key: int) -> torch.Tensor | None:
+        return None if self.compensate else self._keep(at, n_key)
+
+    def _keep(self, at: EditCall, n_key: int) -> torch.Tensor:
+        """``[B, Nq, Nk]``: the sinks (each row's first valid tokens) and the window."""
         valid = at.state.prompt_keys  # [B, N0]
         first = valid & (valid.cumsum(-1) <= self.sinks)
-        key_positions = at.call.key_start + torch.arange(logits.shape[-1])
-        return edits.streaming_logits(logits, at.keys(first), key_positions, at.rows, self.window)
+        key_positions = at.call.key_start + torch.arange(n_key)
+        return edits.streaming_keep(RequestState.in_call(first, at.call.key_start, n_key), key_positions, at.rows,
+                                    self.window)
 
 
 @register_edit

@@ -178,14 +178,13 @@ def uniform_logits(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.where(visible, torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
 
 
-def streaming_logits(logits: torch.Tensor, sink_keys: torch.Tensor, key_positions: torch.Tensor,
-                     rows: torch.Tensor, window: int) -> torch.Tensor:
-    """``logits [B, h, Nq, Nk]`` of streaming heads: a row at sequence position ``rows [Nq]`` keeps
-    the sink keys ``sink_keys [B, Nk]`` and the keys at positions ``key_positions [Nk]`` within
-    ``window`` of it (itself included); every other entry is hidden."""
+def streaming_keep(sink_keys: torch.Tensor, key_positions: torch.Tensor, rows: torch.Tensor,
+                   window: int) -> torch.Tensor:
+    """``[B, Nq, Nk]``: what a streaming head's row at sequence position ``rows [Nq]`` keeps: the
+    sink keys ``sink_keys [B, Nk]`` and the keys at positions ``key_positions [Nk]`` within ``window``
+    of it (itself included)."""
     recent = key_positions[None, :] > rows[:, None] - window  # [Nq, Nk]
-    keep = sink_keys[:, None, None, :] | recent[None, None]
-    return logits.masked_fill(~keep.to(logits.device), torch.finfo(torch.float32).min)
+    return sink_keys[:, None, :] | recent[None]
 
 
 # --- VHR: head reinforcement -------------------------------------------------------------

@@ -75,15 +75,21 @@ class StreamingLayer(DynamicLayer):
     """A full-attention cache layer whose ``streaming`` KV heads keep only their first ``keep_first``
     positions and their latest ``window``; the other KV heads keep every position. ``update`` returns
     ``[batch, kv_heads, positions, head_dim]`` keys and values with zeros where a streaming head's
-    entry was dropped (the :class:`~headlab.surgeon.Stream` edit hides those keys from it)."""
+    entry was dropped (the :class:`~headlab.surgeon.Stream` edit hides those keys from it).
 
-    def __init__(self, streaming: list[int], keep_first: int, window: int):
+    With ``compensate``, the layer also keeps the sum of the dropped keys and values and returns it
+    at the first dropped position: the sum over a row's hidden keys, which the compensation token
+    averages, is then the same as over the full keys (up to rounding), with one stored position."""
+
+    def __init__(self, streaming: list[int], keep_first: int, window: int, compensate: bool = False):
         super().__init__()
         self.streaming, self.keep_first, self.window = sorted(streaming), keep_first, window
+        self.compensate = compensate
         self.length = 0
         self.full: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, kv_full, length, D]
         self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, kv_stream, <= keep_first, D]
         self.recent: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, kv_stream, <= window, D]
+        self.dropped: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, kv_stream, 1, D] sums, when compensating
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -113,6 +119,8 @@ class StreamingLayer(DynamicLayer):
         stream = out[:, self.streaming]
         stream[..., :first.shape[-2], :] = first
         stream[..., self.length - recent.shape[-2]:, :] = recent
+        if self.dropped is not None:
+            stream[..., self.keep_first:self.keep_first + 1, :] = self.dropped[i]
         out[:, self.streaming] = stream
         return out
 
@@ -123,6 +131,9 @@ class StreamingLayer(DynamicLayer):
         self.first = tuple(t[..., :self.keep_first, :].clone() for t in stream)
         start = max(self.keep_first, self.length - self.window)
         self.recent = tuple(t[..., start:, :].clone() for t in stream)
+        if self.compensate and start > self.keep_first:  # the slot already holds the earlier drops' sum
+            self.dropped = tuple(t[..., self.keep_first:start, :].sum(-2, keepdim=True, dtype=torch.float32).to(t.dtype)
+                                 for t in stream)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -131,7 +142,8 @@ class StreamingLayer(DynamicLayer):
         """Bytes this layer holds between calls."""
         if not self.is_initialized or self.full is None:
             return 0
-        return sum(t.numel() * t.element_size() for part in (self.full, self.first, self.recent) for t in part)
+        parts = (self.full, self.first, self.recent) + ((self.dropped,) if self.dropped is not None else ())
+        return sum(t.numel() * t.element_size() for part in parts for t in part)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a streaming cache cannot be cropped (the dropped entries are gone)")
@@ -160,7 +172,8 @@ def streaming_cache(model, plan, attention_mask: torch.Tensor | None = None) -> 
     for layer, edits in by_layer.items():  # several edits on a layer: keep what the widest needs
         kv_heads = sorted({h // shape.group_size for edit in edits for h in edit.heads})
         keep_first = pads + max(edit.sinks for edit in edits)
-        cache.layers[layer] = StreamingLayer(kv_heads, keep_first, max(edit.window for edit in edits))
+        cache.layers[layer] = StreamingLayer(kv_heads, keep_first, max(edit.window for edit in edits),
+                                             any(edit.compensate for edit in edits))
     return cache
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,3 +157,21 @@ def write_readme_table() -> None:
 if __name__ == "__main__":
     write_readme_table()
     sys.stdout.write(family_table() + "\n")
+
+
+@contextmanager
+def patched_eager(model, wrap):
+    """The model on its family's eager attention, with ``eager_attention_forward`` replaced by
+    ``wrap(original)`` for the block."""
+    from headlab.surgeon.sites import attention_modules
+
+    module = sys.modules[type(attention_modules(model)[0]).__module__]
+    original = module.eager_attention_forward
+    previous = model.config._attn_implementation
+    module.eager_attention_forward = wrap(original)
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+        model.set_attn_implementation(previous)

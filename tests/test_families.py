@@ -4,15 +4,12 @@ eager attention (called in the same forward, so both see the same ``q, k``), and
 projection's input. Tolerances come from :mod:`bounds`.
 """
 
-import sys
-from contextlib import contextmanager
-
 import pytest
 import torch
 from bounds import U, entropy_tolerance, logit_error, probability_tolerance
 from conftest import eager_recorder
 from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model, family_table, output_projection,
-                      readme_table)
+                      patched_eager, readme_table)
 
 from headlab.sae.activations import head_outputs
 from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Stream, Taps, Uniform, UnsupportedModelError,
@@ -190,22 +187,6 @@ def test_cached_decoding_equals_the_recomputation_under_softmax_edits(name):
     choices[:, 0] = True
     own_noise = float((own_cached - own_full).abs().max())
     assert (cached - full).abs()[choices].max() <= 10 * own_noise + 1e-5, (own_noise, (cached - full).abs().max())
-
-
-@contextmanager
-def patched_eager(model, wrap):
-    """The model on its family's eager attention, with ``eager_attention_forward`` replaced by
-    ``wrap(original)`` for the block."""
-    module = sys.modules[type(attention_modules(model)[0]).__module__]
-    original = module.eager_attention_forward
-    previous = model.config._attn_implementation
-    module.eager_attention_forward = wrap(original)
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        module.eager_attention_forward = original
-        model.set_attn_implementation(previous)
 
 
 def zeroed_query_on_decode(model, layer, heads):
