@@ -227,17 +227,92 @@ def _stream_plan(args) -> int:
     claim_file(args.out, args.overwrite, "--out plan")
     config = common.model_config(args, causal=True, needs="a plan of streaming heads")
     shape = common.model_shape_of(config)
-    score = _chosen_score(args, shape)
-    from .probes.streaming import global_layers, streaming_plan
+    from .probes.scores import load_scores_file
+    from .probes.streaming import candidates, rule_ranking, streaming_plan
 
+    scores = load_scores_file(args.scores, shape) if args.scores else None
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
-    plan = streaming_plan(score, shape, settings, layer_types, model_id=args.model)
+    ranking = rule_ranking(args.score, scores, shape, layer_types, settings.seed)
+    plan = streaming_plan(ranking, shape, settings, model_id=args.model)
     plan.save(args.out)
-    candidates = len(global_layers(shape, layer_types)) * shape.n_kv_heads
+    total = len(candidates(shape, layer_types))
     streaming = sum(len(edit.heads) for edit in plan.edits) // shape.group_size
-    print(f"{candidates - streaming} of {candidates} KV heads of the global-attention layers keep the whole "
-          f"context (highest {args.score}); {streaming} stream with {settings.sinks} sink tokens and a "
-          f"{settings.window}-position window\nplan: {args.out}")
+    print(f"{total - streaming} of {total} KV heads of the global-attention layers keep the whole "
+          f"context (rule {args.score}); {streaming} stream with {settings.sinks} sink tokens and a "
+          f"{settings.window}-position window{' and a compensation token' if settings.compensate else ''}"
+          f"\nplan: {args.out}")
+    return 0
+
+
+def _merged_scores(paths: list[str], shape, rules: tuple[str, ...]) -> dict:
+    """The scores of several files, each checked against ``shape``. A name in two files with other
+    values is refused when a rule reads it (razor reads echo and razor_induction)."""
+    import torch
+
+    from .probes.scores import load_scores_file
+    from .probes.streaming import RAZOR_SCORES
+
+    merged: dict = {}
+    needed = {name for rule in rules for name in (RAZOR_SCORES if rule == "razor" else (rule,))}
+    for path in paths:
+        for name, score in load_scores_file(path, shape).items():
+            if name in merged and name in needed and not torch.equal(merged[name].values.nan_to_num(-1),
+                                                                     score.values.nan_to_num(-1)):
+                raise InputFileError(f"score {name!r} is in two --scores files with other values ({path} and an "
+                                     "earlier one); give it once")
+            merged.setdefault(name, score)
+    return merged
+
+
+def _stream_eval(args) -> int:
+    from .probes.settings import CompressionSettings
+
+    settings = common.settings(CompressionSettings, args)
+    out = Path(args.out)
+    check_folder(out, args.overwrite, "--out folder")
+    config = common.model_config(args, causal=True, needs="needle recall and perplexity")
+    shape = common.model_shape_of(config)
+    from .probes.compression import conditions, evaluate_compression, write_compression_page
+
+    scores = _merged_scores(args.scores, shape, settings.rules) if args.scores else None
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    conditions(shape, scores, settings, layer_types)  # a rule without its scores fails before the model loads
+    model, tokenizer = common.load_model_from(args)
+    from .surgeon.files import write_json
+
+    result = evaluate_compression(model, tokenizer, scores, settings, model_id=args.model)
+    claim_folder(out, ("compression.json", "compression.html"), args.overwrite, "--out folder")
+    write_json(out / "compression.json", result)
+    write_compression_page(result, out / "compression.html")
+    for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"], r["keep"])):
+        print(f"{row['length']:>6} {row['rule']:>12} keep {row['keep']:.0%}: recall {row['recall']:.2f} "
+              f"[{row['recall_ci'][0]:.2f}, {row['recall_ci'][1]:.2f}], perplexity {row['perplexity']:.2f}, "
+              f"KV {row['kv_bytes'] / 2**20:.1f} MiB")
+    print(f"written: {out / 'compression.json'} and compression.html")
+    return 0
+
+
+def _train_gates(args) -> int:
+    from .probes.settings import GateSettings
+
+    settings = common.settings(GateSettings, args)
+    out = Path(args.out)
+    check_folder(out, args.overwrite, "--out folder")
+    common.model_config(args, causal=True, needs="gate training")
+    model, tokenizer = common.load_model_from(args)
+    from .probes.duo import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
+
+    claim_folder(out, (STATE_FILE, GATES_FILE, PLAN_FILE), args.overwrite, "--out folder")
+    training = GateTraining(model, tokenizer, settings, out)
+    if training.step:
+        print(f"resuming from step {training.step} of {settings.steps} ({out / STATE_FILE})")
+    gates = training.run()
+    training.write(out, args.model)
+    kept = int((gates[list(training.layers)] >= 0.5).sum())
+    total = len(training.layers) * gates.shape[1]
+    print(f"{kept} of {total} KV heads have a gate of at least 0.5 (mean gate {float(gates[list(training.layers)].mean()):.3f}) "
+          f"after {training.step} steps in {training.seconds:.0f} s\nscores: {out / GATES_FILE} (score duo_gate)\n"
+          f"plan: {out / PLAN_FILE}")
     return 0
 
 
@@ -268,9 +343,10 @@ def _task_arguments(parser) -> None:
     common.add_settings(parser, TaskSettings)
 
 
-def _score_arguments(parser, what: str) -> None:
+def _score_arguments(parser, what: str, required: bool = True) -> None:
     """``--scores`` (a report's scores.json) and ``--score`` (one of its scores, default retrieval)."""
-    parser.add_argument("--scores", required=True, metavar="SCORES", help="a report's scores.json")
+    parser.add_argument("--scores", required=required, metavar="SCORES",
+                        help="a report's scores.json" + ("" if required else " (not needed by the random rule)"))
     parser.add_argument("--score", default="retrieval", help=f"{what} (default retrieval)")
 
 
@@ -284,7 +360,7 @@ def build_parser() -> common.Parser:
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
     from .probes.report_settings import ReportSettings
-    from .probes.settings import ValidationSettings, ViewSettings
+    from .probes.settings import CompressionSettings, GateSettings, ValidationSettings, ViewSettings
     from .surgeon.search.settings import CalibrationSettings, StreamingSettings
 
     report = sub.add_parser(
@@ -363,18 +439,55 @@ def build_parser() -> common.Parser:
     validate.set_defaults(run=_validate, interrupted=common.interrupted("nothing was written; run the command again"))
 
     stream = sub.add_parser(
-        "stream-plan", help="a plan that streams the KV heads a score ranks lowest (KV-cache compression)",
+        "stream-plan", help="a plan that streams the KV heads a rule ranks lowest (KV-cache compression)",
         description="Write a plan of streaming heads (RazorAttention, DuoAttention): the --keep fraction of the KV "
-                    "heads of the global-attention layers that the score ranks highest (a KV head scores the maximum "
-                    "of its query heads) keep the whole context; every other KV head of those layers sees only its "
-                    "first --sinks tokens and a --window of latest positions. Sliding-window layers are left as they "
-                    "are. Reads the model's config only. Apply the plan with 'headlab eval --plan' or "
-                    "Plan.load + attach.")
+                    "heads of the global-attention layers that the rule ranks highest keep the whole context; every "
+                    "other KV head of those layers sees only its first --sinks tokens and a --window of latest "
+                    "positions (and with --compensate one token standing for the positions it drops). Rules: a "
+                    "score of --scores (a KV head scores the maximum of its query heads), 'razor' (RazorAttention: "
+                    "the echo and razor_induction scores, one echo head for every 14 induction heads) or 'random' "
+                    "(seeded by --seed, the control). Sliding-window layers are left as they are. Reads the model's "
+                    "config only. Apply the plan with 'headlab eval --plan' or Plan.load + attach.")
     common.add_model_arguments(stream)
-    _score_arguments(stream, "the score that ranks the heads")
+    _score_arguments(stream, "the rule that ranks the heads: a score's name, razor or random", required=False)
     common.add_output_arguments(stream, "plan JSON to write")
     common.add_settings(stream, StreamingSettings)
     stream.set_defaults(run=_stream_plan, interrupted=common.interrupted("nothing was written"))
+
+    evaluation = sub.add_parser(
+        "stream-eval", help="needle recall, perplexity and KV-cache bytes of streaming-head plans, per rule and "
+                            "kept fraction",
+        description="Evaluate KV-cache compression by streaming heads: for every --rules selection rule and every "
+                    "--keeps fraction of KV heads that keep the whole context (the stream-plan of that rule), and for "
+                    "the unedited model, measure needle recall on held-out prompts of every --lengths (decoded on a "
+                    "cache that holds only what each head sees), perplexity on held-out windows of those lengths, and "
+                    "the cache's bytes. Writes compression.json and compression.html (the curves and a table). Cost: "
+                    "one prefill per prompt and condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and "
+                    "4 windows each, 16 conditions) take hours on two CPU cores.")
+    common.add_model_arguments(evaluation)
+    evaluation.add_argument("--scores", metavar="SCORES", action="append",
+                            help="a scores file (a report's scores.json, train-gates' gates.json) for the rules that "
+                                 "are scores, and razor; repeat to read several")
+    common.add_output_arguments(evaluation, "output folder (e.g. the report folder)")
+    common.add_settings(evaluation, CompressionSettings)
+    evaluation.set_defaults(run=_stream_eval, interrupted=common.interrupted("nothing was written; run it again"))
+
+    gates = sub.add_parser(
+        "train-gates", help="train DuoAttention's gates: which KV heads need the whole context",
+        description="Train DuoAttention's gate per KV head of the global-attention layers: each head's output mixes "
+                    "full and streaming attention (--sinks first tokens, --window latest positions) by its gate, and "
+                    "only the gates learn, on synthetic passkey samples built offline from --text-file, so that the "
+                    "final hidden states at the answer stay the unedited model's, with a penalty --lam on the mean "
+                    "gate. Writes gates.json (a scores file with the duo_gate score, for stream-plan and stream-eval) "
+                    "and plan.json (the KV heads with a gate of at least 0.5 keep the whole context). The training "
+                    "state is saved every --save-every steps; the same command resumes a killed run. Cost: one "
+                    "forward and backward of the sample per step; the published 2000 steps of 1,000-32,000 tokens "
+                    "take days on a CPU, so shorten --steps and --max-length there.")
+    common.add_model_arguments(gates)
+    common.add_output_arguments(gates, "output folder")
+    common.add_settings(gates, GateSettings)
+    gates.set_defaults(run=_train_gates, interrupted=common.interrupted(
+        "the training state saved last is kept; the same command resumes from it"))
 
     sae_cli.add_parser(sub)
     convert_cli.add_parser(sub)

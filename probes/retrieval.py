@@ -149,6 +149,18 @@ def stop_rule(tokenizer) -> StopRule:
     return stop
 
 
+def answer_stop(tokenizer, stop: StopRule, answer: str) -> StopRule:
+    """``stop``, and a stop once the whole ``answer`` is in the response's completed words (those
+    later tokens cannot change): ROUGE-1 recall cannot fall as the response grows, so the measures
+    are those of the full decoding (the response ends at the answer)."""
+    def stopped(generated: list[int]) -> bool:
+        if stop(generated):
+            return True
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        return rouge1_recall(re.sub(r"[A-Za-z0-9]+$", "", text), answer) >= 1
+    return stopped
+
+
 @torch.no_grad()
 def greedy_from_cache(model, cache, token: torch.Tensor, max_new_tokens: int, stop: StopRule | None,
                       after_step: Callable[[], None] | None = None) -> list[int]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..surgeon.settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, check_settings,
-                                setting)
+from ..surgeon.settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text,
+                                check_settings, setting)
+from ..surgeon.errors import HeadlabError
+from ..surgeon.search.settings import STREAM_SINKS, STREAM_WINDOW
 
 N_NEEDLES = 3  # needles of .needles: scoring ...
 N_HELDOUT_NEEDLES = 6  # ... and validation
@@ -128,6 +130,76 @@ class ValidationSettings:
 
     def __post_init__(self):
         check_settings(self)
+
+
+@dataclass
+class CompressionSettings:
+    """The evaluation of streaming-head plans (KV-cache compression): for every selection rule and
+    kept fraction of KV heads, needle recall on held-out prompts (:data:`~.needles.HELDOUT_NEEDLES`
+    in the held-out haystack, every needle at every length and depth), perplexity on held-out windows
+    of each length, and the KV-cache bytes after the prompt; the random rule is drawn ``random_sets``
+    times (seeds ``seed``, ``seed + 1``, ...)."""
+
+    rules: tuple[str, ...] = setting(("retrieval", "razor", "random"),
+                                     "selection rules: score names of --scores, razor (echo and razor_induction) or "
+                                     "random", kind=Items(Text()), flag="--rules")
+    keeps: tuple[float, ...] = setting((0.1, 0.25, 0.5), "fractions of KV heads that keep the whole context",
+                                       kind=Items(Number(0.0, 1.0)), flag="--keeps")
+    random_sets: int = setting(3, "random selections drawn per kept fraction", kind=Integer(1), flag="--random-sets")
+    lengths: tuple[int, ...] = setting((1024, 2048, 4096), "prompt and window lengths, in tokens",
+                                       kind=Items(Integer(128)), flag="--lengths")
+    depths: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "needle depths (0 = start of the haystack, 1 = end)",
+                                        kind=Items(Number(0.0, 1.0)), flag="--needle-depths")
+    n_needles: int = setting(4, "held-out needles hidden at each length and depth", kind=Integer(1, N_HELDOUT_NEEDLES),
+                             flag="--needles")
+    windows: int = setting(4, "held-out text windows per length for the perplexity", kind=Integer(1), flag="--windows")
+    sinks: int = setting(STREAM_SINKS, "first valid tokens a streaming head keeps", kind=Integer(0), flag="--sinks")
+    window: int = setting(STREAM_WINDOW, "latest positions a streaming head keeps, itself included", kind=Integer(1),
+                          flag="--window")
+    compensate: bool = setting(False, "streaming heads also keep RazorAttention's compensation token", kind=Switch(),
+                               flag="--compensate")
+    max_new_tokens: int = setting(32, "greedy tokens generated per answer", kind=Integer(1))
+    rouge_min: float = setting(0.5, "an answer is recalled when its ROUGE-1 recall exceeds this", kind=Number(0.0, 1.0))
+    prompt_style: str = setting("headlab", PROMPT_STYLE_HELP, kind=Choice(*PROMPT_STYLES), flag="--prompt-style")
+    text_path: str | None = setting(None, "haystack and perplexity text (default: held-out standard-library "
+                                          "docstrings)", kind=Maybe(ExistingFile()), flag="--text-file")
+    seed: int = setting(0, "seed of the first random selection and of the text windows", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+@dataclass
+class GateSettings:
+    """DuoAttention's gate training: a gate ``α`` per KV head of the global layers, starting at 1,
+    mixes full and streaming attention (``sinks`` first tokens, ``window`` latest positions); each
+    step is one synthetic passkey sample (``passkeys`` passkeys of ``passkey_words`` words at random
+    depths of a haystack, then the request to repeat them) of a length drawn from ``intervals``
+    lengths between ``min_length`` and ``max_length``; the loss is the MSE of the final hidden states
+    at the positions that predict the answer, against the unedited model's, plus ``lam·mean|α|``."""
+
+    steps: int = setting(2000, "training steps (one sample each)", kind=Integer(1), flag="--steps")
+    lr: float = setting(0.02, "Adam learning rate of the gates", kind=Number(0.0, low_open=True), flag="--lr")
+    lam: float = setting(0.05, "weight of the mean |α| penalty", kind=Number(0.0), flag="--lam")
+    min_length: int = setting(1000, "shortest sample, in tokens", kind=Integer(256), flag="--min-length")
+    max_length: int = setting(32000, "longest sample, in tokens (capped at the model's positions)", kind=Integer(256),
+                              flag="--max-length")
+    intervals: int = setting(50, "sample lengths between the shortest and the longest", kind=Integer(1),
+                             flag="--intervals")
+    passkeys: int = setting(10, "passkeys per sample", kind=Integer(1), flag="--passkeys")
+    passkey_words: int = setting(32, "words per passkey", kind=Integer(1), flag="--passkey-words")
+    sinks: int = setting(128, "first valid tokens the streaming attention keeps", kind=Integer(0), flag="--sinks")
+    window: int = setting(256, "latest positions the streaming attention keeps", kind=Integer(1), flag="--window")
+    save_every: int = setting(10, "steps between saves of the training state (a killed run resumes from it)",
+                              kind=Integer(1), flag="--save-every")
+    text_path: str | None = setting(None, "haystack text (default: the standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()), flag="--text-file")
+    seed: int = setting(0, "seed of the samples", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+        if self.min_length > self.max_length:
+            raise HeadlabError(f"--min-length {self.min_length} is above --max-length {self.max_length}")
 
 
 class HeadRef(Kind):

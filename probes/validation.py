@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from .corpus import load_text, token_windows
 from .masking import head_means, masking_plan, random_sets, top_heads
 from .masking_stats import summarize
 from .needles import HELDOUT_NEEDLES
-from .retrieval import NeedlePrompt, has_chat_template, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
+from .retrieval import (NeedlePrompt, answer_stop, greedy_from_cache, has_chat_template, needle_grid, rouge1_recall,
+                        stop_rule)
 from .scores import HeadScores
 from .settings import METRICS, MaskingSettings, ValidationSettings
 from .validation_file import CURVE_FORMAT, load_curves, write_curve_page
@@ -108,15 +108,8 @@ class NeedleTask:
                 "answer_logprob": logprob, "response": response}
 
     def _stop_for(self, prompt: NeedlePrompt):
-        """The stop rule, and a stop once the whole answer is in the response's completed words (those
-        later tokens cannot change): ROUGE-1 recall cannot fall as the response grows, so the
-        measures are those of the full decoding (the stored response ends at the answer)."""
-        def stop(generated: list[int]) -> bool:
-            if self.stop(generated):
-                return True
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            return rouge1_recall(re.sub(r"[A-Za-z0-9]+$", "", text), prompt.needle.answer) >= 1
-        return stop
+        """The stop rule, and a stop once the whole answer is in the response (:func:`.answer_stop`)."""
+        return answer_stop(self.tokenizer, self.stop, prompt.needle.answer)
 
     def _answer_logprob(self, prompt: NeedlePrompt, cache) -> float:
         answer = self.answer_ids(prompt)

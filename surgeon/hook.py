@@ -29,6 +29,7 @@ from .shape import ModelShape, model_shape, text_config
 from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
 from .plan import Plan, PlanError
 from .request import Request, RequestState, section_masks, span_mask
+from .mixing import StreamMix
 from .recorder import Recorder
 from .taps import Recording, Taps
 
@@ -44,8 +45,9 @@ class Session:
 
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
                  request: Request | None = None, splice: Mapping[int, Splice] | None = None,
-                 delegates: Mapping[int, Callable] | None = None):
+                 delegates: Mapping[int, Callable] | None = None, mixing: StreamMix | None = None):
         self.shape = shape
+        self.mixing = mixing
         self.splice = dict(splice or {})
         self.plan = plan
         self.gates = gates  # [n_layers, n_heads] multiplier on head outputs (may require grad)
@@ -81,7 +83,9 @@ class Session:
     def attend(self, module, query, key, value, attention_mask, kwargs):
         """Attention for one layer call: the model's own (or, where every head's statistics are
         recorded, the statistics op's output), then the layer's softmax-stage edits on their
-        heads, taps and output edits. Returns ``(out [B, Nq, H, D], weights or None)``."""
+        heads, taps and output edits. Edits that only hide keys (:meth:`~.edit.Edit.kept_keys`) narrow
+        the mask of the model's own attention instead, where no tap reads the layer's scores.
+        Returns ``(out [B, Nq, H, D], weights or None)``."""
         layer = module.layer_idx
         n_query, n_key = query.shape[-2], key.shape[-2]
         key_start = self._key_start(layer, n_query, n_key)
@@ -95,14 +99,19 @@ class Session:
         call = None
         if bias or redistribute or self.recorder.reads_scores(layer):
             call = AttentionCall.read(module, query, kwargs, key_start)
+        if any(edit.needs_prompt for edit in (*bias, *redistribute)):
+            self._fix_prompt(attention_mask, query, key, call)
+        kept = None if redistribute or self.recorder.reads_scores(layer) else editing.kept_keys(
+            layer, bias, self.state, self.request, call, n_query, n_key)
         weights = None
         out = self.recorder.stats(layer, query, key, value, attention_mask, call, module.training and
                                   bool(kwargs.get("dropout")))
-        if out is None:
+        if kept is not None:  # the edits only hide keys: the model's own attention on what each head keeps
+            bias = []
+            out = self._kept_attention(module, own, query, key, value, attention_mask, kwargs, call, kept)
+        elif out is None:
             out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
-        if any(edit.needs_prompt for edit in (*bias, *redistribute)):
-            self._fix_prompt(attention_mask, query, key, call)
         if bias or redistribute:
             heads, probs, head_out = editing.edited_attention(
                 layer, bias, redistribute, self.state, self.request, query, key, value, attention_mask, call,
@@ -112,6 +121,11 @@ class Session:
             out[:, :, list(heads)] = head_out
             edited, weights = (heads, probs), None
         self.recorder.attention(layer, query, key, attention_mask, call, edited)
+        if self.mixing is not None and layer in self.mixing.layers:
+            call = call or AttentionCall.read(module, query, kwargs, key_start)
+            key_valid, _, _ = self.recorder.decomposed_mask(attention_mask, query, key, call)
+            out = self.mixing.mix(layer, own, module, query, key, value, attention_mask, kwargs, out, key_valid,
+                                  self.shape.group_size)
         out = self.apply_output_edits(layer, out, torch.arange(n_query) + key_start + n_key - n_query)
         if layer in self.splice:
             replaced = self.splice[layer](out)
@@ -121,6 +135,16 @@ class Session:
             out = replaced.to(out.dtype)
         self.recorder.head_output(layer, out)
         return out, weights
+
+    def _kept_attention(self, module, own, query, key, value, attention_mask, kwargs, call, kept) -> torch.Tensor:
+        """Blocked over each edit's kept keys; a module with learned sinks (per-head parameters of the
+        attention function) runs once under the narrowed mask instead."""
+        if getattr(module, "sinks", None) is None:
+            return editing.attention_with_kept_keys(own, module, query, key, value, attention_mask, kwargs, call,
+                                                    kept, self.shape.group_size)
+        narrowed = attention_math.narrowed_mask(attention_mask, editing.kept_mask(kept, query.shape[1]),
+                                                query.shape[-2], key.shape[-2], call.is_causal, call.window)
+        return own(module, query, key, value, narrowed, **kwargs)[0]
 
     def apply_output_edits(self, layer: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The plan's output-stage edits times the gates, on ``out [B, Nq, H, D]`` whose rows sit at
@@ -135,7 +159,8 @@ class Session:
     def _touches(self, layer: int) -> bool:
         """Whether this session edits, gates, splices or records anything on ``layer``."""
         return (self.gates is not None or layer in self.plan.layers() or layer in self.splice
-                or layer in self.taps.head_outputs or self.recorder.reads_scores(layer))
+                or layer in self.taps.head_outputs or self.recorder.reads_scores(layer)
+                or (self.mixing is not None and layer in self.mixing.layers))
 
     def _key_start(self, layer: int, n_query: int, n_key: int) -> int:
         """Sequence position of this call's first key. A call with as many queries as keys starts
@@ -215,13 +240,14 @@ def register(base: str) -> str:
     return name
 
 
-def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice) -> None:
+def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice, mixing: StreamMix | None) -> None:
     """Layers converted to linear attention never call the attention interface: an edit, tap,
     gate or splice there would be silently ignored, so it is refused."""
     converted = {m.layer_idx for m in modules if isinstance(m, LinearAttention)}
     if not converted:
         return
     touched = plan.layers() | set(taps.attention) | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
+    touched |= set(mixing.layers) if mixing is not None else set()
     if gates is not None:
         touched |= converted
     clash = sorted(touched & converted)
@@ -261,6 +287,7 @@ def attach(
     gates: torch.Tensor | None = None,
     request: Request | None = None,
     splice: Mapping[int, Splice] | None = None,
+    mixing: StreamMix | None = None,
 ) -> Iterator[Session]:
     """Run ``model`` through the headlab attention function inside the block.
 
@@ -269,7 +296,8 @@ def attach(
     gradient importance); ``request``: spans and references the edits read; ``splice``:
     layer -> function replacing that layer's per-head outputs ``[B, N, H, D]`` (after the
     plan's output edits, before ``o_proj`` and the head-output taps), e.g. a sparse
-    autoencoder's reconstruction. The previous attention implementation is restored on exit.
+    autoencoder's reconstruction; ``mixing``: DuoAttention's gates (:class:`~.mixing.StreamMix`),
+    applied before the output edits. The previous attention implementation is restored on exit.
     Layers the session leaves alone run the model's own implementation, unchanged.
     """
     require_attention_interface(model)
@@ -287,11 +315,14 @@ def attach(
     bad = [layer for layer in splice or {} if not 0 <= layer < shape.n_layers]
     if bad:
         raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
-    _refuse_converted_layers(modules, plan, taps, gates, splice)
+    _refuse_converted_layers(modules, plan, taps, gates, splice, mixing)
     base = text_config(model.config)._attn_implementation
     delegates = {m.layer_idx: own_attention(base, m) for m in modules if not isinstance(m, LinearAttention)}
     name = register(base)
-    session = Session(shape, plan, taps, gates, request, splice, delegates)
+    if mixing is not None and tuple(mixing.alphas.shape) != (shape.n_layers, shape.n_kv_heads):
+        raise PlanError(f"gate mixing needs alphas of shape {(shape.n_layers, shape.n_kv_heads)}, "
+                        f"got {tuple(mixing.alphas.shape)}")
+    session = Session(shape, plan, taps, gates, request, splice, delegates, mixing)
     hooks = _residual_hooks(model, plan, session)
     try:
         for module in modules:

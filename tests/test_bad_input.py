@@ -55,6 +55,8 @@ def sandbox(tmp_path_factory):
     values = torch.rand(30, 9)
     score = HeadScores("retrieval", values, torch.ones(30, 9), SMOL).to_dict()
     (d / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": score}}))
+    (d / "scores_other.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": {
+        **score, "values": [[v + 1 for v in row] for row in score["values"]]}}}))
     (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
     (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
@@ -206,9 +208,53 @@ CLI_CASES = [
     (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/s.json --window 0", "--window"),
     (f"stream-plan {SMOL} --scores {{d}}/missing.json --out {{d}}/s.json", "does not exist"),
     (f"stream-plan {SMOL} --scores {{d}}/scores_shape.json --out {{d}}/s.json", "layers x heads"),
-    (f"stream-plan {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/s.json", "has no score 'nope'"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/s.json", "has no score(s) nope"),
     (f"stream-plan {SMOL} --scores {{d}}/scores.json --out {{d}}/user.txt", "headlab did not write"),
     ("stream-plan minilm-l6 --scores {d}/scores.json --out {d}/s.json", "not a causal language model"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores.json --score razor --out {{d}}/s.json",
+     "has no score(s) echo, razor_induction"),
+    (f"stream-plan {SMOL} --out {{d}}/s.json", "needs a scores file with retrieval"),
+    (f"stream-plan {SMOL} --score random --compensate --seed -1 --out {{d}}/s.json", "--seed"),
+    # stream-eval
+    (f"stream-eval {SMOL} --out {{d}}/e --rules razor --scores {{d}}/scores.json", "echo, razor_induction"),
+    (f"stream-eval {SMOL} --out {{d}}/e", "needs a scores file with retrieval"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random,random", "repeats"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --keeps 1.5", "--keeps"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --random-sets 0", "--random-sets"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --lengths 64", "--lengths"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --needle-depths 2", "--needle-depths"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --needles 9", "--needles"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --windows 0", "--windows"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --window 0 --compensate", "--window"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --sinks -1", "--sinks"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --prompt-style chat", "--prompt-style"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --text-file {{d}}/missing.txt", "does not exist"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --seed -2", "--seed"),
+    (f"stream-eval {SMOL} --out {{d}}/e --scores {{d}}/missing.json", "does not exist"),
+    (f"stream-eval {SMOL} --out {{d}}/e --scores {{d}}/scores_shape.json", "layers x heads"),
+    (f"stream-eval {SMOL} --out {{d}}/e --scores {{d}}/scores.json --scores {{d}}/scores_other.json",
+     "in two --scores files"),
+    (f"stream-eval {SMOL} --out {{d}}/user.txt --rules random", "user.txt"),
+    (f"stream-eval {SMOL} --out {{d}}/e --rules random --max-memory lots", "--max-memory"),
+    ("stream-eval minilm-l6 --out {d}/e --rules random", "not a causal language model"),
+    # train-gates
+    (f"train-gates {SMOL} --out {{d}}/g --steps 0", "--steps"),
+    (f"train-gates {SMOL} --out {{d}}/g --lr 0", "--lr"),
+    (f"train-gates {SMOL} --out {{d}}/g --lam -1", "--lam"),
+    (f"train-gates {SMOL} --out {{d}}/g --min-length 8", "--min-length"),
+    (f"train-gates {SMOL} --out {{d}}/g --max-length 100", "--max-length"),
+    (f"train-gates {SMOL} --out {{d}}/g --min-length 4000 --max-length 2000", "above --max-length"),
+    (f"train-gates {SMOL} --out {{d}}/g --intervals 0", "--intervals"),
+    (f"train-gates {SMOL} --out {{d}}/g --passkeys 0", "--passkeys"),
+    (f"train-gates {SMOL} --out {{d}}/g --passkey-words 0", "--passkey-words"),
+    (f"train-gates {SMOL} --out {{d}}/g --sinks -1", "--sinks"),
+    (f"train-gates {SMOL} --out {{d}}/g --window 0", "--window"),
+    (f"train-gates {SMOL} --out {{d}}/g --save-every 0", "--save-every"),
+    (f"train-gates {SMOL} --out {{d}}/g --text-file {{d}}/missing.txt", "does not exist"),
+    (f"train-gates {SMOL} --out {{d}}/g --seed -1", "--seed"),
+    (f"train-gates {SMOL} --out {{d}}/precious", "headlab did not write"),
+    (f"train-gates {SMOL} --out {{d}}/g --max-memory lots", "--max-memory"),
+    ("train-gates minilm-l6 --out {d}/g", "not a causal language model"),
     # sae train
     (f"sae train {SMOL} --out {{d}}/s --layer x", "--layer"),
     (f"sae train {SMOL} --out {{d}}/s --layer 40", "outside 0..29"),

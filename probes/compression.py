@@ -1,0 +1,179 @@
+"""The evaluation of KV-cache compression by streaming heads: for each selection rule (a score's
+ranking, RazorAttention's echo ∪ induction, random heads as the control) and each kept fraction of
+KV heads, the plan of :mod:`.streaming` is measured on
+
+- needle recall on held-out prompts of each length (every held-out needle at every depth), decoded
+  greedily on the streaming cache (:func:`~headlab.surgeon.kv_cache.streaming_cache`), which holds
+  only what each head sees;
+- perplexity on held-out text windows of each length;
+- the KV-cache bytes held after each prompt.
+
+The unedited model is measured the same way (rule ``full``). Recall intervals are 95% bootstrap
+intervals over the prompts; the random rule's per-prompt value is the mean over its draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..surgeon import Plan, attach, model_shape
+from ..surgeon.kv_cache import cache_bytes, streaming_cache
+from ..surgeon.search.settings import StreamingSettings
+from .corpus import load_text, token_windows
+from .masking_stats import CONFIDENCE
+from .needles import HELDOUT_NEEDLES
+from .retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
+from .scores import HeadScores
+from .settings import CompressionSettings
+from .streaming import candidates, full_kv_heads, rule_ranking, streaming_plan
+
+COMPRESSION_FORMAT = "headlab-compression/1"
+FULL = "full"  # the unedited model's rule name
+RESAMPLES = 2000
+
+
+def conditions(shape, scores: dict[str, HeadScores] | None, settings: CompressionSettings,
+               layer_types: list[str] | None = None, model_id: str | None = None) -> list[dict]:
+    """Every measured condition: ``{"rule", "keep", "draw", "plan", "full_heads"}``, the unedited
+    model first. Raises before any model work when a rule's scores are missing."""
+    out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "full_heads": len(candidates(shape, layer_types))}]
+    for rule in settings.rules:
+        for draw in range(settings.random_sets if rule == "random" else 1):
+            ranking = rule_ranking(rule, scores, shape, layer_types, settings.seed + draw)
+            for keep in settings.keeps:
+                stream = StreamingSettings(keep=keep, sinks=settings.sinks, window=settings.window,
+                                           compensate=settings.compensate)
+                out.append({"rule": rule, "keep": keep, "draw": draw if rule == "random" else None,
+                            "plan": streaming_plan(ranking, shape, stream, model_id),
+                            "full_heads": len(full_kv_heads(ranking, keep)[0])})
+    return out
+
+
+@torch.no_grad()
+def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: CompressionSettings, stop) -> dict:
+    """One prompt under ``plan`` on its streaming cache: the response's ROUGE-1 recall, whether it
+    counts as recalled, and the cache's bytes after the prompt."""
+    with attach(model, plan):
+        cache = streaming_cache(model, plan)
+        cache = model(input_ids=prompt.input_ids[:, :-1], past_key_values=cache, use_cache=True).past_key_values
+        kv_bytes = cache_bytes(cache)
+        generated = greedy_from_cache(model, cache, prompt.input_ids[:, -1:], settings.max_new_tokens,
+                                      answer_stop(tokenizer, stop, prompt.needle.answer))
+    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    recall = rouge1_recall(response, prompt.needle.answer)
+    return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
+            "response": response}
+
+
+@torch.no_grad()
+def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
+    """Mean next-token cross-entropy (nats) of ``window [1, n]`` under ``plan``."""
+    with attach(model, plan):
+        return float(model(input_ids=window, labels=window, use_cache=False).loss)
+
+
+def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
+                         settings: CompressionSettings | None = None, model_id: str | None = None,
+                         progress: bool = True) -> dict:
+    """Measure every condition at every length (see the module docstring); returns the JSON-ready
+    result with per-prompt values and the summary per rule, kept fraction and length."""
+    settings = settings or CompressionSettings()
+    shape = model_shape(model)
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    measured = conditions(shape, scores, settings, layer_types, model_id)
+    haystack = load_text(settings.text_path, heldout=True)
+    stop = stop_rule(tokenizer)
+    runs = []
+    bar = tqdm(total=len(settings.lengths) * len(measured), desc="compression", unit="condition",
+               disable=not progress)
+    for length in settings.lengths:
+        prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
+                              settings.prompt_style)
+        windows = token_windows(tokenizer, haystack, settings.windows, length, settings.seed)
+        for condition in measured:
+            started = time.perf_counter()
+            needles = [needle_run(model, tokenizer, p, condition["plan"], settings, stop) for p in prompts]
+            losses = [window_loss(model, w, condition["plan"]) for w in windows]
+            runs.append({"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
+                         "full_heads": condition["full_heads"], "length": length, "needles": needles,
+                         "losses": losses, "seconds": time.perf_counter() - started})
+            bar.update(1)
+    bar.close()
+    return {"format": COMPRESSION_FORMAT, "model_id": model_id, "settings": _settings_dict(settings),
+            "kv_heads": len(candidates(shape, layer_types)),
+            "items": [{"needle": HELDOUT_NEEDLES.index(p.needle), "depth": p.depth} for p in prompts],
+            "runs": runs, "summary": summarize_runs(runs, settings.seed)}
+
+
+def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
+    """Per (rule, keep, length): recall mean and interval, ROUGE-1, perplexity, KV bytes (mean over
+    prompts, and as a fraction of the unedited model's), wall seconds; the draws of a rule pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["rule"], run["keep"], run["length"]), []).append(run)
+    full_bytes = {run["length"]: np.mean([n["kv_bytes"] for n in run["needles"]]) for run in runs
+                  if run["rule"] == FULL}
+    rows = []
+    for (rule, keep, length), draws in groups.items():
+        recalled = np.mean([[n["recalled"] for n in d["needles"]] for d in draws], axis=0)  # per prompt
+        kv_bytes = float(np.mean([n["kv_bytes"] for d in draws for n in d["needles"]]))
+        loss = float(np.mean([x for d in draws for x in d["losses"]]))
+        rows.append({"rule": rule, "keep": keep, "length": length, "draws": len(draws),
+                     "full_heads": draws[0]["full_heads"], "recall": float(recalled.mean()),
+                     "recall_ci": _interval(recalled, seed),
+                     "rouge1_recall": float(np.mean([n["rouge1_recall"] for d in draws for n in d["needles"]])),
+                     "loss": loss, "perplexity": math.exp(loss), "kv_bytes": kv_bytes,
+                     "kv_fraction": kv_bytes / full_bytes[length] if length in full_bytes else None,
+                     "seconds": float(sum(d["seconds"] for d in draws))})
+    return rows
+
+
+def _interval(values: np.ndarray, seed: int) -> list[float]:
+    """Percentile bootstrap interval (:data:`~.masking_stats.CONFIDENCE`) of the mean of ``values``."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(RESAMPLES, len(values)))].mean(1)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
+
+
+def _settings_dict(settings: CompressionSettings) -> dict:
+    import dataclasses
+
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(settings).items()}
+
+
+
+
+def write_compression_page(result: dict, path: str | Path) -> Path:
+    """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
+    from ..surgeon.escaping import html_text
+    from ..surgeon.files import GENERATOR_META, write_text
+    from . import views
+
+    title = html_text(f"KV-cache compression: {result.get('model_id') or 'model'}")
+    header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
+              "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
+    lines = []
+    for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"] != FULL, r["rule"], r["keep"])):
+        share = "" if row["kv_fraction"] is None else f" ({row['kv_fraction']:.0%})"
+        lines.append(f"<tr><td>{html_text(row['rule'])}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
+                     f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
+                     f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
+                     f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
+    figure = views.compression_figure(result).to_html(include_plotlyjs=True, full_html=False)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+            f"<h1>{title}</h1>{figure}<table>{header}{''.join(lines)}</table></body></html>")
+    return write_text(path, page)
+
+
+__all__ = ["COMPRESSION_FORMAT", "FULL", "conditions", "evaluate_compression", "needle_run", "summarize_runs",
+           "window_loss", "write_compression_page"]
