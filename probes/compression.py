@@ -14,6 +14,7 @@ intervals over the prompts; the random rule's per-prompt value is the mean over 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -23,8 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
+from ..surgeon.errors import InputFileError
+from ..surgeon.files import read_text_file
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.search.settings import StreamingSettings
+from ..surgeon.settings import Integer, Items, Kind, Maybe, Number, Text, check_object
 from .corpus import load_text, token_windows
 from .masking_stats import CONFIDENCE
 from .needles import HELDOUT_NEEDLES
@@ -134,6 +138,31 @@ def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
+_ROW = {"rule": Text(), "keep": Number(0.0, 1.0), "length": Integer(1), "draws": Integer(1), "full_heads": Integer(0),
+        "recall": Number(0.0, 1.0), "recall_ci": Items(Number(0.0, 1.0), unique=False, min_items=2),
+        "rouge1_recall": Number(0.0, 1.0), "loss": Number(), "perplexity": Number(0.0), "kv_bytes": Number(0.0),
+        "kv_fraction": Maybe(Number(0.0)), "seconds": Number(0.0)}
+
+
+def load_compression(folder: str | Path) -> dict | None:
+    """The evaluation in ``folder / compression.json`` (None when there is none), checked: a damaged
+    or foreign file is one :class:`InputFileError` naming it."""
+    path = Path(folder) / "compression.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(read_text_file(path, "compression evaluation"))
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{path} is not JSON ({err.msg}); move it away or run stream-eval again") from None
+    if not isinstance(data, dict) or data.get("format") != COMPRESSION_FORMAT:
+        raise InputFileError(f"{path} is not a compression evaluation of this headlab (format {COMPRESSION_FORMAT})")
+    check_object(data, str(path), {"format": Text(), "summary": Items(Kind(), unique=False, min_items=0)},
+                 {"model_id": Maybe(Text()), "settings": Kind(), "kv_heads": Integer(0), "items": Kind(),
+                  "runs": Kind()})
+    data["summary"] = [check_object(row, f"{path}: summary row {i}", _ROW) for i, row in enumerate(data["summary"])]
+    return data
+
+
 def _interval(values: np.ndarray, seed: int) -> list[float]:
     """Percentile bootstrap interval (:data:`~.masking_stats.CONFIDENCE`) of the mean of ``values``."""
     rng = np.random.default_rng(seed)
@@ -175,5 +204,5 @@ def write_compression_page(result: dict, path: str | Path) -> Path:
     return write_text(path, page)
 
 
-__all__ = ["COMPRESSION_FORMAT", "FULL", "conditions", "evaluate_compression", "needle_run", "summarize_runs",
-           "window_loss", "write_compression_page"]
+__all__ = ["COMPRESSION_FORMAT", "FULL", "conditions", "evaluate_compression", "load_compression", "needle_run",
+           "summarize_runs", "window_loss", "write_compression_page"]

@@ -25,6 +25,8 @@ from . import views
 from .corpus import load_text, token_windows
 from .score_families import FamilyInputs, requested_families
 from .report_settings import ReportSettings
+from .atlas_page import atlas_section, load_atlas
+from .compression import load_compression
 from .validation_file import load_curves
 from .record import AttentionRecord, record_attention, record_statistics
 from .view_data import ViewData, view_data_from_record
@@ -43,8 +45,9 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     """Score every head of ``model`` and write the report folder; returns the path of report.html.
 
     The folder must be new, empty or hold only headlab's files (``overwrite``: anything; only the
-    report's own files are replaced). Masking curves already in it (``validation-*.json``) are
-    read, and checked, before any scoring. Score families that do not apply to the model (the
+    report's own files are replaced). Masking curves (``validation-*.json``), a compression
+    evaluation (``compression.json``) and a head atlas (``atlas.json``) already in it are read, and
+    checked, before any scoring. Score families that do not apply to the model (the
     decoder-only ones on an encoder) are listed in ``scores.json`` under ``"skipped"``.
 
     scores.json and scores.csv are rewritten after each sample, so a run that stops halfway keeps
@@ -57,9 +60,11 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     settings = settings or ReportSettings()
     rank, world = rank_and_world()
     out_dir = Path(out_dir)
+    curves = load_curves(out_dir)  # checked before anything is written
+    compression = load_compression(out_dir)
+    atlas = load_atlas(out_dir)
     if rank == 0:
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
-    curves = load_curves(out_dir)
     causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
@@ -94,7 +99,8 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     viewed = _view_heads(scores, settings.n_views)
     write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
     report = out_dir / "report.html"
-    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves, pages))
+    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves, pages, compression,
+                                    atlas))
     return report
 
 
@@ -214,7 +220,7 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 
 def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
                  viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict],
-                 pages: dict[str, str | None]) -> str:
+                 pages: dict[str, str | None], compression: dict | None = None, atlas: dict | None = None) -> str:
     group = model_shape(model).group_size
     view_ids = {(l, h): element_id("view", f"L{l}", f"H{h}") for l, h, _ in viewed}
     parts = [
@@ -226,7 +232,9 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         *(f"<dt>{html_text(k)}</dt><dd>{html_text(v)}</dd>" for k, v in provenance.items()),
         "</dl><nav><b>Scores:</b> ",
         " · ".join(f"<a href='#{element_id('score', n)}'>{html_text(n)}</a>" for n in scores),
-        " · <a href='#masking'>masking validation</a> · <a href='#views'>attention views</a>",
+        " · <a href='#masking'>masking validation</a> · <a href='#compression'>KV-cache compression</a>"
+        " · <a href='#atlas'>head atlas</a>"
+        " · <a href='#views'>attention views</a>",
         " · <a href='views.html'>interactive view of every head (views.html)</a></nav>",
     ]
     for name, score in scores.items():
@@ -248,6 +256,8 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         parts.append(views.figure_div(views.masking_figure(curve), "masking", curve["score"]))
         parts.append(_masking_table(curve))
     parts.append("</section>")
+    parts.append(_compression_section(compression))
+    parts.append(atlas_section(atlas))
     parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
                  f"{len(data.tokens)} tokens)</h2>")
     for layer, head, reason in viewed:
@@ -260,6 +270,19 @@ def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: V
         ]
     parts.append("</section></body></html>")
     return "\n".join(parts)
+
+
+def _compression_section(compression: dict | None) -> str:
+    """The curves of ``compression.json`` when the folder has one, else how to make it."""
+    head = "<section id='compression'><h2>KV-cache compression by streaming heads</h2>"
+    if compression is None:
+        return (head + "<p>No compression evaluation in this folder yet: run <code>headlab stream-eval MODEL "
+                "--scores scores.json --rules retrieval,random --out .</code> here (add <code>--scores razor</code> "
+                "to the report for the razor rule), then write the report again.</p></section>")
+    return (head + "<p>Needle recall and perplexity against the fraction of KV heads that keep the whole context, "
+            "per selection rule; the table and every prompt's response are in <a href='compression.html'>"
+            "compression.html</a> and compression.json.</p>"
+            + views.figure_div(views.compression_figure(compression), "compression") + "</section>")
 
 
 def _method_paragraph(page: str | None) -> str:

@@ -71,7 +71,9 @@ def report_folder(tmp_path_factory):
     out = root / "report"
     out.mkdir()
     (out / f"validation-{'x'}.json").write_text(json.dumps(hostile_curve(PAYLOADS[0])))
-    (out / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["validation-x.json"]}))
+    (out / "compression.json").write_text(json.dumps(hostile_compression(PAYLOADS[5], PAYLOADS[6])))
+    (out / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
+                                                         "entries": ["validation-x.json", "compression.json"]}))
     text = root / "tx<b>'\"t.txt"
     text.write_text((HOSTILE + " words of text ") * 8)
     settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, text_path=str(text), n_views=2, scores=("induction",))
@@ -86,6 +88,7 @@ def test_report_page_runs_nothing(browser, report_folder):  # noqa: F811
     assert PAYLOADS[0] in body and PAYLOADS[1] in body  # the model id and file name, shown as text
     assert page.locator(".plotly-graph-div").count() >= 3  # the masking curve of the hostile score renders
     assert page.locator("#masking table td", has_text=PAYLOADS[3]).count() == 2  # the measure name, per K
+    assert page.locator("#compression .plotly-graph-div").count() == 1  # the hostile rule's curve renders
 
 
 def test_report_views_page_runs_nothing(browser, report_folder):  # noqa: F811
@@ -127,3 +130,24 @@ def test_dashboard_runs_nothing(browser, tmp_path):  # noqa: F811
     page, errors = load(browser, path)
     assert_inert(page, errors)
     assert PAYLOADS[0] in page.title()
+
+
+def hostile_compression(rule: str, model_id: str) -> dict:
+    """A compression evaluation whose rule name and model id are hostile."""
+    def row(name, keep, recall):
+        return {"rule": name, "keep": keep, "length": 1024, "draws": 1, "full_heads": 9, "recall": recall,
+                "recall_ci": [recall - 0.1, recall + 0.1], "rouge1_recall": recall, "loss": 2.0, "perplexity": 7.4,
+                "kv_bytes": 2**20 * keep, "kv_fraction": keep, "seconds": 3.0}
+    return {"format": "headlab-compression/1", "model_id": model_id, "settings": {}, "kv_heads": 90, "items": [],
+            "runs": [], "summary": [row("full", 1.0, 0.6), row(rule, 0.1, 0.3), row(rule, 0.5, 0.5)]}
+
+
+def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
+    from headlab.probes.compression import write_compression_page
+
+    path = write_compression_page(hostile_compression(PAYLOADS[1], PAYLOADS[0]), tmp_path / "compression.html")
+    page, errors = load(browser, path)
+    assert_inert(page, errors)
+    assert PAYLOADS[0] in page.title()
+    assert page.locator("table td", has_text=PAYLOADS[1]).count() == 2  # the rule, shown as text in its rows
+    assert page.locator(".plotly-graph-div").count() == 1
