@@ -8,6 +8,7 @@ this module costs no torch, so ``--help`` and argument errors answer at once.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def _report(args) -> int:
     settings = common.settings(ReportSettings, args)
     check_folder(args.out, args.overwrite, "--out report folder")
     load_curves(args.out)
+    from .probes.atlas_page import load_atlas
+    from .probes.compression import load_compression
+
+    load_compression(args.out)
+    load_atlas(args.out)
     config = common.model_config(args)
     _check_window_fits(config, settings.n_tokens, "--tokens")
     from .surgeon.models import is_causal_lm
@@ -316,6 +322,58 @@ def _train_gates(args) -> int:
     return 0
 
 
+def _atlas(args) -> int:
+    from .probes.settings import AtlasSettings
+
+    settings = common.settings(AtlasSettings, args)
+    if args.compare and args.model2:
+        raise HeadlabError("compare with a second model or with a plan (--compare), not both")
+    out = Path(args.out)
+    check_folder(out, args.overwrite, "--out folder")
+    config = common.model_config(args)
+    shape = common.model_shape_of(config)
+    _check_window_fits(config, settings.tokens, "--tokens")
+    if args.model2:
+        common.model_config(args, spec=args.model2)
+    from .probes.scores import load_scores_file
+    from .surgeon.plan import Plan
+
+    scores = load_scores_file(args.scores, shape) if args.scores else {}
+    plan = Plan.load(args.compare) if args.compare else None
+    if plan is not None:
+        plan.validate(shape)
+    from .probes.atlas import atlas_document, build_atlas, describe_heads
+    from .probes.atlas_page import write_atlas_page
+    from .probes.corpus import load_text, token_windows
+    from .surgeon.files import write_json
+
+    text = load_text(settings.text_path)
+    sets, labels = [], []
+    for spec in [args.model] + ([args.model2] if args.model2 else []):
+        model, tokenizer = common.load_model_from(args, spec)
+        windows = token_windows(tokenizer, text, settings.samples, settings.tokens, settings.seed)
+        sets.append(describe_heads(model, windows, label=spec))
+        labels.append(spec)
+        if plan is not None:
+            sets.append(describe_heads(model, windows, plan, label="with the plan"))
+            labels.append(f"{spec} with {Path(args.compare).name}")
+    atlas = build_atlas(sets, [scores] + [{}] * (len(sets) - 1), settings.clusters, settings.seed)
+    doc = atlas_document(atlas, labels, {**dataclasses.asdict(settings), "compare": args.compare})
+    claim_folder(out, ("atlas.json", "atlas.html"), args.overwrite, "--out folder")
+    write_json(out / "atlas.json", doc)
+    write_atlas_page(doc, out / "atlas.html")
+    for row in doc["cluster_table"]:
+        print(f"{row['name']}: {row['size']} heads, e.g. "
+              + ", ".join(f"L{l}.H{h}" for _, l, h in row["examples"][:3]))
+    moved = atlas.displacement()
+    if moved is not None:
+        top = sorted(((float(moved[l, h]), l, h) for l in range(moved.shape[0]) for h in range(moved.shape[1])),
+                     reverse=True)[:5]
+        print("moved most: " + ", ".join(f"L{l}.H{h} ({d:.2f})" for d, l, h in top))
+    print(f"written: {out / 'atlas.json'} and atlas.html")
+    return 0
+
+
 def _validation_lines(curve: dict) -> str:
     """A few lines of the result: per measure and K the means and both p-values."""
     lines = [f"{curve['metric']}, {curve['mode']} masking: {curve['n_used']} of {curve['n_items']} items used"]
@@ -360,7 +418,7 @@ def build_parser() -> common.Parser:
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
     from .probes.report_settings import ReportSettings
-    from .probes.settings import CompressionSettings, GateSettings, ValidationSettings, ViewSettings
+    from .probes.settings import AtlasSettings, CompressionSettings, GateSettings, ValidationSettings, ViewSettings
     from .surgeon.search.settings import CalibrationSettings, StreamingSettings
 
     report = sub.add_parser(
@@ -488,6 +546,24 @@ def build_parser() -> common.Parser:
     common.add_settings(gates, GateSettings)
     gates.set_defaults(run=_train_gates, interrupted=common.interrupted(
         "the training state saved last is kept; the same command resumes from it"))
+
+    atlas = sub.add_parser(
+        "atlas", help="every head's attention pattern in one map, clustered; compare two models or a plan",
+        description="Describe every head of MODEL by its attention pattern on --samples windows of text (mass by "
+                    "distance in log-spaced bins, first-token and hidden-sink mass, the distribution of row "
+                    "entropies, a 32x32 pooled map), embed all heads in 2D (a small autoencoder, PCA and t-SNE), "
+                    "cluster them (k-means on the autoencoder's code) and name each cluster by its dominant "
+                    "pattern. With MODEL2, or with --compare PLAN (the same model before and after the plan), both "
+                    "share one embedding; with a plan each head's move is drawn. Writes atlas.json and atlas.html "
+                    "(hover a head for its pooled map; with views.html beside it, click to open the head there). "
+                    "Written into a report folder, the report shows the atlas too.")
+    common.add_model_arguments(atlas)
+    atlas.add_argument("model2", nargs="?", metavar="MODEL2", help="a second model to embed with the first")
+    atlas.add_argument("--compare", metavar="PLAN", help="a plan file: embed MODEL before and after it")
+    atlas.add_argument("--scores", metavar="SCORES", help="a report's scores.json of MODEL, to colour the heads by")
+    common.add_output_arguments(atlas, "output folder (e.g. the report folder)")
+    common.add_settings(atlas, AtlasSettings)
+    atlas.set_defaults(run=_atlas, interrupted=common.interrupted("nothing was written"))
 
     sae_cli.add_parser(sub)
     convert_cli.add_parser(sub)

@@ -1,6 +1,6 @@
 """Linear probing of per-head outputs (docs/methods/probing.md): how well a logistic regression
-on one head's output predicts a user's labels, cross-validated. The only module that imports
-scikit-learn."""
+on one head's output predicts a user's labels, cross-validated; and the head atlas's t-SNE. The only
+module that imports scikit-learn."""
 
 from __future__ import annotations
 
@@ -75,3 +75,14 @@ def probe_heads(model, tokenizer, examples: Sequence[tuple[str, object]], pool: 
     settings = {"pool": pool, "folds": folds, "seed": seed, "max_tokens": max_tokens,
                 "classifier": "StandardScaler + LogisticRegression(C=1, L2)"}
     return ProbeResult(accuracy, max(counts.values()) / len(labels), sorted(counts, key=str), len(labels), settings)
+
+
+def tsne_embedding(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``[n, 2]``: scikit-learn's t-SNE of the standardised ``features [n, F]`` (PCA start, perplexity
+    ``min(30, (n − 1) / 3)``, seeded): the atlas's baseline embedding."""
+    from sklearn.manifold import TSNE
+
+    x = StandardScaler().fit_transform(features.double().numpy())
+    perplexity = max(1.0, min(30.0, (x.shape[0] - 1) / 3))
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    return torch.from_numpy(np.ascontiguousarray(points)).float()

@@ -168,12 +168,13 @@ def pattern_scores(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
         "entropy": (row_entropy[..., multi] / visible[multi].log()).mean(-1).float(),
         "previous_token": maps[..., later, later - 1].double().mean(-1).float(),
         "confidence": torch.cat(confidence, -1).mean(-1).float(),
-        "sink_hidden": _hidden_sink_mass(received, causal).float(),
+        "sink_hidden": hidden_sink_mass(received, causal).float(),
     }
 
 
-def _hidden_sink_mass(received: torch.Tensor, causal: bool) -> torch.Tensor:
-    """``[layer, head]`` mean row mass on hidden sinks, from column sums ``[layer, head, key]``."""
+def hidden_sink_mass(received: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``[layer, head]`` mean row mass on hidden sinks (keys, the first aside, whose mean received
+    attention exceeds 0.1 over at least 32 rows), from column sums ``[layer, head, key]``."""
     n = received.shape[-1]
     seen_by = torch.arange(n, 0, -1, dtype=torch.float64) if causal else torch.full((n,), float(n), dtype=torch.float64)
     sinks = (received / seen_by > HIDDEN_SINK_THRESHOLD) & (seen_by >= HIDDEN_SINK_MIN_ROWS)

@@ -202,6 +202,22 @@ class GateSettings:
             raise HeadlabError(f"--min-length {self.min_length} is above --max-length {self.max_length}")
 
 
+@dataclass
+class AtlasSettings:
+    """The head atlas: every head's descriptor averaged over ``samples`` windows of ``tokens`` tokens
+    of the text (seeded), embedded and cut into ``clusters`` clusters."""
+
+    samples: int = setting(8, "text windows the descriptors average over", kind=Integer(1), flag="--samples")
+    tokens: int = setting(256, "tokens per window", kind=Integer(16), flag="--tokens")
+    clusters: int = setting(6, "k-means clusters of the heads", kind=Integer(1), flag="--clusters")
+    text_path: str | None = setting(None, "text to read (default: the standard-library docstrings)",
+                                    kind=Maybe(ExistingFile()), flag="--text-file")
+    seed: int = setting(0, "seed of the windows, the autoencoder, t-SNE and k-means", kind=Integer(0), flag="--seed")
+
+    def __post_init__(self):
+        check_settings(self)
+
+
 class HeadRef(Kind):
     """``LAYER.HEAD`` such as ``17.3`` (a negative layer counts from the end)."""
 

@@ -66,6 +66,16 @@ def sandbox(tmp_path_factory):
                                                           "metric": "loss"}))  # no "k" and more
     (stray / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
                                                             "entries": ["validation-x.json"]}))
+    damaged = d / "stray_compression"
+    damaged.mkdir()
+    (damaged / "compression.json").write_text(json.dumps({"format": "headlab-compression/1",
+                                                          "summary": [{"rule": "random", "keep": 2}]}))
+    (damaged / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
+                                                              "entries": ["compression.json"]}))
+    stray_atlas = d / "stray_atlas"
+    stray_atlas.mkdir()
+    (stray_atlas / "atlas.json").write_text(json.dumps({"format": "something-else"}))
+    (stray_atlas / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["atlas.json"]}))
     _sae_folders(d)
     tiny = tiny_llama("gqa")
     tiny.save_pretrained(d / "tinymodel")
@@ -125,6 +135,7 @@ CLI_CASES = [
     ("report minilm-l6 --out {d}/r --tokens 1000", "longer than the 512 positions"),
     ("report {d}/pickled --out {d}/r --scores none --samples 1", "refuses to unpickle"),
     (f"report {SMOL} --out {{d}}/stray_report", "missing key(s) ['heads', 'items', 'k'"),
+    (f"report {SMOL} --out {{d}}/stray_compression", "summary row 0"),
     (f"report {SMOL} --out {{d}}/r --prompt-style book", "--prompt-style"),
     # calibrate
     (f"calibrate {SMOL} --out {{d}}/p.json --task bogus", "neither a built-in task"),
@@ -237,6 +248,20 @@ CLI_CASES = [
     (f"stream-eval {SMOL} --out {{d}}/user.txt --rules random", "user.txt"),
     (f"stream-eval {SMOL} --out {{d}}/e --rules random --max-memory lots", "--max-memory"),
     ("stream-eval minilm-l6 --out {d}/e --rules random", "not a causal language model"),
+    # atlas
+    (f"atlas {SMOL} --out {{d}}/a --samples 0", "--samples"),
+    (f"atlas {SMOL} --out {{d}}/a --tokens 8", "--tokens"),
+    (f"atlas {SMOL} --out {{d}}/a --clusters 0", "--clusters"),
+    (f"atlas {SMOL} --out {{d}}/a --text-file {{d}}/missing.txt", "does not exist"),
+    (f"atlas {SMOL} --out {{d}}/a --seed -1", "--seed"),
+    (f"atlas {SMOL} --out {{d}}/a --compare {{d}}/missing.json", "does not exist"),
+    (f"atlas {SMOL} --out {{d}}/a --compare {{d}}/plan_wrong_shape.json", "n_layers"),
+    (f"atlas {SMOL} {SMOL} --out {{d}}/a --compare {{d}}/plan_wrong_shape.json", "not both"),
+    (f"atlas {SMOL} --out {{d}}/a --scores {{d}}/scores_shape.json", "layers x heads"),
+    (f"atlas {SMOL} ./nope --out {{d}}/a", "nope"),
+    (f"atlas {SMOL} --out {{d}}/precious", "headlab did not write"),
+    (f"atlas {SMOL} --out {{d}}/a --max-memory lots", "--max-memory"),
+    (f"report {SMOL} --out {{d}}/stray_atlas", "not a head atlas"),
     # train-gates
     (f"train-gates {SMOL} --out {{d}}/g --steps 0", "--steps"),
     (f"train-gates {SMOL} --out {{d}}/g --lr 0", "--lr"),

@@ -207,6 +207,11 @@ class LinearAttention(nn.Module):
             weights = weights + soft
         return weights / weights.sum(-1, keepdim=True)
 
+    def attention_weights_of(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """:meth:`attention_weights` ``[B, H, T, T]`` of a layer input (dense: short inputs only)."""
+        q, k, _ = self._project(hidden_states, position_embeddings)
+        return self.attention_weights(q, self._expand(k))
+
     def _step(self, slot: RecurrentState, q, k, v) -> torch.Tensor:
         """Outputs of new tokens from the recurrent state, then the state advanced past them."""
         keys = torch.cat([slot.keys, k], 2)
