@@ -63,9 +63,10 @@ def atlas_page_html(doc: dict, views_href: str | None = None) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px}.row{display:flex;flex-wrap:wrap;gap:8px}</style>",
         f"<script>{views.plotly_js()}</script></head><body><h1>{title}</h1>",
         "<p>Every head is a point: heads with similar attention patterns (locality profile, first-token and "
-        "hidden-sink mass, entropy distribution, pooled map) sit together. Hover a head to see its pooled map; "
+        "hidden-sink mass, entropy distribution, pooled map) sit together. Hover a head to see its pooled map. "
         + ("click a head of the first model to open it in the views page. " if views_href else "")
-        + "The menu above each plot recolours the heads by layer or by a score.</p>",
+        + "The menu above each plot recolours the heads by cluster, layer or a score; marker shapes tell the "
+        "models apart, and grey lines join a head's two positions in a comparison.</p>",
         f"<div class='row'>{figures}<div id='atlas-pooled' data-shown=''></div></div>",
         cluster_table_html(doc),
         views.figure_div(views.layer_trend_figure(doc), "atlas", "trends"),

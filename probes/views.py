@@ -330,9 +330,10 @@ def atlas_figure(doc: dict, method: str = "autoencoder") -> go.Figure:
     buttons = [{"label": plotly_text(name), "method": "restyle",
                 "args": [{"marker.color": [values], "marker.showscale": name != "cluster"}, [index]]}
                for name, values in colourings]
-    fig.update_layout(title=f"{plotly_text(method)} embedding of {len(heads)} heads",
-                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12, "xanchor": "left"}],
-                      width=520, height=520, margin={"t": 80, "l": 40, "r": 20, "b": 40}, hovermode="closest")
+    fig.update_layout(title={"text": f"{plotly_text(method)} embedding of {len(heads)} heads", "y": 0.98},
+                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.1, "xanchor": "left",
+                                    "yanchor": "bottom"}],
+                      width=520, height=540, margin={"t": 100, "l": 40, "r": 20, "b": 40}, hovermode="closest")
     return fig
 
 
