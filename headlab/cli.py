@@ -314,9 +314,9 @@ def _train_gates(args) -> int:
         print(f"resuming from step {training.step} of {settings.steps} ({out / STATE_FILE})")
     gates = training.run()
     training.write(out, args.model)
-    kept = int((gates[list(training.layers)] >= 0.5).sum())
-    total = len(training.layers) * gates.shape[1]
-    print(f"{kept} of {total} KV heads have a gate of at least 0.5 (mean gate {float(gates[list(training.layers)].mean()):.3f}) "
+    trained = gates[list(training.layers)]
+    kept, total = int((trained >= 0.5).sum()), trained.numel()
+    print(f"{kept} of {total} KV heads have a gate of at least 0.5 (mean gate {float(trained.mean()):.3f}) "
           f"after {training.step} steps in {training.seconds:.0f} s\nscores: {out / GATES_FILE} (score duo_gate)\n"
           f"plan: {out / PLAN_FILE}")
     return 0

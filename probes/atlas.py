@@ -14,8 +14,9 @@ exist, one layer at a time, so windows of any length fit):
   distribution.
 
 The embedding's input concatenates the blocks (the pooled map averaged down to 16 × 16), each divided
-by the square root of its size so that every block weighs about the same. Three embeddings: a small seeded autoencoder (its 2D code), PCA,
-and t-SNE (scikit-learn). Clusters: k-means on the autoencoder's code, seeded.
+by the square root of its size so that every block weighs about the same. Three embeddings: a small
+seeded autoencoder (its 2D code), PCA, and t-SNE (scikit-learn). Clusters: k-means on the
+autoencoder's code, seeded.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The heads are measured layer by layer from the residual stream entering their layer, kept from one
 unedited pass (:class:`~.prefix.LayerPrefix`): the same accuracies as evaluating each head's plan
-on its own, without running the layers below the head again for every head. Progress is written atomically after every head to a JSON file; a search started again with the
+on its own, without running the layers below the head again for every head.
+
+Progress is written atomically after every head to a JSON file; a search started again with the
 same settings skips the heads already measured, so a killed search continues where it stopped.
 """
 
