@@ -26,13 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
+from machine import cpu_model
 
 
 def main() -> None:

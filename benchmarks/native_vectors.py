@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from machine import cpu_model
 
 from headlab.kernels import native
 from headlab.surgeon.files import write_json
@@ -65,9 +66,8 @@ def main() -> None:
             row["avx512_over_avx2"] = row["avx512_seconds"] / row["avx2_seconds"]
         rows.append(row)
         print(row)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     write_json(args.out, {"benchmark": "native row pass: 32-byte vs 64-byte vectors", "machine": {
-        "platform": platform.platform(), "cpu": cpu, "vector_unit": capability}, "rows": rows})
+        "platform": platform.platform(), "cpu": cpu_model(), "vector_unit": capability}, "rows": rows})
 
 
 if __name__ == "__main__":

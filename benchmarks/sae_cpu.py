@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 from sae_steps import dense_step, headlab_step, saelens_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,13 +96,6 @@ def measure(args, d_sae: int, threads: int) -> dict:
         row["saelens_tokens_per_s"] = saelens["tokens_per_s"]
         row["speedup_vs_saelens"] = row["headlab_tokens_per_s"] / saelens["tokens_per_s"]
     return row
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 def main() -> None:

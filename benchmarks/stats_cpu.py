@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 MODES = ("sdpa", "stats", "stats_all", "stats_all_ops", "eager")
 EAGER_MAX_TOKENS = 2048
 
@@ -116,17 +118,6 @@ def _ratios(rows: list[dict]) -> dict:
     return out
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` says)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="input lengths")
@@ -158,7 +149,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": f"attention statistics on {args.model}, CPU",
         "command": "python benchmarks/stats_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "vector_unit": torch.backends.cpu.get_cpu_capability(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "rows": rows,

@@ -256,10 +256,10 @@ def _merged_scores(paths: list[str], shape, rules: tuple[str, ...]) -> dict:
     import torch
 
     from .probes.scores import load_scores_file
-    from .probes.streaming import RAZOR_SCORES
+    from .probes.streaming import rule_scores
 
     merged: dict = {}
-    needed = {name for rule in rules for name in (RAZOR_SCORES if rule == "razor" else (rule,))}
+    needed = {name for rule in rules for name in rule_scores(rule)}
     for path in paths:
         for name, score in load_scores_file(path, shape).items():
             if name in merged and name in needed and not torch.equal(merged[name].values.nan_to_num(-1),

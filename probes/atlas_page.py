@@ -5,12 +5,11 @@ models, scores or clusters is escaped for where it lands."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..surgeon.errors import InputFileError
 from ..surgeon.escaping import element_id, html_text, plotly_text, script_json
-from ..surgeon.files import GENERATOR_META, read_text_file, write_text
+from ..surgeon.files import GENERATOR_META, read_json_file, write_text
 from ..surgeon.settings import Items, Kind, Text, check_object
 from . import views
 from .atlas import ATLAS_FORMAT
@@ -96,12 +95,7 @@ def load_atlas(folder: str | Path) -> dict | None:
     path = Path(folder) / "atlas.json"
     if not path.exists():
         return None
-    try:
-        doc = json.loads(read_text_file(path, "atlas"))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{path} is not JSON ({err.msg}); move it away or run headlab atlas again") from None
-    if not isinstance(doc, dict) or doc.get("format") != ATLAS_FORMAT:
-        raise InputFileError(f"{path} is not a head atlas of this headlab (format {ATLAS_FORMAT})")
+    doc = read_json_file(path, "head atlas", ATLAS_FORMAT)
     listed = Items(Kind(), unique=False, min_items=1)
     check_object(doc, str(path), {"format": Text(), "models": Items(Text(), unique=False), "heads": listed,
                                   "points": Kind(), "clusters": listed, "names": Items(Text(), unique=False),

@@ -14,7 +14,7 @@ intervals over the prompts; the random rule's per-prompt value is the mean over 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import read_text_file
+from ..surgeon.files import read_json_file
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.search.settings import StreamingSettings
 from ..surgeon.settings import Integer, Items, Kind, Maybe, Number, Text, check_object
@@ -109,7 +108,7 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
                          "losses": losses, "seconds": time.perf_counter() - started})
             bar.update(1)
     bar.close()
-    return {"format": COMPRESSION_FORMAT, "model_id": model_id, "settings": _settings_dict(settings),
+    return {"format": COMPRESSION_FORMAT, "model_id": model_id, "settings": dataclasses.asdict(settings),
             "kv_heads": len(candidates(shape, layer_types)),
             "items": [{"needle": HELDOUT_NEEDLES.index(p.needle), "depth": p.depth} for p in prompts],
             "runs": runs, "summary": summarize_runs(runs, settings.seed)}
@@ -150,12 +149,7 @@ def load_compression(folder: str | Path) -> dict | None:
     path = Path(folder) / "compression.json"
     if not path.exists():
         return None
-    try:
-        data = json.loads(read_text_file(path, "compression evaluation"))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{path} is not JSON ({err.msg}); move it away or run stream-eval again") from None
-    if not isinstance(data, dict) or data.get("format") != COMPRESSION_FORMAT:
-        raise InputFileError(f"{path} is not a compression evaluation of this headlab (format {COMPRESSION_FORMAT})")
+    data = read_json_file(path, "compression evaluation", COMPRESSION_FORMAT)
     check_object(data, str(path), {"format": Text(), "summary": Items(Kind(), unique=False, min_items=0)},
                  {"model_id": Maybe(Text()), "settings": Kind(), "kv_heads": Integer(0), "items": Kind(),
                   "runs": Kind()})
@@ -169,15 +163,6 @@ def _interval(values: np.ndarray, seed: int) -> list[float]:
     means = values[rng.integers(0, len(values), size=(RESAMPLES, len(values)))].mean(1)
     tail = 100 * (1 - CONFIDENCE) / 2
     return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
-
-
-def _settings_dict(settings: CompressionSettings) -> dict:
-    import dataclasses
-
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(settings).items()}
-
-
 
 
 def write_compression_page(result: dict, path: str | Path) -> Path:

@@ -6,7 +6,6 @@ inputs, ``A [layer, head, query, key]`` (rows sum to one over visible keys).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..surgeon.errors import InputFileError
-from ..surgeon.files import read_text_file, write_json
+from ..surgeon.files import read_json_file, write_json
 from ..surgeon.settings import Integer, Kind, Number, Text, check_object
 
 
@@ -62,7 +61,7 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
-        return cls.from_dict(_read_json(path, "score file"), str(path))
+        return cls.from_dict(read_json_file(path, "score file"), str(path))
 
     def top(self, k: int) -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads as ``(layer, head, value)``, NaN excluded."""
@@ -75,7 +74,7 @@ class HeadScores:
 def load_scores_file(path: str | Path, shape=None) -> dict[str, HeadScores]:
     """The scores of a report's ``scores.json``, checked (and, given the model's ``shape``, checked
     to be a model of that geometry): :class:`InputFileError` naming the file otherwise."""
-    data = _read_json(path, "scores file")
+    data = read_json_file(path, "scores file")
     if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
         raise InputFileError(f"{path} is not a headlab scores.json (no 'scores' object)")
     scores = {}
@@ -90,13 +89,6 @@ def load_scores_file(path: str | Path, shape=None) -> dict[str, HeadScores]:
     if not scores:
         raise InputFileError(f"{path} holds no scores")
     return scores
-
-
-def _read_json(path, what: str):
-    try:
-        return json.loads(read_text_file(path, what))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{what} {path} is not JSON ({err.msg}, line {err.lineno})") from None
 
 
 class _Grid(Kind):

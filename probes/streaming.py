@@ -106,13 +106,18 @@ def streaming_plan(ranking: list[KVHead], shape: ModelShape, settings: Streaming
     return Plan(edits, model=model_id, shape=shape)
 
 
+def rule_scores(rule: str) -> tuple[str, ...]:
+    """The scores a selection rule reads: none (random), echo and razor_induction (razor), or itself."""
+    return () if rule == "random" else RAZOR_SCORES if rule == "razor" else (rule,)
+
+
 def rule_ranking(rule: str, scores: dict[str, HeadScores] | None, shape: ModelShape,
                  layer_types: list[str] | None = None, seed: int = 0) -> list[KVHead]:
     """The ranking of a selection rule: ``random`` (a seeded order), ``razor`` (the union of the
     echo and razor_induction scores) or the name of one score of ``scores``."""
     if rule == "random":
         return random_ranking(shape, layer_types, seed)
-    needed = RAZOR_SCORES if rule == "razor" else (rule,)
+    needed = rule_scores(rule)
     rules = ("rules are 'random', 'razor' (echo and razor_induction, from the report's razor family) or the name of "
              "a score")
     if scores is None:
@@ -127,4 +132,4 @@ def rule_ranking(rule: str, scores: dict[str, HeadScores] | None, shape: ModelSh
 
 
 __all__ = ["candidates", "full_kv_heads", "global_layers", "kv_head_scores", "random_ranking",
-           "razor_ranking", "rule_ranking", "score_ranking", "streaming_plan"]
+           "razor_ranking", "rule_ranking", "rule_scores", "score_ranking", "streaming_plan"]

@@ -4,12 +4,11 @@ foreign file is one clear error, never a traceback or a page that runs its text.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..surgeon.errors import InputFileError
 from ..surgeon.escaping import html_text
-from ..surgeon.files import GENERATOR_META, read_text_file, write_text
+from ..surgeon.files import GENERATOR_META, read_json_file, write_text
 from ..surgeon.settings import Choice, Integer, Items, Kind, Maybe, Number, Switch, Text, check_object
 from .settings import MASKING_MODES, METRICS
 
@@ -60,13 +59,7 @@ def load_curves(folder: str | Path) -> list[dict]:
 
 def load_curve(path: str | Path) -> dict:
     """One masking validation file, checked (see :func:`load_curves`)."""
-    try:
-        data = json.loads(read_text_file(path, "masking validation"))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"masking validation {path} is not JSON ({err.msg}); move it away or redo it") from None
-    if not isinstance(data, dict) or data.get("format") != CURVE_FORMAT:
-        raise InputFileError(f"{path} is not a masking validation of this headlab (format {CURVE_FORMAT}); "
-                             "run headlab validate again or move the file away")
+    data = read_json_file(path, "masking validation", CURVE_FORMAT)
     curve = check_object(data, str(path), _CURVE, _CURVE_OPTIONAL)
     names = [m["name"] for m in curve["measures"]]
     if sorted(curve["summary"]) != sorted(names):

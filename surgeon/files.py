@@ -59,6 +59,18 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         raise InputFileError(f"{what} {path} cannot be read ({err.strerror})") from None
 
 
+def read_json_file(path: str | os.PathLike, what: str = "JSON file", fmt: str | None = None):
+    """The parsed JSON of ``path``; :class:`InputFileError` (one line) when it cannot be read, is not
+    JSON, or (given ``fmt``) is not an object whose ``"format"`` is ``fmt``."""
+    try:
+        data = json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{what} {path} is not JSON ({err.msg}, line {err.lineno})") from None
+    if fmt is not None and (not isinstance(data, dict) or data.get("format") != fmt):
+        raise InputFileError(f"{path} is not a {what} of this headlab (format {fmt}); move it away or write it again")
+    return data
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> Iterator[tuple[int, object]]:
     """``(line number, parsed value)`` for each non-blank line of a JSON-lines file; a line that is
     not JSON raises :class:`InputFileError` naming the file and line."""

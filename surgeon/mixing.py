@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import attention_math
+from . import attention_math, edits
 from .errors import PlanError
 
 
@@ -36,8 +36,8 @@ class StreamMix:
             raise PlanError(f"layer {layer} slides over a window already; gates mix global layers only")
         positions = torch.arange(n_key, device=query.device)
         sink = key_valid & (key_valid.cumsum(-1) <= self.sinks)  # [B, N]
-        keep = sink[:, None, None, :] | (positions[None, None, None, :] > positions[None, None, :, None] - self.window)
-        narrowed = attention_math.narrowed_mask(attention_mask, keep, n_query, n_key, True)
+        keep = edits.streaming_keep(sink, positions, positions, self.window)  # [B, N, N], as Stream keeps
+        narrowed = attention_math.narrowed_mask(attention_mask, keep[:, None], n_query, n_key, True)
         streaming, _ = own(module, query, key, value, narrowed, **kwargs)
         alpha = self.alphas[layer].repeat_interleave(group_size).to(out.dtype)[None, None, :, None]  # [1, 1, H, 1]
         return alpha * out + (1 - alpha) * streaming

@@ -3,7 +3,7 @@ compared with itself, the command and its page."""
 
 import pytest
 import torch
-from conftest import CharTokenizer, tiny_llama
+from conftest import tiny_llama
 
 from headlab.probes.atlas import (N_LOCALITY, Descriptors, build_atlas, describe_heads, distance_bins,
                                   map_descriptors, pattern_name)
