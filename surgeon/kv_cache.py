@@ -5,7 +5,8 @@ step at ``n`` cached positions copies ``2 · n`` rows per layer (on SmolLM2 at 4
 a decode step's time). :func:`reserved_cache` builds the model's usual cache with its full-attention
 layers replaced by :class:`ReservedLayer`, which writes new positions into room kept ahead of time.
 Sliding-window layers stay as transformers builds them (they hold a window, not the sequence).
-For decoding without gradients: positions are written in place.
+For decoding without gradients: positions are written in place. :class:`SharedRooms` puts several
+sequences' reserved room in one buffer, so that sequences prefilled one by one decode as one batch.
 
 :func:`streaming_cache` keeps, for the KV heads a plan streams (:class:`~headlab.surgeon.Stream`), only
 the entries those heads can still see: the sink tokens and the latest window (:class:`StreamingLayer`).
@@ -14,6 +15,8 @@ attention is unchanged and only what is stored between calls shrinks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -69,6 +72,79 @@ def reserved_cache(model, reserve: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     cache.layers = [ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def full_attention_only(model) -> bool:
+    """Whether every layer of ``model``'s cache holds the whole sequence (no sliding-window layers)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+class SharedRooms:
+    """One buffer per full-attention layer holding the keys and values of ``batch`` sequences, with
+    room for ``positions`` each (``[batch, kv_heads, positions, head_dim]``, allocated at the first
+    write, zero where nothing was written). Each sequence is prefilled alone through its
+    :meth:`row_cache`, which writes straight into its row; then all decode together through
+    :meth:`batch_cache`, whose calls need a mask hiding each row's unfilled positions."""
+
+    def __init__(self, model, batch: int, positions: int):
+        self.config, self.batch, self.positions = model.config, batch, positions
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kinds = DynamicCache(config=model.config).layers
+        self.full_layers = [i for i, layer in enumerate(kinds) if type(layer) is DynamicLayer]
+        if batch > 1 and not full_attention_only(model):
+            raise ValueError("sequences decode side by side only on full-attention caches (this model has "
+                             "sliding-window layers)")
+
+    def row_cache(self, row: int, prefix: DynamicCache | None = None) -> DynamicCache:
+        """The cache of sequence ``row``: its full-attention layers write into the row's room, starting
+        from ``prefix``'s positions (copied at the first write); other layers are copies of ``prefix``'s."""
+        cache = DynamicCache(config=self.config)
+        for index in range(len(cache.layers)):
+            if index in self.full_layers:
+                cache.layers[index] = _RowLayer(self, index, row, None if prefix is None else prefix.layers[index])
+            elif prefix is not None:
+                cache.layers[index] = copy.deepcopy(prefix.layers[index])
+        return cache
+
+    def batch_cache(self, held: int) -> DynamicCache:
+        """A cache of every row holding their first ``held`` positions (reserved room after them)."""
+        cache = DynamicCache(config=self.config)
+        for index in self.full_layers:
+            layer = ReservedLayer(0)
+            keys, values = self.buffers[index]
+            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+            layer._room = (keys, values)
+            layer.keys, layer.values = keys[..., :held, :], values[..., :held, :]
+            cache.layers[index] = layer
+        return cache
+
+    def views(self, layer: int, row: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``row`` of ``layer``'s keys and values buffers (allocated like ``like [1, kv, n, D]``)."""
+        if layer not in self.buffers:
+            self.buffers[layer] = tuple(like.new_zeros(self.batch, like.shape[1], self.positions, like.shape[-1])
+                                        for _ in range(2))
+        keys, values = self.buffers[layer]
+        return keys[row:row + 1], values[row:row + 1]
+
+
+class _RowLayer(ReservedLayer):
+    """A full-attention layer of one row of :class:`SharedRooms`, holding ``start``'s positions first."""
+
+    def __init__(self, rooms: SharedRooms, index: int, row: int, start: DynamicLayer | None):
+        super().__init__(0)
+        self.rooms, self.index, self.row = rooms, index, row
+        if start is not None and start.is_initialized:
+            self.dtype, self.device, self.is_initialized = start.dtype, start.device, True
+            self.keys, self.values = start.keys, start.values
+
+    def _grow(self, key_states: torch.Tensor, held: int, total: int) -> None:
+        if self._room is not None or total > self.rooms.positions:
+            raise ValueError(f"a row of shared rooms holds {self.rooms.positions} positions, not {total}")
+        room = self.rooms.views(self.index, self.row, key_states)
+        if held:
+            room[0][..., :held, :] = self.keys
+            room[1][..., :held, :] = self.values
+        self._room = room
 
 
 class StreamingLayer(DynamicLayer):
@@ -188,4 +264,4 @@ def cache_bytes(cache) -> int:
     return total
 
 
-__all__ = ["ReservedLayer", "StreamingLayer", "cache_bytes", "reserved_cache", "streaming_cache"]
+__all__ = ["ReservedLayer", "SharedRooms", "StreamingLayer", "cache_bytes", "full_attention_only", "reserved_cache", "streaming_cache"]

@@ -6,9 +6,10 @@ import torch
 from conftest import eager_maps, tiny_llama
 from families import family_model
 from headlab.probes.retrieval import (
-    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_with_top_keys, rouge1_recall,
-    shared_prefix, stop_rule,
+    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_rows_with_top_keys, greedy_with_top_keys,
+    rouge1_recall, shared_prefix, stop_rule,
 )
+import headlab.probes.retrieval as retrieval
 from headlab.surgeon import HeadScale, Plan, attach
 
 
@@ -76,7 +77,8 @@ def test_decode_rows_equal_eager_maps_of_the_full_sequence():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3_text: a 7-token window on 3 of 4 layers
-def test_a_shared_prefix_gives_the_tokens_and_top_keys_of_a_full_prefill(family):
+def test_a_shared_prefix_gives_the_tokens_and_top_keys_of_a_full_prefill(family, monkeypatch):
+    monkeypatch.setattr(retrieval, "CONTINUATION_ROWS", 4)  # the prompts continue the prefix in two chunks
     model = family_model(family)
     generator = torch.Generator().manual_seed(8)
     common = torch.randint(3, 97, (1, 15), generator=generator)
@@ -92,6 +94,52 @@ def test_a_shared_prefix_gives_the_tokens_and_top_keys_of_a_full_prefill(family)
     with pytest.raises(ValueError, match="unedited"):
         greedy_with_top_keys(model, prompts[0].input_ids, 2, None, Plan([HeadScale(layer=0, heads=(0,), scale=0.0)]),
                              prefix=prefix)
+
+
+def prompts_sharing_a_prefix(generator, extra=(6, 9, 7)) -> list[NeedlePrompt]:
+    common = torch.randint(3, 97, (1, 15), generator=generator)
+    return [NeedlePrompt(torch.cat([common, torch.randint(3, 97, (1, n), generator=generator)], 1), [], NEEDLES[0],
+                         15 + n, 0.5) for n in extra]
+
+
+def test_prompts_decoded_side_by_side_give_the_tokens_and_top_keys_of_each_alone():
+    model = tiny_llama("gqa", layers=3)
+    prompts = prompts_sharing_a_prefix(torch.Generator().manual_seed(9))
+
+    def stop(generated):  # rows stop at different steps
+        return generated[-1] % 4 == 0
+
+    for prefix in (None, shared_prefix(model, prompts)):
+        together = greedy_rows_with_top_keys(model, [p.input_ids for p in prompts], 8, stop, prefix=prefix)
+        lengths = set()
+        for prompt, (generated, top_keys) in zip(prompts, together):
+            alone = greedy_with_top_keys(model, prompt.input_ids, 8, stop)
+            assert generated == alone[0] and len(top_keys) == len(generated)
+            assert all(torch.equal(a, b) for a, b in zip(top_keys, alone[1]))
+            lengths.add(len(generated))
+        assert len(lengths) > 1  # the rows did stop apart
+
+
+def test_side_by_side_decoding_is_refused_where_rows_cannot_share_a_cache():
+    prompts = [p.input_ids for p in prompts_sharing_a_prefix(torch.Generator().manual_seed(1), (3, 4))]
+    with pytest.raises(ValueError, match="sliding-window"):
+        greedy_rows_with_top_keys(family_model("gemma3_text"), prompts, 2, None)
+    with pytest.raises(ValueError, match="unedited"):
+        greedy_rows_with_top_keys(tiny_llama("gqa", layers=3), prompts, 2, None,
+                                  Plan([HeadScale(layer=0, heads=(0,), scale=0.0)]))
+
+
+def test_decode_batches_hold_what_fits_the_cache_budget(monkeypatch):
+    model = tiny_llama("gqa", layers=3)  # fp32: 2 · 3 layers · kv heads · head_dim · 4 bytes per position
+    prompts = prompts_sharing_a_prefix(torch.Generator().manual_seed(2), (5, 5, 5, 5, 5))
+    shape = retrieval.model_shape(model)
+    row = 2 * 3 * shape.n_kv_heads * shape.head_dim * 4 * (20 + 4)
+    monkeypatch.setattr(retrieval, "DECODE_BATCH_BYTES", 2 * row)
+    assert retrieval._decode_batches(model, prompts, 4, True) == [[0, 1], [2, 3], [4]]
+    assert retrieval._decode_batches(model, prompts, 4, False) == [[i] for i in range(5)]
+    monkeypatch.setattr(retrieval, "DECODE_BATCH_BYTES", row - 1)
+    assert retrieval._decode_batches(model, prompts, 4, True) == [[i] for i in range(5)]
+    assert retrieval._decode_batches(family_model("gemma3_text"), prompts, 4, True) == [[i] for i in range(5)]
 
 
 def test_plan_applies_during_decoding():
