@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = """
 import importlib.util, sys
@@ -81,7 +83,7 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False)
     result = {"benchmark": "default SmolLM2 report, old revision vs this checkout, one run",
               "old_revision": args.old, "old_seconds": round(seconds_old, 1), "new_seconds": round(seconds_new, 1),
-              "new_over_old": round(seconds_new / seconds_old, 3), "threads": os.cpu_count(),
+              "new_over_old": round(seconds_new / seconds_old, 3), "cpu": cpu_model(), "threads": os.cpu_count(),
               "largest_score_difference": differences}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

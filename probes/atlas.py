@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, Taps, attach, model_shape
+from ..surgeon.sites import has_causal_attention
 from ..surgeon.stopping import run_until
 from .scores import HeadScores, hidden_sink_mass
 
@@ -105,7 +106,7 @@ def describe_heads(model, windows: list[torch.Tensor], plan: Plan | None = None,
     from ..surgeon.conversion.layer import LinearAttention
 
     shape = model_shape(model)
-    causal = _is_causal(model)
+    causal = has_causal_attention(model)
     converted = {m.layer_idx: m for m in model.modules() if isinstance(m, LinearAttention)}
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(windows) * shape.n_layers, desc=f"describing heads{' ' + label if label else ''}",
@@ -135,12 +136,6 @@ def describe_heads(model, windows: list[torch.Tensor], plan: Plan | None = None,
         bar.close()
     means = {name: (value / len(windows)).float() for name, value in sums.items()}
     return Descriptors(**means, windows=len(windows), label=label)
-
-
-def _is_causal(model) -> bool:
-    from ..surgeon.sites import attention_modules
-
-    return bool(getattr(attention_modules(model)[0], "is_causal", False))
 
 
 def autoencoder_embedding(features: torch.Tensor, seed: int = 0, steps: int = 600, hidden: int = 32) -> torch.Tensor:

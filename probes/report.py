@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon import attention_modules, model_shape
+from ..surgeon import model_shape
 from ..surgeon.distributed import rank_and_world
 from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
 from ..surgeon.shape import text_config
+from ..surgeon.sites import has_causal_attention
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from . import views
 from .corpus import load_text, token_windows
@@ -65,7 +66,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     atlas = load_atlas(out_dir)
     if rank == 0:
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
-    causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
+    causal = has_causal_attention(model)
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)

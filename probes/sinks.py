@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon import Taps, attach, attention_modules, decoder_layers, detect_sink_dimensions, model_shape
-from ..surgeon.sites import block_input
+from ..surgeon import Taps, attach, decoder_layers, detect_sink_dimensions, model_shape
+from ..surgeon.sites import block_input, has_causal_attention
 from ..surgeon.stopping import run_for_taps
 from .settings import SinkSettings
 
@@ -94,7 +94,7 @@ def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSe
         mass[layer] += on_sinks.double().sum(-1).cpu()
         rows[layer] += on_sinks.shape[-1]
 
-    causal = bool(getattr(attention_modules(model)[0], "is_causal", False))
+    causal = has_causal_attention(model)
     layers = decoder_layers(model)
     taps = Taps.all_attention(shape, attention_consumer=consume)
     for window, ids in enumerate(tqdm(windows, desc="massive activations", disable=not progress, leave=False)):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
+from ..surgeon.sites import has_causal_attention
 from ..surgeon.stopping import run_until
 from .record import AttentionRecord
 from .scores import PATTERN_SCORES, pattern_scores
@@ -155,7 +156,7 @@ def gather_view(
     for layer in layers:
         if not 0 <= layer < shape.n_layers:
             raise ValueError(f"layer {layer} out of range: the model has layers 0..{shape.n_layers - 1}")
-    causal = _is_causal(model)
+    causal = has_causal_attention(model)
     block = pool_block(n)
     scores = {name: torch.full((shape.n_layers, shape.n_heads), math.nan) for name in PATTERN_SCORES}
     passes = {"before": None} if plan is None else {"before": None, "after": plan}
@@ -210,12 +211,6 @@ def view_data_from_record(record: AttentionRecord, n_kv_heads: int | None = None
     before, after, block = _fit_payload(before, after, block, payload_bytes)
     return ViewData(record.model_id, record.tokens, record.layers, n_heads, n_kv_heads or n_heads, causal,
                     before, after, block, scores)
-
-
-def _is_causal(model) -> bool:
-    from ..surgeon import attention_modules
-
-    return bool(getattr(attention_modules(model)[0], "is_causal", False))
 
 
 def _score_record(record: AttentionRecord, causal: bool, scores: dict[str, torch.Tensor]) -> None:

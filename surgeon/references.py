@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .hook import attach
-from .sites import block_input, decoder_layers
+from .sites import block_input, decoder_layers, has_causal_attention
 from .shape import model_shape
 from .plan import PlanError
 from .stopping import run_for_taps
@@ -31,8 +31,11 @@ def detect_sink_dimensions(
     input when its value at the first token has ``|x_d| > abs_min`` and ``|x_d| ≥ ratio_min ×
     median |x|``; the result keeps the dimensions marked in at least ``min_fraction`` of the
     inputs (over layers), most frequent first, at most ``max_dims``. The thresholds are the
-    published ones and are (unverified) for other models: lower them for small models.
+    published ones and are (unverified) for other models: lower them for small models. With
+    causal attention the first token's residual stream does not depend on the tokens after it,
+    so only the first token of each input runs.
     """
+    first_only = has_causal_attention(model)
     layers = decoder_layers(model)
     marks: Counter[int] = Counter()
     n_inputs = 0
@@ -42,7 +45,7 @@ def detect_sink_dimensions(
     try:
         for ids in inputs:
             captured.clear()
-            run_for_taps(model, input_ids=ids)
+            run_for_taps(model, input_ids=ids[:, :1] if first_only else ids)
             n_inputs += 1
             marked = set()
             for first in captured:  # [d_model] per layer

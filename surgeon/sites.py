@@ -39,6 +39,11 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return found
 
 
+def has_causal_attention(model) -> bool:
+    """Whether ``model``'s attention is causal (each token sees only itself and earlier tokens)."""
+    return bool(getattr(attention_modules(model)[0], "is_causal", False))
+
+
 def decoder_layers(model) -> dict[int, torch.nn.Module]:
     """``{layer_idx: block}``: the entries of the model's layer lists (``nn.ModuleList``) that hold
     exactly one of :func:`attention_modules` (a Llama decoder layer, a BERT encoder layer)."""
@@ -59,4 +64,4 @@ def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-__all__ = ["attention_modules", "block_input", "decoder_layers", "require_attention_interface"]
+__all__ = ["attention_modules", "block_input", "decoder_layers", "has_causal_attention", "require_attention_interface"]
