@@ -1,7 +1,7 @@
 """headlab.sae: sparse autoencoders on per-head attention outputs (the input of ``o_proj``):
 activation stores, the autoencoder, training, evaluation, head attribution and dashboards."""
 
-from importlib import import_module
+from ..kernels.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "ARCHITECTURES": "architectures",
@@ -32,14 +32,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    loaded = import_module(f".{module}", __name__)
-    return loaded if module == name else getattr(loaded, name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,6 @@
 """headlab.surgeon: everything that touches a live model (loading, the attention hook, edit plans, taps)."""
 
-from importlib import import_module
+from ..kernels.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "apply": "hook",
@@ -44,14 +44,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):  # exports load on first use: importing the package (e.g. for the CLI) costs no torch
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    loaded = import_module(f".{module}", __name__)
-    return loaded if module == name else getattr(loaded, name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
