@@ -223,7 +223,7 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
     if edited and (prefix is not None or len(prompts) > 1):
         raise ValueError("a shared prefix and side-by-side decoding are only for the unedited model")
     lengths = [ids.shape[1] - 1 for ids in prompts]  # positions each row prefills
-    held = max(lengths)
+    held, n_layers = max(lengths), model_shape(model).n_layers
     rooms = SharedRooms(model, len(prompts), held + max_new_tokens + 1)
     start = 0 if prefix is None else prefix.length
     top_keys: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -244,7 +244,7 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
         def note_top_keys(rows: list[int]) -> None:
             recording = session.recording
             for row in rows:
-                top_keys[row].append(_top_key_positions(recording, row, held, lengths[row]))
+                top_keys[row].append(_top_key_positions(recording, n_layers, row, held, lengths[row]))
             recording.clear()
 
         generated = _greedy_rows(model, caches[0] if len(prompts) == 1 else rooms.batch_cache(held),
@@ -253,13 +253,13 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
     return list(zip(generated, top_keys))
 
 
-def _top_key_positions(recording, row: int, held: int, length: int) -> torch.Tensor:
+def _top_key_positions(recording, n_layers: int, row: int, held: int, length: int) -> torch.Tensor:
     """``[layer, head]`` sequence position of each head's most attended key on ``row``'s decode row:
     a key at slot ``s`` of the shared cache is position ``s`` within the row's ``length`` prefilled
     positions, and ``length + s - held`` among the decoded ones (sliding-window layers hand over
     their last keys only: slots count from ``attention_key_start``)."""
     slots = torch.stack([recording.attention_map(layer, -1)[row, :, -1].argmax(-1)
-                         + recording.attention_key_start[layer][-1] for layer in sorted(recording.attention)])
+                         + recording.attention_key_start[layer][-1] for layer in range(n_layers)])
     return torch.where(slots < held, slots, slots - held + length)
 
 

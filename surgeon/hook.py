@@ -45,8 +45,10 @@ class Session:
 
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
                  request: Request | None = None, splice: Mapping[int, Splice] | None = None,
-                 delegates: Mapping[int, Callable] | None = None, mixing: StreamMix | None = None):
+                 delegates: Mapping[int, Callable] | None = None, mixing: StreamMix | None = None,
+                 converted: frozenset[int] = frozenset()):
         self.shape = shape
+        self.converted = converted  # layers converted to linear attention (the hook never reaches them)
         self.mixing = mixing
         self.splice = dict(splice or {})
         self.plan = plan
@@ -70,6 +72,7 @@ class Session:
     def set_taps(self, taps: Taps) -> None:
         """Record ``taps`` from the next call on (e.g. only the decode steps after a prefill that
         recorded nothing); the plan and the request's prefill state stay."""
+        _refuse_converted_layers(self.converted, Plan(), taps, None, None, None)
         self.recorder.set_taps(taps)
 
     def resume(self, n_cached: int) -> None:
@@ -240,10 +243,10 @@ def register(base: str) -> str:
     return name
 
 
-def _refuse_converted_layers(modules, plan: Plan, taps: Taps, gates, splice, mixing: StreamMix | None) -> None:
+def _refuse_converted_layers(converted: frozenset[int], plan: Plan, taps: Taps, gates, splice,
+                             mixing: StreamMix | None) -> None:
     """Layers converted to linear attention never call the attention interface: an edit, tap,
     gate or splice there would be silently ignored, so it is refused."""
-    converted = {m.layer_idx for m in modules if isinstance(m, LinearAttention)}
     if not converted:
         return
     touched = plan.layers() | set(taps.attention) | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
@@ -315,14 +318,15 @@ def attach(
     bad = [layer for layer in splice or {} if not 0 <= layer < shape.n_layers]
     if bad:
         raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
-    _refuse_converted_layers(modules, plan, taps, gates, splice, mixing)
+    converted = frozenset(m.layer_idx for m in modules if isinstance(m, LinearAttention))
+    _refuse_converted_layers(converted, plan, taps, gates, splice, mixing)
     base = text_config(model.config)._attn_implementation
     delegates = {m.layer_idx: own_attention(base, m) for m in modules if not isinstance(m, LinearAttention)}
     name = register(base)
     if mixing is not None and tuple(mixing.alphas.shape) != (shape.n_layers, shape.n_kv_heads):
         raise PlanError(f"gate mixing needs alphas of shape {(shape.n_layers, shape.n_kv_heads)}, "
                         f"got {tuple(mixing.alphas.shape)}")
-    session = Session(shape, plan, taps, gates, request, splice, delegates, mixing)
+    session = Session(shape, plan, taps, gates, request, splice, delegates, mixing, converted)
     hooks = _residual_hooks(model, plan, session)
     try:
         for module in modules:

@@ -75,8 +75,12 @@ def reserved_cache(model, reserve: int) -> DynamicCache:
 
 
 def full_attention_only(model) -> bool:
-    """Whether every layer of ``model``'s cache holds the whole sequence (no sliding-window layers)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    """Whether every layer of ``model``'s cache holds the whole sequence's keys and values (no
+    sliding-window layers, no layers converted to linear attention, which keep a state instead)."""
+    from .conversion.converted import converted_layers
+
+    kinds = DynamicCache(config=model.config).layers
+    return all(type(layer) is DynamicLayer for layer in kinds) and not converted_layers(model)
 
 
 class SharedRooms:
@@ -93,17 +97,19 @@ class SharedRooms:
         self.full_layers = [i for i, layer in enumerate(kinds) if type(layer) is DynamicLayer]
         if batch > 1 and not full_attention_only(model):
             raise ValueError("sequences decode side by side only on full-attention caches (this model has "
-                             "sliding-window layers)")
+                             "sliding-window or converted layers)")
 
     def row_cache(self, row: int, prefix: DynamicCache | None = None) -> DynamicCache:
         """The cache of sequence ``row``: its full-attention layers write into the row's room, starting
-        from ``prefix``'s positions (copied at the first write); other layers are copies of ``prefix``'s."""
+        from ``prefix``'s positions (copied at the first write); other layers (a window, a converted
+        layer's state) are copies of ``prefix``'s."""
         cache = DynamicCache(config=self.config)
         for index in range(len(cache.layers)):
-            if index in self.full_layers:
-                cache.layers[index] = _RowLayer(self, index, row, None if prefix is None else prefix.layers[index])
-            elif prefix is not None:
-                cache.layers[index] = copy.deepcopy(prefix.layers[index])
+            start = None if prefix is None else prefix.layers[index]
+            if index in self.full_layers and (start is None or isinstance(start, DynamicLayer)):
+                cache.layers[index] = _RowLayer(self, index, row, start)
+            elif start is not None:
+                cache.layers[index] = copy.deepcopy(start)
         return cache
 
     def batch_cache(self, held: int) -> DynamicCache:

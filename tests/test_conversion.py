@@ -210,8 +210,11 @@ def test_hook_refuses_edits_and_taps_on_converted_layers():
     with pytest.raises(PlanError, match="converted"):
         with attach(model, taps=Taps(head_outputs=[0])):
             pass
-    with attach(model, Plan([HeadScale(layer=1, heads=(1,), scale=0.0)])):  # softmax layers stay editable
+    with attach(model, Plan([HeadScale(layer=1, heads=(1,), scale=0.0)])) as session:  # softmax layers stay editable
         model(ids())
+        with pytest.raises(PlanError, match="converted"):  # taps set later are checked too
+            session.set_taps(Taps(attention={0: None}))
+        session.set_taps(Taps(attention={1: None}))
 
 
 def test_attention_with_extra_submodules_is_refused():

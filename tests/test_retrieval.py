@@ -129,6 +129,20 @@ def test_side_by_side_decoding_is_refused_where_rows_cannot_share_a_cache():
                                   Plan([HeadScale(layer=0, heads=(0,), scale=0.0)]))
 
 
+def test_converted_models_continue_a_shared_prefix_and_decode_one_prompt_at_a_time():
+    from test_conversion import converted
+
+    model = converted(layers=(0,))  # layer 0 keeps a recurrent state, not keys
+    prompts = prompts_sharing_a_prefix(torch.Generator().manual_seed(4), (5, 7))
+    prefix = shared_prefix(model, prompts)
+    for prompt in prompts:
+        shared = greedy_with_top_keys(model, prompt.input_ids, 4, None, record=False, prefix=prefix)
+        assert shared[0] == greedy_with_top_keys(model, prompt.input_ids, 4, None, record=False)[0]
+    assert retrieval._decode_batches(model, prompts, 4, True) == [[0], [1]]
+    with pytest.raises(ValueError, match="converted"):
+        greedy_rows_with_top_keys(model, [p.input_ids for p in prompts], 2, None, record=False)
+
+
 def test_decode_batches_hold_what_fits_the_cache_budget(monkeypatch):
     model = tiny_llama("gqa", layers=3)  # fp32: 2 · 3 layers · kv heads · head_dim · 4 bytes per position
     prompts = prompts_sharing_a_prefix(torch.Generator().manual_seed(2), (5, 5, 5, 5, 5))
