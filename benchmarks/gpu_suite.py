@@ -43,7 +43,7 @@ def import_kernels():
     package = types.ModuleType("headlab")
     package.__path__ = [str(ROOT / "headlab")]
     sys.modules["headlab"] = package
-    for part in ("surgeon", "sae", "kernels"):
+    for part in ("kernels", "surgeon", "sae"):  # kernels first: the others import it
         spec = importlib.util.spec_from_file_location(f"headlab.{part}", ROOT / part / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / part)])
         module = importlib.util.module_from_spec(spec)
