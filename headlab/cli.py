@@ -54,9 +54,11 @@ def _report(args) -> int:
     _check_window_fits(config, settings.n_tokens, "--tokens")
     from .surgeon.models import is_causal_lm
 
-    for name, reason in requested_families(settings, is_causal_lm(config))[1].items():
-        print(f"headlab report: note: skipping the {name} score: it {reason} ({args.model} is not one)",
-              file=sys.stderr)
+    from .surgeon.conversion.converted import is_converted_directory
+
+    converted = Path(args.model).is_dir() and is_converted_directory(args.model)
+    for name, reason in requested_families(settings, is_causal_lm(config), converted)[1].items():
+        print(f"headlab report: note: skipping the {name} score of {args.model}: it {reason}", file=sys.stderr)
     common.init_distributed()
     model, tokenizer = common.load_model_from(args)
     from .probes.report import write_report

@@ -102,12 +102,10 @@ def map_descriptors(maps: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]
 def describe_heads(model, windows: list[torch.Tensor], plan: Plan | None = None, label: str = "",
                    progress: bool = True) -> Descriptors:
     """The descriptors of every head of ``model`` (under ``plan``) over ``windows`` (each ``[1, n]``).
-    Layers converted to linear attention are described by their converted form's weights."""
-    from ..surgeon.conversion.layer import LinearAttention
-
+    Layers converted to linear attention are described by their converted form's weights (the
+    hook's maps of converted layers)."""
     shape = model_shape(model)
     causal = has_causal_attention(model)
-    converted = {m.layer_idx: m for m in model.modules() if isinstance(m, LinearAttention)}
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(windows) * shape.n_layers, desc=f"describing heads{' ' + label if label else ''}",
                unit="layer", disable=not progress)
@@ -118,21 +116,13 @@ def describe_heads(model, windows: list[torch.Tensor], plan: Plan | None = None,
             target[layer] += value.double()
         bar.update(1)
 
-    def converted_maps(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        consume(module.layer_idx, module.attention_weights_of(hidden, kwargs.get("position_embeddings")).float())
-
-    hooks = [module.register_forward_pre_hook(converted_maps, with_kwargs=True) for module in converted.values()]
     try:
         for ids in windows:
             n = ids.shape[-1]
-            taps = Taps(attention={layer: None for layer in range(shape.n_layers) if layer not in converted},
-                        map_budget_bytes=4 * shape.n_heads * n * n, attention_consumer=consume)
+            taps = Taps.all_attention(shape, map_budget_bytes=4 * shape.n_heads * n * n, attention_consumer=consume)
             with attach(model, plan, taps):
                 run_until(model, shape.n_layers - 1, input_ids=ids)
     finally:
-        for hook in hooks:
-            hook.remove()
         bar.close()
     means = {name: (value / len(windows)).float() for name, value in sums.items()}
     return Descriptors(**means, windows=len(windows), label=label)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import model_shape
+from ..surgeon.conversion.converted import converted_layers
 from ..surgeon.distributed import rank_and_world
 from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
@@ -64,13 +65,16 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     curves = load_curves(out_dir)  # checked before anything is written
     compression = load_compression(out_dir)
     atlas = load_atlas(out_dir)
+    converted = bool(converted_layers(model))
+    if converted:
+        _require_maps(model, settings.n_tokens)
     if rank == 0:
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
     causal = has_causal_attention(model)
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)
-    families, provenance["skipped"] = requested_families(settings, causal)
+    families, provenance["skipped"] = requested_families(settings, causal, converted)
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
     shard = windows[rank::world]
@@ -140,6 +144,17 @@ def scoring_method(model, n_tokens: int) -> str:
     else ``"statistics"`` (the fused op: no N×N map, the same four scores)."""
     shape = model_shape(model)
     return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
+
+
+def _require_maps(model, n_tokens: int) -> None:
+    """Layers converted to linear attention give their maps, not statistics: refuse windows whose
+    maps exceed the budget (which the report would score from statistics)."""
+    if scoring_method(model, n_tokens) == "statistics":
+        shape = model_shape(model)
+        longest = math.isqrt(DEFAULT_MAP_BUDGET_BYTES // (4 * shape.n_layers * shape.n_heads))
+        raise ValueError(f"this model has layers converted to linear attention, which the report scores from "
+                         f"attention maps only; {n_tokens}-token windows' maps exceed the budget: use --tokens "
+                         f"{longest} or fewer")
 
 
 def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) -> dict:

@@ -49,7 +49,9 @@ class FamilyInputs:
 class ScoreFamily:
     """One family: ``run(inputs)`` yields its scores; ``requested(settings)`` says whether a report
     asked for it (default: its name is in ``--scores``); ``choice``: offered by ``--scores``;
-    ``page``: the documentation page the report links its scores to."""
+    ``page``: the documentation page the report links its scores to; ``softmax_only``: it edits,
+    gates or reads head outputs or statistics of every layer, which layers converted to linear
+    attention do not allow (their attention maps are all they give)."""
 
     name: str
     summary: str
@@ -58,6 +60,7 @@ class ScoreFamily:
     choice: bool = True
     requested: Callable[["ReportSettings"], bool] | None = field(default=None, compare=False)
     page: str | None = None  # its method page in the documentation, e.g. "methods/sinks"
+    softmax_only: bool = False
 
     def is_requested(self, settings: "ReportSettings") -> bool:
         return self.requested(settings) if self.requested is not None else self.name in settings.scores
@@ -67,24 +70,29 @@ SCORE_FAMILIES: dict[str, ScoreFamily] = {}
 
 
 def score_family(name: str, summary: str, causal_only: bool = False, choice: bool = True,
-                 requested: Callable[["ReportSettings"], bool] | None = None, page: str | None = None):
+                 requested: Callable[["ReportSettings"], bool] | None = None, page: str | None = None,
+                 softmax_only: bool = False):
     """Decorator registering a scoring function ``run(inputs) -> Iterator[HeadScores]`` as a family."""
     def register(run):
         if name in SCORE_FAMILIES:
             raise ValueError(f"score family {name!r} is registered already")
-        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested, page)
+        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested, page, softmax_only)
         return run
     return register
 
 
-def requested_families(settings: "ReportSettings", causal: bool) -> tuple[list[ScoreFamily], dict[str, str]]:
-    """``(families to run, {family: reason} of those requested that do not apply)``, in registry order."""
+def requested_families(settings: "ReportSettings", causal: bool,
+                       converted: bool = False) -> tuple[list[ScoreFamily], dict[str, str]]:
+    """``(families to run, {family: reason} of those requested that do not apply)``, in registry order;
+    ``converted``: the model has layers converted to linear attention."""
     run, skipped = [], {}
     for family in SCORE_FAMILIES.values():
         if not family.is_requested(settings):
             continue
         if family.causal_only and not causal:
             skipped[family.name] = "needs a causal language model"
+        elif family.softmax_only and converted:
+            skipped[family.name] = "needs softmax attention in every layer (this model has converted layers)"
         else:
             run.append(family)
     return run, skipped
@@ -110,7 +118,7 @@ def _sinks(inputs: FamilyInputs):
 
 
 @score_family("context", "VHD: how far each head's output moves when the leading part of a window is removed",
-              page="methods/vhr")
+              page="methods/vhr", softmax_only=True)
 def _context(inputs: FamilyInputs):
     from .divergence import context_divergence
 
@@ -124,7 +132,8 @@ def _context(inputs: FamilyInputs):
 
 
 @score_family("probe", "cross-validated logistic-regression accuracy on each head's output (with --probe-data)",
-              choice=False, requested=lambda settings: settings.probe_data is not None, page="methods/probing")
+              choice=False, requested=lambda settings: settings.probe_data is not None, page="methods/probing",
+              softmax_only=True)
 def _probe(inputs: FamilyInputs):
     import torch
 
@@ -152,7 +161,7 @@ def _induction(inputs: FamilyInputs):
 
 
 @score_family("razor", "RazorAttention's echo and induction scores on 4 x 2500 repeated random ids (one 10,001-token "
-              "forward, statistics only)", causal_only=True, page="methods/streaming")
+              "forward, statistics only)", causal_only=True, page="methods/streaming", softmax_only=True)
 def _razor(inputs: FamilyInputs):
     from .razor import DESCRIPTIONS, PERIOD, REPEATS, razor_scores
 
@@ -162,7 +171,7 @@ def _razor(inputs: FamilyInputs):
 
 
 @score_family("gradient", "Michel et al.'s gradient importance of each head's gate", causal_only=True,
-              page="methods/importance")
+              page="methods/importance", softmax_only=True)
 def _gradient(inputs: FamilyInputs):
     from . import importance
 
@@ -183,13 +192,13 @@ def _ablation(mode: str):
 
 
 score_family("ablation-zero", "loss increase with the head's output zeroed (one pass per head and window)",
-             causal_only=True, page="methods/importance")(_ablation("zero"))
+             causal_only=True, page="methods/importance", softmax_only=True)(_ablation("zero"))
 score_family("ablation-mean", "loss increase with the head's output at its mean (one pass per head and window)",
-             causal_only=True, page="methods/importance")(_ablation("mean"))
+             causal_only=True, page="methods/importance", softmax_only=True)(_ablation("mean"))
 
 
 @score_family("retrieval", "Wu et al.'s copy-paste score on needle-in-a-haystack runs", causal_only=True,
-              page="methods/retrieval")
+              page="methods/retrieval", softmax_only=True)
 def _retrieval(inputs: FamilyInputs):
     import torch
 

@@ -245,18 +245,19 @@ def register(base: str) -> str:
 
 def _refuse_converted_layers(converted: frozenset[int], plan: Plan, taps: Taps, gates, splice,
                              mixing: StreamMix | None) -> None:
-    """Layers converted to linear attention never call the attention interface: an edit, tap,
-    gate or splice there would be silently ignored, so it is refused."""
+    """Layers converted to linear attention never call the attention interface: an edit, gate,
+    splice, statistics or head-output tap there would be silently ignored, so it is refused (their
+    attention maps come from the converted form: :func:`_converted_map_hooks`)."""
     if not converted:
         return
-    touched = plan.layers() | set(taps.attention) | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
+    touched = plan.layers() | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
     touched |= set(mixing.layers) if mixing is not None else set()
     if gates is not None:
         touched |= converted
     clash = sorted(touched & converted)
     if clash:
         raise PlanError(f"layers {clash} are converted to linear attention, which the attention hook does not reach; "
-                        "edit, record or gate softmax layers only")
+                        "edit, gate, splice or record statistics and head outputs of softmax layers only")
 
 
 def _implementation_snapshot(config) -> dict:
@@ -327,7 +328,7 @@ def attach(
         raise PlanError(f"gate mixing needs alphas of shape {(shape.n_layers, shape.n_kv_heads)}, "
                         f"got {tuple(mixing.alphas.shape)}")
     session = Session(shape, plan, taps, gates, request, splice, delegates, mixing, converted)
-    hooks = _residual_hooks(model, plan, session)
+    hooks = _residual_hooks(model, plan, session) + _converted_map_hooks(modules, session)
     try:
         for module in modules:
             setattr(module, _SESSION_ATTR, session)
@@ -358,6 +359,24 @@ def _residual_hooks(model, plan: Plan, session: Session) -> list:
         return hook
 
     return [blocks[layer].register_forward_pre_hook(keeper(layer), with_kwargs=True) for layer in layers]
+
+
+def _converted_map_hooks(modules, session: Session) -> list:
+    """Forward pre-hooks recording the tapped maps of layers converted to linear attention from
+    their converted form (:meth:`~.conversion.layer.LinearAttention.attention_weights_of`, dense:
+    whole inputs only; a call continuing a cache is refused, its input alone does not give them)."""
+    def record(module, args, kwargs):
+        layer = module.layer_idx
+        if layer not in session.taps.attention:
+            return
+        past = kwargs.get("past_key_values")
+        if past is not None and layer < len(past.layers) and past.layers[layer].get_seq_length() > 0:
+            raise PlanError(f"layer {layer} is converted to linear attention: its maps are recorded on whole "
+                            "inputs, not on calls that continue a cache")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        session.recorder.pattern(layer, module.attention_weights_of(hidden, kwargs.get("position_embeddings")))
+
+    return [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules if isinstance(m, LinearAttention)]
 
 
 def apply(model, plan: Plan, request: Request | None = None):

@@ -44,14 +44,13 @@ class Recorder:
             self.recording.head_outputs[layer].append(out.detach())
 
     def pattern(self, layer: int, probs: torch.Tensor, key_start: int = 0) -> None:
-        """Keep an attention pattern ``[B, H, Nq, Nk]`` computed elsewhere (a bridge's hook point),
-        restricted to the tapped heads."""
+        """Record an attention pattern ``[B, H, Nq, Nk]`` computed elsewhere (a bridge's hook point,
+        a converted layer's weights), restricted to the tapped heads."""
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
-        self.recording.attention_heads[layer] = heads
-        self.recording.attention[layer].append(probs[:, list(heads)].detach().float())
-        self.recording.attention_key_start[layer].append(key_start)
+        self._count_map_bytes(layer, 4 * probs.shape[0] * len(heads) * probs.shape[-2] * probs.shape[-1])
+        self._keep(layer, heads, probs[:, list(heads)].detach().float(), key_start)
 
     def attention(self, layer, query, key, attention_mask, call, edited=None) -> None:
         """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed
@@ -59,17 +58,8 @@ class Recorder:
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
-        if layer == min(self.taps.attention) or self.taps.attention_consumer is not None:
-            self._map_bytes_this_call = 0
         batch, _, n_query, _ = query.shape
-        nbytes = 4 * batch * len(heads) * n_query * key.shape[-2]
-        self._map_bytes_this_call += nbytes
-        if self._map_bytes_this_call > self.taps.map_budget_bytes:
-            raise MapBudgetError(
-                f"recording attention maps needs {self._map_bytes_this_call / 2**20:.0f} MiB in this call, over "
-                f"the budget of {self.taps.map_budget_bytes / 2**20:.0f} MiB; tap fewer layers/heads, use "
-                "shorter inputs, or raise Taps.map_budget_bytes"
-            )
+        self._count_map_bytes(layer, 4 * batch * len(heads) * n_query * key.shape[-2])
         self.decomposed_mask(attention_mask, query, key, call)  # the model's mask must be what the call declares
         probs = attention_math.attention_probs(query, key, attention_mask, call, heads, query.shape[1] // key.shape[1])
         if edited is not None:
@@ -77,12 +67,29 @@ class Recorder:
             for pos, head in enumerate(heads):
                 if head in edited_heads:
                     probs[:, pos] = edited_probs[:, edited_heads.index(head)]
+        self._keep(layer, heads, probs.detach(), call.key_start)
+
+    def _count_map_bytes(self, layer: int, nbytes: int) -> None:
+        """Add a layer's maps to this call's total (a forward's first tapped layer starts it; with a
+        consumer each layer's maps are let go at once); raise :class:`MapBudgetError` over budget."""
+        if layer == min(self.taps.attention) or self.taps.attention_consumer is not None:
+            self._map_bytes_this_call = 0
+        self._map_bytes_this_call += nbytes
+        if self._map_bytes_this_call > self.taps.map_budget_bytes:
+            raise MapBudgetError(
+                f"recording attention maps needs {self._map_bytes_this_call / 2**20:.0f} MiB in this call, over "
+                f"the budget of {self.taps.map_budget_bytes / 2**20:.0f} MiB; tap fewer layers/heads, use "
+                "shorter inputs, or raise Taps.map_budget_bytes"
+            )
+
+    def _keep(self, layer: int, heads, probs: torch.Tensor, key_start: int) -> None:
+        """Hand ``probs [B, len(heads), Nq, Nk]`` to the consumer, or keep them in the recording."""
         self.recording.attention_heads[layer] = heads
         if self.taps.attention_consumer is not None:
-            self.taps.attention_consumer(layer, probs.detach())
+            self.taps.attention_consumer(layer, probs)
         else:
-            self.recording.attention[layer].append(probs.detach())
-            self.recording.attention_key_start[layer].append(call.key_start)
+            self.recording.attention[layer].append(probs)
+            self.recording.attention_key_start[layer].append(key_start)
 
     def stats(self, layer, query, key, value, attention_mask, call, dropout_active: bool):
         """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``

@@ -213,8 +213,32 @@ def test_hook_refuses_edits_and_taps_on_converted_layers():
     with attach(model, Plan([HeadScale(layer=1, heads=(1,), scale=0.0)])) as session:  # softmax layers stay editable
         model(ids())
         with pytest.raises(PlanError, match="converted"):  # taps set later are checked too
-            session.set_taps(Taps(attention={0: None}))
-        session.set_taps(Taps(attention={1: None}))
+            session.set_taps(Taps(stats={0: None}))
+        session.set_taps(Taps(head_outputs=[1]))
+
+
+def test_maps_of_converted_layers_are_their_converted_weights_on_whole_inputs_only():
+    from headlab.surgeon import PlanError, Taps, attach
+
+    from headlab.surgeon.sites import has_causal_attention
+
+    model = converted(layers=(0, 2))
+    assert has_causal_attention(model)  # the first attention module is a converted one
+    x = ids(batch=1)
+    hidden = {}
+    handle = model.model.layers[2].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: hidden.update(h=kwargs["hidden_states"], pe=kwargs["position_embeddings"]),
+        with_kwargs=True)
+    with torch.no_grad(), attach(model, taps=Taps(attention={0: None, 1: (2,), 2: (0, 3)})) as session:
+        out = model(x, use_cache=True)
+        handle.remove()
+        expected = model.model.layers[2].self_attn.attention_weights_of(hidden["h"], hidden["pe"])[:, [0, 3]]
+        assert torch.equal(session.recording.attention_map(2), expected)
+        assert session.recording.attention_map(1).shape == (1, 1, 23, 23)  # the softmax layer as usual
+        sums = session.recording.attention_map(0).sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+        with pytest.raises(PlanError, match="continue a cache"):  # a decode step's input alone does not give them
+            model(x[:, :1], past_key_values=out.past_key_values, use_cache=True)
 
 
 def test_attention_with_extra_submodules_is_refused():

@@ -77,6 +77,32 @@ def test_report_adds_sink_context_and_probe_scores(tmp_path):
     assert "sink_dims" in report.read_text()  # settings shown on the page
 
 
+def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softmax_layers(tmp_path):
+    from test_conversion import converted
+
+    model = converted(layers=(0, 2))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    settings = ReportSettings(n_samples=2, n_tokens=20, seed=0, text_path=str(text), n_views=1,
+                              scores=("induction", "gradient", "context", "sinks"))
+    write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "out", settings, progress=False)
+    data = json.loads((tmp_path / "out" / "scores.json").read_text())
+    skipped = data["provenance"]["skipped"]
+    assert set(skipped) == {"gradient", "context"} and "converted" in skipped["gradient"]
+    from headlab.probes.corpus import token_windows
+
+    windows = token_windows(CharTokenizer(), text.read_text(), 2, 20, 0)
+    maps = torch.stack([record_attention(model, ids).maps for ids in windows])  # [window, layer, head, q, k]
+    prev = maps[..., torch.arange(1, 20), torch.arange(19)].mean((0, -1))
+    got = torch.tensor(data["scores"]["previous_token"]["values"])
+    assert torch.allclose(got, prev, atol=1e-5) and got[0].gt(0).all()  # converted layer 0 scored from its maps
+    assert {"induction", "sink_massive"} <= set(data["scores"])
+    with pytest.raises(ValueError, match="--tokens"):  # maps over the budget: statistics, which converted layers lack
+        write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "long",
+                     ReportSettings(n_samples=1, n_tokens=20_000, text_path=str(text), scores=()), progress=False)
+    assert not (tmp_path / "long").exists()
+
+
 def test_report_rejects_a_bad_probe_file_before_scoring(tmp_path):
     bad = tmp_path / "labels.jsonl"
     bad.write_text("not json\n")

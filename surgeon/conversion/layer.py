@@ -110,6 +110,8 @@ def _require_causal(mask: torch.Tensor | None) -> None:
 class LinearAttention(nn.Module):
     """Drop-in ``self_attn`` with Hedgehog linear or hybrid attention (see the module docstring)."""
 
+    is_causal = True  # each token's output folds in the tokens before it only
+
     def __init__(self, attention: nn.Module, settings: LinearSettings, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.settings = settings
