@@ -223,23 +223,15 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
     if edited and (prefix is not None or len(prompts) > 1):
         raise ValueError("a shared prefix and side-by-side decoding are only for the unedited model")
     lengths = [ids.shape[1] - 1 for ids in prompts]  # positions each row prefills
-    held, n_layers = max(lengths), model_shape(model).n_layers
+    shape = model_shape(model)
+    held, n_layers = max(lengths), shape.n_layers
     rooms = SharedRooms(model, len(prompts), held + max_new_tokens + 1)
-    start = 0 if prefix is None else prefix.length
     top_keys: list[list[torch.Tensor]] = [[] for _ in prompts]
     with attach(model, plan) as session:
-        caches = []
-        for row, ids in enumerate(prompts):  # prefill: the plan applies, nothing is recorded
-            if prefix is not None:
-                session.resume(prefix.length)
-            caches.append(rooms.row_cache(row, None if prefix is None else prefix.cache))
-            step = ids.shape[1] if prefix is None else CONTINUATION_ROWS
-            for first in range(start, ids.shape[1] - 1, step):
-                run_for_taps(model, input_ids=ids[:, first:min(first + step, ids.shape[1] - 1)],
-                             past_key_values=caches[-1], use_cache=True)
+        caches = [_prefill_row(model, session, rooms, row, ids, prefix) for row, ids in enumerate(prompts)]
         session.resume(held)
         if record:
-            session.set_taps(Taps.all_attention(model_shape(model)))  # from here on one row per head and step
+            session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
 
         def note_top_keys(rows: list[int]) -> None:
             recording = session.recording
@@ -251,6 +243,19 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
                                  torch.cat([ids[:, -1:] for ids in prompts]), lengths, max_new_tokens, stop,
                                  note_top_keys if record else None)
     return list(zip(generated, top_keys))
+
+
+def _prefill_row(model, session, rooms: SharedRooms, row: int, ids: torch.Tensor, prefix: SharedPrefix | None):
+    """Prefill ``ids [1, n]`` but its last token into row ``row`` of ``rooms`` (the plan applies,
+    nothing is recorded), continuing ``prefix`` in chunks of :data:`CONTINUATION_ROWS`; its cache."""
+    cache = rooms.row_cache(row, None if prefix is None else prefix.cache)
+    start, step = (0, ids.shape[1]) if prefix is None else (prefix.length, CONTINUATION_ROWS)
+    if prefix is not None:
+        session.resume(prefix.length)
+    for first in range(start, ids.shape[1] - 1, step):
+        run_for_taps(model, input_ids=ids[:, first:min(first + step, ids.shape[1] - 1)], past_key_values=cache,
+                     use_cache=True)
+    return cache
 
 
 def _top_key_positions(recording, n_layers: int, row: int, held: int, length: int) -> torch.Tensor:
