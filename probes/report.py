@@ -146,6 +146,21 @@ def scoring_method(model, n_tokens: int) -> str:
     return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
 
 
+def _converted_note(model) -> str:
+    """What the provenance says of layers converted to linear attention (nothing when there are none)."""
+    layers = sorted(converted_layers(model))
+    if not layers:
+        return ""
+    runs: list[list[int]] = []
+    for layer in layers:  # consecutive layers as one range: "0-29", "0, 2"
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    named = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"; layers {named} converted to linear attention: their maps are the converted form's weights"
+
+
 def _require_maps(model, n_tokens: int) -> None:
     """Layers converted to linear attention give their maps, not statistics: refuse windows whose
     maps exceed the budget (which the report would score from statistics)."""
@@ -166,7 +181,8 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
         **shape.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attention": f"headlab hook over the model's own {text_config(model.config)._attn_implementation} attention; "
-                     + ("maps recomputed in fp32" if method == "maps" else "per-row statistics from the fused op (no maps)"),
+                     + ("maps recomputed in fp32" if method == "maps" else "per-row statistics from the fused op (no maps)")
+                     + _converted_note(model),
         "method": method,
         "causal": causal,
         "n_samples": settings.n_samples,

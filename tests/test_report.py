@@ -87,6 +87,7 @@ def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softma
                               scores=("induction", "gradient", "context", "sinks"))
     write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert "layers 0, 2 converted to linear attention" in data["provenance"]["attention"]
     skipped = data["provenance"]["skipped"]
     assert set(skipped) == {"gradient", "context"} and "converted" in skipped["gradient"]
     from headlab.probes.corpus import token_windows
