@@ -373,8 +373,10 @@ def _converted_map_hooks(modules, session: Session) -> list:
         if past is not None and layer < len(past.layers) and past.layers[layer].get_seq_length() > 0:
             raise PlanError(f"layer {layer} is converted to linear attention: its maps are recorded on whole "
                             "inputs, not on calls that continue a cache")
-        hidden = args[0] if args else kwargs["hidden_states"]
-        session.recorder.pattern(layer, module.attention_weights_of(hidden, kwargs.get("position_embeddings")))
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, N, d_model]
+        size = (hidden.shape[0], hidden.shape[1], hidden.shape[1])
+        session.recorder.made_pattern(
+            layer, size, lambda: module.attention_weights_of(hidden, kwargs.get("position_embeddings")))
 
     return [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules if isinstance(m, LinearAttention)]
 

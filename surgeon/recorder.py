@@ -44,13 +44,20 @@ class Recorder:
             self.recording.head_outputs[layer].append(out.detach())
 
     def pattern(self, layer: int, probs: torch.Tensor, key_start: int = 0) -> None:
-        """Record an attention pattern ``[B, H, Nq, Nk]`` computed elsewhere (a bridge's hook point,
-        a converted layer's weights), restricted to the tapped heads."""
+        """Record an attention pattern ``[B, H, Nq, Nk]`` computed elsewhere (a bridge's hook point),
+        restricted to the tapped heads."""
+        batch, _, n_query, n_key = probs.shape
+        self.made_pattern(layer, (batch, n_query, n_key), lambda: probs, key_start)
+
+    def made_pattern(self, layer: int, size: tuple[int, int, int], make, key_start: int = 0) -> None:
+        """Record the pattern ``make()`` returns (``[B, H, Nq, Nk]``, ``size = (B, Nq, Nk)``; a
+        converted layer's weights) when the layer is tapped, checking the map budget first."""
         heads = self.taps.attention_heads(layer, self.shape.n_heads)
         if heads is None:
             return
-        self._count_map_bytes(layer, 4 * probs.shape[0] * len(heads) * probs.shape[-2] * probs.shape[-1])
-        self._keep(layer, heads, probs[:, list(heads)].detach().float(), key_start)
+        batch, n_query, n_key = size
+        self._count_map_bytes(layer, 4 * batch * len(heads) * n_query * n_key)
+        self._keep(layer, heads, make()[:, list(heads)].detach().float(), key_start)
 
     def attention(self, layer, query, key, attention_mask, call, edited=None) -> None:
         """Record the tapped heads' maps: the edited ``(heads, probs)`` where the plan changed

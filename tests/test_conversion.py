@@ -241,6 +241,16 @@ def test_maps_of_converted_layers_are_their_converted_weights_on_whole_inputs_on
             model(x[:, :1], past_key_values=out.past_key_values, use_cache=True)
 
 
+def test_maps_of_converted_layers_over_the_budget_are_refused_before_they_are_computed(monkeypatch):
+    from headlab.surgeon import MapBudgetError, Taps, attach
+    from headlab.surgeon.conversion.layer import LinearAttention
+
+    model = converted(layers=(0,))
+    monkeypatch.setattr(LinearAttention, "attention_weights_of", lambda *a: pytest.fail("maps computed"))
+    with pytest.raises(MapBudgetError), attach(model, taps=Taps(attention={0: (1,)}, map_budget_bytes=4 * 23 * 23 - 1)):
+        model(ids(batch=1))
+
+
 def test_attention_with_extra_submodules_is_refused():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
