@@ -154,7 +154,10 @@ class GateTraining:
         return float(loss.detach()), float(mse.detach())
 
     def _settings_key(self) -> str:
-        return json.dumps(dataclasses.asdict(self.settings), sort_keys=True)
+        """What a resumed run must share: everything but how long it trains and how often it saves
+        (a step's sample and update do not depend on them, so a run can be extended)."""
+        fixed = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in ("steps", "save_every")}
+        return json.dumps(fixed, sort_keys=True)
 
     def _save(self) -> None:
         if self.path is None:
@@ -176,6 +179,9 @@ class GateTraining:
         if state.get("settings") != self._settings_key():
             raise InputFileError(f"{self.path} holds a gate training with other settings; move it away or use "
                                  "the same settings")
+        if state["step"] > self.settings.steps:
+            raise InputFileError(f"{self.path} holds {state['step']} training steps, more than --steps "
+                                 f"{self.settings.steps}; ask for at least as many")
         with torch.no_grad():
             self.alphas.copy_(state["alphas"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -134,6 +134,18 @@ def test_a_killed_gate_training_resumes_to_the_same_gates(tmp_path, monkeypatch)
         GateTraining(model, tokenizer, GateSettings(**{**SMALL, "lam": 0.1}), tmp_path / "run")
 
 
+def test_a_finished_gate_training_extends_to_the_gates_of_a_longer_run(tmp_path):
+    model, tokenizer = tiny_llama("gqa", layers=3), CharTokenizer()
+    longer = GateSettings(**{**SMALL, "steps": SMALL["steps"] + 2})
+    straight = GateTraining(model, tokenizer, longer, tmp_path / "straight").run(progress=False)
+    GateTraining(model, tokenizer, GateSettings(**SMALL), tmp_path / "run").run(progress=False)
+    extended = GateTraining(model, tokenizer, longer, tmp_path / "run")
+    assert extended.step == SMALL["steps"]
+    assert torch.equal(extended.run(progress=False), straight)
+    with pytest.raises(Exception, match="more than --steps"):
+        GateTraining(model, tokenizer, GateSettings(**{**SMALL, "steps": 1}), tmp_path / "run")
+
+
 @pytest.mark.real_model
 def test_train_gates_command_writes_a_scores_file_and_a_plan(tmp_path, smollm2):
     tokenizer = smollm2[1]
