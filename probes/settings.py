@@ -190,8 +190,8 @@ class GateSettings:
     passkey_words: int = setting(32, "words per passkey", kind=Integer(1), flag="--passkey-words")
     sinks: int = setting(128, "first valid tokens the streaming attention keeps", kind=Integer(0), flag="--sinks")
     window: int = setting(256, "latest positions the streaming attention keeps", kind=Integer(1), flag="--window")
-    save_every: int = setting(10, "steps between saves of the training state (a killed run resumes from it; a larger --steps extends a finished one)",
-                              kind=Integer(1), flag="--save-every")
+    save_every: int = setting(10, "steps between saves of the training state (a killed run resumes from it; "
+                                  "a larger --steps extends a finished one)", kind=Integer(1), flag="--save-every")
     text_path: str | None = setting(None, "haystack text (default: the standard-library docstrings)",
                                     kind=Maybe(ExistingFile()), flag="--text-file")
     seed: int = setting(0, "seed of the samples", kind=Integer(0), flag="--seed")
