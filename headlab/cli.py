@@ -57,6 +57,10 @@ def _report(args) -> int:
     from .surgeon.conversion.converted import is_converted_directory
 
     converted = Path(args.model).is_dir() and is_converted_directory(args.model)
+    if converted:
+        from .probes.report import check_converted_windows
+
+        check_converted_windows(config, settings.n_tokens)
     for name, reason in requested_families(settings, is_causal_lm(config), converted)[1].items():
         print(f"headlab report: note: skipping the {name} score of {args.model}: it {reason}", file=sys.stderr)
     common.init_distributed()

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..surgeon import model_shape
 from ..surgeon.conversion.converted import converted_layers
 from ..surgeon.distributed import rank_and_world
+from ..surgeon.errors import HeadlabError
 from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
 from ..surgeon.shape import text_config
@@ -67,7 +68,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     atlas = load_atlas(out_dir)
     converted = bool(converted_layers(model))
     if converted:
-        _require_maps(model, settings.n_tokens)
+        check_converted_windows(model, settings.n_tokens)
     if rank == 0:
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
     causal = has_causal_attention(model)
@@ -139,10 +140,10 @@ def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> 
 VIEW_TOKENS = 512  # attention views of long inputs show this many leading tokens
 
 
-def scoring_method(model, n_tokens: int) -> str:
+def scoring_method(model_or_config, n_tokens: int) -> str:
     """``"maps"`` when one window's maps (all layers and heads, fp32) fit the taps' map budget,
     else ``"statistics"`` (the fused op: no N×N map, the same four scores)."""
-    shape = model_shape(model)
+    shape = model_shape(model_or_config)
     return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
 
 
@@ -161,13 +162,14 @@ def _converted_note(model) -> str:
     return f"; layers {named} converted to linear attention: their maps are the converted form's weights"
 
 
-def _require_maps(model, n_tokens: int) -> None:
-    """Layers converted to linear attention give their maps, not statistics: refuse windows whose
-    maps exceed the budget (which the report would score from statistics)."""
-    if scoring_method(model, n_tokens) == "statistics":
-        shape = model_shape(model)
+def check_converted_windows(model_or_config, n_tokens: int) -> None:
+    """For a model with layers converted to linear attention, which give their maps and not
+    statistics: refuse windows whose maps exceed the budget (the report would score them from
+    statistics) with a :class:`HeadlabError`."""
+    if scoring_method(model_or_config, n_tokens) == "statistics":
+        shape = model_shape(model_or_config)
         longest = math.isqrt(DEFAULT_MAP_BUDGET_BYTES // (4 * shape.n_layers * shape.n_heads))
-        raise ValueError(f"this model has layers converted to linear attention, which the report scores from "
+        raise HeadlabError(f"this model has layers converted to linear attention, which the report scores from "
                          f"attention maps only; {n_tokens}-token windows' maps exceed the budget: use --tokens "
                          f"{longest} or fewer")
 

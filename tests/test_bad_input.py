@@ -79,6 +79,7 @@ def sandbox(tmp_path_factory):
     _sae_folders(d)
     tiny = tiny_llama("gqa")
     tiny.save_pretrained(d / "tinymodel")
+    _converted_folder(d / "tinyconverted")
     _pickled_model(tiny, d / "pickled")
     return d
 
@@ -95,6 +96,16 @@ def _sae_folders(d: Path) -> None:
     (d / "sae_d_sae" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 2000}))
     weights = d / "sae_truncated" / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def _converted_folder(folder: Path) -> None:
+    """A tiny checkpoint with layer 0 converted to linear attention."""
+    from headlab.surgeon.conversion import LinearSettings, convert
+    from headlab.surgeon.conversion.converted import save_converted
+
+    model = tiny_llama("gqa")
+    convert(model, LinearSettings(layers=(0,)))
+    save_converted(model, None, folder)
 
 
 class _NotATensor:
@@ -128,6 +139,7 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/r --needles 4", "maximum 3"),
     (f"report {SMOL} --out {{d}}/user.txt", "is a file"),
     (f"report {SMOL} --out {{d}}/precious", "headlab did not write (scores.json)"),
+    ("report {d}/tinyconverted --out {d}/r --tokens 5000", "converted to linear attention"),
     (f"report {SMOL} --out {{d}}/precious --overwrite --samples -3", "--samples"),
     (f"report {SMOL} --out {{d}}/r --max-memory lots", "memory size"),
     ("report smollm2-13m --out {d}/r", "did you mean 'smollm2-135m'"),
