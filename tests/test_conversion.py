@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import U
 from conftest import VOCAB, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -235,8 +236,8 @@ def test_maps_of_converted_layers_are_their_converted_weights_on_whole_inputs_on
         expected = model.model.layers[2].self_attn.attention_weights_of(hidden["h"], hidden["pe"])[:, [0, 3]]
         assert torch.equal(session.recording.attention_map(2), expected)
         assert session.recording.attention_map(1).shape == (1, 1, 23, 23)  # the softmax layer as usual
-        sums = session.recording.attention_map(0).sum(-1)
-        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+        sums = session.recording.attention_map(0).sum(-1)  # 23 quotients of one normaliser, summed in fp32
+        assert (sums - 1).abs().max() <= 2 * (23 + 4) * U
         with pytest.raises(PlanError, match="continue a cache"):  # a decode step's input alone does not give them
             model(x[:, :1], past_key_values=out.past_key_values, use_cache=True)
 

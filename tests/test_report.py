@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import U
 from conftest import CharTokenizer, tiny_llama
 
 from headlab.cli import main
@@ -96,7 +97,8 @@ def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softma
     maps = torch.stack([record_attention(model, ids).maps for ids in windows])  # [window, layer, head, q, k]
     prev = maps[..., torch.arange(1, 20), torch.arange(19)].mean((0, -1))
     got = torch.tensor(data["scores"]["previous_token"]["values"])
-    assert torch.allclose(got, prev, atol=1e-5) and got[0].gt(0).all()  # converted layer 0 scored from its maps
+    # both means of 2 × 19 map entries in [0, 1], summed in fp32 in different orders
+    assert (got - prev).abs().max() <= 2 * 38 * U and got[0].gt(0).all()  # converted layer 0 scored from its maps
     assert {"induction", "sink_massive"} <= set(data["scores"])
     with pytest.raises(ValueError, match="--tokens"):  # maps over the budget: statistics, which converted layers lack
         write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "long",
