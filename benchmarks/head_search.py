@@ -2,18 +2,20 @@
 
     python benchmarks/head_search.py --out benchmarks/results/head_search.json
 
-Three ways to measure every candidate head (layers 2-28, 9 heads each: 243) on the same 32
+Four ways to measure every candidate head (layers 2-28, 9 heads each: 243) on the same 32
 ``kv-recall`` calibration examples (4 choices each, 16 sequences per forward):
 
 - ``whole_full_logits``: each head's plan runs the whole model with logits at every position (the
   search before the layer prefix);
 - ``whole``: the whole model, logits only where a choice token is scored (``evaluate`` today);
-- ``search``: :func:`calibration_search`, which starts each head's forward from the kept residual
-  stream entering its layer.
+- ``prefix``: every sequence whole from the kept residual stream entering the head's layer (the
+  search when :class:`SuffixScorer` cannot serve a model);
+- ``search``: :func:`calibration_search`, which also runs each sequence only from the head's first
+  sink on, continuing the unedited cache.
 
 A whole forward costs the same whatever the head's layer, so the two whole modes are timed on one
-head per layer (``--sample``) and their per-head mean is multiplied by 243; the search is timed on
-all 243. The accuracies of the sampled heads must be identical in all three.
+head per layer (``--sample``) and their per-head mean is multiplied by 243; the two searches are
+timed on all 243 heads, whose accuracies must be identical (the sampled heads' in all four).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from machine import cpu_model
@@ -38,6 +41,7 @@ def main() -> None:
 
     from headlab.surgeon import Calibrate, Plan, load_model
     from headlab.surgeon.hook import apply
+    from headlab.surgeon.search import calibration
     from headlab.surgeon.search.calibration import SearchSettings, calibration_search, default_candidates
     from headlab.surgeon.search.evaluate import accuracy, choice_batches, score_batches
     from headlab.surgeon.search.tasks import load_task
@@ -68,10 +72,16 @@ def main() -> None:
     per_head_full, acc_full = whole(full_logits)
     per_head_read, acc_read = whole(read_logits)
     settings = SearchSettings(("kv-recall",), len(examples), tuple(candidates))
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        state = calibration_search(model, tokenizer, examples, settings, Path(tmp) / "search.json")
-        search_seconds = time.perf_counter() - started
+
+    def timed_search() -> tuple[float, dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            state = calibration_search(model, tokenizer, examples, settings, Path(tmp) / "search.json")
+            return time.perf_counter() - started, state
+
+    search_seconds, state = timed_search()
+    with patch.object(calibration, "_scorer_or_none", lambda *args: None):
+        prefix_seconds, prefix_state = timed_search()
     sampled = {key: state["heads"][key] for key in acc_full}
     result = {
         "benchmark": "ACT head search, SmolLM2-135M-Instruct, kv-recall, one run",
@@ -82,9 +92,13 @@ def main() -> None:
         "whole_seconds_per_head": round(per_head_read, 3),
         "whole_full_logits_seconds_all_heads": round(per_head_full * len(candidates), 1),
         "whole_seconds_all_heads": round(per_head_read * len(candidates), 1),
+        "prefix_seconds_all_heads": round(prefix_seconds, 1),
         "search_seconds_all_heads": round(search_seconds, 1),
         "speedup_vs_whole_full_logits": round(per_head_full * len(candidates) / search_seconds, 2),
         "speedup_vs_whole": round(per_head_read * len(candidates) / search_seconds, 2),
+        "speedup_vs_prefix": round(prefix_seconds / search_seconds, 2),
+        "all_heads_identical_to_prefix": state["heads"] == prefix_state["heads"],
+        "kept_heads": len(state["kept"]),
         "sampled_heads_identical": acc_full == acc_read == sampled,
         "sampled_accuracies": sampled, "baseline_accuracy": state["baseline"],
     }

@@ -83,6 +83,18 @@ class Session:
             raise ValueError(f"a resumed cache holds at least one position, not {n_cached}")
         self._seen = {layer: n_cached for layer in range(self.shape.n_layers)}
 
+    def continue_request(self, state: RequestState, n_cached: int) -> None:
+        """The next calls continue a request whose prefill ran elsewhere: ``state`` is what it fixed
+        (pinned here, so a later prefill keeps it) and ``n_cached`` the positions it left in the cache
+        (0: the next call is a prefill, which keeps ``state`` instead of fixing its own)."""
+        state.pin()
+        self.state = state
+        self._prefilled_layers.clear()
+        if n_cached:
+            self.resume(n_cached)
+        else:
+            self._seen.clear()
+
     def attend(self, module, query, key, value, attention_mask, kwargs):
         """Attention for one layer call: the model's own (or, where every head's statistics are
         recorded, the statistics op's output), then the layer's softmax-stage edits on their

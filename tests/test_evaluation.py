@@ -79,16 +79,17 @@ def test_the_head_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     complete = search.calibration_search(model, tok, examples, settings, tmp_path / "full.json")
 
     calls, killed = [], []
-    real_measure = search.measure_head
+    real_measure = search.measure_layer
 
     def dying_measure(*args, **kwargs):
-        calls.append(args[3])
-        if len(calls) == 5 and not killed:
-            killed.append(True)
-            raise Killed  # the search is killed while measuring its fifth head
-        return real_measure(*args, **kwargs)
+        for edit, result in real_measure(*args, **kwargs):
+            if len(calls) == 4 and not killed:
+                killed.append(True)
+                raise Killed  # the search is killed while measuring its fifth head
+            calls.append(edit)
+            yield edit, result
 
-    monkeypatch.setattr(search, "measure_head", dying_measure)
+    monkeypatch.setattr(search, "measure_layer", dying_measure)
     with pytest.raises(Killed):
         search.calibration_search(model, tok, examples, settings, tmp_path / "run.json")
     calls.clear()

@@ -1,6 +1,7 @@
 """Choice tasks, evaluation and ACT's head search: the tasks (:mod:`.tasks`), accuracy and held-out
-loss (:mod:`.evaluate`), the search for the heads calibration helps (:mod:`.calibration`) and their
-settings (:mod:`.settings`)."""
+loss (:mod:`.evaluate`), the search for the heads calibration helps (:mod:`.calibration`, measuring
+each head from the stream entering its layer, :mod:`.prefix`, and from its first sink on,
+:mod:`.suffix`) and their settings (:mod:`.settings`)."""
 
 from importlib import import_module
 

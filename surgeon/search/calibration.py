@@ -1,11 +1,15 @@
 """ACT's offline head search (docs/methods/act.md): calibrate one head at a time, keep the heads that help.
 
 The heads are measured layer by layer from the residual stream entering their layer, kept from one
-unedited pass (:class:`~.prefix.LayerPrefix`): the same accuracies as evaluating each head's plan
-on its own, without running the layers below the head again for every head.
+unedited pass (:class:`~.prefix.LayerPrefix`), without running the layers below the head again for
+every head; on causal models with full-attention caches only each sequence's rows from the head's
+first sink on run (:class:`~.suffix.SuffixScorer`), continuing the unedited cache, with the heads
+of a layer side by side. The accuracies are those of evaluating each head's plan on its own (the
+scores agree up to fp32 rounding).
 
-Progress is written atomically after every head to a JSON file; a search started again with the
-same settings skips the heads already measured, so a killed search continues where it stopped.
+Progress is written atomically after every head (the heads of a layer measured side by side, one
+after another once the layer is done) to a JSON file; a search started again with the same settings
+skips the heads already measured, so a killed search continues where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -25,6 +30,7 @@ from ..shape import model_shape
 from ..plan import Plan, PlanError
 from .evaluate import EvalResult, accuracy, choice_batches, model_forward, score_batches
 from .prefix import LayerPrefix
+from .suffix import SuffixScorer
 from .settings import ACT_BETA, ACT_THRESHOLD
 from .tasks import Example
 
@@ -70,27 +76,40 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
     batches = choice_batches(tokenizer, examples, batch_size)
     prefix = _prefix_or_none(model, batches)
     forward = prefix.forward if prefix is not None else model_forward(model)
-    if state["baseline"] is None:
-        state["baseline"] = accuracy(examples, score_batches(batches, len(examples), forward)).accuracy
-        write_json(progress_path, state)
     todo = sorted(c for c in settings.candidates if _key(c) not in state["heads"])
-    for layer, head in tqdm(todo, desc="calibration search", initial=len(settings.candidates) - len(todo),
-                            total=len(settings.candidates)):
-        if prefix is not None and not _advanced(prefix, layer):
-            prefix, forward = None, model_forward(model)
-        plan = Plan([Calibrate(layer, (head,), beta=settings.beta, threshold=settings.threshold)])
-        state["heads"][_key((layer, head))] = measure_head(model, examples, batches, plan, forward).accuracy
+    scorer = _scorer_or_none(model, batches, prefix, len(examples)) if todo else None
+    if state["baseline"] is None:
+        unedited = scorer.unedited_scores() if scorer is not None else score_batches(batches, len(examples), forward)
+        state["baseline"] = accuracy(examples, unedited).accuracy
         write_json(progress_path, state)
+    bar = tqdm(desc="calibration search", initial=len(settings.candidates) - len(todo), total=len(settings.candidates))
+    for layer in sorted({layer for layer, _ in todo}):
+        if prefix is not None and not _advanced(prefix, layer):
+            prefix, forward, scorer = None, model_forward(model), None
+        edits = [Calibrate(layer, (head,), beta=settings.beta, threshold=settings.threshold)
+                 for candidate_layer, head in todo if candidate_layer == layer]
+        for edit, result in measure_layer(model, examples, batches, edits, forward, scorer):
+            state["heads"][_key((layer, edit.heads[0]))] = result.accuracy
+            write_json(progress_path, state)
+            bar.update()
+    bar.close()
     state["kept"] = [list(c) for c in settings.candidates
                      if state["heads"][_key(c)] - state["baseline"] > settings.margin]
     write_json(progress_path, state)
     return state
 
 
-def measure_head(model, examples: list[Example], batches, plan: Plan, forward) -> EvalResult:
-    """Accuracy under ``plan`` with ``forward`` (the whole model, or from the kept stream of the plan's layer)."""
-    with apply(model, plan):
-        return accuracy(examples, score_batches(batches, len(examples), forward))
+def measure_layer(model, examples: list[Example], batches, edits: list[Calibrate], forward,
+                  scorer: SuffixScorer | None = None) -> Iterator[tuple[Calibrate, EvalResult]]:
+    """Accuracy under each of ``edits`` alone (one head each, one layer): all at once from the rows
+    they can change with ``scorer``, else one by one with ``forward`` (the whole model, or from the
+    kept stream of the layer)."""
+    if scorer is not None:
+        yield from zip(edits, (accuracy(examples, scores) for scores in scorer.layer_scores(edits)))
+        return
+    for edit in edits:
+        with apply(model, Plan([edit])):
+            yield edit, accuracy(examples, score_batches(batches, len(examples), forward))
 
 
 def _prefix_or_none(model, batches) -> LayerPrefix | None:
@@ -98,6 +117,15 @@ def _prefix_or_none(model, batches) -> LayerPrefix | None:
         return LayerPrefix(model, batches)
     except UnsupportedModelError:
         return None  # every head then runs the whole model
+
+
+def _scorer_or_none(model, batches, prefix: LayerPrefix | None, n_examples: int) -> SuffixScorer | None:
+    if prefix is None:
+        return None
+    try:
+        return SuffixScorer(model, batches, prefix, n_examples)
+    except UnsupportedModelError:
+        return None  # every head then runs its sequences whole, from the kept stream
 
 
 def _advanced(prefix: LayerPrefix, layer: int) -> bool:

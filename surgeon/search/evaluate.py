@@ -72,17 +72,23 @@ def choice_batches(tokenizer, examples: list[Example], batch_size: int = 16) -> 
 
 
 def model_forward(model) -> Forward:
-    """The plain forward: logits at each batch's ``read`` positions only (``logits_to_keep`` where the
-    model takes it, else sliced from the full logits)."""
-    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    """The plain forward: logits at each batch's ``read`` positions only (see :func:`output_at`)."""
 
     def forward(index: int, batch: ChoiceBatch) -> torch.Tensor:
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if keeps:
-            return model(**inputs, logits_to_keep=batch.read).logits
-        return model(**inputs).logits[:, batch.read]
+        return output_at(model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                         batch.read).logits
 
     return forward
+
+
+def output_at(model, inputs: dict, positions: torch.Tensor):
+    """``model(**inputs)`` with its ``logits [B, K, vocab]`` at ``positions [K]`` only:
+    ``logits_to_keep`` where the model takes it, else sliced from the full logits."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, logits_to_keep=positions)
+    out = model(**inputs)
+    out.logits = out.logits[:, positions]
+    return out
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from ..sites import block_input, decoder_layers
 from .evaluate import ChoiceBatch, model_forward
 
 
-class _Reached(Exception):
+class Reached(Exception):
     """Raised by the pre-hook of the layer whose input is wanted: the rest of the forward is not needed."""
 
 
@@ -37,13 +37,17 @@ class LayerPrefix:
         self.blocks = [blocks[i] for i in range(len(blocks))]
         self.layer = 0
         self.states: list[torch.Tensor] | None = None  # None at layer 0: the model's own embeddings
+        self.known: dict[int, list[torch.Tensor]] = {}  # layer -> the stream entering it, computed elsewhere
         self._plain = model_forward(model)
 
     @torch.no_grad()
     def advance(self, layer: int) -> None:
-        """Make :attr:`states` the stream entering ``layer``: from the kept layer when ``layer`` is at
-        or above it, else from the embeddings."""
+        """Make :attr:`states` the stream entering ``layer``: from :attr:`known` if there, else from
+        the kept layer when ``layer`` is at or above it, else from the embeddings."""
         if layer == self.layer:
+            return
+        if layer in self.known:
+            self.layer, self.states = layer, self.known[layer]
             return
         if layer < self.layer:
             self.layer, self.states = 0, None
@@ -53,7 +57,7 @@ class LayerPrefix:
 
         def keep(module, args, kwargs):
             captured.append(block_input(args, kwargs))
-            raise _Reached
+            raise Reached
 
         handle = self.blocks[layer].register_forward_pre_hook(keep, with_kwargs=True)
         check = self.blocks[layer - 1].register_forward_hook(_require_tensor_output)
@@ -61,7 +65,7 @@ class LayerPrefix:
             for index, batch in enumerate(self.batches):
                 try:
                     self.forward(index, batch)
-                except _Reached:
+                except Reached:
                     pass
         finally:
             handle.remove()
@@ -73,7 +77,7 @@ class LayerPrefix:
         :attr:`layer` handing through the kept stream of batch ``index``."""
         if self.states is None:
             return self._plain(index, batch)
-        with _handing_through(self.blocks[: self.layer], self.states[index]):
+        with handing_through(self.blocks[: self.layer], self.states[index]):
             return self._plain(index, batch)
 
 
@@ -84,7 +88,7 @@ def _require_tensor_output(module, args, output) -> None:
 
 
 @contextmanager
-def _handing_through(blocks: list[torch.nn.Module], states: torch.Tensor) -> Iterator[None]:
+def handing_through(blocks: list[torch.nn.Module], states: torch.Tensor) -> Iterator[None]:
     """Inside, the first of ``blocks`` returns a copy of ``states`` (a later block may write into its
     input) and the others return their input."""
 
