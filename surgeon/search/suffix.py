@@ -8,9 +8,10 @@ from one unedited pass, every sequence's keys, values and residual stream at eve
 log-probabilities of its choice tokens; it measures a head by running only each sequence's rows from its first sink
 on, from layer ``l`` (the stream entering it kept by :class:`~.prefix.LayerPrefix`), continuing the
 unedited cache with the sink sets of the whole sequence pinned. A sequence without sinks keeps its
-unedited scores. The heads of one layer are measured side by side, each batch row calibrating its
-own head, and (sequence, head) pairs whose first sinks sit at similar positions run together
-(:func:`group_by_first_row`).
+unedited scores. The choices of an example share their context: where they find the same sinks
+in it, its edited rows run once and each choice continues them. The heads of one layer are
+measured side by side, each batch row calibrating its own head, and runs that start at similar
+rows go together (:func:`group_by_first_row`).
 
 The scores equal those of a whole forward under the same plan up to fp32 rounding (the same sums
 in other groupings and shapes), not bit for bit. Needs a causal model whose cache holds the whole
@@ -54,6 +55,42 @@ class _Sequence:
     unedited: torch.Tensor
 
 
+@dataclass
+class _Example:
+    """The sequences of one example (its choices), which share their first ``n_context`` tokens."""
+
+    n_context: int
+    sequences: list[int]
+
+
+@dataclass
+class _Context:
+    """An example's context rows under one head, run once: its keys and values from row ``first``
+    on, per layer from the kept one ``[kv_heads, n, head_dim]``, and the logits ``[vocab]`` (with
+    their log-sum-exp) that score each choice's first token."""
+
+    first: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+    normaliser: torch.Tensor
+
+    def log_probability(self, target: torch.Tensor) -> torch.Tensor:
+        return self.logits[target] - self.normaliser
+
+
+@dataclass
+class _Run:
+    """Rows ``first .. end - 1`` of sequence ``sequence`` under the head in ``slot``, continuing its
+    unedited rows or, with ``context``, its example's edited context."""
+
+    sequence: int
+    slot: int
+    first: int
+    end: int
+    context: _Context | None = None
+
+
 class SuffixScorer:
     """Choice scores under calibrated heads, each alone, from the rows its edit can change (see the module).
 
@@ -67,6 +104,7 @@ class SuffixScorer:
         self.ids = _stacked([batch.input_ids for batch in batches], 1)
         self.lengths = torch.cat([batch.attention_mask.sum(-1) for batch in batches])
         self.sequences, self.caches = self._unedited_pass()
+        self.examples = self._examples()
         self._states: tuple[int, torch.Tensor] | None = None  # the kept stream entering a layer: [S, N, d_model]
 
     def scores(self, edit: Calibrate) -> list[list[float]]:
@@ -79,24 +117,50 @@ class SuffixScorer:
     def layer_scores(self, edits: list[Calibrate]) -> list[list[list[float]]]:
         """:meth:`scores` of each of ``edits``: one head each, all of :attr:`prefix`'s layer, alike
         otherwise. The heads run side by side: a batch row calibrates its own head (the others' sink
-        sets pinned empty, which leaves their weights as they are)."""
+        sets pinned empty, which leaves their weights as they are). Where the choices of an example
+        find the same sinks in its context, the context's edited rows run once for all of them."""
         together = _together(edits, self.prefix.layer)
         sinks = self._sink_sets(together)  # [S, h, N], h: the edits' heads in order
         positions = torch.arange(sinks.shape[-1])
         first = torch.where(sinks, positions, sinks.shape[-1]).amin(-1)  # [S, h]: the first row each edit changes
-        affected = (first < self.lengths[:, None] - 1).nonzero().tolist()  # (sequence, head slot) where it is scored
-        totals = [[float(s.unedited.sum()) for s in self.sequences] for _ in edits]
+        terms = {}  # (sequence, slot) -> {scored position: log-probability}, for the pairs the edit changes
         with attach(self.model, Plan([together])) as session:
-            runs = [(int(first[i, k]), int(self.lengths[i]) - 1 - int(first[i, k])) for i, k in affected]
-            for start, members in group_by_first_row(runs):
-                chosen = [affected[m] for m in members]
-                for (index, slot), total in zip(chosen, self._run_group(session, together, chosen, start, sinks)):
-                    totals[slot][index] = total
+            contexts = {}  # (example, slot) -> _Context
+            shared = self._shared_contexts(sinks, first)
+            for start, runs in _grouped(shared):
+                for run, context in zip(runs, self._run_contexts(session, together, runs, start, sinks)):
+                    contexts[self.sequences[run.sequence].example, run.slot] = context
+            for start, runs in _grouped(self._choice_runs(first, contexts)):
+                self._run_choices(session, together, runs, start, sinks, terms)
+            for (example, slot), context in contexts.items():
+                for index in self.examples[example].sequences:
+                    position = self.examples[example].n_context - 1
+                    scored = terms.setdefault((index, slot), {})
+                    if position not in scored:  # not recomputed by a choice run that started earlier
+                        scored[position] = context.log_probability(self.sequences[index].targets[0])
+        totals = [[float(s.unedited.sum()) for s in self.sequences] for _ in edits]
+        for (index, slot), scored in terms.items():
+            sequence = self.sequences[index]
+            values = [scored.get(p, sequence.unedited[t]) for t, p in enumerate(sequence.positions)]
+            totals[slot][index] = float(torch.stack([torch.as_tensor(v) for v in values]).sum())
         return [self._per_example(per_edit) for per_edit in totals]
 
     def unedited_scores(self) -> list[list[float]]:
         """The choice scores without edits, per example and choice (as :func:`~.evaluate.score_batches`)."""
         return self._per_example([float(s.unedited.sum()) for s in self.sequences])
+
+    def _examples(self) -> list[_Example | None]:
+        """Per example, its sequences if they share the tokens before their first scored position."""
+        members: list[list[int]] = [[] for _ in range(self.n_examples)]
+        for index, sequence in enumerate(self.sequences):
+            members[sequence.example].append(index)
+        examples = []
+        for indices in members:
+            n_context = self.sequences[indices[0]].positions[0] + 1
+            same = all(self.sequences[i].positions[0] + 1 == n_context for i in indices) and bool(
+                (self.ids[indices, :n_context] == self.ids[indices[0], :n_context]).all())
+            examples.append(_Example(n_context, indices) if same else None)
+        return examples
 
     def _per_example(self, totals: list[float]) -> list[list[float]]:
         per_example: list[list[float]] = [[] for _ in range(self.n_examples)]
@@ -141,41 +205,85 @@ class SuffixScorer:
             stop.remove()
         return _stacked(found, 2)
 
-    def _run_group(self, session, together: Calibrate, chosen: list[list[int]], start: int,
-                   sinks: torch.Tensor) -> list[float]:
-        """Run rows ``start ..`` of the ``chosen`` (sequence, head slot) pairs (each up to its last
-        scored row) from the layer on, after their unedited first ``start`` positions, each row
-        calibrating its own head; their totals."""
-        rows = torch.tensor([index for index, _ in chosen])
-        slots = torch.tensor([slot for _, slot in chosen])
-        width = int(self.lengths[rows].max()) - 1 - start  # rows run
-        mask = (torch.arange(start + width) < self.lengths[rows, None] - 1).long()  # [G, start + width]
-        pinned = torch.zeros(len(chosen), sinks.shape[1], start + width, dtype=torch.bool)
-        pinned[torch.arange(len(chosen)), slots] = sinks[rows, slots, :start + width]
+    def _shared_contexts(self, sinks: torch.Tensor, first: torch.Tensor) -> list[_Run]:
+        """The context rows to run once per example and head: where the example's choices share
+        their context tokens, find the same sinks there and the first of them lies in it."""
+        runs = []
+        for example in self.examples:
+            if example is None:
+                continue
+            lead, n_context = example.sequences[0], example.n_context
+            for slot in range(sinks.shape[1]):
+                row = int(first[lead, slot])
+                context_sinks = sinks[example.sequences, slot, :n_context]
+                if row < n_context and bool((context_sinks == context_sinks[0]).all()):
+                    runs.append(_Run(lead, slot, row, n_context))
+        return runs
+
+    def _choice_runs(self, first: torch.Tensor, contexts: dict) -> list[_Run]:
+        """The rows each (sequence, head) pair runs: after its example's shared context where there
+        is one, else from its first sink, up to its last scored row."""
+        runs = []
+        for index, sequence in enumerate(self.sequences):
+            end = int(self.lengths[index]) - 1
+            for slot in range(first.shape[1]):
+                context = contexts.get((sequence.example, slot))
+                row = self.examples[sequence.example].n_context if context is not None else int(first[index, slot])
+                if row < end:
+                    runs.append(_Run(index, slot, row, end, context))
+        return runs
+
+    def _run_contexts(self, session, together: Calibrate, runs: list[_Run], start: int,
+                      sinks: torch.Tensor) -> list[_Context]:
+        """Run the shared context rows of ``runs``; their edited keys and values and the logits
+        scoring the first choice token."""
+        logits, read, rooms = self._forward_runs(session, together, runs, start, sinks)
+        contexts = []
+        for g, run in enumerate(runs):
+            row_logits = logits[g, read.index(run.end - 1)]
+            contexts.append(_Context(run.first, [keys[g, :, run.first:run.end] for keys, _ in rooms],
+                                     [values[g, :, run.first:run.end] for _, values in rooms],
+                                     row_logits, torch.logsumexp(row_logits, -1)))
+        return contexts
+
+    def _run_choices(self, session, together: Calibrate, runs: list[_Run], start: int, sinks: torch.Tensor,
+                     terms: dict) -> None:
+        """Run ``runs`` and note the log-probabilities they score in ``terms``."""
+        logits, read, _ = self._forward_runs(session, together, runs, start, sinks)
+        normalisers = torch.logsumexp(logits, -1)  # [G, K]: a log-probability is a logit minus its row's
+        where = {p: k for k, p in enumerate(read)}
+        for g, run in enumerate(runs):
+            sequence = self.sequences[run.sequence]
+            scored = terms.setdefault((run.sequence, run.slot), {})
+            for target, position in zip(sequence.targets.tolist(), sequence.positions):
+                if start <= position < run.end:
+                    scored[position] = logits[g, where[position], target] - normalisers[g, where[position]]
+
+    def _forward_runs(self, session, together: Calibrate, runs: list[_Run], start: int, sinks: torch.Tensor):
+        """Rows ``start .. run.end - 1`` of every run from the layer on, each batch row calibrating
+        its run's head, after the run's first ``start`` positions (unedited, or its context's).
+        Returns the float logits ``[G, K, vocab]`` at the scored positions ``read [K]`` (absolute)
+        and, per layer from the kept one, the cache's keys and values ``[G, kv_heads, n, head_dim]``."""
+        rows = torch.tensor([run.sequence for run in runs])
+        slots = torch.tensor([run.slot for run in runs])
+        ends = torch.tensor([run.end for run in runs])
+        width = int(ends.max()) - start  # rows run
+        mask = (torch.arange(start + width) < ends[:, None]).long()  # [G, start + width]
+        pinned = torch.zeros(len(runs), sinks.shape[1], start + width, dtype=torch.bool)
+        pinned[torch.arange(len(runs)), slots] = sinks[rows, slots, :start + width]
         session.continue_request(RequestState(n_prompt=start + width, prompt_keys=mask.bool(),
                                               frozen={together.state_key(): pinned}), start)
-        read = sorted({p - start for i in rows.tolist() for p in self.sequences[i].positions if p >= start})
-        logits = self._forward(rows, mask, start, width, torch.tensor(read))
-        logits = logits.float()  # [G, K, vocab]
-        normalisers = torch.logsumexp(logits, -1)  # [G, K]: a log-probability is a logit minus its row's
-        where = {p + start: k for k, p in enumerate(read)}
-        totals = []
-        for g, sequence in enumerate(self.sequences[i] for i in rows.tolist()):
-            fresh = [t for t, p in enumerate(sequence.positions) if p >= start]
-            at = torch.tensor([where[sequence.positions[t]] for t in fresh], dtype=torch.long)
-            edited = logits[g, at].gather(-1, sequence.targets[fresh][:, None])[:, 0] - normalisers[g, at]
-            totals.append(float(sequence.unedited[: fresh[0]].sum()) + float(edited.sum()))
-        return totals
-
-    def _forward(self, rows: torch.Tensor, mask, start: int, width: int, read: torch.Tensor) -> torch.Tensor:
-        """Logits ``[G, K, vocab]`` at ``read`` (relative to ``start``) of the sequences ``rows``,
-        the blocks below the kept layer handing through the kept stream of those rows."""
+        read = sorted({p for run in runs for p in self.sequences[run.sequence].positions if start <= p < run.end})
+        cache = self._cache(runs, start, width)
         inputs = {"input_ids": self.ids[rows, start:start + width], "attention_mask": mask,
-                  "past_key_values": self._cache(rows, start, width) if start else None, "use_cache": bool(start)}
+                  "past_key_values": cache, "use_cache": True}
+        keep = torch.tensor(read) - start
         if self.prefix.states is None:
-            return output_at(self.model, inputs, read).logits
-        with handing_through(self.prefix.blocks[: self.prefix.layer], self._kept_states()[rows, start:start + width]):
-            return output_at(self.model, inputs, read).logits
+            logits = output_at(self.model, inputs, keep).logits
+        else:
+            with handing_through(self.prefix.blocks[: self.prefix.layer], self._kept_states()[rows, start:start + width]):
+                logits = output_at(self.model, inputs, keep).logits
+        return logits.float(), read, [layer._room for layer in cache.layers[self.prefix.layer:]]
 
     def _kept_states(self) -> torch.Tensor:
         """The kept stream entering :attr:`prefix`'s layer, ``[S, N, d_model]``."""
@@ -183,21 +291,28 @@ class SuffixScorer:
             self._states = (self.prefix.layer, _stacked(self.prefix.states, 1))
         return self._states[1]
 
-    def _cache(self, rows: torch.Tensor, start: int, width: int) -> DynamicCache:
-        """A cache holding the unedited first ``start`` positions of the sequences ``rows`` at the
-        kept layer and above, with room for ``width`` more written in place; the layers below (handed
-        through, never read) hold zeros of that length without memory."""
+    def _cache(self, runs: list[_Run], start: int, width: int) -> DynamicCache:
+        """A cache holding each run's first ``start`` positions (unedited, or from its context's edited
+        rows on) at the kept layer and above, with room for ``width`` more written in place; the
+        layers below (handed through, never read) hold zeros of that length without memory."""
+        rows = torch.tensor([run.sequence for run in runs])
         cache = DynamicCache(config=self.model.config)
         for number in range(len(cache.layers)):
             keys, values = self.caches[number]
             layer = ReservedLayer(0)
             if number >= self.prefix.layer:
-                room = tuple(t.new_empty(len(rows), t.shape[1], start + width, t.shape[-1]) for t in (keys, values))
+                room = tuple(t.new_empty(len(runs), t.shape[1], start + width, t.shape[-1]) for t in (keys, values))
                 room[0][:, :, :start], room[1][:, :, :start] = keys[rows, :, :start], values[rows, :, :start]
+                for g, run in enumerate(runs):
+                    if run.context is not None and run.context.first < start:
+                        edited = number - self.prefix.layer
+                        taken = start - run.context.first
+                        room[0][g, :, run.context.first:start] = run.context.keys[edited][:, :taken]
+                        room[1][g, :, run.context.first:start] = run.context.values[edited][:, :taken]
                 layer._room = room
                 layer.keys, layer.values = room[0][:, :, :start], room[1][:, :, :start]
             else:
-                layer.keys = layer.values = keys.new_zeros(()).expand(len(rows), keys.shape[1], start, keys.shape[-1])
+                layer.keys = layer.values = keys.new_zeros(()).expand(len(runs), keys.shape[1], start, keys.shape[-1])
             layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
             cache.layers[number] = layer
         return cache
@@ -254,6 +369,12 @@ def _together(edits: list[Calibrate], layer: int) -> Calibrate:
     if layer != together.layer:
         raise ValueError(f"the kept stream enters layer {layer}, the edits are on layer {together.layer}")
     return together
+
+
+def _grouped(runs: list[_Run]) -> list[tuple[int, list[_Run]]]:
+    """``runs`` in forwards ``(start, runs)`` (:func:`group_by_first_row`)."""
+    groups = group_by_first_row([(run.first, run.end - run.first) for run in runs])
+    return [(start, [runs[m] for m in members]) for start, members in groups]
 
 
 def _stop(module, args, output):
