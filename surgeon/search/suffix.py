@@ -132,18 +132,23 @@ class SuffixScorer:
                     contexts[self.sequences[run.sequence].example, run.slot] = context
             for start, runs in _grouped(self._choice_runs(first, contexts)):
                 self._run_choices(session, together, runs, start, sinks, terms)
-            for (example, slot), context in contexts.items():
-                for index in self.examples[example].sequences:
-                    position = self.examples[example].n_context - 1
-                    scored = terms.setdefault((index, slot), {})
-                    if position not in scored:  # not recomputed by a choice run that started earlier
-                        scored[position] = context.log_probability(self.sequences[index].targets[0])
+        self._add_context_terms(contexts, terms)
         totals = [[float(s.unedited.sum()) for s in self.sequences] for _ in edits]
         for (index, slot), scored in terms.items():
             sequence = self.sequences[index]
             values = [scored.get(p, sequence.unedited[t]) for t, p in enumerate(sequence.positions)]
-            totals[slot][index] = float(torch.stack([torch.as_tensor(v) for v in values]).sum())
+            totals[slot][index] = float(torch.stack(values).sum())
         return [self._per_example(per_edit) for per_edit in totals]
+
+    def _add_context_terms(self, contexts: dict, terms: dict) -> None:
+        """Each choice's first token's log-probability from its example's shared context, where no
+        choice run that started earlier recomputed it."""
+        for (example, slot), context in contexts.items():
+            position = self.examples[example].n_context - 1
+            for index in self.examples[example].sequences:
+                scored = terms.setdefault((index, slot), {})
+                if position not in scored:
+                    scored[position] = context.log_probability(self.sequences[index].targets[0])
 
     def unedited_scores(self) -> list[list[float]]:
         """The choice scores without edits, per example and choice (as :func:`~.evaluate.score_batches`)."""
