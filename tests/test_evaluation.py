@@ -126,6 +126,28 @@ def test_scores_from_a_kept_layer_input_equal_the_whole_forward_bit_for_bit():
     assert not any("forward" in vars(block) for block in prefix.blocks), "the blocks' own forwards are restored"
 
 
+def test_a_forward_set_on_a_block_before_the_prefix_is_put_back():
+    model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
+    examples = load_task("kv-recall", "test", 2)
+    batches = choice_batches(tok, examples, 4)
+    calls = []
+    block = model.model.layers[1]
+    own = block.forward
+
+    def wrapper(*args, **kwargs):  # stands for accelerate's offloading wrapper
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    block.forward = wrapper
+    prefix = LayerPrefix(model, batches)
+    prefix.advance(3)
+    prefix.forward(0, batches[0])
+    assert vars(block)["forward"] is wrapper
+    calls.clear()
+    choice_logprobs(model, tok, examples)
+    assert calls, "the block runs through its wrapper again"
+
+
 def test_the_search_measures_what_each_head_alone_measures(tmp_path):
     model, tok = tiny_llama("gqa", layers=5), CharTokenizer()
     examples = load_task("arithmetic", "calibration", 12)

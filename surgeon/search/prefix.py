@@ -90,7 +90,8 @@ def _require_tensor_output(module, args, output) -> None:
 @contextmanager
 def handing_through(blocks: list[torch.nn.Module], states: torch.Tensor) -> Iterator[None]:
     """Inside, the first of ``blocks`` returns a copy of ``states`` (a later block may write into its
-    input) and the others return their input."""
+    input) and the others return their input. A forward set on a block itself before (accelerate's
+    offloading wrapper, which loads the block's weights) is put back on exit."""
 
     def first(hidden_states, *args, **kwargs):
         return states.clone()
@@ -98,10 +99,14 @@ def handing_through(blocks: list[torch.nn.Module], states: torch.Tensor) -> Iter
     def others(hidden_states, *args, **kwargs):
         return hidden_states
 
+    previous = [block.__dict__.get("forward") for block in blocks]
     try:
         for i, block in enumerate(blocks):
             block.forward = first if i == 0 else others
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, own in zip(blocks, previous):
+            if own is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = own
