@@ -154,6 +154,13 @@ def test_models_the_scorer_cannot_serve_are_refused_and_searched_whole(tmp_path)
     model = peaked_llama()
     with pytest.raises(UnsupportedModelError, match="GiB"):
         SuffixScorer(model, batches, LayerPrefix(model, batches), len(examples), cache_budget=1000)
+    block = model.model.layers[2]
+    own = block.forward
+    block.forward = lambda *args, **kwargs: (own(*args, **kwargs),)  # a block returning more than the stream
+    prefix = LayerPrefix(model, batches)
+    with pytest.raises(UnsupportedModelError, match="cannot be skipped"):
+        SuffixScorer(model, batches, prefix, len(examples))
+    assert not prefix.known, "a refused scorer hands the prefix nothing"
     candidates = tuple(search.default_candidates(windowed, [2]))
     settings = search.SearchSettings(("arithmetic",), len(examples), candidates, beta=0.0, threshold=0.02)
     state = search.calibration_search(windowed, tok, examples, settings, tmp_path / "s.json", batch_size=4)

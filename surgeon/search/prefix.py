@@ -60,7 +60,7 @@ class LayerPrefix:
             raise Reached
 
         handle = self.blocks[layer].register_forward_pre_hook(keep, with_kwargs=True)
-        check = self.blocks[layer - 1].register_forward_hook(_require_tensor_output)
+        check = self.blocks[layer - 1].register_forward_hook(require_tensor_output)
         try:
             for index, batch in enumerate(self.batches):
                 try:
@@ -81,7 +81,8 @@ class LayerPrefix:
             return self._plain(index, batch)
 
 
-def _require_tensor_output(module, args, output) -> None:
+def require_tensor_output(module, args, output) -> None:
+    """A forward hook refusing a block that returns more than the residual stream."""
     if not isinstance(output, torch.Tensor):
         raise UnsupportedModelError(f"{type(module).__name__} returns {type(output).__name__}, not the residual "
                                     "stream alone, so its layers cannot be skipped")

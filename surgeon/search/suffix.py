@@ -36,7 +36,7 @@ from ..request import RequestState
 from ..shape import model_shape, text_config
 from ..sites import attention_modules, has_causal_attention
 from .evaluate import ChoiceBatch, output_at
-from .prefix import LayerPrefix, Reached, handing_through
+from .prefix import LayerPrefix, Reached, handing_through, require_tensor_output
 
 CACHE_BUDGET_BYTES = 3 * 2**30  # the unedited keys, values and stream kept for every sequence at every layer
 GROUP_COST_ROWS = 64  # a forward's fixed cost in rows: groups merge while padding costs less
@@ -178,10 +178,15 @@ class SuffixScorer:
         """Every sequence's unedited scoring, and per layer every sequence's keys and values; the
         stream entering each layer goes to :attr:`prefix` (:attr:`~.prefix.LayerPrefix.known`)."""
         sequences, caches, streams = [], [], []
-        for batch in self.batches:
-            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": True,
-                      "output_hidden_states": True}
-            out = output_at(self.model, inputs, batch.read)
+        checks = [block.register_forward_hook(require_tensor_output) for block in self.prefix.blocks]
+        try:
+            outputs = [output_at(self.model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                              "use_cache": True, "output_hidden_states": True}, batch.read)
+                       for batch in self.batches]
+        finally:
+            for check in checks:
+                check.remove()
+        for batch, out in zip(self.batches, outputs):
             logprobs = torch.log_softmax(out.logits.float(), -1)  # [B, K, vocab]
             caches.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
             streams.append(out.hidden_states[1:len(caches[-1])])  # entering layers 1 .. L-1
