@@ -385,7 +385,7 @@ def _converted_map_hooks(modules, session: Session) -> list:
         if past is not None and layer < len(past.layers) and past.layers[layer].get_seq_length() > 0:
             raise PlanError(f"layer {layer} is converted to linear attention: its maps are recorded on whole "
                             "inputs, not on calls that continue a cache")
-        hidden = args[0] if args else kwargs["hidden_states"]  # [B, N, d_model]
+        hidden = block_input(args, kwargs)  # [B, N, d_model]
         size = (hidden.shape[0], hidden.shape[1], hidden.shape[1])
         session.recorder.made_pattern(
             layer, size, lambda: module.attention_weights_of(hidden, kwargs.get("position_embeddings")))

@@ -31,6 +31,21 @@ class ReservedLayer(DynamicLayer):
         self.reserve = reserve
         self._room: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, held: int) -> "ReservedLayer":
+        """A layer over the room ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` whose first
+        ``held`` positions are filled; new positions are written after them."""
+        layer = cls(0)
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer._room = (keys, values)
+        layer.keys, layer.values = keys[..., :held, :], values[..., :held, :]
+        return layer
+
+    @property
+    def room(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers behind :attr:`keys` and :attr:`values` (None before the first write)."""
+        return self._room
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write ``key_states``/``value_states`` ``[batch, kv_heads, new, head_dim]`` after the held
         positions; return the views of every held position."""
@@ -116,12 +131,7 @@ class SharedRooms:
         """A cache of every row holding their first ``held`` positions (reserved room after them)."""
         cache = DynamicCache(config=self.config)
         for index in self.full_layers:
-            layer = ReservedLayer(0)
-            keys, values = self.buffers[index]
-            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-            layer._room = (keys, values)
-            layer.keys, layer.values = keys[..., :held, :], values[..., :held, :]
-            cache.layers[index] = layer
+            cache.layers[index] = ReservedLayer.holding(*self.buffers[index], held)
         return cache
 
     def views(self, layer: int, row: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

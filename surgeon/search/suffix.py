@@ -293,7 +293,7 @@ class SuffixScorer:
         else:
             with handing_through(self.prefix.blocks[: self.prefix.layer], self._kept_states()[rows, start:start + width]):
                 logits = output_at(self.model, inputs, keep).logits
-        return logits.float(), read, [layer._room for layer in cache.layers[self.prefix.layer:]]
+        return logits.float(), read, [layer.room for layer in cache.layers[self.prefix.layer:]]
 
     def _kept_states(self) -> torch.Tensor:
         """The kept stream entering :attr:`prefix`'s layer, ``[S, N, d_model]``."""
@@ -309,22 +309,19 @@ class SuffixScorer:
         cache = DynamicCache(config=self.model.config)
         for number in range(len(cache.layers)):
             keys, values = self.caches[number]
-            layer = ReservedLayer(0)
-            if number >= self.prefix.layer:
-                room = tuple(t.new_empty(len(runs), t.shape[1], start + width, t.shape[-1]) for t in (keys, values))
-                room[0][:, :, :start], room[1][:, :, :start] = keys[rows, :, :start], values[rows, :, :start]
-                for g, run in enumerate(runs):
-                    if run.context is not None and run.context.first < start:
-                        edited = number - self.prefix.layer
-                        taken = start - run.context.first
-                        room[0][g, :, run.context.first:start] = run.context.keys[edited][:, :taken]
-                        room[1][g, :, run.context.first:start] = run.context.values[edited][:, :taken]
-                layer._room = room
-                layer.keys, layer.values = room[0][:, :, :start], room[1][:, :, :start]
-            else:
-                layer.keys = layer.values = keys.new_zeros(()).expand(len(runs), keys.shape[1], start, keys.shape[-1])
-            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-            cache.layers[number] = layer
+            if number < self.prefix.layer:
+                zeros = keys.new_zeros(()).expand(len(runs), keys.shape[1], start, keys.shape[-1])
+                cache.layers[number] = ReservedLayer.holding(zeros, zeros, start)
+                continue
+            room = tuple(t.new_empty(len(runs), t.shape[1], start + width, t.shape[-1]) for t in (keys, values))
+            room[0][:, :, :start], room[1][:, :, :start] = keys[rows, :, :start], values[rows, :, :start]
+            for g, run in enumerate(runs):
+                if run.context is not None and run.context.first < start:
+                    edited = number - self.prefix.layer
+                    taken = start - run.context.first
+                    room[0][g, :, run.context.first:start] = run.context.keys[edited][:, :taken]
+                    room[1][g, :, run.context.first:start] = run.context.values[edited][:, :taken]
+            cache.layers[number] = ReservedLayer.holding(*room, start)
         return cache
 
 
