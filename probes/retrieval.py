@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
-from ..surgeon.kv_cache import SharedRooms, full_attention_only
+from ..surgeon.kv_cache import SharedRooms, cropped_cache, full_attention_only
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text
@@ -83,11 +83,20 @@ def build_prompt(tokenizer, haystack: str, needle: Needle, length: int, depth: f
     """A prompt of ``length`` tokens: haystack text with the needle inserted at the sentence end
     preceding ``depth`` of the context (at its very end for depth 1), then the question. The answer span is found through the
     tokenizer's character offsets (tokens overlapping the answer inside the needle)."""
+    return _prompt_from_ids(tokenizer, _haystack_ids(tokenizer, haystack), needle, length, depth, style)
+
+
+def _haystack_ids(tokenizer, haystack: str) -> list[int]:
+    return tokenizer(haystack, add_special_tokens=False).input_ids
+
+
+def _prompt_from_ids(tokenizer, hay_ids: list[int], needle: Needle, length: int, depth: float,
+                     style: str) -> NeedlePrompt:
+    """:func:`build_prompt` over a haystack already tokenised (``hay_ids``)."""
     overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question, style)).input_ids)
     budget = length - overhead - 1
     if budget < 16:
         raise ValueError(f"length {length} leaves no room for a haystack (needle and question take {overhead})")
-    hay_ids = tokenizer(haystack, add_special_tokens=False).input_ids
     if len(hay_ids) < budget:
         raise ValueError(f"the haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for length {length}")
     for _ in range(4):  # re-tokenising joined text shifts the count a little; trim until it fits
@@ -171,16 +180,19 @@ def greedy_from_cache(model, cache, token: torch.Tensor, max_new_tokens: int, st
 
 @dataclass
 class SharedPrefix:
-    """The cache of the first ``length`` tokens that several prompts share, computed once."""
+    """The cache of the first ``length`` tokens (``ids [length]``) that several prompts share, computed once."""
 
     length: int
     cache: object
+    ids: torch.Tensor
 
 
 @torch.no_grad()
-def shared_prefix(model, prompts: list[NeedlePrompt]) -> SharedPrefix | None:
+def shared_prefix(model, prompts: list[NeedlePrompt], previous: SharedPrefix | None = None) -> SharedPrefix | None:
     """The cache of the longest token prefix every prompt of ``prompts`` shares (leaving each at least
-    one prefill token of its own), or None when they share nothing worth a forward."""
+    one prefill token of its own), or None when they share nothing worth a forward. Where the model's
+    cache holds whole sequences, the tokens it shares with ``previous`` (an earlier group's prefix:
+    the needle grid's haystacks all open alike) are taken from that cache, not computed again."""
     ids = [prompt.input_ids[0] for prompt in prompts]
     limit = min(len(i) for i in ids) - 2
     length = 0
@@ -188,8 +200,18 @@ def shared_prefix(model, prompts: list[NeedlePrompt]) -> SharedPrefix | None:
         length += 1
     if len(prompts) < 2 or length < 2:
         return None
-    out = run_for_taps(model, input_ids=ids[0][None, :length], use_cache=True)
-    return SharedPrefix(length, out.past_key_values)
+    reused = 0 if previous is None or not full_attention_only(model) else _common_length(previous.ids, ids[0][:length])
+    cache = cropped_cache(previous.cache, reused) if reused else None
+    if reused < length:
+        cache = _continue_cache(model, ids[0][None], reused, length, cache)
+    return SharedPrefix(length, cache, ids[0][:length])
+
+
+def _common_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens ``a`` and ``b`` (``[n]`` each) share."""
+    n = min(len(a), len(b))
+    differs = (a[:n] != b[:n]).nonzero()
+    return int(differs[0]) if len(differs) else n
 
 
 # A prefill continuing a cache runs under a mask, and a masked SDPA call on the CPU computes every key
@@ -249,12 +271,19 @@ def _prefill_row(model, session, rooms: SharedRooms, row: int, ids: torch.Tensor
     """Prefill ``ids [1, n]`` but its last token into row ``row`` of ``rooms`` (the plan applies,
     nothing is recorded), continuing ``prefix`` in chunks of :data:`CONTINUATION_ROWS`; its cache."""
     cache = rooms.row_cache(row, None if prefix is None else prefix.cache)
-    start, step = (0, ids.shape[1]) if prefix is None else (prefix.length, CONTINUATION_ROWS)
     if prefix is not None:
         session.resume(prefix.length)
-    for first in range(start, ids.shape[1] - 1, step):
-        run_for_taps(model, input_ids=ids[:, first:min(first + step, ids.shape[1] - 1)], past_key_values=cache,
-                     use_cache=True)
+    return _continue_cache(model, ids, 0 if prefix is None else prefix.length, ids.shape[1] - 1, cache)
+
+
+def _continue_cache(model, ids: torch.Tensor, start: int, stop: int, cache):
+    """Run ``ids[:, start:stop]`` (``ids [1, seq]``) on ``cache``, which holds the first ``start``
+    positions (None: a new cache), in one forward from the start and else in chunks of
+    :data:`CONTINUATION_ROWS`; returns the cache."""
+    step = stop if start == 0 else CONTINUATION_ROWS
+    for first in range(start, stop, step):
+        cache = run_for_taps(model, input_ids=ids[:, first:min(first + step, stop)], past_key_values=cache,
+                             use_cache=True).past_key_values
     return cache
 
 
@@ -323,8 +352,10 @@ def needle_prompts(tokenizer, settings: NeedleSettings) -> list[NeedlePrompt]:
 
 
 def needle_grid(tokenizer, haystack: str, needles, lengths, depths, style: str = "headlab") -> list[NeedlePrompt]:
-    """A prompt for every needle at every length and depth, over ``haystack``, in wording ``style``."""
-    return [build_prompt(tokenizer, haystack, needle, length, depth, style)
+    """A prompt for every needle at every length and depth, over ``haystack``, in wording ``style``
+    (the haystack is tokenised once)."""
+    hay_ids = _haystack_ids(tokenizer, haystack)
+    return [_prompt_from_ids(tokenizer, hay_ids, needle, length, depth, style)
             for needle in needles for length in lengths for depth in depths]
 
 
@@ -339,8 +370,10 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     prompts = needle_prompts(tokenizer, settings)
     bar = tqdm(total=len(prompts), desc="needle in a haystack", unit="run", disable=not progress)
     unedited = plan is None or not plan.edits
+    latest = None  # the last prefix computed: the next group's haystack opens alike
     for group in _prefix_groups(prompts):  # the needles at one length and depth share the text before them
-        prefix = shared_prefix(model, [prompts[i] for i in group]) if unedited else None
+        prefix = shared_prefix(model, [prompts[i] for i in group], latest) if unedited else None
+        latest = prefix or latest
         for rows in _decode_batches(model, [prompts[i] for i in group], settings.max_new_tokens, unedited):
             decoded = greedy_rows_with_top_keys(model, [prompts[group[i]].input_ids for i in rows],
                                                 settings.max_new_tokens, stop, plan, record, prefix)

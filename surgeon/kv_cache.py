@@ -89,6 +89,24 @@ def reserved_cache(model, reserve: int) -> DynamicCache:
     return cache
 
 
+def cropped_cache(cache: DynamicCache, n: int) -> DynamicCache:
+    """A cache holding the first ``n`` positions of ``cache``, whose layers must all hold the whole
+    sequence (:func:`full_attention_only`): views, so ``cache`` itself is neither copied nor changed
+    (continuing the crop concatenates new tensors)."""
+    cropped = DynamicCache()
+    cropped.layers = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise ValueError(f"only full-attention cache layers can be cropped, not {type(layer).__name__}")
+        if not 0 < n <= layer.get_seq_length():
+            raise ValueError(f"a crop holds 1 to {layer.get_seq_length()} positions, not {n}")
+        view = DynamicLayer()
+        view.dtype, view.device, view.is_initialized = layer.dtype, layer.device, True
+        view.keys, view.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        cropped.layers.append(view)
+    return cropped
+
+
 def full_attention_only(model) -> bool:
     """Whether every layer of ``model``'s cache holds the whole sequence's keys and values (no
     sliding-window layers, no layers converted to linear attention, which keep a state instead)."""

@@ -1,13 +1,16 @@
 """The reserved and the streaming decoding caches against transformers' own: the same tokens and
 bit-identical logits; the streaming cache stores less by exactly the dropped entries."""
 
+import copy
+
 import pytest
 import torch
 from families import family_model
 from transformers import DynamicCache
 
 from headlab.surgeon import Plan, Stream, attach, model_shape
-from headlab.surgeon.kv_cache import ReservedLayer, StreamingLayer, cache_bytes, reserved_cache, streaming_cache
+from headlab.surgeon.kv_cache import (ReservedLayer, StreamingLayer, cache_bytes, cropped_cache, reserved_cache,
+                                      streaming_cache)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2", "gpt_oss"])
@@ -74,3 +77,23 @@ def test_a_streaming_cache_refuses_what_it_cannot_do():
         layer.crop(-2)
     with pytest.raises(NotImplementedError, match="beam search"):
         layer.batch_select_indices(torch.tensor([0]))
+
+
+def test_a_cropped_cache_continues_like_a_cropped_copy_and_leaves_the_original():
+    model = family_model("llama")
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(input_ids=ids[:, :10], use_cache=True).past_key_values
+        kept = [layer.keys.clone() for layer in whole.layers]
+        copied = copy.deepcopy(whole)
+        copied.crop(-4)  # transformers' own crop (of the last 4 positions), of a copy
+        from_crop = model(input_ids=ids[:, 6:], past_key_values=cropped_cache(whole, 6), use_cache=True).logits
+        from_copy = model(input_ids=ids[:, 6:], past_key_values=copied, use_cache=True).logits
+    assert torch.equal(from_crop, from_copy)
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(whole.layers, kept))
+    with pytest.raises(ValueError, match="1 to 10"):
+        cropped_cache(whole, 11)
+    with torch.no_grad():
+        windowed = family_model("gemma3_text")(input_ids=ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="full-attention"):
+        cropped_cache(windowed, 4)

@@ -96,6 +96,38 @@ def test_a_shared_prefix_gives_the_tokens_and_top_keys_of_a_full_prefill(family,
                              prefix=prefix)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_prefix_continues_the_tokens_it_shares_with_an_earlier_one(family):
+    model = family_model(family)
+    generator = torch.Generator().manual_seed(12)
+    opening = torch.randint(3, 97, (1, 9), generator=generator)
+
+    def group(n_own: int) -> list[NeedlePrompt]:  # prompts sharing the opening and n_own more tokens
+        shared = torch.cat([opening, torch.randint(3, 97, (1, n_own), generator=generator)], 1)
+        return [NeedlePrompt(torch.cat([shared, torch.randint(3, 97, (1, 5), generator=generator)], 1), [], NEEDLES[0],
+                             shared.shape[1] + 5, 0.5) for _ in range(2)]
+
+    first_group, second_group = group(3), group(8)
+    first = shared_prefix(model, first_group)
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in first.cache.layers]
+    embedded = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].shape[1]))
+    try:
+        second = shared_prefix(model, second_group, first)
+    finally:
+        handle.remove()
+    assert second.length == 17 and torch.equal(second.ids, second_group[0].input_ids[0, :17])
+    # a cache holding whole sequences continues the 9 shared tokens; a sliding window runs all 17
+    assert sum(embedded) == (17 if family == "gemma3_text" else 8)
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+               for layer, (k, v) in zip(first.cache.layers, kept))  # the earlier prefix is unchanged
+    for prompt in second_group:
+        alone = greedy_with_top_keys(model, prompt.input_ids, 4, None)
+        continued = greedy_with_top_keys(model, prompt.input_ids, 4, None, prefix=second)
+        assert continued[0] == alone[0]
+        assert all(torch.equal(a, b) for a, b in zip(continued[1], alone[1]))
+
+
 def prompts_sharing_a_prefix(generator, extra=(6, 9, 7)) -> list[NeedlePrompt]:
     common = torch.randint(3, 97, (1, 15), generator=generator)
     return [NeedlePrompt(torch.cat([common, torch.randint(3, 97, (1, n), generator=generator)], 1), [], NEEDLES[0],
