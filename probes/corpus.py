@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..surgeon.errors import HeadlabError, InputFileError
+
 STDLIB_MODULES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
     "difflib", "email.message", "fractions", "functools", "heapq", "http.client", "inspect", "itertools",
@@ -50,9 +52,12 @@ def load_text(path: str | Path | None = None, heldout: bool = False) -> str:
     of :data:`HELDOUT_MODULES` with ``heldout``)."""
     if path is None:
         return stdlib_docstrings(HELDOUT_MODULES if heldout else STDLIB_MODULES)
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not text.strip():
-        raise ValueError(f"{path} is empty")
+        raise InputFileError(f"{path} is empty")
     return text
 
 
@@ -67,13 +72,12 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     prefix, suffix = special_tokens(tokenizer)
     body = n_tokens - len(prefix) - len(suffix)
     if body < 1:
-        raise ValueError(f"{n_tokens} tokens leave no room for text between the special tokens")
+        raise HeadlabError(f"{n_tokens} tokens leave no room for text between the special tokens")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     n_windows = len(ids) // body
     if n_windows < n_samples:
-        raise ValueError(
-            f"the text holds {len(ids)} tokens: too short for {n_samples} samples of {n_tokens} tokens"
-        )
+        raise HeadlabError(f"the text holds {len(ids)} tokens: too short for {n_samples} samples of {n_tokens} tokens "
+                           "(a longer --text-file, or fewer --samples or --tokens)")
     starts = sorted(random.Random(seed).sample(range(n_windows), n_samples))
     windows = []
     for start in starts:
@@ -90,7 +94,7 @@ def train_eval_windows(tokenizer, text_path: str | Path | None, n_train: int, n_
     text = load_text(text_path)
     available = len(tokenizer(text, add_special_tokens=False).input_ids) // n_tokens
     if available < n_eval + 1:
-        raise ValueError(f"the text holds {available} windows of {n_tokens} tokens; need at least {n_eval + 1}")
+        raise HeadlabError(f"the text holds {available} windows of {n_tokens} tokens; need at least {n_eval + 1}")
     n_train = min(n_train, available - n_eval)
     windows = token_windows(tokenizer, text, n_train + n_eval, n_tokens, seed)
     held_out = set(range(0, n_train + n_eval, max(1, (n_train + n_eval) // n_eval))[:n_eval])

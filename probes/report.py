@@ -69,13 +69,17 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     converted = bool(converted_layers(model))
     if converted:
         check_converted_windows(model, settings.n_tokens)
-    if rank == 0:
-        claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
     causal = has_causal_attention(model)
     text = load_text(settings.text_path)
     windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)
     families, provenance["skipped"] = requested_families(settings, causal, converted)
+    inputs = FamilyInputs(model, tokenizer, model_id, windows, settings, progress)
+    for family in families:  # bad input fails here, before the folder is claimed or anything is scored
+        if family.check is not None:
+            family.check(inputs)
+    if rank == 0:
+        claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
     shard = windows[rank::world]
@@ -96,7 +100,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
         first = record_attention(model, windows[0], tokenizer) if first is None else first
     scores = _results(accumulator, model_id, provenance)
     pages = dict(PATTERN_PAGES)
-    for extra, page in _extra_scores(families, model, tokenizer, model_id, windows, settings, progress):
+    for extra, page in _extra_scores(families, inputs):
         scores[extra.name], pages[extra.name] = extra, page
         _write_scores(out_dir, model, provenance, scores, complete=False)
     _write_scores(out_dir, model, provenance, scores, complete=True)
@@ -110,9 +114,8 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     return report
 
 
-def _extra_scores(families, model, tokenizer, model_id: str, windows, settings: ReportSettings, progress: bool):
+def _extra_scores(families, inputs: FamilyInputs):
     """Yield ``(HeadScores, documentation page)`` of each of ``families`` (:mod:`.score_families`), one by one."""
-    inputs = FamilyInputs(model, tokenizer, model_id, windows, settings, progress)
     for family in families:
         for scores in family.run(inputs):
             yield scores, family.page

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..surgeon.settings import (Choice, ExistingFile, Integer, Items, Maybe, Number, Registered, check_settings,
-                                setting)
+from ..surgeon.settings import (Choice, ExistingFile, Integer, Items, Maybe, Number, Registered, TextFile,
+                                check_settings, setting)
 from .score_families import SCORE_FAMILIES
 from .settings import POOLS, NeedleSettings, SinkSettings
 
@@ -29,7 +29,7 @@ class ReportSettings:
     n_tokens: int = setting(256, "tokens per window", kind=Integer(4), flag="--tokens")
     seed: int = setting(0, "seed choosing the windows", kind=Integer(0), flag="--seed")
     text_path: str | None = setting(None, "UTF-8 text to score on (default: Python standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
     n_views: int = setting(6, "attention views of top heads", kind=Integer(0), flag="--views")
     top_k: int = setting(10, "heads listed per score", kind=Integer(1))
     scores: tuple[str, ...] = setting(

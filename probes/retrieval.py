@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
+from ..surgeon.errors import HeadlabError
 from ..surgeon.kv_cache import SharedRooms, cropped_cache, full_attention_only
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
@@ -96,9 +97,11 @@ def _prompt_from_ids(tokenizer, hay_ids: list[int], needle: Needle, length: int,
     overhead = len(_encode(tokenizer, chat_prompt(tokenizer, needle.sentence, needle.question, style)).input_ids)
     budget = length - overhead - 1
     if budget < 16:
-        raise ValueError(f"length {length} leaves no room for a haystack (needle and question take {overhead})")
+        raise HeadlabError(f"needle length {length} leaves no room for a haystack (needle and question take "
+                           f"{overhead} tokens)")
     if len(hay_ids) < budget:
-        raise ValueError(f"the haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for length {length}")
+        raise HeadlabError(f"the needle haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for needle "
+                           f"length {length} (a longer haystack text, or shorter --needle-lengths)")
     for _ in range(4):  # re-tokenising joined text shifts the count a little; trim until it fits
         hay = tokenizer.decode(hay_ids[:budget])
         cut = len(hay) if depth >= 1 else _sentence_end(hay, int(depth * len(hay)))

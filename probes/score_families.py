@@ -51,7 +51,9 @@ class ScoreFamily:
     asked for it (default: its name is in ``--scores``); ``choice``: offered by ``--scores``;
     ``page``: the documentation page the report links its scores to; ``softmax_only``: it edits,
     gates or reads head outputs or statistics of every layer, which layers converted to linear
-    attention do not allow (their attention maps are all they give)."""
+    attention do not allow (their attention maps are all they give); ``check(inputs)``, where given,
+    raises :class:`~headlab.surgeon.errors.HeadlabError` for inputs the family cannot use, before any
+    family scores."""
 
     name: str
     summary: str
@@ -61,6 +63,7 @@ class ScoreFamily:
     requested: Callable[["ReportSettings"], bool] | None = field(default=None, compare=False)
     page: str | None = None  # its method page in the documentation, e.g. "methods/sinks"
     softmax_only: bool = False
+    check: Callable[[FamilyInputs], None] | None = field(default=None, compare=False)
 
     def is_requested(self, settings: "ReportSettings") -> bool:
         return self.requested(settings) if self.requested is not None else self.name in settings.scores
@@ -71,12 +74,13 @@ SCORE_FAMILIES: dict[str, ScoreFamily] = {}
 
 def score_family(name: str, summary: str, causal_only: bool = False, choice: bool = True,
                  requested: Callable[["ReportSettings"], bool] | None = None, page: str | None = None,
-                 softmax_only: bool = False):
+                 softmax_only: bool = False, check: Callable[[FamilyInputs], None] | None = None):
     """Decorator registering a scoring function ``run(inputs) -> Iterator[HeadScores]`` as a family."""
     def register(run):
         if name in SCORE_FAMILIES:
             raise ValueError(f"score family {name!r} is registered already")
-        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested, page, softmax_only)
+        SCORE_FAMILIES[name] = ScoreFamily(name, summary, run, causal_only, choice, requested, page, softmax_only,
+                                           check)
         return run
     return register
 
@@ -197,8 +201,14 @@ score_family("ablation-mean", "loss increase with the head's output at its mean 
              causal_only=True, page="methods/importance", softmax_only=True)(_ablation("mean"))
 
 
+def _check_needles(inputs: FamilyInputs) -> None:
+    from .retrieval import needle_prompts
+
+    needle_prompts(inputs.tokenizer, inputs.settings.needles)  # raises for a haystack too short for the lengths
+
+
 @score_family("retrieval", "Wu et al.'s copy-paste score on needle-in-a-haystack runs", causal_only=True,
-              page="methods/retrieval", softmax_only=True)
+              page="methods/retrieval", softmax_only=True, check=_check_needles)
 def _retrieval(inputs: FamilyInputs):
     import torch
 

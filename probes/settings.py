@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..surgeon.settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text,
+from ..surgeon.settings import (Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text, TextFile,
                                 check_settings, setting)
 from ..surgeon.errors import HeadlabError
 from ..surgeon.search.settings import STREAM_SINKS, STREAM_WINDOW
@@ -40,7 +40,7 @@ class NeedleSettings:
                                kind=Number(0.0, 1.0))
     prompt_style: str = setting("headlab", PROMPT_STYLE_HELP, kind=Choice(*PROMPT_STYLES), flag="--prompt-style")
     text_path: str | None = setting(None, "haystack text (default: standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()))
+                                    kind=Maybe(TextFile()))
     retrieval_threshold: float = setting(0.1, "score above which a head counts as a retrieval head",
                                          kind=Number(0.0))
 
@@ -123,7 +123,7 @@ class ValidationSettings:
     rouge_min: float = setting(0.5, "an answer is recalled when its ROUGE-1 recall exceeds this", kind=Number(0.0, 1.0))
     prompt_style: str = setting("headlab", PROMPT_STYLE_HELP, kind=Choice(*PROMPT_STYLES), flag="--prompt-style")
     text_path: str | None = setting(None, "haystack and loss text (default: held-out standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
     samples: int = setting(16, "text windows for the loss metric", kind=Integer(1), flag="--samples")
     tokens: int = setting(256, "tokens per window for the loss metric", kind=Integer(4), flag="--tokens")
     seed: int = setting(0, "seed of the text windows", kind=Integer(0), flag="--seed")
@@ -162,7 +162,7 @@ class CompressionSettings:
     rouge_min: float = setting(0.5, "an answer is recalled when its ROUGE-1 recall exceeds this", kind=Number(0.0, 1.0))
     prompt_style: str = setting("headlab", PROMPT_STYLE_HELP, kind=Choice(*PROMPT_STYLES), flag="--prompt-style")
     text_path: str | None = setting(None, "haystack and perplexity text (default: held-out standard-library "
-                                          "docstrings)", kind=Maybe(ExistingFile()), flag="--text-file")
+                                          "docstrings)", kind=Maybe(TextFile()), flag="--text-file")
     seed: int = setting(0, "seed of the first random selection and of the text windows", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):
@@ -193,7 +193,7 @@ class GateSettings:
     save_every: int = setting(10, "steps between saves of the training state (a killed run resumes from it; "
                                   "a larger --steps extends a finished one)", kind=Integer(1), flag="--save-every")
     text_path: str | None = setting(None, "haystack text (default: the standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
     seed: int = setting(0, "seed of the samples", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):
@@ -211,7 +211,7 @@ class AtlasSettings:
     tokens: int = setting(256, "tokens per window", kind=Integer(16), flag="--tokens")
     clusters: int = setting(6, "k-means clusters of the heads", kind=Integer(1), flag="--clusters")
     text_path: str | None = setting(None, "text to read (default: the standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
     seed: int = setting(0, "seed of the windows, the autoencoder, t-SNE and k-means", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..surgeon.settings import ExistingFile, Integer, Maybe, Number, Registered, check_settings, setting
+from ..surgeon.settings import Integer, Maybe, Number, Registered, TextFile, check_settings, setting
 from .architectures import ARCHITECTURES, Architecture, architecture
 
 
@@ -104,7 +104,7 @@ class TextWindows:
 
     context: int = setting(128, "tokens per text window", kind=Integer(2), flag="--context")
     text_path: str | None = setting(None, "UTF-8 text (default: Python standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
 
     def __post_init__(self):
         check_settings(self)

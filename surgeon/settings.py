@@ -2,7 +2,7 @@
 
 A settings class is a dataclass whose fields are made with :func:`setting`: a default, a help
 text, a :class:`Kind` that checks a value (integers that are not booleans, finite numbers inside a
-range, one of a few choices, a comma list, an existing file) and, for fields the command line
+range, one of a few choices, a comma list, an existing file, a text file) and, for fields the command line
 offers, the option's flag. The class checks every field when it is built
 (:func:`check_settings`, from ``__post_init__``), so a bad value fails with one line in the
 Python API and on the command line alike; :func:`add_options` generates the argparse options
@@ -14,6 +14,7 @@ Importing this module costs nothing (no torch): argument errors answer at once.
 
 from __future__ import annotations
 
+import codecs
 import argparse
 import dataclasses
 import math
@@ -180,6 +181,29 @@ class ExistingFile(Kind):
         except OSError as err:
             raise ValueError(f"{value} cannot be read ({err.strerror})") from err
         return str(value)
+
+
+class TextFile(ExistingFile):
+    """The path of an existing file of UTF-8 text that is not blank (checked whole, in 1 MiB pieces)."""
+
+    def check(self, value):
+        value = super().check(value)
+        decoder, blank = codecs.getincrementaldecoder("utf-8")(), True
+        with Path(value).expanduser().open("rb") as file:
+            offset = 0
+            while True:
+                piece = file.read(2**20)
+                try:
+                    text = decoder.decode(piece, final=not piece)
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{value} is not UTF-8 text (byte {offset + err.start}: {err.reason})") from None
+                blank = blank and not text.strip()
+                if not piece:
+                    break
+                offset += len(piece)
+        if blank:
+            raise ValueError(f"{value} holds no text")
+        return value
 
 
 class Items(Kind):
@@ -466,6 +490,6 @@ def flag_defaults(cls, prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Registered", "Switch",
-           "Text",
+           "Text", "TextFile",
            "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "resolve_indices", "setting",
            "settings_from_args", "Indices"]

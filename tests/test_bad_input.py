@@ -32,6 +32,9 @@ def sandbox(tmp_path_factory):
     (d / "precious").mkdir()
     (d / "precious" / "scores.json").write_text('{"mine": true}\n')
     (d / "text.txt").write_text("Some text to look at. " * 20)
+    (d / "windows_only.txt").write_text("Some text to look at. " * 450)  # 8 windows of 256 tokens, no 4096-token needle
+    (d / "blank.txt").write_text("  \n\n ")
+    (d / "latin1.txt").write_bytes("Caf\xe9 au lait.".encode("latin-1"))
     task = {"prompt": "Q: 1+1 =", "choices": [" 2", " 3"], "label": 0}
     good_task = json.dumps(task) + "\n" + json.dumps({**task, "label": 1}) + "\n"
     for name, line in {"str_choices": {**task, "choices": "abc"}, "label_float": {**task, "label": 1.9},
@@ -128,6 +131,11 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/r --seed -1", "--seed"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/missing.txt", "does not exist"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}", "is not a file"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/latin1.txt", "is not UTF-8 text (byte 3"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/blank.txt", "holds no text"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/text.txt", "too short for 8 samples of 256 tokens"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/windows_only.txt", "needed for needle length 4096"),
+    (f"report {SMOL} --out {{d}}/r --needle-lengths 90000", "needed for needle length 90000"),
     (f"report {SMOL} --out {{d}}/r --views -1", "--views"),
     (f"report {SMOL} --out {{d}}/r --scores induction,bogus", "not one of"),
     (f"report {SMOL} --out {{d}}/r --scores induction,,gradient", "empty item"),
@@ -312,6 +320,7 @@ CLI_CASES = [
     (f"sae train {SMOL} --out {{d}}/s --layer 3 --checkpoint-every 0", "--checkpoint-every"),
     (f"sae train {SMOL} --out {{d}}/s --layer 3 --cache {{d}}/user.txt", "is a file"),
     (f"sae train {SMOL} --out {{d}}/s --layer 3 --text-file {{d}}/missing.txt", "does not exist"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3 --text-file {{d}}/latin1.txt", "is not UTF-8 text"),
     (f"sae train {SMOL} --out {{d}}/s --layer 3 --seed -1", "--seed"),
     (f"sae train {SMOL} --out {{d}}/precious --layer 3", "headlab did not write"),
     # sae eval and dashboard

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import HeadlabError
-from ..settings import (Choice, ExistingFile, Indices, Integer, Items, Kind, Maybe, Number, Switch, check_settings,
+from ..settings import (Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, TextFile, check_settings,
                        setting)
 
 FORMS = ("hybrid", "linear")
@@ -144,7 +144,7 @@ class ConversionSettings:
     eval_windows: int = setting(4, "held-out windows for validation and perplexity", kind=Integer(1),
                                 flag="--eval-windows")
     text_path: str | None = setting(None, "UTF-8 training text (default: Python standard-library docstrings)",
-                                    kind=Maybe(ExistingFile()), flag="--text-file")
+                                    kind=Maybe(TextFile()), flag="--text-file")
     data: str = setting("text", "train on windows of the text, or on chat conversations: passages of the text with "
                                 "a question (half about a fact hidden in the passage) and the original model's own "
                                 "answer, through its chat template", kind=Choice(*DATA_KINDS), flag="--data")
