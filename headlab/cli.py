@@ -314,8 +314,8 @@ def _train_gates(args) -> int:
     model, tokenizer = common.load_model_from(args)
     from .probes.duo import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
 
+    training = GateTraining(model, tokenizer, settings, out)  # checks the text; resumes from the folder's state
     claim_folder(out, (STATE_FILE, GATES_FILE, PLAN_FILE), args.overwrite, "--out folder")
-    training = GateTraining(model, tokenizer, settings, out)
     if training.step:
         print(f"resuming from step {training.step} of {settings.steps} ({out / STATE_FILE})")
     gates = training.run()

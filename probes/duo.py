@@ -103,6 +103,10 @@ class GateTraining:
         self.lengths = sample_lengths(settings, getattr(config, "max_position_embeddings", None))
         text = load_text(settings.text_path)
         self.haystack = tokenizer(text, add_special_tokens=False).input_ids
+        if len(self.haystack) < max(self.lengths):  # a sample's stretch of haystack is a little shorter
+            raise InputFileError(f"the haystack text has {len(self.haystack)} tokens, fewer than the "
+                                 f"{max(self.lengths)} of the longest sample; give a longer --text-file or a lower "
+                                 "--max-length")
         self.words = sorted({w for w in text.split() if w.isalpha() and 3 <= len(w) <= 10})
         self.tokenizer = tokenizer
         self.alphas = torch.ones(self.shape.n_layers, self.shape.n_kv_heads, requires_grad=True)

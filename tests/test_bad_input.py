@@ -296,6 +296,7 @@ CLI_CASES = [
     (f"train-gates {SMOL} --out {{d}}/g --window 0", "--window"),
     (f"train-gates {SMOL} --out {{d}}/g --save-every 0", "--save-every"),
     (f"train-gates {SMOL} --out {{d}}/g --text-file {{d}}/missing.txt", "does not exist"),
+    (f"train-gates {SMOL} --out {{d}}/g --text-file {{d}}/windows_only.txt", "of the longest sample"),
     (f"train-gates {SMOL} --out {{d}}/g --seed -1", "--seed"),
     (f"train-gates {SMOL} --out {{d}}/precious", "headlab did not write"),
     (f"train-gates {SMOL} --out {{d}}/g --max-memory lots", "--max-memory"),
