@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from . import cli_common as common
@@ -581,6 +582,7 @@ def build_parser() -> common.Parser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``headlab`` command."""
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _headlab_warnings_in_one_line(warnings.formatwarning)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -589,6 +591,21 @@ def main(argv: list[str] | None = None) -> int:
     except HeadlabError as err:
         print(f"{args.prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _headlab_warnings_in_one_line(format_warning):
+    """A ``warnings.formatwarning`` that prints headlab's own warnings (``"headlab: ..."``) as their
+    line alone, and others as ``format_warning`` does."""
+    if getattr(format_warning, "headlab", False):
+        return format_warning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if str(message).startswith("headlab: "):
+            return f"{message}\n"
+        return format_warning(message, category, filename, lineno, line)
+
+    formatted.headlab = True
+    return formatted
 
 
 def _one_line(err: Exception) -> str:

@@ -152,7 +152,7 @@ def test_models_the_scorer_cannot_serve_are_refused_and_searched_whole(tmp_path)
     with pytest.raises(UnsupportedModelError, match="whole sequence"):
         SuffixScorer(windowed, batches, LayerPrefix(windowed, batches), len(examples))
     model = peaked_llama()
-    with pytest.raises(UnsupportedModelError, match="GiB"):
+    with pytest.raises(UnsupportedModelError, match="0.0 GiB, over the budget of 0.0 GiB"):
         SuffixScorer(model, batches, LayerPrefix(model, batches), len(examples), cache_budget=1000)
     block = model.model.layers[2]
     own = block.forward
@@ -163,7 +163,8 @@ def test_models_the_scorer_cannot_serve_are_refused_and_searched_whole(tmp_path)
     assert not prefix.known, "a refused scorer hands the prefix nothing"
     candidates = tuple(search.default_candidates(windowed, [2]))
     settings = search.SearchSettings(("arithmetic",), len(examples), candidates, beta=0.0, threshold=0.02)
-    state = search.calibration_search(windowed, tok, examples, settings, tmp_path / "s.json", batch_size=4)
+    with pytest.warns(UserWarning, match="slower path: each head runs its sequences whole .*whole sequence"):
+        state = search.calibration_search(windowed, tok, examples, settings, tmp_path / "s.json", batch_size=4)
     assert state["heads"] == {f"2,{h}": evaluate(windowed, tok, examples, Plan([Calibrate(2, (h,), 0.0, 0.02)])).accuracy
                               for _, h in candidates}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -115,8 +116,9 @@ def measure_layer(model, examples: list[Example], batches, edits: list[Calibrate
 def _prefix_or_none(model, batches) -> LayerPrefix | None:
     try:
         return LayerPrefix(model, batches)
-    except UnsupportedModelError:
-        return None  # every head then runs the whole model
+    except UnsupportedModelError as err:
+        _slower(f"each head runs the whole model ({err})")
+        return None
 
 
 def _scorer_or_none(model, batches, prefix: LayerPrefix | None, n_examples: int) -> SuffixScorer | None:
@@ -124,17 +126,24 @@ def _scorer_or_none(model, batches, prefix: LayerPrefix | None, n_examples: int)
         return None
     try:
         return SuffixScorer(model, batches, prefix, n_examples)
-    except UnsupportedModelError:
-        return None  # every head then runs its sequences whole, from the kept stream
+    except UnsupportedModelError as err:
+        _slower(f"each head runs its sequences whole from the layer's kept input ({err})")
+        return None
 
 
 def _advanced(prefix: LayerPrefix, layer: int) -> bool:
     """Whether ``prefix`` now starts at ``layer`` (False: the model's blocks cannot be skipped)."""
     try:
         prefix.advance(layer)
-    except UnsupportedModelError:
+    except UnsupportedModelError as err:
+        _slower(f"from layer {layer} on, each head runs the whole model ({err})")
         return False
     return True
+
+
+def _slower(how: str) -> None:
+    """Say that the search takes a slower path (the same accuracies), and why."""
+    warnings.warn(f"headlab: the calibration search takes a slower path: {how}", stacklevel=3)
 
 
 def plan_from_search(model, model_id: str, state: dict, beta: float, threshold: float) -> Plan:

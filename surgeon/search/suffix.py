@@ -400,4 +400,4 @@ def _require_supported(model, batches: list[ChoiceBatch], budget: int) -> None:
     needed = shape.n_layers * width * positions * dtype.itemsize
     if needed > budget:
         raise UnsupportedModelError(f"the unedited cache and stream of every sequence would take "
-                                    f"{needed / 2**30:.1f} GiB")
+                                    f"{needed / 2**30:.1f} GiB, over the budget of {budget / 2**30:.1f} GiB")
