@@ -10,8 +10,16 @@ import torch
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps, run_until
+from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 
 DIMS = ("layer", "head", "query", "key")
+
+
+def scoring_method(model_or_config, n_tokens: int) -> str:
+    """``"maps"`` when one window's maps (all layers and heads, fp32) fit the taps' map budget,
+    else ``"statistics"`` (the fused op: no N×N map; the report's pattern and sink scores from it)."""
+    shape = model_shape(model_or_config)
+    return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .report_settings import ReportSettings
 from .atlas_page import atlas_section, load_atlas
 from .compression import load_compression
 from .validation_file import load_curves
-from .record import AttentionRecord, record_attention, record_statistics
+from .record import AttentionRecord, record_attention, record_statistics, scoring_method
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
 from .scores import (PATTERN_PAGES, PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores,
@@ -141,13 +141,6 @@ def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> 
 
 
 VIEW_TOKENS = 512  # attention views of long inputs show this many leading tokens
-
-
-def scoring_method(model_or_config, n_tokens: int) -> str:
-    """``"maps"`` when one window's maps (all layers and heads, fp32) fit the taps' map budget,
-    else ``"statistics"`` (the fused op: no N×N map, the same four scores)."""
-    shape = model_shape(model_or_config)
-    return "maps" if 4 * shape.n_layers * shape.n_heads * n_tokens**2 <= DEFAULT_MAP_BUDGET_BYTES else "statistics"
 
 
 def _converted_note(model) -> str:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..surgeon import Taps, attach, decoder_layers, detect_sink_dimensions, model_shape
 from ..surgeon.sites import block_input, has_causal_attention
 from ..surgeon.stopping import run_for_taps
+from .record import scoring_method
 from .settings import SinkSettings
 
 
@@ -29,7 +30,7 @@ class MassiveActivations:
     ``{"value", "dim", "token", "window"}``; ``median``: per layer, median ``|x|`` (mean over
     windows); ``sink_dims``: the detected dimensions; ``sink_tokens``: per layer, mean number of
     sink tokens per window; ``scores``: ``[layer, head]`` mass on sink tokens (NaN where no row
-    saw one)."""
+    saw one); ``method``: where the mass was read, ``"maps"`` or ``"statistics"``."""
 
     top: list[list[dict]]
     median: list[float]
@@ -37,11 +38,12 @@ class MassiveActivations:
     sink_tokens: list[float]
     scores: torch.Tensor
     settings: SinkSettings = field(default_factory=SinkSettings)
+    method: str = "maps"
 
     def summary(self) -> dict:
         """JSON-ready record of everything but the scores."""
         return {"sink_dims": self.sink_dims, "top": self.top, "median": self.median,
-                "sink_tokens_per_window": self.sink_tokens, **self.settings.to_dict()}
+                "sink_tokens_per_window": self.sink_tokens, "method": self.method, **self.settings.to_dict()}
 
 
 def sink_token_mask(hidden: torch.Tensor, sink_dims: Sequence[int], tau: float) -> torch.Tensor:
@@ -59,7 +61,8 @@ def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSe
                         progress: bool = False) -> MassiveActivations:
     """Log massive activations, detect sink dimensions and score each head's mass on sink tokens
     over ``windows`` (each ``[1, seq]`` ids). Two passes per window: detection, then one forward
-    with attention maps consumed layer by layer."""
+    reading the mass from attention maps consumed layer by layer or, for windows whose maps pass the
+    budget (:func:`.record.scoring_method`), from the fused statistics op (no N×N map)."""
     settings = settings or SinkSettings()
     if not windows:
         raise ValueError("massive_activations needs at least one window")
@@ -71,7 +74,8 @@ def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSe
     tops: list[list[dict]] = [[] for _ in range(shape.n_layers)]
     medians = torch.zeros(shape.n_layers, dtype=torch.float64)
     sink_counts = torch.zeros(shape.n_layers, dtype=torch.float64)
-    sinks: dict[int, torch.Tensor] = {}
+    sinks: dict[int, torch.Tensor] = {}  # layer -> [seq]: its sink tokens in the current window
+    groups: dict[int, torch.Tensor] = {}  # layer -> [1, 1, seq]: the same, as the statistics' key group
 
     def on_input(layer: int, window: int):
         def hook(module, args, kwargs):
@@ -82,31 +86,44 @@ def massive_activations(model, windows: Sequence[torch.Tensor], settings: SinkSe
                                for v, i in zip(values.tolist(), flat.tolist()))
             medians[layer] += size.median().item()
             sinks[layer] = sink_token_mask(x[None], dims, settings.tau)[0]
+            groups[layer] = sinks[layer][None, None]
             sink_counts[layer] += sinks[layer].sum().item()
         return hook
 
-    def consume(layer: int, probs: torch.Tensor):  # [1, heads, query, key]
-        sink = sinks[layer]
-        if not sink.any():
-            return
-        first = int(sink.nonzero()[0]) if causal else 0
-        on_sinks = probs[0, :, first:, : sink.shape[0]][..., sink].sum(-1)  # [heads, rows seeing a sink]
+    def add_mass(layer: int, on_sinks: torch.Tensor) -> None:  # [heads, rows from the first that sees a sink]
         mass[layer] += on_sinks.double().sum(-1).cpu()
         rows[layer] += on_sinks.shape[-1]
 
+    def first_row(sink: torch.Tensor) -> int:
+        return int(sink.nonzero()[0]) if causal else 0
+
+    def consume(layer: int, probs: torch.Tensor):  # [1, heads, query, key]
+        sink = sinks[layer]
+        if sink.any():
+            add_mass(layer, probs[0, :, first_row(sink):, : sink.shape[0]][..., sink].sum(-1))
+
+    def read_statistics(recording) -> None:  # group_mass [1, heads, query, 1]: each row's mass on the sinks
+        for layer, sink in sinks.items():
+            if sink.any():
+                add_mass(layer, recording.stats[layer][0].group_mass[0, :, first_row(sink):, 0])
+
     causal = has_causal_attention(model)
     layers = decoder_layers(model)
-    taps = Taps.all_attention(shape, attention_consumer=consume)
+    method = scoring_method(model, max(ids.shape[1] for ids in windows))
+    taps = (Taps.all_attention(shape, attention_consumer=consume) if method == "maps" else
+            Taps(stats={layer: None for layer in range(shape.n_layers)}, stats_key_groups=groups))
     for window, ids in enumerate(tqdm(windows, desc="massive activations", disable=not progress, leave=False)):
         hooks = [module.register_forward_pre_hook(on_input(layer, window), with_kwargs=True)
                  for layer, module in layers.items()]
         try:
-            with attach(model, taps=taps):
+            with attach(model, taps=taps) as session:
                 run_for_taps(model, input_ids=ids)
         finally:
             for hook in hooks:
                 hook.remove()
+        if method == "statistics":
+            read_statistics(session.recording)
     top = [sorted(entries, key=lambda e: -e["value"])[:3] for entries in tops]
     scores = torch.where(rows[:, None] > 0, mass / rows.clamp(min=1)[:, None], torch.nan).float()
     n = len(windows)
-    return MassiveActivations(top, (medians / n).tolist(), dims, (sink_counts / n).tolist(), scores, settings)
+    return MassiveActivations(top, (medians / n).tolist(), dims, (sink_counts / n).tolist(), scores, settings, method)

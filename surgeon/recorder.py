@@ -5,6 +5,7 @@ and per-head outputs. Shapes as in :mod:`.attention_math`."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -114,7 +115,7 @@ class Recorder:
         quirks = call.kernel_quirks(heads)
         stats = attention_with_stats(
             q, k, v, scale=call.scaling, causal=call.is_causal, q_offset=q_offset, key_valid=key_valid,
-            key_groups=self._key_groups(call.key_start, key.shape[-2]), topk=self.taps.stats_topk,
+            key_groups=self._key_groups(layer, call.key_start, key.shape[-2]), topk=self.taps.stats_topk,
             columns=self.taps.stats_columns, query_valid=query_valid, backend=self.taps.stats_backend, **quirks,
         )
         if stats.topk_index is not None and call.key_start:  # sequence positions, as everywhere else
@@ -148,9 +149,11 @@ class Recorder:
         self._mask_cache = [*self._mask_cache[-(_MASK_CACHE_SIZE - 1):], (signature, attention_mask, result)]
         return result
 
-    def _key_groups(self, key_start: int, n_key: int) -> torch.Tensor | None:
-        """The requested key groups (indexed by sequence position) for a call's keys."""
+    def _key_groups(self, layer: int, key_start: int, n_key: int) -> torch.Tensor | None:
+        """The requested key groups of ``layer`` (indexed by sequence position) for a call's keys."""
         groups = self.taps.stats_key_groups
+        if isinstance(groups, Mapping):
+            groups = groups.get(layer)
         return None if groups is None else RequestState.in_call(groups, key_start, n_key)
 
 

@@ -30,7 +30,9 @@ class Taps:
 
     ``stats``: layer -> query heads whose row statistics are recorded without building the map
     (:func:`headlab.kernels.attention_with_stats`: LSE, entropy, mass on ``stats_key_groups``
-    ``[batch, groups, key]``, top-``stats_topk`` keys; with ``stats_columns`` also the attention
+    ``[batch, groups, key]`` — one tensor for every layer, or a mapping layer -> tensor read when the
+    layer's call runs, so a hook before the layer can fill it — top-``stats_topk`` keys; with
+    ``stats_columns`` also the attention
     each key receives, in ``Recording.columns``). One :class:`~headlab.kernels.AttentionStats` per
     call, heads along dim 1, without the attention output (``out`` is None; top-k indices are
     sequence positions). Where every head of
@@ -49,7 +51,7 @@ class Taps:
     head_outputs: Iterable[int] = ()
     map_budget_bytes: int = DEFAULT_MAP_BUDGET_BYTES
     stats: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
-    stats_key_groups: torch.Tensor | None = None
+    stats_key_groups: torch.Tensor | Mapping[int, torch.Tensor] | None = None
     stats_topk: int = 0
     stats_columns: bool = False
     stats_row_offsets: tuple[int, ...] = ()

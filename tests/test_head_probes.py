@@ -58,6 +58,32 @@ def test_massive_activation_planted_in_an_embedding_is_found_and_scored():
     assert torch.allclose(result.scores, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["maps", "statistics"])
+def test_sink_mass_counts_the_rows_from_the_first_sink_on_from_maps_or_statistics(method, monkeypatch):
+    import headlab.probes.sinks as sinks
+
+    monkeypatch.setattr(sinks, "scoring_method", lambda model, n_tokens: method)  # the report's choice by length
+    model = tiny_llama("gqa", layers=4)
+    sink_id, dim = 5, 3
+    with torch.no_grad():
+        model.model.embed_tokens.weight[sink_id, dim] = 1e4
+    gen = torch.Generator().manual_seed(1)
+    windows, sink_positions = [], ([0, 9], [0, 6], [4, 9])  # the first token marks the dimension in 2 of 3
+    for positions in sink_positions:
+        ids = torch.randint(10, 90, (1, 16), generator=gen)
+        ids[0, positions] = sink_id
+        windows.append(ids)
+    result = massive_activations(model, windows, SinkSettings(abs_min=100, ratio_min=1000, tau=5))
+    assert result.method == method and result.summary()["method"] == method and result.sink_dims == [dim]
+    mass, rows = 0, 0  # [layer, head] mass of the rows from each window's first sink on (rows 0-3 of the last do not count)
+    for ids, positions in zip(windows, sink_positions):
+        maps = torch.stack(eager_maps(model, ids))[:, 0, :, positions[0]:]  # [layer, head, row, key]
+        mass, rows = mass + maps[..., positions].sum(-1).sum(-1), rows + maps.shape[-2]
+    expected = mass / rows
+    # probabilities from two fp32 softmaxes differ by a few ulps each; a row sums 2 of them, a mean of 44 rows
+    assert torch.allclose(result.scores, expected, rtol=0, atol=1e-5)
+
+
 def test_no_sink_dimension_means_not_analysed():
     model = tiny_llama("mha", layers=2)
     result = massive_activations(model, [torch.randint(10, 90, (1, 12))])

@@ -7,7 +7,7 @@ from conftest import tiny_bert, tiny_llama
 from headlab.kernels import attention_with_stats, row_key_probs
 from headlab.kernels.reference import attention_probs_reference
 from headlab.probes.record import record_attention, record_statistics
-from headlab.probes.report import scoring_method
+from headlab.probes.record import scoring_method
 from headlab.probes.scores import pattern_scores, pattern_scores_from_statistics
 
 

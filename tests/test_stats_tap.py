@@ -42,6 +42,29 @@ def test_stats_tap_matches_eager_maps_on_a_padded_batch(model_factory):
     check_against_maps(session.recording.stats[2][0], session.recording.columns[2][0], maps[2], groups, valid, 3)
 
 
+def test_key_groups_given_per_layer_are_read_as_each_layer_runs():
+    model = tiny_llama("gqa")
+    ids, mask = padded_batch([14, 9], 14, "left")
+    early, late = torch.zeros(2, 1, 14, dtype=torch.bool), torch.zeros(2, 2, 14, dtype=torch.bool)
+    early[:, 0, 5:7] = True
+    late[:, 0, -1] = late[:, 1, 8:] = True
+    groups = {}  # filled by a hook before each layer, as a caller that finds its groups on the way does
+    hooks = [model.model.layers[layer].register_forward_pre_hook(lambda *_, layer=layer, g=g: groups.update({layer: g}))
+             for layer, g in ((0, early), (2, late))]
+    try:
+        with torch.no_grad(), attach(model, taps=Taps(stats={0: None, 1: None, 2: None}, stats_key_groups=groups,
+                                                       stats_topk=3, stats_columns=True)) as session:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = eager_maps(model, input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    check_against_maps(session.recording.stats[0][0], session.recording.columns[0][0], maps[0], early, valid, 3)
+    check_against_maps(session.recording.stats[2][0], session.recording.columns[2][0], maps[2], late, valid, 3)
+    assert session.recording.stats[1][0].group_mass is None  # a layer the mapping leaves out has no groups
+
+
 def test_layers_whose_every_head_is_tapped_keep_the_models_outputs():
     """Where all heads of a layer are tapped the statistics op's output replaces SDPA's; the
     logits must stay those of the untouched model, prefill and cached decode."""
