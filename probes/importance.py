@@ -4,10 +4,13 @@ Every function returns ``[layer, head]`` tensors."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import HeadMean, HeadScale, Plan, Taps, attach, model_shape
+from ..surgeon.recompute import needs_recompute, recomputed_in_backward
 from ..surgeon.references import head_output_means
 from ..surgeon.stopping import run_for_taps
 
@@ -53,15 +56,17 @@ def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def gradient_importance(model, windows: list[torch.Tensor], progress: bool = False) -> torch.Tensor:
     """Michel et al.: ``E_x |∂L/∂ξ|`` for unit gates ``ξ [layer, head]`` on head outputs,
-    weighted by tokens, each layer normalised by its L2 norm, then min-max scaled to [0, 1]."""
+    weighted by tokens, each layer normalised by its L2 norm, then min-max scaled to [0, 1]. Long
+    windows recompute each block in the backward pass (:mod:`headlab.surgeon.recompute`: the same
+    gradients; SmolLM2 at 8,192 tokens peaks at 8.4 GB instead of 18.9 GB)."""
     shape = model_shape(model)
     total = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
     tokens = 0
     for ids in tqdm(windows, desc="gradient importance", disable=not progress, leave=False):
         gates = torch.ones(shape.n_layers, shape.n_heads, requires_grad=True)
-        with attach(model, gates=gates):
-            loss = _lm_loss(model, ids)
-        (grad,) = torch.autograd.grad(loss, gates)
+        recompute = recomputed_in_backward(model) if needs_recompute(model, ids.numel()) else nullcontext()
+        with attach(model, gates=gates), recompute:  # the backward runs inside: a recomputed block needs the gates
+            (grad,) = torch.autograd.grad(_lm_loss(model, ids), gates)
         n = ids.shape[1] - 1
         total += grad.abs().double() * n
         tokens += n

@@ -42,6 +42,35 @@ def test_gradient_importance_matches_o_proj_gates_and_is_zero_for_a_dead_head():
     assert torch.allclose(score.double(), ref, atol=1e-5)
 
 
+def test_long_windows_recompute_each_block_in_the_backward_pass_and_get_the_same_gradients(monkeypatch):
+    import headlab.probes.importance as importance
+
+    model = model_with_a_dead_head()
+    plain = gradient_importance(model, windows())
+    calls = []
+    for index, layer in enumerate(model.model.layers):  # counted in the forward itself: a recompute runs no hooks
+        layer.mlp.forward = lambda *args, own=layer.mlp.forward, index=index: (calls.append(index), own(*args))[1]
+    monkeypatch.setattr(importance, "needs_recompute", lambda model, n_tokens: True)  # as for a long window
+    recomputed = gradient_importance(model, windows())
+    assert sorted(calls) == sorted([0, 1, 2] * 2 * 3)  # each block twice per window: forward, then backward
+    assert torch.equal(recomputed, plain)
+    assert "forward" not in model.model.layers[0].__dict__  # the blocks' own forward is back
+
+
+def test_recomputed_blocks_put_back_a_forward_set_on_a_block_before():
+    from headlab.surgeon.recompute import recomputed_in_backward
+
+    model = tiny_llama("gqa")
+    block = model.model.layers[1]
+    wrapper = block.forward  # as accelerate's offloading wrapper is set on the block itself
+    block.forward = wrapper
+    ids = windows()[0]
+    with recomputed_in_backward(model):
+        assert block.forward is not wrapper
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert block.__dict__["forward"] is wrapper and "forward" not in model.model.layers[0].__dict__
+
+
 def test_ablation_importance_is_the_loss_change_of_zeroing_the_heads_columns():
     model = model_with_a_dead_head()
     delta = ablation_importance(model, windows())
