@@ -16,6 +16,7 @@ import dataclasses
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..surgeon import Plan, attach, model_shape
 from ..surgeon.errors import InputFileError
 from ..surgeon.files import atomic_path, write_json
 from ..surgeon.mixing import StreamMix
+from ..surgeon.recompute import needs_recompute, recomputed_in_backward
 from ..surgeon.search.settings import StreamingSettings
 from .corpus import load_text
 from .scores import HeadScores
@@ -146,12 +148,14 @@ class GateTraining:
         with torch.no_grad():
             teacher = final_hidden(self.model, sample.input_ids)[0, sample.targets]
         mixing = StreamMix(self.alphas, self.layers, s.sinks, s.window)
-        with attach(self.model, mixing=mixing):
+        long = needs_recompute(self.model, sample.input_ids.shape[1])
+        # the backward runs inside: a block recomputed for a long sample needs the mixing again
+        with attach(self.model, mixing=mixing), recomputed_in_backward(self.model) if long else nullcontext():
             student = final_hidden(self.model, sample.input_ids)[0, sample.targets]
-        mse = ((student.float() - teacher.float()) ** 2).mean(-1).sum() / len(sample.targets)
-        loss = mse + s.lam * self.alphas[list(self.layers)].abs().mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            mse = ((student.float() - teacher.float()) ** 2).mean(-1).sum() / len(sample.targets)
+            loss = mse + s.lam * self.alphas[list(self.layers)].abs().mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         with torch.no_grad():
             self.alphas.clamp_(0.0, 1.0)

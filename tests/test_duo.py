@@ -134,6 +134,21 @@ def test_a_killed_gate_training_resumes_to_the_same_gates(tmp_path, monkeypatch)
         GateTraining(model, tokenizer, GateSettings(**{**SMALL, "lam": 0.1}), tmp_path / "run")
 
 
+def test_long_samples_recompute_each_block_in_the_backward_pass_and_train_the_same_gates(monkeypatch):
+    import headlab.probes.duo as duo
+
+    model, tokenizer = tiny_llama("gqa", layers=3), CharTokenizer()
+    plain = GateTraining(model, tokenizer, GateSettings(**SMALL)).run(progress=False)
+    calls = []
+    for index, layer in enumerate(model.model.layers):  # counted in the forward itself: a recompute runs no hooks
+        layer.mlp.forward = lambda *args, own=layer.mlp.forward, index=index: (calls.append(index), own(*args))[1]
+    monkeypatch.setattr(duo, "needs_recompute", lambda model, n_tokens: True)  # as for a long sample
+    recomputed = GateTraining(model, tokenizer, GateSettings(**SMALL)).run(progress=False)
+    # per step: the teacher's forward, the student's, and the student's again in the backward pass
+    assert len(calls) == 3 * 3 * SMALL["steps"]
+    assert torch.equal(recomputed, plain) and not torch.equal(plain, torch.ones_like(plain))
+
+
 def test_a_finished_gate_training_extends_to_the_gates_of_a_longer_run(tmp_path):
     model, tokenizer = tiny_llama("gqa", layers=3), CharTokenizer()
     longer = GateSettings(**{**SMALL, "steps": SMALL["steps"] + 2})
