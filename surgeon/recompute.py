@@ -11,7 +11,7 @@ from typing import Iterator
 from torch.utils.checkpoint import checkpoint
 
 from .shape import model_shape, text_config
-from .sites import decoder_layers
+from .sites import decoder_layers, forwards_set
 
 # Floats a decoder block keeps per token for its backward pass, in units of the model width: its norms'
 # and projections' inputs, queries, keys, values and outputs, and the MLP's wider intermediates (SmolLM2:
@@ -41,17 +41,8 @@ def recomputed_in_backward(model) -> Iterator[None]:
     too, under whatever hooks the forward ran with. A forward set on a block itself before
     (accelerate's offloading wrapper) is wrapped, and put back on exit."""
     blocks = list(decoder_layers(model).values())
-    previous = [block.__dict__.get("forward") for block in blocks]
-    try:
-        for block in blocks:
-            block.forward = _recomputing(block.forward)
+    with forwards_set(blocks, [_recomputing(block.forward) for block in blocks]):
         yield
-    finally:
-        for block, own in zip(blocks, previous):
-            if own is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = own
 
 
 def _recomputing(forward):

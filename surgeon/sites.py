@@ -1,8 +1,11 @@
 """Where things are in a loaded model: the modules that call the attention interface, the decoder
-blocks that hold them, and the check that a model dispatches attention through the interface at
-all. The bottom of ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
+blocks that hold them (and :func:`forwards_set`, which runs other code in their place for a while),
+and the check that a model dispatches attention through the interface at all. The bottom of ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -65,3 +68,21 @@ def block_input(args, kwargs) -> torch.Tensor:
 
 
 __all__ = ["attention_modules", "block_input", "decoder_layers", "has_causal_attention", "require_attention_interface"]
+
+
+@contextmanager
+def forwards_set(modules: list[torch.nn.Module], forwards: list[Callable]) -> Iterator[None]:
+    """Inside, each of ``modules`` runs the matching one of ``forwards`` (set on the module itself,
+    so its hooks still run around it). A forward set on a module itself before (accelerate's
+    offloading wrapper, which loads the module's weights) is put back on exit."""
+    previous = [module.__dict__.get("forward") for module in modules]
+    try:
+        for module, forward in zip(modules, forwards, strict=True):
+            module.forward = forward
+        yield
+    finally:
+        for module, own in zip(modules, previous):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own

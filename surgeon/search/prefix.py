@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UnsupportedModelError
-from ..sites import block_input, decoder_layers
+from ..sites import block_input, decoder_layers, forwards_set
 from .evaluate import ChoiceBatch, model_forward
 
 
@@ -100,14 +100,5 @@ def handing_through(blocks: list[torch.nn.Module], states: torch.Tensor) -> Iter
     def others(hidden_states, *args, **kwargs):
         return hidden_states
 
-    previous = [block.__dict__.get("forward") for block in blocks]
-    try:
-        for i, block in enumerate(blocks):
-            block.forward = first if i == 0 else others
+    with forwards_set(blocks, [first if i == 0 else others for i in range(len(blocks))]):
         yield
-    finally:
-        for block, own in zip(blocks, previous):
-            if own is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = own
