@@ -1,14 +1,19 @@
-"""Trading time for memory in a backward pass: each decoder block's activations are recomputed in the
-backward pass instead of kept from the forward (activation checkpointing), for long inputs whose kept
-activations would not fit. On the CPU the recomputed forward is the same computation, so the gradients
-are those of a plain backward pass."""
+"""Trading time for memory in a backward pass over long inputs: each decoder block's activations are
+recomputed in the backward pass instead of kept from the forward (activation checkpointing; on the CPU
+the recomputed forward is the same computation, so the gradients are those of a plain backward pass),
+and :func:`next_token_loss` computes the logits of a long input in chunks, each recomputed in the
+backward pass (a large vocabulary's logits over the whole input would not fit: Gemma 3 at 8,192 tokens,
+8.6 GB once, three times in the backward pass)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .shape import model_shape, text_config
 from .sites import decoder_layers, forwards_set
@@ -18,6 +23,8 @@ from .sites import decoder_layers, forwards_set
 # about 21; 8,192 tokens keep 12 GB over its 30 blocks).
 KEPT_WIDTHS_PER_TOKEN = 20
 RECOMPUTE_ABOVE_BYTES = 2 * 2**30
+LOGITS_ABOVE_BYTES = 512 * 2**20  # fp32 logits of a whole input beyond which :func:`next_token_loss` chunks them
+LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of :func:`next_token_loss`
 
 
 def kept_activation_bytes(model, n_tokens: int) -> int:
@@ -45,10 +52,39 @@ def recomputed_in_backward(model) -> Iterator[None]:
         yield
 
 
+def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy of a causal language model on ``ids [1, N]``: the model's own
+    loss where the fp32 logits of the whole input take at most :data:`LOGITS_ABOVE_BYTES` (the backward
+    pass holds them three or four times), else
+    the same mean (other sums: equal within fp32 rounding) from the final hidden states in chunks of
+    :data:`LOGITS_CHUNK_BYTES` of logits, each chunk's logits made by the model's own head (its
+    soft-capping or scaling included) and made again in the backward pass."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if ids.shape[1] * vocab * 4 <= LOGITS_ABOVE_BYTES:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, N, width]
+    rows = max(1, LOGITS_CHUNK_BYTES // (vocab * 4))
+    total = sum(checkpoint(_chunk_loss, model, decoder, hidden[:, start:start + rows], ids[0, start + 1:start + rows + 1],
+                           use_reentrant=False)
+                for start in range(0, ids.shape[1] - 1, rows))
+    return total / (ids.shape[1] - 1)
+
+
+def _chunk_loss(model, decoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``targets [n]`` from the model's logits of ``hidden [1, m >= n, width]``,
+    through the model's own forward with its decoder answering ``hidden``."""
+    answer = BaseModelOutputWithPast(last_hidden_state=hidden)
+    with forwards_set([decoder], [lambda *args, **kwargs: answer]):
+        logits = model(input_ids=targets[None], use_cache=False).logits[0, :len(targets)]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 def _recomputing(forward):
     def recomputing(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return recomputing
 
 
-__all__ = ["RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes", "needs_recompute", "recomputed_in_backward"]
+__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes", "needs_recompute", "next_token_loss",
+           "recomputed_in_backward"]
