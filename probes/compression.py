@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..surgeon import Plan, attach, model_shape
 from ..surgeon.files import read_json_file
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
+from ..surgeon.recompute import next_token_loss
 from ..surgeon.search.settings import StreamingSettings
 from ..surgeon.settings import Integer, Items, Kind, Maybe, Number, Text, check_object
 from .corpus import load_text, token_windows
@@ -78,7 +79,7 @@ def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: Com
 def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
     """Mean next-token cross-entropy (nats) of ``window [1, n]`` under ``plan``."""
     with attach(model, plan):
-        return float(model(input_ids=window, labels=window, use_cache=False).loss)
+        return float(next_token_loss(model, window))
 
 
 def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,

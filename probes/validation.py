@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach
 from ..surgeon.kv_cache import reserved_cache
+from ..surgeon.recompute import next_token_loss
 from ..surgeon.stopping import run_for_taps
 from .corpus import load_text, token_windows
 from .masking import head_means, masking_plan, random_sets, top_heads
@@ -154,7 +155,7 @@ class LossTask:
     @torch.no_grad()
     def evaluate(self, window: torch.Tensor, plan: Plan | None) -> dict:
         with attach(self.model, plan):
-            return {"loss": float(self.model(input_ids=window, labels=window, use_cache=False).loss)}
+            return {"loss": float(next_token_loss(self.model, window))}
 
     def run(self, conditions: list[tuple[str, Plan]], progress: bool):
         """Every window unmasked and under every condition: ``(baseline, used, {condition: ...})``."""
