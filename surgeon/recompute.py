@@ -2,8 +2,8 @@
 recomputed in the backward pass instead of kept from the forward (activation checkpointing; on the CPU
 the recomputed forward is the same computation, so the gradients are those of a plain backward pass),
 and :func:`next_token_loss` computes the logits of a long input in chunks, each recomputed in the
-backward pass (a large vocabulary's logits over the whole input would not fit: Gemma 3 at 8,192 tokens,
-8.6 GB once, three times in the backward pass)."""
+backward pass (a large vocabulary's logits over the whole input would not fit: Gemma 3's at 8,192
+tokens take 8.6 GB in fp32, held several times over in the backward pass)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .errors import UnsupportedModelError
 from .shape import model_shape, text_config
 from .sites import decoder_layers, forwards_set
 
@@ -53,10 +54,11 @@ def recomputed_in_backward(model) -> Iterator[None]:
 
 
 def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy of a causal language model on ``ids [1, N]``: the model's own
-    loss where the fp32 logits of the whole input take at most :data:`LOGITS_ABOVE_BYTES` (the backward
-    pass holds them three or four times), else
-    the same mean (other sums: equal within fp32 rounding) from the final hidden states in chunks of
+    """The mean next-token cross-entropy of a causal language model on ``ids [1, N]``.
+
+    The model's own loss where the fp32 logits of the whole input take at most
+    :data:`LOGITS_ABOVE_BYTES` (the backward pass holds them several times over). Beyond, the same
+    mean (other sums: equal within fp32 rounding) from the final hidden states in chunks of
     :data:`LOGITS_CHUNK_BYTES` of logits, each chunk's logits made by the model's own head (its
     soft-capping or scaling included) and made again in the backward pass."""
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -74,9 +76,17 @@ def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
 def _chunk_loss(model, decoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of ``targets [n]`` from the model's logits of ``hidden [1, m >= n, width]``,
     through the model's own forward with its decoder answering ``hidden``."""
-    answer = BaseModelOutputWithPast(last_hidden_state=hidden)
-    with forwards_set([decoder], [lambda *args, **kwargs: answer]):
+    answered = []
+
+    def answer(*args, **kwargs):
+        answered.append(True)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    with forwards_set([decoder], [answer]):
         logits = model(input_ids=targets[None], use_cache=False).logits[0, :len(targets)]
+    if not answered:
+        raise UnsupportedModelError(f"{type(model).__name__} does not run its decoder (get_decoder()) in its forward, "
+                                    "so its loss cannot be taken in chunks of logits")
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
@@ -86,5 +96,5 @@ def _recomputing(forward):
     return recomputing
 
 
-__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes", "needs_recompute", "next_token_loss",
-           "recomputed_in_backward"]
+__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes",
+           "needs_recompute", "next_token_loss", "recomputed_in_backward"]

@@ -40,3 +40,15 @@ def test_a_loss_in_chunks_of_logits_is_the_models_loss_and_gradient(family, monk
     assert abs(chunked - whole) <= bound * whole
     assert (chunked_gradient - whole_gradient).abs().max() <= bound * whole_gradient.abs().max()
     assert not torch.equal(whole_gradient, torch.zeros_like(whole_gradient))
+
+
+def test_a_model_whose_forward_skips_its_decoder_is_refused_not_scored_wrongly(monkeypatch):
+    from headlab.surgeon.errors import UnsupportedModelError
+
+    model = family_model("llama")
+    unused = family_model("llama").model  # a decoder of the same shape that the model's forward never runs
+    monkeypatch.setattr(model, "get_decoder", lambda: unused)
+    monkeypatch.setattr(recompute, "LOGITS_ABOVE_BYTES", 0)
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedModelError, match="does not run its decoder"):
+        recompute.next_token_loss(model, ids)
