@@ -2,6 +2,8 @@
 through the model's own head (soft-capping included), with each chunk's logits made again in the
 backward pass."""
 
+import copy
+
 import pytest
 import torch
 from families import family_model
@@ -32,7 +34,10 @@ def test_a_loss_in_chunks_of_logits_is_the_models_loss_and_gradient(family, monk
     made = []
     head = model.get_output_embeddings()
     head.forward = lambda x, own=head.forward: (made.append(x.shape[1]), own(x))[1]  # a recompute runs no hooks
-    chunked, chunked_gradient = loss_and_gates_gradient()
+    try:
+        chunked, chunked_gradient = loss_and_gates_gradient()
+    finally:
+        del head.forward  # the shared tiny model as it was
     # each chunk's logits once in the forward, once again in the backward (the last chunk holds row 20 too)
     assert made[:4] == [6, 6, 6, 3] and sorted(made[4:]) == [3, 6, 6, 6]
     # two fp32 means of the same 20 terms, summed in other orders: (n - 1)·eps of the terms, twice
@@ -46,7 +51,7 @@ def test_a_model_whose_forward_skips_its_decoder_is_refused_not_scored_wrongly(m
     from headlab.surgeon.errors import UnsupportedModelError
 
     model = family_model("llama")
-    unused = family_model("llama").model  # a decoder of the same shape that the model's forward never runs
+    unused = copy.deepcopy(model.model)  # a decoder of the same shape that the model's forward never runs
     monkeypatch.setattr(model, "get_decoder", lambda: unused)
     monkeypatch.setattr(recompute, "LOGITS_ABOVE_BYTES", 0)
     ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(1))
