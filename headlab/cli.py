@@ -187,7 +187,8 @@ def _view(args) -> int:
     data = gather_view(model, tokenizer, ids, args.model, layers, plan, int(view.max_payload_mb * 2**20),
                        plan_label=Path(args.compare).name if plan else None)
     path = write_view(data, args.out, scores, head, view.plotlyjs, overwrite=args.overwrite)
-    print(f"view: {path} ({path.stat().st_size / 2**20:.1f} MiB, {len(data.tokens)} token{'s' if len(data.tokens) != 1 else ''}, "
+    tokens = f"{len(data.tokens)} token{'s' if len(data.tokens) != 1 else ''}"
+    print(f"view: {path} ({path.stat().st_size / 2**20:.1f} MiB, {tokens}, "
           f"{'one cell per token' if data.block == 1 else f'{data.block}-token blocks'})")
     if args.export:
         shown = views.view(data, *head) if head else views.view(data, scores=scores)

@@ -67,8 +67,8 @@ def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
     decoder = model.get_decoder()
     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, N, width]
     rows = max(1, LOGITS_CHUNK_BYTES // (vocab * 4))
-    total = sum(checkpoint(_chunk_loss, model, decoder, hidden[:, start:start + rows], ids[0, start + 1:start + rows + 1],
-                           use_reentrant=False)
+    total = sum(checkpoint(_chunk_loss, model, decoder, hidden[:, start:start + rows],
+                           ids[0, start + 1:start + rows + 1], use_reentrant=False)
                 for start in range(0, ids.shape[1] - 1, rows))
     return total / (ids.shape[1] - 1)
 

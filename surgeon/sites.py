@@ -1,6 +1,7 @@
 """Where things are in a loaded model: the modules that call the attention interface, the decoder
 blocks that hold them (and :func:`forwards_set`, which runs other code in their place for a while),
-and the check that a model dispatches attention through the interface at all. The bottom of ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
+and the check that a model dispatches attention through the interface at all. The bottom of
+``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
 
 from __future__ import annotations
 

@@ -9,5 +9,6 @@ def test_headlab_warnings_print_as_their_line_alone_and_others_as_before():
     formatted = _headlab_warnings_in_one_line(warnings.formatwarning)
     assert formatted("headlab: the search takes a slower path", UserWarning, "/x/calibration.py", 12) == \
         "headlab: the search takes a slower path\n"
-    assert formatted("other", UserWarning, "/x/y.py", 3, "") == warnings.formatwarning("other", UserWarning, "/x/y.py", 3, "")
+    other = ("other", UserWarning, "/x/y.py", 3, "")
+    assert formatted(*other) == warnings.formatwarning(*other)
     assert _headlab_warnings_in_one_line(formatted) is formatted  # installed once, however often main runs

@@ -75,7 +75,7 @@ def test_sink_mass_counts_the_rows_from_the_first_sink_on_from_maps_or_statistic
         windows.append(ids)
     result = massive_activations(model, windows, SinkSettings(abs_min=100, ratio_min=1000, tau=5))
     assert result.method == method and result.summary()["method"] == method and result.sink_dims == [dim]
-    mass, rows = 0, 0  # [layer, head] mass of the rows from each window's first sink on (rows 0-3 of the last do not count)
+    mass, rows = 0, 0  # [layer, head]: the rows from each window's first sink on (rows 0-3 of the last do not)
     for ids, positions in zip(windows, sink_positions):
         maps = torch.stack(eager_maps(model, ids))[:, 0, :, positions[0]:]  # [layer, head, row, key]
         mass, rows = mass + maps[..., positions].sum(-1).sum(-1), rows + maps.shape[-2]
