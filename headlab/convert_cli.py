@@ -23,30 +23,35 @@ def _convert(args) -> int:
     _refuse_the_source(args.model, out)
     check_folder(out, args.overwrite, "--out checkpoint folder")
     config = common.model_config(args, causal=True, needs="conversion")
-    layers = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
+    requested = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
     import torch
 
     from .conversion_data import require_chat_template, training_windows
     from .surgeon import load_model
     from .surgeon.conversion.converted import convert, is_converted_directory, save_converted
-    from .surgeon.search.evaluate import heldout_loss
+    from .surgeon.conversion.support import check_config, verify_layers
     from .surgeon.conversion.training import (add_lora, next_token_loss, run_stage, stage1_parameters, transfer_loss,
                                           transfer_mode)
+    from .surgeon.search.evaluate import heldout_loss
 
+    layers = check_config(config, requested)  # the modules' structure, before any weight is read
+    linear = settings.linear_settings(tuple(layers))
     training = out / "training"
     if is_converted_directory(out) and not training.exists():
         raise HeadlabError(f"{out} already holds a finished converted checkpoint; choose another --out")
     stage1, stage2 = settings.stages()
-    claim_folder(out, CHECKPOINT_ENTRIES, args.overwrite, "--out checkpoint folder")
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(args.model)
+    verify_layers(model, layers, linear)  # the rebuilt softmax reproduces each layer, before any data is made
+    claim_folder(out, CHECKPOINT_ENTRIES, args.overwrite, "--out checkpoint folder")
     if settings.data == "chat":
         require_chat_template(tokenizer, args.model)
     n_train = max(1, max(stage1.steps, stage2.steps) * settings.accumulation)
     train, held_out = training_windows(model, tokenizer, settings, n_train, training)
     train_ids, val_ids = torch.cat(train), torch.cat(held_out)
     perplexity = {"original": math.exp(heldout_loss(model, held_out))}
-    convert(model, settings.linear_settings(None if layers is None else tuple(layers)))
+    print(f"converting layers {_spans(layers)}" + (" (every full-attention layer)" if requested is None else ""))
+    convert(model, linear, verify=False)  # verified above on these weights
     perplexity["converted_untrained"] = math.exp(heldout_loss(model, held_out))
     summaries = []
     if stage1.steps:
@@ -71,6 +76,17 @@ def _convert(args) -> int:
         print(f"held-out perplexity {name}: {value:.3f}")
     print(f"converted checkpoint: {out} (reload with headlab.surgeon.load_model({str(out)!r}))")
     return 0
+
+
+def _spans(indices: list[int]) -> str:
+    """Sorted ``indices`` written as ``--layers`` takes them: ``0-29`` or ``5,11,17``."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _refuse_the_source(spec: str, out: Path) -> None:

@@ -21,6 +21,8 @@ import copy
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .sites import full_attention_layers
+
 
 class ReservedLayer(DynamicLayer):
     """A full-attention cache layer whose ``keys``/``values`` ``[batch, kv_heads, n, head_dim]`` are
@@ -126,8 +128,7 @@ class SharedRooms:
     def __init__(self, model, batch: int, positions: int):
         self.config, self.batch, self.positions = model.config, batch, positions
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        kinds = DynamicCache(config=model.config).layers
-        self.full_layers = [i for i, layer in enumerate(kinds) if type(layer) is DynamicLayer]
+        self.full_layers = full_attention_layers(model.config)
         if batch > 1 and not full_attention_only(model):
             raise ValueError("sequences decode side by side only on full-attention caches (this model has "
                              "sliding-window or converted layers)")
@@ -298,5 +299,4 @@ def cache_bytes(cache) -> int:
     return total
 
 
-__all__ = ["ReservedLayer", "SharedRooms", "StreamingLayer", "cache_bytes", "cropped_cache", "full_attention_only",
-           "reserved_cache", "streaming_cache"]
+__all__ = ["ReservedLayer", "SharedRooms", "StreamingLayer", "cache_bytes", "cropped_cache", "full_attention_only", "reserved_cache", "streaming_cache"]

@@ -1,6 +1,7 @@
 """Where things are in a loaded model: the modules that call the attention interface, the decoder
 blocks that hold them (and :func:`forwards_set`, which runs other code in their place for a while),
-and the check that a model dispatches attention through the interface at all. The bottom of
+the layers that attend to the whole sequence, and the check that a model dispatches attention
+through the interface at all. The bottom of
 ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def has_causal_attention(model) -> bool:
     return bool(getattr(attention_modules(model)[0], "is_causal", False))
 
 
+def full_attention_layers(config) -> list[int]:
+    """Indices of the layers whose cache, as transformers builds it for ``config``, holds the whole
+    sequence (not a sliding window or a chunk)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return [i for i, layer in enumerate(DynamicCache(config=config).layers) if type(layer) is DynamicLayer]
+
+
 def decoder_layers(model) -> dict[int, torch.nn.Module]:
     """``{layer_idx: block}``: the entries of the model's layer lists (``nn.ModuleList``) that hold
     exactly one of :func:`attention_modules` (a Llama decoder layer, a BERT encoder layer)."""
@@ -68,7 +77,8 @@ def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-__all__ = ["attention_modules", "block_input", "decoder_layers", "has_causal_attention", "require_attention_interface"]
+__all__ = ["attention_modules", "block_input", "decoder_layers", "full_attention_layers", "has_causal_attention",
+           "require_attention_interface"]
 
 
 @contextmanager

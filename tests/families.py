@@ -39,6 +39,9 @@ class Family:
     config: dict = field(default_factory=dict)
     quirks: str = ""  # what the family adds to plain causal attention
     refused: str | None = None  # the start of the error headlab gives, for families it cannot support
+    # what a default linear-attention conversion does: the layers it replaces (every full-attention
+    # layer), or a phrase of the error that refuses it (test_conversion_families.py)
+    conversion: tuple[int, ...] | str = tuple(range(N_LAYERS))
 
     @property
     def kv_heads(self) -> int:
@@ -47,7 +50,8 @@ class Family:
 
 FAMILIES = (
     Family("llama"),
-    Family("mistral", dict(sliding_window=WINDOW, num_key_value_heads=5), "sliding window (every layer)"),
+    Family("mistral", dict(sliding_window=WINDOW, num_key_value_heads=5), "sliding window (every layer)",
+           conversion="every layer of this model attends through a sliding window"),
     Family("mixtral", dict(num_local_experts=3, **MOE), "mixture of experts"),
     Family("qwen2"),
     Family("qwen2_moe", dict(num_experts=3, moe_intermediate_size=11, shared_expert_intermediate_size=13, **MOE),
@@ -56,31 +60,38 @@ FAMILIES = (
     Family("qwen3_moe", dict(num_experts=3, moe_intermediate_size=11, **MOE), "mixture of experts, query/key norms"),
     Family("gemma", dict(num_key_value_heads=5)),
     Family("gemma2", dict(sliding_window=WINDOW, attn_logit_softcapping=2.0, layer_types=ALTERNATING),
-           "soft-capped logits, sliding window on alternate layers, eager attention"),
+           "soft-capped logits, sliding window on alternate layers, eager attention",
+           conversion="its attention logits are soft-capped"),
     Family("gemma3_text", dict(sliding_window=WINDOW, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
-           "sliding window on 3 of 4 layers, query/key norms"),
+           "sliding window on 3 of 4 layers, query/key norms", conversion=(3,)),
     Family("gpt_oss", dict(sliding_window=WINDOW, num_local_experts=3, layer_types=ALTERNATING, **MOE),
-           "learned attention sinks, sliding window on alternate layers, eager attention"),
+           "learned attention sinks, sliding window on alternate layers, eager attention",
+           conversion="has parameters of its own (sinks"),
     Family("cohere"),
-    Family("cohere2", dict(sliding_window=WINDOW, layer_types=ALTERNATING), "sliding window on alternate layers"),
+    Family("cohere2", dict(sliding_window=WINDOW, layer_types=ALTERNATING), "sliding window on alternate layers",
+           conversion="its softmax attention differs from the layer's own"),  # no rotary positions on its full layers
     Family("olmo"),
     Family("olmo2", quirks="query/key norms"),
     Family("granite", quirks="scaled attention and residuals"),
     Family("starcoder2", dict(num_key_value_heads=5)),
-    Family("phi", dict(partial_rotary_factor=1.0, num_key_value_heads=5)),
-    Family("phi3"),
+    Family("phi", dict(partial_rotary_factor=1.0, num_key_value_heads=5), conversion="PhiAttention has submodules"),
+    Family("phi3", conversion="Phi3Attention has submodules"),
     Family("smollm3", quirks="no rotary positions on every fourth layer"),
     Family("helium"),
     Family("gpt2", dict(n_embd=N_HEADS * HEAD_DIM, n_layer=N_LAYERS, n_head=N_HEADS, n_positions=128, n_inner=37,
                         num_key_value_heads=N_HEADS),
-           "fused qkv projection, learned positions"),
-    Family("gpt_neox", dict(num_key_value_heads=5), "fused qkv projection, partial rotary"),
+           "fused qkv projection, learned positions", conversion="under another name than self_attn"),
+    Family("gpt_neox", dict(num_key_value_heads=5), "fused qkv projection, partial rotary",
+           conversion="under another name than self_attn"),
     Family("opt", dict(ffn_dim=37, word_embed_proj_dim=N_HEADS * HEAD_DIM, num_key_value_heads=5),
-           "learned positions"),
-    Family("falcon", dict(num_key_value_heads=5), refused="FalconForCausalLM computes attention in its own code"),
+           "learned positions", conversion="OPTAttention has submodules"),
+    Family("falcon", dict(num_key_value_heads=5), refused="FalconForCausalLM computes attention in its own code",
+           conversion="computes attention in its own code"),
     Family("gptj", dict(n_embd=N_HEADS * HEAD_DIM, n_layer=N_LAYERS, n_head=N_HEADS, rotary_dim=4, n_positions=128),
-           refused="GPTJForCausalLM computes attention in its own code"),
-    Family("stablelm", dict(num_key_value_heads=5), refused="StableLmForCausalLM computes attention in its own code"),
+           refused="GPTJForCausalLM computes attention in its own code",
+           conversion="computes attention in its own code"),
+    Family("stablelm", dict(num_key_value_heads=5), refused="StableLmForCausalLM computes attention in its own code",
+           conversion="computes attention in its own code"),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 SUPPORTED = tuple(family.name for family in FAMILIES if family.refused is None)
@@ -127,14 +138,24 @@ CHECKS = ("empty plan exact", "`generate` unchanged", "maps = eager", "statistic
 
 def family_table() -> str:
     """The README's table of families, from :data:`FAMILIES` (each check is a test of the matrix)."""
-    lines = ["| family | what it adds | " + " | ".join(CHECKS) + " |", "|---|---|" + "---|" * len(CHECKS)]
+    lines = ["| family | what it adds | " + " | ".join(CHECKS) + " | linear-attention conversion |",
+             "|---|---|" + "---|" * (len(CHECKS) + 1)]
     for family in FAMILIES:
         if family.refused is None:
-            cells = [family.quirks or "plain causal attention", *("✓" for _ in CHECKS)]
+            cells = [family.quirks or "plain causal attention", *("✓" for _ in CHECKS), _conversion_cell(family)]
         else:
-            cells = [f"refused: “{family.refused}…”", *("—" for _ in CHECKS)]
+            cells = [f"refused: “{family.refused}…”", *("—" for _ in CHECKS), "—"]
         lines.append(f"| `{family.name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _conversion_cell(family: Family) -> str:
+    if isinstance(family.conversion, str):
+        return f"refused: “…{family.conversion}…”"
+    if len(family.conversion) == N_LAYERS:
+        return "✓ every layer"
+    word = "layer" if len(family.conversion) == 1 else "layers"
+    return f"✓ {word} " + ", ".join(map(str, family.conversion)) + " (full attention)"
 
 
 def readme_table() -> str:

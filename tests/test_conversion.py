@@ -252,15 +252,6 @@ def test_maps_of_converted_layers_over_the_budget_are_refused_before_they_are_co
         model(ids(batch=1))
 
 
-def test_attention_with_extra_submodules_is_refused():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=30, head_dim=6, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=5, num_key_value_heads=1)
-    with pytest.raises(UnsupportedModelError, match="q_norm"):
-        convert(Qwen3ForCausalLM(config), LinearSettings())
-
-
 @pytest.mark.real_model
 def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
     tokenizer = smollm2[1]

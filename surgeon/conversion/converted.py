@@ -21,33 +21,33 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..files import claim_folder, record_owned, write_json
 from .settings import LinearSettings
-from ..sites import decoder_layers
+from ..sites import decoder_layers, full_attention_layers
 from .layer import LinearAttention
-from ..errors import UnsupportedModelError
+from .support import convertible_layers, verify_layers
 from ..shape import model_shape
 
 CONVERSION_FILE = "headlab_conversion.json"
 WEIGHTS_FILE = "model.safetensors"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def convert(model, settings: LinearSettings):
-    """Replace the ``self_attn`` of the chosen layers (all when ``settings.layers`` is None) by
-    :class:`LinearAttention` in place; returns the model. Other layers stay softmax."""
-    if not getattr(model.config, "is_decoder", False) and not _is_causal(model):
-        raise UnsupportedModelError("linear-attention conversion needs a causal language model")
-    shape = model_shape(model)
+def convert(model, settings: LinearSettings, verify: bool = True):
+    """Replace the ``self_attn`` of the chosen layers (every full-attention layer when
+    ``settings.layers`` is None; :func:`.support.convertible_layers`) by :class:`LinearAttention` in
+    place; returns the model. Other layers stay softmax. With ``verify``, each converted layer's
+    softmax teacher must first reproduce its layer on a short probe (:func:`.support.verify_layers`)."""
     blocks = decoder_layers(model)
-    chosen = range(shape.n_layers) if settings.layers is None else settings.layers
-    bad = [i for i in chosen if not 0 <= i < shape.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: the model has {shape.n_layers} layers (0–{shape.n_layers - 1})")
-    for index in chosen:
-        attention = blocks[index].self_attn
-        if isinstance(attention, LinearAttention):
-            raise ValueError(f"layer {index} is already converted")
-        _require_plain_projections(attention)
-        blocks[index].self_attn = LinearAttention(attention, settings, shape.n_heads, shape.n_kv_heads, shape.head_dim)
+    requested = full_attention_layers(model.config) if settings.layers is None else settings.layers
+    already = [i for i in requested if isinstance(getattr(blocks.get(i), "self_attn", None), LinearAttention)]
+    if already:
+        raise ValueError(f"layer {already[0]} is already converted")
+    layers = convertible_layers(model, settings.layers)
+    if verify:
+        verify_layers(model, layers, settings)
+    shape = model_shape(model)
+    replacements = {index: LinearAttention(blocks[index].self_attn, settings, shape.n_heads, shape.n_kv_heads,
+                                           shape.head_dim) for index in layers}
+    for index, layer in replacements.items():
+        blocks[index].self_attn = layer
     model.config.use_cache = True
     return model
 
@@ -61,18 +61,6 @@ def conversion_settings(model) -> LinearSettings | None:
     """The settings a model was converted with, or None for an unconverted model."""
     layers = converted_layers(model)
     return next(iter(layers.values())).settings if layers else None
-
-
-def _is_causal(model) -> bool:
-    return type(model).__name__.endswith("ForCausalLM")
-
-
-def _require_plain_projections(attention) -> None:
-    children = {name for name, _ in attention.named_children()}
-    if not set(PROJECTIONS) <= children or children - set(PROJECTIONS):
-        raise UnsupportedModelError(
-            f"{type(attention).__name__} has submodules {sorted(children)}; conversion supports attention made of "
-            f"exactly {', '.join(PROJECTIONS)} with rotary positions (Llama, Mistral, Qwen2 families)")
 
 
 def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: dict | None = None,
@@ -119,7 +107,7 @@ def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     settings, _ = read_conversion(path)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    convert(model, settings)
+    convert(model, settings, verify=False)  # verified when it was converted; these weights are not loaded yet
     load_safetensors_into(model, str(path / WEIGHTS_FILE), strict=True)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model.eval(), tokenizer

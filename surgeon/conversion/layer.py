@@ -1,7 +1,8 @@
 """The converted attention layer: Hedgehog linear or LoLCATs hybrid attention (docs/methods/conversion.md).
 
 :class:`LinearAttention` replaces a decoder layer's ``self_attn``. It reuses the original
-``q/k/v/o_proj`` modules and the family's rotary function, and owns the feature maps ``φ_q``, ``φ_k``
+``q/k/v/o_proj`` modules, the query/key norms where the family has them and the family's rotary
+function (:mod:`.support` says which layers qualify), and owns the feature maps ``φ_q``, ``φ_k``
 (per query head, applied after RoPE and GQA expansion) and, for the hybrid, the window weights
 ``θ [H]`` with ``γ = sigmoid(θ)``.
 
@@ -107,6 +108,19 @@ def _require_causal(mask: torch.Tensor | None) -> None:
                          "pass sequences of equal length without padding")
 
 
+def norm_site(norm, heads: int, head_dim: int) -> str | None:
+    """Where a query/key norm acts: ``"head"`` (weights ``[head_dim]`` or ``[heads, head_dim]``, on
+    ``[..., heads, head_dim]``), ``"projection"`` (weights ``[heads · head_dim]``, on the projection
+    before it is split into heads), or None for any other shape."""
+    weight = getattr(norm, "weight", None)
+    weight_shape = None if weight is None else tuple(weight.shape)
+    if weight_shape in ((head_dim,), (heads, head_dim)):
+        return "head"
+    if weight_shape == (heads * head_dim,):
+        return "projection"
+    return None
+
+
 class LinearAttention(nn.Module):
     """Drop-in ``self_attn`` with Hedgehog linear or hybrid attention (see the module docstring)."""
 
@@ -121,7 +135,12 @@ class LinearAttention(nn.Module):
         self.scaling = attention.scaling
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        self.norm_sites = {name: norm_site(norm, heads, head_dim) for name, norm, heads in
+                           (("q", self.q_norm, n_heads), ("k", self.k_norm, n_kv_heads)) if norm is not None}
+        # the family's rotary function; none where the layer has no positions (SmolLM3's NoPE layers)
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb \
+            if getattr(attention, "use_rope", True) else None
         self.feature_q = FeatureMap(n_heads, head_dim, settings)
         self.feature_k = FeatureMap(n_heads, head_dim, settings)
         self.mix_logit = nn.Parameter(torch.full((n_heads,), logit(settings.gamma_init))) if settings.is_hybrid else None
@@ -138,14 +157,34 @@ class LinearAttention(nn.Module):
         return x.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
 
     def _project(self, hidden_states, position_embeddings):
-        """Post-RoPE ``q [B, H, T, D]`` and ``k, v [B, H_kv, T, D]``."""
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        """Post-RoPE ``q [B, H, T, D]`` and ``k, v [B, H_kv, T, D]``, through the layer's query/key
+        norms where it has them."""
+        q = self._heads(self.q_proj(hidden_states), self.q_norm, self.norm_sites.get("q"))
+        k = self._heads(self.k_proj(hidden_states), self.k_norm, self.norm_sites.get("k"))
+        v = self._heads(self.v_proj(hidden_states), None, None)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, *position_embeddings)
         return q, k, v
+
+    def _heads(self, projected: torch.Tensor, norm, site: str | None) -> torch.Tensor:
+        """``[B, T, heads · D]`` split into ``[B, heads, T, D]``, normed where ``site`` says."""
+        if site == "projection":
+            projected = norm(projected)
+        split = projected.view(*projected.shape[:-1], -1, self.head_dim)
+        if site == "head":
+            split = norm(split)
+        return split.transpose(1, 2)
+
+    def softmax_forward(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """The layer's output ``[B, T, hidden]`` under causal softmax attention, before conversion
+        (the teacher, through ``o_proj``)."""
+        q, k, v = self._project(hidden_states, position_embeddings)
+        out = self._teacher(q, self._expand(k), self._expand(v))
+        return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1))
+
+    def _teacher(self, q, k, v) -> torch.Tensor:
+        """Causal softmax attention ``[B, H, T, D]`` of post-RoPE ``q`` and expanded ``k, v``."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
 
     def parallel(self, q, k, v) -> torch.Tensor:
         """``[B, H, T, D]`` outputs of the converted form from post-RoPE ``q`` and expanded ``k, v``."""
@@ -175,7 +214,7 @@ class LinearAttention(nn.Module):
         if self.transfer not in TRANSFER_LOSSES:
             raise ValueError(f"transfer must be one of {TRANSFER_LOSSES}, got {self.transfer!r}")
         with torch.no_grad():
-            teacher = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+            teacher = self._teacher(q, k, v)
         if self.transfer == "mse":
             self.transfer_loss = F.mse_loss(self.parallel(q, k, v).float(), teacher.float())
         else:

@@ -23,7 +23,8 @@ LORA_LR = 1e-4  # stage 2's learning rate (LoLCATs' low-rank adjusting)
 class LinearSettings:
     """How attention layers are converted (saved beside the weights as ``headlab_conversion.json``).
 
-    ``layers`` lists the converted layer indices (``None``: all); the others stay softmax.
+    ``layers`` lists the converted layer indices (``None``: every full-attention layer); the others
+    stay softmax.
     ``feature_dim`` is ``F`` (64 by default whatever the head size, as LoLCATs does; the features
     number ``2F``). ``gamma_init`` is the initial softmax-window weight ``γ = sigmoid(θ)``.
     """
@@ -39,7 +40,8 @@ class LinearSettings:
                                 kind=Choice(*FEATURE_INITS), flag="--feature-init")
     feature_bias: bool = setting(False, "feature maps with a bias", kind=Switch())
     gamma_init: float = setting(0.1, "initial softmax-window weight", kind=Number(0.0, 1.0, True, True))
-    layers: tuple[int, ...] | None = setting(None, "converted layers (None: all)", kind=Maybe(Items(Integer(0))))
+    layers: tuple[int, ...] | None = setting(None, "converted layers (None: every full-attention layer)",
+                                             kind=Maybe(Items(Integer(0))))
 
     def __post_init__(self):
         check_settings(self)
@@ -125,7 +127,9 @@ class ConversionSettings:
     windows of ``seq_len`` tokens of ``text_path``."""
 
     to: str = setting("hybrid", "plain linear (hedgehog) or the hybrid", kind=Choice("hybrid", "hedgehog"), flag="--to")
-    layers: tuple | None = setting(None, "layers to convert, e.g. 2-27 or 3,5,-2 (default: all)",
+    layers: tuple | None = setting(None, "layers to convert, e.g. 2-27 or 3,5,-2 (default: every layer that "
+                                         "attends to the whole context; sliding-window layers keep a bounded "
+                                         "cache already)",
                                    kind=Maybe(Indices()), flag="--layers")
     linear: LinearSettings = setting(default_factory=LinearSettings)
     sliding: bool = setting(False, "sliding window instead of the terrace (own + previous block)", kind=Switch(),
