@@ -370,9 +370,10 @@ def _atlas(args) -> int:
     claim_folder(out, ("atlas.json", "atlas.html"), args.overwrite, "--out folder")
     write_json(out / "atlas.json", doc)
     write_atlas_page(doc, out / "atlas.html")
-    for row in doc["cluster_table"]:
+    for row in doc["cluster_table"]:  # with several models or a plan, each head says whose it is
         print(f"{row['name']}: {row['size']} heads, e.g. "
-              + ", ".join(f"L{l}.H{h}" for _, l, h in row["examples"][:3]))
+              + ", ".join(f"L{l}.H{h}" + (f" ({labels[s]})" if len(labels) > 1 else "")
+                          for s, l, h in row["examples"][:3]))
     moved = atlas.displacement()
     if moved is not None:
         top = sorted(((float(moved[l, h]), l, h) for l in range(moved.shape[0]) for h in range(moved.shape[1])),

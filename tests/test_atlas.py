@@ -139,7 +139,7 @@ def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
 
 
 @pytest.mark.real_model
-def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path):
+def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path, capsys):
     import json
 
     from headlab.cli import main
@@ -156,6 +156,10 @@ def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path):
     assert moved[11:].max() > 0, "heads above the zeroed heads change"
     assert len(doc["models"]) == 2 and sum(row["size"] for row in doc["cluster_table"]) == 540
     assert (tmp_path / "atlas" / "atlas.html").read_text().count("plotly-graph-div") >= 4
+    printed = capsys.readouterr().out
+    for row in doc["cluster_table"]:  # each example head says whose it is: before or after the plan
+        s, l, h = row["examples"][0]
+        assert f"{row['name']}: {row['size']} heads, e.g. L{l}.H{h} ({doc['models'][s]})" in printed
 
 
 def test_converted_layers_are_described_by_their_converted_weights():
