@@ -44,6 +44,8 @@ def _report(args) -> int:
     from .probes.validation_file import load_curves
 
     settings = common.settings(ReportSettings, args)
+    if args.page_only:
+        return _report_pages(args, settings)
     check_folder(args.out, args.overwrite, "--out report folder")
     load_curves(args.out)
     from .probes.atlas_page import load_atlas
@@ -72,6 +74,33 @@ def _report(args) -> int:
     if path is None:  # a rank other than 0 of a torchrun job
         return 0
     print(f"report: {path}\nscores: {path.parent / 'scores.json'}, {path.parent / 'scores.csv'}")
+    return 0
+
+
+def _report_pages(args, settings) -> int:
+    """``report --page-only``: the pages of a finished report folder written again, no scoring."""
+    from .probes.report_settings import ReportSettings
+    from .surgeon.settings import given_flags
+
+    ignored = [flag for flag in given_flags(ReportSettings, args) if flag != "--views"]
+    if ignored or args.overwrite:
+        raise HeadlabError("--page-only writes the pages from the folder's scores.json as they were scored: it takes "
+                           f"--views, not {', '.join(ignored + ['--overwrite'] * args.overwrite)}")
+    if not (Path(args.out) / "scores.json").is_file():
+        raise HeadlabError(f"{args.out} holds no scores.json: --page-only rewrites the pages of a finished report")
+    from .probes.atlas_page import load_atlas
+    from .probes.compression import load_compression
+    from .probes.report import finished_report, rewrite_report_pages
+    from .probes.validation_file import load_curves
+
+    finished_report(Path(args.out), args.model)  # all checked before the model loads
+    load_curves(args.out), load_compression(args.out), load_atlas(args.out)
+    check_folder(args.out, False, "--out report folder")
+    common.model_config(args)
+    model, tokenizer = common.load_model_from(args)
+
+    path = rewrite_report_pages(model, tokenizer, args.model, args.out, settings.n_views, settings.top_k)
+    print(f"report: {path} (pages written again from {path.parent / 'scores.json'})")
     return 0
 
 
@@ -439,6 +468,11 @@ def build_parser() -> common.Parser:
     common.add_model_arguments(report)
     common.add_output_arguments(report, "output folder (created if missing; new, empty or headlab's own)")
     common.add_settings(report, ReportSettings)
+    report.add_argument("--page-only", action="store_true",
+                        help="write report.html and views.html of the finished report in OUT again, with the masking "
+                             "curves, compression evaluation and atlas written into OUT since, without scoring (one "
+                             "forward of the report's first window draws the views; scoring settings come from OUT's "
+                             "scores.json)")
     report.set_defaults(run=_report, interrupted=common.interrupted(
         lambda args: f"the scores finished so far are in {args.out}/scores.json (\"complete\": false); run the "
                      "same command again for the whole report"))

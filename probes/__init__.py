@@ -13,7 +13,7 @@ _EXPORTS = {
     "ScoreAccumulator": "scores",
     "stdlib_docstrings": "corpus",
     "token_windows": "corpus",
-    "write_report": "report",
+    "write_report": "report", "rewrite_report_pages": "report",
 }
 __all__ = sorted(_EXPORTS)
 

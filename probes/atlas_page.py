@@ -116,7 +116,8 @@ def atlas_section(doc: dict | None) -> str:
     head = "<section id='atlas'><h2>Head atlas</h2>"
     if doc is None:
         return (head + "<p>No atlas in this folder yet: run <code>headlab atlas MODEL --scores scores.json --out "
-                ".</code> here, then write the report again.</p></section>")
+                ".</code> here, then <code>headlab report MODEL --out . --page-only</code> writes this page "
+                "again (no scoring).</p></section>")
     return (head + "<p>Every head as a point of the autoencoder's embedding of its attention pattern; hover, "
             "the other embeddings and the pooled maps are in <a href='atlas.html'>atlas.html</a>.</p>"
             + views.figure_div(views.atlas_figure(doc, "autoencoder"), "report-atlas")

@@ -7,7 +7,6 @@ import csv
 import datetime
 import importlib.metadata
 import io
-import json
 import math
 import platform
 from pathlib import Path
@@ -19,28 +18,24 @@ from ..surgeon import model_shape
 from ..surgeon.conversion.converted import converted_layers
 from ..surgeon.distributed import rank_and_world
 from ..surgeon.errors import HeadlabError
-from ..surgeon.escaping import element_id, html_attribute, html_text
-from ..surgeon.files import GENERATOR_META, claim_folder, write_json, write_text
+from ..surgeon.files import claim_folder, read_json_file, write_json, write_text
 from ..surgeon.shape import text_config
 from ..surgeon.sites import has_causal_attention
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
-from . import views
 from .corpus import load_text, token_windows
 from .score_families import FamilyInputs, requested_families
 from .report_settings import ReportSettings
-from .atlas_page import atlas_section, load_atlas
+from .atlas_page import load_atlas
 from .compression import load_compression
 from .validation_file import load_curves
 from .record import AttentionRecord, record_attention, record_statistics, scoring_method
-from .view_data import ViewData, view_data_from_record
-from .view_page import write_view
-from .scores import (PATTERN_PAGES, PATTERN_SCORES, HeadScores, ScoreAccumulator, pattern_scores,
+from .report_page import write_pages
+from .scores import (PATTERN_PAGES, PATTERN_SCORES, HeadScores, ScoreAccumulator, load_scores_file, pattern_scores,
                      pattern_scores_from_statistics)
 
 
-
-
 REPORT_ENTRIES = ("report.html", "views.html", "scores.json", "scores.csv")
+DEFAULT_TEXT = "Python standard-library docstrings"  # the provenance's name for the default text
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
@@ -102,16 +97,29 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     pages = dict(PATTERN_PAGES)
     for extra, page in _extra_scores(families, inputs):
         scores[extra.name], pages[extra.name] = extra, page
-        _write_scores(out_dir, model, provenance, scores, complete=False)
-    _write_scores(out_dir, model, provenance, scores, complete=True)
-    shape = model_shape(model)
-    data = view_data_from_record(first, shape.n_kv_heads, causal)
-    viewed = _view_heads(scores, settings.n_views)
-    write_view(data, out_dir / "views.html", scores, head=viewed[0][:2] if viewed else None)
-    report = out_dir / "report.html"
-    write_text(report, _report_html(model, provenance, scores, data, viewed, settings, curves, pages, compression,
-                                    atlas))
-    return report
+        _write_scores(out_dir, model, provenance, scores, complete=False, pages=pages)
+    _write_scores(out_dir, model, provenance, scores, complete=True, pages=pages)
+    return write_pages(out_dir, provenance, scores, first, (settings.n_views, settings.top_k), pages, curves,
+                       compression, atlas)
+
+
+def rewrite_report_pages(model, tokenizer, model_id: str, out_dir: str | Path, n_views: int = 6,
+                         top_k: int = 10) -> Path:
+    """Write report.html and views.html of a finished report folder again, without scoring: the
+    scores from its ``scores.json``, with the masking curves, compression evaluation and atlas now
+    in the folder; one forward of the report's first window draws the attention views. Raises
+    :class:`HeadlabError` when the folder holds no finished report of ``model_id`` or its text is gone."""
+    out_dir = Path(out_dir)
+    data, text_path = finished_report(out_dir, model_id)
+    provenance = data["provenance"]
+    scores = load_scores_file(out_dir / "scores.json", model_shape(model))
+    curves, compression, atlas = load_curves(out_dir), load_compression(out_dir), load_atlas(out_dir)
+    claim_folder(out_dir, REPORT_ENTRIES, False, "report folder")
+    ids = token_windows(tokenizer, load_text(text_path), provenance["n_samples"], provenance["n_tokens"],
+                        provenance["seed"])[0]
+    record = record_attention(model, ids if provenance["method"] == "maps" else ids[:, :VIEW_TOKENS], tokenizer)
+    pages = {**PATTERN_PAGES, **data.get("method_pages", {})}
+    return write_pages(out_dir, provenance, scores, record, (n_views, top_k), pages, curves, compression, atlas)
 
 
 def _extra_scores(families, inputs: FamilyInputs):
@@ -119,20 +127,6 @@ def _extra_scores(families, inputs: FamilyInputs):
     for family in families:
         for scores in family.run(inputs):
             yield scores, family.page
-
-
-DOCS_ROOT = Path(__file__).resolve().parents[1]  # the source checkout: docs/ and the built site/
-
-
-def method_link(page: str | None) -> str | None:
-    """A ``file:`` link to a method page: the built documentation (``mkdocs build`` writes site/) or
-    else its source; None when neither is on this machine (an installed wheel)."""
-    if page is None:
-        return None
-    for path in (DOCS_ROOT / "site" / f"{page}.html", DOCS_ROOT / "docs" / f"{page}.md"):
-        if path.is_file():
-            return path.as_uri()
-    return None
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:
@@ -186,7 +180,7 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
         "n_samples": settings.n_samples,
         "n_tokens": settings.n_tokens,
         "seed": settings.seed,
-        "text": settings.text_path or "Python standard-library docstrings",
+        "text": settings.text_path or DEFAULT_TEXT,
         "headlab": importlib.metadata.version("headlab"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -194,7 +188,29 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
     }
 
 
-def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, HeadScores], complete: bool) -> None:
+def finished_report(out_dir: Path, model_id: str) -> tuple[dict, str | None]:
+    """``(scores.json's contents, the text path its windows came from or None for the default text)``
+    of a finished report of ``model_id`` in ``out_dir``, whose text is still there; else
+    :class:`HeadlabError` saying what is missing."""
+    path = Path(out_dir) / "scores.json"
+    data = read_json_file(path, "report scores")
+    if not isinstance(data, dict) or not isinstance(data.get("provenance"), dict) or not data.get("complete"):
+        raise HeadlabError(f"{path} is not a finished headlab report's scores (write the report first)")
+    provenance = data["provenance"]
+    if provenance.get("model_id") != model_id:
+        raise HeadlabError(f"{path} scores {provenance.get('model_id')!r}, not {model_id!r}")
+    missing = [key for key in ("text", "n_samples", "n_tokens", "seed", "method", "n_heads", "n_kv_heads", "causal")
+               if key not in provenance]
+    if missing:
+        raise HeadlabError(f"{path}'s provenance lacks {', '.join(missing)}")
+    text_path = None if provenance["text"] == DEFAULT_TEXT else provenance["text"]
+    if text_path is not None and not Path(text_path).is_file():
+        raise HeadlabError(f"the report's text file {text_path} is no longer there; its first window draws the views")
+    return data, text_path
+
+
+def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, HeadScores], complete: bool,
+                  pages: dict[str, str | None] | None = None) -> None:
     shape = model_shape(model)
     write_json(
         out_dir / "scores.json",
@@ -206,6 +222,7 @@ def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, Head
             "complete": complete,
             "provenance": provenance,
             "scores": {name: s.to_dict() for name, s in scores.items()},
+            "method_pages": {name: page for name, page in (pages or {}).items() if name in scores},
         },
     )
     write_text(out_dir / "scores.csv", _scores_csv(shape.group_size, scores))
@@ -224,131 +241,4 @@ def _scores_csv(group_size: int, scores: dict[str, HeadScores]) -> str:
     return buffer.getvalue()
 
 
-def _view_heads(scores: dict[str, HeadScores], n_views: int) -> list[tuple[int, int, str]]:
-    """Heads worth looking at: the top heads of each score in turn, without repeats."""
-    chosen: list[tuple[int, int, str]] = []
-    ranked = {name: s.top(n_views) for name, s in scores.items() if name != "entropy"}
-    for rank in range(n_views):
-        for name, top in ranked.items():
-            if rank < len(top) and len(chosen) < n_views:
-                layer, head, _ = top[rank]
-                if all((layer, head) != (l, h) for l, h, _ in chosen):
-                    chosen.append((layer, head, name))
-    return chosen
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f0f0f0; }
-dl.provenance { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }
-dt { font-weight: 600; }
-section { border-top: 1px solid #ddd; margin-top: 1.5em; }
-"""
-
-
-def _report_html(model, provenance: dict, scores: dict[str, HeadScores], data: ViewData,
-                 viewed: list[tuple[int, int, str]], settings: ReportSettings, curves: list[dict],
-                 pages: dict[str, str | None], compression: dict | None = None, atlas: dict | None = None) -> str:
-    group = model_shape(model).group_size
-    view_ids = {(l, h): element_id("view", f"L{l}", f"H{h}") for l, h, _ in viewed}
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_META}",
-        f"<title>headlab report: {html_text(provenance['model_id'])}</title>",
-        f"<style>{STYLE}</style><script>{views.plotly_js()}</script></head><body>",
-        f"<h1>Head-importance report: {html_text(provenance['model_id'])}</h1>",
-        "<dl class='provenance'>",
-        *(f"<dt>{html_text(k)}</dt><dd>{html_text(v)}</dd>" for k, v in provenance.items()),
-        "</dl><nav><b>Scores:</b> ",
-        " · ".join(f"<a href='#{element_id('score', n)}'>{html_text(n)}</a>" for n in scores),
-        " · <a href='#masking'>masking validation</a> · <a href='#compression'>KV-cache compression</a>"
-        " · <a href='#atlas'>head atlas</a>"
-        " · <a href='#views'>attention views</a>",
-        " · <a href='views.html'>interactive view of every head (views.html)</a></nav>",
-    ]
-    for name, score in scores.items():
-        parts += [
-            f"<section id='{element_id('score', name)}'><h2>{html_text(name)}</h2>",
-            f"<p>{html_text(score.description)}</p>",
-            _method_paragraph(pages.get(name)),
-            f"<details><summary>settings</summary><pre>{html_text(json.dumps(score.settings, indent=1))}</pre>"
-            "</details>",
-            views.figure_div(views.score_heatmap(score, provenance["n_kv_heads"]), "heatmap", name),
-            _top_table(score, group, settings.top_k, view_ids),
-            "</section>",
-        ]
-    parts.append("<section id='masking'><h2>Masking validation</h2>")
-    if not curves:
-        parts.append("<p>No masking curves in this folder yet: run <code>headlab validate MODEL --scores "
-                     "scores.json --score retrieval --out .</code> here, then write the report again.</p>")
-    for curve in curves:
-        parts.append(views.figure_div(views.masking_figure(curve), "masking", curve["score"]))
-        parts.append(_masking_table(curve))
-    parts.append("</section>")
-    parts.append(_compression_section(compression))
-    parts.append(atlas_section(atlas))
-    parts.append(f"<section id='views'><h2>Attention views (sample 1 of {provenance['n_samples']}, "
-                 f"{len(data.tokens)} tokens)</h2>")
-    for layer, head, reason in viewed:
-        title = f"layer {layer}, head {head} (top by {reason})"
-        parts += [
-            f"<div id='{view_ids[(layer, head)]}'><h3>{html_text(title)}</h3>",
-            f"<p><a href='views.html#head={layer}.{head}'>open interactively</a></p>",
-            views.figure_div(views.head_figure(data, layer, head), "map", f"L{layer}", f"H{head}"),
-            "</div>",
-        ]
-    parts.append("</section></body></html>")
-    return "\n".join(parts)
-
-
-def _compression_section(compression: dict | None) -> str:
-    """The curves of ``compression.json`` when the folder has one, else how to make it."""
-    head = "<section id='compression'><h2>KV-cache compression by streaming heads</h2>"
-    if compression is None:
-        return (head + "<p>No compression evaluation in this folder yet: run <code>headlab stream-eval MODEL "
-                "--scores scores.json --rules retrieval,random --out .</code> here (add <code>--scores razor</code> "
-                "to the report for the razor rule), then write the report again.</p></section>")
-    return (head + "<p>Needle recall and perplexity against the fraction of KV heads that keep the whole context, "
-            "per selection rule; the table and every prompt's response are in <a href='compression.html'>"
-            "compression.html</a> and compression.json.</p>"
-            + views.figure_div(views.compression_figure(compression), "compression") + "</section>")
-
-
-def _method_paragraph(page: str | None) -> str:
-    link = method_link(page)
-    if link is None:
-        return ""
-    return f"<p class='method'><a href='{html_attribute(link)}'>how this score is computed ({html_text(page)})</a></p>"
-
-
-def _masking_table(curve: dict) -> str:
-    """Per measure and K: the top-K and random-K means with their 95% intervals and both p-values."""
-    def interval(mean, ci):
-        return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-    rows = []
-    for name, summary in curve["summary"].items():
-        for k, r in summary["by_k"].items():
-            rows.append(f"<tr><td>{html_text(name)}</td><td>{html_text(k)}</td>"
-                        f"<td>{interval(r['top_mean'], r['top_ci'])}</td>"
-                        f"<td>{interval(r['random_mean'], r['random_ci'])}</td>"
-                        f"<td>{r['rank_p']:.3g}</td><td>{r['paired_p']:.3g}</td></tr>")
-    if not rows:
-        return "<p>The unmasked model answered none of the prompts: nothing to compare.</p>"
-    return ("<table><tr><th>measure</th><th>K</th><th>top-K mean [95% CI]</th><th>random-K mean [95% CI]</th>"
-            "<th>rank p (vs the random sets)</th><th>paired p (per item)</th></tr>" + "".join(rows) + "</table>")
-
-
-def _top_table(score: HeadScores, group: int, k: int, view_ids: dict) -> str:
-    rows = ["<table><tr><th>rank</th><th>layer</th><th>head</th><th>KV group</th><th>value</th><th>view</th></tr>"]
-    for rank, (layer, head, value) in enumerate(score.top(k), start=1):
-        view = view_ids.get((layer, head))
-        link = (f"<a href='#{view}'>map</a> · " if view else "") + f"<a href='views.html#head={layer}.{head}'>view</a>"
-        rows.append(f"<tr><td>{rank}</td><td>{layer}</td><td>{head}</td><td>{head // group}</td>"
-                    f"<td>{value:.4f}</td><td>{link}</td></tr>")
-    rows.append("</table>")
-    return "".join(rows)
-
-
-__all__ = ["ReportSettings", "write_report"]
+__all__ = ["ReportSettings", "finished_report", "rewrite_report_pages", "write_report"]

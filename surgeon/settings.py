@@ -489,7 +489,23 @@ def flag_defaults(cls, prefix: str = "") -> dict[str, Any]:
     return found
 
 
+def given_flags(cls, args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """The flags of ``cls``'s command-line options (nested settings included) that ``args`` holds:
+    those given on the command line."""
+    given = vars(args)
+    found = []
+    for field in dataclasses.fields(cls):
+        option = field.metadata.get("option")
+        default = _default(field)
+        dest = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
+            found += given_flags(type(default), args, f"{dest}.")
+        elif option is not None and option.flag is not None and dest in given:
+            found.append(option.flag)
+    return found
+
+
 __all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Registered", "Switch",
            "Text", "TextFile",
-           "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "resolve_indices", "setting",
-           "settings_from_args", "Indices"]
+           "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "given_flags",
+           "resolve_indices", "setting", "settings_from_args", "Indices"]

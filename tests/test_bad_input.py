@@ -137,6 +137,8 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/windows_only.txt", "needed for needle length 4096"),
     (f"report {SMOL} --out {{d}}/r --needle-lengths 90000", "needed for needle length 90000"),
     (f"report {SMOL} --out {{d}}/r --views -1", "--views"),
+    (f"report {SMOL} --out {{d}}/r --page-only", "holds no scores.json: --page-only rewrites the pages"),
+    (f"report {SMOL} --out {{d}}/r --page-only --samples 2", "it takes --views, not --samples"),
     (f"report {SMOL} --out {{d}}/r --scores induction,bogus", "not one of"),
     (f"report {SMOL} --out {{d}}/r --scores induction,,gradient", "empty item"),
     (f"report {SMOL} --out {{d}}/r --sink-ratio nan", "finite"),

@@ -124,3 +124,46 @@ def test_cli_help_and_errors(capsys):
 def test_cli_models_runs_as_a_command():
     out = subprocess.run([sys.executable, "-m", "headlab", "models"], capture_output=True, text=True, check=True).stdout
     assert "smollm2-135m" in out and "minilm-l6" in out
+
+
+def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_since(tmp_path):
+    from test_hostile_pages import hostile_curve
+
+    from headlab.probes.report import rewrite_report_pages
+    from headlab.surgeon.files import record_owned
+
+    model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
+    settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, n_views=2, scores=("induction", "gradient"))
+    write_report(model, tokenizer, "tiny-gqa", out, settings, progress=False)
+    written = {name: (out / name).read_text() for name in ("report.html", "views.html", "scores.json", "scores.csv")}
+    assert "No masking curves in this folder yet" in written["report.html"]
+    (out / "views.html").unlink()
+    rewrite_report_pages(model, tokenizer, "tiny-gqa", out, n_views=2)
+    assert {name: (out / name).read_text() for name in written} == written  # the same pages, the scores untouched
+    (out / "validation-induction.json").write_text(json.dumps(hostile_curve("induction")))
+    record_owned(out, ["validation-induction.json"])  # as headlab validate leaves it
+    rewrite_report_pages(model, tokenizer, "tiny-gqa", out, n_views=2)
+    page = (out / "report.html").read_text()
+    assert "No masking curves in this folder yet" not in page and "masking-induction" in page
+    # every score keeps its method link (scores.json names each score's page)
+    assert len(re.findall(r"<p class='method'>", page)) == len(json.loads(written["scores.json"])["scores"])
+    assert (out / "scores.json").read_text() == written["scores.json"]
+
+
+def test_page_only_refuses_what_it_cannot_rewrite(tmp_path, capsys):
+    from headlab.probes.report import rewrite_report_pages
+    from headlab.surgeon.errors import HeadlabError
+
+    model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
+    settings = ReportSettings(n_samples=1, n_tokens=16, n_views=1, scores=())
+    write_report(model, tokenizer, "tiny-gqa", out, settings, progress=False)
+    with pytest.raises(HeadlabError, match="scores 'tiny-gqa', not 'other'"):
+        rewrite_report_pages(model, tokenizer, "other", out)
+    data = json.loads((out / "scores.json").read_text())
+    (out / "scores.json").write_text(json.dumps({**data, "complete": False}))
+    with pytest.raises(HeadlabError, match="not a finished headlab report"):
+        rewrite_report_pages(model, tokenizer, "tiny-gqa", out)
+    assert main(["report", "smollm2-135m", "--out", str(out), "--page-only", "--tokens", "64", "--needles", "1"]) == 2
+    assert "it takes --views, not --tokens, --needles" in capsys.readouterr().err
+    assert main(["report", "smollm2-135m", "--out", str(tmp_path / "none"), "--page-only"]) == 2
+    assert "holds no scores.json" in capsys.readouterr().err
