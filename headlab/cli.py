@@ -132,6 +132,10 @@ def _calibrate(args) -> int:
 
     if layers is not None and min(layers) < FIRST_EDITABLE_LAYER:
         raise HeadlabError(f"--layers: layers 0-{FIRST_EDITABLE_LAYER - 1} are never calibrated (ACT)")
+    converted = sorted(set(layers or ()) & set(common.converted_layers_of(args.model, config)))
+    if converted:
+        named = f"layer {converted[0]} is" if len(converted) == 1 else f"layers {', '.join(map(str, converted))} are"
+        raise HeadlabError(f"--layers: {named} converted to linear attention, which has no sinks to calibrate")
     model, tokenizer = common.load_model_from(args)
     from .surgeon.search.calibration import SearchSettings, calibration_search, default_candidates, plan_from_search
 
@@ -240,6 +244,7 @@ def _validate(args) -> int:
 
     settings = common.settings(ValidationSettings, args)
     config = common.model_config(args)
+    common.refuse_converted(args, config, "the masking validation")
     shape = common.model_shape_of(config)
     score = _chosen_score(args, shape)
     metric = settings.masking.metric or ("needle-recall" if args.score == "retrieval" else "loss")
@@ -269,6 +274,7 @@ def _stream_plan(args) -> int:
     settings = common.settings(StreamingSettings, args)
     claim_file(args.out, args.overwrite, "--out plan")
     config = common.model_config(args, causal=True, needs="a plan of streaming heads")
+    common.refuse_converted(args, config, "a plan of streaming heads")
     shape = common.model_shape_of(config)
     from .probes.scores import load_scores_file
     from .probes.streaming import candidates, rule_ranking, streaming_plan
@@ -314,6 +320,7 @@ def _stream_eval(args) -> int:
     out = Path(args.out)
     check_folder(out, args.overwrite, "--out folder")
     config = common.model_config(args, causal=True, needs="needle recall and perplexity")
+    common.refuse_converted(args, config, "the evaluation of streaming heads")
     shape = common.model_shape_of(config)
     from .probes.compression import conditions, evaluate_compression, write_compression_page
 
@@ -341,7 +348,7 @@ def _train_gates(args) -> int:
     settings = common.settings(GateSettings, args)
     out = Path(args.out)
     check_folder(out, args.overwrite, "--out folder")
-    common.model_config(args, causal=True, needs="gate training")
+    common.refuse_converted(args, common.model_config(args, causal=True, needs="gate training"), "gate training")
     model, tokenizer = common.load_model_from(args)
     from .probes.duo import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
 

@@ -77,6 +77,27 @@ def model_config(args, spec: str | None = None, causal: bool = False, needs: str
     return config
 
 
+def converted_layers_of(spec: str, config) -> list[int]:
+    """The converted layers of a checkpoint ``headlab convert`` wrote at ``spec`` (read from its
+    files, no weights); [] for any other model."""
+    from .surgeon.conversion.converted import is_converted_directory, read_conversion
+    from .surgeon.sites import full_attention_layers
+
+    if not (Path(spec).is_dir() and is_converted_directory(spec)):
+        return []
+    settings, _ = read_conversion(spec)
+    return list(settings.layers) if settings.layers is not None else full_attention_layers(config)
+
+
+def refuse_converted(args, config, needs: str) -> None:
+    """Refuse a converted checkpoint for work that edits or gates softmax attention in any layer."""
+    layers = converted_layers_of(args.model, config)
+    if layers:
+        raise ModelSpecError(f"{args.model} has layers converted to linear attention ({', '.join(map(str, layers))}), "
+                             f"which the attention hook does not reach; {needs} needs softmax attention in every layer: "
+                             "run it on the base model")
+
+
 def model_shape_of(config):
     from .surgeon.shape import model_shape
 

@@ -19,7 +19,9 @@ from conftest import tiny_llama
 
 from headlab.cli import build_parser, main
 from headlab.probes.scores import HeadScores
+from headlab.surgeon.conversion.settings import LinearSettings
 from headlab.surgeon.errors import HeadlabError
+from headlab.surgeon.models import load_config
 
 SMOL = "smollm2-135m"
 
@@ -63,6 +65,10 @@ def sandbox(tmp_path_factory):
     (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
     (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
+    converted = d / "converted"  # what headlab convert writes but the weights: enough to be refused
+    load_config(SMOL)[1].save_pretrained(converted)
+    (converted / "headlab_conversion.json").write_text(json.dumps(
+        {"format": "headlab-conversion/1", "settings": LinearSettings(layers=(3, 4)).to_dict(), "provenance": {}}))
     stray = d / "stray_report"
     stray.mkdir()
     (stray / "validation-x.json").write_text(json.dumps({"format": "headlab-masking-curve/2", "score": "x",
@@ -138,6 +144,14 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/r --needle-lengths 90000", "needed for needle length 90000"),
     (f"report {SMOL} --out {{d}}/r --views -1", "--views"),
     (f"report {SMOL} --out {{d}}/r --page-only", "holds no scores.json: --page-only rewrites the pages"),
+    # a converted checkpoint, for work that edits softmax attention in every layer
+    ("validate {d}/converted --scores {d}/scores.json --out {d}/v", "has layers converted to linear attention (3, 4)"),
+    ("stream-plan {d}/converted --scores {d}/scores.json --keep 0.5 --out {d}/sp.json",
+     "a plan of streaming heads needs softmax attention in every layer"),
+    ("stream-eval {d}/converted --scores {d}/scores.json --out {d}/se", "has layers converted to linear attention"),
+    ("train-gates {d}/converted --out {d}/g", "gate training needs softmax attention in every layer"),
+    ("calibrate {d}/converted --task arithmetic --layers 3-5 --out {d}/c.json",
+     "--layers: layers 3, 4 are converted to linear attention"),
     (f"report {SMOL} --out {{d}}/r --page-only --samples 2", "it takes --views, not --samples"),
     (f"report {SMOL} --out {{d}}/r --scores induction,bogus", "not one of"),
     (f"report {SMOL} --out {{d}}/r --scores induction,,gradient", "empty item"),

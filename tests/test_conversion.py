@@ -201,6 +201,35 @@ def test_padding_and_bad_layers_are_refused():
         convert(model, LinearSettings(layers=(0,)))
 
 
+def test_a_right_padded_batch_gives_each_sequence_its_own_outputs_and_cannot_be_continued():
+    """Pads come after every real token, so no real position sees them: each row's real positions
+    equal the sequence run alone; a cache filled from such a batch refuses to go on."""
+    model, x = converted(), ids(n=15)
+    mask = torch.ones_like(x)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, use_cache=True)
+        alone = [model(x[:1]).logits[0], model(x[1:, :9]).logits[0]]
+    assert torch.allclose(out.logits[0], alone[0], atol=1e-5)
+    assert torch.allclose(out.logits[1, :9], alone[1], atol=1e-5)
+    with pytest.raises(ValueError, match="cannot continue a right-padded batch"):
+        model(x[:, :1], past_key_values=out.past_key_values)  # the padding forgotten: the state remembers it
+
+
+def test_choice_evaluation_of_a_converted_model_equals_one_sequence_at_a_time():
+    from test_evaluation import CharTokenizer  # with a pad id
+
+    from headlab.surgeon.search.evaluate import choice_logprobs
+    from headlab.surgeon.search.tasks import Example
+
+    model, tok = converted(), CharTokenizer()
+    examples = [Example("ab =", (" 1", " 22", " 333"), 1), Example("a much longer prompt =", (" x", " yz"), 0)]
+    batched = choice_logprobs(model, tok, examples, batch_size=4)  # right-padded batches
+    alone = choice_logprobs(model, tok, examples, batch_size=1)
+    for got, want in zip(batched, alone):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_hook_refuses_edits_and_taps_on_converted_layers():
     from headlab.surgeon import HeadScale, Plan, PlanError, Taps, attach
 
@@ -277,3 +306,14 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
     assert headlab(args) == 2  # a finished checkpoint is never overwritten
     assert headlab(["convert", str(tmp_path / "base"), "--to", "hybrid", "--out", str(tmp_path / "o2"),
                     "--layers", "7", "--steps", "1"]) == 2
+
+
+def test_the_head_search_leaves_converted_layers_out():
+    from headlab.surgeon import PlanError
+    from headlab.surgeon.search.calibration import default_candidates
+
+    model = tiny_llama("gqa", layers=5)
+    convert(model, LinearSettings(layers=(3,)))
+    assert {layer for layer, _ in default_candidates(model)} == {2}  # layers 2 .. n - 2, less the converted 3
+    with pytest.raises(PlanError, match="none converted to linear attention"):
+        default_candidates(model, [2, 3])

@@ -47,6 +47,7 @@ class RecurrentState(CacheLayerMixin):
         self.state: torch.Tensor | None = None
         self.seen = 0
         self.key_start = 0
+        self.padded = False  # filled from a right-padded batch: not to be continued
 
     def lazy_initialization(self, key_states, value_states) -> None:
         raise TypeError("a converted layer's state is filled by the layer itself")
@@ -66,6 +67,7 @@ class RecurrentState(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.state = None
         self.seen = self.key_start = 0
+        self.padded = False
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -94,18 +96,22 @@ def state_slot(cache, layer_idx: int) -> RecurrentState:
     return slot
 
 
-def _require_causal(mask: torch.Tensor | None) -> None:
-    """Refuse masks other than plain causal ones (padding, packing): the state cannot skip tokens.
-    ``mask [B, 1, T_q, T_k]``, bool (True attends) or additive float."""
+def right_padded(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask [B, 1, T_q, T_k]`` (bool, True attends, or additive float; None: causal) hides
+    padding at the end of some rows; False for a plain causal mask. Raises for any other mask
+    (left padding, packing): a linear state cannot skip tokens it has folded in."""
     if mask is None:
-        return
+        return False
     allowed = mask if mask.dtype == torch.bool else mask == 0
     n_query, n_key = allowed.shape[-2:]
     rows = torch.arange(n_query, device=mask.device)[:, None] + (n_key - n_query)
     causal = torch.arange(n_key, device=mask.device)[None, :] <= rows
-    if not torch.equal(allowed, causal.expand_as(allowed)):
-        raise ValueError("converted linear-attention layers do not support padded batches or custom masks; "
-                         "pass sequences of equal length without padding")
+    valid = allowed[:, 0, -1, :]  # [B, T_k]: the keys the last row sees, all real ones under a causal mask
+    prefix = valid.cumprod(-1).bool()  # right padding: real keys first, pads after
+    if not torch.equal(valid, prefix) or not torch.equal(allowed, causal & valid[:, None, None, :]):
+        raise ValueError("converted linear-attention layers do not support left-padded batches or custom masks; "
+                         "pad on the right or pass sequences of equal length")
+    return not bool(valid.all())
 
 
 def norm_site(norm, heads: int, head_dim: int) -> str | None:
@@ -196,16 +202,20 @@ class LinearAttention(nn.Module):
         return linear_attention(fq, fk, v, backend=self.backend)[0]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        _require_causal(attention_mask)
+        padded = right_padded(attention_mask)
         q, k, v = self._project(hidden_states, position_embeddings)
         slot = state_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
         if slot is not None and slot.seen > 0:
+            if padded or slot.padded:
+                raise ValueError("a converted layer cannot continue a right-padded batch (its state has folded in "
+                                 "the padding); decode sequences of equal length")
             out = self._step(slot, q, k, v)
-        else:
+        else:  # right padding changes no real position's output: every pad comes after it
             ke, ve = self._expand(k), self._expand(v)
             out = self._transfer(q, ke, ve) if self.transfer else self.parallel(q, ke, ve)
             if slot is not None:
                 self._fill(slot, k, v, 0)
+                slot.padded = padded
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(out), None
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
+from ..conversion.converted import converted_layers
 from ..edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
 from ..errors import UnsupportedModelError
 from ..files import write_json
@@ -55,12 +56,16 @@ class SearchSettings:
 
 
 def default_candidates(model, layers: list[int] | None = None) -> list[tuple[int, int]]:
-    """Every head of ``layers`` (default ``2 … n_layers - 2``: the released layers 2-30 of 32, generalised)."""
+    """Every head of ``layers`` (default ``2 … n_layers - 2``: the released layers 2-30 of 32,
+    generalised, less any layer converted to linear attention, which has no sinks to calibrate)."""
     shape = model_shape(model)
-    layers = list(range(FIRST_EDITABLE_LAYER, shape.n_layers - 1)) if layers is None else layers
-    bad = [layer for layer in layers if not FIRST_EDITABLE_LAYER <= layer < shape.n_layers]
+    converted = converted_layers(model)
+    if layers is None:
+        layers = [layer for layer in range(FIRST_EDITABLE_LAYER, shape.n_layers - 1) if layer not in converted]
+    bad = [layer for layer in layers if not FIRST_EDITABLE_LAYER <= layer < shape.n_layers or layer in converted]
     if bad:
-        raise PlanError(f"layers {bad} cannot be calibrated: use {FIRST_EDITABLE_LAYER}..{shape.n_layers - 1}")
+        raise PlanError(f"layers {bad} cannot be calibrated: use {FIRST_EDITABLE_LAYER}..{shape.n_layers - 1}, "
+                        "none converted to linear attention")
     return [(layer, head) for layer in layers for head in range(shape.n_heads)]
 
 
