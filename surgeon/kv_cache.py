@@ -289,11 +289,14 @@ def streaming_cache(model, plan, attention_mask: torch.Tensor | None = None) -> 
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of keys and values a transformers cache holds between calls."""
+    """Bytes a transformers cache holds between calls: keys and values, and the window and state of
+    layers converted to linear attention."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, StreamingLayer):
             total += layer.stored_bytes()
+        elif hasattr(layer, "memory_bytes"):  # a converted layer's RecurrentState
+            total += layer.memory_bytes()
         elif getattr(layer, "is_initialized", False) and layer.keys is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total

@@ -77,6 +77,10 @@ def test_decoding_state_stays_constant_in_size():
             out = model(torch.tensor([[step % VOCAB]]), past_key_values=cache, use_cache=True)
             sizes.append(sum(layer.memory_bytes() for layer in cache.layers))
     assert len(set(sizes)) == 1
+    from headlab.surgeon.kv_cache import cache_bytes
+
+    state = cache.layers[0].state
+    assert cache_bytes(cache) == sizes[-1] >= len(cache.layers) * state.numel() * state.element_size()
 
 
 def test_converted_layer_matches_the_kernel_references():
