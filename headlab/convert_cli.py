@@ -24,6 +24,10 @@ def _convert(args) -> int:
     check_folder(out, args.overwrite, "--out checkpoint folder")
     config = common.model_config(args, causal=True, needs="conversion")
     requested = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
+    already = common.converted_layers_of(args.model, config)
+    if already:
+        raise HeadlabError(f"{args.model} is a converted checkpoint already (layers {_spans(already)}); convert its "
+                           "base model, once, with every layer to convert")
     import torch
 
     from .conversion_data import require_chat_template, training_windows

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..files import claim_folder, record_owned, write_json
 from .settings import LinearSettings
-from ..sites import decoder_layers, full_attention_layers
+from ..sites import decoder_layers
 from .layer import LinearAttention
 from .support import convertible_layers, verify_layers
 from ..shape import model_shape
@@ -36,10 +36,6 @@ def convert(model, settings: LinearSettings, verify: bool = True):
     place; returns the model. Other layers stay softmax. With ``verify``, each converted layer's
     softmax teacher must first reproduce its layer on a short probe (:func:`.support.verify_layers`)."""
     blocks = decoder_layers(model)
-    requested = full_attention_layers(model.config) if settings.layers is None else settings.layers
-    already = [i for i in requested if isinstance(getattr(blocks.get(i), "self_attn", None), LinearAttention)]
-    if already:
-        raise ValueError(f"layer {already[0]} is already converted")
     layers = convertible_layers(model, settings.layers)
     if verify:
         verify_layers(model, layers, settings)

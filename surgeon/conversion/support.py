@@ -39,6 +39,11 @@ def convertible_layers(model, layers=None) -> list[int]:
     :class:`UnsupportedModelError` naming a layer that cannot be converted and why. Reads the
     modules only (a model on the meta device will do)."""
     require_attention_interface(model)  # what the hook cannot see, a conversion cannot verify
+    already = sorted(index for index, block in decoder_layers(model).items()
+                     if isinstance(getattr(block, "self_attn", None), LinearAttention))
+    if already:  # one checkpoint records one conversion's settings
+        raise UnsupportedModelError(f"the model already has converted layers ({', '.join(map(str, already))}); "
+                                    "convert its base model, once, with every layer to convert")
     if not has_causal_attention(model):
         raise UnsupportedModelError("linear-attention conversion needs a causal language model")
     shape = model_shape(model)
