@@ -94,8 +94,8 @@ def refuse_converted(args, config, needs: str) -> None:
     layers = converted_layers_of(args.model, config)
     if layers:
         raise ModelSpecError(f"{args.model} has layers converted to linear attention ({', '.join(map(str, layers))}), "
-                             f"which the attention hook does not reach; {needs} needs softmax attention in every layer: "
-                             "run it on the base model")
+                             f"which the attention hook does not reach; {needs} needs softmax attention in every "
+                             "layer: run it on the base model")
 
 
 def model_shape_of(config):

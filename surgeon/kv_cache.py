@@ -302,4 +302,5 @@ def cache_bytes(cache) -> int:
     return total
 
 
-__all__ = ["ReservedLayer", "SharedRooms", "StreamingLayer", "cache_bytes", "cropped_cache", "full_attention_only", "reserved_cache", "streaming_cache"]
+__all__ = ["ReservedLayer", "SharedRooms", "StreamingLayer", "cache_bytes", "cropped_cache", "full_attention_only",
+           "reserved_cache", "streaming_cache"]

@@ -39,7 +39,8 @@ def convertible_layers(model, layers=None) -> list[int]:
     :class:`UnsupportedModelError` naming a layer that cannot be converted and why. Reads the
     modules only (a model on the meta device will do)."""
     require_attention_interface(model)  # what the hook cannot see, a conversion cannot verify
-    already = sorted(index for index, block in decoder_layers(model).items()
+    blocks = decoder_layers(model)
+    already = sorted(index for index, block in blocks.items()
                      if isinstance(getattr(block, "self_attn", None), LinearAttention))
     if already:  # one checkpoint records one conversion's settings
         raise UnsupportedModelError(f"the model already has converted layers ({', '.join(map(str, already))}); "
@@ -57,7 +58,6 @@ def convertible_layers(model, layers=None) -> list[int]:
     if bad:
         raise ValueError(f"layers {bad} are out of range: the model has {shape.n_layers} layers "
                          f"(0–{shape.n_layers - 1})")
-    blocks = decoder_layers(model)
     for index in layers:
         attention = getattr(blocks.get(index), "self_attn", None)
         reason = (("its decoder layer holds its attention under another name than self_attn "
