@@ -206,32 +206,37 @@ def test_padding_and_bad_layers_are_refused():
 
 
 def test_a_right_padded_batch_gives_each_sequence_its_own_outputs_and_cannot_be_continued():
-    """Pads come after every real token, so no real position sees them: each row's real positions
-    equal the sequence run alone; a cache filled from such a batch refuses to go on."""
+    """Pads come after every real token, so no real position sees them: whatever the pads hold,
+    every real position's logits are the same, bit for bit; a cache filled from such a batch
+    refuses to go on."""
     model, x = converted(), ids(n=15)
     mask = torch.ones_like(x)
     mask[1, 9:] = 0
+    other = x.clone()
+    other[1, 9:] = (x[1, 9:] + 1) % VOCAB
     with torch.no_grad():
         out = model(x, attention_mask=mask, use_cache=True)
-        alone = [model(x[:1]).logits[0], model(x[1:, :9]).logits[0]]
-    assert torch.allclose(out.logits[0], alone[0], atol=1e-5)
-    assert torch.allclose(out.logits[1, :9], alone[1], atol=1e-5)
+        again = model(other, attention_mask=mask).logits
+    assert torch.equal(out.logits[0], again[0]) and torch.equal(out.logits[1, :9], again[1, :9])
+    assert not torch.equal(out.logits[1, 9:], again[1, 9:])  # the pads themselves did change
     with pytest.raises(ValueError, match="cannot continue a right-padded batch"):
         model(x[:, :1], past_key_values=out.past_key_values)  # the padding forgotten: the state remembers it
 
 
-def test_choice_evaluation_of_a_converted_model_equals_one_sequence_at_a_time():
+def test_choice_evaluation_of_a_converted_model_does_not_depend_on_the_padding():
+    """Right-padded choice batches: the same scores, bit for bit, whatever token pads them."""
     from test_evaluation import CharTokenizer  # with a pad id
 
     from headlab.surgeon.search.evaluate import choice_logprobs
     from headlab.surgeon.search.tasks import Example
 
-    model, tok = converted(), CharTokenizer()
+    class OtherPad(CharTokenizer):
+        pad_token_id = 5
+
+    model = converted()
     examples = [Example("ab =", (" 1", " 22", " 333"), 1), Example("a much longer prompt =", (" x", " yz"), 0)]
-    batched = choice_logprobs(model, tok, examples, batch_size=4)  # right-padded batches
-    alone = choice_logprobs(model, tok, examples, batch_size=1)
-    for got, want in zip(batched, alone):
-        assert got == pytest.approx(want, abs=1e-4)
+    assert choice_logprobs(model, CharTokenizer(), examples, batch_size=4) == \
+        choice_logprobs(model, OtherPad(), examples, batch_size=4)
 
 
 def test_hook_refuses_edits_and_taps_on_converted_layers():

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from bounds import U
 from families import FAMILIES, VOCAB, family_model
 
 from headlab.cli import main as headlab
@@ -48,7 +49,8 @@ def _own_noise(model, x) -> float:
 def test_the_rebuilt_softmax_reproduces_the_model(name):
     """In transfer mode every converted layer passes on its softmax teacher, rebuilt from the
     layer's projections, norms and rotary positions: the logits are the original model's, to
-    within ten times the model's own eager-against-default difference (as the family matrix)."""
+    within ten times the model's own eager-against-default difference (as the family matrix), plus
+    a few units of fp32 roundoff relative to the logits should that difference be zero."""
     model, x = fresh(name), inputs()
     noise = _own_noise(model, x)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_the_rebuilt_softmax_reproduces_the_model(name):
     assert tuple(sorted(converted_layers(model))) == CONVERTS[name]
     with torch.no_grad(), transfer_mode(model, "mse"):
         rebuilt = model(x, use_cache=False).logits
-    assert (rebuilt - original).abs().max() <= 10 * noise + 1e-5
+    assert (rebuilt - original).abs().max() <= 10 * noise + 4 * U * original.abs().max()
 
 
 def _cached_and_parallel(model, x):
@@ -75,7 +77,8 @@ def _cached_and_parallel(model, x):
 @pytest.mark.parametrize("name", sorted(CONVERTS))
 def test_cached_decoding_of_a_converted_family_equals_its_parallel_form(name):
     """Feature maps moved off the identity; tolerance ten times the unconverted model's own
-    cached-against-recomputed difference (as the family matrix)."""
+    cached-against-recomputed difference (as the family matrix; the converted one measures 0.5-2
+    times it), plus a few units of fp32 roundoff relative to the logits."""
     model, x = fresh(name), inputs()
     own_cached, own_full, _ = _cached_and_parallel(model, x)
     noise = float((own_cached - own_full).abs().max())
@@ -86,7 +89,7 @@ def test_cached_decoding_of_a_converted_family_equals_its_parallel_form(name):
             for fmap in (converted.feature_q, converted.feature_k):
                 fmap.weight.add_(0.5 * torch.randn(fmap.weight.shape, generator=g))
     cached, full, cache = _cached_and_parallel(model, x)
-    assert (cached - full).abs().max() <= 10 * noise + 1e-5
+    assert (cached - full).abs().max() <= 10 * noise + 4 * U * full.abs().max()
     kinds = [type(layer).__name__ for layer in cache.layers]
     assert [i for i, kind in enumerate(kinds) if kind == "RecurrentState"] == list(CONVERTS[name])
 
