@@ -94,7 +94,9 @@ def _report_pages(args, settings) -> int:
     from .probes.validation_file import load_curves
 
     finished_report(Path(args.out), args.model)  # all checked before the model loads
-    load_curves(args.out), load_compression(args.out), load_atlas(args.out)
+    load_curves(args.out)
+    load_compression(args.out)
+    load_atlas(args.out)
     check_folder(args.out, False, "--out report folder")
     common.model_config(args)
     model, tokenizer = common.load_model_from(args)

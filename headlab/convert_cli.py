@@ -9,6 +9,7 @@ from pathlib import Path
 from . import cli_common as common
 from .surgeon.errors import HeadlabError
 from .surgeon.files import check_folder, claim_folder
+from .surgeon.settings import index_spans
 
 CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors", "headlab_conversion.json",
                       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -26,8 +27,8 @@ def _convert(args) -> int:
     requested = common.layers_of(settings.layers, common.model_shape_of(config).n_layers, "--layers")
     already = common.converted_layers_of(args.model, config)
     if already:
-        raise HeadlabError(f"{args.model} is a converted checkpoint already (layers {_spans(already)}); convert its "
-                           "base model, once, with every layer to convert")
+        raise HeadlabError(f"{args.model} is a converted checkpoint already (layers {index_spans(already)}); convert "
+                           "its base model, once, with every layer to convert")
     import torch
 
     from .conversion_data import require_chat_template, training_windows
@@ -54,7 +55,7 @@ def _convert(args) -> int:
     train, held_out = training_windows(model, tokenizer, settings, n_train, training)
     train_ids, val_ids = torch.cat(train), torch.cat(held_out)
     perplexity = {"original": math.exp(heldout_loss(model, held_out))}
-    print(f"converting layers {_spans(layers)}" + (" (every full-attention layer)" if requested is None else ""))
+    print(f"converting layers {index_spans(layers)}" + (" (every full-attention layer)" if requested is None else ""))
     convert(model, linear, verify=False)  # verified above on these weights
     perplexity["converted_untrained"] = math.exp(heldout_loss(model, held_out))
     summaries = []
@@ -80,17 +81,6 @@ def _convert(args) -> int:
         print(f"held-out perplexity {name}: {value:.3f}")
     print(f"converted checkpoint: {out} (reload with headlab.surgeon.load_model({str(out)!r}))")
     return 0
-
-
-def _spans(indices: list[int]) -> str:
-    """Sorted ``indices`` written as ``--layers`` takes them: ``0-29`` or ``5,11,17``."""
-    spans: list[list[int]] = []
-    for index in indices:
-        if spans and index == spans[-1][1] + 1:
-            spans[-1][1] = index
-        else:
-            spans.append([index, index])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _refuse_the_source(spec: str, out: Path) -> None:

@@ -19,6 +19,7 @@ from ..surgeon.conversion.converted import converted_layers
 from ..surgeon.distributed import rank_and_world
 from ..surgeon.errors import HeadlabError
 from ..surgeon.files import claim_folder, read_json_file, write_json, write_text
+from ..surgeon.settings import index_spans
 from ..surgeon.shape import text_config
 from ..surgeon.sites import has_causal_attention
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
@@ -139,16 +140,10 @@ VIEW_TOKENS = 512  # attention views of long inputs show this many leading token
 
 def _converted_note(model) -> str:
     """What the provenance says of layers converted to linear attention (nothing when there are none)."""
-    layers = sorted(converted_layers(model))
+    layers = converted_layers(model)
     if not layers:
         return ""
-    runs: list[list[int]] = []
-    for layer in layers:  # consecutive layers as one range: "0-29", "0, 2"
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    named = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    named = index_spans(layers)
     return f"; layers {named} converted to linear attention: their maps are the converted form's weights"
 
 

@@ -292,6 +292,17 @@ def resolve_indices(value, n: int, what: str) -> list[int]:
     return sorted(found)
 
 
+def index_spans(indices) -> str:
+    """Sorted distinct ``indices`` written with runs as ranges: ``0-29``, ``0, 2``, ``5, 11, 17``."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 class Maybe(Kind):
     """``None`` or a value of ``kind``."""
 
@@ -508,4 +519,4 @@ def given_flags(cls, args: argparse.Namespace, prefix: str = "") -> list[str]:
 __all__ = ["Choice", "ExistingFile", "Integer", "Items", "Kind", "Maybe", "Number", "Option", "Registered", "Switch",
            "Text", "TextFile",
            "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "given_flags",
-           "resolve_indices", "setting", "settings_from_args", "Indices"]
+           "index_spans", "resolve_indices", "setting", "settings_from_args", "Indices"]

@@ -77,10 +77,6 @@ def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-__all__ = ["attention_modules", "block_input", "decoder_layers", "full_attention_layers", "has_causal_attention",
-           "require_attention_interface"]
-
-
 @contextmanager
 def forwards_set(modules: list[torch.nn.Module], forwards: list[Callable]) -> Iterator[None]:
     """Inside, each of ``modules`` runs the matching one of ``forwards`` (set on the module itself,
@@ -97,3 +93,7 @@ def forwards_set(modules: list[torch.nn.Module], forwards: list[Callable]) -> It
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = own
+
+
+__all__ = ["attention_modules", "block_input", "decoder_layers", "forwards_set", "full_attention_layers",
+           "has_causal_attention", "require_attention_interface"]
