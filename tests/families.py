@@ -69,7 +69,7 @@ FAMILIES = (
            conversion="has parameters of its own (sinks"),
     Family("cohere"),
     Family("cohere2", dict(sliding_window=WINDOW, layer_types=ALTERNATING), "sliding window on alternate layers",
-           conversion="its softmax attention differs from the layer's own"),  # no rotary positions on its full layers
+           conversion=(1, 3)),  # its full-attention layers, which have no rotary positions
     Family("olmo"),
     Family("olmo2", quirks="query/key norms"),
     Family("granite", quirks="scaled attention and residuals"),

@@ -117,6 +117,16 @@ def test_the_probe_refuses_a_layer_the_conversion_would_rebuild_wrongly(monkeypa
     assert not converted_layers(model)
 
 
+def test_the_probe_refuses_cohere2_without_its_rule_on_positions(monkeypatch):
+    """Cohere 2's full-attention layers have no rotary positions, which no attribute says: rebuilt with
+    positions everywhere, the probe refuses them."""
+    monkeypatch.setattr(layer_module, "uses_rotary", lambda attention: True)
+    model = fresh("cohere2")
+    with pytest.raises(UnsupportedModelError, match="layer 1 cannot be converted: rebuilt from its projections"):
+        convert(model, LinearSettings())
+    assert not converted_layers(model)
+
+
 def test_the_probe_leaves_the_random_state_as_it_was():
     """Verification builds throw-away layers (kaiming feature maps draw from torch's generator):
     a conversion draws the same weights with and without it."""
@@ -130,7 +140,7 @@ def test_the_probe_leaves_the_random_state_as_it_was():
     assert torch.equal(*weights)
 
 
-@pytest.mark.parametrize("name", ["gemma3_text", "olmo2", "smollm3"])
+@pytest.mark.parametrize("name", ["cohere2", "gemma3_text", "olmo2", "smollm3"])
 def test_a_converted_checkpoint_of_the_family_reloads_to_identical_logits(tmp_path, name):
     """Norms, positions and the mixed cache (Gemma 3: sliding-window layers beside a converted one)."""
     model, x = fresh(name), inputs()

@@ -127,6 +127,17 @@ def norm_site(norm, heads: int, head_dim: int) -> str | None:
     return None
 
 
+def uses_rotary(attention: nn.Module) -> bool:
+    """Whether the family applies rotary positions in this layer, as its modeling file decides:
+    SmolLM3 per layer (``use_rope``), Cohere 2 on its sliding-window layers only (its full-attention
+    layers have none); every other family everywhere. The conversion's probe checks the result."""
+    if hasattr(attention, "use_rope"):
+        return bool(attention.use_rope)
+    if type(attention).__name__ == "Cohere2Attention":
+        return attention.sliding_window is not None
+    return True
+
+
 class LinearAttention(nn.Module):
     """Drop-in ``self_attn`` with Hedgehog linear or hybrid attention (see the module docstring)."""
 
@@ -144,9 +155,8 @@ class LinearAttention(nn.Module):
         self.q_norm, self.k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         self.norm_sites = {name: norm_site(norm, heads, head_dim) for name, norm, heads in
                            (("q", self.q_norm, n_heads), ("k", self.k_norm, n_kv_heads)) if norm is not None}
-        # the family's rotary function; none where the layer has no positions (SmolLM3's NoPE layers)
-        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb \
-            if getattr(attention, "use_rope", True) else None
+        # the family's rotary function; none where the layer has no positions (NoPE layers)
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb if uses_rotary(attention) else None
         self.feature_q = FeatureMap(n_heads, head_dim, settings)
         self.feature_k = FeatureMap(n_heads, head_dim, settings)
         self.mix_logit = nn.Parameter(torch.full((n_heads,), logit(settings.gamma_init))) if settings.is_hybrid else None
