@@ -322,20 +322,105 @@ def _stream_eval(args) -> int:
     out = Path(args.out)
     check_folder(out, args.overwrite, "--out folder")
     config = common.model_config(args, causal=True, needs="needle recall and perplexity")
-    common.refuse_converted(args, config, "the evaluation of streaming heads")
+    if common.converted_layers_of(args.model, config):
+        return _conversion_eval(args, settings, config, out)
+    if args.base is not None:
+        raise HeadlabError(f"--base is for a checkpoint converted to linear attention; {args.model} is not one")
     shape = common.model_shape_of(config)
-    from .probes.compression import conditions, evaluate_compression, write_compression_page
+    from .probes.compression import PROGRESS_FILE, RunJournal, conditions, evaluate_compression, streaming_identity
 
     scores = _merged_scores(args.scores, shape, settings.rules) if args.scores else None
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
-    conditions(shape, scores, settings, layer_types)  # a rule without its scores fails before the model loads
+    measured = conditions(shape, scores, settings, layer_types, args.model)  # a rule without its scores fails here
+    RunJournal(out / PROGRESS_FILE, streaming_identity(measured, settings, args.model))  # another evaluation's fails
+    _claim_compression(out, args.overwrite)
     model, tokenizer = common.load_model_from(args)
+    result = evaluate_compression(model, tokenizer, scores, settings, model_id=args.model,
+                                  journal_path=out / PROGRESS_FILE)
+    return _write_compression(out, result)
+
+
+def _conversion_eval(args, settings, config, out: Path) -> int:
+    """stream-eval of a converted checkpoint: it and then its base, each loaded alone, on the same
+    prompts and windows (tokenised by the checkpoint's tokenizer, which convert saved from the base)."""
+    import gc
+
+    from .probes.compression import (CONVERTED, FULL, PROGRESS_FILE, RunJournal, conversion_identity,
+                                     conversion_result, conversion_runs)
+    from .probes.streaming import candidates
+    from .surgeon import load_model
+
+    base = _conversion_base(args, config)
+    journal = RunJournal(out / PROGRESS_FILE, conversion_identity(settings, args.model, base))
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    kv_heads = len(candidates(common.model_shape_of(config), layer_types))
+    _claim_compression(out, args.overwrite)
+    model, tokenizer = common.load_model_from(args)
+    runs = conversion_runs(model, tokenizer, CONVERTED, settings, journal=journal)
+    if base is not None:
+        del model
+        gc.collect()
+        base_model = load_model(base, max_memory=args.max_memory)[0]
+        runs += conversion_runs(base_model, tokenizer, FULL, settings, journal=journal)
+    return _write_compression(out, conversion_result(runs, settings, kv_heads, args.model, base))
+
+
+def _conversion_base(args, config) -> str | None:
+    """The base model a converted checkpoint is measured against (``--base``, else the one its
+    conversion recorded; None for ``--base none``), checked from its config before any loading:
+    the same shape and vocabulary size, a causal LM, not converted itself. Streaming-head options
+    are refused: the checkpoint is measured as it is."""
+    from .probes.compression import STREAMING_ONLY
+    from .probes.settings import CompressionSettings
+    from .surgeon.conversion.converted import read_conversion
+    from .surgeon.settings import given_flags
+
+    flags = {f.metadata["option"].flag for f in dataclasses.fields(CompressionSettings) if f.name in STREAMING_ONLY}
+    refused = [flag for flag in given_flags(CompressionSettings, args) if flag in flags]
+    refused += ["--scores"] if args.scores else []
+    if refused:
+        raise HeadlabError(f"{args.model} is converted to linear attention: stream-eval measures it as it is against "
+                           f"its base model, and {', '.join(refused)} (streaming heads) do not apply")
+    base = args.base if args.base is not None else read_conversion(args.model)[1].get("base_model")
+    if base is None:
+        raise ModelSpecError(f"{args.model} does not record the model it was converted from: give --base MODEL "
+                             "(or --base none to measure the checkpoint alone)")
+    if base == "none":
+        return None
+    try:
+        base_config = common.model_config(args, base, causal=True, needs="the base of a converted checkpoint")
+    except ModelSpecError as error:
+        if args.base is not None:
+            raise
+        raise ModelSpecError(f"the base model {args.model} records, {base!r}, cannot be read ({error}); give --base "
+                             "MODEL or --base none") from None
+    if common.converted_layers_of(base, base_config):
+        raise ModelSpecError(f"--base {base} is itself converted to linear attention; give the softmax model")
+    mismatch = [what for what, a, b in (("shape", common.model_shape_of(config), common.model_shape_of(base_config)),
+                                        ("vocabulary size", config.get_text_config(decoder=True).vocab_size,
+                                         base_config.get_text_config(decoder=True).vocab_size)) if a != b]
+    if mismatch:
+        raise ModelSpecError(f"--base {base} differs from {args.model} in {' and '.join(mismatch)}; give the model it "
+                             "was converted from")
+    return base
+
+
+def _claim_compression(out: Path, overwrite: bool) -> None:
+    """Claim stream-eval's files in ``out``: its results and its progress file."""
+    from .probes.compression import PROGRESS_FILE
+
+    claim_folder(out, ("compression.json", "compression.html", PROGRESS_FILE), overwrite, "--out folder")
+
+
+def _write_compression(out: Path, result: dict) -> int:
+    """Write compression.json and compression.html into ``out`` (claimed), forget the progress file
+    and print the summary."""
+    from .probes.compression import PROGRESS_FILE, write_compression_page
     from .surgeon.files import write_json
 
-    result = evaluate_compression(model, tokenizer, scores, settings, model_id=args.model)
-    claim_folder(out, ("compression.json", "compression.html"), args.overwrite, "--out folder")
     write_json(out / "compression.json", result)
     write_compression_page(result, out / "compression.html")
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
     for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"], r["keep"])):
         print(f"{row['length']:>6} {row['rule']:>12} keep {row['keep']:.0%}: recall {row['recall']:.2f} "
               f"[{row['recall_ci'][0]:.2f}, {row['recall_ci'][1]:.2f}], perplexity {row['perplexity']:.2f}, "
@@ -465,7 +550,8 @@ def build_parser() -> common.Parser:
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
     from .probes.report_settings import ReportSettings
-    from .probes.settings import AtlasSettings, CompressionSettings, GateSettings, ValidationSettings, ViewSettings
+    from .probes.settings import (PROGRESS_FILE, AtlasSettings, CompressionSettings, GateSettings, ValidationSettings,
+                                  ViewSettings)
     from .surgeon.search.settings import CalibrationSettings, StreamingSettings
 
     report = sub.add_parser(
@@ -571,16 +657,24 @@ def build_parser() -> common.Parser:
                     "--keeps fraction of KV heads that keep the whole context (the stream-plan of that rule), and for "
                     "the unedited model, measure needle recall on held-out prompts of every --lengths (decoded on a "
                     "cache that holds only what each head sees), perplexity on held-out windows of those lengths, and "
-                    "the cache's bytes. Writes compression.json and compression.html (the curves and a table). Cost: "
-                    "one prefill per prompt and condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and "
-                    "4 windows each, 16 conditions) take hours on two CPU cores.")
+                    "the cache's bytes. MODEL may also be a checkpoint of 'headlab convert': it is measured as it is "
+                    "(its state and window are its cache), then its --base model the same way, for comparison. Writes "
+                    "compression.json and compression.html (the curves and a table); each finished run is kept in "
+                    "OUT/compression.progress.json until then, and the same command resumes after it. Cost: one prefill per prompt and "
+                    "condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and 4 windows each, 16 "
+                    "conditions) take hours on two CPU cores.")
     common.add_model_arguments(evaluation)
     evaluation.add_argument("--scores", metavar="SCORES", action="append",
                             help="a scores file (a report's scores.json, train-gates' gates.json) for the rules that "
                                  "are scores, and razor; repeat to read several")
+    evaluation.add_argument("--base", metavar="MODEL",
+                            help="for a converted checkpoint: the model it was converted from, measured on the same "
+                                 "prompts (default: the one its conversion recorded; 'none': the checkpoint alone)")
     common.add_output_arguments(evaluation, "output folder (e.g. the report folder)")
     common.add_settings(evaluation, CompressionSettings)
-    evaluation.set_defaults(run=_stream_eval, interrupted=common.interrupted("nothing was written; run it again"))
+    evaluation.set_defaults(run=_stream_eval, interrupted=common.interrupted(
+        lambda args: f"the runs measured so far are kept in {Path(args.out) / PROGRESS_FILE}; the same command "
+                     "resumes after them"))
 
     gates = sub.add_parser(
         "train-gates", help="train DuoAttention's gates: which KV heads need the whole context",

@@ -73,7 +73,11 @@ def _convert(args) -> int:
                                    train_ids, val_ids, stage2, training))
         model = peft_model.merge_and_unload()
         perplexity["after_stage2"] = math.exp(heldout_loss(model, held_out))
-    provenance = {"base_model": args.model, "data": settings.data, "seq_len": settings.seq_len,
+    from .surgeon.models import BUNDLED
+
+    local = args.model not in BUNDLED and Path(args.model).is_dir()
+    base = Path(args.model).resolve() if local else args.model  # stream-eval finds it from any folder
+    provenance = {"base_model": str(base), "data": settings.data, "seq_len": settings.seq_len,
                   "held_out_windows": len(held_out),
                   "held_out_perplexity": perplexity, "stages": summaries}
     save_converted(model, tokenizer, out, provenance, overwrite=args.overwrite)

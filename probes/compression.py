@@ -10,11 +10,16 @@ KV heads, the plan of :mod:`.streaming` is measured on
 
 The unedited model is measured the same way (rule ``full``). Recall intervals are 95% bootstrap
 intervals over the prompts; the random rule's per-prompt value is the mean over its draws.
+
+A checkpoint converted to linear attention is measured the same way, as it is (rule ``converted``),
+against the model it was converted from (rule ``full``): :func:`conversion_runs` and
+:func:`conversion_result`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -24,22 +29,62 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
-from ..surgeon.files import read_json_file
+from ..surgeon.errors import InputFileError
+from ..surgeon.files import read_json_file, write_json
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.search.settings import StreamingSettings
-from ..surgeon.settings import Integer, Items, Kind, Maybe, Number, Text, check_object
+from ..surgeon.settings import Choice, Integer, Items, Kind, Maybe, Number, Text, check_object
 from .corpus import load_text, token_windows
 from .masking_stats import CONFIDENCE
 from .needles import HELDOUT_NEEDLES
 from .retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
 from .scores import HeadScores
-from .settings import CompressionSettings
+from .settings import PROGRESS_FILE, CompressionSettings
 from .streaming import candidates, full_kv_heads, rule_ranking, streaming_plan
 
 COMPRESSION_FORMAT = "headlab-compression/1"
-FULL = "full"  # the unedited model's rule name
+FULL = "full"  # the unedited (or base) model's rule name
+CONVERTED = "converted"  # a converted checkpoint's rule name
+STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
 RESAMPLES = 2000
+
+
+PROGRESS_FORMAT = "headlab-compression-progress/1"
+
+
+class RunJournal:
+    """The finished runs of one evaluation, written to ``path`` after each, so that the same
+    evaluation started again resumes after the last finished run. ``identity`` (JSON-ready: the
+    model, settings and conditions) says what it measures; a file that holds another evaluation is
+    refused (:class:`InputFileError`) before any work. Without a path nothing is kept."""
+
+    def __init__(self, path: str | Path | None, identity: dict):
+        self.path = None if path is None else Path(path)
+        self.identity = json.loads(json.dumps(identity))  # as the file holds it: lists, not tuples
+        self.runs: dict[tuple, dict] = {}
+        if self.path is not None and self.path.exists():
+            data = read_json_file(self.path, "compression progress file", PROGRESS_FORMAT)
+            if data.get("identity") != self.identity:
+                raise InputFileError(f"{self.path} holds an evaluation of other settings, rules or models; move it "
+                                     "away, or give the same ones to resume it")
+            self.runs = {self._key(run): run for run in data.get("runs", [])}
+
+    @staticmethod
+    def _key(run: dict) -> tuple:
+        return run["rule"], run["keep"], run["draw"], run["length"]
+
+    def finished(self, rule: str, keep: float, draw: int | None, length: int) -> dict | None:
+        """The finished run of this condition at ``length``, or None."""
+        return self.runs.get((rule, keep, draw, length))
+
+    def add(self, run: dict) -> dict:
+        """Keep ``run`` (written at once); returns it."""
+        self.runs[self._key(run)] = run
+        if self.path is not None:
+            write_json(self.path, {"format": PROGRESS_FORMAT, "identity": self.identity,
+                                   "runs": list(self.runs.values())})
+        return run
 
 
 def conditions(shape, scores: dict[str, HeadScores] | None, settings: CompressionSettings,
@@ -82,37 +127,137 @@ def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
         return float(next_token_loss(model, window))
 
 
+def streaming_identity(measured: list[dict], settings: CompressionSettings, model_id: str | None) -> dict:
+    """What an evaluation of streaming heads measures, for its :class:`RunJournal`."""
+    return {"kind": "streaming", "model_id": model_id, "settings": dataclasses.asdict(settings),
+            "conditions": [[c["rule"], c["keep"], c["draw"], c["plan"].to_dict()] for c in measured]}
+
+
 def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
                          settings: CompressionSettings | None = None, model_id: str | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, journal_path: str | Path | None = None) -> dict:
     """Measure every condition at every length (see the module docstring); returns the JSON-ready
-    result with per-prompt values and the summary per rule, kept fraction and length."""
+    result with per-prompt values and the summary per rule, kept fraction and length. With
+    ``journal_path`` each finished run is kept there and a run found there is not measured again
+    (:class:`RunJournal`)."""
     settings = settings or CompressionSettings()
     shape = model_shape(model)
-    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    layer_types = _layer_types(model)
     measured = conditions(shape, scores, settings, layer_types, model_id)
+    journal = RunJournal(journal_path, streaming_identity(measured, settings, model_id))
     haystack = load_text(settings.text_path, heldout=True)
     stop = stop_rule(tokenizer)
     runs = []
-    bar = tqdm(total=len(settings.lengths) * len(measured), desc="compression", unit="condition",
-               disable=not progress)
+    bar = _bar(settings, len(measured), "compression", progress)
     for length in settings.lengths:
-        prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
-                              settings.prompt_style)
-        windows = token_windows(tokenizer, haystack, settings.windows, length, settings.seed)
+        prompts, windows = _inputs(tokenizer, haystack, settings, length)
         for condition in measured:
-            started = time.perf_counter()
-            needles = [needle_run(model, tokenizer, p, condition["plan"], settings, stop) for p in prompts]
-            losses = [window_loss(model, w, condition["plan"]) for w in windows]
-            runs.append({"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
-                         "full_heads": condition["full_heads"], "length": length, "needles": needles,
-                         "losses": losses, "seconds": time.perf_counter() - started})
-            bar.update(1)
+            bar.set_postfix_str(f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}")
+            run = journal.finished(condition["rule"], condition["keep"], condition["draw"], length)
+            if run is None:
+                run = journal.add({"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
+                                   "full_heads": condition["full_heads"], "length": length,
+                                   **_measure(model, tokenizer, condition["plan"], prompts, windows, settings, stop,
+                                              bar)})
+            else:
+                bar.update(len(prompts) + len(windows))
+            runs.append(run)
     bar.close()
-    return {"format": COMPRESSION_FORMAT, "model_id": model_id, "settings": dataclasses.asdict(settings),
-            "kv_heads": len(candidates(shape, layer_types)),
-            "items": [{"needle": HELDOUT_NEEDLES.index(p.needle), "depth": p.depth} for p in prompts],
+    return {"format": COMPRESSION_FORMAT, "kind": "streaming", "model_id": model_id,
+            "settings": dataclasses.asdict(settings), "kv_heads": len(candidates(shape, layer_types)),
+            "items": _items(settings),
             "runs": runs, "summary": summarize_runs(runs, settings.seed)}
+
+
+def conversion_identity(settings: CompressionSettings, model_id: str | None, base_id: str | None) -> dict:
+    """What an evaluation of a converted checkpoint measures, for its :class:`RunJournal`."""
+    return {"kind": "conversion", "model_id": model_id, "base_model": base_id, "settings": _recorded(settings)}
+
+
+def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings | None = None,
+                    progress: bool = True, journal: RunJournal | None = None) -> list[dict]:
+    """The runs of ``model`` as it is (no plan) at every length of ``settings``, named ``rule``
+    (:data:`CONVERTED` for a checkpoint converted to linear attention, :data:`FULL` for its base):
+    the same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the
+    fraction of the global layers' KV heads left in softmax layers (the converted ones keep a state
+    and a window, not the whole context). Runs ``journal`` holds are taken from it."""
+    from ..surgeon.conversion.converted import converted_layers
+
+    settings = settings or CompressionSettings()
+    heads = candidates(model_shape(model), _layer_types(model))
+    converted = set(converted_layers(model))
+    whole = [head for head in heads if head[0] not in converted]
+    haystack = load_text(settings.text_path, heldout=True)
+    stop = stop_rule(tokenizer)
+    journal = journal or RunJournal(None, {})
+    keep = len(whole) / len(heads) if heads else 1.0
+    runs = []
+    bar = _bar(settings, 1, "base model" if rule == FULL else f"{rule} model", progress)
+    for length in settings.lengths:
+        bar.set_postfix_str(f"{length} tokens")
+        prompts, windows = _inputs(tokenizer, haystack, settings, length)
+        run = journal.finished(rule, keep, None, length)
+        if run is None:
+            run = journal.add({"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole), "length": length,
+                               **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar)})
+        else:
+            bar.update(len(prompts) + len(windows))
+        runs.append(run)
+    bar.close()
+    return runs
+
+
+def conversion_result(runs: list[dict], settings: CompressionSettings, kv_heads: int, model_id: str | None = None,
+                      base_id: str | None = None) -> dict:
+    """The JSON-ready evaluation of a converted checkpoint (``model_id``) against its base
+    (``base_id``; None: not measured) from their :func:`conversion_runs`; ``kv_heads`` counts the
+    base's global KV heads. The streaming-only settings are left out of its record."""
+    return {"format": COMPRESSION_FORMAT, "kind": "conversion", "model_id": model_id, "base_model": base_id,
+            "settings": _recorded(settings), "kv_heads": kv_heads, "items": _items(settings), "runs": runs,
+            "summary": summarize_runs(runs, settings.seed)}
+
+
+def _recorded(settings: CompressionSettings) -> dict:
+    """The settings a converted checkpoint's evaluation records: all but the streaming-only ones."""
+    return {name: value for name, value in dataclasses.asdict(settings).items() if name not in STREAMING_ONLY}
+
+
+def _layer_types(model) -> list[str] | None:
+    return getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+
+
+def _inputs(tokenizer, haystack: str, settings: CompressionSettings, length: int):
+    """``(needle prompts, text windows)`` of one length: every held-out needle at every depth, and
+    the perplexity windows."""
+    prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
+                          settings.prompt_style)
+    return prompts, token_windows(tokenizer, haystack, settings.windows, length, settings.seed)
+
+
+def _items(settings: CompressionSettings) -> list[dict]:
+    """Which needle and depth each prompt of a length is, in the order of the runs' ``needles``."""
+    return [{"needle": needle, "depth": depth} for needle in range(settings.n_needles) for depth in settings.depths]
+
+
+def _bar(settings: CompressionSettings, conditions: int, desc: str, progress: bool):
+    """A progress bar over every prompt and window of ``conditions`` conditions at every length."""
+    per_length = settings.n_needles * len(settings.depths) + settings.windows
+    return tqdm(total=conditions * per_length * len(settings.lengths), desc=desc, unit="input", disable=not progress)
+
+
+def _measure(model, tokenizer, plan: Plan, prompts: list[NeedlePrompt], windows, settings: CompressionSettings,
+             stop, bar) -> dict:
+    """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` on one length's inputs,
+    advancing ``bar`` by one per prompt and window."""
+    started = time.perf_counter()
+    needles, losses = [], []
+    for prompt in prompts:
+        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop))
+        bar.update(1)
+    for window in windows:
+        losses.append(window_loss(model, window, plan))
+        bar.update(1)
+    return {"needles": needles, "losses": losses, "seconds": time.perf_counter() - started}
 
 
 def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
@@ -153,7 +298,7 @@ def load_compression(folder: str | Path) -> dict | None:
     data = read_json_file(path, "compression evaluation", COMPRESSION_FORMAT)
     check_object(data, str(path), {"format": Text(), "summary": Items(Kind(), unique=False, min_items=0)},
                  {"model_id": Maybe(Text()), "settings": Kind(), "kv_heads": Integer(0), "items": Kind(),
-                  "runs": Kind()})
+                  "runs": Kind(), "kind": Choice("streaming", "conversion"), "base_model": Maybe(Text())})
     data["summary"] = [check_object(row, f"{path}: summary row {i}", _ROW) for i, row in enumerate(data["summary"])]
     return data
 
@@ -166,19 +311,34 @@ def _interval(values: np.ndarray, seed: int) -> list[float]:
     return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
 
 
+def is_conversion(result: dict) -> bool:
+    """Whether ``result`` evaluates a converted checkpoint against its base (else streaming heads)."""
+    return result.get("kind") == "conversion"
+
+
+def compression_title(result: dict) -> str:
+    """The evaluation's title (plain text: escape it for its context)."""
+    model = result.get("model_id") or "model"
+    if not is_conversion(result):
+        return f"KV-cache compression: {model}"
+    base = result.get("base_model")
+    return f"{model}: converted to linear attention, against " + (base if base else "no base model")
+
+
 def write_compression_page(result: dict, path: str | Path) -> Path:
     """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
     from ..surgeon.escaping import html_text
     from ..surgeon.files import GENERATOR_META, write_text
     from . import views
 
-    title = html_text(f"KV-cache compression: {result.get('model_id') or 'model'}")
+    title = html_text(compression_title(result))
     header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
               "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
     lines = []
     for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"] != FULL, r["rule"], r["keep"])):
         share = "" if row["kv_fraction"] is None else f" ({row['kv_fraction']:.0%})"
-        lines.append(f"<tr><td>{html_text(row['rule'])}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
+        rule = "base" if is_conversion(result) and row["rule"] == FULL else row["rule"]
+        lines.append(f"<tr><td>{html_text(rule)}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
                      f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
                      f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
                      f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
@@ -190,5 +350,7 @@ def write_compression_page(result: dict, path: str | Path) -> Path:
     return write_text(path, page)
 
 
-__all__ = ["COMPRESSION_FORMAT", "FULL", "conditions", "evaluate_compression", "load_compression", "needle_run",
+__all__ = ["COMPRESSION_FORMAT", "CONVERTED", "FULL", "PROGRESS_FILE", "RunJournal", "STREAMING_ONLY",
+           "compression_title", "conditions", "conversion_identity", "conversion_result", "conversion_runs",
+           "evaluate_compression", "is_conversion", "load_compression", "needle_run", "streaming_identity",
            "summarize_runs", "window_loss", "write_compression_page"]

@@ -11,6 +11,7 @@ from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, write_text
 from . import views
 from .atlas_page import atlas_section
+from .compression import compression_title, is_conversion
 from .record import AttentionRecord
 from .scores import HeadScores
 from .view_data import ViewData, view_data_from_record
@@ -127,15 +128,22 @@ def _report_html(provenance: dict, scores: dict[str, HeadScores], data: ViewData
 
 def _compression_section(compression: dict | None) -> str:
     """The curves of ``compression.json`` when the folder has one, else how to make it."""
-    head = "<section id='compression'><h2>KV-cache compression by streaming heads</h2>"
     if compression is None:
-        return (head + "<p>No compression evaluation in this folder yet: run <code>headlab stream-eval MODEL "
-                "--scores scores.json --rules retrieval,random --out .</code> here (add <code>--scores razor</code> "
-                "to the report for the razor rule), then <code>headlab report MODEL --out . --page-only</code> "
-                "writes this page again (no scoring).</p></section>")
-    return (head + "<p>Needle recall and perplexity against the fraction of KV heads that keep the whole context, "
-            "per selection rule; the table and every prompt's response are in <a href='compression.html'>"
-            "compression.html</a> and compression.json.</p>"
+        return ("<section id='compression'><h2>KV-cache compression by streaming heads</h2><p>No compression "
+                "evaluation in this folder yet: run <code>headlab stream-eval MODEL --scores scores.json --rules "
+                "retrieval,random --out .</code> here (add <code>--scores razor</code> to the report for the razor "
+                "rule), then <code>headlab report MODEL --out . --page-only</code> writes this page again (no "
+                "scoring).</p></section>")
+    if is_conversion(compression):
+        heading = "KV-cache compression by conversion to linear attention"
+        measured = (f"{html_text(compression_title(compression))}: the checkpoint's needle recall and perplexity "
+                    "against its base model's, placed at the fraction of KV heads its softmax layers keep whole")
+    else:
+        heading = "KV-cache compression by streaming heads"
+        measured = ("Needle recall and perplexity against the fraction of KV heads that keep the whole context, per "
+                    "selection rule")
+    return (f"<section id='compression'><h2>{heading}</h2><p>{measured}; the table and every prompt's response are "
+            "in <a href='compression.html'>compression.html</a> and compression.json.</p>"
             + views.figure_div(views.compression_figure(compression), "compression") + "</section>")
 
 

@@ -132,6 +132,9 @@ class ValidationSettings:
         check_settings(self)
 
 
+PROGRESS_FILE = "compression.progress.json"  # stream-eval's finished runs, beside compression.json
+
+
 @dataclass
 class CompressionSettings:
     """The evaluation of streaming-head plans (KV-cache compression): for every selection rule and
@@ -254,5 +257,5 @@ class ViewSettings:
         check_settings(self)
 
 
-__all__ = ["MASKING_MODES", "METRICS", "MaskingSettings", "NeedleSettings", "POOLS",
+__all__ = ["MASKING_MODES", "METRICS", "PROGRESS_FILE", "MaskingSettings", "NeedleSettings", "POOLS",
            "SinkSettings", "ValidationSettings", "ViewSettings"]

@@ -260,17 +260,21 @@ def compression_figure(result: dict) -> go.Figure:
     """KV-cache compression by streaming heads: needle recall (top row, 95% bootstrap intervals)
     and perplexity (bottom row) against the fraction of KV heads that keep the whole context, one
     column per length, one line per selection rule (random: the mean of its draws, in grey), the
-    unedited model as a dashed line."""
+    unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
+    base model's dashed line."""
+    from .compression import FULL, compression_title, is_conversion
+
+    reference = "base model" if is_conversion(result) else "unedited"
     rows = result["summary"]
     lengths = sorted({row["length"] for row in rows})
-    rules = list(dict.fromkeys(row["rule"] for row in rows if row["rule"] != "full"))
+    rules = list(dict.fromkeys(row["rule"] for row in rows if row["rule"] != FULL))
     fig = make_subplots(rows=2, cols=len(lengths), shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[f"{length} tokens" for length in lengths] + [""] * len(lengths))
     for col, length in enumerate(lengths, start=1):
-        full = [row for row in rows if row["rule"] == "full" and row["length"] == length]
+        full = [row for row in rows if row["rule"] == FULL and row["length"] == length]
         for r, measure in enumerate(("recall", "perplexity"), start=1):
             if full:
-                fig.add_trace(go.Scatter(x=[0, 1], y=[full[0][measure]] * 2, mode="lines", name="unedited",
+                fig.add_trace(go.Scatter(x=[0, 1], y=[full[0][measure]] * 2, mode="lines", name=reference,
                                          line={"color": "#555", "dash": "dash"}, legendgroup="full",
                                          showlegend=col == 1 and r == 1), row=r, col=col)
             for i, rule in enumerate(rules):
@@ -278,7 +282,7 @@ def compression_figure(result: dict) -> go.Figure:
                                 key=lambda row: row["keep"])
                 colour = "#7f7f7f" if rule == "random" else RULE_COLOURS[i % len(RULE_COLOURS)]
                 hover = [f"{plotly_text(rule)}, keep {p['keep']:.0%} ({p['full_heads']} KV heads)<br>"
-                         f"KV cache {p['kv_fraction']:.0%} of the unedited" if p["kv_fraction"] is not None else
+                         f"KV cache {p['kv_fraction']:.0%} of the {reference}" if p["kv_fraction"] is not None else
                          plotly_text(rule) for p in points]
                 error = None
                 if measure == "recall":
@@ -292,9 +296,10 @@ def compression_figure(result: dict) -> go.Figure:
         fig.update_xaxes(title_text="fraction of KV heads with the whole context", row=2, col=col)
     fig.update_yaxes(title_text="needle recall", row=1, col=1)
     fig.update_yaxes(title_text="perplexity", row=2, col=1)
-    model = plotly_text(result.get("model_id") or "model")
-    fig.update_layout(title=f"{model}: streaming heads, recall and perplexity against the heads kept whole",
-                      width=max(560, 420 * len(lengths)), height=720)
+    title = (plotly_text(compression_title(result)) if is_conversion(result) else
+             f"{plotly_text(result.get('model_id') or 'model')}: streaming heads, recall and perplexity against the "
+             "heads kept whole")
+    fig.update_layout(title=title, width=max(560, 420 * len(lengths)), height=720)
     return fig
 
 

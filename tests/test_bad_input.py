@@ -69,6 +69,11 @@ def sandbox(tmp_path_factory):
     load_config(SMOL)[1].save_pretrained(converted)
     (converted / "headlab_conversion.json").write_text(json.dumps(
         {"format": "headlab-conversion/1", "settings": LinearSettings(layers=(3, 4)).to_dict(), "provenance": {}}))
+    lost_base = d / "converted_lost_base"  # a checkpoint whose base folder is gone
+    shutil.copytree(converted, lost_base)
+    (lost_base / "headlab_conversion.json").write_text(json.dumps(
+        {"format": "headlab-conversion/1", "settings": LinearSettings(layers=(3, 4)).to_dict(),
+         "provenance": {"base_model": str(d / "gone")}}))
     stray = d / "stray_report"
     stray.mkdir()
     (stray / "validation-x.json").write_text(json.dumps({"format": "headlab-masking-curve/2", "score": "x",
@@ -81,6 +86,12 @@ def sandbox(tmp_path_factory):
                                                           "summary": [{"rule": "random", "keep": 2}]}))
     (damaged / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
                                                               "entries": ["compression.json"]}))
+    stale = d / "stale_progress"  # stream-eval's progress file of another evaluation
+    stale.mkdir()
+    (stale / "compression.progress.json").write_text(json.dumps({"format": "headlab-compression-progress/1",
+                                                                  "identity": {"kind": "other"}, "runs": []}))
+    (stale / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
+                                                           "entries": ["compression.progress.json"]}))
     stray_atlas = d / "stray_atlas"
     stray_atlas.mkdir()
     (stray_atlas / "atlas.json").write_text(json.dumps({"format": "something-else"}))
@@ -148,7 +159,17 @@ CLI_CASES = [
     ("validate {d}/converted --scores {d}/scores.json --out {d}/v", "has layers converted to linear attention (3, 4)"),
     ("stream-plan {d}/converted --scores {d}/scores.json --keep 0.5 --out {d}/sp.json",
      "a plan of streaming heads needs softmax attention in every layer"),
-    ("stream-eval {d}/converted --scores {d}/scores.json --out {d}/se", "has layers converted to linear attention"),
+    ("stream-eval {d}/converted --scores {d}/scores.json --out {d}/se", "--scores (streaming heads) do not apply"),
+    ("stream-eval {d}/converted --rules random --keeps 0.5 --out {d}/se", "--rules, --keeps (streaming heads)"),
+    ("stream-eval {d}/converted --out {d}/se", "does not record the model it was converted from: give --base"),
+    ("stream-eval {d}/converted --base {d}/tinymodel --out {d}/se", "in shape and vocabulary size; give the model it"),
+    ("stream-eval {d}/converted --base {d}/converted --out {d}/se", "is itself converted to linear attention"),
+    ("stream-eval {d}/converted --base minilm-l6 --out {d}/se", "the base of a converted checkpoint needs one"),
+    ("stream-eval {d}/converted --base {d}/missing --out {d}/se", "does not exist"),
+    ("stream-eval {d}/converted_lost_base --out {d}/se", "/gone', cannot be read (model folder"),
+    (f"stream-eval {SMOL} --base {SMOL} --rules random --out {{d}}/se", "--base is for a checkpoint converted"),
+    (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "holds an evaluation of other settings"),
+    ("stream-eval {d}/converted --base none --out {d}/stale_progress", "holds an evaluation of other settings"),
     ("train-gates {d}/converted --out {d}/g", "gate training needs softmax attention in every layer"),
     ("calibrate {d}/converted --task arithmetic --layers 3-5 --out {d}/c.json",
      "--layers: layers 3, 4 are converted to linear attention"),

@@ -291,8 +291,9 @@ def test_maps_of_converted_layers_over_the_budget_are_refused_before_they_are_co
 
 
 @pytest.mark.real_model
-def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
+def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2, monkeypatch):
     tokenizer = smollm2[1]
+    monkeypatch.chdir(tmp_path)  # the base given as a relative folder
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=30, head_dim=6, intermediate_size=37,
                          num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
@@ -300,7 +301,7 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     out = tmp_path / "converted"
-    args = ["convert", str(tmp_path / "base"), "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "8",
+    args = ["convert", "base", "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "8",
             "--seq-len", "48", "--accumulation", "2", "--eval-every", "1", "--eval-windows", "2", "--layers", "1"]
     assert headlab(args) == 0
     model, tok = load_model(out)
@@ -309,6 +310,12 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2):
     assert [s["stage"] for s in record["provenance"]["stages"]] == ["stage1", "stage2"]
     assert set(record["provenance"]["held_out_perplexity"]) == {"original", "converted_untrained", "after_stage1",
                                                                  "after_stage2"}
+    assert record["provenance"]["base_model"] == str((tmp_path / "base").resolve())
+    monkeypatch.chdir(out)  # stream-eval finds the recorded base from another folder
+    assert headlab(["stream-eval", str(out), "--lengths", "128", "--needle-depths", "0.5", "--needles", "1",
+                    "--windows", "1", "--out", str(tmp_path / "eval")]) == 0
+    evaluation = json.loads((tmp_path / "eval" / "compression.json").read_text())
+    assert {row["rule"] for row in evaluation["summary"]} == {"converted", "full"}
     import shutil
 
     shutil.rmtree(out / "training")

@@ -151,3 +151,25 @@ def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
     assert PAYLOADS[0] in page.title()
     assert page.locator("table td", has_text=PAYLOADS[1]).count() == 2  # the rule, shown as text in its rows
     assert page.locator(".plotly-graph-div").count() == 1
+
+
+def test_conversion_evaluation_pages_run_nothing(browser, tmp_path):  # noqa: F811
+    """A converted checkpoint's evaluation whose checkpoint and base model names are hostile: its own
+    page and the report's section that shows it."""
+    from headlab.probes.compression import write_compression_page
+    from headlab.probes.report_page import _compression_section
+
+    result = {**hostile_compression("converted", PAYLOADS[0]), "kind": "conversion", "base_model": PAYLOADS[6]}
+    page, errors = load(browser, write_compression_page(result, tmp_path / "compression.html"))
+    assert_inert(page, errors)
+    assert PAYLOADS[0] in page.title() and PAYLOADS[6] in page.title()
+    assert page.locator("table td", has_text="base").count() == 1
+    section = tmp_path / "section.html"
+    from plotly.offline import get_plotlyjs
+
+    section.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><script>{get_plotlyjs()}</script></head>"
+                       f"<body>{_compression_section(result)}</body></html>")  # the report loads plotly.js once
+    page, errors = load(browser, section)
+    assert_inert(page, errors)
+    assert PAYLOADS[6] in page.inner_text("#compression p")
+    assert page.locator("#compression .plotly-graph-div").count() == 1
