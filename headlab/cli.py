@@ -49,7 +49,7 @@ def _report(args) -> int:
     check_folder(args.out, args.overwrite, "--out report folder")
     load_curves(args.out)
     from .probes.atlas_page import load_atlas
-    from .probes.compression import load_compression
+    from .probes.compression_file import load_compression
 
     load_compression(args.out)
     load_atlas(args.out)
@@ -89,7 +89,7 @@ def _report_pages(args, settings) -> int:
     if not (Path(args.out) / "scores.json").is_file():
         raise HeadlabError(f"{args.out} holds no scores.json: --page-only rewrites the pages of a finished report")
     from .probes.atlas_page import load_atlas
-    from .probes.compression import load_compression
+    from .probes.compression_file import load_compression
     from .probes.report import finished_report, rewrite_report_pages
     from .probes.validation_file import load_curves
 
@@ -257,14 +257,18 @@ def _validate(args) -> int:
 
     if metric == "needle-recall" and not is_causal_lm(config):
         raise ModelSpecError(f"{args.model} is not a causal language model; needle recall needs one (use --metric loss)")
-    model, tokenizer = common.load_model_from(args)
-    from .probes.validation import validate_score, write_curve_page
+    from .probes.validation import validate_score, validation_identity, write_curve_page
     from .surgeon.files import write_json
+    from .surgeon.journal import Journal
 
-    curve = validate_score(model, tokenizer, score, settings, model_id=args.model)
-    claim_folder(out, (f"{stem}.json", f"{stem}.html"), args.overwrite, "--out folder")
+    progress = out / f"{stem}.progress.json"
+    Journal(progress, validation_identity(score, settings, args.model), "validation")  # not another validation's
+    claim_folder(out, (f"{stem}.json", f"{stem}.html", progress.name), args.overwrite, "--out folder")
+    model, tokenizer = common.load_model_from(args)
+    curve = validate_score(model, tokenizer, score, settings, model_id=args.model, journal_path=progress)
     write_json(out / f"{stem}.json", curve)
     write_curve_page(curve, out / f"{stem}.html")
+    progress.unlink(missing_ok=True)
     print(_validation_lines(curve))
     print(f"written: {out / f'{stem}.json'} and {stem}.html")
     return 0
@@ -327,12 +331,13 @@ def _stream_eval(args) -> int:
     if args.base is not None:
         raise HeadlabError(f"--base is for a checkpoint converted to linear attention; {args.model} is not one")
     shape = common.model_shape_of(config)
-    from .probes.compression import PROGRESS_FILE, RunJournal, conditions, evaluate_compression, streaming_identity
+    from .probes.compression import PROGRESS_FILE, conditions, evaluate_compression, streaming_identity
+    from .surgeon.journal import Journal
 
     scores = _merged_scores(args.scores, shape, settings.rules) if args.scores else None
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
     measured = conditions(shape, scores, settings, layer_types, args.model)  # a rule without its scores fails here
-    RunJournal(out / PROGRESS_FILE, streaming_identity(measured, settings, args.model))  # another evaluation's fails
+    Journal(out / PROGRESS_FILE, streaming_identity(measured, settings, args.model), "compression")  # not another's
     _claim_compression(out, args.overwrite)
     model, tokenizer = common.load_model_from(args)
     result = evaluate_compression(model, tokenizer, scores, settings, model_id=args.model,
@@ -345,13 +350,14 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
     prompts and windows (tokenised by the checkpoint's tokenizer, which convert saved from the base)."""
     import gc
 
-    from .probes.compression import (CONVERTED, FULL, PROGRESS_FILE, RunJournal, conversion_identity,
-                                     conversion_result, conversion_runs)
+    from .probes.compression import PROGRESS_FILE, conversion_identity, conversion_result, conversion_runs
+    from .probes.compression_file import CONVERTED, FULL
     from .probes.streaming import candidates
     from .surgeon import load_model
+    from .surgeon.journal import Journal
 
     base = _conversion_base(args, config)
-    journal = RunJournal(out / PROGRESS_FILE, conversion_identity(settings, args.model, base))
+    journal = Journal(out / PROGRESS_FILE, conversion_identity(settings, args.model, base), "compression")
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
     kv_heads = len(candidates(common.model_shape_of(config), layer_types))
     _claim_compression(out, args.overwrite)
@@ -627,12 +633,16 @@ def build_parser() -> common.Parser:
                     "Writes OUT/validation-SCORE.json and a plot OUT/validation-SCORE.html; a report written into the "
                     "same folder afterwards shows them. The default grid (6 needles x 3 lengths x 5 depths, 3 K x 20 "
                     "sets: up to 5,760 decodes) takes over an hour on SmolLM2-135M on two CPU cores; fewer --ks, "
-                    "--needles or --needle-lengths shorten it.")
+                    "--needles or --needle-lengths shorten it. Each prompt's (or window's) measures are kept in "
+                    "OUT/validation-SCORE.progress.json as they finish, and the same command resumes after them.")
     common.add_model_arguments(validate)
     _score_arguments(validate, "the score to validate")
     common.add_output_arguments(validate, "output folder (e.g. the report folder)")
     common.add_settings(validate, ValidationSettings)
-    validate.set_defaults(run=_validate, interrupted=common.interrupted("nothing was written; run the command again"))
+    validate.set_defaults(run=_validate, interrupted=common.interrupted(
+        lambda args: f"the prompts or windows measured so far are kept in "
+                     f"{Path(args.out) / ('validation-' + _file_safe(args.score) + '.progress.json')}; the same "
+                     "command resumes after them"))
 
     stream = sub.add_parser(
         "stream-plan", help="a plan that streams the KV heads a rule ranks lowest (KV-cache compression)",
@@ -660,9 +670,9 @@ def build_parser() -> common.Parser:
                     "the cache's bytes. MODEL may also be a checkpoint of 'headlab convert': it is measured as it is "
                     "(its state and window are its cache), then its --base model the same way, for comparison. Writes "
                     "compression.json and compression.html (the curves and a table); each finished run is kept in "
-                    "OUT/compression.progress.json until then, and the same command resumes after it. Cost: one prefill per prompt and "
-                    "condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and 4 windows each, 16 "
-                    "conditions) take hours on two CPU cores.")
+                    "OUT/compression.progress.json until then, and the same command resumes after it. Cost: one "
+                    "prefill per prompt and condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and 4 "
+                    "windows each, 16 conditions) take hours on two CPU cores.")
     common.add_model_arguments(evaluation)
     evaluation.add_argument("--scores", metavar="SCORES", action="append",
                             help="a scores file (a report's scores.json, train-gates' gates.json) for the rules that "

@@ -29,12 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import read_json_file, write_json
+from ..surgeon.journal import Journal
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.search.settings import StreamingSettings
-from ..surgeon.settings import Choice, Integer, Items, Kind, Maybe, Number, Text, check_object
+from .compression_file import COMPRESSION_FORMAT, CONVERTED, FULL, compression_title, is_conversion
 from .corpus import load_text, token_windows
 from .masking_stats import CONFIDENCE
 from .needles import HELDOUT_NEEDLES
@@ -43,48 +42,8 @@ from .scores import HeadScores
 from .settings import PROGRESS_FILE, CompressionSettings
 from .streaming import candidates, full_kv_heads, rule_ranking, streaming_plan
 
-COMPRESSION_FORMAT = "headlab-compression/1"
-FULL = "full"  # the unedited (or base) model's rule name
-CONVERTED = "converted"  # a converted checkpoint's rule name
 STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
 RESAMPLES = 2000
-
-
-PROGRESS_FORMAT = "headlab-compression-progress/1"
-
-
-class RunJournal:
-    """The finished runs of one evaluation, written to ``path`` after each, so that the same
-    evaluation started again resumes after the last finished run. ``identity`` (JSON-ready: the
-    model, settings and conditions) says what it measures; a file that holds another evaluation is
-    refused (:class:`InputFileError`) before any work. Without a path nothing is kept."""
-
-    def __init__(self, path: str | Path | None, identity: dict):
-        self.path = None if path is None else Path(path)
-        self.identity = json.loads(json.dumps(identity))  # as the file holds it: lists, not tuples
-        self.runs: dict[tuple, dict] = {}
-        if self.path is not None and self.path.exists():
-            data = read_json_file(self.path, "compression progress file", PROGRESS_FORMAT)
-            if data.get("identity") != self.identity:
-                raise InputFileError(f"{self.path} holds an evaluation of other settings, rules or models; move it "
-                                     "away, or give the same ones to resume it")
-            self.runs = {self._key(run): run for run in data.get("runs", [])}
-
-    @staticmethod
-    def _key(run: dict) -> tuple:
-        return run["rule"], run["keep"], run["draw"], run["length"]
-
-    def finished(self, rule: str, keep: float, draw: int | None, length: int) -> dict | None:
-        """The finished run of this condition at ``length``, or None."""
-        return self.runs.get((rule, keep, draw, length))
-
-    def add(self, run: dict) -> dict:
-        """Keep ``run`` (written at once); returns it."""
-        self.runs[self._key(run)] = run
-        if self.path is not None:
-            write_json(self.path, {"format": PROGRESS_FORMAT, "identity": self.identity,
-                                   "runs": list(self.runs.values())})
-        return run
 
 
 def conditions(shape, scores: dict[str, HeadScores] | None, settings: CompressionSettings,
@@ -127,8 +86,13 @@ def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
         return float(next_token_loss(model, window))
 
 
+def run_key(rule: str, keep: float, draw: int | None, length: int) -> str:
+    """A run's key in an evaluation's :class:`~headlab.surgeon.journal.Journal`."""
+    return json.dumps([rule, keep, draw, length])
+
+
 def streaming_identity(measured: list[dict], settings: CompressionSettings, model_id: str | None) -> dict:
-    """What an evaluation of streaming heads measures, for its :class:`RunJournal`."""
+    """What an evaluation of streaming heads measures, for its journal."""
     return {"kind": "streaming", "model_id": model_id, "settings": dataclasses.asdict(settings),
             "conditions": [[c["rule"], c["keep"], c["draw"], c["plan"].to_dict()] for c in measured]}
 
@@ -139,12 +103,12 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     """Measure every condition at every length (see the module docstring); returns the JSON-ready
     result with per-prompt values and the summary per rule, kept fraction and length. With
     ``journal_path`` each finished run is kept there and a run found there is not measured again
-    (:class:`RunJournal`)."""
+    (:class:`~headlab.surgeon.journal.Journal`)."""
     settings = settings or CompressionSettings()
     shape = model_shape(model)
     layer_types = _layer_types(model)
     measured = conditions(shape, scores, settings, layer_types, model_id)
-    journal = RunJournal(journal_path, streaming_identity(measured, settings, model_id))
+    journal = Journal(journal_path, streaming_identity(measured, settings, model_id), "compression")
     haystack = load_text(settings.text_path, heldout=True)
     stop = stop_rule(tokenizer)
     runs = []
@@ -153,12 +117,13 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
         prompts, windows = _inputs(tokenizer, haystack, settings, length)
         for condition in measured:
             bar.set_postfix_str(f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}")
-            run = journal.finished(condition["rule"], condition["keep"], condition["draw"], length)
+            key = run_key(condition["rule"], condition["keep"], condition["draw"], length)
+            run = journal.get(key)
             if run is None:
-                run = journal.add({"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
-                                   "full_heads": condition["full_heads"], "length": length,
-                                   **_measure(model, tokenizer, condition["plan"], prompts, windows, settings, stop,
-                                              bar)})
+                run = journal.put(key, {"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
+                                        "full_heads": condition["full_heads"], "length": length,
+                                        **_measure(model, tokenizer, condition["plan"], prompts, windows, settings,
+                                                   stop, bar)})
             else:
                 bar.update(len(prompts) + len(windows))
             runs.append(run)
@@ -170,12 +135,12 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
 
 
 def conversion_identity(settings: CompressionSettings, model_id: str | None, base_id: str | None) -> dict:
-    """What an evaluation of a converted checkpoint measures, for its :class:`RunJournal`."""
+    """What an evaluation of a converted checkpoint measures, for its journal."""
     return {"kind": "conversion", "model_id": model_id, "base_model": base_id, "settings": _recorded(settings)}
 
 
 def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings | None = None,
-                    progress: bool = True, journal: RunJournal | None = None) -> list[dict]:
+                    progress: bool = True, journal: Journal | None = None) -> list[dict]:
     """The runs of ``model`` as it is (no plan) at every length of ``settings``, named ``rule``
     (:data:`CONVERTED` for a checkpoint converted to linear attention, :data:`FULL` for its base):
     the same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the
@@ -189,17 +154,19 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
     whole = [head for head in heads if head[0] not in converted]
     haystack = load_text(settings.text_path, heldout=True)
     stop = stop_rule(tokenizer)
-    journal = journal or RunJournal(None, {})
+    journal = Journal(None, {}, "compression") if journal is None else journal
     keep = len(whole) / len(heads) if heads else 1.0
     runs = []
     bar = _bar(settings, 1, "base model" if rule == FULL else f"{rule} model", progress)
     for length in settings.lengths:
         bar.set_postfix_str(f"{length} tokens")
         prompts, windows = _inputs(tokenizer, haystack, settings, length)
-        run = journal.finished(rule, keep, None, length)
+        key = run_key(rule, keep, None, length)
+        run = journal.get(key)
         if run is None:
-            run = journal.add({"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole), "length": length,
-                               **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar)})
+            run = journal.put(key, {"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole),
+                                    "length": length,
+                                    **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar)})
         else:
             bar.update(len(prompts) + len(windows))
         runs.append(run)
@@ -283,46 +250,12 @@ def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
-_ROW = {"rule": Text(), "keep": Number(0.0, 1.0), "length": Integer(1), "draws": Integer(1), "full_heads": Integer(0),
-        "recall": Number(0.0, 1.0), "recall_ci": Items(Number(0.0, 1.0), unique=False, min_items=2),
-        "rouge1_recall": Number(0.0, 1.0), "loss": Number(), "perplexity": Number(0.0), "kv_bytes": Number(0.0),
-        "kv_fraction": Maybe(Number(0.0)), "seconds": Number(0.0)}
-
-
-def load_compression(folder: str | Path) -> dict | None:
-    """The evaluation in ``folder / compression.json`` (None when there is none), checked: a damaged
-    or foreign file is one :class:`InputFileError` naming it."""
-    path = Path(folder) / "compression.json"
-    if not path.exists():
-        return None
-    data = read_json_file(path, "compression evaluation", COMPRESSION_FORMAT)
-    check_object(data, str(path), {"format": Text(), "summary": Items(Kind(), unique=False, min_items=0)},
-                 {"model_id": Maybe(Text()), "settings": Kind(), "kv_heads": Integer(0), "items": Kind(),
-                  "runs": Kind(), "kind": Choice("streaming", "conversion"), "base_model": Maybe(Text())})
-    data["summary"] = [check_object(row, f"{path}: summary row {i}", _ROW) for i, row in enumerate(data["summary"])]
-    return data
-
-
 def _interval(values: np.ndarray, seed: int) -> list[float]:
     """Percentile bootstrap interval (:data:`~.masking_stats.CONFIDENCE`) of the mean of ``values``."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(RESAMPLES, len(values)))].mean(1)
     tail = 100 * (1 - CONFIDENCE) / 2
     return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
-
-
-def is_conversion(result: dict) -> bool:
-    """Whether ``result`` evaluates a converted checkpoint against its base (else streaming heads)."""
-    return result.get("kind") == "conversion"
-
-
-def compression_title(result: dict) -> str:
-    """The evaluation's title (plain text: escape it for its context)."""
-    model = result.get("model_id") or "model"
-    if not is_conversion(result):
-        return f"KV-cache compression: {model}"
-    base = result.get("base_model")
-    return f"{model}: converted to linear attention, against " + (base if base else "no base model")
 
 
 def write_compression_page(result: dict, path: str | Path) -> Path:
@@ -350,7 +283,6 @@ def write_compression_page(result: dict, path: str | Path) -> Path:
     return write_text(path, page)
 
 
-__all__ = ["COMPRESSION_FORMAT", "CONVERTED", "FULL", "PROGRESS_FILE", "RunJournal", "STREAMING_ONLY",
-           "compression_title", "conditions", "conversion_identity", "conversion_result", "conversion_runs",
-           "evaluate_compression", "is_conversion", "load_compression", "needle_run", "streaming_identity",
+__all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_identity", "conversion_result",
+           "conversion_runs", "evaluate_compression", "needle_run", "run_key", "streaming_identity",
            "summarize_runs", "window_loss", "write_compression_page"]

@@ -27,7 +27,7 @@ from .corpus import load_text, token_windows
 from .score_families import FamilyInputs, requested_families
 from .report_settings import ReportSettings
 from .atlas_page import load_atlas
-from .compression import load_compression
+from .compression_file import load_compression
 from .validation_file import load_curves
 from .record import AttentionRecord, record_attention, record_statistics, scoring_method
 from .report_page import write_pages

@@ -11,7 +11,7 @@ from ..surgeon.escaping import element_id, html_attribute, html_text
 from ..surgeon.files import GENERATOR_META, write_text
 from . import views
 from .atlas_page import atlas_section
-from .compression import compression_title, is_conversion
+from .compression_file import compression_title, is_conversion
 from .record import AttentionRecord
 from .scores import HeadScores
 from .view_data import ViewData, view_data_from_record

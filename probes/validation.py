@@ -17,12 +17,14 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach
+from ..surgeon.journal import Journal
 from ..surgeon.kv_cache import reserved_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.stopping import run_for_taps
@@ -118,25 +120,38 @@ class NeedleTask:
         logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0].float()
         return float(torch.log_softmax(logits, -1).gather(-1, answer[0, :, None]).mean())
 
-    def run(self, conditions: list[tuple[str, Plan]], progress: bool):
-        """Every prompt unmasked; the conditions on the prompts the unmasked model answers. Returns
-        ``(baseline per prompt, indices of the answered prompts, {condition: per answered prompt})``."""
-        baseline, results = [], {name: [] for name, _ in conditions}
+    def run(self, conditions: list[tuple[str, Plan]], progress: bool, journal: Journal | None = None):
+        """Every prompt unmasked; the conditions on the prompts the unmasked model answers (a prompt
+        ``journal`` holds is taken from it, a measured one kept there). Returns ``(baseline per
+        prompt, indices of the answered prompts, {condition: per answered prompt})``."""
+        journal = Journal(None, {}, "validation") if journal is None else journal
         bar = tqdm(total=len(self.prompts) * (1 + len(conditions)), desc="masking validation", unit="run",
                    disable=not progress)
-        for prompt in self.prompts:
-            shared = self.prefill(prompt) if self.shared_prefill else None
-            base = self.evaluate(prompt, None, shared)
-            baseline.append(base)
-            bar.update(1)
-            if not base["recalled"]:
-                bar.update(len(conditions))
-                continue
-            for name, plan in conditions:
-                results[name].append(self.evaluate(prompt, plan, shared))
-                bar.update(1)
+        pieces = []
+        for index, prompt in enumerate(self.prompts):
+            piece = journal.get(str(index))
+            if piece is None:
+                piece = journal.put(str(index), self._measure(prompt, conditions, bar))
+            else:
+                bar.update(1 + len(conditions))
+            pieces.append(piece)
         bar.close()
-        return baseline, [i for i, base in enumerate(baseline) if base["recalled"]], results
+        return _gathered(pieces, conditions)
+
+    def _measure(self, prompt: NeedlePrompt, conditions: list[tuple[str, Plan]], bar) -> dict:
+        """``{"baseline", "results": {condition: measures}}`` of one prompt (no conditions where the
+        unmasked model does not answer it)."""
+        shared = self.prefill(prompt) if self.shared_prefill else None
+        base = self.evaluate(prompt, None, shared)
+        bar.update(1)
+        results = {}
+        if base["recalled"]:
+            for name, plan in conditions:
+                results[name] = self.evaluate(prompt, plan, shared)
+                bar.update(1)
+        else:
+            bar.update(len(conditions))
+        return {"baseline": base, "results": results}
 
 
 class LossTask:
@@ -157,27 +172,45 @@ class LossTask:
         with attach(self.model, plan):
             return {"loss": float(next_token_loss(self.model, window))}
 
-    def run(self, conditions: list[tuple[str, Plan]], progress: bool):
-        """Every window unmasked and under every condition: ``(baseline, used, {condition: ...})``."""
-        baseline, results = [], {name: [] for name, _ in conditions}
-        for window in tqdm(self.windows, desc="masking validation", unit="window", disable=not progress):
-            baseline.append(self.evaluate(window, None))
-            for name, plan in conditions:
-                results[name].append(self.evaluate(window, plan))
-        return baseline, list(range(len(self.windows))), results
+    def run(self, conditions: list[tuple[str, Plan]], progress: bool, journal: Journal | None = None):
+        """Every window unmasked and under every condition (a window ``journal`` holds is taken from
+        it): ``(baseline, used, {condition: ...})``."""
+        journal = Journal(None, {}, "validation") if journal is None else journal
+        pieces = []
+        for index, window in enumerate(tqdm(self.windows, desc="masking validation", unit="window",
+                                            disable=not progress)):
+            piece = journal.get(str(index))
+            if piece is None:
+                piece = journal.put(str(index), {"baseline": self.evaluate(window, None), "results": {
+                    name: self.evaluate(window, plan) for name, plan in conditions}})
+            pieces.append(piece)
+        return _gathered(pieces, conditions)
 
 
-def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSettings | None = None,
-                   model_id: str | None = None, progress: bool = True) -> dict:
-    """The masking validation of ``score`` (the JSON object :func:`write_curve_page` draws):
-    per K the top-K heads and the random sets, every item's measures under each, and per measure
-    and K the means, the rank and paired tests and bootstrap intervals."""
-    settings = settings or ValidationSettings()
+def _gathered(pieces: list[dict], conditions: list[tuple[str, Plan]]):
+    """``(baseline per item, indices of the items measured under the conditions, {condition: per
+    such item})`` from each item's ``{"baseline", "results"}``."""
+    used = [index for index, piece in enumerate(pieces) if piece["results"]]
+    results = {name: [pieces[index]["results"][name] for index in used] for name, _ in conditions}
+    return [piece["baseline"] for piece in pieces], used, results
+
+
+@dataclass(frozen=True)
+class MaskingSetup:
+    """What a validation masks: the metric, the threshold random sets stay under, and per K the
+    top-K heads and the random sets."""
+
+    metric: str
+    exclude_above: float | None
+    heads: dict[int, tuple[list, list]]
+
+
+def masking_setup(score: HeadScores, settings: ValidationSettings) -> MaskingSetup:
+    """The :class:`MaskingSetup` of validating ``score`` under ``settings`` (no model needed)."""
     masking = settings.masking
     metric = masking.metric or ("needle-recall" if score.name == "retrieval" else "loss")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    started = time.perf_counter()
     exclude_above = masking.exclude_above
     if exclude_above is None and score.name == "retrieval":
         exclude_above = RETRIEVAL_THRESHOLD
@@ -185,13 +218,36 @@ def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSett
     for k in masking.ks:
         top = top_heads(score, k)
         heads[k] = (top, random_sets(score, top, masking.random_sets, exclude_above, masking.seed))
+    return MaskingSetup(metric, exclude_above, heads)
+
+
+def validation_identity(score: HeadScores, settings: ValidationSettings, model_id: str | None) -> dict:
+    """What a validation measures, for its :class:`~headlab.surgeon.journal.Journal`."""
+    setup = masking_setup(score, settings)
+    return {"kind": "validation", "model_id": model_id or score.model_id, "score": score.name,
+            "metric": setup.metric, "exclude_above": setup.exclude_above,
+            "heads": {str(k): list(pair) for k, pair in setup.heads.items()}, "settings": dataclasses.asdict(settings)}
+
+
+def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSettings | None = None,
+                   model_id: str | None = None, progress: bool = True, journal_path: str | Path | None = None) -> dict:
+    """The masking validation of ``score`` (the JSON object :func:`write_curve_page` draws):
+    per K the top-K heads and the random sets, every item's measures under each, and per measure
+    and K the means, the rank and paired tests and bootstrap intervals. With ``journal_path`` each
+    item's measures are kept there as they finish and an item found there is not measured again."""
+    settings = settings or ValidationSettings()
+    masking = settings.masking
+    setup = masking_setup(score, settings)
+    metric, exclude_above, heads = setup.metric, setup.exclude_above, setup.heads
+    journal = Journal(journal_path, validation_identity(score, settings, model_id), "validation")
+    started = time.perf_counter()
     task = (NeedleTask(model, tokenizer, settings, masking.mode) if metric == "needle-recall"
             else LossTask(model, tokenizer, settings))
     plan_of = _plan_maker(model, tokenizer, settings, masking, metric, heads)
     conditions = [(f"top/{k}", plan_of(top)) for k, (top, _) in heads.items()]
     conditions += [(f"random/{k}/{i}", plan_of(chosen)) for k, (_, sets) in heads.items()
                    for i, chosen in enumerate(sets)]
-    baseline, used, results = task.run(conditions, progress)
+    baseline, used, results = task.run(conditions, progress, journal)
     curve = {
         "format": CURVE_FORMAT, "score": score.name, "model_id": model_id or score.model_id, "metric": metric,
         "mode": masking.mode, "n_items": len(baseline), "n_used": len(used),
@@ -254,5 +310,6 @@ def _summary(measures, values, masking: MaskingSettings, any_used: bool) -> dict
     return summary
 
 
-__all__ = ["LOSS_MEASURES", "LossTask", "Measure", "NEEDLE_MEASURES", "NeedleTask", "RETRIEVAL_THRESHOLD",
-           "load_curves", "validate_score", "write_curve_page"]
+__all__ = ["LOSS_MEASURES", "LossTask", "MaskingSetup", "Measure", "NEEDLE_MEASURES", "NeedleTask",
+           "RETRIEVAL_THRESHOLD", "load_curves", "masking_setup", "validate_score", "validation_identity",
+           "write_curve_page"]

@@ -262,7 +262,7 @@ def compression_figure(result: dict) -> go.Figure:
     column per length, one line per selection rule (random: the mean of its draws, in grey), the
     unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
     base model's dashed line."""
-    from .compression import FULL, compression_title, is_conversion
+    from .compression_file import FULL, compression_title, is_conversion
 
     reference = "base model" if is_conversion(result) else "unedited"
     rows = result["summary"]

@@ -86,12 +86,13 @@ def sandbox(tmp_path_factory):
                                                           "summary": [{"rule": "random", "keep": 2}]}))
     (damaged / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
                                                               "entries": ["compression.json"]}))
-    stale = d / "stale_progress"  # stream-eval's progress file of another evaluation
+    stale = d / "stale_progress"  # stream-eval's and validate's progress files of other evaluations
     stale.mkdir()
-    (stale / "compression.progress.json").write_text(json.dumps({"format": "headlab-compression-progress/1",
-                                                                  "identity": {"kind": "other"}, "runs": []}))
-    (stale / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
-                                                           "entries": ["compression.progress.json"]}))
+    for kind, name in (("compression", "compression"), ("validation", "validation-retrieval")):
+        (stale / f"{name}.progress.json").write_text(json.dumps({"format": f"headlab-{kind}-progress/1",
+                                                                 "identity": {"kind": "other"}, "pieces": {}}))
+    (stale / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": [
+        "compression.progress.json", "validation-retrieval.progress.json"]}))
     stray_atlas = d / "stray_atlas"
     stray_atlas.mkdir()
     (stray_atlas / "atlas.json").write_text(json.dumps({"format": "something-else"}))
@@ -168,8 +169,10 @@ CLI_CASES = [
     ("stream-eval {d}/converted --base {d}/missing --out {d}/se", "does not exist"),
     ("stream-eval {d}/converted_lost_base --out {d}/se", "/gone', cannot be read (model folder"),
     (f"stream-eval {SMOL} --base {SMOL} --rules random --out {{d}}/se", "--base is for a checkpoint converted"),
-    (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "holds an evaluation of other settings"),
-    ("stream-eval {d}/converted --base none --out {d}/stale_progress", "holds an evaluation of other settings"),
+    (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "holds a compression of other settings"),
+    ("stream-eval {d}/converted --base none --out {d}/stale_progress", "holds a compression of other settings"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/stale_progress",
+     "holds a validation of other settings"),
     ("train-gates {d}/converted --out {d}/g", "gate training needs softmax attention in every layer"),
     ("calibrate {d}/converted --task arithmetic --layers 3-5 --out {d}/c.json",
      "--layers: layers 3, 4 are converted to linear attention"),

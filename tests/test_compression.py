@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from headlab.cli import main
-from headlab.probes.compression import COMPRESSION_FORMAT, evaluate_compression, summarize_runs
+from headlab.probes.compression import evaluate_compression, summarize_runs
+from headlab.probes.compression_file import COMPRESSION_FORMAT
 from headlab.probes.corpus import load_text, token_windows
 from headlab.probes.settings import CompressionSettings
 from headlab.probes.streaming import full_kv_heads, random_ranking
@@ -162,7 +163,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_run(smollm2, 
     monkeypatch.setattr(compression, "_measure", interrupted_after_one)
     with pytest.raises(KeyboardInterrupt):
         evaluate_compression(model, tokenizer, None, settings, "m", progress=False, journal_path=journal)
-    kept = json.loads(journal.read_text())["runs"]
+    kept = list(json.loads(journal.read_text())["pieces"].values())
     assert [(run["rule"], run["length"]) for run in kept] == [("full", 128)]
 
     def counted(*args, **kwargs):
@@ -178,7 +179,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_run(smollm2, 
     strip = [{k: v for k, v in run.items() if k != "seconds"} for run in fresh["runs"]]
     assert [{k: v for k, v in run.items() if k != "seconds"} for run in resumed["runs"]] == strip
     other = CompressionSettings(**{**SETTINGS, "random_sets": 1, "lengths": (128,)})
-    with pytest.raises(InputFileError, match="holds an evaluation of other settings"):
+    with pytest.raises(InputFileError, match="holds a compression of other settings"):
         evaluate_compression(model, tokenizer, None, other, "m", progress=False, journal_path=journal)
 
 
@@ -201,7 +202,8 @@ def test_stream_eval_of_a_converted_checkpoint_resumes(converted_checkpoint, tmp
 
     monkeypatch.setattr(compression, "conversion_runs", base_interrupted)
     assert main(args) == 130
-    assert [run["rule"] for run in json.loads((out / "compression.progress.json").read_text())["runs"]] == ["converted"]
+    pieces = json.loads((out / "compression.progress.json").read_text())["pieces"]
+    assert [run["rule"] for run in pieces.values()] == ["converted"]
     measured = []
     monkeypatch.setattr(compression, "_measure", lambda *a, **k: measured.append(1) or compression_measure(*a, **k))
     monkeypatch.setattr(compression, "conversion_runs", measure)

@@ -205,3 +205,79 @@ def test_validate_command_with_loss_on_smollm2(smollm2, tmp_path):
     assert curve["summary"]["loss"]["by_k"]["3"]["top_mean"] != curve["summary"]["loss"]["baseline_mean"]
     assert (out / "validation-gradient_importance.html").stat().st_size > 1000
     assert main(argv[:4] + ["--score", "retrieval", "--out", str(out)]) == 2
+
+
+def _without_seconds(curve: dict) -> dict:
+    return {key: value for key, value in curve.items() if key != "seconds"}
+
+
+def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, monkeypatch):
+    """Ctrl-C in the second window: the journal holds the first; started again, the validation measures
+    only the windows it lacks and gives the curve of an uninterrupted one."""
+    from headlab.probes.validation import LossTask
+
+    model = tiny_llama("gqa", layers=3)
+    text = tmp_path / "text.txt"
+    text.write_text("Some plain words of held-out text, repeated for windows. " * 40)
+    score = planted_score(3, 6, "gradient")
+    settings = ValidationSettings(masking=MaskingSettings(ks=(2,), random_sets=2, mode="zero", bootstrap=200),
+                                  text_path=str(text), samples=3, tokens=16)
+    journal = tmp_path / "validation-gradient.progress.json"
+    evaluate, calls = LossTask.evaluate, []
+
+    def interrupted(self, window, plan):
+        if len(calls) == 4:  # unmasked, top-2 and two random sets of the first window, then the second's
+            raise KeyboardInterrupt
+        calls.append(1)
+        return evaluate(self, window, plan)
+
+    monkeypatch.setattr(LossTask, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        validate_score(model, CharTokenizer(), score, settings, progress=False, journal_path=journal)
+    assert list(json.loads(journal.read_text())["pieces"]) == ["0"]
+    calls.clear()
+    monkeypatch.setattr(LossTask, "evaluate", lambda self, w, p: calls.append(1) or evaluate(self, w, p))
+    resumed = validate_score(model, CharTokenizer(), score, settings, progress=False, journal_path=journal)
+    assert len(calls) == 8  # windows 1 and 2 only
+    fresh = validate_score(model, CharTokenizer(), score, settings, progress=False)
+    assert _without_seconds(resumed) == _without_seconds(fresh)
+    other = ValidationSettings(masking=MaskingSettings(ks=(3,), random_sets=2, mode="zero", bootstrap=200),
+                               text_path=str(text), samples=3, tokens=16)
+    with pytest.raises(InputFileError, match="holds a validation of other settings"):
+        validate_score(model, CharTokenizer(), score, other, progress=False, journal_path=journal)
+
+
+def test_an_interrupted_needle_validation_resumes_and_the_command_removes_its_journal(smollm2, tmp_path, monkeypatch):
+    from headlab.probes.validation import NeedleTask as Task
+
+    shape = (30, 9)
+    values = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    scores = {"scores": {"retrieval": HeadScores("retrieval", values, torch.ones(*shape), "smollm2-135m").to_dict()}}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    out = tmp_path / "out"
+    argv = ["validate", "smollm2-135m", "--scores", str(tmp_path / "scores.json"), "--score", "retrieval",
+            "--out", str(out), "--ks", "2", "--random-sets", "1", "--needles", "1", "--needle-lengths", "160",
+            "--needle-depths", "0.3,0.7"]
+    measure, calls = Task._measure, []
+
+    def interrupted(self, *args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(self, *args)
+
+    monkeypatch.setattr(Task, "_measure", interrupted)
+    assert main(argv) == 130
+    journal = out / "validation-retrieval.progress.json"
+    assert list(json.loads(journal.read_text())["pieces"]) == ["0"]
+    calls.clear()
+    monkeypatch.setattr(Task, "_measure", lambda self, *args: calls.append(1) or measure(self, *args))
+    assert main(argv) == 0
+    assert len(calls) == 1 and not journal.exists()
+    resumed = load_curve(out / "validation-retrieval.json")
+    model, tokenizer = smollm2
+    settings = ValidationSettings(masking=MaskingSettings(ks=(2,), random_sets=1), n_needles=1,
+                                  needle_lengths=(160,), needle_depths=(0.3, 0.7))
+    score = HeadScores("retrieval", values, torch.ones(*shape), "smollm2-135m")
+    fresh = json.loads(json.dumps(validate_score(model, tokenizer, score, settings, "smollm2-135m", progress=False)))
+    assert resumed["values"] == fresh["values"] and resumed["items"] == fresh["items"]

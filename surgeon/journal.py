@@ -1,0 +1,44 @@
+"""A journal of finished work: long evaluations keep each finished piece in a JSON file as it ends,
+so that the same evaluation started again measures only what it lacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import InputFileError
+from .files import read_json_file, write_json
+
+
+class Journal:
+    """Finished pieces of one piece of work, by key, written to ``path`` (atomically) after each.
+    ``identity`` (JSON-ready: the model, settings and conditions) says what the work is; a file that
+    holds other work is refused (:class:`InputFileError`) when the journal is opened, before any
+    work. ``kind`` names the file's contents in messages and its format. Without a path nothing is
+    kept."""
+
+    def __init__(self, path: str | Path | None, identity: dict, kind: str):
+        self.path = None if path is None else Path(path)
+        self.format = f"headlab-{kind}-progress/1"
+        self.identity = json.loads(json.dumps(identity))  # as the file holds it: lists, not tuples
+        self.pieces: dict[str, object] = {}
+        if self.path is not None and self.path.exists():
+            data = read_json_file(self.path, f"{kind} progress file", self.format)
+            if data.get("identity") != self.identity:
+                raise InputFileError(f"{self.path} holds a {kind} of other settings, inputs or models; move it away, "
+                                     "or give the same ones to resume it")
+            self.pieces = dict(data.get("pieces", {}))
+
+    def get(self, key: str):
+        """The finished piece ``key``, or None."""
+        return self.pieces.get(key)
+
+    def put(self, key: str, piece):
+        """Keep ``piece`` (JSON-ready) under ``key``, written at once; returns it."""
+        self.pieces[key] = piece
+        if self.path is not None:
+            write_json(self.path, {"format": self.format, "identity": self.identity, "pieces": self.pieces})
+        return piece
+
+
+__all__ = ["Journal"]
