@@ -70,7 +70,9 @@ def model_config(args, spec: str | None = None, causal: bool = False, needs: str
     from .surgeon.models import is_causal_lm, load_config
 
     spec = spec or args.model
-    _, config = load_config(spec)
+    path, config = load_config(spec)
+    if getattr(args, "max_memory", None) is not None and converted_layers_of(str(path), config):
+        raise ModelSpecError(f"{spec} is a converted checkpoint, which loads in memory only: drop --max-memory")
     if causal and not is_causal_lm(config):
         kind = ", ".join(config.architectures or [type(config).__name__])
         raise ModelSpecError(f"{spec} is not a causal language model ({kind}); {needs or 'this command'} needs one")

@@ -189,6 +189,7 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/user.txt", "is a file"),
     (f"report {SMOL} --out {{d}}/precious", "headlab did not write (scores.json)"),
     ("report {d}/tinyconverted --out {d}/r --tokens 5000", "converted to linear attention"),
+    ("report {d}/tinyconverted --out {d}/r --max-memory 1GB", "a converted checkpoint, which loads in memory only"),
     (f"report {SMOL} --out {{d}}/precious --overwrite --samples -3", "--samples"),
     (f"report {SMOL} --out {{d}}/r --max-memory lots", "memory size"),
     ("report smollm2-13m --out {d}/r", "did you mean 'smollm2-135m'"),
