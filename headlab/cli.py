@@ -263,9 +263,9 @@ def _validate(args) -> int:
 
     progress = out / f"{stem}.progress.json"
     Journal(progress, validation_identity(score, settings, args.model), "validation")  # not another validation's
-    claim_folder(out, (f"{stem}.json", f"{stem}.html", progress.name), args.overwrite, "--out folder")
     model, tokenizer = common.load_model_from(args)
     curve = validate_score(model, tokenizer, score, settings, model_id=args.model, journal_path=progress)
+    claim_folder(out, (f"{stem}.json", f"{stem}.html"), args.overwrite, "--out folder")
     write_json(out / f"{stem}.json", curve)
     write_curve_page(curve, out / f"{stem}.html")
     progress.unlink(missing_ok=True)
@@ -338,11 +338,10 @@ def _stream_eval(args) -> int:
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
     measured = conditions(shape, scores, settings, layer_types, args.model)  # a rule without its scores fails here
     Journal(out / PROGRESS_FILE, streaming_identity(measured, settings, args.model), "compression")  # not another's
-    _claim_compression(out, args.overwrite)
     model, tokenizer = common.load_model_from(args)
     result = evaluate_compression(model, tokenizer, scores, settings, model_id=args.model,
                                   journal_path=out / PROGRESS_FILE)
-    return _write_compression(out, result)
+    return _write_compression(out, result, args.overwrite)
 
 
 def _conversion_eval(args, settings, config, out: Path) -> int:
@@ -360,7 +359,6 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
     journal = Journal(out / PROGRESS_FILE, conversion_identity(settings, args.model, base), "compression")
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
     kv_heads = len(candidates(common.model_shape_of(config), layer_types))
-    _claim_compression(out, args.overwrite)
     model, tokenizer = common.load_model_from(args)
     runs = conversion_runs(model, tokenizer, CONVERTED, settings, journal=journal)
     if base is not None:
@@ -368,7 +366,7 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
         gc.collect()
         base_model = load_model(base, max_memory=args.max_memory)[0]
         runs += conversion_runs(base_model, tokenizer, FULL, settings, journal=journal)
-    return _write_compression(out, conversion_result(runs, settings, kv_heads, args.model, base))
+    return _write_compression(out, conversion_result(runs, settings, kv_heads, args.model, base), args.overwrite)
 
 
 def _conversion_base(args, config) -> str | None:
@@ -411,19 +409,13 @@ def _conversion_base(args, config) -> str | None:
     return base
 
 
-def _claim_compression(out: Path, overwrite: bool) -> None:
-    """Claim stream-eval's files in ``out``: its results and its progress file."""
-    from .probes.compression import PROGRESS_FILE
-
-    claim_folder(out, ("compression.json", "compression.html", PROGRESS_FILE), overwrite, "--out folder")
-
-
-def _write_compression(out: Path, result: dict) -> int:
-    """Write compression.json and compression.html into ``out`` (claimed), forget the progress file
-    and print the summary."""
+def _write_compression(out: Path, result: dict, overwrite: bool) -> int:
+    """Write compression.json and compression.html into ``out``, forget the progress file and print
+    the summary."""
     from .probes.compression import PROGRESS_FILE, write_compression_page
     from .surgeon.files import write_json
 
+    claim_folder(out, ("compression.json", "compression.html"), overwrite, "--out folder")
     write_json(out / "compression.json", result)
     write_compression_page(result, out / "compression.html")
     (out / PROGRESS_FILE).unlink(missing_ok=True)

@@ -109,12 +109,11 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     layer_types = _layer_types(model)
     measured = conditions(shape, scores, settings, layer_types, model_id)
     journal = Journal(journal_path, streaming_identity(measured, settings, model_id), "compression")
-    haystack = load_text(settings.text_path, heldout=True)
+    inputs = _inputs(tokenizer, settings)  # every length's, so that a length too long fails before any run
     stop = stop_rule(tokenizer)
     runs = []
     bar = _bar(settings, len(measured), "compression", progress)
-    for length in settings.lengths:
-        prompts, windows = _inputs(tokenizer, haystack, settings, length)
+    for length, (prompts, windows) in inputs.items():
         for condition in measured:
             bar.set_postfix_str(f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}")
             key = run_key(condition["rule"], condition["keep"], condition["draw"], length)
@@ -152,15 +151,14 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
     heads = candidates(model_shape(model), _layer_types(model))
     converted = set(converted_layers(model))
     whole = [head for head in heads if head[0] not in converted]
-    haystack = load_text(settings.text_path, heldout=True)
+    inputs = _inputs(tokenizer, settings)
     stop = stop_rule(tokenizer)
     journal = Journal(None, {}, "compression") if journal is None else journal
     keep = len(whole) / len(heads) if heads else 1.0
     runs = []
     bar = _bar(settings, 1, "base model" if rule == FULL else f"{rule} model", progress)
-    for length in settings.lengths:
+    for length, (prompts, windows) in inputs.items():
         bar.set_postfix_str(f"{length} tokens")
-        prompts, windows = _inputs(tokenizer, haystack, settings, length)
         key = run_key(rule, keep, None, length)
         run = journal.get(key)
         if run is None:
@@ -193,12 +191,14 @@ def _layer_types(model) -> list[str] | None:
     return getattr(model.config.get_text_config(decoder=True), "layer_types", None)
 
 
-def _inputs(tokenizer, haystack: str, settings: CompressionSettings, length: int):
-    """``(needle prompts, text windows)`` of one length: every held-out needle at every depth, and
-    the perplexity windows."""
-    prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
-                          settings.prompt_style)
-    return prompts, token_windows(tokenizer, haystack, settings.windows, length, settings.seed)
+def _inputs(tokenizer, settings: CompressionSettings) -> dict[int, tuple[list[NeedlePrompt], list[torch.Tensor]]]:
+    """``{length: (needle prompts, text windows)}``: every held-out needle at every depth, and the
+    perplexity windows, of every length."""
+    haystack = load_text(settings.text_path, heldout=True)
+    return {length: (needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
+                                 settings.prompt_style),
+                     token_windows(tokenizer, haystack, settings.windows, length, settings.seed))
+            for length in settings.lengths}
 
 
 def _items(settings: CompressionSettings) -> list[dict]:

@@ -101,7 +101,7 @@ def _prompt_from_ids(tokenizer, hay_ids: list[int], needle: Needle, length: int,
                            f"{overhead} tokens)")
     if len(hay_ids) < budget:
         raise HeadlabError(f"the needle haystack has {len(hay_ids)} tokens, fewer than the {budget} needed for needle "
-                           f"length {length} (a longer haystack text, or shorter --needle-lengths)")
+                           f"length {length} (give a longer haystack text or shorter needle lengths)")
     for _ in range(4):  # re-tokenising joined text shifts the count a little; trim until it fits
         hay = tokenizer.decode(hay_ids[:budget])
         cut = len(hay) if depth >= 1 else _sentence_end(hay, int(depth * len(hay)))

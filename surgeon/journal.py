@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import InputFileError
-from .files import read_json_file, write_json
+from .files import claim_folder, read_json_file, write_json
 
 
 class Journal:
@@ -15,7 +15,8 @@ class Journal:
     ``identity`` (JSON-ready: the model, settings and conditions) says what the work is; a file that
     holds other work is refused (:class:`InputFileError`) when the journal is opened, before any
     work. ``kind`` names the file's contents in messages and its format. Without a path nothing is
-    kept."""
+    kept; nothing is written before the first finished piece (a file of that name that is not a
+    journal of ``kind`` is refused, never overwritten)."""
 
     def __init__(self, path: str | Path | None, identity: dict, kind: str):
         self.path = None if path is None else Path(path)
@@ -34,9 +35,12 @@ class Journal:
         return self.pieces.get(key)
 
     def put(self, key: str, piece):
-        """Keep ``piece`` (JSON-ready) under ``key``, written at once; returns it."""
+        """Keep ``piece`` (JSON-ready) under ``key``, written at once (the first write creates the
+        folder and records the file as headlab's); returns it."""
         self.pieces[key] = piece
         if self.path is not None:
+            if not self.path.exists():
+                claim_folder(self.path.parent, (self.path.name,), overwrite=True, what="progress folder")
             write_json(self.path, {"format": self.format, "identity": self.identity, "pieces": self.pieces})
         return piece
 
