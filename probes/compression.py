@@ -33,7 +33,7 @@ from ..surgeon.journal import Journal
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.search.settings import StreamingSettings
-from .compression_file import COMPRESSION_FORMAT, CONVERTED, FULL, compression_title, is_conversion
+from .compression_file import COMPRESSION_FORMAT, FULL, compression_title, is_conversion
 from .corpus import load_text, token_windows
 from .masking_stats import CONFIDENCE
 from .needles import HELDOUT_NEEDLES
@@ -141,10 +141,10 @@ def conversion_identity(settings: CompressionSettings, model_id: str | None, bas
 def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings | None = None,
                     progress: bool = True, journal: Journal | None = None) -> list[dict]:
     """The runs of ``model`` as it is (no plan) at every length of ``settings``, named ``rule``
-    (:data:`CONVERTED` for a checkpoint converted to linear attention, :data:`FULL` for its base):
-    the same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the
-    fraction of the global layers' KV heads left in softmax layers (the converted ones keep a state
-    and a window, not the whole context). Runs ``journal`` holds are taken from it."""
+    (``"converted"`` for a checkpoint converted to linear attention, ``"full"`` for its base): the
+    same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the fraction
+    of the global layers' KV heads left in softmax layers (the converted ones keep a state and a
+    window, not the whole context). Runs ``journal`` holds are taken from it."""
     from ..surgeon.conversion.converted import converted_layers
 
     settings = settings or CompressionSettings()
