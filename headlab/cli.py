@@ -567,8 +567,8 @@ def build_parser() -> common.Parser:
                              "forward of the report's first window draws the views; scoring settings come from OUT's "
                              "scores.json)")
     report.set_defaults(run=_report, interrupted=common.interrupted(
-        lambda args: f"the scores finished so far are in {args.out}/scores.json (\"complete\": false); run the "
-                     "same command again for the whole report"))
+        lambda args: f"the scores finished so far are in {args.out}/scores.json (\"complete\": false); the same "
+                     "command resumes after the score families it finished"))
 
     calibrate = sub.add_parser(
         "calibrate", help="ACT head search: find heads whose calibration helps a task, write a plan",

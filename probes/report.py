@@ -4,9 +4,11 @@ scores.json and scores.csv into one folder."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import importlib.metadata
 import io
+import json
 import math
 import platform
 from pathlib import Path
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 from ..surgeon import model_shape
 from ..surgeon.conversion.converted import converted_layers
 from ..surgeon.distributed import rank_and_world
-from ..surgeon.errors import HeadlabError
+from ..surgeon.errors import HeadlabError, InputFileError
 from ..surgeon.files import claim_folder, read_json_file, write_json, write_text
 from ..surgeon.settings import index_spans
 from ..surgeon.shape import text_config
@@ -50,7 +52,9 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     decoder-only ones on an encoder) are listed in ``scores.json`` under ``"skipped"``.
 
     scores.json and scores.csv are rewritten after each sample, so a run that stops halfway keeps
-    the scores computed so far (marked ``"complete": false``).
+    the scores computed so far (marked ``"complete": false``, with the families finished); the same
+    report started again (same model and settings) takes the pattern scores and the families
+    finished from there and scores only the rest.
 
     Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node 2 -m headlab report ...``) the
     windows of the pattern scores are sharded across ranks and their sums gathered on rank 0,
@@ -76,32 +80,107 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
             family.check(inputs)
     if rank == 0:
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
+    partial = _partial_report(out_dir, model, provenance, settings) if world == 1 else None
+    written = _PartialWriter(out_dir, model, provenance, settings)
+    if partial is not None:  # the pattern scores were finished: only the first window's record is needed
+        scores, pages, written.done = partial
+        first = _first_record(model, tokenizer, windows[0], provenance["method"])
+    else:
+        first = _pattern_pass(model, tokenizer, windows, provenance, causal, written, progress)
+        if first is None:
+            return None
+        scores, pages = written.scores, dict(PATTERN_PAGES)
+    for family in families:
+        if family.name in written.done:
+            continue
+        for extra in family.run(inputs):
+            scores[extra.name], pages[extra.name] = extra, family.page
+            written.write(scores, pages)
+        written.done.append(family.name)
+        written.write(scores, pages)
+    _write_scores(out_dir, model, provenance, scores, complete=True, pages=pages)
+    return write_pages(out_dir, provenance, scores, first, (settings.n_views, settings.top_k), pages, curves,
+                       compression, atlas)
+
+
+PATTERNS = "patterns"  # the pattern scores' entry among a partial report's finished families
+
+
+class _PartialWriter:
+    """Writes a report's scores.json as it goes (``"complete": false``), with the families finished
+    (:data:`PATTERNS` first) and the settings, so that the same report started again resumes."""
+
+    def __init__(self, out_dir: Path, model, provenance: dict, settings: ReportSettings):
+        self.out_dir, self.model, self.provenance, self.settings = out_dir, model, provenance, settings
+        self.done: list[str] = []
+        self.scores: dict[str, HeadScores] = {}
+
+    def write(self, scores: dict[str, HeadScores], pages: dict[str, str | None] | None = None) -> None:
+        self.scores = scores
+        _write_scores(self.out_dir, self.model, self.provenance, scores, complete=False, pages=pages,
+                      partial={"families_done": self.done, "settings": _settings_record(self.settings)})
+
+
+def _pattern_pass(model, tokenizer, windows, provenance: dict, causal: bool, written: _PartialWriter,
+                  progress: bool) -> AttentionRecord | None:
+    """The pattern scores over this rank's share of ``windows`` (written after each window in one
+    process; gathered on rank 0 under ``torch.distributed``); the first window's record, or None on
+    the ranks that only score."""
+    rank, world = rank_and_world()
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
-    shard = windows[rank::world]
-    for index, ids in enumerate(tqdm(shard, desc="scoring heads", unit="sample", disable=not progress or rank > 0)):
+    model_id = provenance["model_id"]
+    for ids in tqdm(windows[rank::world], desc="scoring heads", unit="sample", disable=not progress or rank > 0):
         if provenance["method"] == "statistics":
             accumulator.add(pattern_scores_from_statistics(record_statistics(model, ids), causal))
-            first = first or record_attention(model, ids[:, :VIEW_TOKENS], tokenizer)
         else:
             record = record_attention(model, ids, tokenizer)
             accumulator.add(pattern_scores(record.maps, causal))
             first = first or record
+        first = first or _first_record(model, tokenizer, ids, provenance["method"])
         if world == 1:
-            _write_scores(out_dir, model, provenance, _results(accumulator, model_id, provenance), complete=False)
+            written.write(_results(accumulator, model_id, provenance))
     if world > 1:
         accumulator.all_reduce()
         if rank > 0:
             return None
-        first = record_attention(model, windows[0], tokenizer) if first is None else first
-    scores = _results(accumulator, model_id, provenance)
-    pages = dict(PATTERN_PAGES)
-    for extra, page in _extra_scores(families, inputs):
-        scores[extra.name], pages[extra.name] = extra, page
-        _write_scores(out_dir, model, provenance, scores, complete=False, pages=pages)
-    _write_scores(out_dir, model, provenance, scores, complete=True, pages=pages)
-    return write_pages(out_dir, provenance, scores, first, (settings.n_views, settings.top_k), pages, curves,
-                       compression, atlas)
+        first = first or _first_record(model, tokenizer, windows[0], provenance["method"])
+    written.done.append(PATTERNS)
+    written.write(_results(accumulator, model_id, provenance), dict(PATTERN_PAGES))
+    return first
+
+
+def _first_record(model, tokenizer, ids, method: str) -> AttentionRecord:
+    """The record the attention views draw: the window's maps (its first :data:`VIEW_TOKENS` tokens
+    where the report scores from statistics)."""
+    return record_attention(model, ids if method == "maps" else ids[:, :VIEW_TOKENS], tokenizer)
+
+
+def _settings_record(settings: ReportSettings) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def _partial_report(out_dir: Path, model, provenance: dict, settings: ReportSettings):
+    """``(scores, method pages, families finished)`` of a report of the same model and settings that
+    stopped after its pattern scores, in ``out_dir``; None when there is none to resume."""
+    path = out_dir / "scores.json"
+    try:
+        data = read_json_file(path, "report scores") if path.is_file() else None
+    except InputFileError:  # a damaged file of headlab's (the folder is claimed): scored again
+        return None
+    partial = data.get("partial") if isinstance(data, dict) and not data.get("complete") else None
+    if not isinstance(partial, dict) or PATTERNS not in partial.get("families_done", []):
+        return None
+    same = {key: value for key, value in data.get("provenance", {}).items() if key != "written"}
+    if same != {key: value for key, value in provenance.items() if key != "written"} or \
+            partial.get("settings") != _settings_record(settings):
+        return None
+    try:
+        scores = load_scores_file(path, model_shape(model))
+    except InputFileError:
+        return None
+    pages = {**PATTERN_PAGES, **data.get("method_pages", {})}
+    return scores, pages, list(partial["families_done"])
 
 
 def rewrite_report_pages(model, tokenizer, model_id: str, out_dir: str | Path, n_views: int = 6,
@@ -118,16 +197,9 @@ def rewrite_report_pages(model, tokenizer, model_id: str, out_dir: str | Path, n
     claim_folder(out_dir, REPORT_ENTRIES, False, "report folder")
     ids = token_windows(tokenizer, load_text(text_path), provenance["n_samples"], provenance["n_tokens"],
                         provenance["seed"])[0]
-    record = record_attention(model, ids if provenance["method"] == "maps" else ids[:, :VIEW_TOKENS], tokenizer)
+    record = _first_record(model, tokenizer, ids, provenance["method"])
     pages = {**PATTERN_PAGES, **data.get("method_pages", {})}
     return write_pages(out_dir, provenance, scores, record, (n_views, top_k), pages, curves, compression, atlas)
-
-
-def _extra_scores(families, inputs: FamilyInputs):
-    """Yield ``(HeadScores, documentation page)`` of each of ``families`` (:mod:`.score_families`), one by one."""
-    for family in families:
-        for scores in family.run(inputs):
-            yield scores, family.page
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:
@@ -205,7 +277,7 @@ def finished_report(out_dir: Path, model_id: str) -> tuple[dict, str | None]:
 
 
 def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, HeadScores], complete: bool,
-                  pages: dict[str, str | None] | None = None) -> None:
+                  pages: dict[str, str | None] | None = None, partial: dict | None = None) -> None:
     shape = model_shape(model)
     write_json(
         out_dir / "scores.json",
@@ -218,6 +290,7 @@ def _write_scores(out_dir: Path, model, provenance: dict, scores: dict[str, Head
             "provenance": provenance,
             "scores": {name: s.to_dict() for name, s in scores.items()},
             "method_pages": {name: page for name, page in (pages or {}).items() if name in scores},
+            **({"partial": partial} if partial is not None and not complete else {}),
         },
     )
     write_text(out_dir / "scores.csv", _scores_csv(shape.group_size, scores))

@@ -593,5 +593,5 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path):
     err = "".join(seen)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert "interrupted" in last and "scores.json" in last and "run the same command again" in last, last
+    assert "interrupted" in last and "scores.json" in last and "the same command resumes" in last, last
     assert json.loads((out / "scores.json").read_text())["complete"] is False

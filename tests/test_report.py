@@ -167,3 +167,55 @@ def test_page_only_refuses_what_it_cannot_rewrite(tmp_path, capsys):
     assert "it takes --views, not --tokens, --needles" in capsys.readouterr().err
     assert main(["report", "smollm2-135m", "--out", str(tmp_path / "none"), "--page-only"]) == 2
     assert "holds no scores.json" in capsys.readouterr().err
+
+
+def test_a_stopped_report_resumes_after_its_finished_families(tmp_path, monkeypatch):
+    """Ctrl-C in the second family: started again with the same settings, the report scores neither
+    the pattern scores nor the first family again, and writes the scores of an uninterrupted run."""
+    import dataclasses
+
+    from headlab.probes import report as report_module
+    from headlab.probes import score_families
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    settings = ReportSettings(n_samples=2, n_tokens=24, seed=0, text_path=str(text), n_views=1,
+                              scores=("sinks", "context", "induction"))
+    model, tokenizer = tiny_llama("gqa"), CharTokenizer()
+    write_report(model, tokenizer, "tiny", tmp_path / "whole", settings, progress=False)
+    families, _ = score_families.requested_families(settings, causal=True)
+    first, second = families[0], families[1]
+    runs = []
+
+    def counted(family, fail: bool):
+        def run(inputs):
+            runs.append(family.name)
+            if fail:
+                raise KeyboardInterrupt
+            yield from family.run(inputs)
+        return dataclasses.replace(family, run=run)
+
+    monkeypatch.setitem(score_families.SCORE_FAMILIES, first.name, counted(first, False))
+    monkeypatch.setitem(score_families.SCORE_FAMILIES, second.name, counted(second, True))
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        write_report(model, tokenizer, "tiny", out, settings, progress=False)
+    partial = json.loads((out / "scores.json").read_text())
+    assert partial["complete"] is False and partial["partial"]["families_done"] == ["patterns", first.name]
+    monkeypatch.setitem(score_families.SCORE_FAMILIES, second.name, counted(second, False))
+    monkeypatch.setattr(report_module, "_pattern_pass", lambda *args: pytest.fail("pattern scores scored again"))
+    runs.clear()
+    write_report(model, tokenizer, "tiny", out, settings, progress=False)
+    assert runs == [second.name]
+    resumed, whole = (json.loads((folder / "scores.json").read_text()) for folder in (out, tmp_path / "whole"))
+    for data in (resumed, whole):
+        data["provenance"].pop("written")
+    assert resumed == whole
+    other = dataclasses.replace(settings, seed=1)  # other settings: scored afresh, not resumed
+    (out / "scores.json").write_text(json.dumps(partial))
+    monkeypatch.undo()
+    write_report(model, tokenizer, "tiny", out, other, progress=False)
+    write_report(model, tokenizer, "tiny", tmp_path / "other", other, progress=False)
+    afresh, other_whole = (json.loads((folder / "scores.json").read_text())["scores"]
+                           for folder in (out, tmp_path / "other"))
+    assert afresh == other_whole and afresh != whole["scores"]
