@@ -86,10 +86,10 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
         scores, pages, written.done = partial
         first = _first_record(model, tokenizer, windows[0], provenance["method"])
     else:
-        first = _pattern_pass(model, tokenizer, windows, provenance, causal, written, progress)
+        first, scores = _pattern_pass(model, tokenizer, windows, provenance, causal, written, progress)
         if first is None:
             return None
-        scores, pages = written.scores, dict(PATTERN_PAGES)
+        pages = dict(PATTERN_PAGES)
     for family in families:
         if family.name in written.done:
             continue
@@ -113,19 +113,17 @@ class _PartialWriter:
     def __init__(self, out_dir: Path, model, provenance: dict, settings: ReportSettings):
         self.out_dir, self.model, self.provenance, self.settings = out_dir, model, provenance, settings
         self.done: list[str] = []
-        self.scores: dict[str, HeadScores] = {}
 
     def write(self, scores: dict[str, HeadScores], pages: dict[str, str | None] | None = None) -> None:
-        self.scores = scores
         _write_scores(self.out_dir, self.model, self.provenance, scores, complete=False, pages=pages,
                       partial={"families_done": self.done, "settings": _settings_record(self.settings)})
 
 
 def _pattern_pass(model, tokenizer, windows, provenance: dict, causal: bool, written: _PartialWriter,
-                  progress: bool) -> AttentionRecord | None:
-    """The pattern scores over this rank's share of ``windows`` (written after each window in one
-    process; gathered on rank 0 under ``torch.distributed``); the first window's record, or None on
-    the ranks that only score."""
+                  progress: bool) -> tuple[AttentionRecord | None, dict[str, HeadScores]]:
+    """``(the first window's record, the pattern scores)`` over this rank's share of ``windows``
+    (written after each window in one process; gathered on rank 0 under ``torch.distributed``);
+    ``(None, {})`` on the ranks that only score."""
     rank, world = rank_and_world()
     accumulator = ScoreAccumulator()
     first: AttentionRecord | None = None
@@ -143,11 +141,12 @@ def _pattern_pass(model, tokenizer, windows, provenance: dict, causal: bool, wri
     if world > 1:
         accumulator.all_reduce()
         if rank > 0:
-            return None
+            return None, {}
         first = first or _first_record(model, tokenizer, windows[0], provenance["method"])
+    scores = _results(accumulator, model_id, provenance)
     written.done.append(PATTERNS)
-    written.write(_results(accumulator, model_id, provenance), dict(PATTERN_PAGES))
-    return first
+    written.write(scores, dict(PATTERN_PAGES))
+    return first, scores
 
 
 def _first_record(model, tokenizer, ids, method: str) -> AttentionRecord:
