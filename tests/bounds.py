@@ -51,3 +51,54 @@ def entropy_tolerance(logit_err: float, n_keys: int, sink_mass_min: float | None
     if sink_mass_min is not None:
         tolerance += n_keys * U * (1 + abs(math.log(max(sink_mass_min, 1e-30))))
     return 2 * tolerance
+
+
+def forward_rounding_error(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
+    """The fp32 rounding error of one forward of ``model`` on these inputs: the largest difference
+    between its logits and those of the same forward in float64 (a copy of the model; the float64
+    result is exact to ~1e-16 relative, so the difference is the fp32 forward's own error).
+
+    A whole forward has no closed-form bound (it composes every layer's errors), so this measures the
+    one fp32 error that is observable. Two fp32 computations of the same forward in other orders,
+    layouts or chunkings each carry an error of this size: see :func:`reordering_tolerance`."""
+    import copy
+
+    exact = copy.deepcopy(model).double()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    with torch.no_grad():
+        single = model(**inputs).logits.double()
+        double = exact(**inputs).logits
+    return float((single - double).abs().max())
+
+
+def reordering_tolerance(rounding_error: float, logits: torch.Tensor) -> float:
+    """Tolerance on ``|a - b|`` of two fp32 computations of the same logits that differ only in the
+    order, layout or chunking of their sums (a cache held in views of a larger buffer, fewer keys
+    instead of masked ones, a forward resumed from a stored layer input): each is off the exact
+    logits by about the measured ``rounding_error`` (:func:`forward_rounding_error`), their
+    difference by at most twice that; ten times leaves room for one order rounding worse than the
+    other. ``4 u max|logits|`` covers an error measured as 0. A wrong cache entry or mask changes
+    logits by O(1), far above this."""
+    return 10 * rounding_error + 4 * U * float(logits.abs().max())
+
+
+def choice_score_tolerance(model, batches) -> float:
+    """Tolerance on the summed choice log-probabilities of ``batches`` (``ChoiceBatch`` es) between two
+    fp32 computations of the same forward: log-softmax moves each token's log-probability by at most
+    twice the largest logit change, so a choice of ``n`` tokens moves by ``2 n`` times the logits'
+    :func:`reordering_tolerance`."""
+    tolerance = 0.0
+    for batch in batches:
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logit_tolerance = reordering_tolerance(forward_rounding_error(model, batch.input_ids, batch.attention_mask),
+                                               logits)
+        longest = max(len(targets) for _, targets, _ in batch.rows)
+        tolerance = max(tolerance, 2 * longest * logit_tolerance)
+    return tolerance
+
+
+def largest_gap(a: list[list[float]], b: list[list[float]]) -> float:
+    """The largest difference between two per-example lists of choice scores of the same shape."""
+    assert [len(row) for row in a] == [len(row) for row in b]
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))

@@ -1,10 +1,13 @@
-"""The reserved and the streaming decoding caches against transformers' own: the same tokens and
-bit-identical logits; the streaming cache stores less by exactly the dropped entries."""
+"""The reserved and the streaming decoding caches against transformers' own: the same tokens, and
+logits within the fp32 rounding of two orders of the same sums (the caches hand attention views of a
+larger buffer, or fewer keys instead of masked ones: :mod:`bounds`); the streaming cache stores less
+by exactly the dropped entries."""
 
 import copy
 
 import pytest
 import torch
+from bounds import forward_rounding_error, reordering_tolerance
 from families import family_model
 from transformers import DynamicCache
 
@@ -14,7 +17,7 @@ from headlab.surgeon.kv_cache import (ReservedLayer, StreamingLayer, cache_bytes
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2", "gpt_oss"])
-def test_generation_on_a_reserved_cache_is_bit_identical(family):
+def test_generation_on_a_reserved_cache_gives_the_tokens_and_logits_of_plain_generation(family):
     model = family_model(family)
     ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(1))
     settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
@@ -24,7 +27,7 @@ def test_generation_on_a_reserved_cache_is_bit_identical(family):
         plain = model.generate(ids, **settings)
         reserved = model.generate(ids, past_key_values=cache, **settings)
     assert torch.equal(plain.sequences, reserved.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain.logits, reserved.logits))
+    _assert_same_logits(model, plain, reserved)
     full = [layer for layer in cache.layers if isinstance(layer, ReservedLayer)]
     assert full and all(layer.get_seq_length() == 13 + 11 for layer in full)
 
@@ -43,7 +46,7 @@ def test_a_step_inside_the_room_copies_nothing_and_a_reorder_is_followed():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])  # MHA-like, windowed layers, MQA
-def test_a_streaming_cache_decodes_bit_identically_and_stores_only_what_streaming_heads_see(family):
+def test_a_streaming_cache_decodes_like_a_whole_cache_and_stores_only_what_streaming_heads_see(family):
     model = family_model(family)
     shape = model_shape(model)
     layers = [1, 3]  # layer 3 is a global layer in every family here; layer 1 slides in gemma3_text
@@ -58,7 +61,7 @@ def test_a_streaming_cache_decodes_bit_identically_and_stores_only_what_streamin
         plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, **settings)
         streaming = model.generate(ids, attention_mask=mask, past_key_values=cache, **settings)
     assert torch.equal(plain.sequences, streaming.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain.logits, streaming.logits))
+    _assert_same_logits(model, plain, streaming, mask)  # the rounding scale of the model without the plan
     positions, entry = 23 + 8 - 1, 2 * 2 * shape.head_dim * 4  # keys and values of 2 rows in fp32
     saved = 0
     for layer in layers:
@@ -89,7 +92,7 @@ def test_a_cropped_cache_continues_like_a_cropped_copy_and_leaves_the_original()
         copied.crop(-4)  # transformers' own crop (of the last 4 positions), of a copy
         from_crop = model(input_ids=ids[:, 6:], past_key_values=cropped_cache(whole, 6), use_cache=True).logits
         from_copy = model(input_ids=ids[:, 6:], past_key_values=copied, use_cache=True).logits
-    assert torch.equal(from_crop, from_copy)
+    assert (from_crop - from_copy).abs().max() <= reordering_tolerance(forward_rounding_error(model, ids), from_copy)
     assert all(torch.equal(layer.keys, k) for layer, k in zip(whole.layers, kept))
     with pytest.raises(ValueError, match="1 to 10"):
         cropped_cache(whole, 11)
@@ -97,3 +100,15 @@ def test_a_cropped_cache_continues_like_a_cropped_copy_and_leaves_the_original()
         windowed = family_model("gemma3_text")(input_ids=ids, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="full-attention"):
         cropped_cache(windowed, 4)
+
+
+def _assert_same_logits(model, expected, got, prompt_mask=None):
+    """``got``'s per-step logits equal ``expected``'s within the rounding of two orders of one
+    forward, measured on the generated sequence."""
+    mask = None
+    if prompt_mask is not None:
+        generated = expected.sequences.shape[1] - prompt_mask.shape[1]
+        mask = torch.cat([prompt_mask, torch.ones(prompt_mask.shape[0], generated, dtype=prompt_mask.dtype)], 1)
+    error = forward_rounding_error(model, expected.sequences, mask)
+    for a, b in zip(expected.logits, got.logits):
+        assert (a - b).abs().max() <= reordering_tolerance(error, a)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from bounds import choice_score_tolerance, largest_gap
 from conftest import tiny_llama
 from families import family_model
 from test_evaluation import CharTokenizer
@@ -29,10 +30,6 @@ def peaked_llama():
             block.self_attn.q_proj.weight.mul_(20.0)
             block.self_attn.k_proj.weight.mul_(20.0)
     return model
-
-
-def largest_gap(first: list[list[float]], second: list[list[float]]) -> float:
-    return max(abs(a - b) for x, y in zip(first, second) for a, b in zip(x, y))
 
 
 @torch.no_grad()
@@ -64,7 +61,9 @@ def test_scores_from_the_first_sink_on_equal_whole_forwards(monkeypatch):
     batches = choice_batches(tok, examples, 5)
     prefix = LayerPrefix(model, batches)
     scorer = SuffixScorer(model, batches, prefix, len(examples))
-    assert scorer.unedited_scores() == choice_logprobs(model, tok, examples, batch_size=5)
+    unedited = scorer.unedited_scores()  # kept layer inputs continued, against whole forwards
+    assert largest_gap(unedited, choice_logprobs(model, tok, examples, batch_size=5)) <= choice_score_tolerance(
+        model, batches)
     alone = LayerPrefix(model, batches)
     for layer in (1, 3, 4):  # the streams the unedited pass hands the prefix are the ones it finds itself
         alone.advance(layer)
