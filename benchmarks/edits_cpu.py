@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from headlab.surgeon import Calibrate, Plan, Request, Steer, apply, load_model, model_shape
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 
 def plans(n_layers: int, n_heads: int) -> dict[str, Plan]:

@@ -5,8 +5,8 @@ then the headline timings of the three GPU benchmarks, in one JSON.
     TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --dry-run    # on a CPU: tiny shapes, no timings
 
 It needs only torch and triton (the device machine's torch 2.11 / triton 3.6): it imports
-``headlab.kernels`` straight from this repository's ``kernels/`` folder, which imports nothing else of
-headlab, and uses synthetic tensors only. Checks (each against the torch path of the same op on the
+``headlab.kernels`` straight from this repository's ``kernels/`` folder, which imports nothing of headlab
+but its foundation ``core/``, and uses synthetic tensors only. Checks (each against the torch path of the same op on the
 same low-precision inputs, computed in fp32 internally):
 
 * attention statistics: output, LSE, entropy, group mass, top-8 keys, column sums; causal, a sliding
@@ -43,7 +43,7 @@ def import_kernels():
     package = types.ModuleType("headlab")
     package.__path__ = [str(ROOT / "headlab")]
     sys.modules["headlab"] = package
-    for part in ("kernels", "surgeon", "sae"):  # kernels first: the others import it
+    for part in ("core", "kernels", "surgeon", "sae"):  # the foundation first, then kernels: the others import it
         spec = importlib.util.spec_from_file_location(f"headlab.{part}", ROOT / part / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / part)])
         module = importlib.util.module_from_spec(spec)

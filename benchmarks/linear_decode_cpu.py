@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from headlab.surgeon import model_directory
 from headlab.surgeon.conversion.converted import convert
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 from headlab.surgeon.conversion.settings import LinearSettings
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from gpu_timing import median_ms
 
 from headlab.kernels.linear_ops import hybrid_attention, linear_attention
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 
 def timed_step(fn, backward: bool, grads):

@@ -20,7 +20,7 @@ import torch
 from machine import cpu_model
 
 from headlab.kernels import native
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 
 def library(vector: str) -> ctypes.CDLL:

@@ -114,7 +114,7 @@ def main() -> None:
     if args.saelens_worker:
         saelens_worker(args)
         return
-    from headlab.surgeon.files import write_json
+    from headlab.core.files import write_json
 
     load_before = os.getloadavg()[0]
     rows = []

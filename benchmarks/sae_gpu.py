@@ -34,7 +34,7 @@ from sae_steps import dense_step, headlab_step, saelens_step
 
 from headlab.kernels.sae_ops import dense_codes, sparse_decode, topk_encode
 from headlab.sae import SparseAutoencoder
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 SHAPES = ((768, 24576, 32), (2048, 65536, 64), (4096, 65536, 64))
 

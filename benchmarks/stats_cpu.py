@@ -39,7 +39,7 @@ EAGER_MAX_TOKENS = 2048
 def _input_ids(tokenizer, n_tokens: int):
     import torch
 
-    from headlab.probes.corpus import stdlib_docstrings
+    from headlab.core.text import stdlib_docstrings
 
     ids = tokenizer(stdlib_docstrings(), add_special_tokens=False).input_ids
     if len(ids) < n_tokens:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             rows.append(row)
     import torch
 
-    from headlab.surgeon.files import write_json
+    from headlab.core.files import write_json
 
     report = {
         "benchmark": f"attention statistics on {args.model}, CPU",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from gpu_timing import median_ms
 
 from headlab.kernels import attention_with_stats, column_stats
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 TARGETS = {"stats_over_flash_throughput": ">= 0.85", "top8_over_stats_time": "<= 1.25",
            "columns_over_stats_time": "<= 0.6"}

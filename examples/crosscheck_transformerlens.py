@@ -37,11 +37,11 @@ from transformer_lens.head_detector import (
 from transformer_lens.model_bridge import TransformerBridge
 
 from headlab.probes import importance
-from headlab.probes.corpus import load_text, token_windows
+from headlab.core.text import load_text, token_windows
 from headlab.probes.record import record_attention
 from headlab.probes.scores import pattern_scores
 from headlab.surgeon import load_model, model_directory, model_shape
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:

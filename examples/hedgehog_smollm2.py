@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from headlab.cli import main as headlab
-from headlab.probes.corpus import load_text
+from headlab.core.text import load_text
 from headlab.probes.masking_stats import bootstrap_intervals, paired_p
 from headlab.probes.needles import HELDOUT_NEEDLES
 from headlab.probes.retrieval import build_prompt
 from headlab.probes.settings import ValidationSettings
 from headlab.probes.validation import NEEDLE_MEASURES, NeedleTask
 from headlab.surgeon import load_model
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 WINDOW = 64
 BINS = {"inside the window": (0, WINDOW), "just outside": (WINDOW, 3 * WINDOW), "far": (6 * WINDOW, 10 ** 9)}

@@ -20,7 +20,7 @@ import torch
 
 from headlab.cli import main as headlab
 from headlab.sae import decoder_head_shares, load_sae
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import shutil
 import time
 from pathlib import Path
 
-from headlab.probes.corpus import load_text
+from headlab.core.text import load_text
 from headlab.probes.view_data import gather_view
 from headlab.probes.view_page import write_view
 from headlab.surgeon import Calibrate, Plan, load_model
-from headlab.surgeon.files import write_json
+from headlab.core.files import write_json
 
 SHORT_TEXT = (
     "The function returns a list of the unique words in the text. The function returns a list of the "

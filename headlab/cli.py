@@ -15,8 +15,8 @@ from pathlib import Path
 
 from . import cli_common as common
 from . import convert_cli, sae_cli
-from .surgeon.errors import HeadlabError, InputFileError, ModelSpecError
-from .surgeon.files import check_folder, claim_file, claim_folder
+from .core.errors import HeadlabError, InputFileError, ModelSpecError
+from .core.files import check_folder, claim_file, claim_folder
 
 
 def _models(args) -> int:
@@ -66,7 +66,9 @@ def _report(args) -> int:
         check_converted_windows(config, settings.n_tokens)
     for name, reason in requested_families(settings, is_causal_lm(config), converted)[1].items():
         print(f"headlab report: note: skipping the {name} score of {args.model}: it {reason}", file=sys.stderr)
-    common.init_distributed()
+    from .core.distributed import init_distributed
+
+    init_distributed()
     model, tokenizer = common.load_model_from(args)
     from .probes.report import write_report
 
@@ -80,7 +82,7 @@ def _report(args) -> int:
 def _report_pages(args, settings) -> int:
     """``report --page-only``: the pages of a finished report folder written again, no scoring."""
     from .probes.report_settings import ReportSettings
-    from .surgeon.settings import given_flags
+    from .core.settings import given_flags
 
     ignored = [flag for flag in given_flags(ReportSettings, args) if flag != "--views"]
     if ignored or args.overwrite:
@@ -109,7 +111,7 @@ def _report_pages(args, settings) -> int:
 def _check_window_fits(config, n_tokens: int, flag: str) -> None:
     """Refuse windows longer than a model with a table of learned positions has rows (BERT, GPT-2);
     rotary models take longer inputs."""
-    from .surgeon.shape import text_config
+    from .core.shape import text_config
 
     cfg = text_config(config)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -152,7 +154,7 @@ def _calibrate(args) -> int:
 
 
 def _eval(args) -> int:
-    from .surgeon.files import write_json
+    from .core.files import write_json
     from .surgeon.plan import Plan
     from .surgeon.search.tasks import TaskSettings
 
@@ -183,8 +185,8 @@ def _eval(args) -> int:
 
 def _view(args) -> int:
     from .probes.settings import ViewSettings
-    from .probes.scores import load_scores_file
-    from .surgeon.files import read_text_file
+    from .core.head_scores import load_scores_file
+    from .core.files import read_text_file
     from .surgeon.plan import Plan
 
     view = common.settings(ViewSettings, args)
@@ -233,7 +235,7 @@ def _view(args) -> int:
 
 def _chosen_score(args, shape):
     """The ``--score`` of the ``--scores`` file, checked against the model's ``shape``."""
-    from .probes.scores import load_scores_file
+    from .core.head_scores import load_scores_file
 
     scores = load_scores_file(args.scores, shape)
     if args.score not in scores:
@@ -258,8 +260,8 @@ def _validate(args) -> int:
     if metric == "needle-recall" and not is_causal_lm(config):
         raise ModelSpecError(f"{args.model} is not a causal language model; needle recall needs one (use --metric loss)")
     from .probes.validation import validate_score, validation_identity, write_curve_page
-    from .surgeon.files import write_json
-    from .surgeon.journal import Journal
+    from .core.files import write_json
+    from .core.journal import Journal
 
     progress = out / f"{stem}.progress.json"
     Journal(progress, validation_identity(score, settings, args.model), "validation")  # not another validation's
@@ -282,7 +284,7 @@ def _stream_plan(args) -> int:
     config = common.model_config(args, causal=True, needs="a plan of streaming heads")
     common.refuse_converted(args, config, "a plan of streaming heads")
     shape = common.model_shape_of(config)
-    from .probes.scores import load_scores_file
+    from .core.head_scores import load_scores_file
     from .probes.streaming import candidates, rule_ranking, streaming_plan
 
     scores = load_scores_file(args.scores, shape) if args.scores else None
@@ -304,7 +306,7 @@ def _merged_scores(paths: list[str], shape, rules: tuple[str, ...]) -> dict:
     values is refused when a rule reads it (razor reads echo and razor_induction)."""
     import torch
 
-    from .probes.scores import load_scores_file
+    from .core.head_scores import load_scores_file
     from .probes.streaming import rule_scores
 
     merged: dict = {}
@@ -332,7 +334,7 @@ def _stream_eval(args) -> int:
         raise HeadlabError(f"--base is for a checkpoint converted to linear attention; {args.model} is not one")
     shape = common.model_shape_of(config)
     from .probes.compression import PROGRESS_FILE, conditions, evaluate_compression, streaming_identity
-    from .surgeon.journal import Journal
+    from .core.journal import Journal
 
     scores = _merged_scores(args.scores, shape, settings.rules) if args.scores else None
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
@@ -353,7 +355,7 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
     from .probes.compression_file import CONVERTED, FULL
     from .probes.streaming import candidates
     from .surgeon import load_model
-    from .surgeon.journal import Journal
+    from .core.journal import Journal
 
     base = _conversion_base(args, config)
     journal = Journal(out / PROGRESS_FILE, conversion_identity(settings, args.model, base), "compression")
@@ -377,7 +379,7 @@ def _conversion_base(args, config) -> str | None:
     from .probes.compression import STREAMING_ONLY
     from .probes.settings import CompressionSettings
     from .surgeon.conversion.converted import read_conversion
-    from .surgeon.settings import given_flags
+    from .core.settings import given_flags
 
     flags = {f.metadata["option"].flag for f in dataclasses.fields(CompressionSettings) if f.name in STREAMING_ONLY}
     refused = [flag for flag in given_flags(CompressionSettings, args) if flag in flags]
@@ -413,7 +415,7 @@ def _write_compression(out: Path, result: dict, overwrite: bool) -> int:
     """Write compression.json and compression.html into ``out``, forget the progress file and print
     the summary."""
     from .probes.compression import PROGRESS_FILE, write_compression_page
-    from .surgeon.files import write_json
+    from .core.files import write_json
 
     claim_folder(out, ("compression.json", "compression.html"), overwrite, "--out folder")
     write_json(out / "compression.json", result)
@@ -464,7 +466,7 @@ def _atlas(args) -> int:
     _check_window_fits(config, settings.tokens, "--tokens")
     if args.model2:
         common.model_config(args, spec=args.model2)
-    from .probes.scores import load_scores_file
+    from .core.head_scores import load_scores_file
     from .surgeon.plan import Plan
 
     scores = load_scores_file(args.scores, shape) if args.scores else {}
@@ -473,8 +475,8 @@ def _atlas(args) -> int:
         plan.validate(shape)
     from .probes.atlas import atlas_document, build_atlas, describe_heads
     from .probes.atlas_page import write_atlas_page
-    from .probes.corpus import load_text, token_windows
-    from .surgeon.files import write_json
+    from .core.text import load_text, token_windows
+    from .core.files import write_json
 
     text = load_text(settings.text_path)
     sets, labels = [], []
@@ -519,7 +521,7 @@ def _validation_lines(curve: dict) -> str:
 
 def _file_safe(name: str) -> str:
     """A score name as part of a file name (letters, digits, ``-``, ``_`` and ``.`` only)."""
-    from .surgeon.escaping import element_id
+    from .core.escaping import element_id
 
     return element_id(name)
 

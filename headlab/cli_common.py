@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .surgeon.errors import HeadlabError, ModelSpecError
-from .surgeon.settings import add_options, resolve_indices, settings_from_args
+from .core.errors import HeadlabError, ModelSpecError
+from .core.settings import add_options, settings_from_args
+from .core.kinds import resolve_indices
 
 MODEL_HELP = (
     "model spec: a bundled name (smollm2-135m, gemma3-270m, minilm-l6; see 'headlab models'), "
@@ -54,7 +55,7 @@ def add_output_arguments(parser, what: str) -> None:
 
 
 def add_settings(parser, *classes) -> None:
-    """The options of settings classes (:mod:`headlab.surgeon.settings`)."""
+    """The options of settings classes (:mod:`headlab.core.settings`)."""
     for cls in classes:
         add_options(parser, cls)
 
@@ -101,7 +102,7 @@ def refuse_converted(args, config, needs: str) -> None:
 
 
 def model_shape_of(config):
-    from .surgeon.shape import model_shape
+    from .core.shape import model_shape
 
     return model_shape(config)
 
@@ -126,15 +127,6 @@ def one_layer(value: int, n_layers: int, flag: str) -> int:
     return resolve_indices((value,), n_layers, flag)[0]
 
 
-def init_distributed() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def interrupted(message: str | Callable[[argparse.Namespace], str]):
     """``set_defaults`` value: what a command says when Ctrl-C stops it (what was kept, how to resume)."""
     return message if callable(message) else (lambda args: message)
@@ -148,5 +140,5 @@ def check_paths_differ(out: str, source: Path, what: str) -> None:
 
 
 __all__ = ["MODEL_HELP", "Parser", "add_model_arguments", "add_output_arguments", "add_settings",
-           "check_paths_differ", "init_distributed", "interrupted", "layers_of", "load_model_from", "model_config",
+           "check_paths_differ", "interrupted", "layers_of", "load_model_from", "model_config",
            "model_shape_of", "one_layer", "settings"]

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 from . import cli_common as common
-from .surgeon.errors import HeadlabError
-from .surgeon.files import check_folder, claim_folder
-from .surgeon.settings import index_spans
+from .core.errors import HeadlabError
+from .core.files import check_folder, claim_folder
+from .core.kinds import index_spans
 
 CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors", "headlab_conversion.json",
                       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli_common as common
-from .surgeon.errors import HeadlabError
-from .surgeon.files import check_folder, claim_file, claim_folder
-from .surgeon.settings import Integer, Items, Maybe, Text, check_settings, setting
+from .core.errors import HeadlabError
+from .core.files import check_folder, claim_file, claim_folder
+from .core.kinds import Integer, Items, Maybe, Text
+from .core.settings import check_settings, setting
 
 TRAIN_ENTRIES = ("cfg.json", "sae_weights.safetensors", "metrics.json", "sparsity.safetensors", "checkpoints")
 
@@ -73,15 +74,17 @@ def _train(args) -> int:
                            f"{settings.expansion} x {d_in} inputs)")
     import torch
 
-    from .probes.corpus import train_eval_windows
+    from .core.text import train_eval_windows
     from .sae import (CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, Trainer, evaluate_sae,
                       save_sae)
     from .sae.saving import save_sparsity
     from .surgeon import attention_modules
-    from .surgeon.distributed import rank_and_world
-    from .surgeon.files import write_json
+    from .core.distributed import rank_and_world
+    from .core.files import write_json
 
-    common.init_distributed()
+    from .core.distributed import init_distributed
+
+    init_distributed()
     rank, world = rank_and_world()
     torch.manual_seed(settings.seed)
     model, tokenizer = common.load_model_from(args)
@@ -114,7 +117,7 @@ def _train(args) -> int:
                   "train_windows": len(train), "epochs_over_windows": buffer.epoch, "context": text.context,
                   "wall_s": round(wall, 1), "world_size": world,
                   "text": text.text_path or "Python standard-library docstrings"}
-    from .probes.corpus import special_tokens
+    from .core.text import special_tokens
     from .surgeon.models import hub_id
 
     save_sae(sae, out, hub_id(args.model), layer, module, text.context, provenance, overwrite=args.overwrite,
@@ -151,9 +154,9 @@ def _eval(args) -> int:
     claim_file(args.out, args.overwrite, "--out metrics")
     sae, config, spec = _saved(args)
     model, tokenizer = common.load_model_from(args, spec)
-    from .probes.corpus import load_text, token_windows
+    from .core.text import load_text, token_windows
     from .sae import evaluate_sae
-    from .surgeon.files import write_json
+    from .core.files import write_json
 
     windows = token_windows(tokenizer, load_text(text.text_path), data.windows, text.context, data.seed)
     metrics, _ = evaluate_sae(model, sae, windows, config["headlab"]["layer"], progress=True)
@@ -175,7 +178,7 @@ def _dashboard(args) -> int:
     if data.latents is None and data.top > sae.d_sae:
         raise HeadlabError(f"--top {data.top} is more than the autoencoder's {sae.d_sae} latents")
     model, tokenizer = common.load_model_from(args, spec)
-    from .probes.corpus import load_text, token_windows
+    from .core.text import load_text, token_windows
     from .sae import collect_examples, write_dashboard
 
     layer = config["headlab"]["layer"]

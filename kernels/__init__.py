@@ -1,6 +1,9 @@
-"""headlab.kernels: pure tensor ops with plain-torch references (imports nothing else of headlab)."""
+"""headlab.kernels: pure tensor ops with plain-torch references (imports nothing of headlab but its
+foundation, :mod:`headlab.core`)."""
 
-from .lazy_exports import lazy_exports
+# Absolute: transformers probes for an installed package named ``kernels`` and, run from the repository,
+# imports this folder under that name, where a relative import beyond it would fail.
+from headlab.core.lazy import lazy_exports
 
 _EXPORTS = {
     "attention_with_stats": "attention_stats",

@@ -1,18 +1,18 @@
 """headlab.probes: read-only measurement of attention (records, head scores, reports, views)."""
 
-from ..kernels.lazy_exports import lazy_exports
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     "AttentionRecord": "record",
-    "HeadScores": "scores",
-    "load_text": "corpus",
+    "HeadScores": "headlab.core.head_scores",
+    "load_text": "headlab.core.text",
     "PATTERN_SCORES": "scores",
     "pattern_scores": "scores",
     "record_attention": "record",
     "ReportSettings": "report_settings",
     "ScoreAccumulator": "scores",
-    "stdlib_docstrings": "corpus",
-    "token_windows": "corpus",
+    "stdlib_docstrings": "headlab.core.text",
+    "token_windows": "headlab.core.text",
     "write_report": "report", "rewrite_report_pages": "report",
 }
 __all__ = sorted(_EXPORTS)

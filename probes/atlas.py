@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from ..surgeon import Plan, Taps, attach, model_shape
 from ..surgeon.sites import has_causal_attention
 from ..surgeon.stopping import run_until
-from .scores import HeadScores, hidden_sink_mass
+from ..core.head_scores import HeadScores
+from .scores import hidden_sink_mass
 
 N_LOCALITY, N_ENTROPY, POOL = 12, 8, 32
 ATLAS_FORMAT = "headlab-atlas/1"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..surgeon.errors import InputFileError
-from ..surgeon.escaping import element_id, html_text, plotly_text, script_json
-from ..surgeon.files import GENERATOR_META, read_json_file, write_text
-from ..surgeon.settings import Items, Kind, Text, check_object
+from ..core.errors import InputFileError
+from ..core.escaping import element_id, html_text, plotly_text, script_json
+from ..core.files import GENERATOR_META, read_json_file, write_text
+from ..core.kinds import Items, Kind, Text
+from ..core.settings import check_object
 from . import views
 from .atlas import ATLAS_FORMAT
 

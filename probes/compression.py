@@ -29,16 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
-from ..surgeon.journal import Journal
+from ..core.journal import Journal
 from ..surgeon.kv_cache import cache_bytes, streaming_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.search.settings import StreamingSettings
 from .compression_file import COMPRESSION_FORMAT, FULL, compression_title, is_conversion
-from .corpus import load_text, token_windows
+from ..core.text import load_text, token_windows
 from .masking_stats import CONFIDENCE
 from .needles import HELDOUT_NEEDLES
 from .retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 from .settings import PROGRESS_FILE, CompressionSettings
 from .streaming import candidates, full_kv_heads, rule_ranking, streaming_plan
 
@@ -87,7 +87,7 @@ def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
 
 
 def run_key(rule: str, keep: float, draw: int | None, length: int) -> str:
-    """A run's key in an evaluation's :class:`~headlab.surgeon.journal.Journal`."""
+    """A run's key in an evaluation's :class:`~headlab.core.journal.Journal`."""
     return json.dumps([rule, keep, draw, length])
 
 
@@ -103,7 +103,7 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     """Measure every condition at every length (see the module docstring); returns the JSON-ready
     result with per-prompt values and the summary per rule, kept fraction and length. With
     ``journal_path`` each finished run is kept there and a run found there is not measured again
-    (:class:`~headlab.surgeon.journal.Journal`)."""
+    (:class:`~headlab.core.journal.Journal`)."""
     settings = settings or CompressionSettings()
     shape = model_shape(model)
     layer_types = _layer_types(model)
@@ -260,8 +260,8 @@ def _interval(values: np.ndarray, seed: int) -> list[float]:
 
 def write_compression_page(result: dict, path: str | Path) -> Path:
     """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
-    from ..surgeon.escaping import html_text
-    from ..surgeon.files import GENERATOR_META, write_text
+    from ..core.escaping import html_text
+    from ..core.files import GENERATOR_META, write_text
     from . import views
 
     title = html_text(compression_title(result))

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..surgeon.files import read_json_file
-from ..surgeon.settings import Choice, Integer, Items, Kind, Maybe, Number, Text, check_object
+from ..core.files import read_json_file
+from ..core.kinds import Choice, Integer, Items, Kind, Maybe, Number, Text
+from ..core.settings import check_object
 
 COMPRESSION_FORMAT = "headlab-compression/1"
 FULL = "full"  # the unedited (or base) model's rule name

@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import atomic_path, write_json
+from ..core.errors import InputFileError
+from ..core.files import atomic_path, write_json
 from ..surgeon.mixing import StreamMix
 from ..surgeon.recompute import needs_recompute, recomputed_in_backward
 from ..surgeon.search.settings import StreamingSettings
-from .corpus import load_text
-from .scores import HeadScores
+from ..core.text import load_text
+from ..core.head_scores import HeadScores
 from .settings import GateSettings
 from .streaming import candidates, global_layers, score_ranking, streaming_plan
 

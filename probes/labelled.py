@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import read_jsonl
-from ..surgeon.settings import Kind, Text, check_object
+from ..core.errors import InputFileError
+from ..core.files import read_jsonl
+from ..core.kinds import Kind, Text
+from ..core.settings import check_object
 
 FOLDS = 5  # cross-validation folds of the probes
 

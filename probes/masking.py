@@ -14,7 +14,7 @@ import torch
 
 from ..surgeon import HeadMean, HeadScale, Plan, Taps, Uniform, attach
 from ..surgeon.stopping import run_for_taps
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 
 Head = tuple[int, int]
 

@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from ..surgeon import model_shape
 from ..surgeon.conversion.converted import converted_layers
-from ..surgeon.distributed import rank_and_world
-from ..surgeon.errors import HeadlabError, InputFileError
-from ..surgeon.files import claim_folder, read_json_file, write_json, write_text
-from ..surgeon.settings import index_spans
-from ..surgeon.shape import text_config
+from ..core.distributed import rank_and_world
+from ..core.errors import HeadlabError, InputFileError
+from ..core.files import claim_folder, read_json_file, write_json, write_text
+from ..core.kinds import index_spans
+from ..core.shape import text_config
 from ..surgeon.sites import has_causal_attention
 from ..surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
-from .corpus import load_text, token_windows
+from ..core.text import load_text, token_windows
 from .score_families import FamilyInputs, requested_families
 from .report_settings import ReportSettings
 from .atlas_page import load_atlas
@@ -33,8 +33,8 @@ from .compression_file import load_compression
 from .validation_file import load_curves
 from .record import AttentionRecord, record_attention, record_statistics, scoring_method
 from .report_page import write_pages
-from .scores import (PATTERN_PAGES, PATTERN_SCORES, HeadScores, ScoreAccumulator, load_scores_file, pattern_scores,
-                     pattern_scores_from_statistics)
+from .scores import PATTERN_PAGES, PATTERN_SCORES, ScoreAccumulator, pattern_scores, pattern_scores_from_statistics
+from ..core.head_scores import HeadScores, load_scores_file
 
 
 REPORT_ENTRIES = ("report.html", "views.html", "scores.json", "scores.csv")

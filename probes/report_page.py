@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..surgeon.escaping import element_id, html_attribute, html_text
-from ..surgeon.files import GENERATOR_META, write_text
+from ..core.escaping import element_id, html_attribute, html_text
+from ..core.files import GENERATOR_META, write_text
 from . import views
 from .atlas_page import atlas_section
 from .compression_file import compression_title, is_conversion
 from .record import AttentionRecord
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 from .view_data import ViewData, view_data_from_record
 from .view_page import write_view
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..surgeon.settings import (Choice, ExistingFile, Integer, Items, Maybe, Number, Registered, TextFile,
-                                check_settings, setting)
+from ..core.kinds import Choice, ExistingFile, Integer, Items, Maybe, Number, Registered, TextFile
+from ..core.settings import check_settings, setting
 from .score_families import SCORE_FAMILIES
 from .settings import POOLS, NeedleSettings, SinkSettings
 

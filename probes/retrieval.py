@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
-from ..surgeon.errors import HeadlabError
+from ..core.errors import HeadlabError
 from ..surgeon.kv_cache import SharedRooms, cropped_cache, full_attention_only
 from ..surgeon.plan import Plan
 from ..surgeon.stopping import run_for_taps
-from .corpus import load_text
+from ..core.text import load_text
 from .needles import NEEDLES, Needle
 from .settings import NeedleSettings
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
-    from .scores import HeadScores
+    from ..core.head_scores import HeadScores
     from .report_settings import ReportSettings
 
 
@@ -35,7 +35,7 @@ class FamilyInputs:
         each head's score averages."""
         import torch
 
-        from ..surgeon.shape import model_shape
+        from ..core.shape import model_shape
 
         shape = model_shape(self.model)
         return torch.full((shape.n_layers, shape.n_heads), len(self.windows) if n is None else n)
@@ -52,7 +52,7 @@ class ScoreFamily:
     ``page``: the documentation page the report links its scores to; ``softmax_only``: it edits,
     gates or reads head outputs or statistics of every layer, which layers converted to linear
     attention do not allow (their attention maps are all they give); ``check(inputs)``, where given,
-    raises :class:`~headlab.surgeon.errors.HeadlabError` for inputs the family cannot use, before any
+    raises :class:`~headlab.core.errors.HeadlabError` for inputs the family cannot use, before any
     family scores."""
 
     name: str
@@ -103,7 +103,7 @@ def requested_families(settings: "ReportSettings", causal: bool,
 
 
 def _scores(name, values, counts, inputs: FamilyInputs, description: str, settings: dict):
-    from .scores import HeadScores
+    from ..core.head_scores import HeadScores
 
     return HeadScores(name, values, counts, inputs.model_id, description, settings)
 

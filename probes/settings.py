@@ -1,15 +1,15 @@
 """Settings of the probes' commands (needle-in-a-haystack runs, sink detection, the masking
 validation, the attention view; the report's own are in :mod:`.report_settings`), one definition for the library and the command line
-(:mod:`headlab.surgeon.settings`). Importing this module costs no torch."""
+(:mod:`headlab.core.settings`). Importing this module costs no torch."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from ..surgeon.settings import (Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text, TextFile,
-                                check_settings, setting)
-from ..surgeon.errors import HeadlabError
+from ..core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text, TextFile
+from ..core.settings import check_settings, setting
+from ..core.errors import HeadlabError
 from ..surgeon.search.settings import STREAM_SINKS, STREAM_WINDOW
 
 N_NEEDLES = 3  # needles of .needles: scoring ...

@@ -16,11 +16,11 @@ import random
 import torch
 
 from ..surgeon.edit_kinds import Stream
-from ..surgeon.errors import HeadlabError
+from ..core.errors import HeadlabError
 from ..surgeon.plan import Plan
 from ..surgeon.search.settings import StreamingSettings
-from ..surgeon.shape import ModelShape
-from .scores import HeadScores
+from ..core.shape import ModelShape
+from ..core.head_scores import HeadScores
 
 SLIDING = "sliding_attention"  # transformers' layer type of a sliding-window layer
 RAZOR_SCORES = ("echo", "razor_induction")

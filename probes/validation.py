@@ -24,17 +24,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach
-from ..surgeon.journal import Journal
+from ..core.journal import Journal
 from ..surgeon.kv_cache import reserved_cache
 from ..surgeon.recompute import next_token_loss
 from ..surgeon.stopping import run_for_taps
-from .corpus import load_text, token_windows
+from ..core.text import load_text, token_windows
 from .masking import head_means, masking_plan, random_sets, top_heads
 from .masking_stats import summarize
 from .needles import HELDOUT_NEEDLES
 from .retrieval import (NeedlePrompt, answer_stop, greedy_from_cache, has_chat_template, needle_grid, rouge1_recall,
                         stop_rule)
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 from .settings import METRICS, MaskingSettings, ValidationSettings
 from .validation_file import CURVE_FORMAT, load_curves, write_curve_page
 
@@ -222,7 +222,7 @@ def masking_setup(score: HeadScores, settings: ValidationSettings) -> MaskingSet
 
 
 def validation_identity(score: HeadScores, settings: ValidationSettings, model_id: str | None) -> dict:
-    """What a validation measures, for its :class:`~headlab.surgeon.journal.Journal`."""
+    """What a validation measures, for its :class:`~headlab.core.journal.Journal`."""
     setup = masking_setup(score, settings)
     return {"kind": "validation", "model_id": model_id or score.model_id, "score": score.name,
             "metric": setup.metric, "exclude_above": setup.exclude_above,

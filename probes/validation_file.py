@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..surgeon.errors import InputFileError
-from ..surgeon.escaping import html_text
-from ..surgeon.files import GENERATOR_META, read_json_file, write_text
-from ..surgeon.settings import Choice, Integer, Items, Kind, Maybe, Number, Switch, Text, check_object
+from ..core.errors import InputFileError
+from ..core.escaping import html_text
+from ..core.files import GENERATOR_META, read_json_file, write_text
+from ..core.kinds import Choice, Integer, Items, Kind, Maybe, Number, Switch, Text
+from ..core.settings import check_object
 from .settings import MASKING_MODES, METRICS
 
 CURVE_FORMAT = "headlab-masking-curve/2"

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..surgeon.escaping import html_text, script_json
-from ..surgeon.files import GENERATOR_META, claim_file, write_text
+from ..core.escaping import html_text, script_json
+from ..core.files import GENERATOR_META, claim_file, write_text
 from . import views
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 from .view_data import ViewData, encode_map
 
 

@@ -19,10 +19,10 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
-from ..surgeon.escaping import element_id, plotly_text
-from ..surgeon.files import atomic_path
+from ..core.escaping import element_id, plotly_text
+from ..core.files import atomic_path
 from .record import AttentionRecord
-from .scores import HeadScores
+from ..core.head_scores import HeadScores
 from .view_data import ViewData, png_rgb, view_data_from_record
 
 def display_token(token: str) -> str:
@@ -355,7 +355,7 @@ def layer_trend_figure(doc: dict) -> go.Figure:
 
 def figure_div(fig: go.Figure, *id_parts) -> str:
     """The figure as an HTML ``<div>`` fragment without plotly.js (the page includes it once); its
-    element id is built from ``id_parts`` (:func:`~headlab.surgeon.escaping.element_id`: a hostile
+    element id is built from ``id_parts`` (:func:`~headlab.core.escaping.element_id`: a hostile
     score name cannot leave the attribute or plotly's script)."""
     return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=element_id(*id_parts))
 

@@ -1,7 +1,7 @@
 """headlab.sae: sparse autoencoders on per-head attention outputs (the input of ``o_proj``):
 activation stores, the autoencoder, training, evaluation, head attribution and dashboards."""
 
-from ..kernels.lazy_exports import lazy_exports
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     "ARCHITECTURES": "architectures",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..surgeon import Taps, attach, model_shape
-from ..surgeon.files import atomic_path, record_owned, write_json
+from ..core.files import atomic_path, record_owned, write_json
 from ..surgeon.stopping import run_until
 
 

@@ -175,7 +175,7 @@ class BatchTopK(_KSparse):
     def after_step(self, sae, codes, settings):
         import torch
 
-        from ..surgeon.distributed import all_reduce
+        from ..core.distributed import all_reduce
 
         active = codes > 0
         smallest = codes[active].min() if active.any() else torch.tensor(0.0)
@@ -214,7 +214,7 @@ def aux_loss(sae: "SparseAutoencoder", x: "torch.Tensor", x_hat: "torch.Tensor",
     ``min(n_dead / k_aux, 1)``."""
     import torch
 
-    from ..surgeon.distributed import all_reduce
+    from ..core.distributed import all_reduce
 
     dead_ids = dead.nonzero().flatten()
     residual = (x - x_hat).detach()

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon.escaping import html_text
-from ..surgeon.files import GENERATOR_META, claim_file, write_text
+from ..core.escaping import html_text
+from ..core.files import GENERATOR_META, claim_file, write_text
 from .activations import head_outputs
 from .attribution import decoder_head_shares
 from .model import SparseAutoencoder

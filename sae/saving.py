@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..surgeon.errors import InputFileError
-from ..surgeon.files import atomic_path, claim_folder, read_text_file, write_json
-from ..surgeon.settings import Integer, Registered, check_object
+from ..core.errors import InputFileError
+from ..core.files import atomic_path, claim_folder, read_text_file, write_json
+from ..core.kinds import Integer, Registered
+from ..core.settings import check_object
 from .model import SparseAutoencoder
 from .architectures import ARCHITECTURES
 

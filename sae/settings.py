@@ -1,11 +1,12 @@
 """Settings of sparse-autoencoder training and of the ``sae`` commands, one definition for the
-library and the command line (:mod:`headlab.surgeon.settings`). Importing this module costs no torch."""
+library and the command line (:mod:`headlab.core.settings`). Importing this module costs no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..surgeon.settings import Integer, Maybe, Number, Registered, TextFile, check_settings, setting
+from ..core.kinds import Integer, Maybe, Number, Registered, TextFile
+from ..core.settings import check_settings, setting
 from .architectures import ARCHITECTURES, Architecture, architecture
 
 

@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon.distributed import all_gather_rows, all_reduce, rank_and_world
-from ..surgeon.files import atomic_path
+from ..core.distributed import all_gather_rows, all_reduce, rank_and_world
+from ..core.files import atomic_path
 from .model import SparseAutoencoder
 from .settings import TrainSettings
 

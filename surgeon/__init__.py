@@ -1,6 +1,6 @@
 """headlab.surgeon: everything that touches a live model (loading, the attention hook, edit plans, taps)."""
 
-from ..kernels.lazy_exports import lazy_exports
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     "apply": "hook",
@@ -23,9 +23,9 @@ _EXPORTS = {
     "load_model": "models",
     "MapBudgetError": "taps",
     "model_directory": "models",
-    "model_shape": "shape",
-    "ModelShape": "shape",
-    "ModelSpecError": "errors",
+    "model_shape": "headlab.core.shape",
+    "ModelShape": "headlab.core.shape",
+    "ModelSpecError": "headlab.core.errors",
     "Plan": "plan",
     "PlanError": "plan",
     "Recording": "taps",
@@ -40,7 +40,7 @@ _EXPORTS = {
     "Stream": "edit_kinds",
     "Uniform": "edit_kinds",
     "Taps": "taps",
-    "UnsupportedModelError": "errors",
+    "UnsupportedModelError": "headlab.core.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -22,7 +22,7 @@ import torch
 
 from ..kernels.reference import visibility
 from ..kernels.scoring import softcapped
-from .errors import HeadlabError
+from ..core.errors import HeadlabError
 
 MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from .hook import Session
-from .shape import model_shape
+from ..core.shape import model_shape
 from .plan import Plan, PlanError
 from .taps import Taps
 

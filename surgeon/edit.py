@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from .errors import PlanError
-from .settings import Integer, Items, check_settings, setting
-from .shape import ModelShape
+from ..core.errors import PlanError
+from ..core.kinds import Integer, Items
+from ..core.settings import check_settings, setting
+from ..core.shape import ModelShape
 
 if TYPE_CHECKING:
     import torch

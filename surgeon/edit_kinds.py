@@ -13,11 +13,12 @@ import torch
 from . import edits
 from .edit import Edit, EditCall, register_edit
 from .edits import DROP_FIRST, PASTA_POSITIONS, UNIFORM_ROWS
-from .errors import PlanError
+from ..core.errors import PlanError
 from .request import RequestState
 from .search.settings import ACT_BETA, ACT_THRESHOLD, STREAM_SINKS, STREAM_WINDOW
-from .settings import Choice, Integer, Items, Maybe, Number, Switch, setting
-from .shape import ModelShape
+from ..core.kinds import Choice, Integer, Items, Maybe, Number, Switch
+from ..core.settings import setting
+from ..core.shape import ModelShape
 
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 

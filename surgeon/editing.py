@@ -15,7 +15,7 @@ import torch
 from . import attention_math
 from .attention_math import AttentionCall
 from .edit import Edit, EditCall
-from .errors import PlanError
+from ..core.errors import PlanError
 from .request import Request, RequestState
 
 

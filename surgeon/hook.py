@@ -24,8 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import attention_math, editing
 from .attention_math import AttentionCall
 from .conversion.layer import LinearAttention
-from .errors import UnsupportedModelError
-from .shape import ModelShape, model_shape, text_config
+from ..core.errors import UnsupportedModelError
+from ..core.shape import ModelShape, model_shape, text_config
 from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
 from .plan import Plan, PlanError
 from .request import Request, RequestState, section_masks, span_mask

@@ -271,7 +271,7 @@ def streaming_cache(model, plan, attention_mask: torch.Tensor | None = None) -> 
     ``plan`` streams whole KV heads. ``attention_mask [B, N]`` (left padding) moves each row's sink
     tokens; the layer keeps the positions up to the latest row's last sink."""
     from .edit_kinds import Stream
-    from .shape import model_shape
+    from ..core.shape import model_shape
 
     shape = model_shape(model)
     pads = 0 if attention_mask is None else int((attention_mask == 0).long().cumprod(-1).sum(-1).max())

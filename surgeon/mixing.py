@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import attention_math, edits
-from .errors import PlanError
+from ..core.errors import PlanError
 
 
 @dataclass

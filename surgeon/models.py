@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import ModelSpecError, UnsupportedModelError
-from .files import atomic_directory
-from .shape import ModelShape, model_shape, text_config
+from ..core.errors import ModelSpecError, UnsupportedModelError
+from ..core.files import atomic_directory
+from ..core.shape import ModelShape, model_shape, text_config
 from .sites import require_attention_interface
 
 

@@ -16,10 +16,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .edit import EDIT_KINDS, Edit
-from .errors import HeadlabError, PlanError
-from .files import claim_file, read_text_file, write_json
-from .settings import Integer, Items, Kind, Maybe, Text, check_object
-from .shape import ModelShape
+from ..core.errors import HeadlabError, PlanError
+from ..core.files import claim_file, read_text_file, write_json
+from ..core.kinds import Integer, Items, Kind, Maybe, Text
+from ..core.settings import check_object
+from ..core.shape import ModelShape
 
 
 @dataclass

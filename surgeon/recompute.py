@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .errors import UnsupportedModelError
-from .shape import model_shape, text_config
+from ..core.errors import UnsupportedModelError
+from ..core.shape import model_shape, text_config
 from .sites import decoder_layers, forwards_set
 
 # Floats a decoder block keeps per token for its backward pass, in units of the model width: its norms'

@@ -13,7 +13,7 @@ from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math
 from .attention_math import AttentionCall
 from .request import RequestState
-from .shape import ModelShape
+from ..core.shape import ModelShape
 from .taps import MapBudgetError, Recording, Taps
 
 _MASK_CACHE_SIZE = 4  # distinct masks of one forward: full and sliding-window layers

@@ -10,7 +10,7 @@ import torch
 
 from .hook import attach
 from .sites import block_input, decoder_layers, has_causal_attention
-from .shape import model_shape
+from ..core.shape import model_shape
 from .plan import PlanError
 from .stopping import run_for_taps
 from .taps import Taps

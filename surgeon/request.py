@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import PlanError
-from .settings import Integer
+from ..core.errors import PlanError
+from ..core.kinds import Integer
 
 Span = tuple[int, int] | torch.Tensor
 

@@ -11,8 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import UnsupportedModelError
-from .shape import text_config
+from ..core.errors import UnsupportedModelError
+from ..core.shape import text_config
 
 
 def require_attention_interface(model) -> None:

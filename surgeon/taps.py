@@ -8,9 +8,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import HeadlabError, PlanError
-from .settings import Integer, Number
-from .shape import ModelShape
+from ..core.errors import HeadlabError, PlanError
+from ..core.kinds import Integer, Number
+from ..core.shape import ModelShape
 
 DEFAULT_MAP_BUDGET_BYTES = 2 * 1024**3
 

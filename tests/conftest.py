@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of odd sizes, and the bundled real models (loaded once)."""
 
 import os
+import random
 import sys
 from types import SimpleNamespace
 from contextlib import contextmanager
@@ -115,6 +116,14 @@ def eager_recorder(model):
     finally:
         module.eager_attention_forward = original
         model.set_attn_implementation(previous)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same random state, so what it draws does not depend on which tests
+    ran before it (alone, in the quick loop, or in the whole suite)."""
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(params=sorted(LLAMA_VARIANTS))

@@ -101,7 +101,7 @@ def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
 
     from headlab.probes.atlas import atlas_document
     from headlab.probes.atlas_page import write_atlas_page
-    from headlab.probes.scores import HeadScores
+    from headlab.core.head_scores import HeadScores
 
     descriptors, _ = planted(per_type=4)
     other, _ = planted(noise_seed=1, per_type=4)

@@ -18,9 +18,9 @@ import torch
 from conftest import tiny_llama
 
 from headlab.cli import build_parser, main
-from headlab.probes.scores import HeadScores
+from headlab.core.head_scores import HeadScores
 from headlab.surgeon.conversion.settings import LinearSettings
-from headlab.surgeon.errors import HeadlabError
+from headlab.core.errors import HeadlabError
 from headlab.surgeon.models import load_config
 
 SMOL = "smollm2-135m"

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from headlab.cli import build_parser
-from headlab.surgeon.settings import _shown, flag_defaults, settings_from_args
+from headlab.core.settings import _shown, flag_defaults, settings_from_args
 
 
 def _command_parsers(parser: argparse.ArgumentParser, prefix=()):

@@ -11,7 +11,7 @@ from families import family_model, patched_eager
 from transformers import DynamicCache
 
 from headlab.surgeon import Plan, Stream, attach, model_shape
-from headlab.surgeon.errors import PlanError
+from headlab.core.errors import PlanError
 from headlab.surgeon.kv_cache import StreamingLayer, cache_bytes, streaming_cache
 
 LAYER, SINKS, WINDOW, N_TOKENS, STEPS = 3, 2, 4, 19, 5

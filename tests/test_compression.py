@@ -11,11 +11,11 @@ import torch
 from headlab.cli import main
 from headlab.probes.compression import evaluate_compression, summarize_runs
 from headlab.probes.compression_file import COMPRESSION_FORMAT
-from headlab.probes.corpus import load_text, token_windows
+from headlab.core.text import load_text, token_windows
 from headlab.probes.settings import CompressionSettings
 from headlab.probes.streaming import full_kv_heads, random_ranking
 from headlab.surgeon import model_shape
-from headlab.surgeon.errors import InputFileError
+from headlab.core.errors import InputFileError
 
 SETTINGS = dict(rules=("random",), keeps=(0.25,), random_sets=2, lengths=(256,), depths=(0.5,), n_needles=2,
                 windows=1, sinks=4, window=32, max_new_tokens=8)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from headlab import conversion_data
 from headlab.conversion_data import chat_windows, conversation_ids, pack, require_chat_template
 from headlab.surgeon.conversion.settings import ConversionSettings
-from headlab.surgeon.errors import HeadlabError
+from headlab.core.errors import HeadlabError
 
 
 def test_retrieval_questions_hide_their_fact_in_the_passage():
@@ -73,7 +73,7 @@ def test_chat_windows_pack_the_conversations_and_reuse_the_written_file(smollm2,
     made = len(calls)
     again, _ = chat_windows(None, tokenizer, settings, 5, tmp_path, progress=False)
     assert len(calls) == made and all(torch.equal(a, b) for a, b in zip(again, train))
-    from headlab.probes.corpus import load_text
+    from headlab.core.text import load_text
 
     for split, source, other in (("train", load_text(None), load_text(None, heldout=True)),
                                  ("held_out", load_text(None, heldout=True), load_text(None))):

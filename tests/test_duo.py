@@ -13,10 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.cli import main
 from headlab.probes.duo import GATE_SCORE, GateTraining, final_hidden, passkey_sample, sample_lengths
-from headlab.probes.scores import load_scores_file
+from headlab.core.head_scores import load_scores_file
 from headlab.probes.settings import GateSettings
 from headlab.surgeon import Plan, Stream, attach, model_shape
-from headlab.surgeon.errors import PlanError
+from headlab.core.errors import PlanError
 from headlab.surgeon.mixing import StreamMix
 
 SINKS, WINDOW = 2, 4

@@ -12,12 +12,13 @@ from conftest import CharTokenizer, padded_batch, tiny_llama
 
 from headlab.probes import ReportSettings, write_report
 from headlab.probes.score_families import score_family
-from headlab.probes.scores import HeadScores
+from headlab.core.head_scores import HeadScores
 from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
-from headlab.surgeon.errors import HeadlabError
+from headlab.core.errors import HeadlabError
 from headlab.surgeon.edit import Edit, EditCall, register_edit
-from headlab.surgeon.settings import Number, setting
+from headlab.core.kinds import Number
+from headlab.core.settings import setting
 
 
 @register_edit

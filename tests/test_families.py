@@ -14,7 +14,7 @@ from families import (FAMILIES, REFUSED, SUPPORTED, VOCAB, BY_NAME, family_model
 from headlab.sae.activations import head_outputs
 from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Stream, Taps, Uniform, UnsupportedModelError,
                              attach, model_shape)
-from headlab.surgeon.errors import PlanError
+from headlab.core.errors import PlanError
 from headlab.surgeon.sites import attention_modules
 
 N_TOKENS = 23

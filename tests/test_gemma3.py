@@ -8,7 +8,7 @@ import torch
 from bounds import entropy_tolerance, logit_error, probability_tolerance
 from conftest import eager_recorder, frozen_state
 
-from headlab.probes.corpus import load_text
+from headlab.core.text import load_text
 from headlab.surgeon import Calibrate, Plan, Taps, attach
 
 pytestmark = pytest.mark.real_model

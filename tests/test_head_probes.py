@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CharTokenizer, tiny_llama
 
-from headlab.surgeon.errors import InputFileError
+from headlab.core.errors import InputFileError
 from headlab.probes.divergence import head_divergence, zero_outliers
 from headlab.probes.labelled import load_labelled
 from headlab.probes.probing import probe_heads

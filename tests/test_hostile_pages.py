@@ -12,7 +12,7 @@ from test_view_browser import CHROMIUM, browser  # noqa: F401 (browser is a fixt
 from test_views import HostileTokenizer, hostile_ids
 
 from headlab.probes import ReportSettings, write_report
-from headlab.probes.scores import HeadScores
+from headlab.core.head_scores import HeadScores
 from headlab.probes.validation_file import CURVE_FORMAT, write_curve_page
 from headlab.probes.view_data import gather_view
 from headlab.probes.view_page import write_view

@@ -4,13 +4,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = {"kernels", "surgeon", "probes", "sae", "headlab"}
+PARTS = {"core", "kernels", "surgeon", "probes", "sae", "headlab"}
 ALLOWED = {
-    "kernels": set(),
-    "surgeon": {"kernels"},
-    "probes": {"surgeon", "kernels"},
-    "sae": {"surgeon", "kernels"},
-    "headlab": {"kernels", "surgeon", "probes", "sae"},
+    "core": set(),
+    "kernels": {"core"},
+    "surgeon": {"kernels", "core"},
+    "probes": {"surgeon", "kernels", "core"},
+    "sae": {"surgeon", "kernels", "core"},
+    "headlab": {"core", "kernels", "surgeon", "probes", "sae"},
 }
 THIRD_PARTY_OWNERS = {"plotly": "probes/views.py", "sklearn": "probes/probing.py", "triton": "kernels/"}
 

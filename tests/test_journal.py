@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from headlab.surgeon.errors import InputFileError
-from headlab.surgeon.files import check_folder
-from headlab.surgeon.journal import Journal
+from headlab.core.errors import InputFileError
+from headlab.core.files import check_folder
+from headlab.core.journal import Journal
 
 
 def test_pieces_are_kept_and_read_back_under_the_same_identity(tmp_path):

@@ -48,7 +48,7 @@ def test_a_loss_in_chunks_of_logits_is_the_models_loss_and_gradient(family, monk
 
 
 def test_a_model_whose_forward_skips_its_decoder_is_refused_not_scored_wrongly(monkeypatch):
-    from headlab.surgeon.errors import UnsupportedModelError
+    from headlab.core.errors import UnsupportedModelError
 
     model = family_model("llama")
     unused = copy.deepcopy(model.model)  # a decoder of the same shape that the model's forward never runs

@@ -54,7 +54,7 @@ def test_report_scores_match_a_direct_computation(tmp_path):
     settings = ReportSettings(n_samples=1, n_tokens=20, seed=0, text_path=str(text), n_views=1, scores=())
     write_report(model, tokenizer, "tiny", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
-    from headlab.probes.corpus import token_windows
+    from headlab.core.text import token_windows
 
     (ids,) = token_windows(tokenizer, text.read_text(), 1, 20, 0)
     maps = record_attention(model, ids).maps
@@ -91,7 +91,7 @@ def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softma
     assert "layers 0, 2 converted to linear attention" in data["provenance"]["attention"]
     skipped = data["provenance"]["skipped"]
     assert set(skipped) == {"gradient", "context"} and "converted" in skipped["gradient"]
-    from headlab.probes.corpus import token_windows
+    from headlab.core.text import token_windows
 
     windows = token_windows(CharTokenizer(), text.read_text(), 2, 20, 0)
     maps = torch.stack([record_attention(model, ids).maps for ids in windows])  # [window, layer, head, q, k]
@@ -130,7 +130,7 @@ def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_sinc
     from test_hostile_pages import hostile_curve
 
     from headlab.probes.report import rewrite_report_pages
-    from headlab.surgeon.files import record_owned
+    from headlab.core.files import record_owned
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
     settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, n_views=2, scores=("induction", "gradient"))
@@ -152,7 +152,7 @@ def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_sinc
 
 def test_page_only_refuses_what_it_cannot_rewrite(tmp_path, capsys):
     from headlab.probes.report import rewrite_report_pages
-    from headlab.surgeon.errors import HeadlabError
+    from headlab.core.errors import HeadlabError
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
     settings = ReportSettings(n_samples=1, n_tokens=16, n_views=1, scores=())

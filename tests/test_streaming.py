@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_llama
 
 from headlab.cli import main
-from headlab.probes.scores import HeadScores
+from headlab.core.head_scores import HeadScores
 from headlab.probes.streaming import (full_kv_heads, kv_head_scores, random_ranking, razor_ranking, rule_ranking,
                                       score_ranking, streaming_plan)
 from headlab.surgeon import Plan, Stream, attach, model_shape
-from headlab.surgeon.errors import HeadlabError
+from headlab.core.errors import HeadlabError
 from headlab.surgeon.search.settings import StreamingSettings
-from headlab.surgeon.shape import ModelShape
+from headlab.core.shape import ModelShape
 
 SHAPE = ModelShape(n_layers=3, n_heads=6, n_kv_heads=2, head_dim=4)  # KV head g serves query heads 3g..3g+2
 

@@ -15,12 +15,12 @@ from headlab.probes.masking import (eligible_heads, head_means, masking_plan, ma
                                     top_heads)
 from headlab.probes.masking_stats import bootstrap_intervals, paired_p, rank_p
 from headlab.probes.needles import HELDOUT_NEEDLES, NEEDLES
-from headlab.probes.scores import HeadScores
+from headlab.core.head_scores import HeadScores
 from headlab.probes.settings import MaskingSettings, ValidationSettings
 from headlab.probes.validation import NeedleTask, validate_score
 from headlab.probes.validation_file import CURVE_FORMAT, load_curve, write_curve_page
 from headlab.surgeon import HeadMean, HeadScale, Uniform, attach
-from headlab.surgeon.errors import InputFileError
+from headlab.core.errors import InputFileError
 
 
 def planted_score(n_layers=4, n_heads=5, name="planted") -> HeadScores:
@@ -128,7 +128,7 @@ def test_loss_validation_on_a_tiny_model_matches_direct_masked_forwards(tmp_path
     assert curve["metric"] == "loss" and curve["n_items"] == curve["n_used"] == 3
     top = curve["heads"]["top"]["2"]
     assert top == [(0, 0), (0, 1)]
-    from headlab.probes.corpus import load_text, token_windows
+    from headlab.core.text import load_text, token_windows
 
     windows = token_windows(CharTokenizer(), load_text(str(text)), 3, 16, 0)
     with torch.no_grad(), attach(model, masking_plan(top, "zero")):

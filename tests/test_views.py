@@ -16,7 +16,7 @@ from headlab.probes.view_data import (
     PooledMaps, decode_map, encode_map, gather_view, pool_block, png_rgb, view_data_from_record,
 )
 from headlab.probes.view_page import page_payload, write_view
-from headlab.surgeon.escaping import script_json
+from headlab.core.escaping import script_json
 from headlab.surgeon import Calibrate, HeadScale, Plan
 
 HOSTILE = ["<script>window.__pwned=1</script>", '"><img src=x onerror="window.__pwned=2">']

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from headlab.probes import ReportSettings, write_report
-from headlab.probes.scores import load_scores_file
+from headlab.core.head_scores import load_scores_file
 from headlab.probes.settings import NeedleSettings
 from headlab.surgeon import load_model, model_shape
 
@@ -54,7 +54,7 @@ print([(run["depth"], run["response"][:60], run["recalled"]) for run in runs])
 # its weight on the needle.
 
 # %%
-from headlab.probes.corpus import load_text
+from headlab.core.text import load_text
 from headlab.probes.needles import NEEDLES
 from headlab.probes.record import record_attention
 from headlab.probes.retrieval import build_prompt

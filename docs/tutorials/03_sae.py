@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.probes.corpus import load_text, token_windows
+from headlab.core.text import load_text, token_windows
 from headlab.sae import (ModelActivations, ShuffleBuffer, SparseAutoencoder, Trainer, decoder_head_shares,
                          load_sae, save_sae)
 from headlab.sae.settings import TrainSettings

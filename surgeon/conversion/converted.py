@@ -19,12 +19,12 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..files import claim_folder, record_owned, write_json
+from ...core.files import claim_folder, record_owned, write_json
 from .settings import LinearSettings
 from ..sites import decoder_layers
 from .layer import LinearAttention
 from .support import convertible_layers, verify_layers
-from ..shape import model_shape
+from ...core.shape import model_shape
 
 CONVERSION_FILE = "headlab_conversion.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import HeadlabError
-from ..settings import (Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, TextFile, check_settings,
-                       setting)
+from ...core.errors import HeadlabError
+from ...core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, TextFile
+from ...core.settings import check_settings, setting
 
 FORMS = ("hybrid", "linear")
 FEATURE_MAPS = ("lolcats", "fla")

@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from ..errors import UnsupportedModelError
-from ..shape import model_shape
+from ...core.errors import UnsupportedModelError
+from ...core.shape import model_shape
 from ..sites import decoder_layers, full_attention_layers, has_causal_attention, require_attention_interface
 from .layer import LinearAttention, norm_site
 

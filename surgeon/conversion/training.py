@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .converted import converted_layers
 from .settings import StageSettings
-from ..files import atomic_path
+from ...core.files import atomic_path
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

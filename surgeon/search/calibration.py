@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from ..conversion.converted import converted_layers
 from ..edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
-from ..errors import UnsupportedModelError
-from ..files import write_json
+from ...core.errors import UnsupportedModelError
+from ...core.files import write_json
 from ..hook import apply
-from ..shape import model_shape
+from ...core.shape import model_shape
 from ..plan import Plan, PlanError
 from .evaluate import EvalResult, accuracy, choice_batches, model_forward, score_batches
 from .prefix import LayerPrefix

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ...core.errors import UnsupportedModelError
 from ..sites import block_input, decoder_layers, forwards_set
 from .evaluate import ChoiceBatch, model_forward
 

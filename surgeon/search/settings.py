@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import Indices, Integer, Maybe, Number, Switch, check_settings, setting
+from ...core.kinds import Indices, Integer, Maybe, Number, Switch
+from ...core.settings import check_settings, setting
 
 ACT_BETA = 0.4  # sink weights are multiplied by this
 ACT_THRESHOLD = 0.1  # keys whose mean received attention exceeds this are sinks

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from ..edit_kinds import Calibrate
-from ..errors import UnsupportedModelError
+from ...core.errors import UnsupportedModelError
 from ..hook import attach
 from ..kv_cache import ReservedLayer, full_attention_only
 from ..plan import Plan
 from ..request import RequestState
-from ..shape import model_shape, text_config
+from ...core.shape import model_shape, text_config
 from ..sites import attention_modules, has_causal_attention
 from .evaluate import ChoiceBatch, output_at
 from .prefix import LayerPrefix, Reached, handing_through, require_tensor_output

@@ -11,9 +11,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputFileError
-from ..files import read_jsonl
-from ..settings import Integer, Items, Kind, Maybe, Text, check_object, check_settings, setting
+from ...core.errors import InputFileError
+from ...core.files import read_jsonl
+from ...core.kinds import Integer, Items, Kind, Maybe, Text
+from ...core.settings import check_object, check_settings, setting
 
 SPLITS = ("calibration", "test")
 

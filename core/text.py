@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..surgeon.errors import HeadlabError, InputFileError
+from .errors import HeadlabError, InputFileError
 
 STDLIB_MODULES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",

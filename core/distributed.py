@@ -1,8 +1,17 @@
-"""The process group a command runs in, for the probes and autoencoders that shard work."""
+"""The process group a command runs in, for the probes and autoencoders that shard work (processes are
+started by torchrun; headlab launches none itself)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def init_distributed() -> None:
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Package exports loaded on first use: importing a headlab package (the CLI does, for ``--help``)
-then costs no torch. The lowest layer holds it so that every package can use it."""
+then costs no torch."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from typing import Callable
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package`` whose public ``name`` lives in submodule
-    ``exports[name]`` (a name equal to its submodule's is the submodule itself)."""
+    ``exports[name]`` (a name equal to its submodule's is the submodule itself), or in the module
+    ``exports[name]`` names in full (``headlab.core.shape``) when it lives in another package."""
     names = sorted(exports)
 
     def __getattr__(name: str):
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        loaded = import_module(f".{module}", package)
+        loaded = import_module(module if module.startswith("headlab.") else f".{module}", package)
         return loaded if module == name else getattr(loaded, name)
 
     def __dir__() -> list[str]:
