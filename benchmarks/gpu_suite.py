@@ -7,12 +7,11 @@ then the headline timings of the three GPU benchmarks, in one JSON.
 It needs only torch and triton (the device machine's torch 2.11 / triton 3.6): it imports
 ``headlab.kernels`` straight from this repository's ``kernels/`` folder, which imports nothing of headlab
 but its foundation ``core/``, and uses synthetic tensors only. Checks (each against the torch path of the same op on the
-same low-precision inputs, computed in fp32 internally):
-
-* attention statistics: output, LSE, entropy, group mass, top-8 keys, column sums; causal, a sliding
-  window, a soft-cap and learned sinks;
-* linear and LoLCATs hybrid attention, forward and backward;
-* the TopK SAE encoder and sparse decoder, forward and backward.
+same low-precision inputs, computed in fp32 internally): every op of the kernel registry
+(``headlab.kernels.all_ops()``) that has a Triton path, every one of its cases, on random attention calls
+with each family quirk (causal, a sliding window, a soft-cap, learned sinks), output by output and, for
+the differentiable ops (linear and LoLCATs hybrid attention, the TopK SAE encoder and sparse decoder),
+gradient by gradient.
 
 A check passes when the largest difference is within ``tolerance × (1 + max |reference|)``, with the
 tolerance 2⁻⁶ for bf16 and 2⁻⁹ for fp16 (a few units of the dtype's rounding, which the Triton and torch
@@ -63,77 +62,32 @@ def close(got, want, dtype_name: str) -> tuple[bool, float]:
     return difference <= TOLERANCE[dtype_name] * (1 + scale), difference
 
 
-def check_statistics(kernels, torch, device, dtype, n: int, d: int) -> list[dict]:
-    rows = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for case, quirks in (("causal", {}), ("window", {"window": n // 4}), ("softcap", {"softcap": 20.0}),
-                         ("sinks", {"sinks": torch.randn(4, generator=gen).to(device)})):
-        q, k, v = (torch.randn(1, 4, n, d, generator=gen).to(device, dtype) for _ in range(3))
-        groups = torch.zeros(1, 1, n, dtype=torch.bool, device=device)
-        groups[..., 0] = True
-        args = dict(key_groups=groups, topk=8, columns=True, **quirks)
-        got = kernels.attention_with_stats(q, k, v, backend="triton", **args)
-        want = kernels.attention_with_stats(q, k, v, backend="torch", **args)
-        for field in ("out", "lse", "entropy", "group_mass", "topk_weight"):
-            ok, diff = close(getattr(got, field), getattr(want, field), str(dtype).split(".")[1])
-            rows.append({"op": "attention_with_stats", "case": case, "field": field, "max_diff": diff, "passed": ok})
-        ok, diff = close(got.columns.col_sum, want.columns.col_sum, str(dtype).split(".")[1])
-        rows.append({"op": "column_stats", "case": case, "field": "col_sum", "max_diff": diff, "passed": ok})
-    return rows
+QUIRKS = ("causal", "window", "softcap", "sinks")
 
 
-def check_linear(kernels, torch, device, dtype, n: int, d: int) -> list[dict]:
-    rows = []
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    name = str(dtype).split(".")[1]
-
-    def make(*shape, positive=False):
-        x = torch.randn(*shape, generator=gen)
-        x = x.softmax(-1) if positive else x
-        return x.to(device, dtype).requires_grad_(True)
-
-    fq, fk, v = make(1, 2, n, 2 * d, positive=True), make(1, 2, n, 2 * d, positive=True), make(1, 2, n, d)
-    q, k = make(1, 2, n, d), make(1, 2, n, d)
-    gamma = torch.full((2,), 0.1, device=device, requires_grad=False)
-    for op, call in (("linear_attention", lambda backend: kernels.linear_attention(fq, fk, v, backend=backend)[0]),
-                     ("hybrid_attention", lambda backend: kernels.hybrid_attention(q, k, v, fq, fk, gamma, window=64,
-                                                                                   backend=backend))):
-        results = {}
-        for backend in ("triton", "torch"):
-            out = call(backend)
-            leaves = [t for t in (q, k, v, fq, fk) if t.requires_grad]
-            grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
-            results[backend] = (out, grads)
-        ok, diff = close(results["triton"][0], results["torch"][0], name)
-        rows.append({"op": op, "case": "forward", "field": "out", "max_diff": diff, "passed": ok})
-        for index, (a, b) in enumerate(zip(results["triton"][1], results["torch"][1])):
-            ok, diff = close(a, b, name)
-            rows.append({"op": op, "case": "backward", "field": f"grad{index}", "max_diff": diff, "passed": ok})
-    return rows
+def call_with(quirk: str, torch, kernels, device, dtype, n: int, d: int):
+    """A random attention call (4 query heads reading 2 KV heads) with one family quirk."""
+    gen = torch.Generator(device="cpu").manual_seed(QUIRKS.index(quirk))
+    extra = {"causal": {}, "window": {"window": n // 4}, "softcap": {"softcap": 20.0},
+             "sinks": {"sinks": torch.randn(4, generator=gen)}}[quirk]
+    return kernels.AttentionInputs.random(1, 4, 2, n, d, gen, dtype, device, **extra)
 
 
-def check_sae(kernels, torch, device, dtype, rows_: int, d: int, n: int, k: int) -> list[dict]:
-    rows = []
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    name = str(dtype).split(".")[1]
-    x = torch.randn(rows_, d, generator=gen).to(device, dtype)
-    w_enc = (torch.randn(d, n, generator=gen) / d**0.5).to(device, dtype).requires_grad_(True)
-    w_dec = (torch.randn(n, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_(True)
-    b_enc = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
-    b_dec = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
-    results = {}
-    for backend in ("triton", "torch"):
-        values, indices = kernels.topk_encode(x, w_enc, b_enc, b_dec, k, backend=backend)
-        x_hat = kernels.sparse_decode(values, indices, w_dec, b_dec, backend=backend)
-        grads = torch.autograd.grad(x_hat.float().pow(2).sum(), [w_enc, w_dec, b_enc, b_dec], allow_unused=True)
-        results[backend] = (kernels.dense_codes(values.detach(), indices, n), x_hat.detach(), grads)
-    for field, index in (("codes", 0), ("x_hat", 1)):
-        ok, diff = close(results["triton"][index], results["torch"][index], name)
-        rows.append({"op": "topk_sae", "case": "forward", "field": field, "max_diff": diff, "passed": ok})
-    for field, a, b in zip(("grad_w_enc", "grad_w_dec", "grad_b_enc", "grad_b_dec"), results["triton"][2],
-                           results["torch"][2]):
-        ok, diff = close(a, b, name)
-        rows.append({"op": "topk_sae", "case": "backward", "field": field, "max_diff": diff, "passed": ok})
+def check_ops(kernels, torch, device, dtype, n: int, d: int) -> list[dict]:
+    """Every registered op with a Triton path, every case, on a call with each quirk: the Triton path
+    against the torch path, output by output (gradients included)."""
+    rows, name = [], str(dtype).split(".")[1]
+    for quirk in QUIRKS:
+        call = call_with(quirk, torch, kernels, device, dtype, n, d)
+        for op in kernels.all_ops().values():
+            if "triton" not in op.backends:
+                continue
+            for case in op.cases(call):
+                got, want = case.run("triton"), case.run("torch")
+                for field in want:
+                    ok, diff = close(got[field], want[field], name)
+                    rows.append({"op": op.name, "case": f"{case.name}, {quirk}", "field": field, "max_diff": diff,
+                                 "passed": ok})
     return rows
 
 
@@ -171,17 +125,15 @@ def main() -> int:
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--dry-run runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
-        device, dtypes, sizes = "cpu", [torch.float32], {"n": 64, "d": 16, "sae": (8, 32, 128, 4)}
+        device, dtypes, sizes = "cpu", [torch.float32], {"n": 64, "d": 16}
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: use --dry-run on a CPU")
-        device, dtypes, sizes = "cuda", [torch.bfloat16, torch.float16], {"n": 1024, "d": 64, "sae": (512, 768, 8192, 32)}
+        device, dtypes, sizes = "cuda", [torch.bfloat16, torch.float16], {"n": 1024, "d": 64}
     started = time.perf_counter()
     checks = []
     for dtype in dtypes:
-        checks += check_statistics(kernels, torch, device, dtype, sizes["n"], sizes["d"])
-        checks += check_linear(kernels, torch, device, dtype, sizes["n"], sizes["d"])
-        checks += check_sae(kernels, torch, device, dtype, *sizes["sae"])
+        checks += check_ops(kernels, torch, device, dtype, sizes["n"], sizes["d"])
         for row in checks:
             row.setdefault("dtype", str(dtype).split(".")[1])
     import triton

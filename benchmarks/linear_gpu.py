@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gpu_timing import median_ms
 
-from headlab.kernels.linear_ops import hybrid_attention, linear_attention
+from headlab.kernels.linear import hybrid_attention, linear_attention
 from headlab.core.files import write_json
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from gpu_timing import median_ms
 from sae_steps import dense_step, headlab_step, saelens_step
 
-from headlab.kernels.sae_ops import dense_codes, sparse_decode, topk_encode
+from headlab.kernels.sae_codes import dense_codes, sparse_decode, topk_encode
 from headlab.sae import SparseAutoencoder
 from headlab.core.files import write_json
 

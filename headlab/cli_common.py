@@ -5,7 +5,6 @@ what it is. Importing this module costs no torch (argument errors answer at once
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 from typing import Callable

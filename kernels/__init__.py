@@ -1,25 +1,30 @@
 """headlab.kernels: pure tensor ops with plain-torch references (imports nothing of headlab but its
-foundation, :mod:`headlab.core`)."""
+foundation, :mod:`headlab.core`). Each op is one public module that chooses its backend (:mod:`._backend`)
+and registers itself (:mod:`.ops`), a torch path, a Triton path where it pays, and its reference in
+:mod:`.reference`."""
 
 # Absolute: transformers probes for an installed package named ``kernels`` and, run from the repository,
 # imports this folder under that name, where a relative import beyond it would fail.
 from headlab.core.lazy import lazy_exports
 
 _EXPORTS = {
+    "all_ops": "ops",
     "attention_with_stats": "attention_stats",
+    "AttentionInputs": "ops",
     "AttentionStats": "types",
-    "BACKENDS": "attention_stats",
+    "BACKENDS": "_backend",
     "column_stats": "attention_stats",
     "ColumnStats": "types",
-    "dense_codes": "sae_ops",
-    "hybrid_attention": "linear_ops",
-    "linear_attention": "linear_ops",
+    "dense_codes": "sae_codes",
+    "hybrid_attention": "linear",
+    "linear_attention": "linear",
     "MAX_TOPK": "attention_stats",
-    "partial_attention": "partial",
-    "resolve_backend": "attention_stats",
-    "row_key_probs": "partial",
-    "sparse_decode": "sae_ops",
-    "topk_encode": "sae_ops",
+    "Op": "ops",
+    "partial_attention": "columns",
+    "register_op": "ops",
+    "row_key_probs": "columns",
+    "sparse_decode": "sae_codes",
+    "topk_encode": "sae_codes",
 }
 __all__ = sorted(_EXPORTS)
 

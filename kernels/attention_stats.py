@@ -1,21 +1,20 @@
 """Public entry points: attention with interpretability statistics, without the N×N map.
 
-``backend="auto"`` picks Triton for CUDA tensors and the chunked torch path elsewhere;
-``"triton"`` forces the fused kernel (on CPU tensors only under ``TRITON_INTERPRET=1``);
-``"torch"`` forces the chunked torch path. Shapes and conventions: :mod:`.reference`.
+``backend`` as in :mod:`._backend`: the fused kernels of :mod:`.attention_stats_triton` or the chunked
+torch path of :mod:`.attention_stats_torch`. Shapes and conventions: :mod:`.reference`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .scoring import check_scoring
-from .stats_torch import attention_stats_torch, column_stats_torch
+from ._backend import resolve_backend
+from .attention_stats_torch import attention_stats_torch, column_stats_torch
+from .ops import REFERENCE, AttentionInputs, Case, Op, Outputs, register_op
+from .quirks import check_scoring
+from .reference import attention_stats_reference, column_stats_reference
 from .types import AttentionStats, ColumnStats
 
-BACKENDS = ("auto", "triton", "torch")
 MAX_TOPK = 8
 
 
@@ -40,17 +39,6 @@ def _defaults(q, k, scale, q_offset) -> tuple[float, int]:
     """``scale`` defaults to ``D^-1/2``; ``q_offset`` to ``Nk - Nq`` (rows at the end of the cache)."""
     return (q.shape[-1] ** -0.5 if scale is None else float(scale),
             k.shape[2] - q.shape[2] if q_offset is None else int(q_offset))
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
-    return backend
 
 
 def attention_with_stats(
@@ -80,7 +68,7 @@ def attention_with_stats(
     marks column sets (sinks, a needle span, an image span). With ``columns`` the result also
     holds :class:`ColumnStats` over the rows marked in ``query_valid [B, Nq]`` (default all): the
     torch path sums them in the same pass, the Triton path in :func:`column_stats`' second pass.
-    Family quirks (:mod:`.scoring`): ``window`` keys per causal row (sliding-window layers),
+    Family quirks (:mod:`.quirks`): ``window`` keys per causal row (sliding-window layers),
     ``softcap`` (``c·tanh(s/c)`` logits), ``sinks [Hq]`` learned sink logits (then ``lse`` and
     ``entropy`` cover the sink column too, and key probabilities sum to ``1 - p_sink``).
     Forward only: the results carry no gradient.
@@ -89,8 +77,8 @@ def attention_with_stats(
     check_scoring(window, softcap, sinks, causal, q.shape[1])
     scale, q_offset = _defaults(q, k, scale, q_offset)
     quirks = dict(window=window, softcap=softcap)
-    if resolve_backend(backend, q.device) == "triton":
-        from .stats_triton import attention_stats_triton, column_stats_triton
+    if resolve_backend(backend, q.device, "attention_with_stats") == "triton":
+        from .attention_stats_triton import attention_stats_triton, column_stats_triton
 
         stats = attention_stats_triton(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
                                        key_valid=key_valid, key_groups=key_groups, topk=topk, sinks=sinks, **quirks)
@@ -123,10 +111,53 @@ def column_stats(
     _check(q, k, None, key_valid, None, 0)
     check_scoring(window, softcap, None, causal, q.shape[1])
     scale, q_offset = _defaults(q, k, scale, q_offset)
-    if resolve_backend(backend, q.device) == "triton":
-        from .stats_triton import column_stats_triton
+    if resolve_backend(backend, q.device, "column_stats") == "triton":
+        from .attention_stats_triton import column_stats_triton
 
         return column_stats_triton(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
                                    key_valid=key_valid, query_valid=query_valid, window=window, softcap=softcap)
     return column_stats_torch(q, k, lse, scale=scale, causal=causal, q_offset=q_offset,
                               key_valid=key_valid, query_valid=query_valid, window=window, softcap=softcap)
+
+
+def _first_token_group(call: AttentionInputs) -> torch.Tensor:
+    """``[B, 1, N]``: the first key as the one column group (a sink)."""
+    groups = torch.zeros(call.k.shape[0], 1, call.k.shape[2], dtype=torch.bool, device=call.k.device)
+    groups[..., 0] = True
+    return groups
+
+
+def _statistics_cases(call: AttentionInputs) -> list[Case]:
+    kwargs = dict(scale=call.scale, window=call.window, softcap=call.softcap, sinks=call.sinks,
+                  key_groups=_first_token_group(call), topk=4)
+
+    def run(backend: str) -> Outputs:
+        if backend == REFERENCE:
+            stats = attention_stats_reference(call.q, call.k, call.v, **kwargs)
+        else:
+            stats = attention_with_stats(call.q, call.k, call.v, backend=backend, **kwargs)
+        return {"out": stats.out, "lse": stats.lse, "entropy": stats.entropy, "group_mass": stats.group_mass,
+                "topk_weight": stats.topk_weight}
+
+    return [Case("causal rows", run)]
+
+
+def _column_cases(call: AttentionInputs) -> list[Case]:
+    quirks = dict(scale=call.scale, window=call.window, softcap=call.softcap)
+    lse = attention_stats_reference(call.q, call.k, call.v, sinks=call.sinks, **quirks).lse
+
+    def run(backend: str) -> Outputs:
+        if backend == REFERENCE:
+            return {"col_sum": column_stats_reference(call.q, call.k, sinks=call.sinks, **quirks).col_sum}
+        return {"col_sum": column_stats(call.q, call.k, lse, backend=backend, **quirks).col_sum}
+
+    return [Case("causal rows", run)]
+
+
+register_op(Op("attention_with_stats", "attention output with per-row LSE, entropy, group mass and top-k keys",
+               ("torch", "triton"), _statistics_cases))
+register_op(Op("column_stats", "attention each key receives, from the rows' LSE", ("torch", "triton"),
+               _column_cases))
+
+
+__all__ = ["MAX_TOPK", "attention_with_stats", "column_stats"]

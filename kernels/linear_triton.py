@@ -22,16 +22,13 @@ with NaN, so an unwritten element shows.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .linear_torch import with_ones
-from .stats_triton import _alloc
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WINDOWS = (16, 32, 64, 128)
 
 
@@ -205,14 +202,14 @@ class _ChunkedLinear(torch.autograd.Function):
         cap = 32 if chunk >= 128 and fq.dtype == torch.float32 else 64  # fp32 tiles of 128 rows overflow shared memory
         bk, bv = _tile(k_dim, cap), _tile(dv_dim, cap)
         bh = batch * heads
-        states = _alloc((bh, n_chunks, k_dim, dv_dim), torch.float32, fq.device)
-        final = _alloc((bh, k_dim, dv_dim), torch.float32, fq.device)
+        states = _launch.output((bh, n_chunks, k_dim, dv_dim), torch.float32, fq.device)
+        final = _launch.output((bh, k_dim, dv_dim), torch.float32, fq.device)
         h0_ = _flat(h0.float()) if h0 is not None else final
-        upcast = INTERPRET or fq.dtype == torch.float32
+        upcast = _launch.INTERPRET or fq.dtype == torch.float32
         _state_fwd[(triton.cdiv(k_dim, bk), triton.cdiv(dv_dim, bv), bh)](
             fk_, v_, h0_, states, final, n, n_chunks, k_dim, dv_dim,
             HAS_H0=h0 is not None, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
-        out = _alloc((bh, n, dv_dim), torch.float32, fq.device)
+        out = _launch.output((bh, n, dv_dim), torch.float32, fq.device)
         _output_fwd[(n_chunks, triton.cdiv(dv_dim, bv), bh)](
             fq_, fk_, v_, states, out, n, n_chunks, k_dim, dv_dim, INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
         ctx.save_for_backward(fq_, fk_, v_, states)
@@ -226,19 +223,19 @@ class _ChunkedLinear(torch.autograd.Function):
         batch, heads, n, k_dim, dv_dim, n_chunks, chunk, intra, bk, bv, upcast, q_dtype, v_dtype, has_h0 = ctx.meta
         bh = batch * heads
         do_ = _flat(d_out.float())
-        grads = _alloc((bh, n_chunks, k_dim, dv_dim), torch.float32, fq_.device)
-        dh0 = _alloc((bh, k_dim, dv_dim), torch.float32, fq_.device)
+        grads = _launch.output((bh, n_chunks, k_dim, dv_dim), torch.float32, fq_.device)
+        dh0 = _launch.output((bh, k_dim, dv_dim), torch.float32, fq_.device)
         _state_bwd[(triton.cdiv(k_dim, bk), triton.cdiv(dv_dim, bv), bh)](
             fq_, do_, grads, dh0, n, n_chunks, k_dim, dv_dim, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
         if d_final is not None:  # the final state reads every key: it adds to every chunk's g
             grads += _flat(d_final.float())[:, None]
             dh0 += _flat(d_final.float())
-        dfq = _alloc((bh, n, k_dim), torch.float32, fq_.device)
-        dfk = _alloc((bh, n, k_dim), torch.float32, fq_.device)
+        dfq = _launch.output((bh, n, k_dim), torch.float32, fq_.device)
+        dfk = _launch.output((bh, n, k_dim), torch.float32, fq_.device)
         _grad_qk[(n_chunks, triton.cdiv(k_dim, bk), bh)](
             fq_, fk_, v_, do_, states, grads, dfq, dfk, n, n_chunks, k_dim, dv_dim,
             INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
-        dv = _alloc((bh, n, dv_dim), torch.float32, fq_.device)
+        dv = _launch.output((bh, n, dv_dim), torch.float32, fq_.device)
         _grad_v[(n_chunks, triton.cdiv(dv_dim, bv), bh)](
             fq_, fk_, do_, grads, dv, n, n_chunks, k_dim, dv_dim, INTRA=intra, C=chunk, BK=bk, BV=bv, UPCAST=upcast)
         shape_qk, shape_v = (batch, heads, n, k_dim), (batch, heads, n, dv_dim)
@@ -383,11 +380,11 @@ class _Window(torch.autograd.Function):
         dv_dim = v.shape[-1]
         q_, k_, v_ = _flat(q), _flat(k), _flat(v)
         bh = batch * heads
-        w = _alloc((bh, n, dv_dim), torch.float32, q.device)
-        m = _alloc((bh, n), torch.float32, q.device)
+        w = _launch.output((bh, n, dv_dim), torch.float32, q.device)
+        m = _launch.output((bh, n), torch.float32, q.device)
         idx = torch.full((bh, n), -1, dtype=torch.int64, device=q.device)
         meta = dict(TERRACE=terrace, C=window, BD=max(16, triton.next_power_of_2(d)),
-                    BV=min(64, max(16, triton.next_power_of_2(dv_dim))), UPCAST=INTERPRET or q.dtype == torch.float32)
+                    BV=min(64, max(16, triton.next_power_of_2(dv_dim))), UPCAST=_launch.INTERPRET or q.dtype == torch.float32)
         _window_fwd[(triton.cdiv(n, window), bh)](q_, k_, v_, w, m, idx, n, d, dv_dim, scale, **meta)
         ctx.save_for_backward(q_, k_, v_, m)
         ctx.meta, ctx.shape, ctx.scale = meta, (batch, heads, n, d, dv_dim), scale
@@ -401,9 +398,9 @@ class _Window(torch.autograd.Function):
         batch, heads, n, d, dv_dim = ctx.shape
         bh, window = batch * heads, ctx.meta["C"]
         dw = _flat(d_w.float())
-        dq = _alloc((bh, n, d), torch.float32, q_.device)
-        dk = _alloc((bh, n, d), torch.float32, q_.device)
-        dv = _alloc((bh, n, dv_dim), torch.float32, q_.device)
+        dq = _launch.output((bh, n, d), torch.float32, q_.device)
+        dk = _launch.output((bh, n, d), torch.float32, q_.device)
+        dv = _launch.output((bh, n, dv_dim), torch.float32, q_.device)
         grid = (triton.cdiv(n, window), bh)
         _window_bwd_q[grid](q_, k_, v_, m, dw, dq, n, d, dv_dim, ctx.scale, **ctx.meta)
         _window_bwd_kv[grid](q_, k_, v_, m, dw, dk, dv, n, d, dv_dim, ctx.scale, **ctx.meta)
@@ -432,7 +429,7 @@ def hybrid_unsupported(window: int, dtype: torch.dtype) -> str | None:
     are :data:`WINDOWS`, and the backward's fp32 tiles of a 128-window exceed sm_90 shared memory."""
     if window not in WINDOWS:
         return f"the Triton hybrid kernel supports windows {WINDOWS}, got {window}"
-    if window == 128 and dtype == torch.float32 and not INTERPRET:
+    if window == 128 and dtype == torch.float32 and not _launch.INTERPRET:
         return "the Triton hybrid kernel runs window 128 in bf16/fp16 only (fp32 tiles exceed shared memory)"
     return None
 

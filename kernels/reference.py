@@ -8,7 +8,7 @@ causal row sees keys ``j <= i + q_offset``. ``key_valid [B, Nk]`` (bool) removes
 A row with no visible key has ``out = 0``, ``lse = -inf``, ``entropy = 0``, group mass 0 and
 top-k indices -1 with weight 0. For tests only: memory is ``B·Hq·Nq·Nk`` floats.
 
-The family quirks of :mod:`.scoring` are written out literally here: ``window`` limits a causal
+The family quirks of :mod:`.quirks` are written out literally here: ``window`` limits a causal
 row to its last ``window`` keys, ``softcap`` maps logits to ``c·tanh(s/c)``, and ``sinks [Hq]``
 is a real extra column of the softmax that is dropped afterwards (a row that sees no key then
 puts all its mass on the sink: ``lse = sink``, ``entropy = 0``, ``out = 0``).
@@ -151,3 +151,64 @@ def hybrid_attention_reference(q, k, v, fq, fk, gamma, *, window: int = 64, terr
     v1 = torch.cat([v.double(), torch.ones_like(v[..., :1]).double()], -1)
     out = (soft + lin) @ v1
     return (out[..., :-1] / out[..., -1:]).to(v.dtype)
+
+
+# Attention over a few key columns, from the rows' known log-sum-exp (:mod:`.columns`).
+
+
+def partial_attention_reference(q, k, v, lse, key_index, *, scale=None, causal=True, q_offset=None, window=None,
+                                softcap=None):
+    """``(mass [B, Hq, Nq], out [B, Hq, Nq, D])`` over the keys ``key_index [B, S]`` (-1: unused), from
+    the full map ``exp(s - lse)`` of the visible keys (a row with ``lse = -inf`` gets zeros)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    _, s, visible = attention_probs_reference(q.to(work), k.to(work), scale, causal, q_offset, None, window, softcap)
+    finite = torch.isfinite(lse)[..., None]
+    p = torch.where(visible & finite, torch.exp(s - lse.to(work).masked_fill(~finite[..., 0], 0.0)[..., None]),
+                    torch.zeros_like(s))
+    chosen = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    for row, keys in enumerate(key_index.tolist()):
+        chosen[row, [j for j in keys if j >= 0]] = True
+    p = p * chosen[:, None, None, :]
+    group = q.shape[1] // k.shape[1]
+    return p.sum(-1), torch.matmul(p, v.to(work).repeat_interleave(group, dim=1))
+
+
+def row_key_probs_reference(q, k, lse, offsets, *, scale=None, q_offset=None, key_valid=None, window=None,
+                            softcap=None):
+    """``[B, Hq, Nq, len(offsets)]``: entry ``[..., i, slot]`` is the weight ``exp(s - lse)`` row ``i``
+    gives key ``i + q_offset - offsets[slot]``, read off the full map (0 where that key does not exist,
+    is padded or lies outside the window, or the row sees nothing)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    work = torch.promote_types(q.dtype, torch.float32)
+    n_query, n_key = q.shape[2], k.shape[2]
+    q_offset = n_key - n_query if q_offset is None else q_offset
+    _, s, visible = attention_probs_reference(q.to(work), k.to(work), scale, True, q_offset, key_valid, window, softcap)
+    finite = torch.isfinite(lse)[..., None]
+    p = torch.where(visible & finite, torch.exp(s - lse.to(work).masked_fill(~finite[..., 0], 0.0)[..., None]),
+                    torch.zeros_like(s))
+    out = torch.zeros(*q.shape[:3], len(offsets), dtype=work, device=q.device)
+    for slot, d in enumerate(offsets):
+        for i in range(n_query):
+            key = i + q_offset - d
+            if 0 <= key < n_key:
+                out[:, :, i, slot] = p[:, :, i, key]
+    return out
+
+
+# The TopK sparse autoencoder (:mod:`.sae_codes`). Shapes: ``x [B, d]``, ``W_enc [d, n]``, ``b_enc [n]``,
+# ``b_dec [d]``, ``W_dec [n, d]``; a code is ``(values [B, k], indices [B, k])``.
+
+
+def topk_encode_reference(x, w_enc, b_enc, b_dec, k: int):
+    """``(values, indices)``: the ``k`` largest of ``ReLU((x - b_dec) W_enc + b_enc)`` per row, from the
+    dense pre-activations."""
+    pre = torch.relu((x - b_dec) @ w_enc + b_enc)
+    values, indices = pre.topk(k, dim=-1)
+    return values, indices
+
+
+def sparse_decode_reference(values, indices, w_dec, b_dec):
+    """``x̂ = codes @ W_dec + b_dec`` with the dense ``[B, n]`` code of ``(values, indices)``."""
+    codes = torch.zeros(values.shape[0], w_dec.shape[0], dtype=values.dtype, device=values.device)
+    return codes.scatter(1, indices, values) @ w_dec + b_dec

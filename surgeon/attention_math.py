@@ -5,7 +5,7 @@ causality and the family quirks its modeling code passes as keywords (a sliding 
 soft-cap, gpt-oss's learned sinks), plus where the call's keys sit in the sequence (sliding-window
 caches keep only the last keys). A keyword that could change attention and is not understood is
 refused before anything is computed from scores. The tensor math of the quirks lives in
-:mod:`headlab.kernels.scoring`.
+:mod:`headlab.kernels.quirks`.
 
 Shapes: ``q [batch, heads, query, head_dim]`` after RoPE; ``k, v [batch, kv_heads, key, head_dim]``
 after the cache update, not expanded for GQA; masks ``[batch, 1, query, key]`` (bool: True
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..kernels.reference import visibility
-from ..kernels.scoring import softcapped
+from ..kernels.quirks import softcapped
 from ..core.errors import HeadlabError
 
 MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN

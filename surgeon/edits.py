@@ -209,7 +209,7 @@ def act_output_from_lse(out: torch.Tensor, group_out: torch.Tensor, group_mass: 
     ``γ = (1 - β A_S) / (1 - A_S)``.
 
     ``out, group_out [..., D]``: the row output and ``P = Σ_{j∈S} a_j v_j``; ``group_mass [...]``
-    the row's sink mass ``A_S`` (both from :func:`headlab.kernels.partial_attention` with the LSE
+    the row's sink mass ``A_S`` (both from :func:`headlab.kernels.columns` with the LSE
     of the fused pass). Rows with ``A_S = 0`` or ``1 - A_S <= REST_MIN`` are unchanged, as in
     :func:`act_reweight`. Without the map, the non-sink mass is ``1 - A_S``: in fp32 it keeps about
     ``6e-8 / (1 - A_S)`` relative precision (0.2 % at ``1 - A_S = 3e-5``), so pass fp64 tensors

@@ -25,5 +25,7 @@ def test_the_gpu_suite_dry_run_passes_every_check(tmp_path):
     result = json.loads(out.read_text())
     assert result["dry_run"] and result["all_passed"] and result["timings"] == {}
     ops = {row["op"] for row in result["checks"]}
-    assert ops == {"attention_with_stats", "column_stats", "linear_attention", "hybrid_attention", "topk_sae"}
+    assert ops == {"attention_with_stats", "column_stats", "linear_attention", "hybrid_attention", "topk_encode",
+                   "sparse_decode"}
+    assert {row["field"] for row in result["checks"] if row["op"] == "hybrid_attention"} >= {"out", "grad_q", "grad_fk"}
     assert len(result["checks"]) >= 40

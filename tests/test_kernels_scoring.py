@@ -8,8 +8,8 @@ import torch
 
 from headlab.kernels import attention_with_stats, column_stats, partial_attention, row_key_probs
 from headlab.kernels.reference import attention_probs_reference, attention_stats_reference, column_stats_reference
-from headlab.kernels.scoring import with_sinks
-from headlab.kernels.stats_torch import attention_stats_torch
+from headlab.kernels.quirks import with_sinks
+from headlab.kernels.attention_stats_torch import attention_stats_torch
 
 from test_kernels_stats import make_inputs, rel_rms, row_pass  # noqa: F401  (row_pass is a fixture)
 

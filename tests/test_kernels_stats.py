@@ -11,8 +11,8 @@ import torch
 
 from headlab.kernels import attention_with_stats, column_stats, native
 from headlab.kernels.reference import attention_probs_reference, attention_stats_reference, column_stats_reference
-from headlab.kernels.stats_torch import attention_stats_torch
-from headlab.kernels.stats_triton import UNWRITTEN_INDEX
+from headlab.kernels.attention_stats_torch import attention_stats_torch
+from headlab.kernels._launch import UNWRITTEN_INDEX
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
 

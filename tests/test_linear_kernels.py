@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headlab.kernels.linear_ops import hybrid_attention, linear_attention
+from headlab.kernels.linear import hybrid_attention, linear_attention
 from headlab.kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
 from headlab.kernels.reference import (hybrid_attention_reference, linear_attention_reference,
                                        window_mask_reference)

@@ -7,7 +7,7 @@ outputs are pre-filled with NaN there, so an element a kernel forgot to write fa
 import pytest
 import torch
 
-from headlab.kernels.linear_ops import hybrid_attention, linear_attention
+from headlab.kernels.linear import hybrid_attention, linear_attention
 from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

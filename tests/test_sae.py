@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from headlab.core.errors import InputFileError
 from headlab.cli import main
-from headlab.kernels.sae_ops import dense_reference_decode, dense_reference_encode, sparse_decode, topk_encode
+from headlab.kernels.reference import sparse_decode_reference, topk_encode_reference
+from headlab.kernels.sae_codes import sparse_decode, topk_encode
 from headlab.sae.jump import JumpStep
 from headlab.sae.saving import save_sparsity
 from headlab.sae import (
@@ -44,7 +45,7 @@ def test_sparse_topk_ops_match_dense_reference_values_and_gradients(dtype, tol):
     ours_grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    reference = dense_reference_decode(dense_reference_encode(x, w_enc, b_enc, b_dec, 7), w_dec, b_dec)
+    reference = sparse_decode_reference(*topk_encode_reference(x, w_enc, b_enc, b_dec, 7), w_dec, b_dec)
     (reference * grad_out).sum().backward()
     assert torch.allclose(ours, reference, atol=tol)
     for mine, p in zip(ours_grads, params):

@@ -7,7 +7,8 @@ outputs are pre-filled with NaN there, so an element a kernel forgot to write fa
 import pytest
 import torch
 
-from headlab.kernels.sae_ops import dense_reference_decode, dense_reference_encode, sparse_decode, topk_encode
+from headlab.kernels.reference import sparse_decode_reference, topk_encode_reference
+from headlab.kernels.sae_codes import sparse_decode, topk_encode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -35,7 +36,7 @@ def run(x, params, grad_out, k, backend):
     if backend == "reference":  # fp32 on the same (rounded) inputs: the specification
         upcast = [p.detach().float().requires_grad_() for p in params]
         w_enc, b_enc, b_dec, w_dec = upcast
-        out = dense_reference_decode(dense_reference_encode(x.float(), w_enc, b_enc, b_dec, k), w_dec, b_dec)
+        out = sparse_decode_reference(*topk_encode_reference(x.float(), w_enc, b_enc, b_dec, k), w_dec, b_dec)
         (out * grad_out.float()).sum().backward()
         return out, [p.grad for p in upcast]
     for p in params:

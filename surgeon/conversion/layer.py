@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
-from ...kernels.linear_ops import hybrid_attention, linear_attention
+from ...kernels.linear import hybrid_attention, linear_attention
 from ...kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
 
 from .settings import LinearSettings

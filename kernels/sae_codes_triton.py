@@ -1,5 +1,5 @@
 """Triton kernels for the TopK sparse autoencoder (docs/guides/gpu.md): the fused TopK encoder and the sparse
-decoder, forward and backward. Semantics are those of :mod:`.sae_ops`' dense references.
+decoder, forward and backward. Semantics are those of :mod:`.reference`'s ``topk_encode_reference`` and ``sparse_decode_reference``.
 
 Shapes: ``x [B, d]``, ``W_enc [d, n]``, ``b_enc [n]``, ``b_dec [d]``, ``W_dec [n, d]``, codes as
 ``(values [B, k], indices [B, k])``.
@@ -19,21 +19,17 @@ Shapes: ``x [B, d]``, ``W_enc [d, n]``, ``b_enc [n]``, ``b_dec [d]``, ``W_dec [n
   atomics, so gradients are deterministic and a resumed run stays bit-identical.
 
 ``x`` is data and is never differentiated. Under ``TRITON_INTERPRET=1`` tiles are upcast to fp32
-before every dot and outputs are pre-filled with NaN (see :func:`.stats_triton._alloc`).
+before every dot and outputs are pre-filled with NaN (:mod:`._launch`).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .stats_triton import _alloc
+from . import _launch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_K = 512  # larger k goes through the torch path (the fallback)
 NO_KEY = torch.iinfo(torch.int64).min
 
 
@@ -172,13 +168,13 @@ def _encode_candidates(x, w_enc, b_enc, b_dec, k):
     rows, d = x.shape
     n = w_enc.shape[1]
     kt = triton.next_power_of_2(k)
-    bm, bn, bk = (16, 32, 16) if INTERPRET else (64, 128, 64)
+    bm, bn, bk = (16, 32, 16) if _launch.INTERPRET else (64, 128, 64)
     tiles = max(1, min(8, triton.cdiv(n, bn) // 4))
     groups = triton.cdiv(n, bn * tiles)
-    keys = _alloc((rows, groups, kt), torch.int64, x.device)
+    keys = _launch.output((rows, groups, kt), torch.int64, x.device)
     _encode_fwd[(triton.cdiv(rows, bm), groups)](
         x, w_enc, b_enc, b_dec, keys, rows, d, n, groups, KT=kt, TILES=tiles, BM=bm, BN=bn, BK=bk,
-        NO_KEY=NO_KEY, UPCAST=INTERPRET or x.dtype == torch.float32)
+        NO_KEY=NO_KEY, UPCAST=_launch.INTERPRET or x.dtype == torch.float32)
     return keys.view(rows, groups * kt)
 
 
@@ -196,8 +192,8 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _):
         x, w_enc, b_dec, indices, values = ctx.saved_tensors
         d_pre = (grad_values.float() * (values > 0)).contiguous()  # ReLU's gradient on the chosen latents
-        grad_w = _alloc(w_enc.shape, w_enc.dtype, x.device)
-        per_latent = _alloc((w_enc.shape[1],), torch.float32, x.device)  # Σ_rows ∂pre per latent = ∂b_enc
+        grad_w = _launch.output(w_enc.shape, w_enc.dtype, x.device)
+        per_latent = _launch.output((w_enc.shape[1],), torch.float32, x.device)  # Σ_rows ∂pre per latent = ∂b_enc
         _segment_sum_launch(indices, d_pre, x, b_dec, grad_w, 1, w_enc.shape[1], per_latent)
         grad_b_dec = -(w_enc.float() @ per_latent).to(b_dec.dtype) if ctx.needs_input_grad[3] else None
         return None, grad_w, per_latent.to(w_enc.dtype), grad_b_dec, None
@@ -208,7 +204,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values, indices, w_dec, b_dec):
         rows, k = indices.shape
         d = w_dec.shape[1]
-        out = _alloc((rows, d), w_dec.dtype, w_dec.device)
+        out = _launch.output((rows, d), w_dec.dtype, w_dec.device)
         block = _column_block(d)
         _decode_fwd[(triton.cdiv(rows, 16), triton.cdiv(d, block))](
             values, indices, w_dec, b_dec, out, rows, k, d, BM=16, BDIM=block)
@@ -223,26 +219,25 @@ class _SparseDecode(torch.autograd.Function):
         d = w_dec.shape[1]
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_values = _alloc((rows, k), torch.float32, w_dec.device)
+            grad_values = _launch.output((rows, k), torch.float32, w_dec.device)
             block = _column_block(d)
             _decode_grad_values[(triton.cdiv(rows, 16), k)](grad_out, indices, w_dec, grad_values, rows, k, d,
                                                            BM=16, BDIM=block)
             grad_values = grad_values.to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = _alloc(w_dec.shape, w_dec.dtype, w_dec.device)
+            grad_w = _launch.output(w_dec.shape, w_dec.dtype, w_dec.device)
             _segment_sum_launch(indices, values.float(), grad_out, None, grad_w, d, 1)
         return grad_values, None, grad_w, grad_out.sum(0) if ctx.needs_input_grad[3] else None
 
 
 def topk_encode_triton(x, w_enc, b_enc, b_dec, k: int):
-    """Triton :func:`.sae_ops.topk_encode` (``k ≤ MAX_K``)."""
+    """Triton :func:`.sae_codes.topk_encode` (``k`` at most :data:`.sae_codes.MAX_TRITON_K`, which the
+    public op checks)."""
     _check_dtypes(x, w_enc, b_enc, b_dec)
-    if k > MAX_K:
-        raise ValueError(f"the Triton encoder handles k up to {MAX_K}, got {k}; use backend='torch'")
     return _TopKEncode.apply(x.contiguous(), w_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k)
 
 
 def sparse_decode_triton(values, indices, w_dec, b_dec):
-    """Triton :func:`.sae_ops.sparse_decode`."""
+    """Triton :func:`.sae_codes.sparse_decode`."""
     _check_dtypes(values, w_dec, b_dec)
     return _SparseDecode.apply(values.contiguous(), indices.contiguous(), w_dec.contiguous(), b_dec.contiguous())

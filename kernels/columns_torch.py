@@ -1,46 +1,30 @@
-"""Attention restricted to a few key columns, normalised by a known log-sum-exp.
-
-With the LSE of a fused pass, the mass ``A_G = Σ_{j∈G} a_j`` and partial output
-``P_G = Σ_{j∈G} a_j v_j`` of a small key set ``G`` (sinks, a span) cost O(Nq·|G|·D): this is what
-the mass-preserving edits need to correct an output without the N×N map (docs/methods/statistics.md).
-"""
+"""The torch path of attention restricted to a few key columns (:mod:`.columns`): gathers the
+columns and computes their weights from the rows' known log-sum-exp, in fp32 (fp64 for fp64 inputs).
+Shapes as in :mod:`.columns`."""
 
 from __future__ import annotations
 
 import torch
 
-from .scoring import softcapped
+from .quirks import softcapped
 
 
-def partial_attention(
+def partial_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     lse: torch.Tensor,
     key_index: torch.Tensor,
     *,
-    scale: float | None = None,
-    causal: bool = True,
-    q_offset: int | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int | None,
+    softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mass [B, Hq, Nq], out [B, Hq, Nq, D])`` over the keys ``key_index [B, S]`` (int64,
-    -1 for unused slots; repeated indices count once each, so pass each key once).
-
-    ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]``, ``lse [B, Hq, Nq]`` the rows' natural-log
-    normalisers; computed in fp32 (fp64 for fp64 inputs). A row sees key j when ``not causal`` or
-    ``j <= i + q_offset`` (default ``Nk - Nq``), and ``j > i + q_offset - window`` with a sliding
-    window; ``softcap`` as in :mod:`.scoring`. Rows with ``lse = -inf`` (no visible key) get zeros.
-    """
+    """:func:`.columns.partial_attention` on checked arguments (``scale`` and ``q_offset`` given)."""
     batch, n_heads, n_query, dim = q.shape
-    n_kv, n_key = k.shape[1], k.shape[2]
-    if key_index.dim() != 2 or key_index.shape[0] != batch:
-        raise ValueError(f"key_index must be [B, S] with B={batch}, got {tuple(key_index.shape)}")
-    if (key_index >= n_key).any():
-        raise ValueError(f"key_index names keys beyond the {n_key} keys")
-    scale = dim**-0.5 if scale is None else scale
-    q_offset = n_key - n_query if q_offset is None else q_offset
+    n_kv = k.shape[1]
     work = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     used = key_index >= 0  # [B, S]
     safe = key_index.clamp_min(0)
@@ -60,28 +44,21 @@ def partial_attention(
     return p.sum(-1), torch.matmul(p, v_sel)
 
 
-def row_key_probs(
+def row_key_probs_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     lse: torch.Tensor,
     offsets: tuple[int, ...],
     *,
-    scale: float | None = None,
-    q_offset: int | None = None,
-    key_valid: torch.Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    scale: float,
+    q_offset: int,
+    key_valid: torch.Tensor | None,
+    window: int | None,
+    softcap: float | None,
 ) -> torch.Tensor:
-    """``[B, Hq, Nq, len(offsets)]``: the weight row ``i`` gives key ``i + q_offset - d`` for each
-    offset ``d ≥ 0`` (``d = 1``: the previous token), from the rows' LSE in O(Nq·D) per offset;
-    0 where that key does not exist, is padded (``key_valid [B, Nk]``) or lies outside a sliding
-    ``window`` (``d >= window``), or the row sees nothing. ``softcap`` as in :mod:`.scoring`."""
+    """:func:`.columns.row_key_probs` on checked arguments (``scale`` and ``q_offset`` given)."""
     batch, n_heads, n_query, dim = q.shape
     n_kv, n_key = k.shape[1], k.shape[2]
-    if any(d < 0 for d in offsets):
-        raise ValueError(f"offsets must be ≥ 0 (causal rows see no later key), got {offsets}")
-    scale = dim**-0.5 if scale is None else scale
-    q_offset = n_key - n_query if q_offset is None else q_offset
     work = torch.promote_types(q.dtype, torch.float32)
     kx = k.to(work).repeat_interleave(n_heads // n_kv, dim=1)  # [B, Hq, Nk, D]
     finite = torch.isfinite(lse)
@@ -97,3 +74,6 @@ def row_key_probs(
         p = torch.exp(s - lse.to(work).masked_fill(~finite, 0.0))
         out[..., slot] = torch.where(valid, p, torch.zeros_like(p))
     return out
+
+
+__all__ = ["partial_attention_torch", "row_key_probs_torch"]

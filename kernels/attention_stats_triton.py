@@ -2,7 +2,7 @@
 column-sum pass. Launchers check shapes and dtypes; semantics are those of :mod:`.reference`.
 A sliding window skips the key tiles (forward) and query tiles (column pass) outside every row's
 window; soft-capping is applied to each tile's logits; learned sinks are folded into the forward's
-results by the launcher (:func:`.scoring.with_sinks`).
+results by the launcher (:func:`.quirks.with_sinks`).
 
 Under ``TRITON_INTERPRET=1`` (CPU) tiles are upcast to fp32 before every dot (bf16 dots are wrong
 in the interpreter) and outputs are pre-filled with NaN so that an unwritten element shows.
@@ -10,17 +10,15 @@ in the interpreter) and outputs are pre-filled with NaN so that an unwritten ele
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .scoring import with_sinks
-from .stats_torch import visible_row_counts
+from . import _launch
+from .quirks import with_sinks
+from .attention_stats_torch import visible_row_counts
 from .types import AttentionStats, ColumnStats
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 64
 BLOCK_N = 64
 GROUP_PAD = 16  # key groups are padded to a dot-friendly width
@@ -232,18 +230,6 @@ def _prepare(q, k, v=None):
     return max(16, triton.next_power_of_2(q.shape[-1]))
 
 
-UNWRITTEN_INDEX = torch.iinfo(torch.int64).min
-
-
-def _alloc(shape, dtype, device):
-    """An output buffer; under the interpreter pre-filled with NaN (or ``UNWRITTEN_INDEX`` for
-    integers) so that a test sees any element the kernel did not write."""
-    if not INTERPRET:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else UNWRITTEN_INDEX
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
 def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, key_groups=None, topk=0,
                            window=None, softcap=None, sinks=None) -> AttentionStats:
     """Launch the fused forward; returns the same :class:`AttentionStats` as the references."""
@@ -251,16 +237,16 @@ def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, 
     batch, n_heads, n_query, dim = q.shape
     n_key = k.shape[2]
     device = q.device
-    out = _alloc((batch, n_heads, n_query, dim), q.dtype, device)
-    lse = _alloc((batch, n_heads, n_query), torch.float32, device)
-    entropy = _alloc((batch, n_heads, n_query), torch.float32, device)
+    out = _launch.output((batch, n_heads, n_query, dim), q.dtype, device)
+    lse = _launch.output((batch, n_heads, n_query), torch.float32, device)
+    entropy = _launch.output((batch, n_heads, n_query), torch.float32, device)
     n_groups = 0 if key_groups is None else key_groups.shape[1]
     if n_groups > GROUP_PAD:
         raise ValueError(f"at most {GROUP_PAD} key groups per call, got {n_groups}")
     groups = key_groups.to(device=device, dtype=torch.float32).contiguous() if n_groups else lse
-    mass = _alloc((batch, n_heads, n_query, n_groups), torch.float32, device) if n_groups else lse
-    top_i = _alloc((batch, n_heads, n_query, topk), torch.int64, device) if topk else lse
-    top_w = _alloc((batch, n_heads, n_query, topk), torch.float32, device) if topk else lse
+    mass = _launch.output((batch, n_heads, n_query, n_groups), torch.float32, device) if n_groups else lse
+    top_i = _launch.output((batch, n_heads, n_query, topk), torch.int64, device) if topk else lse
+    top_w = _launch.output((batch, n_heads, n_query, topk), torch.float32, device) if topk else lse
     valid = key_valid.to(device=device, dtype=torch.int8).contiguous() if key_valid is not None else lse
     grid = (triton.cdiv(n_query, BLOCK_M), batch * n_heads)
     block_n = BLOCK_N // 2 if q.dtype == torch.float32 and block_d >= 128 else BLOCK_N  # fits sm_90 shared memory
@@ -270,7 +256,7 @@ def attention_stats_triton(q, k, v, *, scale, causal, q_offset, key_valid=None, 
         n_heads, n_query, n_key, dim, n_groups, q_offset, scale, window or 0, softcap or 0.0,
         GQA=n_heads // k.shape[1], CAUSAL=causal, HAS_KEY_VALID=key_valid is not None, HAS_GROUPS=n_groups > 0,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, TOPK=topk, TOPK_PAD=max(2, triton.next_power_of_2(max(topk, 1))),
-        UPCAST=INTERPRET or q.dtype == torch.float32,
+        UPCAST=_launch.INTERPRET or q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, GPAD=GROUP_PAD,
     )
     lse, entropy, keep = with_sinks(lse, entropy, sinks)
@@ -289,7 +275,7 @@ def column_stats_triton(q, k, lse, *, scale, causal, q_offset, key_valid=None, q
     batch, n_heads, n_query, dim = q.shape
     n_key = k.shape[2]
     device = q.device
-    col = _alloc((batch, n_heads, n_key), torch.float32, device)
+    col = _launch.output((batch, n_heads, n_key), torch.float32, device)
     lse = lse.float().contiguous()
     kv = key_valid.to(device=device, dtype=torch.int8).contiguous() if key_valid is not None else lse
     qv = query_valid.to(device=device, dtype=torch.int8).contiguous() if query_valid is not None else lse
@@ -300,7 +286,7 @@ def column_stats_triton(q, k, lse, *, scale, causal, q_offset, key_valid=None, q
         n_heads, n_query, n_key, dim, q_offset, scale, window or 0, softcap or 0.0,
         GQA=n_heads // k.shape[1], CAUSAL=causal, HAS_KEY_VALID=key_valid is not None,
         HAS_QUERY_VALID=query_valid is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        UPCAST=INTERPRET or q.dtype == torch.float32,
+        UPCAST=_launch.INTERPRET or q.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
     )
     return ColumnStats(col, visible_row_counts(batch, n_query, n_key, causal, q_offset, key_valid, query_valid, device,

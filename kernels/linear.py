@@ -1,19 +1,22 @@
 """Public entry points: causal linear attention and the LoLCATs hybrid (docs/methods/conversion.md).
 
-``backend="auto"`` picks Triton for CUDA tensors and the chunked torch path elsewhere; ``"triton"``
-forces the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``), and ``"auto"`` falls
-back to torch for hybrid forms they lack (other windows; fp32 with window 128); ``"torch"`` forces
-the chunked torch path. Both are differentiable. Shapes: ``fq, fk [B, H, T, K]`` (feature-mapped),
+``backend`` as in :mod:`._backend` (:mod:`.linear_triton`, :mod:`.linear_torch`);
+``"auto"`` falls back to torch for hybrid forms the Triton kernels lack (other windows; fp32 with window
+128). Both are differentiable. Shapes: ``fq, fk [B, H, T, K]`` (feature-mapped),
 ``q, k [B, H, T, D]``, ``v [B, H, T, V]`` with heads already GQA-expanded; ``gamma [H]``; a state is
 ``[B, H, K, V + 1]`` = ``Σ φk [v, 1]``. Specification: :mod:`.reference`.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from .attention_stats import resolve_backend
+from ._backend import resolve_backend
 from .linear_torch import hybrid_attention_torch, linear_attention_torch
+from .ops import REFERENCE, AttentionInputs, Case, Op, Outputs, gradients, leaf, register_op
+from .reference import hybrid_attention_reference, linear_attention_reference
 
 
 def _check(fq, fk, v, q=None, k=None, gamma=None):
@@ -42,7 +45,7 @@ def linear_attention(
     _check(fq, fk, v)
     if initial_state is not None and tuple(initial_state.shape) != (*fq.shape[:2], fq.shape[-1], v.shape[-1] + 1):
         raise ValueError(f"initial_state must be [B, H, K, V + 1], got {tuple(initial_state.shape)}")
-    if resolve_backend(backend, fq.device) == "triton":
+    if resolve_backend(backend, fq.device, "linear_attention") == "triton":
         from .linear_triton import linear_attention_triton
 
         return linear_attention_triton(fq, fk, v, normalize=normalize, initial_state=initial_state)
@@ -69,10 +72,51 @@ def hybrid_attention(
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, "hybrid_attention") == "triton":
         from .linear_triton import hybrid_attention_triton, hybrid_unsupported
 
         if backend == "auto" and hybrid_unsupported(window, q.dtype):  # CUDA, a form the kernel lacks
             return hybrid_attention_torch(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)
         return hybrid_attention_triton(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)
     return hybrid_attention_torch(q, k, v, fq, fk, gamma, window=window, terrace=terrace, scale=scale)
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    """Positive features ``[..., 2D]`` of ``x [..., D]`` (softmax of ``x`` and of ``-x``, Hedgehog's form)."""
+    return torch.cat([x.softmax(-1), (-x).softmax(-1)], -1)
+
+
+def _linear_cases(call: AttentionInputs) -> list[Case]:
+    k, v = call.expanded
+
+    def run(backend: str) -> Outputs:
+        leaves = {"fq": leaf(_features(call.q)), "fk": leaf(_features(k)), "v": leaf(v)}
+        function = linear_attention_reference if backend == REFERENCE else partial(linear_attention, backend=backend)
+        out, state = function(leaves["fq"], leaves["fk"], leaves["v"])
+        return {"out": out.detach(), "state": state.detach(), **gradients(out, leaves)}
+
+    return [Case("normalised", run)]
+
+
+def _hybrid_cases(call: AttentionInputs) -> list[Case]:
+    k, v = call.expanded
+    gamma = torch.full((call.q.shape[1],), 0.5, dtype=call.q.dtype, device=call.q.device)
+
+    def run(backend: str) -> Outputs:
+        leaves = {"q": leaf(call.q), "k": leaf(k), "v": leaf(v), "fq": leaf(_features(call.q)),
+                  "fk": leaf(_features(k))}
+        function = (hybrid_attention_reference if backend == REFERENCE
+                    else partial(hybrid_attention, backend=backend))
+        out = function(*leaves.values(), gamma, window=64, terrace=True, scale=call.scale)
+        return {"out": out.detach(), **gradients(out, leaves)}
+
+    return [Case("terraced window 64", run)]
+
+
+register_op(Op("linear_attention", "causal linear attention and its final state", ("torch", "triton"),
+               _linear_cases))
+register_op(Op("hybrid_attention", "softmax over a recent window plus linear attention over older keys",
+               ("torch", "triton"), _hybrid_cases))
+
+
+__all__ = ["hybrid_attention", "linear_attention"]

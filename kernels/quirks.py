@@ -1,6 +1,5 @@
 """How model families form attention scores beyond ``scale · q·k``: the one home of the quirks
-that every op reading scores shares (the reference, the torch path, the Triton launchers, the
-partial-attention ops).
+that every op reading scores shares (the reference, the torch paths, the Triton launchers).
 
 * ``window`` (sliding-window attention: Mistral, Gemma 2/3, gpt-oss, Cohere 2, ...): a causal row
   at key position ``p`` sees only keys ``p - window < j <= p``, i.e. ``window`` keys including
@@ -37,15 +36,6 @@ def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     if softcap is None:
         return scores
     return torch.tanh(scores / softcap) * softcap
-
-
-def window_visible(row_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
-    """``[rows, keys]`` bool: keys inside each row's sliding window (all True without a window).
-    Causality is not part of this test."""
-    if window is None:
-        return torch.ones(row_positions.shape[0], key_positions.shape[0], dtype=torch.bool,
-                          device=row_positions.device)
-    return key_positions[None, :] > row_positions[:, None] - window
 
 
 def first_visible_key(row_position: int, window: int | None) -> int:

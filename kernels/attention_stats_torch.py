@@ -7,7 +7,7 @@ within the block and the column sums come out of the same pass. Causal blocks on
 keys their rows can see (with a sliding window, only the keys inside some row's window), and
 hidden logits are set to the fp32 minimum (``0 · min = 0``, so the entropy product needs no extra
 masking). Soft-capping is applied to each block's logits; learned sinks are folded into each
-block's rows once their key statistics are known (:func:`.scoring.with_sinks`). Logits are kept in base 2 (``log2(e)`` folded into the
+block's rows once their key statistics are known (:func:`.quirks.with_sinks`). Logits are kept in base 2 (``log2(e)`` folded into the
 query scale) because ``exp2`` is a third cheaper than ``exp`` on the CPU at the same accuracy;
 LSE and entropy are converted back to nats.
 
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import native
-from .scoring import first_visible_key, with_sinks
+from .quirks import first_visible_key, with_sinks
 from .types import AttentionStats, ColumnStats
 
 _BLOCK_BYTES = 8 * 2**20
@@ -224,7 +224,7 @@ def block_rows(batch, n_heads, n_key, budget_bytes=_BLOCK_BYTES) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Scoring:
-    """One call's masking and score quirks (see :mod:`.scoring`), as the block functions read them."""
+    """One call's masking and score quirks (see :mod:`.quirks`), as the block functions read them."""
 
     causal: bool
     q_offset: int
@@ -247,7 +247,7 @@ def attention_stats_torch(
 ) -> AttentionStats:
     """Output and per-row statistics, one query block at a time (``block`` rows; default from
     :func:`block_rows`); with ``columns`` also the attention each key receives from the valid
-    rows (``query_valid [B, Nq]``). ``window``, ``softcap``, ``sinks``: :mod:`.scoring`."""
+    rows (``query_valid [B, Nq]``). ``window``, ``softcap``, ``sinks``: :mod:`.quirks`."""
     batch, n_heads, n_query, _ = q.shape
     n_key = k.shape[-2]
     block = block or block_rows(batch, n_heads, _key_span(_MAX_BLOCK, n_key, window))
@@ -289,7 +289,7 @@ def _fill_block(res, worker, q_scaled, kf, extended, topk, row_weight, counts, s
     With base-2 logits ``s``, ``e = 2^(s - max)`` stays unnormalised; results are divided by the
     row total afterwards, on ``[blk, ·]`` tensors. Entropy is
     ``ln 2 · (log2(total) - Σ_j e_j (s_j - max) / total)``; learned sinks then rescale every key
-    probability by ``keep = 1 - p_sink`` (:func:`.scoring.with_sinks`)."""
+    probability by ``keep = 1 - p_sink`` (:func:`.quirks.with_sinks`)."""
     rows = slice(start, stop)
     empty = (counts == 0)[:, None, :]  # [B, 1, blk]
     key_lo, key_end = scoring.key_range(start, stop, kf.shape[2])
