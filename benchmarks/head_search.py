@@ -43,7 +43,7 @@ def main() -> None:
     from headlab.surgeon.hook import apply
     from headlab.surgeon.search import calibration
     from headlab.surgeon.search.calibration import SearchSettings, calibration_search, default_candidates
-    from headlab.surgeon.search.evaluate import accuracy, choice_batches, score_batches
+    from headlab.surgeon.search.accuracy import accuracy, choice_batches, score_batches
     from headlab.surgeon.search.tasks import load_task
 
     model, tokenizer = load_model("smollm2-135m")

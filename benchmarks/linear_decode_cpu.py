@@ -30,8 +30,8 @@ def cache_bytes(cache) -> int:
     """Bytes held by every layer of a transformers cache (KV tensors, or window plus state)."""
     total = 0
     for layer in cache.layers:
-        if hasattr(layer, "memory_bytes"):
-            total += layer.memory_bytes()
+        if hasattr(layer, "stored_bytes"):
+            total += layer.stored_bytes()
         elif layer.keys is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total

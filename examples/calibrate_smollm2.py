@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from headlab.surgeon import load_model
-from headlab.surgeon.search.evaluate import evaluate
+from headlab.surgeon.search.accuracy import evaluate
 from headlab.core.files import write_json
 from headlab.surgeon.search.calibration import SearchSettings, calibration_search, default_candidates, plan_from_search
 from headlab.surgeon.search.tasks import load_task

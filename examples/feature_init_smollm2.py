@@ -22,7 +22,7 @@ from headlab.core.text import train_eval_windows
 from headlab.surgeon import load_model
 from headlab.surgeon.conversion.converted import convert
 from headlab.surgeon.conversion.settings import FEATURE_INITS, LinearSettings, StageSettings
-from headlab.surgeon.search.evaluate import heldout_loss
+from headlab.surgeon.losses import heldout_loss
 from headlab.core.files import write_json
 from headlab.surgeon.conversion.training import run_stage, stage1_parameters, transfer_loss, transfer_mode
 

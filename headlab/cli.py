@@ -132,7 +132,7 @@ def _calibrate(args) -> int:
     config = common.model_config(args, causal=True, needs="the calibration search")
     shape = common.model_shape_of(config)
     layers = common.layers_of(search.layers, shape.n_layers, "--layers")
-    from .surgeon.edit_kinds import FIRST_EDITABLE_LAYER
+    from .surgeon.edits.base import FIRST_EDITABLE_LAYER
 
     if layers is not None and min(layers) < FIRST_EDITABLE_LAYER:
         raise HeadlabError(f"--layers: layers 0-{FIRST_EDITABLE_LAYER - 1} are never calibrated (ACT)")
@@ -167,7 +167,7 @@ def _eval(args) -> int:
     if plan is not None:
         plan.validate(common.model_shape_of(config))
     model, tokenizer = common.load_model_from(args)
-    from .surgeon.search.evaluate import evaluate
+    from .surgeon.search.accuracy import evaluate
 
     results = {"format": "headlab-eval/1", "model": args.model, "plan": args.plan, "split": args.split,
                "seed": tasks.seed, "tasks": {}}
@@ -277,7 +277,7 @@ def _validate(args) -> int:
 
 
 def _stream_plan(args) -> int:
-    from .surgeon.search.settings import StreamingSettings
+    from .surgeon.streaming.settings import StreamingSettings
 
     settings = common.settings(StreamingSettings, args)
     claim_file(args.out, args.overwrite, "--out plan")
@@ -285,7 +285,7 @@ def _stream_plan(args) -> int:
     common.refuse_converted(args, config, "a plan of streaming heads")
     shape = common.model_shape_of(config)
     from .core.head_scores import load_scores_file
-    from .probes.streaming import candidates, rule_ranking, streaming_plan
+    from .surgeon.streaming.rules import candidates, rule_ranking, streaming_plan
 
     scores = load_scores_file(args.scores, shape) if args.scores else None
     layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
@@ -307,7 +307,7 @@ def _merged_scores(paths: list[str], shape, rules: tuple[str, ...]) -> dict:
     import torch
 
     from .core.head_scores import load_scores_file
-    from .probes.streaming import rule_scores
+    from .surgeon.streaming.rules import rule_scores
 
     merged: dict = {}
     needed = {name for rule in rules for name in rule_scores(rule)}
@@ -353,7 +353,7 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
 
     from .probes.compression import PROGRESS_FILE, conversion_identity, conversion_result, conversion_runs
     from .probes.compression_file import CONVERTED, FULL
-    from .probes.streaming import candidates
+    from .surgeon.streaming.rules import candidates
     from .surgeon import load_model
     from .core.journal import Journal
 
@@ -430,14 +430,14 @@ def _write_compression(out: Path, result: dict, overwrite: bool) -> int:
 
 
 def _train_gates(args) -> int:
-    from .probes.settings import GateSettings
+    from .surgeon.streaming.settings import GateSettings
 
     settings = common.settings(GateSettings, args)
     out = Path(args.out)
     check_folder(out, args.overwrite, "--out folder")
     common.refuse_converted(args, common.model_config(args, causal=True, needs="gate training"), "gate training")
     model, tokenizer = common.load_model_from(args)
-    from .probes.duo import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
+    from .surgeon.streaming.gates import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
 
     training = GateTraining(model, tokenizer, settings, out)  # checks the text; resumes from the folder's state
     claim_folder(out, (STATE_FILE, GATES_FILE, PLAN_FILE), args.overwrite, "--out folder")
@@ -550,9 +550,10 @@ def build_parser() -> common.Parser:
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
     from .probes.report_settings import ReportSettings
-    from .probes.settings import (PROGRESS_FILE, AtlasSettings, CompressionSettings, GateSettings, ValidationSettings,
-                                  ViewSettings)
-    from .surgeon.search.settings import CalibrationSettings, StreamingSettings
+    from .probes.settings import PROGRESS_FILE, AtlasSettings, CompressionSettings, ValidationSettings, ViewSettings
+    from .surgeon.streaming.settings import GateSettings
+    from .surgeon.search.settings import CalibrationSettings
+    from .surgeon.streaming.settings import StreamingSettings
 
     report = sub.add_parser(
         "report", help="score every head and write a head-importance report",

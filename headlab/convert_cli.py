@@ -31,13 +31,13 @@ def _convert(args) -> int:
                            "its base model, once, with every layer to convert")
     import torch
 
-    from .conversion_data import require_chat_template, training_windows
+    from .surgeon.conversion.data import require_chat_template, training_windows
     from .surgeon import load_model
     from .surgeon.conversion.converted import convert, is_converted_directory, save_converted
     from .surgeon.conversion.support import check_config, verify_layers
     from .surgeon.conversion.training import (add_lora, next_token_loss, run_stage, stage1_parameters, transfer_loss,
                                           transfer_mode)
-    from .surgeon.search.evaluate import heldout_loss
+    from .surgeon.losses import heldout_loss
 
     layers = check_config(config, requested)  # the modules' structure, before any weight is read
     linear = settings.linear_settings(tuple(layers))

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..surgeon import Plan, attach, model_shape
 from ..core.journal import Journal
-from ..surgeon.kv_cache import cache_bytes, streaming_cache
-from ..surgeon.recompute import next_token_loss
-from ..surgeon.search.settings import StreamingSettings
+from ..surgeon.kv_cache import cache_bytes
+from ..surgeon.streaming.cache import streaming_cache
+from ..surgeon.losses import next_token_loss
+from ..surgeon.streaming.settings import StreamingSettings
 from .compression_file import COMPRESSION_FORMAT, FULL, compression_title, is_conversion
 from ..core.text import load_text, token_windows
 from .masking_stats import CONFIDENCE
@@ -40,7 +41,7 @@ from .needles import HELDOUT_NEEDLES
 from .retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
 from ..core.head_scores import HeadScores
 from .settings import PROGRESS_FILE, CompressionSettings
-from .streaming import candidates, full_kv_heads, rule_ranking, streaming_plan
+from ..surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
 
 STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
 RESAMPLES = 2000

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..surgeon import HeadMean, HeadScale, Plan, Taps, attach, model_shape
-from ..surgeon.recompute import needs_recompute, next_token_loss, recomputed_in_backward
+from ..surgeon.losses import needs_recompute, next_token_loss, recomputed_in_backward
 from ..surgeon.references import head_output_means
 from ..surgeon.stopping import run_for_taps
 
@@ -56,7 +56,7 @@ def gradient_importance(model, windows: list[torch.Tensor], progress: bool = Fal
     """Michel et al.: ``E_x |∂L/∂ξ|`` for unit gates ``ξ [layer, head]`` on head outputs,
     weighted by tokens, each layer normalised by its L2 norm, then min-max scaled to [0, 1]. Long
     windows recompute each block, and make their logits in chunks, in the backward pass
-    (:mod:`headlab.surgeon.recompute`; SmolLM2 at 8,192 tokens peaks at 3.8 GB instead of 18.9 GB)."""
+    (:mod:`headlab.surgeon.losses`; SmolLM2 at 8,192 tokens peaks at 3.8 GB instead of 18.9 GB)."""
     shape = model_shape(model)
     total = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.float64)
     tokens = 0

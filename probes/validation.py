@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..surgeon import Plan, attach
 from ..core.journal import Journal
 from ..surgeon.kv_cache import reserved_cache
-from ..surgeon.recompute import next_token_loss
+from ..surgeon.losses import next_token_loss
 from ..surgeon.stopping import run_for_taps
 from ..core.text import load_text, token_windows
 from .masking import head_means, masking_plan, random_sets, top_heads

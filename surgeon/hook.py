@@ -21,7 +21,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import attention_math, editing
+from . import attention_math
+from .edits import stages as editing
 from .attention_math import AttentionCall
 from .conversion.layer import LinearAttention
 from ..core.errors import UnsupportedModelError
@@ -29,7 +30,7 @@ from ..core.shape import ModelShape, model_shape, text_config
 from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
 from .plan import Plan, PlanError
 from .request import Request, RequestState, section_masks, span_mask
-from .mixing import StreamMix
+from .streaming.mixing import StreamMix
 from .recorder import Recorder
 from .taps import Recording, Taps
 
@@ -312,7 +313,7 @@ def attach(
     gradient importance); ``request``: spans and references the edits read; ``splice``:
     layer -> function replacing that layer's per-head outputs ``[B, N, H, D]`` (after the
     plan's output edits, before ``o_proj`` and the head-output taps), e.g. a sparse
-    autoencoder's reconstruction; ``mixing``: DuoAttention's gates (:class:`~.mixing.StreamMix`),
+    autoencoder's reconstruction; ``mixing``: DuoAttention's gates (:class:`~.streaming.mixing.StreamMix`),
     applied before the output edits. The previous attention implementation is restored on exit.
     Layers the session leaves alone run the model's own implementation, unchanged.
     """

@@ -15,7 +15,7 @@ from importlib import import_module
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .edit import EDIT_KINDS, Edit
+from .edits.base import EDIT_KINDS, Edit
 from ..core.errors import HeadlabError, PlanError
 from ..core.files import claim_file, read_text_file, write_json
 from ..core.kinds import Integer, Items, Kind, Maybe, Text
@@ -95,7 +95,7 @@ class Plan:
 
 
 def _edit_from_dict(data, where: str) -> Edit:
-    import_module(".edit_kinds", __package__)  # the built-in kinds register themselves on import
+    import_module(".edits", __package__)  # the built-in kinds register themselves on import
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected a JSON object, got {type(data).__name__}")
     kind = data.get("kind")

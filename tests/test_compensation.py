@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 from headlab.surgeon import Plan, Stream, attach, model_shape
 from headlab.core.errors import PlanError
-from headlab.surgeon.kv_cache import StreamingLayer, cache_bytes, streaming_cache
+from headlab.surgeon.streaming.cache import StreamingLayer, streaming_cache
+from headlab.surgeon.kv_cache import cache_bytes
 
 LAYER, SINKS, WINDOW, N_TOKENS, STEPS = 3, 2, 4, 19, 5
 

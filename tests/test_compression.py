@@ -13,7 +13,7 @@ from headlab.probes.compression import evaluate_compression, summarize_runs
 from headlab.probes.compression_file import COMPRESSION_FORMAT
 from headlab.core.text import load_text, token_windows
 from headlab.probes.settings import CompressionSettings
-from headlab.probes.streaming import full_kv_heads, random_ranking
+from headlab.surgeon.streaming.rules import full_kv_heads, random_ranking
 from headlab.surgeon import model_shape
 from headlab.core.errors import InputFileError
 

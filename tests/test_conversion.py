@@ -75,7 +75,7 @@ def test_decoding_state_stays_constant_in_size():
         cache = out.past_key_values
         for step in range(40):
             out = model(torch.tensor([[step % VOCAB]]), past_key_values=cache, use_cache=True)
-            sizes.append(sum(layer.memory_bytes() for layer in cache.layers))
+            sizes.append(sum(layer.stored_bytes() for layer in cache.layers))
     assert len(set(sizes)) == 1
     from headlab.surgeon.kv_cache import cache_bytes
 
@@ -227,7 +227,7 @@ def test_choice_evaluation_of_a_converted_model_does_not_depend_on_the_padding()
     """Right-padded choice batches: the same scores, bit for bit, whatever token pads them."""
     from test_evaluation import CharTokenizer  # with a pad id
 
-    from headlab.surgeon.search.evaluate import choice_logprobs
+    from headlab.surgeon.search.accuracy import choice_logprobs
     from headlab.surgeon.search.tasks import Example
 
     class OtherPad(CharTokenizer):

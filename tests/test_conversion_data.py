@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from headlab import conversion_data
-from headlab.conversion_data import chat_windows, conversation_ids, pack, require_chat_template
+from headlab.surgeon.conversion import data as conversion_data
+from headlab.surgeon.conversion.data import chat_windows, conversation_ids, pack, require_chat_template
 from headlab.surgeon.conversion.settings import ConversionSettings
 from headlab.core.errors import HeadlabError
 

@@ -12,12 +12,12 @@ from families import family_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.cli import main
-from headlab.probes.duo import GATE_SCORE, GateTraining, final_hidden, passkey_sample, sample_lengths
+from headlab.surgeon.streaming.gates import GATE_SCORE, GateTraining, final_hidden, passkey_sample, sample_lengths
 from headlab.core.head_scores import load_scores_file
-from headlab.probes.settings import GateSettings
+from headlab.surgeon.streaming.settings import GateSettings
 from headlab.surgeon import Plan, Stream, attach, model_shape
 from headlab.core.errors import PlanError
-from headlab.surgeon.mixing import StreamMix
+from headlab.surgeon.streaming.mixing import StreamMix
 
 SINKS, WINDOW = 2, 4
 
@@ -135,7 +135,7 @@ def test_a_killed_gate_training_resumes_to_the_same_gates(tmp_path, monkeypatch)
 
 
 def test_long_samples_recompute_each_block_in_the_backward_pass_and_train_the_same_gates(monkeypatch):
-    import headlab.probes.duo as duo
+    import headlab.surgeon.streaming.gates as duo
 
     model, tokenizer = tiny_llama("gqa", layers=3), CharTokenizer()
     plain = GateTraining(model, tokenizer, GateSettings(**SMALL)).run(progress=False)

@@ -7,7 +7,7 @@ import torch
 
 from headlab.kernels import attention_with_stats, partial_attention
 from headlab.kernels.reference import attention_probs_reference
-from headlab.surgeon import edits
+from headlab.surgeon.edits import formulas
 
 
 def random_probs(batch=2, heads=3, n=11, seed=0, sink_boost=4.0):
@@ -51,29 +51,29 @@ def loop_act_row(row, visible_row, sinks, beta):
 
 def test_mean_received_matches_loop():
     a, visible, key_valid = random_probs()
-    got = edits.mean_received(a, visible[:, :1], key_valid)
+    got = formulas.mean_received(a, visible[:, :1], key_valid)
     assert torch.allclose(got, loop_mean_received(a, visible, key_valid), atol=1e-12)
 
 
 def test_sink_set_threshold_and_drop_first():
     scores = torch.tensor([[[0.5, 0.05, 0.3, 0.2, 0.0]]])
     valid = torch.ones(1, 5, dtype=torch.bool)
-    assert edits.act_sink_set(scores, valid, 0.1, drop_first="none").tolist() == [[[True, False, True, True, False]]]
-    assert edits.act_sink_set(scores, valid, 0.1, drop_first="lowest").tolist() == [[[False, False, True, True, False]]]
+    assert formulas.act_sink_set(scores, valid, 0.1, drop_first="none").tolist() == [[[True, False, True, True, False]]]
+    assert formulas.act_sink_set(scores, valid, 0.1, drop_first="lowest").tolist() == [[[False, False, True, True, False]]]
     low_first = torch.tensor([[[0.05, 0.5, 0.3, 0.0, 0.0]]])
-    assert edits.act_sink_set(low_first, valid, 0.1, drop_first="lowest").tolist() == [[[False, False, True, False, False]]]
-    assert edits.act_sink_set(low_first, valid, 0.1, drop_first="position0").tolist() == [[[False, True, True, False, False]]]
-    assert edits.act_sink_set(scores, valid, relative_c=1.4, drop_first="none").tolist() == [[[True, False, True, False, False]]]
+    assert formulas.act_sink_set(low_first, valid, 0.1, drop_first="lowest").tolist() == [[[False, False, True, False, False]]]
+    assert formulas.act_sink_set(low_first, valid, 0.1, drop_first="position0").tolist() == [[[False, True, True, False, False]]]
+    assert formulas.act_sink_set(scores, valid, relative_c=1.4, drop_first="none").tolist() == [[[True, False, True, False, False]]]
     padded = torch.tensor([[False, True, True, True, True]])
-    assert edits.act_sink_set(low_first, padded, 0.1, drop_first="position0").tolist() == [[[False, False, True, False, False]]]
+    assert formulas.act_sink_set(low_first, padded, 0.1, drop_first="position0").tolist() == [[[False, False, True, False, False]]]
 
 
 @pytest.mark.parametrize("beta", [0.4, 0.0, 0.9])
 def test_act_reweight_matches_the_per_row_loop_and_keeps_row_sums(beta):
     a, visible, key_valid = random_probs()
-    scores = edits.mean_received(a, visible[:, :1], key_valid)
-    sinks = edits.act_sink_set(scores, key_valid, 0.1, drop_first="none")
-    got = edits.act_reweight(a, sinks, visible, beta)
+    scores = formulas.mean_received(a, visible[:, :1], key_valid)
+    sinks = formulas.act_sink_set(scores, key_valid, 0.1, drop_first="none")
+    got = formulas.act_reweight(a, sinks, visible, beta)
     for b in range(a.shape[0]):
         for h in range(a.shape[1]):
             for i in range(a.shape[2]):
@@ -85,9 +85,9 @@ def test_act_reweight_matches_the_per_row_loop_and_keeps_row_sums(beta):
 
 def test_act_beta_one_and_no_sinks_are_exact_noops():
     a, visible, key_valid = random_probs()
-    sinks = edits.act_sink_set(edits.mean_received(a, visible[:, :1], key_valid), key_valid)
-    assert torch.equal(edits.act_reweight(a, sinks, visible, 1.0), a)
-    assert torch.equal(edits.act_reweight(a, torch.zeros_like(sinks), visible, 0.4), a)
+    sinks = formulas.act_sink_set(formulas.mean_received(a, visible[:, :1], key_valid), key_valid)
+    assert torch.equal(formulas.act_reweight(a, sinks, visible, 1.0), a)
+    assert torch.equal(formulas.act_reweight(a, torch.zeros_like(sinks), visible, 0.4), a)
 
 
 def loop_var_row(row, sinks, span, p, m_min, rho):
@@ -124,7 +124,7 @@ def test_var_matches_the_per_row_loop_and_keeps_row_sums(keep):
     span[:, :, 4:8] = True
     rows = torch.zeros(2, 12, dtype=torch.bool)
     rows[:, 8:] = True
-    got = edits.var_redistribute(a, sinks, span, rows, keep, 0.2, 0.5)
+    got = formulas.var_redistribute(a, sinks, span, rows, keep, 0.2, 0.5)
     edited = 0
     for b in range(2):
         for h in range(a.shape[1]):
@@ -136,7 +136,7 @@ def test_var_matches_the_per_row_loop_and_keeps_row_sums(keep):
     assert torch.equal(got[1], a[1]), "no sink inside row 1's span: the release leaves it alone"
     live = visible.any(-1)
     assert torch.allclose(got.sum(-1)[live], torch.ones_like(got.sum(-1)[live]), atol=1e-12)
-    assert torch.equal(edits.var_redistribute(a, sinks, span, rows, 1.0), a)
+    assert torch.equal(formulas.var_redistribute(a, sinks, span, rows, 1.0), a)
 
 
 def test_pasta_equals_the_renormalised_form_and_alpha_one_is_exact():
@@ -146,18 +146,18 @@ def test_pasta_equals_the_renormalised_form_and_alpha_one_is_exact():
     emphasis[:, 3:6] = True
     prompt = torch.ones(1, 11, dtype=torch.bool)
     prompt[:, 9:] = False  # the last two keys were generated
-    steered = torch.softmax(edits.pasta_bias(logits, emphasis[:, None], prompt, 0.01), -1)
+    steered = torch.softmax(formulas.pasta_bias(logits, emphasis[:, None], prompt, 0.01), -1)
     factor = torch.where(prompt & ~emphasis, 0.01, 1.0).double()[:, None, None, :]
     want = a * factor
     want = want / want.sum(-1, keepdim=True)
     assert torch.allclose(steered, want, atol=1e-12)
-    assert torch.equal(edits.pasta_bias(logits, emphasis[:, None], prompt, 1.0), logits)
+    assert torch.equal(formulas.pasta_bias(logits, emphasis[:, None], prompt, 1.0), logits)
 
 
 def test_vhr_selects_heads_above_the_median_after_outlier_removal():
     vhd = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0, 2.5]])
     energy = torch.tensor([[1.0, 1.0, 1.0, 1.0, 100.0, 1.0]])  # head 4 is an outlier in both
-    chosen = edits.vhr_select(vhd, energy)
+    chosen = formulas.vhr_select(vhd, energy)
     cleaned = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 2.5])
     assert chosen[0].tolist() == (cleaned > cleaned.median()).tolist() == [False, False, True, True, False, True]
 
@@ -177,11 +177,11 @@ def test_act_output_from_lse_equals_the_edited_map():
     p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
     out = torch.matmul(p, v.repeat_interleave(3, dim=1))
     mass, partial = partial_attention(q, k, v, lse, torch.tensor([[0, 7], [0, -1]]))
-    corrected = edits.act_output_from_lse(out, partial, mass, 0.4)
+    corrected = formulas.act_output_from_lse(out, partial, mass, 0.4)
     sinks = torch.zeros(2, 6, 20, dtype=torch.bool)
     sinks[:, :, 0] = True
     sinks[0, :, 7] = True
-    want = torch.matmul(edits.act_reweight(p, sinks, visible, 0.4), v.repeat_interleave(3, dim=1))
+    want = torch.matmul(formulas.act_reweight(p, sinks, visible, 0.4), v.repeat_interleave(3, dim=1))
     assert torch.allclose(corrected, want, atol=1e-10)
     assert torch.allclose(mass, torch.where(sinks[:, :, None, :] & visible, p, 0.0).sum(-1), atol=1e-12)
 
@@ -199,7 +199,7 @@ def test_partial_attention_with_the_stats_ops_lse():
 def test_sink_ratio():
     hidden = torch.ones(1, 3, 8)
     hidden[0, 0, 5] = 400.0
-    ratio = edits.sink_ratio(hidden, [5, 2])
+    ratio = formulas.sink_ratio(hidden, [5, 2])
     assert ratio[0, 0] == pytest.approx(400.0 / math.sqrt((7 + 400.0**2) / 8 + 1e-6))
     assert ratio[0, 1] == pytest.approx(1.0 / math.sqrt(1 + 1e-6))
 
@@ -217,8 +217,8 @@ def test_act_in_fp32_is_within_1e6_of_fp64_when_the_sinks_hold_nearly_all_mass(r
     sinks = torch.zeros(4, 1, n, dtype=torch.bool)
     sinks[..., :2] = True
     visible = torch.ones(4, 1, 8, n, dtype=torch.bool)
-    exact = edits.act_reweight(a64, sinks, visible, 0.4)
-    got = edits.act_reweight(a64.float(), sinks, visible, 0.4)
+    exact = formulas.act_reweight(a64, sinks, visible, 0.4)
+    got = formulas.act_reweight(a64.float(), sinks, visible, 0.4)
     non_sink = a64[..., 2:].sum(-1)
     assert torch.allclose(non_sink, torch.full_like(non_sink, rest), rtol=1e-9)
     assert (got.double() - exact).abs().max() <= 1e-6
@@ -258,10 +258,10 @@ def test_pasta_per_section_equals_the_release_on_decode_rows(position):
     prompt = torch.zeros(1, n_key, dtype=torch.bool)
     prompt[0, :input_len] = True
     alpha = 0.05 if position != "include" else 20.0
-    got = edits.pasta_bias(logits, masks, prompt, alpha, position, per_section=True)
+    got = formulas.pasta_bias(logits, masks, prompt, alpha, position, per_section=True)
     assert torch.allclose(got - logits, release_pasta_mask(n_key, input_len, sections, alpha, position).expand_as(got),
                           atol=1e-12)
-    union = edits.pasta_bias(logits, masks, prompt, alpha, position)
+    union = formulas.pasta_bias(logits, masks, prompt, alpha, position)
     prefill = (slice(None), slice(None), slice(None), slice(0, input_len))
     assert torch.allclose(torch.softmax(union[prefill], -1), torch.softmax(got[prefill], -1), atol=1e-12)
     if position == "exclude":

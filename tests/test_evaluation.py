@@ -11,7 +11,7 @@ from conftest import VOCAB, tiny_llama
 from headlab.surgeon import Calibrate, Plan, PlanError
 from headlab.surgeon.search import calibration as search
 from headlab.surgeon.hook import apply
-from headlab.surgeon.search.evaluate import choice_batches, choice_logprobs, evaluate, score_batches
+from headlab.surgeon.search.accuracy import choice_batches, choice_logprobs, evaluate, score_batches
 from headlab.surgeon.search.prefix import LayerPrefix
 from headlab.surgeon.search.tasks import BUILTIN_TASKS, Example, load_task
 

@@ -16,7 +16,7 @@ from headlab.core.head_scores import HeadScores
 from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
 from headlab.core.errors import HeadlabError
-from headlab.surgeon.edit import Edit, EditCall, register_edit
+from headlab.surgeon.edits.base import Edit, EditCall, register_edit
 from headlab.core.kinds import Number
 from headlab.core.settings import setting
 

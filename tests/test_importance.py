@@ -58,7 +58,7 @@ def test_long_windows_recompute_each_block_in_the_backward_pass_and_get_the_same
 
 
 def test_recomputed_blocks_put_back_a_forward_set_on_a_block_before():
-    from headlab.surgeon.recompute import recomputed_in_backward
+    from headlab.surgeon.losses import recomputed_in_backward
 
     model = tiny_llama("gqa")
     block = model.model.layers[1]

@@ -93,7 +93,9 @@ def module_graph(part: str) -> dict[str, set[str]]:
                 continue
             base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
             target = ".".join(base + ([node.module] if node.module else []))
-            for candidate in (target, *(f"{target}.{alias.name}" for alias in node.names)):
+            for alias in node.names:  # ``from package import submodule`` depends on the submodule alone
+                submodule = f"{target}.{alias.name}"
+                candidate = submodule if submodule in files else target
                 if candidate in files and candidate != name:
                     graph[name].add(candidate)
     return graph

@@ -12,8 +12,8 @@ from families import family_model
 from transformers import DynamicCache
 
 from headlab.surgeon import Plan, Stream, attach, model_shape
-from headlab.surgeon.kv_cache import (ReservedLayer, StreamingLayer, cache_bytes, cropped_cache, reserved_cache,
-                                      streaming_cache)
+from headlab.surgeon.kv_cache import ReservedLayer, cache_bytes, cropped_cache, reserved_cache
+from headlab.surgeon.streaming.cache import StreamingLayer, streaming_cache
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2", "gpt_oss"])

@@ -9,7 +9,7 @@ from headlab.surgeon import (
     attach,
     reference_outputs,
 )
-from headlab.surgeon import edits
+from headlab.surgeon.edits import formulas
 
 SINK_DIM = 4  # tiny random models have no massive activations: the tests plant one on token id 1
 ALL = tuple(range(9))
@@ -61,12 +61,12 @@ def test_act_through_the_hook_equals_the_loop_on_eager_maps_and_spares_other_hea
     valid = mask.bool()
     edited = session.recording.attention_map(3)
     visible = plain > 0
-    scores = edits.mean_received(plain[:, [1, 2]], visible[:, :1] | ~valid[:, None, :, None], valid)
-    sinks = edits.act_sink_set(scores, valid, 0.15)
+    scores = formulas.mean_received(plain[:, [1, 2]], visible[:, :1] | ~valid[:, None, :, None], valid)
+    sinks = formulas.act_sink_set(scores, valid, 0.15)
     assert sinks.any(), "the fixture must have sinks beyond the first one"
     first_row = torch.zeros_like(valid)
     first_row[torch.arange(2), valid.float().argmax(-1)] = True
-    want = edits.act_reweight(plain[:, [1, 2]], sinks, visible[:, [1, 2]], 0.4, first_row)
+    want = formulas.act_reweight(plain[:, [1, 2]], sinks, visible[:, [1, 2]], 0.4, first_row)
     rows = valid[:, None, :].expand(2, 2, 14)
     assert torch.allclose(edited[:, [1, 2]][rows], want[rows], atol=1e-5)
     sums = edited.sum(-1)[valid[:, None, :].expand(2, 9, 14)]
@@ -144,7 +144,7 @@ def test_vhr_selects_above_the_median_of_its_own_divergence():
         with apply(model, Plan([Reinforce(3, ALL, alpha=2.0)]), request) as session:
             model(input_ids=ids, attention_mask=mask)
     last = plain.recording.head_output(3)[:, -1]
-    want = edits.vhr_select((last - request.reference[3]).norm(dim=-1), request.reference[3].pow(2).sum(-1))
+    want = formulas.vhr_select((last - request.reference[3]).norm(dim=-1), request.reference[3].pow(2).sum(-1))
     assert torch.equal(frozen_state(session, "reinforce", 3), want)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from families import family_model
 
-import headlab.surgeon.recompute as recompute
+import headlab.surgeon.losses as recompute
 from headlab.surgeon import attach, model_shape
 
 EPS = torch.finfo(torch.float32).eps

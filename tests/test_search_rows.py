@@ -15,7 +15,7 @@ from test_evaluation import CharTokenizer
 from headlab.surgeon import Calibrate, Plan, UnsupportedModelError
 from headlab.surgeon.search import calibration as search
 from headlab.surgeon.search import suffix
-from headlab.surgeon.search.evaluate import choice_batches, choice_logprobs, evaluate
+from headlab.surgeon.search.accuracy import choice_batches, choice_logprobs, evaluate
 from headlab.surgeon.search.prefix import LayerPrefix
 from headlab.surgeon.search.suffix import SuffixScorer, group_by_first_row
 from headlab.surgeon.search.tasks import load_task

@@ -8,11 +8,11 @@ from conftest import tiny_llama
 
 from headlab.cli import main
 from headlab.core.head_scores import HeadScores
-from headlab.probes.streaming import (full_kv_heads, kv_head_scores, random_ranking, razor_ranking, rule_ranking,
-                                      score_ranking, streaming_plan)
+from headlab.surgeon.streaming.rules import (full_kv_heads, kv_head_scores, random_ranking, razor_ranking, rule_ranking,
+                                             score_ranking, streaming_plan)
 from headlab.surgeon import Plan, Stream, attach, model_shape
 from headlab.core.errors import HeadlabError
-from headlab.surgeon.search.settings import StreamingSettings
+from headlab.surgeon.streaming.settings import StreamingSettings
 from headlab.core.shape import ModelShape
 
 SHAPE = ModelShape(n_layers=3, n_heads=6, n_kv_heads=2, head_dim=4)  # KV head g serves query heads 3g..3g+2
@@ -119,7 +119,8 @@ def test_streaming_in_blocks_equals_the_heads_recomputed_in_full(family, monkeyp
     model's own eager-vs-default difference, times 10."""
     from families import family_model
 
-    from headlab.surgeon import Taps, editing
+    from headlab.surgeon import Taps
+    from headlab.surgeon.edits import stages
 
     model = family_model(family)
     shape = model_shape(model)
@@ -127,7 +128,7 @@ def test_streaming_in_blocks_equals_the_heads_recomputed_in_full(family, monkeyp
     ids = torch.randint(3, 97, (2, 23), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 23, dtype=torch.long)
     mask[1, :6] = 0
-    monkeypatch.setattr(editing, "STREAM_BLOCK", 5)
+    monkeypatch.setattr(stages, "STREAM_BLOCK", 5)
     with torch.no_grad():
         with attach(model, plan):
             blocked = model(input_ids=ids, attention_mask=mask).logits

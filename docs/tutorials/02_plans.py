@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from headlab.surgeon import Calibrate, HeadScale, Plan, Taps, attach, load_model
-from headlab.surgeon.search.evaluate import evaluate
+from headlab.surgeon.search.accuracy import evaluate
 from headlab.surgeon.search.tasks import load_task
 
 model, tokenizer = load_model("smollm2-135m")

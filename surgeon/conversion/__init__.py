@@ -3,7 +3,7 @@
 which layers convert (:mod:`.support`), conversion and checkpoints (:mod:`.converted`) and the
 two training stages (:mod:`.training`)."""
 
-from importlib import import_module
+from ...core.lazy import lazy_exports
 
 _EXPORTS = {
     "ConversionSettings": "settings", "LinearSettings": "settings", "StageSettings": "settings",
@@ -16,8 +16,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # loaded on first use: the settings alone cost no torch
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{module}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -75,7 +75,7 @@ class RecurrentState(CacheLayerMixin):
             self.keys, self.values, self.state = (
                 t.index_select(0, beam_idx.to(t.device)) for t in (self.keys, self.values, self.state))
 
-    def memory_bytes(self) -> int:
+    def stored_bytes(self) -> int:
         """Bytes held: window keys and values plus the recurrent state."""
         if not self.is_initialized:
             return 0

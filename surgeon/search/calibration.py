@@ -24,13 +24,14 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from ..conversion.converted import converted_layers
-from ..edit_kinds import FIRST_EDITABLE_LAYER, Calibrate
+from ..edits.base import FIRST_EDITABLE_LAYER
+from ..edits.calibrate import Calibrate
 from ...core.errors import UnsupportedModelError
 from ...core.files import write_json
 from ..hook import apply
 from ...core.shape import model_shape
 from ..plan import Plan, PlanError
-from .evaluate import EvalResult, accuracy, choice_batches, model_forward, score_batches
+from .accuracy import EvalResult, accuracy, choice_batches, model_forward, score_batches
 from .prefix import LayerPrefix
 from .suffix import SuffixScorer
 from .settings import ACT_BETA, ACT_THRESHOLD

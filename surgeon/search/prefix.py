@@ -18,7 +18,7 @@ import torch
 
 from ...core.errors import UnsupportedModelError
 from ..sites import block_input, decoder_layers, forwards_set
-from .evaluate import ChoiceBatch, model_forward
+from .accuracy import ChoiceBatch, model_forward
 
 
 class Reached(Exception):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from ..edit_kinds import Calibrate
+from ..edits.calibrate import Calibrate
 from ...core.errors import UnsupportedModelError
 from ..hook import attach
 from ..kv_cache import ReservedLayer, full_attention_only
@@ -35,7 +35,7 @@ from ..plan import Plan
 from ..request import RequestState
 from ...core.shape import model_shape, text_config
 from ..sites import attention_modules, has_causal_attention
-from .evaluate import ChoiceBatch, output_at
+from .accuracy import ChoiceBatch, output_at
 from .prefix import LayerPrefix, Reached, handing_through, require_tensor_output
 
 CACHE_BUDGET_BYTES = 3 * 2**30  # the unedited keys, values and stream kept for every sequence at every layer

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from . import attention_math
-from .attention_math import AttentionCall
-from .edit import Edit, EditCall
-from ..core.errors import PlanError
-from .request import Request, RequestState
+from .. import attention_math
+from ..attention_math import AttentionCall
+from .base import Edit, EditCall
+from ...core.errors import PlanError
+from ..request import Request, RequestState
 
 
 def softmax_stage_heads(bias: list[Edit], redistribute: list[Edit]) -> tuple[int, ...]:

@@ -124,12 +124,3 @@ def evaluate(model, tokenizer, examples: list[Example], plan: Plan | None = None
     if not examples:
         raise ValueError("no examples to evaluate")
     return accuracy(examples, choice_logprobs(model, tokenizer, examples, plan, batch_size, progress))
-
-
-@torch.no_grad()
-def heldout_loss(model, windows: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy (nats) over ``windows`` (each ``[1, seq]``); its exponential
-    is the perplexity."""
-    if not windows:
-        raise ValueError("no windows to evaluate")
-    return sum(model(input_ids=ids, labels=ids, use_cache=False).loss.item() for ids in windows) / len(windows)

@@ -1,6 +1,6 @@
 """DuoAttention's gates (Xiao et al., 2024): learn, per KV head of the global layers, how much of the
 full attention a head needs, by mixing full and streaming attention with a gate ``α`` in ``[0, 1]``
-(:class:`~headlab.surgeon.mixing.StreamMix`) and training the gates alone on synthetic passkey
+(:class:`~headlab.surgeon.streaming.mixing.StreamMix`) and training the gates alone on synthetic passkey
 samples so that the model's final hidden states at the answer stay those of the unedited model,
 with a penalty ``λ·mean|α|`` that pushes gates to 0 (streaming).
 
@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..surgeon import Plan, attach, model_shape
-from ..core.errors import InputFileError
-from ..core.files import atomic_path, write_json
-from ..surgeon.mixing import StreamMix
-from ..surgeon.recompute import needs_recompute, recomputed_in_backward
-from ..surgeon.search.settings import StreamingSettings
-from ..core.text import load_text
-from ..core.head_scores import HeadScores
+from .. import Plan, attach, model_shape
+from ...core.errors import InputFileError
+from ...core.files import atomic_path, write_json
+from .mixing import StreamMix
+from ..losses import needs_recompute, recomputed_in_backward
+from .settings import StreamingSettings
+from ...core.text import load_text
+from ...core.head_scores import HeadScores
 from .settings import GateSettings
-from .streaming import candidates, global_layers, score_ranking, streaming_plan
+from .rules import candidates, global_layers, score_ranking, streaming_plan
 
 GATE_SCORE = "duo_gate"
 STATE_FILE, GATES_FILE, PLAN_FILE = "gates-state.pt", "gates.json", "plan.json"

@@ -15,12 +15,12 @@ import random
 
 import torch
 
-from ..surgeon.edit_kinds import Stream
-from ..core.errors import HeadlabError
-from ..surgeon.plan import Plan
-from ..surgeon.search.settings import StreamingSettings
-from ..core.shape import ModelShape
-from ..core.head_scores import HeadScores
+from ..edits.stream import Stream
+from ...core.errors import HeadlabError
+from ..plan import Plan
+from .settings import StreamingSettings
+from ...core.shape import ModelShape
+from ...core.head_scores import HeadScores
 
 SLIDING = "sliding_attention"  # transformers' layer type of a sliding-window layer
 RAZOR_SCORES = ("echo", "razor_induction")

@@ -1,9 +1,11 @@
-"""Trading time for memory in a backward pass over long inputs: each decoder block's activations are
+"""Next-token losses of a language model, and trading time for memory in their backward pass over long
+inputs: each decoder block's activations are
 recomputed in the backward pass instead of kept from the forward (activation checkpointing; on the CPU
 the recomputed forward is the same computation, so the gradients are those of a plain backward pass),
 and :func:`next_token_loss` computes the logits of a long input in chunks, each recomputed in the
 backward pass (a large vocabulary's logits over the whole input would not fit: Gemma 3's at 8,192
-tokens take 8.6 GB in fp32, held several times over in the backward pass)."""
+tokens take 8.6 GB in fp32, held several times over in the backward pass). :func:`heldout_loss` is the
+mean loss over held-out windows (its exponential the perplexity)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,15 @@ def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return total / (ids.shape[1] - 1)
 
 
+@torch.no_grad()
+def heldout_loss(model, windows: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats) over ``windows`` (each ``[1, seq]``); its exponential
+    is the perplexity."""
+    if not windows:
+        raise ValueError("no windows to evaluate")
+    return sum(model(input_ids=ids, labels=ids, use_cache=False).loss.item() for ids in windows) / len(windows)
+
+
 def _chunk_loss(model, decoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of ``targets [n]`` from the model's logits of ``hidden [1, m >= n, width]``,
     through the model's own forward with its decoder answering ``hidden``."""
@@ -97,4 +108,4 @@ def _recomputing(forward):
 
 
 __all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes",
-           "needs_recompute", "next_token_loss", "recomputed_in_backward"]
+           "heldout_loss", "needs_recompute", "next_token_loss", "recomputed_in_backward"]

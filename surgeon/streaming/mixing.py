@@ -1,6 +1,6 @@
 """DuoAttention's gate mixing: each KV head's output is ``α·full + (1 − α)·streaming``, where the
 streaming attention sees only the sequence's first ``sinks`` valid tokens and the ``window`` latest
-positions (as :class:`~.edit_kinds.Stream`). ``α`` ``[n_layers, n_kv_heads]`` may require grad: the
+positions (as :class:`~headlab.surgeon.Stream`). ``α`` ``[n_layers, n_kv_heads]`` may require grad: the
 gate training optimises it. Both attentions are the model's own implementation (soft-caps and learned
 sinks included), the streaming one under a narrowed mask. Whole sequences only (training), no cache.
 """
@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from . import attention_math, edits
-from ..core.errors import PlanError
+from .. import attention_math
+from ..edits import formulas as edits
+from ...core.errors import PlanError
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """What an edit kind is: the base class every kind extends, the registry the plan files and the hook
 find kinds in, and the view of one layer call an edit's ``apply`` receives.
 
-An edit kind is one class (the built-in ones are in :mod:`.edit_kinds`): its parameters as dataclass
+An edit kind is one class (the built-in ones each have a module of this package): its parameters as dataclass
 fields with help and checked ranges, its ``stage`` in the attention function (``bias`` on the
 logits before the softmax, ``redistribute`` on the probabilities after it, ``output`` on the
 per-head outputs before ``o_proj``), what it needs (``needs_prompt``: the prompt's keys and the
 request's spans fixed at prefill; ``needs_residual``: the residual stream entering the layer at
 prefill; ``on_bridge``: it runs on a TransformerLens bridge, which offers only head outputs), and
-``apply``, which calls the pure tensor functions of :mod:`.edits`. State an edit fixes at prefill
+``apply``, which calls the pure tensor functions of :mod:`.formulas`. State an edit fixes at prefill
 (sink sets, chosen heads) lives under the edit's own key in :class:`~.request.RequestState`.
 Registering the class with :func:`register_edit` is all the hook, plan files and bridge need.
 """
@@ -17,18 +17,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..core.errors import PlanError
-from ..core.kinds import Integer, Items
-from ..core.settings import check_settings, setting
-from ..core.shape import ModelShape
+from ...core.errors import PlanError
+from ...core.kinds import Integer, Items
+from ...core.settings import check_settings, setting
+from ...core.shape import ModelShape
 
 if TYPE_CHECKING:
     import torch
 
-    from .attention_math import AttentionCall
-    from .request import Request, RequestState
+    from ..attention_math import AttentionCall
+    from ..request import Request, RequestState
 
 STAGES = ("bias", "redistribute", "output")
+FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 EDIT_KINDS: dict[str, type["Edit"]] = {}
 
 
@@ -61,7 +62,7 @@ class EditCall:
     def keys(self, mask: "torch.Tensor") -> "torch.Tensor":
         """A ``[..., N0]`` key mask fixed at prefill, for this call's keys (sliding-window caches
         start later; generated keys are False)."""
-        from .request import RequestState
+        from ..request import RequestState
 
         n_key = self.visible.shape[-1]
         return RequestState.in_call(mask, self.call.key_start, n_key).to(self.visible.device)
@@ -130,4 +131,4 @@ class Edit:
         return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
 
 
-__all__ = ["EDIT_KINDS", "Edit", "EditCall", "STAGES", "register_edit"]
+__all__ = ["EDIT_KINDS", "FIRST_EDITABLE_LAYER", "Edit", "EditCall", "STAGES", "register_edit"]

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .search.settings import ACT_THRESHOLD
+from ..search.settings import ACT_THRESHOLD
 
 DROP_FIRST = ("lowest", "position0", "none")
 _TINY = 1e-6
