@@ -36,10 +36,10 @@ from transformer_lens.head_detector import (
 )
 from transformer_lens.model_bridge import TransformerBridge
 
-from headlab.probes import importance
+from headlab.probes.scorers import importance
 from headlab.core.text import load_text, token_windows
-from headlab.probes.record import record_attention
-from headlab.probes.scores import pattern_scores
+from headlab.probes.scorers.record import record_attention
+from headlab.probes.scorers.patterns import pattern_scores
 from headlab.surgeon import load_model, model_directory, model_shape
 from headlab.core.files import write_json
 

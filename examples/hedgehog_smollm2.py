@@ -26,11 +26,11 @@ import torch
 
 from headlab.cli import main as headlab
 from headlab.core.text import load_text
-from headlab.probes.masking_stats import bootstrap_intervals, paired_p
-from headlab.probes.needles import HELDOUT_NEEDLES
-from headlab.probes.retrieval import build_prompt
-from headlab.probes.settings import ValidationSettings
-from headlab.probes.validation import NEEDLE_MEASURES, NeedleTask
+from headlab.probes.validation.statistics import bootstrap_intervals, paired_p
+from headlab.probes.scorers.needles import HELDOUT_NEEDLES
+from headlab.probes.scorers.retrieval import build_prompt
+from headlab.probes.validation.settings import ValidationSettings
+from headlab.probes.validation.run import NEEDLE_MEASURES, NeedleTask
 from headlab.surgeon import load_model
 from headlab.core.files import write_json
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from headlab.core.text import load_text
-from headlab.probes.view_data import gather_view
-from headlab.probes.view_page import write_view
+from headlab.probes.views.data import gather_view
+from headlab.probes.views.page import write_view
 from headlab.surgeon import Calibrate, Plan, load_model
 from headlab.core.files import write_json
 

@@ -39,17 +39,17 @@ def _models(args) -> int:
 
 
 def _report(args) -> int:
-    from .probes.score_families import requested_families
-    from .probes.report_settings import ReportSettings
-    from .probes.validation_file import load_curves
+    from .probes.scorers.families import requested_families
+    from .probes.report.settings import ReportSettings
+    from .probes.validation.file import load_curves
 
     settings = common.settings(ReportSettings, args)
     if args.page_only:
         return _report_pages(args, settings)
     check_folder(args.out, args.overwrite, "--out report folder")
     load_curves(args.out)
-    from .probes.atlas_page import load_atlas
-    from .probes.compression_file import load_compression
+    from .probes.atlas.page import load_atlas
+    from .probes.compression.file import load_compression
 
     load_compression(args.out)
     load_atlas(args.out)
@@ -61,7 +61,7 @@ def _report(args) -> int:
 
     converted = Path(args.model).is_dir() and is_converted_directory(args.model)
     if converted:
-        from .probes.report import check_converted_windows
+        from .probes.report.scoring import check_converted_windows
 
         check_converted_windows(config, settings.n_tokens)
     for name, reason in requested_families(settings, is_causal_lm(config), converted)[1].items():
@@ -70,7 +70,7 @@ def _report(args) -> int:
 
     init_distributed()
     model, tokenizer = common.load_model_from(args)
-    from .probes.report import write_report
+    from .probes.report.scoring import write_report
 
     path = write_report(model, tokenizer, args.model, args.out, settings, overwrite=args.overwrite)
     if path is None:  # a rank other than 0 of a torchrun job
@@ -81,7 +81,7 @@ def _report(args) -> int:
 
 def _report_pages(args, settings) -> int:
     """``report --page-only``: the pages of a finished report folder written again, no scoring."""
-    from .probes.report_settings import ReportSettings
+    from .probes.report.settings import ReportSettings
     from .core.settings import given_flags
 
     ignored = [flag for flag in given_flags(ReportSettings, args) if flag != "--views"]
@@ -90,10 +90,10 @@ def _report_pages(args, settings) -> int:
                            f"--views, not {', '.join(ignored + ['--overwrite'] * args.overwrite)}")
     if not (Path(args.out) / "scores.json").is_file():
         raise HeadlabError(f"{args.out} holds no scores.json: --page-only rewrites the pages of a finished report")
-    from .probes.atlas_page import load_atlas
-    from .probes.compression_file import load_compression
-    from .probes.report import finished_report, rewrite_report_pages
-    from .probes.validation_file import load_curves
+    from .probes.atlas.page import load_atlas
+    from .probes.compression.file import load_compression
+    from .probes.report.scoring import finished_report, rewrite_report_pages
+    from .probes.validation.file import load_curves
 
     finished_report(Path(args.out), args.model)  # all checked before the model loads
     load_curves(args.out)
@@ -184,7 +184,7 @@ def _eval(args) -> int:
 
 
 def _view(args) -> int:
-    from .probes.settings import ViewSettings
+    from .probes.views.settings import ViewSettings
     from .core.head_scores import load_scores_file
     from .core.files import read_text_file
     from .surgeon.plan import Plan
@@ -217,9 +217,10 @@ def _view(args) -> int:
     if ids.shape[1] > view.max_tokens:
         raise HeadlabError(f"the text is {ids.shape[1]} tokens, more than --max-tokens {view.max_tokens}; "
                            "shorten it or raise the limit")
-    from .probes import views
-    from .probes.view_data import gather_view
-    from .probes.view_page import write_view
+    from .probes.figures import export_figure
+    from .probes.views.figure import view
+    from .probes.views.data import gather_view
+    from .probes.views.page import write_view
 
     data = gather_view(model, tokenizer, ids, args.model, layers, plan, int(view.max_payload_mb * 2**20),
                        plan_label=Path(args.compare).name if plan else None)
@@ -228,8 +229,8 @@ def _view(args) -> int:
     print(f"view: {path} ({path.stat().st_size / 2**20:.1f} MiB, {tokens}, "
           f"{'one cell per token' if data.block == 1 else f'{data.block}-token blocks'})")
     if args.export:
-        shown = views.view(data, *head) if head else views.view(data, scores=scores)
-        print(f"figure: {views.export_figure(shown, args.export)}")
+        shown = view(data, *head) if head else view(data, scores=scores)
+        print(f"figure: {export_figure(shown, args.export)}")
     return 0
 
 
@@ -244,7 +245,7 @@ def _chosen_score(args, shape):
 
 
 def _validate(args) -> int:
-    from .probes.settings import ValidationSettings
+    from .probes.validation.settings import ValidationSettings
 
     settings = common.settings(ValidationSettings, args)
     config = common.model_config(args)
@@ -259,7 +260,7 @@ def _validate(args) -> int:
 
     if metric == "needle-recall" and not is_causal_lm(config):
         raise ModelSpecError(f"{args.model} is not a causal language model; needle recall needs one (use --metric loss)")
-    from .probes.validation import validate_score, validation_identity, write_curve_page
+    from .probes.validation.run import validate_score, validation_identity, write_curve_page
     from .core.files import write_json
     from .core.journal import Journal
 
@@ -322,7 +323,7 @@ def _merged_scores(paths: list[str], shape, rules: tuple[str, ...]) -> dict:
 
 
 def _stream_eval(args) -> int:
-    from .probes.settings import CompressionSettings
+    from .probes.compression.settings import CompressionSettings
 
     settings = common.settings(CompressionSettings, args)
     out = Path(args.out)
@@ -333,7 +334,7 @@ def _stream_eval(args) -> int:
     if args.base is not None:
         raise HeadlabError(f"--base is for a checkpoint converted to linear attention; {args.model} is not one")
     shape = common.model_shape_of(config)
-    from .probes.compression import PROGRESS_FILE, conditions, evaluate_compression, streaming_identity
+    from .probes.compression.run import PROGRESS_FILE, conditions, evaluate_compression, streaming_identity
     from .core.journal import Journal
 
     scores = _merged_scores(args.scores, shape, settings.rules) if args.scores else None
@@ -351,8 +352,8 @@ def _conversion_eval(args, settings, config, out: Path) -> int:
     prompts and windows (tokenised by the checkpoint's tokenizer, which convert saved from the base)."""
     import gc
 
-    from .probes.compression import PROGRESS_FILE, conversion_identity, conversion_result, conversion_runs
-    from .probes.compression_file import CONVERTED, FULL
+    from .probes.compression.run import PROGRESS_FILE, conversion_identity, conversion_result, conversion_runs
+    from .probes.compression.file import CONVERTED, FULL
     from .surgeon.streaming.rules import candidates
     from .surgeon import load_model
     from .core.journal import Journal
@@ -376,8 +377,8 @@ def _conversion_base(args, config) -> str | None:
     conversion recorded; None for ``--base none``), checked from its config before any loading:
     the same shape and vocabulary size, a causal LM, not converted itself. Streaming-head options
     are refused: the checkpoint is measured as it is."""
-    from .probes.compression import STREAMING_ONLY
-    from .probes.settings import CompressionSettings
+    from .probes.compression.run import STREAMING_ONLY
+    from .probes.compression.settings import CompressionSettings
     from .surgeon.conversion.converted import read_conversion
     from .core.settings import given_flags
 
@@ -414,7 +415,7 @@ def _conversion_base(args, config) -> str | None:
 def _write_compression(out: Path, result: dict, overwrite: bool) -> int:
     """Write compression.json and compression.html into ``out``, forget the progress file and print
     the summary."""
-    from .probes.compression import PROGRESS_FILE, write_compression_page
+    from .probes.compression.run import PROGRESS_FILE, write_compression_page
     from .core.files import write_json
 
     claim_folder(out, ("compression.json", "compression.html"), overwrite, "--out folder")
@@ -454,7 +455,7 @@ def _train_gates(args) -> int:
 
 
 def _atlas(args) -> int:
-    from .probes.settings import AtlasSettings
+    from .probes.atlas.settings import AtlasSettings
 
     settings = common.settings(AtlasSettings, args)
     if args.compare and args.model2:
@@ -473,8 +474,8 @@ def _atlas(args) -> int:
     plan = Plan.load(args.compare) if args.compare else None
     if plan is not None:
         plan.validate(shape)
-    from .probes.atlas import atlas_document, build_atlas, describe_heads
-    from .probes.atlas_page import write_atlas_page
+    from .probes.atlas.build import atlas_document, build_atlas, describe_heads
+    from .probes.atlas.page import write_atlas_page
     from .core.text import load_text, token_windows
     from .core.files import write_json
 
@@ -549,8 +550,11 @@ def build_parser() -> common.Parser:
     models = sub.add_parser("models", help="list the bundled models and whether they are installed")
     models.set_defaults(run=_models, interrupted=common.interrupted("nothing was written"))
 
-    from .probes.report_settings import ReportSettings
-    from .probes.settings import PROGRESS_FILE, AtlasSettings, CompressionSettings, ValidationSettings, ViewSettings
+    from .probes.report.settings import ReportSettings
+    from .probes.compression.settings import PROGRESS_FILE, CompressionSettings
+    from .probes.atlas.settings import AtlasSettings
+    from .probes.validation.settings import ValidationSettings
+    from .probes.views.settings import ViewSettings
     from .surgeon.streaming.settings import GateSettings
     from .surgeon.search.settings import CalibrationSettings
     from .surgeon.streaming.settings import StreamingSettings

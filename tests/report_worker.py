@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
 from test_report import CharTokenizer  # noqa: E402
 
-from headlab.probes.report import write_report  # noqa: E402
-from headlab.probes.report_settings import ReportSettings  # noqa: E402
+from headlab.probes.report.scoring import write_report
+from headlab.probes.report.settings import ReportSettings
 
 
 def main(text_path: str, out_dir: str) -> None:

@@ -6,8 +6,8 @@ import torch
 from bounds import U
 from conftest import tiny_llama
 
-from headlab.probes.atlas import (N_LOCALITY, Descriptors, build_atlas, describe_heads, distance_bins,
-                                  map_descriptors, pattern_name)
+from headlab.probes.atlas.build import (N_LOCALITY, Descriptors, build_atlas, describe_heads, distance_bins,
+                                        map_descriptors, pattern_name)
 
 N = 64
 
@@ -99,8 +99,8 @@ def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
         pytest.skip("no Chromium on PATH (CI installs it)")
     from playwright.sync_api import sync_playwright
 
-    from headlab.probes.atlas import atlas_document
-    from headlab.probes.atlas_page import write_atlas_page
+    from headlab.probes.atlas.build import atlas_document
+    from headlab.probes.atlas.page import write_atlas_page
     from headlab.core.head_scores import HeadScores
 
     descriptors, _ = planted(per_type=4)
@@ -163,7 +163,7 @@ def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path, capsys
 
 
 def test_converted_layers_are_described_by_their_converted_weights():
-    from headlab.probes.atlas import map_descriptors
+    from headlab.probes.atlas.build import map_descriptors
     from headlab.surgeon.conversion.converted import convert
     from headlab.surgeon.conversion.settings import LinearSettings
 

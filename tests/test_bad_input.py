@@ -500,7 +500,7 @@ API_CASES = [
     ("ReportSettings with 0 samples", lambda: _report_settings().ReportSettings(n_samples=0)),
     ("ReportSettings with an unknown family", lambda: _report_settings().ReportSettings(scores=("nope",))),
     ("NeedleSettings with a depth of 2", lambda: _probe_settings().NeedleSettings(depths=(2.0,))),
-    ("MaskingSettings with K 0", lambda: _probe_settings().MaskingSettings(ks=(0,))),
+    ("MaskingSettings with K 0", lambda: _validation_settings().MaskingSettings(ks=(0,))),
     ("TrainSettings with batch 0", lambda: _sae_settings().TrainSettings(batch_size=0)),
     ("TrainSettings with an unknown architecture", lambda: _sae_settings().TrainSettings(arch="conv")),
     ("LinearSettings with window 0", lambda: _conversion().LinearSettings(window=0)),
@@ -517,13 +517,19 @@ def _surgeon():
 
 
 def _probe_settings():
-    import headlab.probes.settings as settings
+    import headlab.probes.scorers.settings as settings
+
+    return settings
+
+
+def _validation_settings():
+    import headlab.probes.validation.settings as settings
 
     return settings
 
 
 def _report_settings():
-    import headlab.probes.report_settings as settings
+    import headlab.probes.report.settings as settings
 
     return settings
 

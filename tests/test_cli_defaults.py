@@ -22,8 +22,9 @@ def _command_parsers(parser: argparse.ArgumentParser, prefix=()):
 
 
 def _settings_classes(command):
-    from headlab.probes.report_settings import ReportSettings
-    from headlab.probes.settings import ValidationSettings, ViewSettings
+    from headlab.probes.report.settings import ReportSettings
+    from headlab.probes.validation.settings import ValidationSettings
+    from headlab.probes.views.settings import ViewSettings
     from headlab.sae.settings import TextWindows, TrainSettings
     from headlab.sae_cli import DashboardData, EvalData, TrainData
     from headlab.surgeon.conversion.settings import ConversionSettings

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from headlab.cli import main
-from headlab.probes.compression import evaluate_compression, summarize_runs
-from headlab.probes.compression_file import COMPRESSION_FORMAT
+from headlab.probes.compression.run import evaluate_compression, summarize_runs
+from headlab.probes.compression.file import COMPRESSION_FORMAT
 from headlab.core.text import load_text, token_windows
-from headlab.probes.settings import CompressionSettings
+from headlab.probes.compression.settings import CompressionSettings
 from headlab.surgeon.streaming.rules import full_kv_heads, random_ranking
 from headlab.surgeon import model_shape
 from headlab.core.errors import InputFileError
@@ -147,7 +147,7 @@ def test_stream_eval_of_a_converted_checkpoint_alone(converted_checkpoint, tmp_p
 def test_an_interrupted_evaluation_resumes_after_its_last_finished_run(smollm2, tmp_path, monkeypatch):
     """Ctrl-C after the first run: the progress file holds it; the same evaluation started again
     measures only the runs it lacks and gives the result of an uninterrupted one."""
-    from headlab.probes import compression
+    from headlab.probes.compression import run as compression
 
     model, tokenizer = smollm2
     settings = CompressionSettings(**{**SETTINGS, "random_sets": 1, "lengths": (128, 160)})
@@ -186,7 +186,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_run(smollm2, 
 def test_stream_eval_of_a_converted_checkpoint_resumes(converted_checkpoint, tmp_path, monkeypatch):
     """The converted checkpoint measured, the base interrupted: the same command measures the base only
     and removes its progress file once the results are written."""
-    from headlab.probes import compression
+    from headlab.probes.compression import run as compression
 
     _, folder = converted_checkpoint
     out = tmp_path / "resumed"

@@ -11,7 +11,7 @@ import torch
 from conftest import CharTokenizer, padded_batch, tiny_llama
 
 from headlab.probes import ReportSettings, write_report
-from headlab.probes.score_families import score_family
+from headlab.probes.scorers.families import score_family
 from headlab.core.head_scores import HeadScores
 from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
@@ -141,7 +141,7 @@ def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(
 
 
 def test_a_family_that_needs_a_decoder_is_skipped_with_its_reason_on_an_encoder(tmp_path):
-    from headlab.probes.score_families import requested_families
+    from headlab.probes.scorers.families import requested_families
 
     families, skipped = requested_families(ReportSettings(scores=("toy-decoder-only", "context")), causal=False)
     assert [family.name for family in families] == ["context"]

@@ -8,10 +8,10 @@ import torch
 from conftest import CharTokenizer, tiny_llama
 
 from headlab.core.errors import InputFileError
-from headlab.probes.divergence import head_divergence, zero_outliers
-from headlab.probes.labelled import load_labelled
-from headlab.probes.probing import probe_heads
-from headlab.probes.sinks import SinkSettings, massive_activations, sink_token_mask
+from headlab.probes.scorers.divergence import head_divergence, zero_outliers
+from headlab.probes.scorers.labelled import load_labelled
+from headlab.probes.scorers.probing import probe_heads
+from headlab.probes.scorers.sinks import SinkSettings, massive_activations, sink_token_mask
 
 
 def zero_value_group(model, layer: int, group: int) -> None:
@@ -60,7 +60,7 @@ def test_massive_activation_planted_in_an_embedding_is_found_and_scored():
 
 @pytest.mark.parametrize("method", ["maps", "statistics"])
 def test_sink_mass_counts_the_rows_from_the_first_sink_on_from_maps_or_statistics(method, monkeypatch):
-    import headlab.probes.sinks as sinks
+    import headlab.probes.scorers.sinks as sinks
 
     monkeypatch.setattr(sinks, "scoring_method", lambda model, n_tokens: method)  # the report's choice by length
     model = tiny_llama("gqa", layers=4)

@@ -13,9 +13,9 @@ from test_views import HostileTokenizer, hostile_ids
 
 from headlab.probes import ReportSettings, write_report
 from headlab.core.head_scores import HeadScores
-from headlab.probes.validation_file import CURVE_FORMAT, write_curve_page
-from headlab.probes.view_data import gather_view
-from headlab.probes.view_page import write_view
+from headlab.probes.validation.file import CURVE_FORMAT, write_curve_page
+from headlab.probes.views.data import gather_view
+from headlab.probes.views.page import write_view
 from headlab.sae import SparseAutoencoder, collect_examples, write_dashboard
 from headlab.surgeon import HeadScale, Plan
 
@@ -143,7 +143,7 @@ def hostile_compression(rule: str, model_id: str) -> dict:
 
 
 def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
-    from headlab.probes.compression import write_compression_page
+    from headlab.probes.compression.run import write_compression_page
 
     path = write_compression_page(hostile_compression(PAYLOADS[1], PAYLOADS[0]), tmp_path / "compression.html")
     page, errors = load(browser, path)
@@ -156,8 +156,8 @@ def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
 def test_conversion_evaluation_pages_run_nothing(browser, tmp_path):  # noqa: F811
     """A converted checkpoint's evaluation whose checkpoint and base model names are hostile: its own
     page and the report's section that shows it."""
-    from headlab.probes.compression import write_compression_page
-    from headlab.probes.report_page import _compression_section
+    from headlab.probes.compression.run import write_compression_page
+    from headlab.probes.report.page import _compression_section
 
     result = {**hostile_compression("converted", PAYLOADS[0]), "kind": "conversion", "base_model": PAYLOADS[6]}
     page, errors = load(browser, write_compression_page(result, tmp_path / "compression.html"))

@@ -3,9 +3,8 @@
 import torch
 from conftest import eager_maps, tiny_llama
 
-from headlab.probes.importance import (
-    ablation_importance, gradient_importance, repeated_token_scores, repeated_tokens,
-)
+from headlab.probes.scorers.importance import (ablation_importance, gradient_importance, repeated_token_scores,
+                                               repeated_tokens)
 
 DEAD = (1, 2)  # (layer, head) whose o_proj input columns are zeroed: it cannot matter
 
@@ -43,7 +42,7 @@ def test_gradient_importance_matches_o_proj_gates_and_is_zero_for_a_dead_head():
 
 
 def test_long_windows_recompute_each_block_in_the_backward_pass_and_get_the_same_gradients(monkeypatch):
-    import headlab.probes.importance as importance
+    import headlab.probes.scorers.importance as importance
 
     model = model_with_a_dead_head()
     plain = gradient_importance(model, windows())

@@ -1,4 +1,6 @@
-"""ARCHITECTURE.md's import rules, enforced by walking every module's imports."""
+"""The architecture's import rules (docs/architecture.md), enforced by walking every module's imports: the
+foundation at the bottom, the parts in their order, the probes' products apart, heavy libraries in their
+own modules, no import circle."""
 
 import ast
 from pathlib import Path
@@ -13,7 +15,12 @@ ALLOWED = {
     "sae": {"surgeon", "kernels", "core"},
     "headlab": {"core", "kernels", "surgeon", "probes", "sae"},
 }
-THIRD_PARTY_OWNERS = {"plotly": "probes/views.py", "sklearn": "probes/probing.py", "triton": "kernels/"}
+# where each heavy optional library may be imported: plotly in the probes' shared figure module and each
+# product's figure module, scikit-learn in the linear probes and the atlas's t-SNE, triton in the kernels
+THIRD_PARTY_OWNERS = {"plotly": ("probes/figures.py", "probes/*/figure.py"),
+                      "sklearn": ("probes/scorers/probing.py", "probes/atlas/embedding.py"), "triton": ("kernels/*",)}
+WINGS = {"report", "views", "validation", "compression", "atlas"}  # the products of probes/
+PROBES_BASE = {"scorers", "figures", "intervals"}  # what every product may use
 
 
 def imported_parts(path: Path, part: str):
@@ -63,16 +70,48 @@ def test_import_directions_follow_the_architecture():
     assert not violations, "\n".join(violations)
 
 
-def test_heavy_optional_libraries_are_imported_in_one_place_only():
+def test_heavy_optional_libraries_are_imported_in_their_own_modules_only():
     violations = []
     for part in PARTS:
         for path in python_files(part):
-            rel = str(path.relative_to(ROOT))
+            rel = path.relative_to(ROOT)
             for line, target, name in imported_parts(path, part):
-                owner = THIRD_PARTY_OWNERS.get(name.split(".")[0])
-                if owner and not rel.startswith(owner):
-                    violations.append(f"{rel}:{line} imports {name} (only {owner} may)")
+                owners = THIRD_PARTY_OWNERS.get(name.split(".")[0])
+                if owners and not any(rel.match(owner) for owner in owners):
+                    violations.append(f"{rel}:{line} imports {name} (only {', '.join(owners)} may)")
     assert not violations, "\n".join(violations)
+
+
+def _wing(module: str) -> str | None:
+    """The wing (product) or shared piece of probes a module belongs to: ``probes.report.page`` -> report."""
+    pieces = module.split(".")
+    return pieces[1] if len(pieces) > 1 else None
+
+
+def test_the_products_of_probes_stay_apart():
+    """A product imports the shared scorers and figures and its own modules, never another product's;
+    only the report, which shows what the others wrote into its folder, reads them. The shared pieces
+    import no product."""
+    violations = []
+    for module, imported in module_graph("probes").items():
+        wing = _wing(module)
+        for target in imported:
+            other = _wing(target)
+            if other in WINGS and other != wing and wing != "report":
+                violations.append(f"{module} imports {target}")
+    assert not violations, "\n".join(violations)
+
+
+def test_every_module_of_probes_is_in_a_product_or_the_shared_base():
+    loose = [m for m in module_graph("probes") if m != "probes" and _wing(m) not in WINGS | PROBES_BASE]
+    assert not loose, f"modules of probes/ outside its products and shared base: {loose}"
+
+
+def test_the_wing_checker_catches_a_crossing():
+    graph = {"probes.atlas.page": {"probes.views.figure", "probes.figures"}, "probes.report.page": {"probes.atlas.page"}}
+    crossings = [(m, t) for m, ts in graph.items() for t in ts
+                 if _wing(t) in WINGS and _wing(t) != _wing(m) and _wing(m) != "report"]
+    assert crossings == [("probes.atlas.page", "probes.views.figure")]
 
 
 def test_the_checker_catches_a_forbidden_edge(tmp_path):

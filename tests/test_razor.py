@@ -5,7 +5,7 @@ import torch
 from bounds import U, logit_error, probability_tolerance
 from conftest import eager_recorder, tiny_llama
 
-from headlab.probes.razor import offsets_and_rows, razor_input, razor_scores
+from headlab.probes.scorers.razor import offsets_and_rows, razor_input, razor_scores
 
 
 def test_offsets_mark_only_earlier_occurrences():

@@ -129,7 +129,7 @@ def test_cli_models_runs_as_a_command():
 def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_since(tmp_path):
     from test_hostile_pages import hostile_curve
 
-    from headlab.probes.report import rewrite_report_pages
+    from headlab.probes.report.scoring import rewrite_report_pages
     from headlab.core.files import record_owned
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
@@ -151,7 +151,7 @@ def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_sinc
 
 
 def test_page_only_refuses_what_it_cannot_rewrite(tmp_path, capsys):
-    from headlab.probes.report import rewrite_report_pages
+    from headlab.probes.report.scoring import rewrite_report_pages
     from headlab.core.errors import HeadlabError
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
@@ -174,8 +174,8 @@ def test_a_stopped_report_resumes_after_its_finished_families(tmp_path, monkeypa
     the pattern scores nor the first family again, and writes the scores of an uninterrupted run."""
     import dataclasses
 
-    from headlab.probes import report as report_module
-    from headlab.probes import score_families
+    from headlab.probes.report import scoring as report_module
+    from headlab.probes.scorers import families as score_families
 
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)

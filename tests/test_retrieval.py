@@ -5,11 +5,10 @@ import torch
 
 from conftest import eager_maps, tiny_llama
 from families import family_model
-from headlab.probes.retrieval import (
-    NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores, greedy_rows_with_top_keys, greedy_with_top_keys,
-    rouge1_recall, shared_prefix, stop_rule,
-)
-import headlab.probes.retrieval as retrieval
+from headlab.probes.scorers.retrieval import (NEEDLES, NeedlePrompt, NeedleSettings, build_prompt, copy_scores,
+                                              greedy_rows_with_top_keys, greedy_with_top_keys, rouge1_recall,
+                                              shared_prefix, stop_rule)
+import headlab.probes.scorers.retrieval as retrieval
 from headlab.surgeon import HeadScale, Plan, attach
 
 

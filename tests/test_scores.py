@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from headlab.probes import HeadScores, ScoreAccumulator, pattern_scores
+from headlab.core.head_scores import HeadScores
+from headlab.probes import ScoreAccumulator, pattern_scores
 
 
 def causal_uniform(n):

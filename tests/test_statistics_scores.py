@@ -6,9 +6,9 @@ from conftest import tiny_bert, tiny_llama
 
 from headlab.kernels import attention_with_stats, row_key_probs
 from headlab.kernels.reference import attention_probs_reference
-from headlab.probes.record import record_attention, record_statistics
-from headlab.probes.record import scoring_method
-from headlab.probes.scores import pattern_scores, pattern_scores_from_statistics
+from headlab.probes.scorers.record import record_attention, record_statistics
+from headlab.probes.scorers.record import scoring_method
+from headlab.probes.scorers.patterns import pattern_scores, pattern_scores_from_statistics
 
 
 @pytest.mark.parametrize("padding", [False, True])

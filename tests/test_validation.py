@@ -11,14 +11,14 @@ import torch
 from conftest import CharTokenizer, tiny_llama
 
 from headlab.cli import main
-from headlab.probes.masking import (eligible_heads, head_means, masking_plan, matched_random_set, random_sets,
-                                    top_heads)
-from headlab.probes.masking_stats import bootstrap_intervals, paired_p, rank_p
-from headlab.probes.needles import HELDOUT_NEEDLES, NEEDLES
+from headlab.probes.validation.masking import (eligible_heads, head_means, masking_plan, matched_random_set,
+                                               random_sets, top_heads)
+from headlab.probes.validation.statistics import bootstrap_intervals, paired_p, rank_p
+from headlab.probes.scorers.needles import HELDOUT_NEEDLES, NEEDLES
 from headlab.core.head_scores import HeadScores
-from headlab.probes.settings import MaskingSettings, ValidationSettings
-from headlab.probes.validation import NeedleTask, validate_score
-from headlab.probes.validation_file import CURVE_FORMAT, load_curve, write_curve_page
+from headlab.probes.validation.settings import MaskingSettings, ValidationSettings
+from headlab.probes.validation.run import NeedleTask, validate_score
+from headlab.probes.validation.file import CURVE_FORMAT, load_curve, write_curve_page
 from headlab.surgeon import HeadMean, HeadScale, Uniform, attach
 from headlab.core.errors import InputFileError
 
@@ -214,7 +214,7 @@ def _without_seconds(curve: dict) -> dict:
 def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, monkeypatch):
     """Ctrl-C in the second window: the journal holds the first; started again, the validation measures
     only the windows it lacks and gives the curve of an uninterrupted one."""
-    from headlab.probes.validation import LossTask
+    from headlab.probes.validation.run import LossTask
 
     model = tiny_llama("gqa", layers=3)
     text = tmp_path / "text.txt"
@@ -248,7 +248,7 @@ def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, 
 
 
 def test_an_interrupted_needle_validation_resumes_and_the_command_removes_its_journal(smollm2, tmp_path, monkeypatch):
-    from headlab.probes.validation import NeedleTask as Task
+    from headlab.probes.validation.run import NeedleTask as Task
 
     shape = (30, 9)
     values = torch.rand(*shape, generator=torch.Generator().manual_seed(0))

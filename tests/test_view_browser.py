@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_llama
-from headlab.probes import views
-from headlab.probes.view_data import gather_view
-from headlab.probes.view_page import write_view
+from headlab.probes.figures import export_figure
+from headlab.probes.views.figure import view
+from headlab.probes.views.data import gather_view
+from headlab.probes.views.page import write_view
 from headlab.surgeon import Calibrate, Plan
 from test_views import HOSTILE, HostileTokenizer, hostile_ids
 
@@ -117,14 +118,14 @@ def test_long_input_renders_pooled_image_with_block_hover(browser, tmp_path):
 def test_static_export_writes_png_and_svg(tmp_path):
     model = tiny_llama("gqa", layers=2)
     data = gather_view(model, HostileTokenizer(), hostile_ids(12), "tiny", progress=False)
-    png = views.export_figure(views.view(data), tmp_path / "grid.png", width=500, height=300)
-    svg = views.export_figure(views.view(data, 1, 3), tmp_path / "head.svg")
+    png = export_figure(view(data), tmp_path / "grid.png", width=500, height=300)
+    svg = export_figure(view(data, 1, 3), tmp_path / "head.svg")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = svg.read_text(encoding="utf-8")
     assert text.lstrip().startswith("<svg") and "3: &#60;script&#62;window.__pwned=1" in text
     assert "<script" not in text and "<img" not in text
     with pytest.raises(ValueError, match="png, .svg or .pdf"):
-        views.export_figure(views.view(data), tmp_path / "grid.jpg")
+        export_figure(view(data), tmp_path / "grid.jpg")
 
 
 def test_link_with_head_hash_opens_that_head(browser, short_page):

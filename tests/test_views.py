@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import eager_maps, tiny_llama
-from headlab.probes import views
-from headlab.probes.record import record_attention
-from headlab.probes.view_data import (
-    PooledMaps, decode_map, encode_map, gather_view, pool_block, png_rgb, view_data_from_record,
-)
-from headlab.probes.view_page import page_payload, write_view
+from headlab.probes.figures import colourise
+from headlab.probes.views.figure import view
+from headlab.probes.scorers.record import record_attention
+from headlab.probes.views.data import (PooledMaps, decode_map, encode_map, gather_view, pool_block, png_rgb,
+                                       view_data_from_record)
+from headlab.probes.views.page import page_payload, write_view
 from headlab.core.escaping import script_json
 from headlab.surgeon import Calibrate, HeadScale, Plan
 
@@ -89,10 +89,10 @@ def test_png_writer_round_trips_pixels():
 
 
 def test_colourise_maps_zero_to_white_end_and_max_to_dark_end():
-    rgb = views.colourise(torch.tensor([[0.0, 0.5, 1.0]]))
+    rgb = colourise(torch.tensor([[0.0, 0.5, 1.0]]))
     assert rgb.shape == (1, 3, 3) and rgb.dtype == np.uint8
     assert rgb[0, 0].sum() > rgb[0, 1].sum() > rgb[0, 2].sum()  # Blues: light to dark
-    diff = views.colourise(torch.tensor([[-1.0, 0.0, 1.0]]), diverging=True)
+    diff = colourise(torch.tensor([[-1.0, 0.0, 1.0]]), diverging=True)
     assert diff[0, 0, 2] > diff[0, 0, 0] and diff[0, 2, 0] > diff[0, 2, 2]  # blue negative, red positive
 
 
@@ -151,7 +151,7 @@ def test_head_figure_for_tokens_images_and_comparison():
     model = tiny_llama("gqa", layers=3)
     plan = Plan([HeadScale(layer=1, heads=(2,), scale=0.0), Calibrate(layer=2, heads=(4,), relative_c=2.0, drop_first="none")])
     short = gather_view(model, HostileTokenizer(), hostile_ids(12), "tiny", plan=plan, progress=False)
-    fig = views.view(short, 2, 4)
+    fig = view(short, 2, 4)
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     assert len(heatmaps) == 3  # before, after, difference
     assert heatmaps[0].x[3] == "3: &lt;script&gt;window.__pwned=1&lt;/script&gt;"
@@ -159,23 +159,23 @@ def test_head_figure_for_tokens_images_and_comparison():
     assert fig.layout.yaxis.autorange == "reversed"
 
     long = gather_view(model, HostileTokenizer(), hostile_ids(530), "tiny", progress=False)
-    fig = views.view(long, 2, 0)
+    fig = view(long, 2, 0)
     assert [t.type for t in fig.data] == ["image"]
     assert fig.data[0].source.startswith("data:image/png;base64,")
     assert "2 tokens per block" in fig.layout.xaxis.title.text
     with pytest.raises(ValueError, match="both layer and head"):
-        views.view(long, layer=2)
+        view(long, layer=2)
 
 
 def test_overview_shows_scores_of_viewed_heads_only():
     model = tiny_llama("gqa", layers=3)
     record = record_attention(model, hostile_ids(15), HostileTokenizer(), layers=[0, 2])
-    fig = views.view(record, score="sink_first_token")
+    fig = view(record, score="sink_first_token")
     z = np.array(fig.data[0].z, dtype=float)
     assert z.shape == (3, 9)
     assert np.isnan(z[1]).all() and not np.isnan(z[0]).any()
     with pytest.raises(ValueError, match="unknown score"):
-        views.view(record, score="retrieval")
+        view(record, score="retrieval")
 
 
 def test_page_json_cannot_break_out_of_its_script():

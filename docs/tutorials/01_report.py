@@ -14,7 +14,7 @@ import torch
 
 from headlab.probes import ReportSettings, write_report
 from headlab.core.head_scores import load_scores_file
-from headlab.probes.settings import NeedleSettings
+from headlab.probes.scorers.settings import NeedleSettings
 from headlab.surgeon import load_model, model_shape
 
 torch.manual_seed(0)
@@ -55,9 +55,9 @@ print([(run["depth"], run["response"][:60], run["recalled"]) for run in runs])
 
 # %%
 from headlab.core.text import load_text
-from headlab.probes.needles import NEEDLES
-from headlab.probes.record import record_attention
-from headlab.probes.retrieval import build_prompt
+from headlab.probes.scorers.needles import NEEDLES
+from headlab.probes.scorers.record import record_attention
+from headlab.probes.scorers.retrieval import build_prompt
 
 layer, head, _ = scores["retrieval"].top(1)[0]
 prompt = build_prompt(tokenizer, load_text(None), NEEDLES[0], 512, 0.5)

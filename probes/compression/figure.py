@@ -1,0 +1,58 @@
+"""The KV-cache compression figure: recall and perplexity against the cache kept, per rule (plotly)."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ...core.escaping import plotly_text
+
+
+RULE_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+
+
+def compression_figure(result: dict) -> go.Figure:
+    """KV-cache compression by streaming heads: needle recall (top row, 95% bootstrap intervals)
+    and perplexity (bottom row) against the fraction of KV heads that keep the whole context, one
+    column per length, one line per selection rule (random: the mean of its draws, in grey), the
+    unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
+    base model's dashed line."""
+    from ..compression.file import FULL, compression_title, is_conversion
+
+    reference = "base model" if is_conversion(result) else "unedited"
+    rows = result["summary"]
+    lengths = sorted({row["length"] for row in rows})
+    rules = list(dict.fromkeys(row["rule"] for row in rows if row["rule"] != FULL))
+    fig = make_subplots(rows=2, cols=len(lengths), shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{length} tokens" for length in lengths] + [""] * len(lengths))
+    for col, length in enumerate(lengths, start=1):
+        full = [row for row in rows if row["rule"] == FULL and row["length"] == length]
+        for r, measure in enumerate(("recall", "perplexity"), start=1):
+            if full:
+                fig.add_trace(go.Scatter(x=[0, 1], y=[full[0][measure]] * 2, mode="lines", name=reference,
+                                         line={"color": "#555", "dash": "dash"}, legendgroup="full",
+                                         showlegend=col == 1 and r == 1), row=r, col=col)
+            for i, rule in enumerate(rules):
+                points = sorted((row for row in rows if row["rule"] == rule and row["length"] == length),
+                                key=lambda row: row["keep"])
+                colour = "#7f7f7f" if rule == "random" else RULE_COLOURS[i % len(RULE_COLOURS)]
+                hover = [f"{plotly_text(rule)}, keep {p['keep']:.0%} ({p['full_heads']} KV heads)<br>"
+                         f"KV cache {p['kv_fraction']:.0%} of the {reference}" if p["kv_fraction"] is not None else
+                         plotly_text(rule) for p in points]
+                error = None
+                if measure == "recall":
+                    error = {"type": "data", "symmetric": False,
+                             "array": [p["recall_ci"][1] - p["recall"] for p in points],
+                             "arrayminus": [p["recall"] - p["recall_ci"][0] for p in points]}
+                fig.add_trace(go.Scatter(x=[p["keep"] for p in points], y=[p[measure] for p in points],
+                                         mode="lines+markers", name=plotly_text(rule), line={"color": colour},
+                                         error_y=error, hovertext=hover, hoverinfo="text+y", legendgroup=rule,
+                                         showlegend=col == 1 and r == 1), row=r, col=col)
+        fig.update_xaxes(title_text="fraction of KV heads with the whole context", row=2, col=col)
+    fig.update_yaxes(title_text="needle recall", row=1, col=1)
+    fig.update_yaxes(title_text="perplexity", row=2, col=1)
+    title = (plotly_text(compression_title(result)) if is_conversion(result) else
+             f"{plotly_text(result.get('model_id') or 'model')}: streaming heads, recall and perplexity against the "
+             "heads kept whole")
+    fig.update_layout(title=title, width=max(560, 420 * len(lengths)), height=720)
+    return fig

@@ -1,0 +1,281 @@
+"""The evaluation of KV-cache compression by streaming heads: for each selection rule (a score's
+ranking, RazorAttention's echo ∪ induction, random heads as the control) and each kept fraction of
+KV heads, the plan of :mod:`.streaming` is measured on
+
+- needle recall on held-out prompts of each length (every held-out needle at every depth), decoded
+  greedily on the streaming cache (:func:`~headlab.surgeon.kv_cache.streaming_cache`), which holds
+  only what each head sees;
+- perplexity on held-out text windows of each length;
+- the KV-cache bytes held after each prompt.
+
+The unedited model is measured the same way (rule ``full``). Recall intervals are 95% bootstrap
+intervals over the prompts; the random rule's per-prompt value is the mean over its draws.
+
+A checkpoint converted to linear attention is measured the same way, as it is (rule ``converted``),
+against the model it was converted from (rule ``full``): :func:`conversion_runs` and
+:func:`conversion_result`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ...surgeon import Plan, attach, model_shape
+from ...core.journal import Journal
+from ...surgeon.kv_cache import cache_bytes
+from ...surgeon.streaming.cache import streaming_cache
+from ...surgeon.losses import next_token_loss
+from ...surgeon.streaming.settings import StreamingSettings
+from .file import COMPRESSION_FORMAT, FULL, compression_title, is_conversion
+from ...core.text import load_text, token_windows
+from ..intervals import mean_interval
+from ..scorers.needles import HELDOUT_NEEDLES
+from ..scorers.retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
+from ...core.head_scores import HeadScores
+from .settings import PROGRESS_FILE, CompressionSettings
+from ...surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
+
+STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
+RESAMPLES = 2000
+
+
+def conditions(shape, scores: dict[str, HeadScores] | None, settings: CompressionSettings,
+               layer_types: list[str] | None = None, model_id: str | None = None) -> list[dict]:
+    """Every measured condition: ``{"rule", "keep", "draw", "plan", "full_heads"}``, the unedited
+    model first. Raises before any model work when a rule's scores are missing."""
+    out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "full_heads": len(candidates(shape, layer_types))}]
+    for rule in settings.rules:
+        for draw in range(settings.random_sets if rule == "random" else 1):
+            ranking = rule_ranking(rule, scores, shape, layer_types, settings.seed + draw)
+            for keep in settings.keeps:
+                stream = StreamingSettings(keep=keep, sinks=settings.sinks, window=settings.window,
+                                           compensate=settings.compensate)
+                out.append({"rule": rule, "keep": keep, "draw": draw if rule == "random" else None,
+                            "plan": streaming_plan(ranking, shape, stream, model_id),
+                            "full_heads": len(full_kv_heads(ranking, keep)[0])})
+    return out
+
+
+@torch.no_grad()
+def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: CompressionSettings, stop) -> dict:
+    """One prompt under ``plan`` on its streaming cache: the response's ROUGE-1 recall, whether it
+    counts as recalled, and the cache's bytes after the prompt."""
+    with attach(model, plan):
+        cache = streaming_cache(model, plan)
+        cache = model(input_ids=prompt.input_ids[:, :-1], past_key_values=cache, use_cache=True).past_key_values
+        kv_bytes = cache_bytes(cache)
+        generated = greedy_from_cache(model, cache, prompt.input_ids[:, -1:], settings.max_new_tokens,
+                                      answer_stop(tokenizer, stop, prompt.needle.answer))
+    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    recall = rouge1_recall(response, prompt.needle.answer)
+    return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
+            "response": response}
+
+
+@torch.no_grad()
+def window_loss(model, window: torch.Tensor, plan: Plan) -> float:
+    """Mean next-token cross-entropy (nats) of ``window [1, n]`` under ``plan``."""
+    with attach(model, plan):
+        return float(next_token_loss(model, window))
+
+
+def run_key(rule: str, keep: float, draw: int | None, length: int) -> str:
+    """A run's key in an evaluation's :class:`~headlab.core.journal.Journal`."""
+    return json.dumps([rule, keep, draw, length])
+
+
+def streaming_identity(measured: list[dict], settings: CompressionSettings, model_id: str | None) -> dict:
+    """What an evaluation of streaming heads measures, for its journal."""
+    return {"kind": "streaming", "model_id": model_id, "settings": dataclasses.asdict(settings),
+            "conditions": [[c["rule"], c["keep"], c["draw"], c["plan"].to_dict()] for c in measured]}
+
+
+def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
+                         settings: CompressionSettings | None = None, model_id: str | None = None,
+                         progress: bool = True, journal_path: str | Path | None = None) -> dict:
+    """Measure every condition at every length (see the module docstring); returns the JSON-ready
+    result with per-prompt values and the summary per rule, kept fraction and length. With
+    ``journal_path`` each finished run is kept there and a run found there is not measured again
+    (:class:`~headlab.core.journal.Journal`)."""
+    settings = settings or CompressionSettings()
+    shape = model_shape(model)
+    layer_types = _layer_types(model)
+    measured = conditions(shape, scores, settings, layer_types, model_id)
+    journal = Journal(journal_path, streaming_identity(measured, settings, model_id), "compression")
+    inputs = _inputs(tokenizer, settings)  # every length's, so that a length too long fails before any run
+    stop = stop_rule(tokenizer)
+    runs = []
+    bar = _bar(settings, len(measured), "compression", progress)
+    for length, (prompts, windows) in inputs.items():
+        for condition in measured:
+            bar.set_postfix_str(f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}")
+            key = run_key(condition["rule"], condition["keep"], condition["draw"], length)
+            run = journal.get(key)
+            if run is None:
+                run = journal.put(key, {"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
+                                        "full_heads": condition["full_heads"], "length": length,
+                                        **_measure(model, tokenizer, condition["plan"], prompts, windows, settings,
+                                                   stop, bar)})
+            else:
+                bar.update(len(prompts) + len(windows))
+            runs.append(run)
+    bar.close()
+    return {"format": COMPRESSION_FORMAT, "kind": "streaming", "model_id": model_id,
+            "settings": dataclasses.asdict(settings), "kv_heads": len(candidates(shape, layer_types)),
+            "items": _items(settings),
+            "runs": runs, "summary": summarize_runs(runs, settings.seed)}
+
+
+def conversion_identity(settings: CompressionSettings, model_id: str | None, base_id: str | None) -> dict:
+    """What an evaluation of a converted checkpoint measures, for its journal."""
+    return {"kind": "conversion", "model_id": model_id, "base_model": base_id, "settings": _recorded(settings)}
+
+
+def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings | None = None,
+                    progress: bool = True, journal: Journal | None = None) -> list[dict]:
+    """The runs of ``model`` as it is (no plan) at every length of ``settings``, named ``rule``
+    (``"converted"`` for a checkpoint converted to linear attention, ``"full"`` for its base): the
+    same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the fraction
+    of the global layers' KV heads left in softmax layers (the converted ones keep a state and a
+    window, not the whole context). Runs ``journal`` holds are taken from it."""
+    from ...surgeon.conversion.converted import converted_layers
+
+    settings = settings or CompressionSettings()
+    heads = candidates(model_shape(model), _layer_types(model))
+    converted = set(converted_layers(model))
+    whole = [head for head in heads if head[0] not in converted]
+    inputs = _inputs(tokenizer, settings)
+    stop = stop_rule(tokenizer)
+    journal = Journal(None, {}, "compression") if journal is None else journal
+    keep = len(whole) / len(heads) if heads else 1.0
+    runs = []
+    bar = _bar(settings, 1, "base model" if rule == FULL else f"{rule} model", progress)
+    for length, (prompts, windows) in inputs.items():
+        bar.set_postfix_str(f"{length} tokens")
+        key = run_key(rule, keep, None, length)
+        run = journal.get(key)
+        if run is None:
+            run = journal.put(key, {"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole),
+                                    "length": length,
+                                    **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar)})
+        else:
+            bar.update(len(prompts) + len(windows))
+        runs.append(run)
+    bar.close()
+    return runs
+
+
+def conversion_result(runs: list[dict], settings: CompressionSettings, kv_heads: int, model_id: str | None = None,
+                      base_id: str | None = None) -> dict:
+    """The JSON-ready evaluation of a converted checkpoint (``model_id``) against its base
+    (``base_id``; None: not measured) from their :func:`conversion_runs`; ``kv_heads`` counts the
+    base's global KV heads. The streaming-only settings are left out of its record."""
+    return {"format": COMPRESSION_FORMAT, "kind": "conversion", "model_id": model_id, "base_model": base_id,
+            "settings": _recorded(settings), "kv_heads": kv_heads, "items": _items(settings), "runs": runs,
+            "summary": summarize_runs(runs, settings.seed)}
+
+
+def _recorded(settings: CompressionSettings) -> dict:
+    """The settings a converted checkpoint's evaluation records: all but the streaming-only ones."""
+    return {name: value for name, value in dataclasses.asdict(settings).items() if name not in STREAMING_ONLY}
+
+
+def _layer_types(model) -> list[str] | None:
+    return getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+
+
+def _inputs(tokenizer, settings: CompressionSettings) -> dict[int, tuple[list[NeedlePrompt], list[torch.Tensor]]]:
+    """``{length: (needle prompts, text windows)}``: every held-out needle at every depth, and the
+    perplexity windows, of every length."""
+    haystack = load_text(settings.text_path, heldout=True)
+    return {length: (needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
+                                 settings.prompt_style),
+                     token_windows(tokenizer, haystack, settings.windows, length, settings.seed))
+            for length in settings.lengths}
+
+
+def _items(settings: CompressionSettings) -> list[dict]:
+    """Which needle and depth each prompt of a length is, in the order of the runs' ``needles``."""
+    return [{"needle": needle, "depth": depth} for needle in range(settings.n_needles) for depth in settings.depths]
+
+
+def _bar(settings: CompressionSettings, conditions: int, desc: str, progress: bool):
+    """A progress bar over every prompt and window of ``conditions`` conditions at every length."""
+    per_length = settings.n_needles * len(settings.depths) + settings.windows
+    return tqdm(total=conditions * per_length * len(settings.lengths), desc=desc, unit="input", disable=not progress)
+
+
+def _measure(model, tokenizer, plan: Plan, prompts: list[NeedlePrompt], windows, settings: CompressionSettings,
+             stop, bar) -> dict:
+    """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` on one length's inputs,
+    advancing ``bar`` by one per prompt and window."""
+    started = time.perf_counter()
+    needles, losses = [], []
+    for prompt in prompts:
+        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop))
+        bar.update(1)
+    for window in windows:
+        losses.append(window_loss(model, window, plan))
+        bar.update(1)
+    return {"needles": needles, "losses": losses, "seconds": time.perf_counter() - started}
+
+
+def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
+    """Per (rule, keep, length): recall mean and interval, ROUGE-1, perplexity, KV bytes (mean over
+    prompts, and as a fraction of the unedited model's), wall seconds; the draws of a rule pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["rule"], run["keep"], run["length"]), []).append(run)
+    full_bytes = {run["length"]: np.mean([n["kv_bytes"] for n in run["needles"]]) for run in runs
+                  if run["rule"] == FULL}
+    rows = []
+    for (rule, keep, length), draws in groups.items():
+        recalled = np.mean([[n["recalled"] for n in d["needles"]] for d in draws], axis=0)  # per prompt
+        kv_bytes = float(np.mean([n["kv_bytes"] for d in draws for n in d["needles"]]))
+        loss = float(np.mean([x for d in draws for x in d["losses"]]))
+        rows.append({"rule": rule, "keep": keep, "length": length, "draws": len(draws),
+                     "full_heads": draws[0]["full_heads"], "recall": float(recalled.mean()),
+                     "recall_ci": mean_interval(recalled, RESAMPLES, seed),
+                     "rouge1_recall": float(np.mean([n["rouge1_recall"] for d in draws for n in d["needles"]])),
+                     "loss": loss, "perplexity": math.exp(loss), "kv_bytes": kv_bytes,
+                     "kv_fraction": kv_bytes / full_bytes[length] if length in full_bytes else None,
+                     "seconds": float(sum(d["seconds"] for d in draws))})
+    return rows
+
+
+def write_compression_page(result: dict, path: str | Path) -> Path:
+    """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
+    from ...core.escaping import html_text
+    from ...core.files import GENERATOR_META, write_text
+    from .figure import compression_figure
+
+    title = html_text(compression_title(result))
+    header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
+              "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
+    lines = []
+    for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"] != FULL, r["rule"], r["keep"])):
+        share = "" if row["kv_fraction"] is None else f" ({row['kv_fraction']:.0%})"
+        rule = "base" if is_conversion(result) and row["rule"] == FULL else row["rule"]
+        lines.append(f"<tr><td>{html_text(rule)}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
+                     f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
+                     f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
+                     f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
+    figure = compression_figure(result).to_html(include_plotlyjs=True, full_html=False)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+            f"<h1>{title}</h1>{figure}<table>{header}{''.join(lines)}</table></body></html>")
+    return write_text(path, page)
+
+
+__all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_identity", "conversion_result",
+           "conversion_runs", "evaluate_compression", "needle_run", "run_key", "streaming_identity",
+           "summarize_runs", "window_loss", "write_compression_page"]
