@@ -91,6 +91,29 @@ def load_scores_file(path: str | Path, shape=None) -> dict[str, HeadScores]:
     return scores
 
 
+def chosen_score(path: str | Path, name: str, shape=None) -> HeadScores:
+    """The score ``name`` of the scores file at ``path`` (checked against ``shape`` as in
+    :func:`load_scores_file`); :class:`InputFileError` naming the scores it has when it lacks it."""
+    scores = load_scores_file(path, shape)
+    if name not in scores:
+        raise InputFileError(f"{path} has no score {name!r}; it has {', '.join(scores)}")
+    return scores[name]
+
+
+def merged_scores(paths: list[str | Path], shape, needed: set[str]) -> dict[str, HeadScores]:
+    """The scores of several files, each checked against ``shape``. A name in two files with other
+    values is refused when it is ``needed`` (the first file's is kept otherwise)."""
+    merged: dict[str, HeadScores] = {}
+    for path in paths:
+        for name, score in load_scores_file(path, shape).items():
+            if name in merged and name in needed and not torch.equal(merged[name].values.nan_to_num(-1),
+                                                                     score.values.nan_to_num(-1)):
+                raise InputFileError(f"score {name!r} is in two --scores files with other values ({path} and an "
+                                     "earlier one); give it once")
+            merged.setdefault(name, score)
+    return merged
+
+
 class _Grid(Kind):
     """A rectangular ``[layer][head]`` list of values of one kind (``null`` allowed for values)."""
 
@@ -119,4 +142,4 @@ class _Object(Kind):
         return value
 
 
-__all__ = ["HeadScores", "load_scores_file"]
+__all__ = ["HeadScores", "chosen_score", "load_scores_file", "merged_scores"]

@@ -64,28 +64,54 @@ def check_settings(settings, error: type[HeadlabError] = HeadlabError) -> None:
         object.__setattr__(settings, field.name, checked)
 
 
-def from_dict(cls, data: dict, source: str):
-    """``cls(**data)`` from a JSON object, refusing unknown keys and naming ``source`` in errors."""
+def from_dict(cls, data: dict, source: str, defaults=None):
+    """``cls(**data)`` from a JSON object, refusing unknown keys and naming ``source`` in errors;
+    fields ``data`` lacks keep the values of ``defaults`` (an instance of ``cls``) when given."""
     if not isinstance(data, dict):
         raise HeadlabError(f"{source}: expected a JSON object of {cls.__name__} fields, got {type(data).__name__}")
     names = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise HeadlabError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has {sorted(names)}")
-    nested = {}
+    values = {}
     for field in dataclasses.fields(cls):
-        default = _default(field)
-        if field.name in data and dataclasses.is_dataclass(default):
-            nested[field.name] = from_dict(type(default), data[field.name], f"{source}: {field.name}")
-    return cls(**{**data, **nested})
+        default = _default(field, defaults)
+        if field.name in data and _is_group(field, default):
+            values[field.name] = from_dict(type(default), data[field.name], f"{source}: {field.name}", default)
+        elif field.name in data:
+            values[field.name] = data[field.name]
+    return dataclasses.replace(defaults, **values) if defaults is not None else cls(**values)
 
 
-def _default(field):
+def _default(field, defaults=None):
+    """A field's default: its value in the ``defaults`` instance when given, else the class's."""
+    if defaults is not None:
+        return getattr(defaults, field.name)
     if field.default is not _MISSING:
         return field.default
     if field.default_factory is not _MISSING:
         return field.default_factory()
     return None
+
+
+def _is_group(field, default) -> bool:
+    """Whether ``field`` is a nested settings group (its options are its own fields')."""
+    option = field.metadata.get("option")
+    return dataclasses.is_dataclass(default) and (option is None or option.flag is None)
+
+
+def _options(cls, defaults=None, prefix: str = ""):
+    """``(field, option, default, dest)`` of every command-line option of ``cls``, nested groups
+    included with their own defaults (a group's default instance may differ from its class's, as the
+    text windows of each command do)."""
+    for field in dataclasses.fields(cls):
+        option = field.metadata.get("option")
+        default = _default(field, defaults)
+        dest = f"{prefix}{field.name}"
+        if _is_group(field, default):
+            yield from _options(type(default), default, f"{dest}.")
+        elif option is not None and option.flag is not None:
+            yield field, option, default, dest
 
 
 def check_object(item, where: str, required: dict[str, Kind], optional: dict[str, Kind] | None = None) -> dict:
@@ -113,18 +139,10 @@ def check_object(item, where: str, required: dict[str, Kind], optional: dict[str
 # --- the command line ---------------------------------------------------------------------------
 
 
-def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
     """Add an option for every flagged field of ``cls`` (and of its nested settings) to ``parser``.
     Unset options keep the dataclass default (argparse ``SUPPRESS``)."""
-    for field in dataclasses.fields(cls):
-        option = field.metadata.get("option")
-        default = _default(field)
-        dest = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
-            add_options(parser, type(default), prefix=f"{dest}.")
-            continue
-        if option is None or option.flag is None:
-            continue
+    for field, option, default, dest in _options(cls):
         shown = _shown(default, option.kind)
         text = option.text + (f" (default {shown})" if shown is not None else "")
         if _required(field):
@@ -165,49 +183,33 @@ def _shown(default, kind: Kind) -> str | None:
     return str(default)
 
 
-def settings_from_args(cls, args: argparse.Namespace, prefix: str = ""):
-    """The settings ``cls`` with every option given in ``args`` (the others at their defaults)."""
+def settings_from_args(cls, args: argparse.Namespace, defaults=None, prefix: str = ""):
+    """The settings ``cls`` with every option given in ``args`` (the others at their defaults: the
+    values of ``defaults``, an instance, when given)."""
     given = vars(args)
-    kwargs = {}
+    values = {}
     for field in dataclasses.fields(cls):
         option = field.metadata.get("option")
-        default = _default(field)
+        default = _default(field, defaults)
         dest = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
-            kwargs[field.name] = settings_from_args(type(default), args, prefix=f"{dest}.")
+        if _is_group(field, default):
+            values[field.name] = settings_from_args(type(default), args, default, prefix=f"{dest}.")
         elif dest in given:
             value = given[dest]
-            kwargs[field.name] = tuple(item for part in value for item in part) if option.repeat else value
-    return cls(**kwargs)
+            values[field.name] = tuple(item for part in value for item in part) if option.repeat else value
+    return dataclasses.replace(defaults, **values) if defaults is not None else cls(**values)
 
 
-def flag_defaults(cls, prefix: str = "") -> dict[str, Any]:
+def flag_defaults(cls) -> dict[str, Any]:
     """``{flag: default}`` of every command-line option of ``cls`` (for tests and docs)."""
-    found = {}
-    for field in dataclasses.fields(cls):
-        option = field.metadata.get("option")
-        default = _default(field)
-        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
-            found.update(flag_defaults(type(default), f"{prefix}{field.name}."))
-        elif option is not None and option.flag is not None:
-            found[option.flag] = default
-    return found
+    return {option.flag: default for _, option, default, _ in _options(cls)}
 
 
-def given_flags(cls, args: argparse.Namespace, prefix: str = "") -> list[str]:
+def given_flags(cls, args: argparse.Namespace) -> list[str]:
     """The flags of ``cls``'s command-line options (nested settings included) that ``args`` holds:
     those given on the command line."""
     given = vars(args)
-    found = []
-    for field in dataclasses.fields(cls):
-        option = field.metadata.get("option")
-        default = _default(field)
-        dest = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(default) and (option is None or option.flag is None):
-            found += given_flags(type(default), args, f"{dest}.")
-        elif option is not None and option.flag is not None and dest in given:
-            found.append(option.flag)
-    return found
+    return [option.flag for _, option, _, dest in _options(cls) if dest in given]
 
 
 __all__ = ["Option", "add_options", "check_object", "check_settings", "flag_defaults", "from_dict", "given_flags",

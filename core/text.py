@@ -1,16 +1,23 @@
-"""Real English text available offline: the docstrings of Python's standard library."""
+"""Windows of real text: the settings group every command that reads text uses (:class:`TextWindows`), the
+text available offline (the docstrings of Python's standard library) and token windows of a text.
+Importing this module costs no torch."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import HeadlabError, InputFileError
+from .kinds import Integer, Maybe, TextFile
+from .settings import check_settings, setting
+
+if TYPE_CHECKING:
+    import torch
 
 STDLIB_MODULES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
@@ -26,6 +33,34 @@ HELDOUT_MODULES = (
     "operator", "optparse", "os", "pdb", "platform", "plistlib", "pprint", "pydoc", "sched", "shelve", "shlex",
     "smtplib", "struct", "timeit", "tokenize", "traceback", "types", "warnings", "weakref",
 )
+
+
+@dataclass
+class TextWindows:
+    """Windows of real text a command reads: ``windows`` windows of ``tokens`` tokens each of the text at
+    ``text_path`` (the standard-library docstrings when None). One group of options in every command that
+    reads text, each command with its own defaults (a training command's ``windows`` are the held-out
+    windows it measures on; its training windows follow from how much it trains); where the windows sit
+    is drawn with the command's ``--seed``."""
+
+    windows: int = setting(8, "windows of text (training commands: the held-out windows measured on)",
+                           kind=Integer(1), flag="--windows")
+    tokens: int = setting(256, "tokens per window", kind=Integer(2), flag="--tokens")
+    text_path: str | None = setting(None, "UTF-8 text to read (default: Python standard-library docstrings)",
+                                    kind=Maybe(TextFile()), flag="--text-file")
+
+    def __post_init__(self):
+        check_settings(self)
+
+    def require_tokens(self, least: int, why: str) -> None:
+        """Refuse windows of fewer than ``least`` tokens (``why`` says what needs them)."""
+        if self.tokens < least:
+            raise HeadlabError(f"--tokens {self.tokens}: {why} needs windows of at least {least} tokens")
+
+    @property
+    def source(self) -> str:
+        """The text's name for provenance records."""
+        return self.text_path or "Python standard-library docstrings"
 
 
 @lru_cache(maxsize=2)
@@ -67,6 +102,8 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     Windows do not overlap; for an encoder tokenizer each window is wrapped in its special tokens
     (so it holds ``n_tokens`` ids in all).
     """
+    import torch
+
     if n_samples < 1 or n_tokens < 2:
         raise ValueError("need at least one sample of at least two tokens")
     prefix, suffix = special_tokens(tokenizer)
@@ -76,14 +113,19 @@ def token_windows(tokenizer, text: str, n_samples: int, n_tokens: int, seed: int
     ids = tokenizer(text, add_special_tokens=False).input_ids
     n_windows = len(ids) // body
     if n_windows < n_samples:
-        raise HeadlabError(f"the text holds {len(ids)} tokens: too short for {n_samples} samples of {n_tokens} tokens "
-                           "(a longer --text-file, or fewer --samples or --tokens)")
+        raise HeadlabError(f"the text holds {len(ids)} tokens: too short for {n_samples} windows of {n_tokens} tokens "
+                           "(a longer --text-file, or fewer --windows or --tokens)")
     starts = sorted(random.Random(seed).sample(range(n_windows), n_samples))
     windows = []
     for start in starts:
         chunk = prefix + ids[start * body : (start + 1) * body] + suffix
         windows.append(torch.tensor([chunk]))
     return windows
+
+
+def text_windows(tokenizer, text: TextWindows, seed: int = 0) -> list[torch.Tensor]:
+    """The windows a :class:`TextWindows` group names (each ``[1, tokens]``)."""
+    return token_windows(tokenizer, load_text(text.text_path), text.windows, text.tokens, seed)
 
 
 def train_eval_windows(tokenizer, text_path: str | Path | None, n_train: int, n_eval: int, n_tokens: int,

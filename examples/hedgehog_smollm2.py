@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/hedgehog-smollm2", help="folder for checkpoints")
     parser.add_argument("--out", default="examples/results", help="folder for the summary JSON")
     parser.add_argument("--steps", default="60,40", help="stage-1,stage-2 optimiser steps")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per training window")
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--lengths", default="512,1024", help="needle prompt lengths in tokens")
     parser.add_argument("--forms", default="hybrid,hedgehog")
@@ -129,7 +129,7 @@ def main() -> None:
         target = Path(args.work) / f"{form}-{args.data}"
         started = time.perf_counter()
         code = headlab(["convert", "smollm2-135m", "--to", form, "--out", str(target), "--steps", args.steps,
-                        "--seq-len", str(args.seq_len), "--accumulation", str(args.accumulation), "--eval-every", "10",
+                        "--tokens", str(args.tokens), "--accumulation", str(args.accumulation), "--eval-every", "10",
                         "--data", args.data])
         if code:
             raise SystemExit(code)

@@ -27,15 +27,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/sae-smollm2", help="folder for the weights and checkpoints")
     parser.add_argument("--out", default="examples/results", help="folder for the summary and dashboard")
-    parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--tokens", type=int, default=150_000)
+    parser.add_argument("--layers", type=int, default=15, help="the layer encoded")
+    parser.add_argument("--train-tokens", type=int, default=150_000)
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--k", type=int, default=32)
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     start = time.perf_counter()
-    code = headlab(["sae", "train", "smollm2-135m", "--layer", str(args.layer), "--arch", "topk", "--k", str(args.k),
-                    "--expansion", str(args.expansion), "--tokens", str(args.tokens), "--out", str(work)])
+    code = headlab(["sae", "train", "smollm2-135m", "--layers", str(args.layers), "--arch", "topk", "--k", str(args.k),
+                    "--expansion", str(args.expansion), "--train-tokens", str(args.train_tokens), "--out", str(work)])
     if code:
         raise SystemExit(code)
     train_s = time.perf_counter() - start
@@ -47,7 +47,7 @@ def main() -> None:
     strength = sae.W_enc.norm(dim=0) * sae.W_dec.norm(dim=1)
     strongest = strength.topk(10).indices.tolist()
     summary = {
-        "model": "smollm2-135m", "layer": args.layer, "hook_name": config["metadata"]["hook_name"],
+        "model": "smollm2-135m", "layer": args.layers, "hook_name": config["metadata"]["hook_name"],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "metrics": metrics,
         "tokens_trained": config["headlab"]["provenance"]["tokens_trained"],
         "wall_s_train_and_eval": round(train_s, 1),

@@ -1,5 +1,6 @@
 """headlab.sae: sparse autoencoders on per-head attention outputs (the input of ``o_proj``):
-activation stores, the autoencoder, training, evaluation, head attribution and dashboards."""
+activation stores, the autoencoder and its architectures, training, metrics, head attribution and dashboards;
+whole runs (:func:`train_sae`, :func:`evaluate_saved`, :func:`feature_dashboards`) in :mod:`.pipeline`."""
 
 from ..core.lazy import lazy_exports
 
@@ -12,7 +13,7 @@ _EXPORTS = {
     "collect_examples": "dashboard",
     "decoder_head_shares": "attribution",
     "direct_feature_attribution": "attribution",
-    "evaluate_sae": "evaluate",
+    "evaluate_sae": "metrics",
     "geometric_median": "training",
     "head_outputs": "activations",
     "head_shares": "attribution",
@@ -24,10 +25,13 @@ _EXPORTS = {
     "save_sparsity": "saving",
     "ShuffleBuffer": "activations",
     "SparseAutoencoder": "model",
-    "splice_function": "evaluate",
+    "splice_function": "metrics",
     "top_latents_per_head": "attribution",
     "Trainer": "training",
     "TrainSettings": "settings",
+    "train_sae": "pipeline",
+    "evaluate_saved": "pipeline",
+    "feature_dashboards": "pipeline",
     "write_dashboard": "dashboard",
 }
 __all__ = sorted(_EXPORTS)

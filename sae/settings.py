@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.kinds import Integer, Maybe, Number, Registered, TextFile
+from ..core.kinds import Integer, Maybe, Number, Registered
 from ..core.settings import check_settings, setting
 from .architectures import ARCHITECTURES, Architecture, architecture
 
@@ -14,7 +14,7 @@ from .architectures import ARCHITECTURES, Architecture, architecture
 class TrainSettings:
     """Everything that determines a run besides its data.
 
-    ``batch_size`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
+    ``batch_tokens`` is the global batch (split evenly over ranks). ``lr`` None applies the rule
     ``2e-4 / sqrt(d_sae / 2^14)``; warm-up is linear over ``warmup_steps`` (capped at 5% of the
     run), then constant, then a linear decay to 0 over the last ``decay_fraction``. The ReLU + L1
     preset instead uses Adam with betas (0, 0.9999), ``lr`` 1.2e-3 and a cosine decay over the run
@@ -34,9 +34,9 @@ class TrainSettings:
                         kind=Registered(ARCHITECTURES, "SAE architectures"), flag="--arch")
     k: int = setting(32, "active latents (topk, batchtopk)", kind=Integer(1), flag="--k")
     expansion: int = setting(16, "d_sae = expansion x n_heads x d_head", kind=Integer(1), flag="--expansion")
-    tokens: int = setting(200_000, "training tokens", kind=Integer(1), flag="--tokens")
-    batch_size: int = setting(1024, "global batch in tokens", kind=Integer(1), flag="--batch-size")
-    buffer_tokens: int = setting(32768, "shuffle buffer size in tokens (at most --tokens are gathered)",
+    train_tokens: int = setting(200_000, "training tokens", kind=Integer(1), flag="--train-tokens")
+    batch_tokens: int = setting(1024, "global batch in tokens", kind=Integer(1), flag="--batch-tokens")
+    buffer_tokens: int = setting(32768, "shuffle buffer size in tokens (at most --train-tokens are gathered)",
                                  kind=Integer(1), flag="--buffer-tokens")
     lr: float | None = setting(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14); relu: 1.2e-3)",
                                kind=Maybe(Number(0.0, low_open=True)), flag="--lr")
@@ -49,7 +49,7 @@ class TrainSettings:
     k_aux: int | None = setting(None, "dead latents AuxK decodes (default d_in // 2)", kind=Maybe(Integer(1)))
     dead_tokens: int | None = setting(None, "tokens without firing after which a latent is dead",
                                       kind=Maybe(Integer(1)))
-    init_rows: int = setting(32768, "rows for the decoder-bias initialisation (at most --tokens)", kind=Integer(1))
+    init_rows: int = setting(32768, "rows for the decoder-bias initialisation (at most --train-tokens)", kind=Integer(1))
     threshold_ema: float = setting(0.999, "BatchTopK: EMA factor of the inference threshold (a run of fewer than "
                                           "10k steps averages over its last tenth instead)",
                                    kind=Number(0.0, 1.0, high_open=True))
@@ -73,7 +73,7 @@ class TrainSettings:
 
     @property
     def steps(self) -> int:
-        return max(1, self.tokens // self.batch_size)
+        return max(1, self.train_tokens // self.batch_tokens)
 
     @property
     def architecture(self) -> Architecture:
@@ -96,19 +96,7 @@ class TrainSettings:
         return self.architecture.lr_factor(self, step, warm_from)
 
     def dead_after(self) -> int:
-        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 10))
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.train_tokens // 10))
 
 
-@dataclass
-class TextWindows:
-    """Windows of real text the ``sae`` commands read activations from."""
-
-    context: int = setting(128, "tokens per text window", kind=Integer(2), flag="--context")
-    text_path: str | None = setting(None, "UTF-8 text (default: Python standard-library docstrings)",
-                                    kind=Maybe(TextFile()), flag="--text-file")
-
-    def __post_init__(self):
-        check_settings(self)
-
-
-__all__ = ["TextWindows", "TrainSettings"]
+__all__ = ["TrainSettings"]

@@ -72,8 +72,8 @@ class Trainer:
     def __init__(self, sae: SparseAutoencoder, batches: Batches, settings: TrainSettings, folder: str | Path | None = None):
         self.sae, self.batches, self.settings = sae, batches, settings
         self.rank, self.world = rank_and_world()
-        if settings.batch_size % self.world:
-            raise ValueError(f"batch size {settings.batch_size} does not split over {self.world} ranks")
+        if settings.batch_tokens % self.world:
+            raise ValueError(f"batch size {settings.batch_tokens} does not split over {self.world} ranks")
         self.folder = Path(folder) if folder is not None else None
         # fused: one pass per parameter instead of a dozen small ops, each a thread barrier; with two
         # threads on a busy machine those barriers cost more than the sparse ops save
@@ -123,8 +123,8 @@ class Trainer:
         return True
 
     def _initialise(self) -> None:
-        init_rows = min(self.settings.init_rows, self.settings.tokens)  # a short run gathers no more than it trains on
-        rows = [self.batches.next_batch() for _ in range(max(1, init_rows // self.settings.batch_size))]
+        init_rows = min(self.settings.init_rows, self.settings.train_tokens)  # a short run gathers no more than it trains on
+        rows = [self.batches.next_batch() for _ in range(max(1, init_rows // self.settings.batch_tokens))]
         sample = all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
         self.variance = initialise(self.sae, sample)
 
@@ -176,11 +176,11 @@ class Trainer:
         """Update dead-latent counters and BatchTopK's threshold; return the step's statistics."""
         active = codes > 0
         fired = all_reduce(active.any(0).to(torch.long), torch.distributed.ReduceOp.MAX if self.world > 1 else None)
-        self.since_fired += self.settings.batch_size
+        self.since_fired += self.settings.batch_tokens
         self.since_fired[fired.bool()] = 0
         if self.settings.resamples:
             self.window_fires += all_reduce(active.sum(0).to(torch.long))
-            self.window_tokens += self.settings.batch_size
+            self.window_tokens += self.settings.batch_tokens
         self.sae.architecture.after_step(self.sae, codes, self.settings)
         totals = all_reduce(torch.stack([loss.double(), active.sum(1).double().mean()])) / self.world
         stats = {"step": self.step, "loss": totals[0].item(), "l0": totals[1].item(),

@@ -47,12 +47,12 @@ class Concatenated:
             p.load_state_dict(state[str(i)])
 
 
-SETTINGS = TrainSettings(arch="topk", k=4, expansion=4, tokens=16 * 8, batch_size=16, buffer_tokens=64,
-                         lr=1e-2, warmup_steps=2, init_rows=32, checkpoint_every=1000)
+SETTINGS = TrainSettings(arch="topk", k=4, expansion=4, train_tokens=16 * 8, batch_tokens=16, buffer_tokens=64, lr=1e-2,
+                         warmup_steps=2, init_rows=32, checkpoint_every=1000)
 
 
 def buffer(rank):
-    return ShuffleBuffer(Chunks(rank), SETTINGS.batch_size // 2, SETTINGS.buffer_tokens // 2, seed=rank)
+    return ShuffleBuffer(Chunks(rank), SETTINGS.batch_tokens // 2, SETTINGS.buffer_tokens // 2, seed=rank)
 
 
 def main(out: str) -> None:

@@ -146,7 +146,7 @@ def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path, capsys
     from headlab.surgeon import HeadScale, Plan
 
     Plan([HeadScale(10, (0, 1, 2), scale=0.0)]).save(tmp_path / "plan.json")
-    status = main(["atlas", "smollm2-135m", "--compare", str(tmp_path / "plan.json"), "--samples", "1", "--tokens",
+    status = main(["atlas", "smollm2-135m", "--compare", str(tmp_path / "plan.json"), "--windows", "1", "--tokens",
                    "48", "--clusters", "4", "--out", str(tmp_path / "atlas")])
     assert status == 0
     doc = json.loads((tmp_path / "atlas" / "atlas.json").read_text())

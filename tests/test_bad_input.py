@@ -17,7 +17,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from headlab.core.text import TextWindows
 from headlab.cli import build_parser, main
+from headlab.commands.common import Renamed
 from headlab.core.head_scores import HeadScores
 from headlab.surgeon.conversion.settings import LinearSettings
 from headlab.core.errors import HeadlabError
@@ -144,14 +146,16 @@ def _pickled_model(model, folder: Path) -> None:
 # (command line, fragment of the one error line); {d} is the sandbox
 CLI_CASES = [
     # report
-    (f"report {SMOL} --out {{d}}/r --samples 0", "--samples"),
+    (f"report {SMOL} --out {{d}}/r --windows 0", "--windows"),
+    (f"report {SMOL} --out {{d}}/r --samples 2", "--samples is spelled --windows now"),
+    (f"report {SMOL} --out {{d}}/r --scores induction", "--scores is spelled --families now"),
     (f"report {SMOL} --out {{d}}/r --tokens 3", "--tokens"),
     (f"report {SMOL} --out {{d}}/r --seed -1", "--seed"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/missing.txt", "does not exist"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}", "is not a file"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/latin1.txt", "is not UTF-8 text (byte 3"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/blank.txt", "holds no text"),
-    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/text.txt", "too short for 8 samples of 256 tokens"),
+    (f"report {SMOL} --out {{d}}/r --text-file {{d}}/text.txt", "too short for 8 windows of 256 tokens"),
     (f"report {SMOL} --out {{d}}/r --text-file {{d}}/windows_only.txt", "needed for needle length 4096"),
     (f"report {SMOL} --out {{d}}/r --needle-lengths 90000", "needed for needle length 90000"),
     (f"report {SMOL} --out {{d}}/r --views -1", "--views"),
@@ -180,9 +184,9 @@ CLI_CASES = [
     ("calibrate {d}/converted --task arithmetic --layers 3-5 --out {d}/c.json",
      "--layers: layers 3, 4 are converted to linear attention"),
     ("convert {d}/converted --out {d}/cv", "is a converted checkpoint already (layers 3-4); convert its base model"),
-    (f"report {SMOL} --out {{d}}/r --page-only --samples 2", "it takes --views, not --samples"),
-    (f"report {SMOL} --out {{d}}/r --scores induction,bogus", "not one of"),
-    (f"report {SMOL} --out {{d}}/r --scores induction,,gradient", "empty item"),
+    (f"report {SMOL} --out {{d}}/r --page-only --windows 2", "it takes --views, not --windows"),
+    (f"report {SMOL} --out {{d}}/r --families induction,bogus", "not one of"),
+    (f"report {SMOL} --out {{d}}/r --families induction,,gradient", "empty item"),
     (f"report {SMOL} --out {{d}}/r --sink-ratio nan", "finite"),
     (f"report {SMOL} --out {{d}}/r --probe-data {{d}}/probe_lists.jsonl", "label"),
     (f"report {SMOL} --out {{d}}/r --probe-pool max", "--probe-pool"),
@@ -193,12 +197,12 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/precious", "headlab did not write (scores.json)"),
     ("report {d}/tinyconverted --out {d}/r --tokens 5000", "converted to linear attention"),
     ("report {d}/tinyconverted --out {d}/r --max-memory 1GB", "a converted checkpoint, which loads in memory only"),
-    (f"report {SMOL} --out {{d}}/precious --overwrite --samples -3", "--samples"),
+    (f"report {SMOL} --out {{d}}/precious --overwrite --windows -3", "--windows"),
     (f"report {SMOL} --out {{d}}/r --max-memory lots", "memory size"),
     ("report smollm2-13m --out {d}/r", "did you mean 'smollm2-135m'"),
     ("report ./no/such/model --out {d}/r", "does not exist"),
     ("report minilm-l6 --out {d}/r --tokens 1000", "longer than the 512 positions"),
-    ("report {d}/pickled --out {d}/r --scores none --samples 1", "refuses to unpickle"),
+    ("report {d}/pickled --out {d}/r --families none --windows 1", "refuses to unpickle"),
     (f"report {SMOL} --out {{d}}/stray_report", "missing key(s) ['heads', 'items', 'k'"),
     (f"report {SMOL} --out {{d}}/stray_compression", "summary row 0"),
     (f"report {SMOL} --out {{d}}/r --prompt-style book", "--prompt-style"),
@@ -244,8 +248,9 @@ CLI_CASES = [
     (f"view {SMOL} --text hi --out {{d}}/v.html --head 17.9", "heads are 0..8"),
     (f"view {SMOL} --text hi --out {{d}}/v.html --head 40.1", "outside 0..29"),
     (f"view {SMOL} --text hi --out {{d}}/v.html --head 1.2 --layers 3-4", "does not record"),
-    (f"view {SMOL} --file {{d}} --out {{d}}/v.html", "is a folder"),
-    (f"view {SMOL} --file {{d}}/missing.txt --out {{d}}/v.html", "does not exist"),
+    (f"view {SMOL} --text-file {{d}} --out {{d}}/v.html", "is a folder"),
+    (f"view {SMOL} --file {{d}}/text.txt --out {{d}}/v.html", "--file is spelled --text-file now"),
+    (f"view {SMOL} --text-file {{d}}/missing.txt --out {{d}}/v.html", "does not exist"),
     (f"view {SMOL} --text ' ' --out {{d}}/v.html", "empty"),
     (f"view {SMOL} --text hi --out {{d}}/v.html --layers 5-2", "empty"),
     (f"view {SMOL} --text hi --out {{d}}/v.html --max-payload-mb 0", "--max-payload-mb"),
@@ -266,7 +271,7 @@ CLI_CASES = [
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-sets 0", "--random-sets"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --exclude-above nan", "--exclude-above"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --mode query", "--mode"),
-    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-seed -2", "--random-seed"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-seed 2", "--random-seed is spelled --seed now"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --bootstrap 5", "--bootstrap"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needle-depths 0.5,2", "--needle-depths"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needles 7", "--needles"),
@@ -274,7 +279,7 @@ CLI_CASES = [
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --text-file {{d}}/missing.txt", "does not exist"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --metric recall", "--metric"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --needle-lengths 10", "minimum 128"),
-    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --samples 0", "--samples"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --windows 0", "--windows"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --tokens 1", "--tokens"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --seed -1", "--seed"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/precious", "headlab did not write"),
@@ -314,7 +319,7 @@ CLI_CASES = [
     (f"stream-eval {SMOL} --out {{d}}/e --rules random --max-memory lots", "--max-memory"),
     ("stream-eval minilm-l6 --out {d}/e --rules random", "not a causal language model"),
     # atlas
-    (f"atlas {SMOL} --out {{d}}/a --samples 0", "--samples"),
+    (f"atlas {SMOL} --out {{d}}/a --windows 0", "--windows"),
     (f"atlas {SMOL} --out {{d}}/a --tokens 8", "--tokens"),
     (f"atlas {SMOL} --out {{d}}/a --clusters 0", "--clusters"),
     (f"atlas {SMOL} --out {{d}}/a --text-file {{d}}/missing.txt", "does not exist"),
@@ -347,28 +352,32 @@ CLI_CASES = [
     (f"train-gates {SMOL} --out {{d}}/g --max-memory lots", "--max-memory"),
     ("train-gates minilm-l6 --out {d}/g", "not a causal language model"),
     # sae train
-    (f"sae train {SMOL} --out {{d}}/s --layer x", "--layer"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 40", "outside 0..29"),
-    (f"sae train {SMOL} --out {{d}}/s", "--layer"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --arch conv", "--arch"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --k 0", "--k"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --k 100000 --expansion 1", "more than the 576 latents"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --expansion 0", "--expansion"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --tokens 0", "--tokens"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --batch-size 0", "--batch-size"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --buffer-tokens 0", "--buffer-tokens"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --lr 0", "--lr"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --lr nan", "finite"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --l1 -1", "--l1"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --resample-every 0", "--resample-every"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --context 1", "--context"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --eval-windows 0", "--eval-windows"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --checkpoint-every 0", "--checkpoint-every"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --cache {{d}}/user.txt", "is a file"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --text-file {{d}}/missing.txt", "does not exist"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --text-file {{d}}/latin1.txt", "is not UTF-8 text"),
-    (f"sae train {SMOL} --out {{d}}/s --layer 3 --seed -1", "--seed"),
-    (f"sae train {SMOL} --out {{d}}/precious --layer 3", "headlab did not write"),
+    (f"sae train {SMOL} --out {{d}}/s --layers x", "--layers"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3,4", "one layer per run"),
+    (f"sae train {SMOL} --out {{d}}/s --layer 3", "--layer is spelled --layers now"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 40", "outside 0..29"),
+    (f"sae train {SMOL} --out {{d}}/s", "--layers"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --arch conv", "--arch"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --k 0", "--k"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --k 100000 --expansion 1", "more than the 576 latents"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --expansion 0", "--expansion"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --train-tokens 0", "--train-tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --batch-tokens 0", "--batch-tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --batch-size 64", "--batch-size is spelled --batch-tokens now"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --buffer-tokens 0", "--buffer-tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --lr 0", "--lr"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --lr nan", "finite"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --l1 -1", "--l1"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --resample-every 0", "--resample-every"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --tokens 1", "--tokens"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --context 64", "--context is spelled --tokens now"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --windows 0", "--windows"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --checkpoint-every 0", "--checkpoint-every"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --cache {{d}}/user.txt", "is a file"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --text-file {{d}}/missing.txt", "does not exist"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --text-file {{d}}/latin1.txt", "is not UTF-8 text"),
+    (f"sae train {SMOL} --out {{d}}/s --layers 3 --seed -1", "--seed"),
+    (f"sae train {SMOL} --out {{d}}/precious --layers 3", "headlab did not write"),
     # sae eval and dashboard
     ("sae eval {d}/missing --out {d}/m.json", "not a folder"),
     ("sae eval {d}/sae_empty --out {d}/m.json", "cfg.json is missing"),
@@ -376,7 +385,7 @@ CLI_CASES = [
     ("sae eval {d}/sae_d_sae --out {d}/m.json", "W_enc is (576, 1152), the config says (576, 2000)"),
     ("sae eval {d}/sae_truncated --out {d}/m.json", "cannot be read as safetensors"),
     ("sae eval {d}/sae --out {d}/m.json --windows 0", "--windows"),
-    ("sae eval {d}/sae --out {d}/m.json --context 1", "--context"),
+    ("sae eval {d}/sae --out {d}/m.json --tokens 1", "--tokens"),
     ("sae eval {d}/sae --out {d}/m.json --seed -1", "--seed"),
     ("sae eval {d}/sae --out {d}/m.json --text-file {d}", "is not a file"),
     ("sae eval {d}/sae --out {d}/m.json --model smollm2-13m", "did you mean"),
@@ -387,7 +396,7 @@ CLI_CASES = [
     ("sae dashboard {d}/sae --out {d}/f.html --latents 3,x", "not an integer"),
     ("sae dashboard {d}/sae --out {d}/f.html --latents 99999", "not a latent"),
     ("sae dashboard {d}/sae --out {d}/f.html --windows 0", "--windows"),
-    ("sae dashboard {d}/sae --out {d}/f.html --context 1", "--context"),
+    ("sae dashboard {d}/sae --out {d}/f.html --tokens 1", "--tokens"),
     ("sae dashboard {d}/sae --out {d}/f.html --seed -1", "--seed"),
     ("sae dashboard {d}/sae --out {d}/f.html --text-file {d}/missing.txt", "does not exist"),
     ("sae dashboard {d}/sae --out {d}/f.html --model ./nope", "does not exist"),
@@ -407,10 +416,11 @@ CLI_CASES = [
     (f"convert {SMOL} --out {{d}}/c --loss kl", "--loss"),
     (f"convert {SMOL} --out {{d}}/c --lr1 0", "--lr1"),
     (f"convert {SMOL} --out {{d}}/c --lr2 -1", "--lr2"),
-    (f"convert {SMOL} --out {{d}}/c --seq-len 4", "--seq-len"),
+    (f"convert {SMOL} --out {{d}}/c --tokens 4", "--tokens"),
+    (f"convert {SMOL} --out {{d}}/c --seq-len 64", "--seq-len is spelled --tokens now"),
     (f"convert {SMOL} --out {{d}}/c --accumulation 0", "--accumulation"),
     (f"convert {SMOL} --out {{d}}/c --eval-every 0", "--eval-every"),
-    (f"convert {SMOL} --out {{d}}/c --eval-windows 0", "--eval-windows"),
+    (f"convert {SMOL} --out {{d}}/c --windows 0", "--windows"),
     (f"convert {SMOL} --out {{d}}/c --text-file {{d}}/missing.txt", "does not exist"),
     (f"convert {SMOL} --out {{d}}/c --seed -1", "--seed"),
     (f"convert {SMOL} --out {{d}}/precious", "headlab did not write"),
@@ -451,11 +461,14 @@ def test_bad_input_is_one_line_before_work_and_writes_nothing(sandbox, capsys, l
 
 
 def test_every_option_of_every_command_has_a_bad_input_case():
+    """(Old spellings, refused in every command, are checked by test_cli_defaults.py.)"""
     parser = build_parser()
     seen = " ".join(line for line, _ in CLI_CASES)
     missing = []
     for name, command in _commands(parser):
         for action in command._actions:
+            if isinstance(action, Renamed):
+                continue
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help" and f"{flag} " not in seen + " ":
                     missing.append(f"{name} {flag}")
@@ -477,7 +490,7 @@ def test_help_and_argument_errors_answer_at_once(capsys):
     import subprocess
     import sys
 
-    for argv, status in ((["--help"], 0), (["report", SMOL, "--out", "x", "--samples", "0"], 2)):
+    for argv, status in ((["--help"], 0), (["report", SMOL, "--out", "x", "--windows", "0"], 2)):
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "headlab", *argv], capture_output=True, text=True)
         assert done.returncode == status, done.stderr
@@ -497,11 +510,12 @@ API_CASES = [
     ("Request with a string span", lambda: _request_span("0:3")),
     ("Plan with an edit that is a list", lambda: _surgeon().Plan.from_dict({"format": "headlab-plan/1",
                                                                              "edits": [[1]]})),
-    ("ReportSettings with 0 samples", lambda: _report_settings().ReportSettings(n_samples=0)),
-    ("ReportSettings with an unknown family", lambda: _report_settings().ReportSettings(scores=("nope",))),
+    ("ReportSettings with 0 samples",
+     lambda: _report_settings().ReportSettings(text=TextWindows(windows=0, tokens=256))),
+    ("ReportSettings with an unknown family", lambda: _report_settings().ReportSettings(families=("nope",))),
     ("NeedleSettings with a depth of 2", lambda: _probe_settings().NeedleSettings(depths=(2.0,))),
     ("MaskingSettings with K 0", lambda: _validation_settings().MaskingSettings(ks=(0,))),
-    ("TrainSettings with batch 0", lambda: _sae_settings().TrainSettings(batch_size=0)),
+    ("TrainSettings with batch 0", lambda: _sae_settings().TrainSettings(batch_tokens=0)),
     ("TrainSettings with an unknown architecture", lambda: _sae_settings().TrainSettings(arch="conv")),
     ("LinearSettings with window 0", lambda: _conversion().LinearSettings(window=0)),
     ("StageSettings with lr NaN", lambda: _conversion().StageSettings(lr=math.nan)),
@@ -578,8 +592,8 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path):
     out = tmp_path / "report"
     # a shell that started this run in the background hands its children SIGINT ignored; Ctrl-C reaches a user's
     # headlab with the default disposition, so the child starts with that
-    process = subprocess.Popen([sys.executable, "-m", "headlab", "report", SMOL, "--out", str(out), "--samples", "40",
-                                "--scores", "none"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", "headlab", "report", SMOL, "--out", str(out), "--windows", "40",
+                                "--families", "none"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                env={**os.environ, "TQDM_MININTERVAL": "0"},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, started = [], threading.Event()

@@ -302,7 +302,7 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2, monkeypatch
     tokenizer.save_pretrained(tmp_path / "base")
     out = tmp_path / "converted"
     args = ["convert", "base", "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "8",
-            "--seq-len", "48", "--accumulation", "2", "--eval-every", "1", "--eval-windows", "2", "--layers", "1"]
+            "--tokens", "48", "--accumulation", "2", "--eval-every", "1", "--windows", "2", "--layers", "1"]
     assert headlab(args) == 0
     model, tok = load_model(out)
     assert sorted(converted_layers(model)) == [1] and tok is not None

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from headlab.core.text import TextWindows
 from headlab.surgeon.conversion import data as conversion_data
 from headlab.surgeon.conversion.data import chat_windows, conversation_ids, pack, require_chat_template
 from headlab.surgeon.conversion.settings import ConversionSettings
@@ -62,7 +63,7 @@ def test_chat_windows_pack_the_conversations_and_reuse_the_written_file(smollm2,
         return [f"answer {len(p)}" for p in prompts]
 
     monkeypatch.setattr(conversion_data, "_answers", answers)
-    settings = ConversionSettings(data="chat", seq_len=128, eval_windows=2)
+    settings = ConversionSettings(text=TextWindows(tokens=128, windows=2), data="chat")
     train, held_out = chat_windows(None, tokenizer, settings, 5, tmp_path, progress=False)
     assert [w.shape for w in train] == [(1, 128)] * 5 and len(held_out) == 2
     data = json.loads((tmp_path / "chat_data.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CharTokenizer, padded_batch, tiny_llama
 
+from headlab.core.text import TextWindows
 from headlab.probes import ReportSettings, write_report
 from headlab.probes.scorers.families import score_family
 from headlab.core.head_scores import HeadScores
@@ -128,7 +129,7 @@ def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(
     from headlab.cli import build_parser
 
     model = tiny_llama("gqa")
-    settings = ReportSettings(n_samples=2, n_tokens=24, scores=("toy-query-norms",), n_views=1)
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24), families=("toy-query-norms",), n_views=1)
     write_report(model, CharTokenizer(), "tiny", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     expected = model.model.layers[1].self_attn.q_proj.weight[6:12].detach().norm()
@@ -137,13 +138,13 @@ def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(
     report_help = _subcommand_help(build_parser(), "report")  # built from the settings and the registry
     assert _squeezed("toy-query-norms: the Frobenius norm") in _squeezed(report_help)
     with pytest.raises(HeadlabError, match="toy-nothing"):
-        ReportSettings(scores=("toy-nothing",))
+        ReportSettings(families=("toy-nothing",))
 
 
 def test_a_family_that_needs_a_decoder_is_skipped_with_its_reason_on_an_encoder(tmp_path):
     from headlab.probes.scorers.families import requested_families
 
-    families, skipped = requested_families(ReportSettings(scores=("toy-decoder-only", "context")), causal=False)
+    families, skipped = requested_families(ReportSettings(families=("toy-decoder-only", "context")), causal=False)
     assert [family.name for family in families] == ["context"]
     assert skipped == {"toy-decoder-only": "needs a causal language model"}
 

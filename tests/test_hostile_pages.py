@@ -11,9 +11,11 @@ from conftest import CharTokenizer, tiny_llama
 from test_view_browser import CHROMIUM, browser  # noqa: F401 (browser is a fixture)
 from test_views import HostileTokenizer, hostile_ids
 
+from headlab.core.text import TextWindows
 from headlab.probes import ReportSettings, write_report
 from headlab.core.head_scores import HeadScores
-from headlab.probes.validation.file import CURVE_FORMAT, write_curve_page
+from headlab.probes.validation.file import CURVE_FORMAT
+from headlab.probes.validation.page import write_curve_page
 from headlab.probes.views.data import gather_view
 from headlab.probes.views.page import write_view
 from headlab.sae import SparseAutoencoder, collect_examples, write_dashboard
@@ -39,7 +41,8 @@ def load(browser, path):
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    page.on("request",
+            lambda r: errors.append(f"request {r.url}") if not r.url.startswith(("file:", "data:")) else None)
     page.goto(path.as_uri())
     page.wait_for_load_state("load")
     page.wait_for_timeout(300)
@@ -76,7 +79,8 @@ def report_folder(tmp_path_factory):
                                                          "entries": ["validation-x.json", "compression.json"]}))
     text = root / "tx<b>'\"t.txt"
     text.write_text((HOSTILE + " words of text ") * 8)
-    settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, text_path=str(text), n_views=2, scores=("induction",))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24, text_path=str(text)), seed=1, n_views=2,
+                              families=("induction",))
     write_report(tiny_llama("gqa"), CharTokenizer(), HOSTILE, out, settings, progress=False)
     return out
 
@@ -143,7 +147,7 @@ def hostile_compression(rule: str, model_id: str) -> dict:
 
 
 def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
-    from headlab.probes.compression.run import write_compression_page
+    from headlab.probes.compression.page import write_compression_page
 
     path = write_compression_page(hostile_compression(PAYLOADS[1], PAYLOADS[0]), tmp_path / "compression.html")
     page, errors = load(browser, path)
@@ -156,7 +160,7 @@ def test_compression_page_runs_nothing(browser, tmp_path):  # noqa: F811
 def test_conversion_evaluation_pages_run_nothing(browser, tmp_path):  # noqa: F811
     """A converted checkpoint's evaluation whose checkpoint and base model names are hostile: its own
     page and the report's section that shows it."""
-    from headlab.probes.compression.run import write_compression_page
+    from headlab.probes.compression.page import write_compression_page
     from headlab.probes.report.page import _compression_section
 
     result = {**hostile_compression("converted", PAYLOADS[0]), "kind": "conversion", "base_model": PAYLOADS[6]}

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_llama
 from test_report import CharTokenizer
 
+from headlab.core.text import TextWindows
 from headlab.probes import ReportSettings, write_report
 from headlab.sae.activations import head_outputs
 from headlab.surgeon import Calibrate, HeadScale, Plan, Taps, attach, load_model
@@ -45,8 +46,8 @@ def test_the_report_is_the_same_with_layers_on_disk(tmp_path, monkeypatch):
     model.save_pretrained(folder)
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, text_path=str(text), n_views=1,
-                              scores=("induction", "gradient", "context"))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24, text_path=str(text)), seed=1, n_views=1,
+                              families=("induction", "gradient", "context"))
     scores = []
     for name, candidate in (("memory", model), ("disk", _load_spread(folder))):
         write_report(candidate, CharTokenizer(), "tiny", tmp_path / name, settings, progress=False)

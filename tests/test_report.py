@@ -13,6 +13,7 @@ import torch
 from bounds import U
 from conftest import CharTokenizer, tiny_llama
 
+from headlab.core.text import TextWindows
 from headlab.cli import main
 from headlab.probes import ReportSettings, record_attention, write_report
 
@@ -23,8 +24,8 @@ HOSTILE = '<script>window.hacked=1</script>"><img src=x onerror=alert(1)> ' * 40
 def test_report_folder_on_a_tiny_model(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(HOSTILE)
-    settings = ReportSettings(n_samples=3, n_tokens=24, seed=1, text_path=str(text), n_views=2,
-                              scores=("induction", "gradient"))
+    settings = ReportSettings(text=TextWindows(windows=3, tokens=24, text_path=str(text)), seed=1, n_views=2,
+                              families=("induction", "gradient"))
     report = write_report(tiny_llama("gqa"), CharTokenizer(), "tiny-gqa", tmp_path / "out", settings, progress=False)
     page = report.read_text()
     # character tokens: every '<' of the text reaches the page as an escaped label, never as markup
@@ -32,7 +33,8 @@ def test_report_folder_on_a_tiny_model(tmp_path):
     assert ": &lt;" in page and ': \\"' in page  # '"' stays a JSON-escaped quote (plotly shows entities raw)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert (data["n_layers"], data["n_heads"], data["n_kv_heads"], data["complete"]) == (3, 9, 3, True)
-    assert set(data["scores"]) == {"sink_first_token", "entropy", "previous_token", "confidence", "sink_hidden", "induction",
+    assert set(data["scores"]) == {"sink_first_token", "entropy", "previous_token", "confidence", "sink_hidden",
+               "induction",
                                    "duplicate_token", "gradient_importance"}
     assert all(len(s["values"]) == 3 and len(s["values"][0]) == 9 for s in data["scores"].values())
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
@@ -51,7 +53,8 @@ def test_report_scores_match_a_direct_computation(tmp_path):
     model, tokenizer = tiny_llama("mqa"), CharTokenizer()
     text = tmp_path / "t.txt"
     text.write_text("abcdefghij" * 30)
-    settings = ReportSettings(n_samples=1, n_tokens=20, seed=0, text_path=str(text), n_views=1, scores=())
+    settings = ReportSettings(text=TextWindows(windows=1, tokens=20, text_path=str(text)), seed=0, n_views=1,
+                              families=())
     write_report(model, tokenizer, "tiny", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     from headlab.core.text import token_windows
@@ -67,8 +70,8 @@ def test_report_adds_sink_context_and_probe_scores(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     labelled = tmp_path / "labels.jsonl"
     labelled.write_text("".join(json.dumps({"text": "ABCDEFGH" + c, "label": c}) + "\n" for c in "PQ" * 5))
-    settings = ReportSettings(n_samples=2, n_tokens=24, seed=0, text_path=str(text), n_views=1,
-                              scores=("sinks", "context"), probe_data=str(labelled))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24, text_path=str(text)), seed=0, n_views=1,
+                              families=("sinks", "context"), probe_data=str(labelled))
     report = write_report(tiny_llama("gqa"), CharTokenizer(), "tiny", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())["scores"]
     assert {"sink_massive", "context_divergence", "probe_accuracy"} <= set(data)
@@ -84,8 +87,8 @@ def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softma
     model = converted(layers=(0, 2))
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    settings = ReportSettings(n_samples=2, n_tokens=20, seed=0, text_path=str(text), n_views=1,
-                              scores=("induction", "gradient", "context", "sinks"))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=20, text_path=str(text)), seed=0, n_views=1,
+                              families=("induction", "gradient", "context", "sinks"))
     write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "out", settings, progress=False)
     data = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert "layers 0, 2 converted to linear attention" in data["provenance"]["attention"]
@@ -102,7 +105,8 @@ def test_report_of_a_converted_model_scores_its_maps_and_skips_what_needs_softma
     assert {"induction", "sink_massive"} <= set(data["scores"])
     with pytest.raises(ValueError, match="--tokens"):  # maps over the budget: statistics, which converted layers lack
         write_report(model, CharTokenizer(), "tiny-converted", tmp_path / "long",
-                     ReportSettings(n_samples=1, n_tokens=20_000, text_path=str(text), scores=()), progress=False)
+                     ReportSettings(text=TextWindows(windows=1, tokens=20_000, text_path=str(text)),
+                                    families=()), progress=False)
     assert not (tmp_path / "long").exists()
 
 
@@ -133,7 +137,8 @@ def test_page_only_writes_the_same_pages_without_scoring_and_adds_what_came_sinc
     from headlab.core.files import record_owned
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
-    settings = ReportSettings(n_samples=2, n_tokens=24, seed=1, n_views=2, scores=("induction", "gradient"))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24), seed=1, n_views=2,
+                              families=("induction", "gradient"))
     write_report(model, tokenizer, "tiny-gqa", out, settings, progress=False)
     written = {name: (out / name).read_text() for name in ("report.html", "views.html", "scores.json", "scores.csv")}
     assert "No masking curves in this folder yet" in written["report.html"]
@@ -155,7 +160,7 @@ def test_page_only_refuses_what_it_cannot_rewrite(tmp_path, capsys):
     from headlab.core.errors import HeadlabError
 
     model, tokenizer, out = tiny_llama("gqa"), CharTokenizer(), tmp_path / "out"
-    settings = ReportSettings(n_samples=1, n_tokens=16, n_views=1, scores=())
+    settings = ReportSettings(text=TextWindows(windows=1, tokens=16), n_views=1, families=())
     write_report(model, tokenizer, "tiny-gqa", out, settings, progress=False)
     with pytest.raises(HeadlabError, match="scores 'tiny-gqa', not 'other'"):
         rewrite_report_pages(model, tokenizer, "other", out)
@@ -179,8 +184,8 @@ def test_a_stopped_report_resumes_after_its_finished_families(tmp_path, monkeypa
 
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    settings = ReportSettings(n_samples=2, n_tokens=24, seed=0, text_path=str(text), n_views=1,
-                              scores=("sinks", "context", "induction"))
+    settings = ReportSettings(text=TextWindows(windows=2, tokens=24, text_path=str(text)), seed=0, n_views=1,
+                              families=("sinks", "context", "induction"))
     model, tokenizer = tiny_llama("gqa"), CharTokenizer()
     write_report(model, tokenizer, "tiny", tmp_path / "whole", settings, progress=False)
     families, _ = score_families.requested_families(settings, causal=True)

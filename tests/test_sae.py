@@ -36,7 +36,8 @@ WORKER = Path(__file__).parent / "sae_worker.py"
 def test_sparse_topk_ops_match_dense_reference_values_and_gradients(dtype, tol):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 20, generator=gen, dtype=dtype)
-    params = [torch.randn(*s, generator=gen, dtype=dtype).requires_grad_() for s in ((20, 300), (300,), (20,), (300, 20))]
+    params = [torch.randn(*s, generator=gen, dtype=dtype).requires_grad_() for s in ((20, 300), (300,), (20,),
+                          (300, 20))]
     w_enc, b_enc, b_dec, w_dec = params
     grad_out = torch.randn(37, 20, generator=gen, dtype=dtype)
     values, indices = topk_encode(x, w_enc, b_enc, b_dec, 7)
@@ -288,7 +289,7 @@ def test_resampling_reinitialises_dead_latents_from_high_loss_inputs():
             assert not moment[:5].any() and torch.equal(moment[5:], moments[name][5:]), name
     assert trainer.window_tokens == 0 and not trainer.window_fires.any() and trainer.last_resample == trainer.step
     # the warm-up restarts at the resample; the cosine runs over the whole run
-    settings = TrainSettings(arch="relu", tokens=100 * 4096, batch_size=4096, warmup_steps=5)
+    settings = TrainSettings(arch="relu", train_tokens=100 * 4096, batch_tokens=4096, warmup_steps=5)
     assert settings.lr_factor(40, warm_from=40) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.4)))
     assert settings.lr_factor(44, warm_from=40) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.44)))
 
@@ -316,7 +317,7 @@ def test_a_short_batchtopk_run_saves_a_threshold_that_keeps_k_latents_on_held_ou
     """The inference threshold is estimated from the first step (an EMA over the last tenth of a
     short run): 40 steps leave it nonzero and the saved autoencoder fires about k latents on data
     it never saw (before, runs under 1000 steps saved 0: a plain ReLU)."""
-    settings = TrainSettings(**{**SETTINGS.__dict__, "arch": "batchtopk", "k": 4, "tokens": 16 * 40,
+    settings = TrainSettings(**{**SETTINGS.__dict__, "arch": "batchtopk", "k": 4, "train_tokens": 16 * 40,
                                 "warmup_steps": 1000})  # the default: the old rule waited for step 1000
     sae = SparseAutoencoder(12, 48, "batchtopk", 4, 3, seed=0)
     Trainer(sae, ShuffleBuffer(Chunks(0), 16, 64, seed=0), settings).run(progress=False)

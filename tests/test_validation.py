@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CharTokenizer, tiny_llama
 
+from headlab.core.text import TextWindows
 from headlab.cli import main
 from headlab.probes.validation.masking import (eligible_heads, head_means, masking_plan, matched_random_set,
                                                random_sets, top_heads)
@@ -18,7 +19,8 @@ from headlab.probes.scorers.needles import HELDOUT_NEEDLES, NEEDLES
 from headlab.core.head_scores import HeadScores
 from headlab.probes.validation.settings import MaskingSettings, ValidationSettings
 from headlab.probes.validation.run import NeedleTask, validate_score
-from headlab.probes.validation.file import CURVE_FORMAT, load_curve, write_curve_page
+from headlab.probes.validation.file import CURVE_FORMAT, load_curve
+from headlab.probes.validation.page import write_curve_page
 from headlab.surgeon import HeadMean, HeadScale, Uniform, attach
 from headlab.core.errors import InputFileError
 
@@ -122,8 +124,8 @@ def test_loss_validation_on_a_tiny_model_matches_direct_masked_forwards(tmp_path
     text = tmp_path / "text.txt"
     text.write_text("Some plain words of held-out text, repeated for windows. " * 40)
     score = planted_score(3, 6, "gradient")
-    settings = ValidationSettings(masking=MaskingSettings(ks=(2, 4), random_sets=3, mode="zero", bootstrap=200),
-                                  text_path=str(text), samples=3, tokens=16)
+    settings = ValidationSettings(text=TextWindows(text_path=str(text), windows=3, tokens=16),
+                                  masking=MaskingSettings(ks=(2, 4), random_sets=3, mode="zero", bootstrap=200))
     curve = validate_score(model, CharTokenizer(), score, settings, progress=False)
     assert curve["metric"] == "loss" and curve["n_items"] == curve["n_used"] == 3
     top = curve["heads"]["top"]["2"]
@@ -197,7 +199,7 @@ def test_validate_command_with_loss_on_smollm2(smollm2, tmp_path):
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     out = tmp_path / "out"
     argv = ["validate", "smollm2-135m", "--scores", str(tmp_path / "scores.json"), "--score", "gradient_importance",
-            "--out", str(out), "--ks", "3", "--random-sets", "2", "--samples", "2", "--tokens", "24"]
+            "--out", str(out), "--ks", "3", "--random-sets", "2", "--windows", "2", "--tokens", "24"]
     assert main(argv) == 0
     curve = load_curve(out / "validation-gradient_importance.json")
     assert curve["metric"] == "loss" and curve["mode"] == "uniform"
@@ -220,8 +222,8 @@ def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, 
     text = tmp_path / "text.txt"
     text.write_text("Some plain words of held-out text, repeated for windows. " * 40)
     score = planted_score(3, 6, "gradient")
-    settings = ValidationSettings(masking=MaskingSettings(ks=(2,), random_sets=2, mode="zero", bootstrap=200),
-                                  text_path=str(text), samples=3, tokens=16)
+    settings = ValidationSettings(text=TextWindows(text_path=str(text), windows=3, tokens=16),
+                                  masking=MaskingSettings(ks=(2,), random_sets=2, mode="zero", bootstrap=200))
     journal = tmp_path / "validation-gradient.progress.json"
     evaluate, calls = LossTask.evaluate, []
 
@@ -241,8 +243,8 @@ def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, 
     assert len(calls) == 8  # windows 1 and 2 only
     fresh = validate_score(model, CharTokenizer(), score, settings, progress=False)
     assert _without_seconds(resumed) == _without_seconds(fresh)
-    other = ValidationSettings(masking=MaskingSettings(ks=(3,), random_sets=2, mode="zero", bootstrap=200),
-                               text_path=str(text), samples=3, tokens=16)
+    other = ValidationSettings(text=TextWindows(text_path=str(text), windows=3, tokens=16),
+                               masking=MaskingSettings(ks=(3,), random_sets=2, mode="zero", bootstrap=200))
     with pytest.raises(InputFileError, match="holds a validation of other settings"):
         validate_score(model, CharTokenizer(), score, other, progress=False, journal_path=journal)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from headlab.core.text import TextWindows
 from headlab.probes import ReportSettings, write_report
 from headlab.core.head_scores import load_scores_file
 from headlab.probes.scorers.settings import NeedleSettings
@@ -30,7 +31,7 @@ print(model_shape(model))
 
 # %%
 out = Path(tempfile.mkdtemp()) / "report"
-settings = ReportSettings(n_samples=4, n_tokens=128, n_views=2, scores=("retrieval",),
+settings = ReportSettings(text=TextWindows(windows=4, tokens=128), n_views=2, families=("retrieval",),
                           needles=NeedleSettings(lengths=(512,), depths=(0.25, 0.75), n_needles=1))
 page = write_report(model, tokenizer, "smollm2-135m", out, settings, progress=False)
 print(sorted(p.name for p in out.iterdir()))

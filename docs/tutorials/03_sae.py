@@ -4,7 +4,7 @@
 # A sparse autoencoder on the per-head outputs of one SmolLM2 layer (the input of its output
 # projection, TransformerLens `hook_z`), trained for a few thousand tokens on the CPU, then saved in
 # SAELens' layout and read for which heads each latent draws on. The command-line equivalent with
-# realistic settings is `headlab sae train smollm2-135m --layer 12 --out sae-l12`.
+# realistic settings is `headlab sae train smollm2-135m --layers 12 --out sae-l12`.
 
 # %%
 import tempfile
@@ -31,7 +31,7 @@ layer, d_in = 12, shape.n_heads * shape.head_dim
 
 # %%
 windows = token_windows(tokenizer, load_text(None), 24, 128, seed=0)
-settings = TrainSettings(arch="topk", k=16, expansion=4, tokens=8192, batch_size=256, buffer_tokens=2048,
+settings = TrainSettings(arch="topk", k=16, expansion=4, train_tokens=8192, batch_tokens=256, buffer_tokens=2048,
                          init_rows=2048)
 source = ModelActivations(model, windows, layer)
 sae = SparseAutoencoder(d_in, 4 * d_in, "topk", 16, shape.n_heads, shape.head_dim, seed=0)

@@ -21,6 +21,8 @@ autoencoder's code, seeded.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import math
 from dataclasses import dataclass, field
 
@@ -127,6 +129,29 @@ def describe_heads(model, windows: list[torch.Tensor], plan: Plan | None = None,
         bar.close()
     means = {name: (value / len(windows)).float() for name, value in sums.items()}
     return Descriptors(**means, windows=len(windows), label=label)
+
+
+def describe_models(specs: list[str], settings, plan: Plan | None = None, plan_label: str | None = None,
+                    load: Callable | None = None) -> tuple[list[Descriptors], list[str]]:
+    """``(descriptors, labels)`` of every head of each model of ``specs`` on the windows of
+    ``settings.text`` (an :class:`~.settings.AtlasSettings`), the models loaded one at a time by
+    ``load(spec) -> (model, tokenizer)`` (default :func:`headlab.surgeon.load_model`); with ``plan``
+    (named ``plan_label``) each model again under the plan, on the same windows."""
+    from ...core.text import text_windows
+
+    if load is None:
+        from ...surgeon import load_model as load
+    sets, labels = [], []
+    for spec in specs:
+        model, tokenizer = load(spec)
+        windows = text_windows(tokenizer, settings.text, settings.seed)
+        sets.append(describe_heads(model, windows, label=spec))
+        labels.append(spec)
+        if plan is not None:
+            sets.append(describe_heads(model, windows, plan, label="with the plan"))
+            labels.append(f"{spec} with {plan_label or 'the plan'}")
+        del model
+    return sets, labels
 
 
 def autoencoder_embedding(features: torch.Tensor, seed: int = 0, steps: int = 600, hidden: int = 32) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...core.errors import InputFileError
 from ...core.escaping import element_id, html_text, plotly_text, script_json
-from ...core.files import GENERATOR_META, read_json_file, write_text
+from ...core.files import GENERATOR_META, claim_folder, read_json_file, write_json, write_text
 from ...core.kinds import Items, Kind, Text
 from ...core.settings import check_object
 from .figure import atlas_figure, layer_trend_figure
@@ -131,6 +131,14 @@ def _number(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def write_atlas(out: str | Path, doc: dict, overwrite: bool = False) -> Path:
+    """Write ``atlas.json`` and ``atlas.html`` into ``out`` (claimed first); returns the folder."""
+    out = claim_folder(out, ("atlas.json", "atlas.html"), overwrite, "--out folder")
+    write_json(out / "atlas.json", doc)
+    write_atlas_page(doc, out / "atlas.html")
+    return out
+
+
 def write_atlas_page(doc: dict, path: str | Path) -> Path:
     """Write the page; heads open in ``views.html`` when one sits beside it."""
     path = Path(path)
@@ -138,4 +146,4 @@ def write_atlas_page(doc: dict, path: str | Path) -> Path:
     return write_text(path, atlas_page_html(doc, views_href))
 
 
-__all__ = ["atlas_page_html", "atlas_section", "cluster_table_html", "load_atlas", "write_atlas_page"]
+__all__ = ["atlas_page_html", "atlas_section", "cluster_table_html", "load_atlas", "write_atlas", "write_atlas_page"]

@@ -23,18 +23,20 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ...surgeon import Plan, attach, model_shape
+from ...core.errors import ModelSpecError
 from ...core.journal import Journal
 from ...surgeon.kv_cache import cache_bytes
 from ...surgeon.streaming.cache import streaming_cache
 from ...surgeon.losses import next_token_loss
 from ...surgeon.streaming.settings import StreamingSettings
-from .file import COMPRESSION_FORMAT, FULL, compression_title, is_conversion
+from .file import COMPRESSION_FORMAT, CONVERTED, FULL
 from ...core.text import load_text, token_windows
 from ..intervals import mean_interval
 from ..scorers.needles import HELDOUT_NEEDLES
@@ -173,6 +175,64 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
     return runs
 
 
+def conversion_base(checkpoint: str, base: str | None, read_config: Callable) -> str | None:
+    """The model the converted ``checkpoint`` is measured against: ``base``, else the one its conversion
+    recorded; None for ``"none"``. Checked from the configs alone (``read_config(spec, needs)``, which
+    refuses what is not a causal language model) before any weight is read: the same shape and
+    vocabulary size as the checkpoint, and not converted itself."""
+    from ...core.shape import model_shape
+    from ...surgeon.conversion.converted import is_converted_directory, read_conversion
+
+    named = base if base is not None else read_conversion(checkpoint)[1].get("base_model")
+    if named is None:
+        raise ModelSpecError(f"{checkpoint} does not record the model it was converted from: give --base MODEL (or "
+                             "--base none to measure the checkpoint alone)")
+    if named == "none":
+        return None
+    config = read_config(checkpoint, "needle recall and perplexity")
+    try:
+        base_config = read_config(named, "the base of a converted checkpoint")
+    except ModelSpecError as error:
+        if base is not None:
+            raise
+        raise ModelSpecError(f"the base model {checkpoint} records, {named!r}, cannot be read ({error}); give --base "
+                             "MODEL or --base none") from None
+    if Path(named).is_dir() and is_converted_directory(named):
+        raise ModelSpecError(f"--base {named} is itself converted to linear attention; give the softmax model")
+    mismatch = [what for what, a, b in (("shape", model_shape(config), model_shape(base_config)),
+                                        ("vocabulary size", config.get_text_config(decoder=True).vocab_size,
+                                         base_config.get_text_config(decoder=True).vocab_size)) if a != b]
+    if mismatch:
+        raise ModelSpecError(f"--base {named} differs from {checkpoint} in {' and '.join(mismatch)}; give the model "
+                             "it was converted from")
+    return named
+
+
+def evaluate_conversion(checkpoint: str, base: str | None, settings: CompressionSettings | None = None,
+                        journal_path: str | Path | None = None, max_memory: str | None = None) -> dict:
+    """The evaluation of a checkpoint converted to linear attention against its ``base`` (None: the
+    checkpoint alone): each loaded alone, in turn, and measured by :func:`conversion_runs` on the same
+    prompts and windows (tokenised by the checkpoint's tokenizer, which convert saved from the base);
+    ``max_memory`` caps the base's weights in memory. Finished runs are kept in the journal at
+    ``journal_path`` and taken from it when the same evaluation is run again."""
+    import gc
+
+    from ...surgeon import load_model
+
+    settings = settings or CompressionSettings()
+    journal = Journal(journal_path, conversion_identity(settings, checkpoint, base), "compression")
+    model, tokenizer = load_model(checkpoint)
+    if tokenizer is None:
+        raise ModelSpecError(f"{checkpoint} has no tokenizer files; its evaluation needs its tokenizer")
+    kv_heads = len(candidates(model_shape(model), _layer_types(model)))
+    runs = conversion_runs(model, tokenizer, CONVERTED, settings, journal=journal)
+    if base is not None:
+        del model
+        gc.collect()
+        runs += conversion_runs(load_model(base, max_memory=max_memory)[0], tokenizer, FULL, settings, journal=journal)
+    return conversion_result(runs, settings, kv_heads, checkpoint, base)
+
+
 def conversion_result(runs: list[dict], settings: CompressionSettings, kv_heads: int, model_id: str | None = None,
                       base_id: str | None = None) -> dict:
     """The JSON-ready evaluation of a converted checkpoint (``model_id``) against its base
@@ -251,31 +311,6 @@ def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_compression_page(result: dict, path: str | Path) -> Path:
-    """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
-    from ...core.escaping import html_text
-    from ...core.files import GENERATOR_META, write_text
-    from .figure import compression_figure
-
-    title = html_text(compression_title(result))
-    header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
-              "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
-    lines = []
-    for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"] != FULL, r["rule"], r["keep"])):
-        share = "" if row["kv_fraction"] is None else f" ({row['kv_fraction']:.0%})"
-        rule = "base" if is_conversion(result) and row["rule"] == FULL else row["rule"]
-        lines.append(f"<tr><td>{html_text(rule)}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
-                     f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
-                     f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
-                     f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
-    figure = compression_figure(result).to_html(include_plotlyjs=True, full_html=False)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
-            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
-            f"<h1>{title}</h1>{figure}<table>{header}{''.join(lines)}</table></body></html>")
-    return write_text(path, page)
-
-
 __all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_identity", "conversion_result",
-           "conversion_runs", "evaluate_compression", "needle_run", "run_key", "streaming_identity",
-           "summarize_runs", "window_loss", "write_compression_page"]
+           "conversion_base", "conversion_runs", "evaluate_compression", "evaluate_conversion", "needle_run", "run_key", "streaming_identity",
+           "summarize_runs", "window_loss"]

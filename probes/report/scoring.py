@@ -69,10 +69,10 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     atlas = load_atlas(out_dir)
     converted = bool(converted_layers(model))
     if converted:
-        check_converted_windows(model, settings.n_tokens)
+        check_converted_windows(model, settings.text.tokens)
     causal = has_causal_attention(model)
-    text = load_text(settings.text_path)
-    windows = token_windows(tokenizer, text, settings.n_samples, settings.n_tokens, settings.seed)
+    text = load_text(settings.text.text_path)
+    windows = token_windows(tokenizer, text, settings.text.windows, settings.text.tokens, settings.seed)
     provenance = _provenance(model, model_id, settings, causal)
     families, provenance["skipped"] = requested_families(settings, causal, converted)
     inputs = FamilyInputs(model, tokenizer, model_id, windows, settings, progress)
@@ -233,7 +233,7 @@ def check_converted_windows(model_or_config, n_tokens: int) -> None:
 
 def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) -> dict:
     shape = model_shape(model)
-    method = scoring_method(model, settings.n_tokens)
+    method = scoring_method(model, settings.text.tokens)
     return {
         "model_id": model_id,
         "architecture": type(model).__name__,
@@ -244,10 +244,10 @@ def _provenance(model, model_id: str, settings: ReportSettings, causal: bool) ->
                      + _converted_note(model),
         "method": method,
         "causal": causal,
-        "n_samples": settings.n_samples,
-        "n_tokens": settings.n_tokens,
+        "n_samples": settings.text.windows,
+        "n_tokens": settings.text.tokens,
         "seed": settings.seed,
-        "text": settings.text_path or DEFAULT_TEXT,
+        "text": settings.text.text_path or DEFAULT_TEXT,
         "headlab": importlib.metadata.version("headlab"),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,5 +1,5 @@
 """The report's settings (:class:`ReportSettings`): the windows it scores on and the score families
-it adds (:mod:`.score_families`), one definition for the library and the command line. Importing
+it adds (:mod:`..scorers.families`), one definition for the library and the command line. Importing
 this module costs no torch."""
 
 from __future__ import annotations
@@ -7,38 +7,35 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ...core.kinds import Choice, ExistingFile, Integer, Items, Maybe, Number, Registered, TextFile
+from ...core.kinds import Choice, ExistingFile, Integer, Items, Maybe, Number, Registered
 from ...core.settings import check_settings, setting
+from ...core.text import TextWindows
 from ..scorers.families import SCORE_FAMILIES
 from ..scorers.settings import POOLS, NeedleSettings, SinkSettings
 
 
 @dataclass
 class ReportSettings:
-    """What the report measures on: ``n_samples`` windows of ``n_tokens`` tokens of ``text_path``
-    (standard-library docstrings when None; also the needle runs' haystack unless ``needles`` names
-    another), chosen with ``seed``; ``n_views`` attention views. The pattern scores (sink, entropy,
-    previous-token, confidence) are always computed, then the families named in ``scores`` (the
-    registry :data:`~.score_families.SCORE_FAMILIES`; those that need a causal language model are
-    skipped, with the reason, on other models): e.g. ``retrieval`` runs needle-in-a-haystack with
+    """What the report measures on: the windows of ``text`` (its text is also the needle runs'
+    haystack unless ``needles`` names another), placed with ``seed``; ``n_views`` attention views.
+    The pattern scores (sink, entropy, previous-token, confidence) are always computed, then the
+    families named in ``families`` (the registry :data:`~..scorers.families.SCORE_FAMILIES`; those that
+    need a causal language model are skipped, with the reason, on other models): e.g. ``retrieval`` runs needle-in-a-haystack with
     ``needles``, ``sinks`` uses the thresholds ``sinks``, ``context`` removes the leading
     ``context_fraction`` of each window. With ``probe_data`` (JSON lines of ``{"text", "label"}``)
     each head's output is probed for the labels (pooled by ``probe_pool``)."""
 
-    n_samples: int = setting(8, "number of text windows", kind=Integer(1), flag="--samples")
-    n_tokens: int = setting(256, "tokens per window", kind=Integer(4), flag="--tokens")
+    text: TextWindows = setting(default_factory=lambda: TextWindows(windows=8, tokens=256))
     seed: int = setting(0, "seed choosing the windows", kind=Integer(0), flag="--seed")
-    text_path: str | None = setting(None, "UTF-8 text to score on (default: Python standard-library docstrings)",
-                                    kind=Maybe(TextFile()), flag="--text-file")
     n_views: int = setting(6, "attention views of top heads", kind=Integer(0), flag="--views")
     top_k: int = setting(10, "heads listed per score", kind=Integer(1))
-    scores: tuple[str, ...] = setting(
+    families: tuple[str, ...] = setting(
         ("induction", "gradient", "retrieval", "sinks", "context"),
         lambda: "comma list of the score families beyond the pattern scores, or 'none': " + "; ".join(
             f"{family.name}: {family.summary}" + (" (causal language models only)" if family.causal_only else "")
             for family in SCORE_FAMILIES.values() if family.choice),
         kind=Items(Registered(SCORE_FAMILIES, "score families", lambda family: family.choice), none_word="none",
-                   min_items=0), flag="--scores")
+                   min_items=0), flag="--families")
     needles: NeedleSettings = setting(default_factory=NeedleSettings)
     sinks: SinkSettings = setting(default_factory=SinkSettings)
     context_fraction: float = setting(0.5, "leading fraction of a window removed for the context score",
@@ -51,8 +48,9 @@ class ReportSettings:
 
     def __post_init__(self):
         check_settings(self)
-        if self.text_path is not None and self.needles.text_path is None:
-            self.needles = dataclasses.replace(self.needles, text_path=self.text_path)
+        self.text.require_tokens(4, "the report")
+        if self.text.text_path is not None and self.needles.text_path is None:
+            self.needles = dataclasses.replace(self.needles, text_path=self.text.text_path)
         if self.probe_data:
             from ..scorers.labelled import load_labelled
 

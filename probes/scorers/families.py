@@ -42,7 +42,7 @@ class FamilyInputs:
 
     @property
     def window_settings(self) -> dict:
-        return {"windows": len(self.windows), "n_tokens": self.settings.n_tokens}
+        return {"windows": len(self.windows), "n_tokens": self.settings.text.tokens}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ScoreFamily:
     check: Callable[[FamilyInputs], None] | None = field(default=None, compare=False)
 
     def is_requested(self, settings: "ReportSettings") -> bool:
-        return self.requested(settings) if self.requested is not None else self.name in settings.scores
+        return self.requested(settings) if self.requested is not None else self.name in settings.families
 
 
 SCORE_FAMILIES: dict[str, ScoreFamily] = {}

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...core.errors import InputFileError
-from ...core.escaping import html_text
-from ...core.files import GENERATOR_META, read_json_file, write_text
+from ...core.files import read_json_file
 from ...core.kinds import Choice, Integer, Items, Kind, Maybe, Number, Switch, Text
 from ...core.settings import check_object
 from .settings import MASKING_MODES, METRICS
@@ -72,13 +71,4 @@ def load_curve(path: str | Path) -> dict:
     return curve
 
 
-def write_curve_page(curve: dict, path: str | Path) -> Path:
-    """The masking validation as a standalone page (plotly.js inlined)."""
-    from .figure import masking_figure
-
-    page = masking_figure(curve).to_html(include_plotlyjs=True, full_html=True)
-    title = html_text(f"masking validation: {curve['score']}")
-    return write_text(path, page.replace("<head>", f"<head>{GENERATOR_META}<title>{title}</title>", 1))
-
-
-__all__ = ["CURVE_FORMAT", "load_curve", "load_curves", "write_curve_page"]
+__all__ = ["CURVE_FORMAT", "load_curve", "load_curves"]

@@ -36,7 +36,7 @@ from ..scorers.retrieval import (NeedlePrompt, answer_stop, greedy_from_cache, h
                                  rouge1_recall, stop_rule)
 from ...core.head_scores import HeadScores
 from .settings import METRICS, MaskingSettings, ValidationSettings
-from .file import CURVE_FORMAT, load_curves, write_curve_page
+from .file import CURVE_FORMAT
 
 RETRIEVAL_THRESHOLD = 0.1  # the paper's retrieval-head threshold: random sets exclude heads above it
 
@@ -68,7 +68,7 @@ class NeedleTask:
                  prompts: list[NeedlePrompt] | None = None):
         self.model, self.tokenizer, self.settings, self.mode = model, tokenizer, settings, mode
         if prompts is None:
-            haystack = load_text(settings.text_path, heldout=True)
+            haystack = load_text(settings.text.text_path, heldout=True)
             prompts = needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], settings.needle_lengths,
                                   settings.needle_depths, settings.prompt_style)
         self.prompts = prompts
@@ -161,8 +161,8 @@ class LossTask:
 
     def __init__(self, model, tokenizer, settings: ValidationSettings):
         self.model = model
-        self.windows = token_windows(tokenizer, load_text(settings.text_path, heldout=True), settings.samples,
-                                     settings.tokens, settings.seed)
+        self.windows = token_windows(tokenizer, load_text(settings.text.text_path, heldout=True),
+                                     settings.text.windows, settings.text.tokens, settings.seed)
 
     def items(self) -> list[dict]:
         return [{"window": i, "tokens": int(w.shape[1])} for i, w in enumerate(self.windows)]
@@ -217,7 +217,7 @@ def masking_setup(score: HeadScores, settings: ValidationSettings) -> MaskingSet
     heads = {}
     for k in masking.ks:
         top = top_heads(score, k)
-        heads[k] = (top, random_sets(score, top, masking.random_sets, exclude_above, masking.seed))
+        heads[k] = (top, random_sets(score, top, masking.random_sets, exclude_above, settings.seed))
     return MaskingSetup(metric, exclude_above, heads)
 
 
@@ -231,7 +231,7 @@ def validation_identity(score: HeadScores, settings: ValidationSettings, model_i
 
 def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSettings | None = None,
                    model_id: str | None = None, progress: bool = True, journal_path: str | Path | None = None) -> dict:
-    """The masking validation of ``score`` (the JSON object :func:`write_curve_page` draws):
+    """The masking validation of ``score`` (the JSON object :func:`.page.write_curve_page` draws):
     per K the top-K heads and the random sets, every item's measures under each, and per measure
     and K the means, the rank and paired tests and bootstrap intervals. With ``journal_path`` each
     item's measures are kept there as they finish and an item found there is not measured again."""
@@ -261,7 +261,7 @@ def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSett
                   "random": {str(k): sets for k, (_, sets) in heads.items()}},
         "values": _values(task.measures, baseline, used, results, heads),
     }
-    curve["summary"] = _summary(task.measures, curve["values"], masking, bool(used))
+    curve["summary"] = _summary(task.measures, curve["values"], masking, settings.seed, bool(used))
     curve["seconds"] = round(time.perf_counter() - started, 1)
     return curve
 
@@ -273,8 +273,8 @@ def _plan_maker(model, tokenizer, settings: ValidationSettings, masking: Masking
     means = None
     if masking.mode == "mean":
         needed = {h for top, sets in heads.values() for chosen in (top, *sets) for h in chosen}
-        windows = token_windows(tokenizer, load_text(settings.text_path, heldout=True), settings.samples,
-                                settings.tokens, settings.seed)
+        windows = token_windows(tokenizer, load_text(settings.text.text_path, heldout=True),
+                                settings.text.windows, settings.text.tokens, settings.seed)
         means = head_means(model, windows, needed)
     return lambda chosen: masking_plan(chosen, masking.mode, rows, means)
 
@@ -294,8 +294,8 @@ def _values(measures, baseline, used, results, heads) -> dict:
     return values
 
 
-def _summary(measures, values, masking: MaskingSettings, any_used: bool) -> dict:
-    """Per measure: the baseline mean and, per K, :func:`.masking_stats.summarize` (empty when no item
+def _summary(measures, values, masking: MaskingSettings, seed: int, any_used: bool) -> dict:
+    """Per measure: the baseline mean and, per K, :func:`.statistics.summarize` (empty when no item
     was used: the unmasked model answered nothing)."""
     summary = {}
     for m in measures:
@@ -305,11 +305,10 @@ def _summary(measures, values, masking: MaskingSettings, any_used: bool) -> dict
             for k in masking.ks:
                 top = np.array(values["top"][str(k)][m.name])
                 random = np.array(values["random"][str(k)][m.name])
-                by_k[str(k)] = summarize(top, random, m.higher_is_better, masking.bootstrap, masking.seed)
+                by_k[str(k)] = summarize(top, random, m.higher_is_better, masking.bootstrap, seed)
         summary[m.name] = {"baseline_mean": float(np.mean(base)) if base else None, "by_k": by_k}
     return summary
 
 
 __all__ = ["LOSS_MEASURES", "LossTask", "MaskingSetup", "Measure", "NEEDLE_MEASURES", "NeedleTask",
-           "RETRIEVAL_THRESHOLD", "load_curves", "masking_setup", "validate_score", "validation_identity",
-           "write_curve_page"]
+           "RETRIEVAL_THRESHOLD", "masking_setup", "validate_score", "validation_identity"]

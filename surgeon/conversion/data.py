@@ -1,12 +1,12 @@
 """Training data of ``headlab convert``: windows of text, or chat conversations built offline.
 
-A chat conversation is a passage of the text (a random stretch of 64 to ``seq_len - 128`` tokens)
+A chat conversation is a passage of the text (a random stretch of 64 to ``tokens - 128`` tokens)
 with a question in the user turn and the original model's own greedy answer (before conversion)
 in the assistant turn, formatted by the model's chat template. Half of the questions ask for a
 synthetic fact hidden at a random depth of the passage (``The locker code of Marta is silver
 violin forty.``), so the converted layers learn from retrieval as well as from summaries; the
 rest ask what the passage is about or for a one-sentence summary. Conversations are packed into
-``seq_len``-token windows. Training passages come from the training text, held-out ones from the
+``tokens``-token windows (``--tokens``). Training passages come from the training text, held-out ones from the
 held-out standard-library docstrings (or the second half of a user's text file). The
 conversations are written to ``training/chat_data.json`` (readable, reused when the command is
 run again with the same settings).
@@ -37,10 +37,10 @@ OTHER_QUESTIONS = ("What is the text above about?", "Summarise the text above in
 
 
 def training_windows(model, tokenizer, settings, n_train: int, folder: Path, progress: bool = True):
-    """``(train, held_out)`` lists of ``[1, seq_len]`` id windows of the kind ``settings.data`` names
+    """``(train, held_out)`` lists of ``[1, text.tokens]`` id windows of the kind ``settings.data`` names
     (:class:`~headlab.surgeon.conversion.settings.ConversionSettings`)."""
     if settings.data == "text":
-        return train_eval_windows(tokenizer, settings.text_path, n_train, settings.eval_windows, settings.seq_len,
+        return train_eval_windows(tokenizer, settings.text.text_path, n_train, settings.text.windows, settings.text.tokens,
                                   settings.seed)
     return chat_windows(model, tokenizer, settings, n_train, folder, progress)
 
@@ -53,22 +53,22 @@ def require_chat_template(tokenizer, model_spec: str) -> None:
 
 
 def chat_windows(model, tokenizer, settings, n_train: int, folder: Path, progress: bool = True):
-    """Conversations packed into ``n_train`` training and ``settings.eval_windows`` held-out windows."""
+    """Conversations packed into ``n_train`` training and ``settings.text.windows`` held-out windows."""
     path = Path(folder) / "chat_data.json"
-    key = {"seq_len": settings.seq_len, "n_train": n_train, "eval_windows": settings.eval_windows,
-           "text_path": settings.text_path, "seed": settings.seed, "max_response_tokens": MAX_RESPONSE_TOKENS}
+    key = {"seq_len": settings.text.tokens, "n_train": n_train, "eval_windows": settings.text.windows,
+           "text_path": settings.text.text_path, "seed": settings.seed, "max_response_tokens": MAX_RESPONSE_TOKENS}
     data = _read_if_current(path, key)
     if data is None:
-        train_text, heldout_text = _texts(settings.text_path)
+        train_text, heldout_text = _texts(settings.text.text_path)
         rng = random.Random(settings.seed)
         data = {"format": CHAT_FORMAT, "settings": key,
-                "train": _conversations(model, tokenizer, train_text, n_train, settings.seq_len, rng, progress),
-                "held_out": _conversations(model, tokenizer, heldout_text, settings.eval_windows, settings.seq_len,
+                "train": _conversations(model, tokenizer, train_text, n_train, settings.text.tokens, rng, progress),
+                "held_out": _conversations(model, tokenizer, heldout_text, settings.text.windows, settings.text.tokens,
                                            rng, progress)}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, data)
-    return (pack(tokenizer, data["train"], settings.seq_len, n_train),
-            pack(tokenizer, data["held_out"], settings.seq_len, settings.eval_windows))
+    return (pack(tokenizer, data["train"], settings.text.tokens, n_train),
+            pack(tokenizer, data["held_out"], settings.text.tokens, settings.text.windows))
 
 
 def _read_if_current(path: Path, key: dict) -> dict | None:

@@ -8,8 +8,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from ...core.errors import HeadlabError
-from ...core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, TextFile
+from ...core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch
 from ...core.settings import check_settings, setting
+from ...core.text import TextWindows
 
 FORMS = ("hybrid", "linear")
 FEATURE_MAPS = ("lolcats", "fla")
@@ -124,7 +125,8 @@ _STAGE1, _STAGE2 = StageSettings(), lora_defaults()
 class ConversionSettings:
     """What ``headlab convert`` trains: the conversion (``linear``) of ``layers``, stage 1 (the
     feature maps match each layer's softmax output) and stage 2 (LoRA with next-token loss), on
-    windows of ``seq_len`` tokens of ``text_path``."""
+    windows of ``text.tokens`` tokens of its text (or chat conversations of it, by ``data``); ``text.windows``
+    held-out windows measure the validation loss and the perplexities."""
 
     to: str = setting("hybrid", "plain linear (hedgehog) or the hybrid", kind=Choice("hybrid", "hedgehog"), flag="--to")
     layers: tuple | None = setting(None, "layers to convert, e.g. 2-27 or 3,5,-2 (default: every layer that "
@@ -137,18 +139,14 @@ class ConversionSettings:
     steps: tuple[int, int] = setting((_STAGE1.steps, _STAGE2.steps), "optimiser steps of stage 1 and stage 2 "
                                      "(one number: both; 0 skips a stage)", kind=StepPair(), flag="--steps")
     loss: str = setting(_STAGE1.loss, "stage-1 loss: per-head output MSE or attention cross-entropy (T x T maps: "
-                                      "short --seq-len)", kind=Choice(*LOSSES), flag="--loss")
+                                      "short --tokens)", kind=Choice(*LOSSES), flag="--loss")
     lr1: float = setting(_STAGE1.lr, "stage-1 learning rate", kind=Number(0.0, low_open=True), flag="--lr1")
     lr2: float = setting(_STAGE2.lr, "stage-2 learning rate", kind=Number(0.0, low_open=True), flag="--lr2")
-    seq_len: int = setting(512, "tokens per training sequence", kind=Integer(8), flag="--seq-len")
     accumulation: int = setting(_STAGE1.accumulation, "sequences per optimiser step", kind=Integer(1),
                                 flag="--accumulation")
     eval_every: int = setting(_STAGE1.eval_every, "steps between validations and checkpoints", kind=Integer(1),
                               flag="--eval-every")
-    eval_windows: int = setting(4, "held-out windows for validation and perplexity", kind=Integer(1),
-                                flag="--eval-windows")
-    text_path: str | None = setting(None, "UTF-8 training text (default: Python standard-library docstrings)",
-                                    kind=Maybe(TextFile()), flag="--text-file")
+    text: TextWindows = setting(default_factory=lambda: TextWindows(windows=4, tokens=512))
     data: str = setting("text", "train on windows of the text, or on chat conversations: passages of the text with "
                                 "a question (half about a fact hidden in the passage) and the original model's own "
                                 "answer, through its chat template", kind=Choice(*DATA_KINDS), flag="--data")
@@ -156,6 +154,7 @@ class ConversionSettings:
 
     def __post_init__(self):
         check_settings(self)
+        self.text.require_tokens(8, "conversion training")
         if self.steps == (0, 0):
             raise HeadlabError("--steps 0,0 trains nothing: give stage 1 or stage 2 some steps")
 

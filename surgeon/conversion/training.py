@@ -49,11 +49,6 @@ def transfer_loss(model, ids: torch.Tensor, layers, scale: float) -> torch.Tenso
     return scale * torch.stack([layer.transfer_loss for layer in layers]).mean()
 
 
-def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``ids [B, T]``."""
-    return model(ids, labels=ids, use_cache=False).loss
-
-
 def stage1_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Feature maps and window weights; freezes everything else."""
     for p in model.parameters():

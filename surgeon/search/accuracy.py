@@ -124,3 +124,17 @@ def evaluate(model, tokenizer, examples: list[Example], plan: Plan | None = None
     if not examples:
         raise ValueError("no examples to evaluate")
     return accuracy(examples, choice_logprobs(model, tokenizer, examples, plan, batch_size, progress))
+
+
+def evaluate_tasks(model, tokenizer, examples: dict[str, list[Example]], plan: Plan | None = None,
+                   batch_size: int = 16, progress: bool = True) -> dict:
+    """Accuracy on each task's ``examples`` without ``plan`` and, when given, with it:
+    ``{"format": "headlab-eval/1", "tasks": {task: {"without_plan": ..., "with_plan": ...}}}`` (each an
+    :class:`EvalResult` as a dict)."""
+    results: dict = {"format": "headlab-eval/1", "tasks": {}}
+    for task, items in examples.items():
+        row = {"without_plan": evaluate(model, tokenizer, items, batch_size=batch_size, progress=progress).to_dict()}
+        if plan is not None:
+            row["with_plan"] = evaluate(model, tokenizer, items, plan, batch_size, progress).to_dict()
+        results["tasks"][task] = row
+    return results

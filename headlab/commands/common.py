@@ -1,17 +1,15 @@
-"""Command-line pieces every subcommand shares: the parser whose errors are one line, the model
-argument, ``--out``/``--overwrite``, settings options, and loading a model after a cheap check of
-what it is. Importing this module costs no torch (argument errors answer at once)."""
+"""What every command shares: the parser whose errors are one line, the model argument, ``--out`` and
+``--overwrite``, old spellings of options, and the cheap checks of a model spec before any weight is
+read. Importing this module costs no torch (argument errors answer at once)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from pathlib import Path
-from typing import Callable
 
-from .core.errors import HeadlabError, ModelSpecError
-from .core.settings import add_options, settings_from_args
-from .core.kinds import resolve_indices
+from ..core.errors import HeadlabError, ModelSpecError
+from ..core.kinds import resolve_indices
 
 MODEL_HELP = (
     "model spec: a bundled name (smollm2-135m, gemma3-270m, minilm-l6; see 'headlab models'), "
@@ -27,6 +25,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class Renamed(argparse.Action):
+    """An old spelling of an option, refused in one line that names the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is spelled {self.new} now (an option means one thing in every command)")
+
+
 def memory_size(text: str) -> str:
     """argparse type of ``--max-memory``: a size such as ``300MB`` or ``2GiB``."""
     if not _SIZE.match(text.strip()):
@@ -34,15 +43,17 @@ def memory_size(text: str) -> str:
     return text.strip()
 
 
-def add_model_arguments(parser, required: bool = True) -> None:
-    """The positional model spec (``--model`` when not ``required``) and ``--max-memory``."""
+def add_model_arguments(parser, required: bool = True, max_memory: bool = True) -> None:
+    """The positional model spec (``--model`` when not ``required``) and, with ``max_memory``,
+    ``--max-memory``."""
     if required:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     else:
         parser.add_argument("--model", default=None, metavar="MODEL", help=MODEL_HELP)
-    parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
-                        help="cap the memory the model's weights take (e.g. 300MB): layers beyond it stay on disk "
-                             "and are read during their forward (slower, same results)")
+    if max_memory:
+        parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                            help="cap the memory the model's weights take (e.g. 300MB): layers beyond it stay on "
+                                 "disk and are read during their forward (slower, same results)")
 
 
 def add_output_arguments(parser, what: str) -> None:
@@ -53,21 +64,10 @@ def add_output_arguments(parser, what: str) -> None:
                              "headlab's own output)")
 
 
-def add_settings(parser, *classes) -> None:
-    """The options of settings classes (:mod:`headlab.core.settings`)."""
-    for cls in classes:
-        add_options(parser, cls)
-
-
-def settings(cls, args):
-    """The settings ``cls`` from the parsed options (the others at the library's defaults)."""
-    return settings_from_args(cls, args)
-
-
 def model_config(args, spec: str | None = None, causal: bool = False, needs: str = ""):
     """The model's config, read without its weights (cheap): the check of what the spec names and,
     with ``causal``, that it is a causal language model (``needs`` says what for)."""
-    from .surgeon.models import is_causal_lm, load_config
+    from ..surgeon.models import is_causal_lm, load_config
 
     spec = spec or args.model
     path, config = load_config(spec)
@@ -82,8 +82,8 @@ def model_config(args, spec: str | None = None, causal: bool = False, needs: str
 def converted_layers_of(spec: str, config) -> list[int]:
     """The converted layers of a checkpoint ``headlab convert`` wrote at ``spec`` (read from its
     files, no weights); [] for any other model."""
-    from .surgeon.conversion.converted import is_converted_directory, read_conversion
-    from .surgeon.sites import full_attention_layers
+    from ..surgeon.conversion.converted import is_converted_directory, read_conversion
+    from ..surgeon.sites import full_attention_layers
 
     if not (Path(spec).is_dir() and is_converted_directory(spec)):
         return []
@@ -101,16 +101,17 @@ def refuse_converted(args, config, needs: str) -> None:
 
 
 def model_shape_of(config):
-    from .core.shape import model_shape
+    """The shape of a model from its config (no weights)."""
+    from ..core.shape import model_shape
 
     return model_shape(config)
 
 
 def load_model_from(args, spec: str | None = None):
     """``(model, tokenizer)`` of ``spec`` (default ``args.model``) as the arguments ask."""
-    from .surgeon import load_model
+    from ..surgeon import load_model
 
-    model, tokenizer = load_model(spec or args.model, max_memory=args.max_memory)
+    model, tokenizer = load_model(spec or args.model, max_memory=getattr(args, "max_memory", None))
     if tokenizer is None:
         raise ModelSpecError(f"{spec or args.model} has no tokenizer files; this command needs its tokenizer")
     return model, tokenizer
@@ -121,14 +122,16 @@ def layers_of(value, n_layers: int, flag: str) -> list[int] | None:
     return None if value is None else resolve_indices(value, n_layers, flag)
 
 
-def one_layer(value: int, n_layers: int, flag: str) -> int:
-    """A single layer index; negative counts from the end."""
-    return resolve_indices((value,), n_layers, flag)[0]
+def check_window_fits(config, n_tokens: int, flag: str) -> None:
+    """Refuse windows longer than a model with a table of learned positions has rows (BERT, GPT-2);
+    rotary models take longer inputs."""
+    from ..core.shape import text_config
 
-
-def interrupted(message: str | Callable[[argparse.Namespace], str]):
-    """``set_defaults`` value: what a command says when Ctrl-C stops it (what was kept, how to resume)."""
-    return message if callable(message) else (lambda args: message)
+    cfg = text_config(config)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    rotary = getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None
+    if limit and not rotary and n_tokens > limit:
+        raise HeadlabError(f"{flag} {n_tokens} is longer than the {limit} positions this model has")
 
 
 def check_paths_differ(out: str, source: Path, what: str) -> None:
@@ -138,6 +141,13 @@ def check_paths_differ(out: str, source: Path, what: str) -> None:
         raise HeadlabError(f"--out {out} is {what} itself or inside it; write the result to another folder")
 
 
-__all__ = ["MODEL_HELP", "Parser", "add_model_arguments", "add_output_arguments", "add_settings",
-           "check_paths_differ", "interrupted", "layers_of", "load_model_from", "model_config",
-           "model_shape_of", "one_layer", "settings"]
+def file_safe(name: str) -> str:
+    """A score name as part of a file name (letters, digits, ``-``, ``_`` and ``.`` only)."""
+    from ..core.escaping import element_id
+
+    return element_id(name)
+
+
+__all__ = ["MODEL_HELP", "Parser", "Renamed", "add_model_arguments", "add_output_arguments", "check_paths_differ",
+           "check_window_fits", "converted_layers_of", "file_safe", "layers_of", "load_model_from", "memory_size",
+           "model_config", "model_shape_of", "refuse_converted"]

@@ -1,0 +1,55 @@
+"""The KV-cache compression evaluation's outputs: ``compression.json`` and its page, ``compression.html``
+(the curves and a table), and the lines the command prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...core.escaping import html_text
+from ...core.files import GENERATOR_META, claim_folder, write_json, write_text
+from .figure import compression_figure
+from .file import FULL, compression_title, is_conversion
+from .settings import PROGRESS_FILE
+
+
+def write_compression_page(result: dict, path: str | Path) -> Path:
+    """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
+    title = html_text(compression_title(result))
+    header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
+              "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
+    lines = []
+    for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"] != FULL, r["rule"], r["keep"])):
+        share = "" if row["kv_fraction"] is None else f" ({row['kv_fraction']:.0%})"
+        rule = "base" if is_conversion(result) and row["rule"] == FULL else row["rule"]
+        lines.append(f"<tr><td>{html_text(rule)}</td><td>{row['keep']:.0%}</td><td>{row['full_heads']}</td>"
+                     f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
+                     f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
+                     f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
+    figure = compression_figure(result).to_html(include_plotlyjs=True, full_html=False)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+            f"<h1>{title}</h1>{figure}<table>{header}{''.join(lines)}</table></body></html>")
+    return write_text(path, page)
+
+
+def write_compression(out: str | Path, result: dict, overwrite: bool = False) -> Path:
+    """Write ``compression.json`` and ``compression.html`` into ``out`` (claimed first) and forget the
+    evaluation's progress file; returns the JSON's path."""
+    out = claim_folder(out, ("compression.json", "compression.html"), overwrite, "--out folder")
+    write_json(out / "compression.json", result)
+    write_compression_page(result, out / "compression.html")
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    return out / "compression.json"
+
+
+def summary_lines(result: dict) -> str:
+    """One line per measured condition: recall with its interval, perplexity and cache size."""
+    return "\n".join(
+        f"{row['length']:>6} {row['rule']:>12} keep {row['keep']:.0%}: recall {row['recall']:.2f} "
+        f"[{row['recall_ci'][0]:.2f}, {row['recall_ci'][1]:.2f}], perplexity {row['perplexity']:.2f}, "
+        f"KV {row['kv_bytes'] / 2**20:.1f} MiB"
+        for row in sorted(result["summary"], key=lambda r: (r["length"], r["rule"], r["keep"])))
+
+
+__all__ = ["summary_lines", "write_compression", "write_compression_page"]
