@@ -81,10 +81,13 @@ def eager_maps(model, **inputs):
 
 class CharTokenizer:
     """Characters as token ids below the tiny vocabulary (``min(ord(c), VOCAB - 1)``, no special
-    tokens): enough for reports, probes and text windows on tiny random models."""
+    tokens): enough for reports, probes, needle prompts and text windows on tiny random models."""
 
-    def __call__(self, text, add_special_tokens=True):
-        return SimpleNamespace(input_ids=[min(ord(c), VOCAB - 1) for c in text])
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        ids = [min(ord(c), VOCAB - 1) for c in text]
+        if return_offsets_mapping:
+            return SimpleNamespace(input_ids=ids, offset_mapping=[(i, i + 1) for i in range(len(text))])
+        return SimpleNamespace(input_ids=ids)
 
     def decode(self, ids, **kwargs):
         return "".join(chr(i) for i in ids)

@@ -182,7 +182,7 @@ CLI_CASES = [
      "holds a validation of other settings"),
     ("train-gates {d}/converted --out {d}/g", "gate training needs softmax attention in every layer"),
     ("calibrate {d}/converted --task arithmetic --layers 3-5 --out {d}/c.json",
-     "--layers: layers 3, 4 are converted to linear attention"),
+     "--layers: layers 3-4 are converted to linear attention"),
     ("convert {d}/converted --out {d}/cv", "is a converted checkpoint already (layers 3-4); convert its base model"),
     (f"report {SMOL} --out {{d}}/r --page-only --windows 2", "it takes --views, not --windows"),
     (f"report {SMOL} --out {{d}}/r --families induction,bogus", "not one of"),

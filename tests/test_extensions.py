@@ -1,6 +1,6 @@
-"""Adding an edit kind, a score family and an SAE architecture from outside headlab: each toy below is
-registered from this file alone and works end to end (plans, the hook, the report, training and
-saving, the command line's help), with no change to any headlab module."""
+"""The toy extensions of ``toys.py`` (an edit kind, a score family, an SAE architecture, a command), each
+registered from that file alone, work end to end: plans, the hook, the report, training and saving, the
+command line."""
 
 import json
 from dataclasses import dataclass
@@ -9,45 +9,14 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import CharTokenizer, padded_batch, tiny_llama
+from toys import Negate, Sharpen
 
+from headlab.cli import main
+from headlab.core.errors import HeadlabError
 from headlab.core.text import TextWindows
 from headlab.probes import ReportSettings, write_report
-from headlab.probes.scorers.families import score_family
-from headlab.core.head_scores import HeadScores
-from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import Plan, PlanError, Taps, attach, model_shape
-from headlab.core.errors import HeadlabError
-from headlab.surgeon.edits.base import Edit, EditCall, register_edit
-from headlab.core.kinds import Number
-from headlab.core.settings import setting
-
-
-@register_edit
-@dataclass(frozen=True)
-class Sharpen(Edit):
-    """Toy bias-stage kind: divide the heads' logits by ``temperature`` on the keys each row sees."""
-
-    kind: ClassVar[str] = "toy_sharpen"
-    stage: ClassVar[str] = "bias"
-
-    temperature: float = setting(0.5, "divisor of the logits", kind=Number(0.0, low_open=True))
-
-    def apply(self, logits: torch.Tensor, at: EditCall) -> torch.Tensor:
-        return torch.where(at.visible, logits / self.temperature, logits)
-
-
-@register_edit
-@dataclass(frozen=True)
-class Negate(Edit):
-    """Toy output-stage kind: flip the sign of the heads' outputs."""
-
-    kind: ClassVar[str] = "toy_negate"
-    stage: ClassVar[str] = "output"
-
-    def apply(self, out: torch.Tensor, at: EditCall) -> torch.Tensor:
-        out = out.clone()
-        out[:, :, list(self.heads)] = -out[:, :, list(self.heads)]
-        return out
+from headlab.surgeon.edits.base import Edit, register_edit
 
 
 def test_a_toy_edit_kind_round_trips_through_a_plan_file_and_runs_in_the_hook(tmp_path):
@@ -112,19 +81,6 @@ def test_registering_a_kind_under_a_taken_name_or_an_unknown_stage_fails():
             stage: ClassVar[str] = "after"
 
 
-@score_family("toy-query-norms", "the Frobenius norm of each head's query projection")
-def _query_norms(inputs):
-    shape = model_shape(inputs.model)
-    values = torch.stack([layer.self_attn.q_proj.weight.detach().unflatten(0, (shape.n_heads, -1)).norm(dim=(1, 2))
-                          for layer in inputs.model.model.layers])
-    yield HeadScores("query_norm", values, inputs.counts(1), inputs.model_id, "norm of W_q per head", {})
-
-
-@score_family("toy-decoder-only", "a family that needs a causal language model", causal_only=True)
-def _decoder_only(inputs):
-    raise AssertionError("never run on an encoder")
-
-
 def test_a_toy_score_family_reaches_the_report_scores_json_and_the_command_line(tmp_path):
     from headlab.cli import build_parser
 
@@ -161,21 +117,6 @@ def _subcommand_help(parser, name: str) -> str:
     raise LookupError(name)
 
 
-@register_architecture
-class Absolute(Architecture):
-    """Toy architecture: codes ``|pre|`` with an L1 penalty (positively homogeneous, so the input scale
-    folds into the saved weights); saved as SAELens' standard."""
-
-    name = "toy-absolute"
-    summary = "absolute values of the pre-activations"
-
-    def activation(self, sae, pre):
-        return pre.abs()
-
-    def loss(self, sae, out, x, settings, variance, dead):
-        return (x - out.x_hat).pow(2).sum(1).mean() + settings.l1_coefficient * out.codes.sum(1).mean()
-
-
 def test_a_toy_sae_architecture_trains_saves_and_loads(tmp_path):
     from sae_worker import SETTINGS, Chunks
 
@@ -205,3 +146,12 @@ def _sae_parser():
         if "sae" in action.choices:
             return action.choices["sae"]
     raise LookupError("sae")
+
+
+def test_a_toy_command_is_one_module_the_command_line_finds(tmp_path, capsys):
+    model = tiny_llama("gqa")
+    model.save_pretrained(tmp_path / "model")
+    assert main(["toy-count-heads", str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out.strip() == "3 layers, 9 query heads, 3 KV heads"
+    assert main(["toy-count-heads", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

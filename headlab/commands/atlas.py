@@ -26,13 +26,15 @@ class Atlas(Command):
                    "pooled map; with views.html beside it, click to open the head there). Written into a report "
                    "folder, the report shows the atlas too. Cost at the defaults: about a minute for SmolLM2-135M "
                    "on two CPU cores (one forward per window and model).")
+    example = "{model} --windows 2 --tokens 128 --clusters 3 --out {out}"
     output = "output folder (e.g. the report folder)"
     settings = (AtlasSettings,)
 
     def arguments(self, parser) -> None:
         parser.add_argument("model2", nargs="?", metavar="MODEL2", help="a second model to embed with the first")
         parser.add_argument("--compare", metavar="PLAN", help="a plan file: embed MODEL before and after it")
-        parser.add_argument("--scores", metavar="SCORES", help="a report's scores.json of MODEL, to colour the heads by")
+        parser.add_argument("--scores", metavar="SCORES",
+                            help="a report's scores.json of MODEL, to colour the heads by")
 
     def check(self, args):
         from ..core.head_scores import load_scores_file

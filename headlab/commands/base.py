@@ -41,6 +41,10 @@ class Command:
     output: ClassVar[str | None] = None  # the help of --out (required), or None for no --out
     settings: ClassVar[tuple[type, ...]] = ()
     renamed: ClassVar[dict[str, str]] = {}  # old spellings of this command's own options
+    # a small run (about a minute on SmolLM2-135M on two CPU cores): its arguments after the name, with
+    # {model}, {out}, {scores} (a report's scores.json), {plan}, {sae} (a saved autoencoder's folder) and
+    # {text} (a text file) to fill in; the contract tests run it on tiny models of several families
+    example: ClassVar[str] = ""
 
     def arguments(self, parser: argparse.ArgumentParser) -> None:
         """Arguments beyond the model, ``--out`` and the settings' options."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..core.errors import HeadlabError
 from ..core.files import claim_file
+from ..core.kinds import index_spans
 from ..core.settings import settings_from_args
 from ..surgeon.search.settings import CalibrationSettings
 from ..surgeon.search.tasks import TaskSettings
@@ -24,6 +25,7 @@ class Calibrate(Command):
                    "of layers 2 to the second-to-last: 243 heads of SmolLM2-135M, about an hour on two CPU cores; "
                    "--layers 10-12 --size 20: a few minutes). Progress is saved after every head; the same command "
                    "resumes a stopped search.")
+    example = "{model} --task kv-recall --size 8 --layers 2 --out {out}/plan.json"
     output = "plan JSON to write"
     settings = (TaskSettings, CalibrationSettings)
 
@@ -45,7 +47,7 @@ class Calibrate(Command):
             raise HeadlabError(f"--layers: layers 0-{FIRST_EDITABLE_LAYER - 1} are never calibrated (ACT)")
         converted = sorted(set(layers or ()) & set(common.converted_layers_of(args.model, config)))
         if converted:
-            named = f"layer {converted[0]} is" if len(converted) == 1 else f"layers {', '.join(map(str, converted))} are"
+            named = f"layer {converted[0]} is" if len(converted) == 1 else f"layers {index_spans(converted)} are"
             raise HeadlabError(f"--layers: {named} converted to linear attention, which has no sinks to calibrate")
         return tasks, search, examples, layers, progress
 

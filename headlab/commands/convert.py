@@ -31,6 +31,7 @@ class Convert(Command):
                    "Decoding then keeps a constant-size state (plus the window) instead of a growing KV cache. Cost "
                    "at the defaults (100 + 100 steps of 8 windows of 512 tokens): over an hour for SmolLM2-135M on "
                    "two CPU cores (--steps 10,5 --accumulation 2: a few minutes).")
+    example = "{model} --steps 2,1 --accumulation 1 --tokens 64 --windows 1 --eval-every 1 --out {out}"
     max_memory = False  # converted in memory
     output = "checkpoint folder to write (not the source model's folder)"
     settings = (ConversionSettings,)

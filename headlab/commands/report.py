@@ -24,6 +24,7 @@ class Report(Command):
                    "2-5 minutes for SmolLM2-135M on two CPU cores, most of it the retrieval family's needle runs "
                    "at 4,096 tokens (--families none: about 10 s). A stopped report resumes after the families it "
                    "finished.")
+    example = "{model} --families induction --windows 4 --tokens 128 --out {out}"
     output = "output folder (created if missing; new, empty or headlab's own)"
     settings = (ReportSettings,)
     renamed = {"--scores": "--families"}

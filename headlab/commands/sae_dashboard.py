@@ -37,6 +37,7 @@ class SaeDashboard(Command):
                    "or the --top most frequently active) its top-activating contexts over --windows windows of text, "
                    "its firing histogram and the heads its decoder reads. Cost: a few forwards per window (seconds "
                    "for SmolLM2-135M on two CPU cores).")
+    example = "{sae} --top 2 --windows 2 --tokens 64 --out {out}/features.html"
     model = "option"
     output = "HTML page to write"
     settings = (DashboardData,)

@@ -50,6 +50,7 @@ class SaeEval(Command):
                    "default so that they differ from training's): reconstruction, sparsity and, for a causal LM, "
                    "the loss recovered with the autoencoder spliced in. Writes the metrics as JSON. Cost: a few "
                    "forwards per window (seconds for SmolLM2-135M on two CPU cores).")
+    example = "{sae} --windows 2 --tokens 64 --out {out}/metrics.json"
     model = "option"
     output = "JSON file to write"
     settings = (EvalData,)

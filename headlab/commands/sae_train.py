@@ -41,6 +41,8 @@ class SaeTrain(Command):
                    "OUT/sae_weights.safetensors (SAELens layout) and OUT/metrics.json measured on --windows held-out "
                    "windows. Runs data-parallel under torchrun. Cost at the defaults (200,000 tokens): about 4 "
                    "minutes for SmolLM2-135M on two CPU cores (--train-tokens 20000: under a minute).")
+    example = ("{model} --layers 1 --train-tokens 4096 --batch-tokens 256 --expansion 2 --windows 2 --tokens 64 "
+                "--out {out}")
     output = "output folder (new, empty or headlab's own)"
     settings = (TrainData, TrainSettings)
     renamed = {"--batch-size": "--batch-tokens"}

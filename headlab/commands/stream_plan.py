@@ -22,6 +22,7 @@ class StreamPlan(Command):
                    "and razor_induction scores, one echo head for every 14 induction heads) or 'random' (seeded by "
                    "--seed, the control). Sliding-window layers are left as they are. Cost: the model's config only "
                    "(under a second). Apply the plan with 'headlab eval --plan' or Plan.load + attach.")
+    example = "{model} --scores {scores} --score retrieval --keep 0.5 --out {out}/stream.json"
     output = "plan JSON to write"
     settings = (StreamingSettings,)
 

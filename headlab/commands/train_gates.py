@@ -24,6 +24,8 @@ class TrainGates(Command):
                    "state is saved every --save-every steps; the same command resumes a killed run. Cost: one forward "
                    "and backward of the sample per step; the published 2000 steps of 1,000-32,000 tokens take days on "
                    "a CPU (--steps 60 --max-length 2048: about an hour for SmolLM2-135M on two CPU cores).")
+    example = ("{model} --steps 2 --min-length 256 --max-length 256 --intervals 1 --passkeys 2 --passkey-words 4 "
+                "--sinks 2 --window 8 --out {out}")
     output = "output folder"
     settings = (GateSettings,)
 

@@ -35,6 +35,8 @@ class Validate(Command):
                    "or --needle-lengths shorten it (--ks 5 --random-sets 5 --needles 1 --needle-lengths 512: a few "
                    "minutes). Each prompt's (or window's) measures are kept in OUT/validation-SCORE.progress.json "
                    "as they finish, and the same command resumes after them.")
+    example = ("{model} --scores {scores} --score retrieval --metric loss --ks 2 --random-sets 3 --windows 4 "
+                "--tokens 128 --out {out}")
     output = "output folder (e.g. the report folder)"
     settings = (ValidationSettings,)
 

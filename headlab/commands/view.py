@@ -22,6 +22,7 @@ class View(Command):
                    "coloured by the attention of a clicked query. With --compare, the map under a plan is shown "
                    "beside the original with their difference. Cost: one forward of the text per layer group "
                    "(seconds for SmolLM2-135M at 1,000 tokens on two CPU cores).")
+    example = "{model} --text-file {text} --out {out}/view.html"
     output = "HTML page to write"
     settings = (ViewSettings,)
 

@@ -164,8 +164,15 @@ def _induction(inputs: FamilyInputs):
         yield _scores(name, values, inputs.counts(10), inputs, importance.REPEAT_DESCRIPTIONS[name], repeat)
 
 
+def _check_vocabulary(inputs: FamilyInputs) -> None:
+    from .razor import check_vocabulary
+
+    check_vocabulary(inputs.model.config)
+
+
 @score_family("razor", "RazorAttention's echo and induction scores on 4 x 2500 repeated random ids (one 10,001-token "
-              "forward, statistics only)", causal_only=True, page="methods/streaming", softmax_only=True)
+              "forward, statistics only)", causal_only=True, page="methods/streaming", softmax_only=True,
+              check=_check_vocabulary)
 def _razor(inputs: FamilyInputs):
     from .razor import DESCRIPTIONS, PERIOD, REPEATS, razor_scores
 

@@ -4,6 +4,8 @@ module that imports scikit-learn."""
 
 from __future__ import annotations
 
+from ...core.errors import HeadlabError
+
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -59,9 +61,9 @@ def probe_heads(model, tokenizer, examples: Sequence[tuple[str, object]], pool: 
     labels = [label for _, label in examples]
     counts = Counter(labels)
     if len(counts) < 2:
-        raise ValueError(f"probing needs at least two labels, got {sorted(map(str, counts))}")
+        raise HeadlabError(f"probing needs at least two labels, got {sorted(map(str, counts))}")
     if min(counts.values()) < folds:
-        raise ValueError(f"every label needs at least {folds} examples for {folds}-fold cross-validation; "
+        raise HeadlabError(f"every label needs at least {folds} examples for {folds}-fold cross-validation; "
                          f"counts: {dict(counts)}")
     features = head_features(model, tokenizer, [text for text, _ in examples], pool, max_tokens, progress)
     n_layers, n_heads = features.shape[1:3]

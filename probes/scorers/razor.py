@@ -12,6 +12,8 @@ log-sum-exp), so the published 10,001-token input needs no map.
 from __future__ import annotations
 
 import torch
+
+from ...core.errors import HeadlabError
 from tqdm.auto import tqdm
 
 from ...surgeon import Taps, attach, model_shape
@@ -21,14 +23,21 @@ PERIOD, REPEATS = 2500, 4  # the published input: 2500 random ids, 4 times
 ID_RANGE = (10000, 12500)  # where the random ids are drawn (clipped to the vocabulary)
 
 
+def check_vocabulary(config, period: int = PERIOD) -> None:
+    """Refuse, in one line, a model whose vocabulary cannot hold ``period`` distinct random ids."""
+    vocab = config.get_text_config().vocab_size
+    if vocab < period:
+        raise HeadlabError(f"the razor scores draw {period} distinct random ids; this model's vocabulary holds "
+                           f"{vocab}")
+
+
 def razor_input(model, period: int = PERIOD, repeats: int = REPEATS, seed: int = 0) -> torch.Tensor:
     """``[1, 1 + period · repeats]``: the first token, then ``period`` ids drawn uniformly from
     :data:`ID_RANGE` (clipped to the vocabulary), repeated."""
     config = model.config.get_text_config()
+    check_vocabulary(model.config, period)
     high = min(ID_RANGE[1], config.vocab_size)
     low = min(ID_RANGE[0], high - period)
-    if low < 0:
-        raise ValueError(f"a vocabulary of {config.vocab_size} ids cannot hold {period} distinct draws")
     ids = torch.randint(low, high, (period,), generator=torch.Generator().manual_seed(seed))
     first = config.bos_token_id if config.bos_token_id is not None else int(ids[0])
     return torch.cat([torch.tensor([first]), ids.repeat(repeats)])[None]

@@ -6,6 +6,8 @@ Heads are ``(layer, head)`` pairs throughout.
 
 from __future__ import annotations
 
+from ...core.errors import HeadlabError
+
 import math
 import random
 from collections import Counter
@@ -23,7 +25,7 @@ def top_heads(score: HeadScores, k: int) -> list[Head]:
     """The score's ``k`` highest heads (NaN never ranks); fewer than ``k`` scored heads is an error."""
     heads = [(layer, head) for layer, head, _ in score.top(k)]
     if len(heads) < k:
-        raise ValueError(f"cannot mask the top {k} heads of {score.name}: only {len(heads)} heads have a score")
+        raise HeadlabError(f"cannot mask the top {k} heads of {score.name}: only {len(heads)} heads have a score")
     return heads
 
 
@@ -45,7 +47,7 @@ def matched_random_set(top: list[Head], eligible: set[Head], rng: random.Random)
     for layer, head in sorted(eligible):
         by_layer.setdefault(layer, []).append(head)
     if len(eligible) < len(top):
-        raise ValueError(f"a random set of {len(top)} heads needs that many eligible heads; there are {len(eligible)} "
+        raise HeadlabError(f"a random set of {len(top)} heads needs that many eligible heads; there are {len(eligible)} "
                          "(lower --ks or raise --exclude-above)")
     chosen: list[Head] = []
     for layer, count in sorted(Counter(layer for layer, _ in top).items()):

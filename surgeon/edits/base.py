@@ -90,6 +90,13 @@ class Edit:
         if not self.heads:
             raise PlanError(f"{self.kind} edit on layer {self.layer} names no heads")
 
+    @classmethod
+    def example(cls, shape: ModelShape) -> "Edit":
+        """The plainest valid edit of this kind on a model of ``shape``: every query head of the first
+        layer the built-in kinds may edit, the parameters at their defaults (the contract tests run it on
+        tiny models of several families). A kind with parameters that have no default overrides it."""
+        return cls(layer=min(FIRST_EDITABLE_LAYER, shape.n_layers - 1), heads=tuple(range(shape.n_heads)))
+
     def validate(self, shape: ModelShape) -> None:
         """Raise :class:`PlanError` if the edit does not fit a model of ``shape``."""
         if not 0 <= self.layer < shape.n_layers:

@@ -11,7 +11,7 @@ from ...core.errors import PlanError
 from ...core.kinds import Items, Number
 from ...core.settings import setting
 from ...core.shape import ModelShape
-from .base import Edit, EditCall, register_edit
+from .base import FIRST_EDITABLE_LAYER, Edit, EditCall, register_edit
 
 
 @register_edit
@@ -27,6 +27,13 @@ class HeadMean(Edit):
     means: tuple[tuple[float, ...], ...] = setting((), "each head's mean output", kind=Items(Items(Number(), unique=False,
                                                                                                    min_items=1),
                                                                                              unique=False, min_items=0))
+
+    @classmethod
+    def example(cls, shape: ModelShape) -> "HeadMean":
+        """Every head of the first editable layer replaced by a zero mean output."""
+        heads = tuple(range(shape.n_heads))
+        return cls(layer=min(FIRST_EDITABLE_LAYER, shape.n_layers - 1), heads=heads,
+                   means=((0.0,) * shape.head_dim,) * len(heads))
 
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)

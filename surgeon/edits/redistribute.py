@@ -36,6 +36,12 @@ class Redistribute(Edit):
     sink_share_max: float = setting(0.5, "... and at most this share of it on sinks", kind=Number(0.0, 1.0))
     sink_threshold: float = setting(20.0, "a token is a sink when max |x_d| / RMS(x) exceeds this", kind=Number(0.0))
 
+    @classmethod
+    def example(cls, shape: ModelShape) -> "Redistribute":
+        """VAR on every head of the first editable layer, with the residual stream's dimension 0 as the sink
+        dimension (a model's own come from :func:`headlab.surgeon.detect_sink_dimensions`)."""
+        return cls(layer=FIRST_EDITABLE_LAYER, heads=tuple(range(shape.n_heads)), sink_dims=(0,))
+
     def validate(self, shape: ModelShape) -> None:
         super().validate(shape)
         if not FIRST_EDITABLE_LAYER <= self.layer <= shape.n_layers - 2:
