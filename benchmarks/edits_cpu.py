@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.surgeon import Calibrate, Plan, Request, Steer, apply, load_model, model_shape
+from headlab.surgeon import Calibrate, Plan, Request, Steer, attach, load_model, model_shape
 from headlab.core.files import write_json
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                          "median_seconds": statistics.median(base), "ratio_vs_sdpa": 1.0})
             for name, plan in plans(shape.n_layers, shape.n_heads).items():
                 def run():
-                    with apply(model, plan, request):
+                    with attach(model, plan, request=request):
                         model(input_ids=ids)
                 seconds = time_forward(run, args.repeats)
                 edited_heads = sum(len(e.heads) for e in plan.edits)

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from headlab.surgeon import Calibrate, Plan, load_model
-    from headlab.surgeon.hook import apply
+    from headlab.surgeon.hook import attach
     from headlab.surgeon.search import calibration
     from headlab.surgeon.search.calibration import SearchSettings, calibration_search, default_candidates
     from headlab.surgeon.search.accuracy import accuracy, choice_batches, score_batches
@@ -63,7 +63,7 @@ def main() -> None:
     def whole(forward) -> tuple[float, dict]:
         started, measured = time.perf_counter(), {}
         for layer, head in sample:
-            with apply(model, Plan([Calibrate(layer, (head,))])):
+            with attach(model, Plan([Calibrate(layer, (head,))])):
                 measured[f"{layer},{head}"] = accuracy(examples, score_batches(batches, len(examples), forward)).accuracy
         return (time.perf_counter() - started) / len(sample), measured
 

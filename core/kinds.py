@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .errors import HeadlabError
 
+
 class Kind:
     """How a setting's values are read from the command line and checked."""
 

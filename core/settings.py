@@ -41,7 +41,7 @@ class Option:
 def setting(default=_MISSING, help: str | Callable[[], str] = "", *, kind: Kind | None = None, flag: str | None = None,
             repeat: bool = False, default_factory: Callable[[], Any] | None = None):
     """A dataclass field carrying an :class:`Option` (``kind`` checks its values; ``flag`` offers it
-    on the command line, ``repeat`` lets an :class:`Items` flag be given several times)."""
+    on the command line, ``repeat`` lets an :class:`~.kinds.Items` flag be given several times)."""
     metadata = {"option": Option(help, kind or Kind(), flag, repeat)}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

@@ -1,5 +1,5 @@
 """mkdocs hook: the API reference reads the sources as the package ``headlab`` (``headlab/`` plus the
-``surgeon/``, ``probes/``, ``sae/`` and ``kernels/`` folders that pyproject maps into it), so the build
+``core/``, ``surgeon/``, ``probes/``, ``sae/`` and ``kernels/`` folders that pyproject maps into it), so the build
 first lays that package out under ``build/docs-src`` (a copy of the Python files: the reader does not
 follow linked folders)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from mkdocs.plugins import event_priority
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("surgeon", "probes", "sae", "kernels")
+PARTS = ("core", "surgeon", "probes", "sae", "kernels")
 
 
 @event_priority(100)  # before mkdocstrings reads its paths, which drops folders that do not exist yet

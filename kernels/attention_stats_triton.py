@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .quirks import with_sinks
 from .attention_stats_torch import visible_row_counts
+from .quirks import with_sinks
 from .types import AttentionStats, ColumnStats
 
 BLOCK_M = 64

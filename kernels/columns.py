@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from .ops import REFERENCE, AttentionInputs, Case, Op, Outputs, register_op
 from .columns_torch import partial_attention_torch, row_key_probs_torch
+from .ops import REFERENCE, AttentionInputs, Case, Op, Outputs, register_op
 from .quirks import check_scoring
 from .reference import attention_stats_reference, partial_attention_reference, row_key_probs_reference
 

@@ -92,7 +92,8 @@ def register_op(op: Op) -> Op:
         raise ValueError(f"kernel op {op.name!r} is registered already")
     unknown = set(op.backends) - {"torch", "triton"}
     if unknown or "torch" not in op.backends:
-        raise ValueError(f"kernel op {op.name!r}: backends must include 'torch' and may add 'triton', got {op.backends}")
+        raise ValueError(f"kernel op {op.name!r}: backends must include 'torch' and may add 'triton', "
+                         f"got {op.backends}")
     OPS[op.name] = op
     return op
 

@@ -8,9 +8,6 @@ text."""
 from __future__ import annotations
 
 import math
-
-from ..core.head_scores import HeadScores
-
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +20,7 @@ import torch
 
 from ..core.escaping import element_id, plotly_text
 from ..core.files import atomic_path
+from ..core.head_scores import HeadScores
 
 
 def display_token(token: str) -> str:

@@ -26,7 +26,6 @@ _EXPORTS = {
     "ShuffleBuffer": "activations",
     "SparseAutoencoder": "model",
     "splice_function": "metrics",
-    "top_latents_per_head": "attribution",
     "Trainer": "training",
     "TrainSettings": "settings",
     "train_sae": "pipeline",

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..surgeon import Taps, attach, model_shape
 from ..core.files import atomic_path, record_owned, write_json
+from ..surgeon import Taps, attach, model_shape
 from ..surgeon.stopping import run_until
 
 

@@ -24,11 +24,6 @@ def decoder_head_shares(sae: SparseAutoencoder) -> torch.Tensor:
     return head_shares(sae.W_dec, sae.n_heads)
 
 
-def top_latents_per_head(shares: torch.Tensor, k: int = 10) -> list[list[int]]:
-    """For each head, the ``k`` latents with the largest share on it."""
-    return shares.t().topk(min(k, shares.shape[0]), dim=1).indices.tolist()
-
-
 @dataclass
 class FeatureAttribution:
     """``by_source [H, seq]``: each head's contribution from each source position; ``by_head

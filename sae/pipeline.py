@@ -40,8 +40,8 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
     settings, text = settings or TrainSettings(), text or TextWindows(windows=16, tokens=128)
     rank, world = rank_and_world()
     torch.manual_seed(settings.seed)
-    train, held_out = train_eval_windows(tokenizer, text.text_path, math.ceil(settings.train_tokens / (text.tokens - 1)),
-                                         text.windows, text.tokens, settings.seed)  # the first token is not encoded
+    n_train = math.ceil(settings.train_tokens / (text.tokens - 1))  # the first token of a window is not encoded
+    train, held_out = train_eval_windows(tokenizer, text.text_path, n_train, text.windows, text.tokens, settings.seed)
     out = claim_folder(out, TRAIN_ENTRIES, overwrite, "--out folder")
     start = time.perf_counter()
     source = _activations(model, train, layer, cache, model_spec, text.tokens, settings.seed, overwrite, rank, world)

@@ -22,8 +22,8 @@ from ..core.errors import InputFileError
 from ..core.files import atomic_path, claim_folder, read_text_file, write_json
 from ..core.kinds import Integer, Registered
 from ..core.settings import check_object
-from .model import SparseAutoencoder
 from .architectures import ARCHITECTURES
+from .model import SparseAutoencoder
 
 WEIGHTS, CONFIG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose cfg.json layout this writes (and CI loads it with)

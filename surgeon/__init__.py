@@ -3,7 +3,6 @@
 from ..core.lazy import lazy_exports
 
 _EXPORTS = {
-    "apply": "hook",
     "attach": "hook",
     "attach_bridge": "bridge",
     "attention_modules": "sites",

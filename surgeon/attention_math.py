@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from ..kernels.reference import visibility
-from ..kernels.quirks import softcapped
 from ..core.errors import HeadlabError
+from ..kernels.quirks import softcapped
+from ..kernels.reference import visibility
 
 MASKED = torch.finfo(torch.float32).min  # as eager: fully hidden rows become uniform, not NaN
 

@@ -16,8 +16,8 @@ from typing import Iterator
 
 import torch
 
-from .hook import Session
 from ..core.shape import model_shape
+from .hook import Session
 from .plan import Plan, PlanError
 from .taps import Taps
 

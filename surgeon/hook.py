@@ -21,17 +21,17 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import attention_math
-from .edits import stages as editing
-from .attention_math import AttentionCall
-from .conversion.layer import LinearAttention
 from ..core.errors import UnsupportedModelError
 from ..core.shape import ModelShape, model_shape, text_config
-from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
+from . import attention_math
+from .attention_math import AttentionCall
+from .conversion.layer import LinearAttention
+from .edits import stages
 from .plan import Plan, PlanError
-from .request import Request, RequestState, section_masks, span_mask
-from .streaming.mixing import StreamMix
 from .recorder import Recorder
+from .request import Request, RequestState, section_masks, span_mask
+from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
+from .streaming.mixing import StreamMix
 from .taps import Recording, Taps
 
 HOOK_NAME = "headlab"
@@ -99,7 +99,7 @@ class Session:
     def attend(self, module, query, key, value, attention_mask, kwargs):
         """Attention for one layer call: the model's own (or, where every head's statistics are
         recorded, the statistics op's output), then the layer's softmax-stage edits on their
-        heads, taps and output edits. Edits that only hide keys (:meth:`~.edit.Edit.kept_keys`) narrow
+        heads, taps and output edits. Edits that only hide keys (:meth:`~.edits.base.Edit.kept_keys`) narrow
         the mask of the model's own attention instead, where no tap reads the layer's scores.
         Returns ``(out [B, Nq, H, D], weights or None)``."""
         layer = module.layer_idx
@@ -109,15 +109,15 @@ class Session:
         if not self._touches(layer):
             return own(module, query, key, value, attention_mask, **kwargs)
         prefill = n_query == n_key and not key_start
-        bias, redistribute = (self.plan.for_layer(layer, stage, prefill) for stage in ("bias", "redistribute"))
+        bias, reweight = (self.plan.for_layer(layer, stage, prefill) for stage in ("bias", "reweight"))
         if layer in self.plan.layers():
             self._begin_request(layer, n_query, n_key)
         call = None
-        if bias or redistribute or self.recorder.reads_scores(layer):
+        if bias or reweight or self.recorder.reads_scores(layer):
             call = AttentionCall.read(module, query, kwargs, key_start)
-        if any(edit.needs_prompt for edit in (*bias, *redistribute)):
+        if any(edit.needs_prompt for edit in (*bias, *reweight)):
             self._fix_prompt(attention_mask, query, key, call)
-        kept = None if redistribute or self.recorder.reads_scores(layer) else editing.kept_keys(
+        kept = None if reweight or self.recorder.reads_scores(layer) else stages.kept_keys(
             layer, bias, self.state, self.request, call, n_query, n_key)
         weights = None
         out = self.recorder.stats(layer, query, key, value, attention_mask, call, module.training and
@@ -128,9 +128,9 @@ class Session:
         elif out is None:
             out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
-        if bias or redistribute:
-            heads, probs, head_out = editing.edited_attention(
-                layer, bias, redistribute, self.state, self.request, query, key, value, attention_mask, call,
+        if bias or reweight:
+            heads, probs, head_out = stages.edited_attention(
+                layer, bias, reweight, self.state, self.request, query, key, value, attention_mask, call,
                 query.shape[1] // key.shape[1],
             )
             out = out.clone()
@@ -156,9 +156,9 @@ class Session:
         """Blocked over each edit's kept keys; a module with learned sinks (per-head parameters of the
         attention function) runs once under the narrowed mask instead."""
         if getattr(module, "sinks", None) is None:
-            return editing.attention_with_kept_keys(own, module, query, key, value, attention_mask, kwargs, call,
+            return stages.attention_with_kept_keys(own, module, query, key, value, attention_mask, kwargs, call,
                                                     kept, self.shape.group_size)
-        narrowed = attention_math.narrowed_mask(attention_mask, editing.kept_mask(kept, query.shape[1]),
+        narrowed = attention_math.narrowed_mask(attention_mask, stages.kept_mask(kept, query.shape[1]),
                                                 query.shape[-2], key.shape[-2], call.is_causal, call.window)
         return own(module, query, key, value, narrowed, **kwargs)[0]
 
@@ -167,7 +167,7 @@ class Session:
         sequence positions ``rows [Nq]``. Needs no mask."""
         output_stage = self.plan.for_layer(layer, "output")
         if output_stage:
-            out = editing.output_edits(layer, output_stage, self.state, self.request, out, rows)
+            out = stages.output_edits(layer, output_stage, self.state, self.request, out, rows)
         if self.gates is not None:
             out = attention_math.scale_heads(out, self.gates[layer])
         return out
@@ -392,8 +392,3 @@ def _converted_map_hooks(modules, session: Session) -> list:
             layer, size, lambda: module.attention_weights_of(hidden, kwargs.get("position_embeddings")))
 
     return [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules if isinstance(m, LinearAttention)]
-
-
-def apply(model, plan: Plan, request: Request | None = None):
-    """``with apply(model, plan, request):`` run ``model`` with the plan's edits (see :func:`attach`)."""
-    return attach(model, plan, request=request)

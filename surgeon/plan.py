@@ -2,25 +2,25 @@
 
 A plan is a list of edits. Each edit names one layer, the query heads it touches and its
 parameters, and belongs to one stage of the attention function (see ARCHITECTURE.md):
-``bias`` (pre-softmax), ``redistribute`` (mass-preserving, post-softmax) or ``output``
+``bias`` (pre-softmax), ``reweight`` (mass-preserving, post-softmax) or ``output``
 (per-head output scaling, before ``o_proj``). Edit kinds are classes registered in
-:data:`~.edit.EDIT_KINDS` (:mod:`.edit`); importing this module costs no torch.
+:data:`~.edits.base.EDIT_KINDS` (:mod:`.edits.base`); importing this module costs no torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from importlib import import_module
 from dataclasses import MISSING, dataclass, field, fields
+from importlib import import_module
 from pathlib import Path
 
-from .edits.base import EDIT_KINDS, Edit
 from ..core.errors import HeadlabError, PlanError
 from ..core.files import claim_file, read_text_file, write_json
 from ..core.kinds import Integer, Items, Kind, Maybe, Text
 from ..core.settings import check_object
 from ..core.shape import ModelShape
+from .edits.base import EDIT_KINDS, Edit
 
 
 @dataclass

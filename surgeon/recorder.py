@@ -9,11 +9,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ..core.shape import ModelShape
 from ..kernels import attention_with_stats, row_key_probs
 from . import attention_math
 from .attention_math import AttentionCall
 from .request import RequestState
-from ..core.shape import ModelShape
 from .taps import MapBudgetError, Recording, Taps
 
 _MASK_CACHE_SIZE = 4  # distinct masks of one forward: full and sliding-window layers

@@ -8,10 +8,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .hook import attach
-from .sites import block_input, decoder_layers, has_causal_attention
 from ..core.shape import model_shape
+from .hook import attach
 from .plan import PlanError
+from .sites import block_input, decoder_layers, has_causal_attention
 from .stopping import run_for_taps
 from .taps import Taps
 

@@ -91,6 +91,7 @@ def test_a_model_compared_with_itself_does_not_move():
     assert torch.equal(atlas.displacement(), torch.zeros(3, 9))
 
 
+@pytest.mark.slow
 def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
     from test_hostile_pages import PAYLOADS, assert_inert, load
     from test_view_browser import CHROMIUM
@@ -138,6 +139,7 @@ def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
         browser.close()
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_atlas_command_compares_smollm2_before_and_after_a_plan(tmp_path, capsys):
     import json

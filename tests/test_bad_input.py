@@ -579,6 +579,7 @@ def test_bad_api_input_raises_one_line(name, call):
     assert "\n" not in str(err.value) and str(err.value).strip()
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path):
     """SIGINT while the report scores its windows: exit 130, one line naming the scores file and how

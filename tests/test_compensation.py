@@ -15,6 +15,8 @@ from headlab.core.errors import PlanError
 from headlab.surgeon.streaming.cache import StreamingLayer, streaming_cache
 from headlab.surgeon.kv_cache import cache_bytes
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 LAYER, SINKS, WINDOW, N_TOKENS, STEPS = 3, 2, 4, 19, 5
 
 

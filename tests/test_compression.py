@@ -17,6 +17,8 @@ from headlab.surgeon.streaming.rules import full_kv_heads, random_ranking
 from headlab.surgeon import model_shape
 from headlab.core.errors import InputFileError
 
+pytestmark = pytest.mark.slow
+
 SETTINGS = dict(rules=("random",), keeps=(0.25,), random_sets=2, lengths=(256,), depths=(0.5,), n_needles=2,
                 windows=1, sinks=4, window=32, max_new_tokens=8)
 

@@ -3,14 +3,13 @@ commands): each registered item runs on the tiny models of the llama, gemma3_tex
 round-trips through its file format and refuses a bad value in one line. The toys of ``toys.py``, each
 registered from that file alone, go through the same contracts: an extension is one file."""
 
+import json
+
 import pytest
 import toys  # noqa: F401  (registers one toy of each kind)
 import torch
-from families import family_model, patched_eager
-
-import json
-
 from conftest import CharTokenizer
+from families import family_model, patched_eager
 
 from headlab.cli import main
 from headlab.commands.base import all_commands
@@ -26,6 +25,8 @@ from headlab.sae.architectures import ARCHITECTURES
 from headlab.sae.settings import TrainSettings
 from headlab.surgeon import EDIT_KINDS, Plan, attach, model_shape
 from headlab.surgeon.attention_math import AttentionCall
+
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
 
 CONTRACT_FAMILIES = ("llama", "gemma3_text", "gpt_oss")  # plain; sliding windows and query/key norms; learned sinks
 

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.cli import main as headlab
 from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
-from headlab.surgeon import UnsupportedModelError, load_model
+from headlab.surgeon import load_model
 from headlab.surgeon.conversion.converted import convert, converted_layers, load_converted, save_converted
 from headlab.surgeon.sites import block_input
 from headlab.surgeon.conversion.settings import LinearSettings, StageSettings

@@ -19,6 +19,8 @@ from headlab.surgeon.conversion.settings import LinearSettings
 from headlab.surgeon.conversion.support import check_config
 from headlab.surgeon.conversion.training import transfer_mode
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 CONVERTS = {f.name: f.conversion for f in FAMILIES if not isinstance(f.conversion, str)}  # the layers replaced
 REFUSED = {f.name: f.conversion for f in FAMILIES if isinstance(f.conversion, str)}  # what the refusal says
 

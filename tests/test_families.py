@@ -17,6 +17,8 @@ from headlab.surgeon import (Calibrate, HeadScale, Plan, Request, Steer, Stream,
 from headlab.core.errors import PlanError
 from headlab.surgeon.sites import attention_modules
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 N_TOKENS = 23
 CALIBRATED_LAYER = 2  # a sliding-window layer in every family that has them
 STATS_HEADS = (0, 2, 4)  # a subset, so that the model's own attention also runs (and returns its maps)

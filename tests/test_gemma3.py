@@ -11,7 +11,7 @@ from conftest import eager_recorder, frozen_state
 from headlab.core.text import load_text
 from headlab.surgeon import Calibrate, Plan, Taps, attach
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 LONG, SHORT = 700, 610  # tokens of the two rows (the second left-padded): both past the window
 SLIDING, GLOBAL = 3, 5  # layer_types: 5 sliding layers, then a global one

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 KERNELS = Path(__file__).parents[1] / "kernels"
 WORKER = Path(__file__).parent / "gpu_compile_worker.py"
 

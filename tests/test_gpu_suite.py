@@ -1,3 +1,4 @@
+import pytest
 """The prepared GPU run is wired: its dry run (Triton's interpreter on the CPU, fp32, tiny shapes) loads
 the kernels from this checkout without an installed headlab and passes every check."""
 
@@ -5,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+
+pytestmark = pytest.mark.slow
 from pathlib import Path
 
 SUITE = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"

@@ -8,6 +8,8 @@ from headlab.surgeon import HeadScale, Plan, Taps, attach, model_shape
 from headlab.surgeon.hook import hook_name
 from headlab.surgeon.sites import attention_modules
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def logits(model, ids, mask):
     with torch.no_grad():

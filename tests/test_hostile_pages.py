@@ -21,7 +21,7 @@ from headlab.probes.views.page import write_view
 from headlab.sae import SparseAutoencoder, collect_examples, write_dashboard
 from headlab.surgeon import HeadScale, Plan
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)"), pytest.mark.slow]
 
 PAYLOADS = [
     '"><img src=x onerror="window.__pwned=1">',

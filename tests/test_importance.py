@@ -1,10 +1,13 @@
 """Importance and repeated-token scores on tiny models, with answers known by construction."""
 
+import pytest
 import torch
 from conftest import eager_maps, tiny_llama
 
 from headlab.probes.scorers.importance import (ablation_importance, gradient_importance, repeated_token_scores,
                                                repeated_tokens)
+
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
 
 DEAD = (1, 2)  # (layer, head) whose o_proj input columns are zeroed: it cannot matter
 

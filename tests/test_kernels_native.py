@@ -9,6 +9,8 @@ import torch
 
 from headlab.kernels import native
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 HIDDEN = torch.finfo(torch.float32).min
 
 

@@ -9,6 +9,8 @@ from headlab.kernels.linear_torch import hybrid_step_torch, window_starts, with_
 from headlab.kernels.reference import (hybrid_attention_reference, linear_attention_reference,
                                        window_mask_reference)
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def inputs(batch=2, heads=3, n=100, d=8, features=10, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

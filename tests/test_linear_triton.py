@@ -10,6 +10,8 @@ import torch
 from headlab.kernels.linear import hybrid_attention, linear_attention
 from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
 
+pytestmark = [pytest.mark.numerics, pytest.mark.slow]  # run again in CI with one thread and narrower vector units
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
 

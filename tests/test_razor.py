@@ -7,6 +7,8 @@ from conftest import eager_recorder, tiny_llama
 
 from headlab.probes.scorers.razor import offsets_and_rows, razor_input, razor_scores
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def test_offsets_mark_only_earlier_occurrences():
     echo, induction, valid = offsets_and_rows(period=4, repeats=3)  # N = 13: first token, then 3 x 4 ids

@@ -8,7 +8,7 @@ from conftest import eager_recorder, frozen_state
 
 from headlab.surgeon import HeadScale, Plan, Taps, attach
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.numerics]
 
 PROMPTS = ["The capital of France is", "Attention heads in a transformer read from earlier tokens and"]
 

@@ -11,6 +11,8 @@ from families import family_model
 import headlab.surgeon.losses as recompute
 from headlab.surgeon import attach, model_shape
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 EPS = torch.finfo(torch.float32).eps
 
 

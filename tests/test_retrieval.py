@@ -11,6 +11,8 @@ from headlab.probes.scorers.retrieval import (NEEDLES, NeedlePrompt, NeedleSetti
 import headlab.probes.scorers.retrieval as retrieval
 from headlab.surgeon import HeadScale, Plan, attach
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def planted_prompt() -> NeedlePrompt:
     ids = torch.tensor([[9, 9, 40, 41, 42, 9, 9, 9]])  # answer tokens 40 41 42 at positions 2..4

@@ -128,6 +128,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         Trainer(sae, ShuffleBuffer(Chunks(0), 16, 64), TrainSettings(k=5), tmp_path / "killed").run(progress=False)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tmp_path):
     subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one")], check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -10,6 +10,8 @@ import torch
 from headlab.kernels.reference import sparse_decode_reference, topk_encode_reference
 from headlab.kernels.sae_codes import sparse_decode, topk_encode
 
+pytestmark = [pytest.mark.numerics, pytest.mark.slow]  # run again in CI with one thread and narrower vector units
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
 

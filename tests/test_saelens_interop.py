@@ -29,7 +29,7 @@ LAYER, N_TOKENS = 1, 24
 
 if not SAELENS_PYTHON.exists() and os.environ.get("HEADLAB_REQUIRE_SAELENS"):
     raise RuntimeError("HEADLAB_REQUIRE_SAELENS is set but .venv-saelens is missing (bash scripts/setup.sh --tests)")
-pytestmark = pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="no .venv-saelens (bash scripts/setup.sh --tests)")
+pytestmark = [pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="no .venv-saelens (bash scripts/setup.sh --tests)"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

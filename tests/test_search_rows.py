@@ -20,6 +20,8 @@ from headlab.surgeon.search.prefix import LayerPrefix
 from headlab.surgeon.search.suffix import SuffixScorer, group_by_first_row
 from headlab.surgeon.search.tasks import load_task
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def peaked_llama():
     """A tiny Llama with its query and key projections scaled 20×: peaked attention, whose sinks
@@ -55,6 +57,7 @@ def identity_rounding(model, tok, examples, edit: Calibrate, unedited, batch_siz
     return largest_gap(choice_logprobs(model, tok, examples, Plan([identity]), batch_size=batch_size), unedited)
 
 
+@pytest.mark.slow
 def test_scores_from_the_first_sink_on_equal_whole_forwards(monkeypatch):
     model, tok = peaked_llama(), CharTokenizer()
     examples = load_task("arithmetic", "calibration", 12)
@@ -168,6 +171,7 @@ def test_models_the_scorer_cannot_serve_are_refused_and_searched_whole(tmp_path)
                               for _, h in candidates}
 
 
+@pytest.mark.slow
 def test_smollm2_scores_from_the_first_sink_on_equal_whole_forwards(smollm2):
     model, tok = smollm2
     examples = load_task("kv-recall", "calibration", 8)

@@ -10,6 +10,8 @@ from headlab.probes.scorers.record import record_attention, record_statistics
 from headlab.probes.scorers.record import scoring_method
 from headlab.probes.scorers.patterns import pattern_scores, pattern_scores_from_statistics
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 @pytest.mark.parametrize("padding", [False, True])
 def test_row_key_probs_match_the_map(padding):

@@ -7,6 +7,8 @@ from conftest import eager_maps, padded_batch, tiny_bert, tiny_llama
 from headlab.surgeon import HeadScale, MapBudgetError, Plan, PlanError, Taps, attach
 from headlab.surgeon.attention_math import kv_heads_for, per_kv_head_matmul
 
+pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
+
 
 def o_proj_inputs(model, ids, mask, modules):
     """The input of each given o_proj/output-dense module, ``[batch, seq, hidden]``."""

@@ -162,6 +162,7 @@ def test_curve_files_of_another_format_or_damaged_are_one_clear_error(tmp_path):
         load_curve(path)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_needle_task_on_smollm2_shares_the_prefill_exactly_and_scores_the_answer_as_decoding_would(smollm2):
     """Uniform masking leaves the prefill alone, so a shared prefill gives what a prefill inside each
@@ -249,6 +250,7 @@ def test_an_interrupted_loss_validation_resumes_after_its_last_window(tmp_path, 
         validate_score(model, CharTokenizer(), score, other, progress=False, journal_path=journal)
 
 
+@pytest.mark.slow
 def test_an_interrupted_needle_validation_resumes_and_the_command_removes_its_journal(smollm2, tmp_path, monkeypatch):
     from headlab.probes.validation.run import NeedleTask as Task
 

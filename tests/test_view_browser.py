@@ -23,7 +23,7 @@ SCREENSHOTS = Path(os.environ.get("HEADLAB_SCREENSHOTS", "/tmp/headlab-screensho
 
 if CHROMIUM is None and os.environ.get("HEADLAB_REQUIRE_BROWSER"):
     raise RuntimeError("HEADLAB_REQUIRE_BROWSER is set but no Chromium was found (apt-get install chromium)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (CI installs it)"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

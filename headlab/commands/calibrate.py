@@ -52,7 +52,12 @@ class Calibrate(Command):
         return tasks, search, examples, layers, progress
 
     def run(self, args, checked) -> int:
-        from ..surgeon.search.calibration import SearchSettings, calibration_search, default_candidates, plan_from_search
+        from ..surgeon.search.calibration import (
+            SearchSettings,
+            calibration_search,
+            default_candidates,
+            plan_from_search,
+        )
 
         tasks, search, examples, layers, progress = checked
         model, tokenizer = common.load_model_from(args)

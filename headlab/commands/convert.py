@@ -59,7 +59,8 @@ class Convert(Command):
         from ..surgeon.conversion.pipeline import convert_and_train
 
         settings, layers, every_full_layer = checked
-        print(f"converting layers {index_spans(layers)}" + (" (every full-attention layer)" if every_full_layer else ""))
+        every = " (every full-attention layer)" if every_full_layer else ""
+        print(f"converting layers {index_spans(layers)}{every}")
         perplexity = convert_and_train(args.model, settings, layers, args.out, args.overwrite)
         for name, value in perplexity.items():
             print(f"held-out perplexity {name}: {value:.3f}")

@@ -21,18 +21,17 @@ autoencoder's code, seeded.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from ...core.head_scores import HeadScores
 from ...surgeon import Plan, Taps, attach, model_shape
 from ...surgeon.sites import has_causal_attention
 from ...surgeon.stopping import run_until
-from ...core.head_scores import HeadScores
 from ..scorers.patterns import hidden_sink_mass
 
 N_LOCALITY, N_ENTROPY, POOL = 12, 8, 32

@@ -6,7 +6,6 @@ import plotly.graph_objects as go
 
 from ...core.escaping import plotly_text
 
-
 SYMBOLS = ("circle", "diamond", "square", "cross")
 
 

@@ -12,9 +12,9 @@ from ...core.escaping import element_id, html_text, plotly_text, script_json
 from ...core.files import GENERATOR_META, claim_folder, read_json_file, write_json, write_text
 from ...core.kinds import Items, Kind, Text
 from ...core.settings import check_object
-from .figure import atlas_figure, layer_trend_figure
 from ..figures import figure_div, plotly_js
 from .build import ATLAS_FORMAT
+from .figure import atlas_figure, layer_trend_figure
 
 METHODS = ("autoencoder", "pca", "tsne")
 

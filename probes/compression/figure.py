@@ -7,7 +7,6 @@ from plotly.subplots import make_subplots
 
 from ...core.escaping import plotly_text
 
-
 RULE_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 

@@ -22,7 +22,7 @@ _ROW = {"rule": Text(), "keep": Number(0.0, 1.0), "length": Integer(1), "draws":
 
 def load_compression(folder: str | Path) -> dict | None:
     """The evaluation in ``folder / compression.json`` (None when there is none), checked: a damaged
-    or foreign file is one :class:`InputFileError` naming it."""
+    or foreign file is one :class:`~headlab.core.errors.InputFileError` naming it."""
     path = Path(folder) / "compression.json"
     if not path.exists():
         return None

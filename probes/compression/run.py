@@ -1,9 +1,9 @@
 """The evaluation of KV-cache compression by streaming heads: for each selection rule (a score's
 ranking, RazorAttention's echo ∪ induction, random heads as the control) and each kept fraction of
-KV heads, the plan of :mod:`.streaming` is measured on
+KV heads, the plan of :mod:`headlab.surgeon.streaming.rules` is measured on
 
 - needle recall on held-out prompts of each length (every held-out needle at every depth), decoded
-  greedily on the streaming cache (:func:`~headlab.surgeon.kv_cache.streaming_cache`), which holds
+  greedily on the streaming cache (:func:`~headlab.surgeon.streaming.cache.streaming_cache`), which holds
   only what each head sees;
 - perplexity on held-out text windows of each length;
 - the KV-cache bytes held after each prompt.
@@ -29,21 +29,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...surgeon import Plan, attach, model_shape
 from ...core.errors import ModelSpecError
+from ...core.head_scores import HeadScores
 from ...core.journal import Journal
-from ...surgeon.kv_cache import cache_bytes
-from ...surgeon.streaming.cache import streaming_cache
-from ...surgeon.losses import next_token_loss
-from ...surgeon.streaming.settings import StreamingSettings
-from .file import COMPRESSION_FORMAT, CONVERTED, FULL
 from ...core.text import load_text, token_windows
+from ...surgeon import Plan, attach, model_shape
+from ...surgeon.kv_cache import cache_bytes
+from ...surgeon.losses import next_token_loss
+from ...surgeon.streaming.cache import streaming_cache
+from ...surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
+from ...surgeon.streaming.settings import StreamingSettings
 from ..intervals import mean_interval
 from ..scorers.needles import HELDOUT_NEEDLES
 from ..scorers.retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
-from ...core.head_scores import HeadScores
+from .file import COMPRESSION_FORMAT, CONVERTED, FULL
 from .settings import PROGRESS_FILE, CompressionSettings
-from ...surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
 
 STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
 RESAMPLES = 2000
@@ -311,6 +311,6 @@ def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
-__all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_identity", "conversion_result",
-           "conversion_base", "conversion_runs", "evaluate_compression", "evaluate_conversion", "needle_run", "run_key", "streaming_identity",
-           "summarize_runs", "window_loss"]
+__all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_base", "conversion_identity",
+           "conversion_result", "conversion_runs", "evaluate_compression", "evaluate_conversion", "needle_run", "run_key",
+           "streaming_identity", "summarize_runs", "window_loss"]

@@ -1,4 +1,5 @@
-"""The settings of the KV-cache compression evaluation (``headlab stream-eval``); one definition for the library and the command line. Importing this module costs no torch."""
+"""The settings of the KV-cache compression evaluation (``headlab stream-eval``); one definition for the library
+and the command line. Importing this module costs no torch."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ from ...core.settings import check_settings, setting
 from ...surgeon.streaming.settings import STREAM_SINKS, STREAM_WINDOW
 from ..scorers.settings import N_HELDOUT_NEEDLES, PROMPT_STYLE_HELP, PROMPT_STYLES
 
-
 PROGRESS_FILE = "compression.progress.json"  # stream-eval's finished runs, beside compression.json
 
 
 @dataclass
 class CompressionSettings:
     """The evaluation of streaming-head plans (KV-cache compression): for every selection rule and
-    kept fraction of KV heads, needle recall on held-out prompts (:data:`~.needles.HELDOUT_NEEDLES`
+    kept fraction of KV heads, needle recall on held-out prompts (:data:`~..scorers.needles.HELDOUT_NEEDLES`
     in the held-out haystack, every needle at every length and depth), perplexity on held-out windows
     of each length, and the KV-cache bytes after the prompt; the random rule is drawn ``random_sets``
     times (seeds ``seed``, ``seed + 1``, ...)."""

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from ...core.escaping import element_id, html_attribute, html_text
 from ...core.files import GENERATOR_META, write_text
-from ..compression.figure import compression_figure
-from ..figures import figure_div, plotly_js, score_heatmap
-from ..validation.figure import masking_figure
-from ..views.figure import head_figure
-from ..atlas.page import atlas_section
-from ..compression.file import compression_title, is_conversion
-from ..scorers.record import AttentionRecord
 from ...core.head_scores import HeadScores
+from ..atlas.page import atlas_section
+from ..compression.figure import compression_figure
+from ..compression.file import compression_title, is_conversion
+from ..figures import figure_div, plotly_js, score_heatmap
+from ..scorers.record import AttentionRecord
+from ..validation.figure import masking_figure
 from ..views.data import ViewData, view_data_from_record
+from ..views.figure import head_figure
 from ..views.page import write_view
 
 

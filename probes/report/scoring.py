@@ -16,27 +16,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...surgeon import model_shape
-from ...surgeon.conversion.converted import converted_layers
 from ...core.distributed import rank_and_world
 from ...core.errors import HeadlabError, InputFileError
 from ...core.files import claim_folder, read_json_file, write_json, write_text
+from ...core.head_scores import HeadScores, load_scores_file
 from ...core.kinds import index_spans
 from ...core.shape import text_config
+from ...core.text import load_text, token_windows
+from ...surgeon import model_shape
+from ...surgeon.conversion.converted import converted_layers
 from ...surgeon.sites import has_causal_attention
 from ...surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
-from ...core.text import load_text, token_windows
-from ..scorers.families import FamilyInputs, requested_families
-from .settings import ReportSettings
 from ..atlas.page import load_atlas
 from ..compression.file import load_compression
-from ..validation.file import load_curves
+from ..scorers.families import FamilyInputs, requested_families
+from ..scorers.patterns import (
+    PATTERN_PAGES,
+    PATTERN_SCORES,
+    ScoreAccumulator,
+    pattern_scores,
+    pattern_scores_from_statistics,
+)
 from ..scorers.record import AttentionRecord, record_attention, record_statistics, scoring_method
+from ..validation.file import load_curves
 from .page import write_pages
-from ..scorers.patterns import (PATTERN_PAGES, PATTERN_SCORES, ScoreAccumulator, pattern_scores,
-                                pattern_scores_from_statistics)
-from ...core.head_scores import HeadScores, load_scores_file
-
+from .settings import ReportSettings
 
 REPORT_ENTRIES = ("report.html", "views.html", "scores.json", "scores.csv")
 DEFAULT_TEXT = "Python standard-library docstrings"  # the provenance's name for the default text

@@ -20,8 +20,8 @@ class ReportSettings:
     haystack unless ``needles`` names another), placed with ``seed``; ``n_views`` attention views.
     The pattern scores (sink, entropy, previous-token, confidence) are always computed, then the
     families named in ``families`` (the registry :data:`~..scorers.families.SCORE_FAMILIES`; those that
-    need a causal language model are skipped, with the reason, on other models): e.g. ``retrieval`` runs needle-in-a-haystack with
-    ``needles``, ``sinks`` uses the thresholds ``sinks``, ``context`` removes the leading
+    need a causal language model are skipped, with the reason, on other models): e.g. ``retrieval`` runs
+    needle-in-a-haystack with ``needles``, ``sinks`` uses the thresholds ``sinks``, ``context`` removes the leading
     ``context_fraction`` of each window. With ``probe_data`` (JSON lines of ``{"text", "label"}``)
     each head's output is probed for the labels (pooled by ``probe_pool``)."""
 

@@ -1,7 +1,7 @@
 """The score families a report can add to the pattern scores, one registry entry each: its name (the
 ``--scores`` choice), a one-line summary (the command line's help), whether it needs a causal
 language model, when it is requested, and the function that scores the heads (yielding one or
-more :class:`~.scores.HeadScores`, whose descriptions go into ``scores.json`` and the report).
+more :class:`~headlab.core.head_scores.HeadScores`, whose descriptions go into ``scores.json`` and the report).
 
 Adding a family is one :func:`score_family` entry; the report, ``--scores`` and its help find it
 here. A family that does not apply to the model is reported as skipped with the reason. Importing

@@ -4,8 +4,6 @@ module that imports scikit-learn."""
 
 from __future__ import annotations
 
-from ...core.errors import HeadlabError
-
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from ...core.errors import HeadlabError
 from ...surgeon import Taps, attach, model_shape
 from ...surgeon.stopping import run_for_taps
 from .labelled import FOLDS

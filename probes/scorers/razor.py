@@ -12,10 +12,9 @@ log-sum-exp), so the published 10,001-token input needs no map.
 from __future__ import annotations
 
 import torch
-
-from ...core.errors import HeadlabError
 from tqdm.auto import tqdm
 
+from ...core.errors import HeadlabError
 from ...surgeon import Taps, attach, model_shape
 from ...surgeon.stopping import run_for_taps
 

@@ -38,10 +38,6 @@ class AttentionRecord:
     model_id: str
     dims: tuple[str, ...] = DIMS
 
-    def head_map(self, layer: int, head: int) -> torch.Tensor:
-        """``[query, key]`` map of one (layer, head), by model index."""
-        return self.maps[self.layers.index(layer), self.heads.index(head)]
-
 
 def record_attention(
     model,

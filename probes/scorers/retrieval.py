@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ...surgeon import Taps, attach, model_shape
 from ...core.errors import HeadlabError
+from ...core.text import load_text
+from ...surgeon import Taps, attach, model_shape
 from ...surgeon.kv_cache import SharedRooms, cropped_cache, full_attention_only
 from ...surgeon.plan import Plan
 from ...surgeon.stopping import run_for_taps
-from ...core.text import load_text
 from .needles import NEEDLES, Needle
 from .settings import NeedleSettings
 
@@ -240,7 +240,7 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
                               plan: Plan | None = None, record: bool = True, prefix: SharedPrefix | None = None
                               ) -> list[tuple[list[int], list[torch.Tensor]]]:
     """:func:`greedy_with_top_keys` of each of ``prompts`` (``[1, seq_i]``), decoded side by side:
-    each is prefilled alone into its row of one cache (:class:`.SharedRooms`), then each step runs
+    each is prefilled alone into its row of one cache (:class:`~headlab.surgeon.kv_cache.SharedRooms`), then each step runs
     every row at once (the weights are read once for all), a mask hiding the positions a shorter
     prompt leaves empty. Several prompts need the unedited model (edits follow sequence positions,
     which the rows do not share) and full-attention caches."""

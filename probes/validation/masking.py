@@ -6,17 +6,16 @@ Heads are ``(layer, head)`` pairs throughout.
 
 from __future__ import annotations
 
-from ...core.errors import HeadlabError
-
 import math
 import random
 from collections import Counter
 
 import torch
 
+from ...core.errors import HeadlabError
+from ...core.head_scores import HeadScores
 from ...surgeon import HeadMean, HeadScale, Plan, Taps, Uniform, attach
 from ...surgeon.stopping import run_for_taps
-from ...core.head_scores import HeadScores
 
 Head = tuple[int, int]
 
@@ -47,8 +46,8 @@ def matched_random_set(top: list[Head], eligible: set[Head], rng: random.Random)
     for layer, head in sorted(eligible):
         by_layer.setdefault(layer, []).append(head)
     if len(eligible) < len(top):
-        raise HeadlabError(f"a random set of {len(top)} heads needs that many eligible heads; there are {len(eligible)} "
-                         "(lower --ks or raise --exclude-above)")
+        raise HeadlabError(f"a random set of {len(top)} heads needs that many eligible heads; there are "
+                           f"{len(eligible)} (lower --ks or raise --exclude-above)")
     chosen: list[Head] = []
     for layer, count in sorted(Counter(layer for layer, _ in top).items()):
         for source in sorted(by_layer, key=lambda other: (abs(other - layer), other)):

@@ -2,7 +2,7 @@
 top-K heads, and random sets of K heads matched by layer (:mod:`.masking`), and measure a task on
 held-out data. The task is needle recall on held-out needles and haystacks (counting only the
 prompts the unmasked model answers) or next-token loss on held-out text windows; the statistics
-(:mod:`.masking_stats`) say whether the top-K heads matter more than random ones.
+(:mod:`.statistics`) say whether the top-K heads matter more than random ones.
 
 Needle measures per prompt: ``recalled`` (ROUGE-1 recall of the answer above the threshold),
 ``rouge1_recall`` and ``answer_logprob`` (mean log-probability of the answer's tokens as the
@@ -23,20 +23,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...surgeon import Plan, attach
+from ...core.head_scores import HeadScores
 from ...core.journal import Journal
+from ...core.text import load_text, token_windows
+from ...surgeon import Plan, attach
 from ...surgeon.kv_cache import reserved_cache
 from ...surgeon.losses import next_token_loss
 from ...surgeon.stopping import run_for_taps
-from ...core.text import load_text, token_windows
-from .masking import head_means, masking_plan, random_sets, top_heads
-from .statistics import summarize
 from ..scorers.needles import HELDOUT_NEEDLES
-from ..scorers.retrieval import (NeedlePrompt, answer_stop, greedy_from_cache, has_chat_template, needle_grid,
-                                 rouge1_recall, stop_rule)
-from ...core.head_scores import HeadScores
-from .settings import METRICS, MaskingSettings, ValidationSettings
+from ..scorers.retrieval import (
+    NeedlePrompt,
+    answer_stop,
+    greedy_from_cache,
+    has_chat_template,
+    needle_grid,
+    rouge1_recall,
+    stop_rule,
+)
 from .file import CURVE_FORMAT
+from .masking import head_means, masking_plan, random_sets, top_heads
+from .settings import METRICS, MaskingSettings, ValidationSettings
+from .statistics import summarize
 
 RETRIEVAL_THRESHOLD = 0.1  # the paper's retrieval-head threshold: random sets exclude heads above it
 
@@ -111,7 +118,7 @@ class NeedleTask:
                 "answer_logprob": logprob, "response": response}
 
     def _stop_for(self, prompt: NeedlePrompt):
-        """The stop rule, and a stop once the whole answer is in the response (:func:`.answer_stop`)."""
+        """The stop rule, and a stop once the whole answer is in the response (:func:`..scorers.retrieval.answer_stop`)."""
         return answer_stop(self.tokenizer, self.stop, prompt.needle.answer)
 
     def _answer_logprob(self, prompt: NeedlePrompt, cache) -> float:

@@ -1,4 +1,6 @@
-"""The masking validation's settings (``headlab validate``): which heads are masked and how, against which random sets, and the data its metrics run on; one definition for the library and the command line. Importing this module costs no torch."""
+"""The masking validation's settings (``headlab validate``): which heads are masked and how, against which random
+sets, and the data its metrics run on; one definition for the library and the command line. Importing this
+module costs no torch."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from ...core.kinds import Choice, Integer, Items, Maybe, Number
 from ...core.settings import check_settings, setting
 from ...core.text import TextWindows
 from ..scorers.settings import N_HELDOUT_NEEDLES, PROMPT_STYLE_HELP, PROMPT_STYLES
-
 
 METRICS = ("needle-recall", "loss")
 

@@ -22,8 +22,8 @@ from ...surgeon import Taps, attach, model_shape
 from ...surgeon.plan import Plan
 from ...surgeon.sites import has_causal_attention
 from ...surgeon.stopping import run_until
-from ..scorers.record import AttentionRecord
 from ..scorers.patterns import PATTERN_SCORES, pattern_scores
+from ..scorers.record import AttentionRecord
 
 TOKEN_CELLS = 512  # up to this many tokens a view shows one cell per token
 MAX_SIDE = 1024  # pooled maps never exceed this many blocks per side

@@ -23,7 +23,7 @@ def view(data: ViewData | AttentionRecord, layer: int | None = None, head: int |
     """A plotly figure of recorded attention: the layers × heads overview coloured by ``score``
     (a pattern score of the record, or a name in ``scores``, e.g. a report's scores.json), or,
     with ``layer`` and ``head``, that head's map (side by side with ``compare``, the same input
-    after surgery, and their difference). Shows in Jupyter; ``write_html``/:func:`export_figure`
+    after surgery, and their difference). Shows in Jupyter; ``write_html``/:func:`~..figures.export_figure`
     save it."""
     if isinstance(data, AttentionRecord):
         data = view_data_from_record(data, compare=compare)

@@ -16,10 +16,10 @@ import torch
 
 from ...core.escaping import html_text, script_json
 from ...core.files import GENERATOR_META, claim_file, write_text
-from ..figures import colour_scale, colourise, plotly_js, plotly_js_version
-from .figure import overview_figure
 from ...core.head_scores import HeadScores
+from ..figures import colour_scale, colourise, plotly_js, plotly_js_version
 from .data import ViewData, encode_map
+from .figure import overview_figure
 
 
 def page_payload(data: ViewData, scores: dict[str, HeadScores] | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""The attention view's settings (``headlab view``): what it records and how large its page may grow; one definition for the library and the command line. Importing this module costs no torch."""
+"""The attention view's settings (``headlab view``): what it records and how large its page may grow; one
+definition for the library and the command line. Importing this module costs no torch."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ converted checkpoint.
 A converted checkpoint is a directory: the base model's ``config.json`` and tokenizer, every weight
 (base, LoRA-merged, feature maps, window weights) in ``model.safetensors``, and
 ``headlab_conversion.json`` with the :class:`LinearSettings` and the provenance (base model, training
-summary). :func:`load_model` recognises the directory and rebuilds the same modules.
+summary). :func:`~headlab.surgeon.models.load_model` recognises the directory and rebuilds the same modules.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ...core.files import claim_folder, record_owned, write_json
-from .settings import LinearSettings
+from ...core.shape import model_shape
 from ..sites import decoder_layers
 from .layer import LinearAttention
+from .settings import LinearSettings
 from .support import convertible_layers, verify_layers
-from ...core.shape import model_shape
 
 CONVERSION_FILE = "headlab_conversion.json"
 WEIGHTS_FILE = "model.safetensors"

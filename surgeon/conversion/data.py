@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...core.text import load_text, train_eval_windows
 from ...core.errors import HeadlabError
 from ...core.files import write_json
+from ...core.text import load_text, train_eval_windows
 
 CHAT_FORMAT = "headlab-chat-data/1"
 MAX_RESPONSE_TOKENS = 64

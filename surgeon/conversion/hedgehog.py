@@ -12,10 +12,12 @@ The two are not interchangeable; a checkpoint records which one it was trained w
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
 from .settings import LinearSettings
+
 
 class FeatureMap(nn.Module):
     """Hedgehog feature map of one layer and side: ``[B, H, T, D]`` → ``[B, H, T, 2F]`` (fp32)."""

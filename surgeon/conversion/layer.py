@@ -27,9 +27,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ...kernels.linear import hybrid_attention, linear_attention
 from ...kernels.linear_torch import hybrid_step_torch, window_starts, with_ones
-
-from .settings import LinearSettings
 from .hedgehog import FeatureMap, logit
+from .settings import LinearSettings
 
 TRANSFER_LOSSES = ("mse", "ce")
 

@@ -169,5 +169,5 @@ class ConversionSettings:
                 lora_defaults(steps=self.steps[1], lr=self.lr2, **common))
 
 
-__all__ = ["DATA_KINDS", "FEATURE_INITS", "FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings", "StageSettings",
-           "lora_defaults"]
+__all__ = ["DATA_KINDS", "FEATURE_INITS", "FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings",
+           "StageSettings", "lora_defaults"]

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ...core.files import atomic_path
 from .converted import converted_layers
 from .settings import StageSettings
-from ...core.files import atomic_path
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -3,12 +3,12 @@ find kinds in, and the view of one layer call an edit's ``apply`` receives.
 
 An edit kind is one class (the built-in ones each have a module of this package): its parameters as dataclass
 fields with help and checked ranges, its ``stage`` in the attention function (``bias`` on the
-logits before the softmax, ``redistribute`` on the probabilities after it, ``output`` on the
+logits before the softmax, ``reweight`` on the probabilities after it (mass-preserving), ``output`` on the
 per-head outputs before ``o_proj``), what it needs (``needs_prompt``: the prompt's keys and the
 request's spans fixed at prefill; ``needs_residual``: the residual stream entering the layer at
 prefill; ``on_bridge``: it runs on a TransformerLens bridge, which offers only head outputs), and
 ``apply``, which calls the pure tensor functions of :mod:`.formulas`. State an edit fixes at prefill
-(sink sets, chosen heads) lives under the edit's own key in :class:`~.request.RequestState`.
+(sink sets, chosen heads) lives under the edit's own key in :class:`~..request.RequestState`.
 Registering the class with :func:`register_edit` is all the hook, plan files and bridge need.
 """
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..attention_math import AttentionCall
     from ..request import Request, RequestState
 
-STAGES = ("bias", "redistribute", "output")
+STAGES = ("bias", "reweight", "output")
 FIRST_EDITABLE_LAYER = 2  # ACT and VAR never edit layers 0-1
 EDIT_KINDS: dict[str, type["Edit"]] = {}
 
@@ -73,7 +73,7 @@ class Edit:
     """Base of all edit kinds: one layer and a tuple of query heads (see the module docstring).
 
     ``apply(x, at)`` returns the edited ``x``: the logits (``bias``) or probabilities
-    (``redistribute``) ``[B, h, Nq, Nk]`` of the edit's heads, or the per-head outputs
+    (``reweight``) ``[B, h, Nq, Nk]`` of the edit's heads, or the per-head outputs
     ``[B, Nq, H, D]`` of every head (``output``)."""
 
     kind: ClassVar[str] = ""
@@ -131,7 +131,7 @@ class Edit:
         raise NotImplementedError(f"edit kind {self.kind!r} has no apply")
 
     def state_key(self) -> tuple:
-        """The key of what this edit fixes at prefill in :class:`~.request.RequestState`."""
+        """The key of what this edit fixes at prefill in :class:`~..request.RequestState`."""
         return (self.kind, self.layer, self.heads)
 
     def to_dict(self) -> dict:

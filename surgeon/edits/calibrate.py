@@ -26,7 +26,7 @@ class Calibrate(Edit):
     ``drop_first`` says; frozen for decode rows."""
 
     kind: ClassVar[str] = "calibrate"
-    stage: ClassVar[str] = "redistribute"
+    stage: ClassVar[str] = "reweight"
     needs_prompt: ClassVar[bool] = True
 
     beta: float = setting(ACT_BETA, "factor on the sink weights", kind=Number(0.0, 1.0))

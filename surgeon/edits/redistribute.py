@@ -25,7 +25,7 @@ class Redistribute(Edit):
     :func:`headlab.surgeon.detect_sink_dimensions`), found at prefill and frozen."""
 
     kind: ClassVar[str] = "redistribute"
-    stage: ClassVar[str] = "redistribute"
+    stage: ClassVar[str] = "reweight"
     needs_prompt: ClassVar[bool] = True
     needs_residual: ClassVar[bool] = True
 

@@ -1,10 +1,10 @@
 """Running a layer call's edits, stage by stage, through each edit's ``apply`` (no kind is named here).
 
 Only the heads the softmax-stage edits name are computed in eager fp32 (their ``[B, h, Nq, Nk]``
-map, formed as the model forms it: :class:`~.attention_math.AttentionCall`); the other heads keep
+map, formed as the model forms it: :class:`~..attention_math.AttentionCall`); the other heads keep
 the model's own output, so a few edited heads never build maps for the rest. Within a stage, edits
 run in plan order. Key sets frozen at prefill are indexed by sequence position and read through
-:meth:`~.edit.EditCall.keys`, so sliding-window caches (whose keys start later) see the same keys
+:meth:`~.base.EditCall.keys`, so sliding-window caches (whose keys start later) see the same keys
 as a full recompute.
 """
 
@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import torch
 
+from ...core.errors import PlanError
 from .. import attention_math
 from ..attention_math import AttentionCall
-from .base import Edit, EditCall
-from ...core.errors import PlanError
 from ..request import Request, RequestState
+from .base import Edit, EditCall
 
 
-def softmax_stage_heads(bias: list[Edit], redistribute: list[Edit]) -> tuple[int, ...]:
+def softmax_stage_heads(bias: list[Edit], reweight: list[Edit]) -> tuple[int, ...]:
     """Sorted union of the heads the pre- and post-softmax edits of a layer touch."""
-    return tuple(sorted({h for e in (*bias, *redistribute) for h in e.heads}))
+    return tuple(sorted({h for e in (*bias, *reweight) for h in e.heads}))
 
 
 def edited_attention(
     layer: int,
     bias: list[Edit],
-    redistribute: list[Edit],
+    reweight: list[Edit],
     state: RequestState,
     request: Request,
     query: torch.Tensor,
@@ -38,10 +38,10 @@ def edited_attention(
     group_size: int,
 ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
     """``(heads, probs [B, h, Nq, Nk], out [B, Nq, h, D])`` of the edited heads after bias ->
-    softmax -> redistribution. A bias edit that :attr:`~.edit.Edit.compensates` adds one key column
+    softmax -> reweighting. A bias edit that :attr:`~.base.Edit.compensates` adds one key column
     per row (its compensation token) to the softmax; its probability is not in ``probs`` (rows then
     sum to less than one) but its value is in ``out``."""
-    heads = softmax_stage_heads(bias, redistribute)
+    heads = softmax_stage_heads(bias, reweight)
     logits = attention_math.attention_logits(query, key, mask, call, heads, group_size)
     visible = logits > attention_math.MASKED / 2  # [B, h, Nq, Nk]
     rows = call.row_positions(query.shape[-2], key.shape[-2])
@@ -53,7 +53,7 @@ def edited_attention(
         before = logits[:, idx] > attention_math.MASKED / 2
         logits[:, idx] = edit.apply(logits[:, idx], EditCall(layer, state, request, rows, call, visible[:, idx]))
         if edit.compensates:
-            _refuse_redistribution(edit, redistribute)
+            _refuse_reweighting(edit, reweight)
             hidden = before & (logits[:, idx] <= attention_math.MASKED / 2)
             logit, mean_value = attention_math.compensation_token(query, key, value, hidden, call, edit.heads, group_size)
             compensated[:, idx] = logit
@@ -66,7 +66,7 @@ def edited_attention(
     out_extra = None
     if compensation_values is not None:
         out_extra, probs = probs[..., -1:] * compensation_values, probs[..., :-1]
-    for edit in redistribute:
+    for edit in reweight:
         idx = [heads.index(h) for h in edit.heads]
         probs[:, idx] = edit.apply(probs[:, idx], EditCall(layer, state, request, rows, call, visible[:, idx]))
     out = attention_math.per_kv_head_matmul(probs, value.float(), heads, group_size)
@@ -75,9 +75,9 @@ def edited_attention(
     return heads, probs, out.to(value.dtype).transpose(1, 2)
 
 
-def _refuse_redistribution(edit: Edit, redistribute: list[Edit]) -> None:
-    """A compensation token is outside the keys a redistribution moves mass between."""
-    clash = sorted(set(edit.heads) & {h for other in redistribute for h in other.heads})
+def _refuse_reweighting(edit: Edit, reweight: list[Edit]) -> None:
+    """A compensation token is outside the keys a reweighting moves mass between."""
+    clash = sorted(set(edit.heads) & {h for other in reweight for h in other.heads})
     if clash:
         raise PlanError(f"layer {edit.layer}: heads {clash} have a compensation token and a post-softmax edit; "
                         "the two cannot be combined")
@@ -89,7 +89,7 @@ STREAM_BLOCK = 256  # query rows per call of the blocked attention
 def kept_keys(layer: int, bias: list[Edit], state: RequestState, request: Request, call: AttentionCall,
               n_query: int, n_key: int) -> list[tuple[tuple[int, ...], torch.Tensor]] | None:
     """``[(heads, keep [B, Nq, Nk])]`` per bias edit: where the edit's heads' rows keep a key, when
-    every bias edit of the call only hides keys (:meth:`~.edit.Edit.kept_keys`); else None."""
+    every bias edit of the call only hides keys (:meth:`~.base.Edit.kept_keys`); else None."""
     if not bias or len({h for edit in bias for h in edit.heads}) != sum(len(edit.heads) for edit in bias):
         return None  # none, or two edits on one head: the general path
     at = EditCall(layer, state, request, call.row_positions(n_query, n_key), call)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..hook import apply
+from ..hook import attach
 from ..plan import Plan
 from .tasks import Example
 
@@ -108,7 +108,7 @@ def choice_logprobs(model, tokenizer, examples: list[Example], plan: Plan | None
     """Sum of the log-probabilities of each choice's tokens after the example's context, per
     example and choice. Sequences are right-padded into batches of ``batch_size``."""
     batches = choice_batches(tokenizer, examples, batch_size)
-    with apply(model, plan) if plan is not None and plan.edits else nullcontext():
+    with attach(model, plan) if plan is not None and plan.edits else nullcontext():
         return score_batches(batches, len(examples), model_forward(model), progress)
 
 

@@ -23,18 +23,18 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
+from ...core.errors import UnsupportedModelError
+from ...core.files import write_json
+from ...core.shape import model_shape
 from ..conversion.converted import converted_layers
 from ..edits.base import FIRST_EDITABLE_LAYER
 from ..edits.calibrate import Calibrate
-from ...core.errors import UnsupportedModelError
-from ...core.files import write_json
-from ..hook import apply
-from ...core.shape import model_shape
+from ..hook import attach
 from ..plan import Plan, PlanError
 from .accuracy import EvalResult, accuracy, choice_batches, model_forward, score_batches
 from .prefix import LayerPrefix
-from .suffix import SuffixScorer
 from .settings import ACT_BETA, ACT_THRESHOLD
+from .suffix import SuffixScorer
 from .tasks import Example
 
 
@@ -115,7 +115,7 @@ def measure_layer(model, examples: list[Example], batches, edits: list[Calibrate
         yield from zip(edits, (accuracy(examples, scores) for scores in scorer.layer_scores(edits)))
         return
     for edit in edits:
-        with apply(model, Plan([edit])):
+        with attach(model, Plan([edit])):
             yield edit, accuracy(examples, score_batches(batches, len(examples), forward))
 
 

@@ -73,7 +73,7 @@ class LayerPrefix:
         self.layer, self.states = layer, captured
 
     def forward(self, index: int, batch: ChoiceBatch) -> torch.Tensor:
-        """Logits at ``batch.read`` (see :func:`~.evaluate.model_forward`), with the blocks below
+        """Logits at ``batch.read`` (see :func:`~.accuracy.model_forward`), with the blocks below
         :attr:`layer` handing through the kept stream of batch ``index``."""
         if self.states is None:
             return self._plain(index, batch)

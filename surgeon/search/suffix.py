@@ -15,7 +15,7 @@ rows go together (:func:`group_by_first_row`).
 
 The scores equal those of a whole forward under the same plan up to fp32 rounding (the same sums
 in other groupings and shapes), not bit for bit. Needs a causal model whose cache holds the whole
-sequence at every layer; :class:`~headlab.errors.UnsupportedModelError` otherwise.
+sequence at every layer; :class:`~headlab.core.errors.UnsupportedModelError` otherwise.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from ..edits.calibrate import Calibrate
 from ...core.errors import UnsupportedModelError
+from ...core.shape import model_shape, text_config
+from ..edits.calibrate import Calibrate
 from ..hook import attach
 from ..kv_cache import ReservedLayer, full_attention_only
 from ..plan import Plan
 from ..request import RequestState
-from ...core.shape import model_shape, text_config
 from ..sites import attention_modules, has_causal_attention
 from .accuracy import ChoiceBatch, output_at
 from .prefix import LayerPrefix, Reached, handing_through, require_tensor_output
@@ -109,7 +109,7 @@ class SuffixScorer:
 
     def scores(self, edit: Calibrate) -> list[list[float]]:
         """Sum of each choice's token log-probabilities under ``edit`` alone, per example and choice
-        (as :func:`~.evaluate.score_batches` under ``Plan([edit])``). Needs :attr:`prefix` at the
+        (as :func:`~.accuracy.score_batches` under ``Plan([edit])``). Needs :attr:`prefix` at the
         edit's layer."""
         return self.layer_scores([edit])[0]
 
@@ -151,7 +151,7 @@ class SuffixScorer:
                     scored[position] = context.log_probability(self.sequences[index].targets[0])
 
     def unedited_scores(self) -> list[list[float]]:
-        """The choice scores without edits, per example and choice (as :func:`~.evaluate.score_batches`)."""
+        """The choice scores without edits, per example and choice (as :func:`~.accuracy.score_batches`)."""
         return self._per_example([float(s.unedited.sum()) for s in self.sequences])
 
     def _examples(self) -> list[_Example | None]:
@@ -176,7 +176,7 @@ class SuffixScorer:
     @torch.no_grad()
     def _unedited_pass(self) -> tuple[list[_Sequence], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Every sequence's unedited scoring, and per layer every sequence's keys and values; the
-        stream entering each layer goes to :attr:`prefix` (:attr:`~.prefix.LayerPrefix.known`)."""
+        stream entering each layer goes to :attr:`prefix` (its ``known`` streams)."""
         sequences, caches, streams = [], [], []
         checks = [block.register_forward_hook(require_tensor_output) for block in self.prefix.blocks]
         try:
@@ -335,7 +335,7 @@ def group_by_first_row(items: list[tuple[int, int]], cost_rows: int = GROUP_COST
     best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j sequences in order
     cut = [0] * (len(order) + 1)
     for j in range(1, len(order) + 1):
-        start, widest = items[order[j - 1]][0], 0
+        widest = 0
         for i in range(j - 1, -1, -1):  # the group order[i:j], which starts at the first row of order[i]
             first, rows = items[order[i]]
             widest = max(widest, rows + first)

@@ -23,16 +23,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import Plan, attach, model_shape
 from ...core.errors import InputFileError
 from ...core.files import atomic_path, write_json
-from .mixing import StreamMix
-from ..losses import needs_recompute, recomputed_in_backward
-from .settings import StreamingSettings
-from ...core.text import load_text
 from ...core.head_scores import HeadScores
-from .settings import GateSettings
+from ...core.text import load_text
+from .. import Plan, attach, model_shape
+from ..losses import needs_recompute, recomputed_in_backward
+from .mixing import StreamMix
 from .rules import candidates, global_layers, score_ranking, streaming_plan
+from .settings import GateSettings, StreamingSettings
 
 GATE_SCORE = "duo_gate"
 STATE_FILE, GATES_FILE, PLAN_FILE = "gates-state.pt", "gates.json", "plan.json"

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
+from ...core.errors import PlanError
 from .. import attention_math
 from ..edits import formulas as edits
-from ...core.errors import PlanError
 
 
 @dataclass

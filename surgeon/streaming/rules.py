@@ -4,7 +4,7 @@ deployment).
 
 A cache is per KV head, so a KV head scores the maximum over its query heads (RazorAttention takes the
 maximum over each GQA group). Only layers with global attention are candidates: a sliding-window layer
-already holds a bounded cache. Rules (:data:`RULES`): one score's ranking; RazorAttention's union of
+already holds a bounded cache. Rules: one score's ranking; RazorAttention's union of
 its echo and induction rankings; a seeded random order (the control) (:func:`rule_ranking`).
 """
 
@@ -15,12 +15,12 @@ import random
 
 import torch
 
-from ..edits.stream import Stream
 from ...core.errors import HeadlabError
+from ...core.head_scores import HeadScores
+from ...core.shape import ModelShape
+from ..edits.stream import Stream
 from ..plan import Plan
 from .settings import StreamingSettings
-from ...core.shape import ModelShape
-from ...core.head_scores import HeadScores
 
 SLIDING = "sliding_attention"  # transformers' layer type of a sliding-window layer
 RAZOR_SCORES = ("echo", "razor_induction")
