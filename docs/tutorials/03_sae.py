@@ -12,41 +12,31 @@ from pathlib import Path
 
 import torch
 
-from headlab.core.text import load_text, token_windows
-from headlab.sae import (ModelActivations, ShuffleBuffer, SparseAutoencoder, Trainer, decoder_head_shares,
-                         load_sae, save_sae)
+from headlab.core.text import TextWindows, load_text, token_windows
+from headlab.sae import decoder_head_shares, head_outputs, load_sae, train_sae
 from headlab.sae.settings import TrainSettings
-from headlab.surgeon import load_model, model_shape
+from headlab.surgeon import load_model
 
-torch.manual_seed(0)
 model, tokenizer = load_model("smollm2-135m")
-shape = model_shape(model)
-layer, d_in = 12, shape.n_heads * shape.head_dim
+layer = 12
 
 # %% [markdown]
-# ## Training
+# ## Training and saving
 #
-# 24 windows of 128 tokens give about 3000 activations of 576 values (9 heads × 64); a TopK autoencoder
-# with 4× expansion and k = 16 trains on 8192 of them.
-
-# %%
-windows = token_windows(tokenizer, load_text(None), 24, 128, seed=0)
-settings = TrainSettings(arch="topk", k=16, expansion=4, train_tokens=8192, batch_tokens=256, buffer_tokens=2048,
-                         init_rows=2048)
-source = ModelActivations(model, windows, layer)
-sae = SparseAutoencoder(d_in, 4 * d_in, "topk", 16, shape.n_heads, shape.head_dim, seed=0)
-trainer = Trainer(sae, ShuffleBuffer(source, settings.batch_size, settings.buffer_tokens, seed=0), settings)
-trainer.run(progress=False)
-print(f"{sae.d_sae} latents; last logged step:", trainer.history[-1])
-
-# %% [markdown]
-# ## Saving in SAELens' layout
+# `train_sae` is what `headlab sae train` runs: about 8,200 activations of 576 values (9 heads × 64) from
+# windows of 128 tokens train a TopK autoencoder with 4× expansion and k = 16; it is saved in SAELens'
+# layout with its metrics on 4 held-out windows.
 
 # %%
 folder = Path(tempfile.mkdtemp()) / "sae"
-save_sae(sae, folder, "HuggingFaceTB/SmolLM2-135M-Instruct", layer, f"model.layers.{layer}.self_attn.o_proj", 128)
+settings = TrainSettings(arch="topk", k=16, expansion=4, train_tokens=8192, batch_tokens=256, buffer_tokens=2048,
+                         init_rows=2048)
+metrics = train_sae(model, tokenizer, layer, folder, settings, TextWindows(windows=4, tokens=128),
+                    model_spec="smollm2-135m", progress=False)
+print({name: round(metrics[name], 3) for name in ("l0", "explained_variance", "dead_fraction")})
 loaded, config = load_sae(folder)
 print(config["architecture"], config["metadata"]["hook_name"], config["d_sae"])
+assert config["d_sae"] == 4 * 576 and config["metadata"]["hook_name"] == f"blocks.{layer}.attn.hook_z"
 
 # %% [markdown]
 # ## Which heads a latent draws on
@@ -55,7 +45,8 @@ print(config["architecture"], config["metadata"]["hook_name"], config["d_sae"])
 # norm over the sum of the slices' norms.
 
 # %%
-x = torch.cat([source.chunk(i) for i in range(2)])
+windows = token_windows(tokenizer, load_text(None), 2, 128, seed=1)
+x = torch.cat([head_outputs(model, window, layer)[1:] for window in windows])  # [positions, 576], first token dropped
 codes = loaded.encode(x)
 firing = (codes > 0).float().mean(0)
 shares = decoder_head_shares(loaded)  # [latents, heads]
