@@ -158,7 +158,7 @@ def check_folder(path: str | os.PathLike, overwrite: bool = False, what: str = "
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; give a folder")
     if path.is_dir() and not overwrite:
-        owned = _owned(path)
+        owned = owned_entries(path)
         foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in owned | {OWNED_MANIFEST})
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -184,10 +184,13 @@ def claim_folder(path: str | os.PathLike, names: Iterable[str], overwrite: bool 
 def record_owned(folder: str | os.PathLike, names: Iterable[str]) -> None:
     """Add ``names`` to the entries headlab owns in ``folder`` (:data:`OWNED_MANIFEST`)."""
     folder = Path(folder)
-    write_json(folder / OWNED_MANIFEST, {"format": "headlab-owned/1", "entries": sorted(_owned(folder) | set(names))})
+    entries = sorted(owned_entries(folder) | set(names))
+    write_json(folder / OWNED_MANIFEST, {"format": "headlab-owned/1", "entries": entries})
 
 
-def _owned(folder: Path) -> set[str]:
+def owned_entries(folder: str | os.PathLike) -> set[str]:
+    """The entries of ``folder`` headlab recorded as its own (:data:`OWNED_MANIFEST`)."""
+    folder = Path(folder)
     manifest = folder / OWNED_MANIFEST
     if not manifest.is_file():
         return set()

@@ -4,7 +4,7 @@ from importlib import import_module
 
 from ._version import __version__
 
-_EXPORTS = ("HeadScale", "Plan", "Taps", "attach", "load_model", "model_shape")  # from headlab.surgeon
+_EXPORTS = ("HeadScale", "Plan", "Taps", "attach", "load_model", "model_shape", "save_edited")  # from headlab.surgeon
 __all__ = [*_EXPORTS, "__version__"]
 
 

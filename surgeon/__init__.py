@@ -19,6 +19,8 @@ _EXPORTS = {
     "HeadMean": "edits",
     "HeadScale": "edits",
     "HOOK_NAME": "hook",
+    "install": "hook",
+    "installed_plan": "hook",
     "load_model": "models",
     "MapBudgetError": "taps",
     "model_directory": "models",
@@ -32,6 +34,7 @@ _EXPORTS = {
     "reference_outputs": "references",
     "Reinforce": "edits",
     "Request": "request",
+    "save_edited": "saving",
     "RequestState": "request",
     "search": "search",
     "Session": "hook",
@@ -39,6 +42,7 @@ _EXPORTS = {
     "Stream": "edits",
     "Uniform": "edits",
     "Taps": "taps",
+    "uninstall": "hook",
     "UnsupportedModelError": "headlab.core.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -13,12 +13,15 @@ previous implementation is restored on exit, also after an exception.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core.errors import UnsupportedModelError
@@ -30,7 +33,12 @@ from .edits import stages
 from .plan import Plan, PlanError
 from .recorder import Recorder
 from .request import Request, RequestState, section_masks, span_mask
-from .sites import attention_modules, block_input, decoder_layers, require_attention_interface
+from .sites import (
+    attention_modules,
+    block_input,
+    decoder_layers,
+    require_attention_interface,
+)
 from .streaming.mixing import StreamMix
 from .taps import Recording, Taps
 
@@ -38,6 +46,7 @@ HOOK_NAME = "headlab"
 
 Splice = Callable[[torch.Tensor], torch.Tensor]  # per-head outputs [B, N, H, D] -> replacement
 _SESSION_ATTR = "_headlab_session"
+_INSTALLED_ATTR, _INSTALLED_EXIT = "_headlab_installed_plan", "_headlab_installed_exit"
 
 
 class Session:
@@ -317,6 +326,15 @@ def attach(
     applied before the output edits. The previous attention implementation is restored on exit.
     Layers the session leaves alone run the model's own implementation, unchanged.
     """
+    installed = getattr(model, _INSTALLED_ATTR, None)
+    if installed is not None:  # the model's own plan runs first, then this one
+        uninstall(model)
+        try:
+            with attach(model, installed.then(plan), taps, gates, request, splice, mixing) as session:
+                yield session
+        finally:
+            install(model, installed)
+        return
     require_attention_interface(model)
     shape = model_shape(model)
     plan = plan or Plan()
@@ -354,6 +372,33 @@ def attach(
             if hasattr(module, _SESSION_ATTR):
                 delattr(module, _SESSION_ATTR)
         model.set_attn_implementation(previous)
+
+
+def install(model, plan: Plan) -> None:
+    """Make ``plan`` the model's own: every forward runs its edits from now on, outside
+    :func:`attach` too, and an :func:`attach` runs its own plan after it (how an edited checkpoint
+    whose edits cannot fold into the weights reloads; :func:`uninstall` takes it off)."""
+    if getattr(model, _INSTALLED_ATTR, None) is not None:
+        raise PlanError("this model has a plan installed already; uninstall(model) first, or attach() the new edits")
+    stack = ExitStack()
+    stack.enter_context(attach(model, plan))
+    setattr(model, _INSTALLED_ATTR, plan)
+    setattr(model, _INSTALLED_EXIT, stack)
+
+
+def installed_plan(model) -> Plan | None:
+    """The plan :func:`install` made the model's own, or None."""
+    return getattr(model, _INSTALLED_ATTR, None)
+
+
+def uninstall(model) -> Plan | None:
+    """Take the installed plan off the model (it then runs unedited); returns it, or None."""
+    plan = getattr(model, _INSTALLED_ATTR, None)
+    if plan is not None:
+        getattr(model, _INSTALLED_EXIT).close()
+        delattr(model, _INSTALLED_ATTR)
+        delattr(model, _INSTALLED_EXIT)
+    return plan
 
 
 def _residual_hooks(model, plan: Plan, session: Session) -> list:

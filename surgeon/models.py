@@ -188,10 +188,21 @@ def load_model(
 
     The model is in eval mode on the CPU with ``attn_implementation`` (by default transformers'
     choice: SDPA where the family supports it, else eager, e.g. Gemma 2's soft-capping). A
-    directory written by ``headlab convert`` reloads with its linear-attention layers. Raises
+    directory written by ``headlab convert`` reloads with its linear-attention layers, and one written
+    by ``headlab apply`` whose edits cannot fold into the weights with its plan installed
+    (:func:`~.hook.install`; :mod:`.saving`). Raises
     :class:`ModelSpecError` for specs that name nothing loadable and :class:`UnsupportedModelError`
     for architectures whose attention bypasses transformers' attention interface.
     """
+    from .saving import hooked_base, install_saved_plan
+
+    base = hooked_base(spec) if Path(str(spec)).expanduser().is_dir() else None
+    if base is not None:  # an edited checkpoint whose edits run in the hook
+        model, tokenizer = load_model(base, dtype=dtype, attn_implementation=attn_implementation,
+                                      trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
+        install_saved_plan(model, Path(str(spec)).expanduser())
+        model.name_or_path = str(spec)
+        return model, tokenizer
     path, config = load_config(spec, trust_remote_code)
     spec = str(spec)
     from .conversion.converted import is_converted_directory, load_converted
@@ -226,6 +237,11 @@ def model_directory(spec: str | os.PathLike) -> Path:
         raise ModelSpecError(f"{spec!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a local directory")
     if not path.is_dir():
         raise ModelSpecError(f"{spec!r} is a file; a model spec must be a Hugging Face directory")
+    from .saving import hooked_base
+
+    if hooked_base(path) is not None:
+        raise ModelSpecError(f"{spec!r} is an edited checkpoint whose edits run in headlab's attention hook (its "
+                             "weights alone are the unedited model); load it with headlab's load_model")
     if not (path / "config.json").exists():
         raise ModelSpecError(f"{spec!r} is a directory without config.json, so it is not a Hugging Face model directory")
     return path
@@ -251,7 +267,10 @@ def load_config(spec: str | os.PathLike, trust_remote_code: bool = False):
     but unreachable)."""
     spec = str(spec)
     if spec in BUNDLED or Path(spec).expanduser().exists():
-        path = model_directory(spec)
+        from .saving import hooked_base
+
+        base = hooked_base(spec) if Path(spec).expanduser().is_dir() else None
+        path = base if base is not None else model_directory(spec)
     elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise ModelSpecError(f"model folder {spec} does not exist")
     else:
@@ -276,8 +295,12 @@ def hub_id(spec: str | os.PathLike) -> str:
 
 
 def is_causal_lm(config) -> bool:
-    """Whether a config describes a causal language model (a decoder with a language-model head)."""
-    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    """Whether a config describes a causal language model (a decoder with a language-model head: a class
+    transformers' ``AutoModelForCausalLM`` builds, such as GPT-2's ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(a.endswith("ForCausalLM") or a in causal for a in (config.architectures or []))
 
 
 def _require_hub(spec: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import import_module
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..core.errors import HeadlabError, PlanError
 from ..core.files import claim_file, read_text_file, write_json
 from ..core.kinds import Integer, Items, Kind, Maybe, Text
 from ..core.settings import check_object
-from ..core.shape import ModelShape
+from ..core.shape import ModelShape, model_shape
 from .edits.base import EDIT_KINDS, Edit
 
 
@@ -44,6 +45,16 @@ class Plan:
             )
         for edit in self.edits:
             edit.validate(shape)
+
+    def then(self, other: "Plan | None") -> "Plan":
+        """This plan's edits followed by ``other``'s, bound to this plan's model and shape (or
+        ``other``'s where this one records none)."""
+        if other is None:
+            return self
+        if self.shape is not None and other.shape is not None and self.shape != other.shape:
+            raise PlanError(f"cannot join a plan for shape {other.shape.to_dict()} ({other.model or 'unnamed'}) to "
+                            f"one for {self.shape.to_dict()} ({self.model or 'unnamed'})")
+        return Plan(self.edits + other.edits, self.model or other.model, self.shape or other.shape)
 
     def layers(self) -> set[int]:
         """Layers with at least one edit."""
@@ -78,11 +89,24 @@ class Plan:
         edits = [_edit_from_dict(item, f"{source}: edit {i}") for i, item in enumerate(plan["edits"])]
         return cls(edits, plan.get("model"), shape)
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    def bound_to(self, model) -> "Plan":
+        """This plan recording ``model``'s name and shape (checked against the edits and any shape it
+        records already)."""
+        shape = model_shape(model)
+        self.validate(shape)
+        return Plan(list(self.edits), str(getattr(model, "name_or_path", "") or self.model or "") or None, shape)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, model=None) -> Path:
         """Write the plan as JSON (atomically); an existing file is replaced only when headlab wrote
-        it, or with ``overwrite``."""
+        it, or with ``overwrite``. ``model``: the model the plan is for, whose name and shape the file
+        records (:meth:`bound_to`), so that loading it for another model is refused; a plan that
+        records no shape warns."""
+        plan = self if model is None else self.bound_to(model)
+        if plan.shape is None:
+            warnings.warn(f"plan {path} records no model or shape, so nothing checks the model it is used on; "
+                          "save(path, model=model) records them", stacklevel=2)
         claim_file(path, overwrite, "plan")
-        return write_json(path, self.to_dict())
+        return write_json(path, plan.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":

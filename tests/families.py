@@ -42,6 +42,9 @@ class Family:
     # what a default linear-attention conversion does: the layers it replaces (every full-attention
     # layer), or a phrase of the error that refuses it (test_conversion_families.py)
     conversion: tuple[int, ...] | str = tuple(range(N_LAYERS))
+    # whether a mean replacement folds into the weights (the output projection has a bias, or a config
+    # switch adds one); where not, `headlab apply` saves the model with its plan (test_saving.py)
+    mean_folds: bool = True
 
     @property
     def kv_heads(self) -> int:
@@ -51,11 +54,11 @@ class Family:
 FAMILIES = (
     Family("llama"),
     Family("mistral", dict(sliding_window=WINDOW, num_key_value_heads=5), "sliding window (every layer)",
-           conversion="every layer of this model attends through a sliding window"),
-    Family("mixtral", dict(num_local_experts=3, **MOE), "mixture of experts"),
-    Family("qwen2"),
+           conversion="every layer of this model attends through a sliding window", mean_folds=False),
+    Family("mixtral", dict(num_local_experts=3, **MOE), "mixture of experts", mean_folds=False),
+    Family("qwen2", mean_folds=False),
     Family("qwen2_moe", dict(num_experts=3, moe_intermediate_size=11, shared_expert_intermediate_size=13, **MOE),
-           "mixture of experts"),
+           "mixture of experts", mean_folds=False),
     Family("qwen3", quirks="query/key norms"),
     Family("qwen3_moe", dict(num_experts=3, moe_intermediate_size=11, **MOE), "mixture of experts, query/key norms"),
     Family("gemma", dict(num_key_value_heads=5)),
@@ -75,9 +78,9 @@ FAMILIES = (
     Family("granite", quirks="scaled attention and residuals"),
     Family("starcoder2", dict(num_key_value_heads=5)),
     Family("phi", dict(partial_rotary_factor=1.0, num_key_value_heads=5), conversion="PhiAttention has submodules"),
-    Family("phi3", conversion="Phi3Attention has submodules"),
+    Family("phi3", conversion="Phi3Attention has submodules", mean_folds=False),
     Family("smollm3", quirks="no rotary positions on every fourth layer"),
-    Family("helium"),
+    Family("helium", mean_folds=False),
     Family("gpt2", dict(n_embd=N_HEADS * HEAD_DIM, n_layer=N_LAYERS, n_head=N_HEADS, n_positions=128, n_inner=37,
                         num_key_value_heads=N_HEADS),
            "fused qkv projection, learned positions", conversion="under another name than self_attn"),
@@ -138,13 +141,14 @@ CHECKS = ("empty plan exact", "`generate` unchanged", "maps = eager", "statistic
 
 def family_table() -> str:
     """The README's table of families, from :data:`FAMILIES` (each check is a test of the matrix)."""
-    lines = ["| family | what it adds | " + " | ".join(CHECKS) + " | linear-attention conversion |",
-             "|---|---|" + "---|" * (len(CHECKS) + 1)]
+    lines = ["| family | what it adds | " + " | ".join(CHECKS) + " | linear-attention conversion | `headlab apply` |",
+             "|---|---|" + "---|" * (len(CHECKS) + 2)]
     for family in FAMILIES:
         if family.refused is None:
-            cells = [family.quirks or "plain causal attention", *("✓" for _ in CHECKS), _conversion_cell(family)]
+            cells = [family.quirks or "plain causal attention", *("✓" for _ in CHECKS), _conversion_cell(family),
+                     "✓ static edits fold" if family.mean_folds else "✓ scaling folds; mean replacement: model + plan"]
         else:
-            cells = [f"refused: “{family.refused}…”", *("—" for _ in CHECKS), "—"]
+            cells = [f"refused: “{family.refused}…”", *("—" for _ in CHECKS), "—", "—"]
         lines.append(f"| `{family.name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

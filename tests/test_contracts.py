@@ -342,3 +342,15 @@ def _model_loads_counted(loaded: list):
         return real(*args, **kwargs)
 
     return mock.patch.object(models, "load_model", counted)
+
+
+def test_an_empty_search_and_an_empty_plan_say_so(checkpoints, tmp_path, capsys):
+    """A calibration search that keeps no head says what to try, and eval of its empty plan says the plan
+    changes nothing (no accuracy can beat the unedited model's by more than 1)."""
+    model = checkpoints["llama"]["model"]
+    task = ["--task", "kv-recall", "--size", "8"]
+    assert main(["calibrate", model, *task, "--layers", "2", "--margin", "1", "--out", str(tmp_path / "plan.json")]) == 0
+    err = capsys.readouterr().err
+    assert "the plan is empty; try a smaller --margin" in err, err
+    assert main(["eval", model, *task, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "eval.json")]) == 0
+    assert "has no edits" in capsys.readouterr().err

@@ -57,6 +57,6 @@ print(f"accuracy calibrated: {evaluate(model, tokenizer, examples, plan).accurac
 
 # %%
 path = Path(tempfile.mkdtemp()) / "plan.json"
-plan.save(path)
+plan.save(path, model=model)   # records the model and its shape, checked when the plan is used
 print(path.read_text()[:300])
 assert Plan.load(path).edits == plan.edits

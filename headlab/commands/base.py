@@ -20,7 +20,7 @@ from ..core.settings import add_options
 from . import common
 
 # the built-in commands, one module each, in the order `headlab --help` lists them
-BUILTIN = ("models", "report", "view", "atlas", "validate", "calibrate", "eval", "stream_plan",
+BUILTIN = ("models", "report", "view", "atlas", "validate", "calibrate", "eval", "apply", "stream_plan",
            "stream_eval", "train_gates", "convert", "sae_train", "sae_eval", "sae_dashboard")
 GROUPS = {"sae": ("sparse autoencoders on per-head attention outputs (train, eval, dashboard)",
                   "Sparse autoencoders on the per-head outputs of one layer (the input of o_proj, heads flattened; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..core.errors import HeadlabError
@@ -68,6 +69,10 @@ class Calibrate(Command):
         plan.save(args.out)
         print(f"baseline accuracy {state['baseline']:.3f} on {len(examples)} calibration examples; "
               f"kept {len(state['kept'])} of {len(record.candidates)} heads\nplan: {args.out}\nprogress: {progress}")
+        if not state["kept"]:
+            print(f"headlab calibrate: warning: no head beat the unedited model by more than --margin "
+                  f"{search.margin} on {len(examples)} examples, so the plan is empty; try a smaller --margin, a "
+                  "larger --size, other --layers or another --beta", file=sys.stderr)
         return 0
 
     def interrupted(self, args) -> str:

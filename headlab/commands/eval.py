@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..core.files import claim_file, write_json
 from ..core.settings import settings_from_args
 from ..surgeon.search.tasks import TaskSettings
@@ -42,6 +44,9 @@ class Eval(Command):
         from ..surgeon.search.accuracy import evaluate_tasks
 
         tasks, plan, examples = checked
+        if plan is not None and not plan.edits:
+            print(f"headlab eval: warning: plan {args.plan} has no edits, so 'with the plan' is the unedited model",
+                  file=sys.stderr)
         model, tokenizer = common.load_model_from(args)
         results = evaluate_tasks(model, tokenizer, examples, plan, tasks.batch_size)
         results.update({"model": args.model, "plan": args.plan, "split": args.split, "seed": tasks.seed})

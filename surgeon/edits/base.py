@@ -130,6 +130,13 @@ class Edit:
         """The edited tensor (see the class docstring)."""
         raise NotImplementedError(f"edit kind {self.kind!r} has no apply")
 
+    def affine(self, scale: "torch.Tensor", shift: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """For an output-stage edit that maps each head's output ``x`` to ``a·x + c`` at every position:
+        the map ``(scale [H], shift [H, D])`` (every head's ``x ↦ scale·x + shift`` so far) followed by
+        this edit, so that it can be folded into the output projection's weights
+        (:mod:`~headlab.surgeon.folding`). None (the default): the edit is not such a map."""
+        return None
+
     def state_key(self) -> tuple:
         """The key of what this edit fixes at prefill in :class:`~..request.RequestState`."""
         return (self.kind, self.layer, self.heads)

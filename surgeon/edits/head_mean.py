@@ -48,5 +48,12 @@ class HeadMean(Edit):
         out[:, :, list(self.heads)] = torch.tensor(self.means, dtype=out.dtype, device=out.device)
         return out
 
+    def affine(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = list(self.heads)
+        scale, shift = scale.clone(), shift.clone()
+        scale[heads] = 0.0
+        shift[heads] = torch.tensor(self.means, dtype=shift.dtype)
+        return scale, shift
+
 
 __all__ = ["HeadMean"]

@@ -29,5 +29,12 @@ class HeadScale(Edit):
         scales[list(self.heads)] = self.scale
         return out * scales[None, None, :, None]
 
+    def affine(self, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = list(self.heads)
+        scale, shift = scale.clone(), shift.clone()
+        scale[heads] *= self.scale
+        shift[heads] *= self.scale
+        return scale, shift
+
 
 __all__ = ["HeadScale"]
