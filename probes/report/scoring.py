@@ -11,6 +11,7 @@ import io
 import json
 import math
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -98,12 +99,16 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     for family in families:
         if family.name in written.done:
             continue
+        if progress:
+            tqdm.write(f"scoring {family.name}: {family.summary}", file=sys.stderr)
         for extra in family.run(inputs):
             scores[extra.name], pages[extra.name] = extra, family.page
             written.write(scores, pages)
         written.done.append(family.name)
         written.write(scores, pages)
     _write_scores(out_dir, model, provenance, scores, complete=True, pages=pages)
+    if progress:
+        tqdm.write("writing report.html and views.html", file=sys.stderr)
     return write_pages(out_dir, provenance, scores, first, (settings.n_views, settings.top_k), pages, curves,
                        compression, atlas)
 

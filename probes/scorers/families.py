@@ -160,7 +160,7 @@ def _induction(inputs: FamilyInputs):
     from . import importance
 
     repeat = {"n_batch": 10, "half": 50, "seed": inputs.settings.seed}
-    for name, values in importance.repeated_token_scores(inputs.model, **repeat).items():
+    for name, values in importance.repeated_token_scores(inputs.model, **repeat, progress=inputs.progress).items():
         yield _scores(name, values, inputs.counts(10), inputs, importance.REPEAT_DESCRIPTIONS[name], repeat)
 
 

@@ -33,23 +33,26 @@ def repeated_tokens(vocab_size: int, n_batch: int = 10, half: int = 50, seed: in
 
 
 @torch.no_grad()
-def repeated_token_scores(model, n_batch: int = 10, half: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
+def repeated_token_scores(model, n_batch: int = 10, half: int = 50, seed: int = 0,
+                          progress: bool = False) -> dict[str, torch.Tensor]:
     """Induction ``A[i, i - half + 1]`` and duplicate ``A[i, i - half]`` scores, averaged over the
-    second-copy rows and the batch."""
+    second-copy rows and the batch (one forward; each layer's maps reduced as soon as they exist)."""
     shape = model_shape(model)
     ids = repeated_tokens(model.config.get_text_config().vocab_size, n_batch, half, seed)
-    taps = Taps(attention={layer: None for layer in range(shape.n_layers)})
-    with attach(model, taps=taps) as session:
-        run_for_taps(model, input_ids=ids)
     rows = torch.arange(half, 2 * half)
-    induction, duplicate = [], []
-    for layer in range(shape.n_layers):
-        maps = session.recording.attention_map(layer)  # [batch, heads, query, key]
-        induction.append(maps[:, :, rows, rows - half + 1].mean((0, 2)))
-        duplicate.append(maps[:, :, rows, rows - half].mean((0, 2)))
-    return {"induction": torch.stack(induction), "duplicate_token": torch.stack(duplicate)}
+    induction, duplicate = {}, {}
+    bar = tqdm(total=shape.n_layers, desc="induction", unit="layer", disable=not progress, leave=False)
 
+    def reduce(layer: int, maps: torch.Tensor) -> None:  # maps [batch, heads, query, key]
+        induction[layer] = maps[:, :, rows, rows - half + 1].mean((0, 2))
+        duplicate[layer] = maps[:, :, rows, rows - half].mean((0, 2))
+        bar.update()
 
+    taps = Taps(attention={layer: None for layer in range(shape.n_layers)}, attention_consumer=reduce)
+    with bar, attach(model, taps=taps):
+        run_for_taps(model, input_ids=ids)
+    return {"induction": torch.stack([induction[layer] for layer in range(shape.n_layers)]),
+            "duplicate_token": torch.stack([duplicate[layer] for layer in range(shape.n_layers)])}
 
 
 def gradient_importance(model, windows: list[torch.Tensor], progress: bool = False) -> torch.Tensor:

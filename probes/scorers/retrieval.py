@@ -190,12 +190,17 @@ class SharedPrefix:
     ids: torch.Tensor
 
 
+Status = Callable[[str], None]  # shows what a long step is doing (a progress bar's postfix)
+
+
 @torch.no_grad()
-def shared_prefix(model, prompts: list[NeedlePrompt], previous: SharedPrefix | None = None) -> SharedPrefix | None:
+def shared_prefix(model, prompts: list[NeedlePrompt], previous: SharedPrefix | None = None,
+                  status: Status | None = None) -> SharedPrefix | None:
     """The cache of the longest token prefix every prompt of ``prompts`` shares (leaving each at least
     one prefill token of its own), or None when they share nothing worth a forward. Where the model's
     cache holds whole sequences, the tokens it shares with ``previous`` (an earlier group's prefix:
-    the needle grid's haystacks all open alike) are taken from that cache, not computed again."""
+    the needle grid's haystacks all open alike) are taken from that cache, not computed again.
+    ``status`` hears each prefill chunk."""
     ids = [prompt.input_ids[0] for prompt in prompts]
     limit = min(len(i) for i in ids) - 2
     length = 0
@@ -206,7 +211,7 @@ def shared_prefix(model, prompts: list[NeedlePrompt], previous: SharedPrefix | N
     reused = 0 if previous is None or not full_attention_only(model) else _common_length(previous.ids, ids[0][:length])
     cache = cropped_cache(previous.cache, reused) if reused else None
     if reused < length:
-        cache = _continue_cache(model, ids[0][None], reused, length, cache)
+        cache = _continue_cache(model, ids[0][None], reused, length, cache, status)
     return SharedPrefix(length, cache, ids[0][:length])
 
 
@@ -237,13 +242,14 @@ def greedy_with_top_keys(model, input_ids: torch.Tensor, max_new_tokens: int, st
 
 @torch.no_grad()
 def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens: int, stop: StopRule | None,
-                              plan: Plan | None = None, record: bool = True, prefix: SharedPrefix | None = None
-                              ) -> list[tuple[list[int], list[torch.Tensor]]]:
+                              plan: Plan | None = None, record: bool = True, prefix: SharedPrefix | None = None,
+                              status: Status | None = None) -> list[tuple[list[int], list[torch.Tensor]]]:
     """:func:`greedy_with_top_keys` of each of ``prompts`` (``[1, seq_i]``), decoded side by side:
     each is prefilled alone into its row of one cache (:class:`~headlab.surgeon.kv_cache.SharedRooms`), then each step runs
     every row at once (the weights are read once for all), a mask hiding the positions a shorter
     prompt leaves empty. Several prompts need the unedited model (edits follow sequence positions,
-    which the rows do not share) and full-attention caches."""
+    which the rows do not share) and full-attention caches. ``status`` hears each prefill chunk and
+    decode step."""
     edited = plan is not None and bool(plan.edits)
     if edited and (prefix is not None or len(prompts) > 1):
         raise ValueError("a shared prefix and side-by-side decoding are only for the unedited model")
@@ -253,7 +259,7 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
     rooms = SharedRooms(model, len(prompts), held + max_new_tokens + 1)
     top_keys: list[list[torch.Tensor]] = [[] for _ in prompts]
     with attach(model, plan) as session:
-        caches = [_prefill_row(model, session, rooms, row, ids, prefix) for row, ids in enumerate(prompts)]
+        caches = [_prefill_row(model, session, rooms, row, ids, prefix, status) for row, ids in enumerate(prompts)]
         session.resume(held)
         if record:
             session.set_taps(Taps.all_attention(shape))  # from here on one row per head and step
@@ -266,25 +272,28 @@ def greedy_rows_with_top_keys(model, prompts: list[torch.Tensor], max_new_tokens
 
         generated = _greedy_rows(model, caches[0] if len(prompts) == 1 else rooms.batch_cache(held),
                                  torch.cat([ids[:, -1:] for ids in prompts]), lengths, max_new_tokens, stop,
-                                 note_top_keys if record else None)
+                                 note_top_keys if record else None, status)
     return list(zip(generated, top_keys))
 
 
-def _prefill_row(model, session, rooms: SharedRooms, row: int, ids: torch.Tensor, prefix: SharedPrefix | None):
+def _prefill_row(model, session, rooms: SharedRooms, row: int, ids: torch.Tensor, prefix: SharedPrefix | None,
+                 status: Status | None = None):
     """Prefill ``ids [1, n]`` but its last token into row ``row`` of ``rooms`` (the plan applies,
     nothing is recorded), continuing ``prefix`` in chunks of :data:`CONTINUATION_ROWS`; its cache."""
     cache = rooms.row_cache(row, None if prefix is None else prefix.cache)
     if prefix is not None:
         session.resume(prefix.length)
-    return _continue_cache(model, ids, 0 if prefix is None else prefix.length, ids.shape[1] - 1, cache)
+    return _continue_cache(model, ids, 0 if prefix is None else prefix.length, ids.shape[1] - 1, cache, status)
 
 
-def _continue_cache(model, ids: torch.Tensor, start: int, stop: int, cache):
+def _continue_cache(model, ids: torch.Tensor, start: int, stop: int, cache, status: Status | None = None):
     """Run ``ids[:, start:stop]`` (``ids [1, seq]``) on ``cache``, which holds the first ``start``
     positions (None: a new cache), in one forward from the start and else in chunks of
     :data:`CONTINUATION_ROWS`; returns the cache."""
     step = stop if start == 0 else CONTINUATION_ROWS
     for first in range(start, stop, step):
+        if status is not None:
+            status(f"prefill of tokens {first:,}-{min(first + step, stop):,}")
         cache = run_for_taps(model, input_ids=ids[:, first:min(first + step, stop)], past_key_values=cache,
                              use_cache=True).past_key_values
     return cache
@@ -301,7 +310,8 @@ def _top_key_positions(recording, n_layers: int, row: int, held: int, length: in
 
 
 def _greedy_rows(model, cache, tokens: torch.Tensor, lengths: list[int], max_new_tokens: int,
-                 stop: StopRule | None, after_step: Callable[[list[int]], None] | None) -> list[list[int]]:
+                 stop: StopRule | None, after_step: Callable[[list[int]], None] | None,
+                 status: Status | None = None) -> list[list[int]]:
     """Greedy decoding of ``tokens [rows, 1]`` on ``cache``, whose slots ``[0, max(lengths))`` hold
     each row's ``lengths[row]`` prefilled positions; ``after_step(running rows)`` runs after each
     step's forward. A row stops at ``stop``; the others go on."""
@@ -313,6 +323,8 @@ def _greedy_rows(model, cache, tokens: torch.Tensor, lengths: list[int], max_new
     generated: list[list[int]] = [[] for _ in lengths]
     running = list(range(batch))
     for step in range(max_new_tokens):
+        if status is not None:
+            status(f"decoding {len(running)} of {batch} prompts, token {step + 1} of at most {max_new_tokens}")
         filled[:, held + step] = 1
         side_by_side = {} if batch == 1 else {"attention_mask": filled[:, :held + step + 1],
                                                "position_ids": positions + step}
@@ -375,11 +387,12 @@ def retrieval_scores(model, tokenizer, settings: NeedleSettings | None = None, p
     unedited = plan is None or not plan.edits
     latest = None  # the last prefix computed: the next group's haystack opens alike
     for group in _prefix_groups(prompts):  # the needles at one length and depth share the text before them
-        prefix = shared_prefix(model, [prompts[i] for i in group], latest) if unedited else None
+        prefix = shared_prefix(model, [prompts[i] for i in group], latest, bar.set_postfix_str) if unedited else None
         latest = prefix or latest
         for rows in _decode_batches(model, [prompts[i] for i in group], settings.max_new_tokens, unedited):
             decoded = greedy_rows_with_top_keys(model, [prompts[group[i]].input_ids for i in rows],
-                                                settings.max_new_tokens, stop, plan, record, prefix)
+                                                settings.max_new_tokens, stop, plan, record, prefix,
+                                                bar.set_postfix_str)
             for row, (generated, top_keys) in zip(rows, decoded):
                 index = group[row]
                 prompt = prompts[index]
