@@ -10,11 +10,12 @@ from ..core.lazy import lazy_exports
 _EXPORTS = {
     "AttentionRecord": "scorers", "record_attention": "scorers", "pattern_scores": "scorers",
     "PATTERN_SCORES": "scorers", "ScoreAccumulator": "scorers", "score_family": "scorers",
-    "ReportSettings": "report", "write_report": "report", "rewrite_report_pages": "report",
-    "ViewSettings": "views", "gather_view": "views", "write_view": "views",
+    "ReportSettings": "report", "write_report": "report", "rewrite_report_pages": "report", "show_score": "report",
+    "ViewSettings": "views", "gather_view": "views", "write_view": "views", "show_view": "views",
     "ValidationSettings": "validation", "validate_score": "validation",
     "CompressionSettings": "compression", "evaluate_compression": "compression",
     "AtlasSettings": "atlas", "build_atlas": "atlas", "describe_heads": "atlas",
+    "load_atlas": "atlas", "show_atlas": "atlas",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -124,8 +124,8 @@ def test_atlas_page_hovers_clicks_through_and_runs_no_hostile_string(tmp_path):
         assert page.locator("table th", has_text=PAYLOADS[2]).count() == 1  # the hostile score's column
         x, y = page.evaluate("""(() => { const gd = document.querySelectorAll('.plotly-graph-div')[0];
             const box = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-            const p = gd.data[gd.data.length - 1];
-            return [box.left + xa._offset + xa.l2p(p.x[INDEX]), box.top + ya._offset + ya.l2p(p.y[INDEX])]; })()
+            const p = gd.data.find(t => t.customdata && t.customdata.includes(INDEX)), i = p.customdata.indexOf(INDEX);
+            return [box.left + xa._offset + xa.l2p(p.x[i]), box.top + ya._offset + ya.l2p(p.y[i])]; })()
             """.replace("INDEX", str(index)))
         page.mouse.move(x - 4, y - 4)
         page.mouse.move(x, y)

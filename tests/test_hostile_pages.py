@@ -97,7 +97,7 @@ def test_report_page_runs_nothing(browser, report_folder):  # noqa: F811
 
 def test_report_views_page_runs_nothing(browser, report_folder):  # noqa: F811
     page, errors = load(browser, report_folder / "views.html")
-    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    page.wait_for_selector(".headlab-view[data-ready='1']", timeout=60_000)
     assert_inert(page, errors)
 
 
@@ -110,11 +110,11 @@ def test_view_page_with_hostile_scores_plan_and_model_runs_nothing(browser, tmp_
     scores = {name: HeadScores(name, torch.rand(3, 9), torch.ones(3, 9), HOSTILE, PAYLOADS[1], {"x": HOSTILE})}
     path = write_view(data, tmp_path / "view.html", scores, head=(1, 0))
     page, errors = load(browser, path)
-    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-    page.select_option("#score", name)
+    page.wait_for_selector(".headlab-view[data-ready='1']", timeout=60_000)
+    page.select_option(".hl-score", name)
     page.wait_for_timeout(300)
     assert_inert(page, errors)
-    assert PAYLOADS[2] in page.inner_text("#detail-title") or PAYLOADS[2] in page.content().replace("&amp;", "&")
+    assert PAYLOADS[2] in page.inner_text(".hl-detail-title") or PAYLOADS[2] in page.content().replace("&amp;", "&")
 
 
 def test_validation_page_runs_nothing(browser, tmp_path):  # noqa: F811

@@ -20,6 +20,7 @@ from headlab.core.head_scores import HeadScores
 from headlab.probes.validation.settings import MaskingSettings, ValidationSettings
 from headlab.probes.validation.run import NeedleTask, validate_score
 from headlab.probes.validation.file import CURVE_FORMAT, load_curve
+from headlab.probes.figures import plotly_file_name
 from headlab.probes.validation.page import write_curve_page
 from headlab.surgeon import HeadMean, HeadScale, Uniform, attach
 from headlab.core.errors import InputFileError
@@ -146,7 +147,9 @@ def test_loss_validation_on_a_tiny_model_matches_direct_masked_forwards(tmp_path
     path.write_text(json.dumps(curve))
     loaded = load_curve(path)["summary"]["loss"]["by_k"]["4"]
     assert loaded["rank_p"] == summary["rank_p"] and list(loaded["top_ci"]) == summary["top_ci"]
-    assert write_curve_page(load_curve(path), tmp_path / "v.html").stat().st_size > 100_000
+    page = write_curve_page(load_curve(path), tmp_path / "v.html").read_text()
+    assert "<script src='plotly-" in page and "masking-gradient" in page  # the figure, beside the shared plotly.js
+    assert (tmp_path / plotly_file_name()).stat().st_size > 1_000_000
 
 
 def test_curve_files_of_another_format_or_damaged_are_one_clear_error(tmp_path):

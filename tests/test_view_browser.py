@@ -4,6 +4,7 @@ CI (.ci/run) installs Chromium and sets HEADLAB_REQUIRE_BROWSER=1, so a missing 
 there; elsewhere these tests are skipped with the reason when no Chromium is found.
 """
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -43,7 +44,7 @@ def open_page(browser, path: Path):
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(path.as_uri())
-    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    page.wait_for_selector(".headlab-view[data-ready='1']", timeout=60_000)
     return page, errors
 
 
@@ -61,27 +62,27 @@ def short_page(tmp_path_factory):
 
 def test_page_loads_clicks_and_hovers_without_errors(browser, short_page):
     page, errors = open_page(browser, short_page)
-    assert page.locator("#overview .main-svg").count() > 0
-    assert page.locator("#detail .heatmaplayer").count() > 0
-    assert page.inner_text("#detail-title").startswith("layer 2, head 0")
+    assert page.locator(".hl-overview .main-svg").count() > 0
+    assert page.locator(".hl-detail .heatmaplayer").count() > 0
+    assert page.inner_text(".hl-detail-title").startswith("layer 2, head 0")
 
-    area = plot_area(page, "#detail")  # first panel: before surgery, 40 token rows
+    area = plot_area(page, ".hl-detail")  # first panel: before surgery, 40 token rows
     x, y = area["x"] + area["width"] * 0.25, area["y"] + area["height"] * (30.5 / 40)
     page.mouse.move(x, y)
-    page.wait_for_function("document.getElementById('hover-info').textContent.length > 0")
-    assert page.inner_text("#hover-info").startswith("query 30 ")
+    page.wait_for_function("document.querySelector('.hl-hover').textContent.length > 0")
+    assert page.inner_text(".hl-hover").startswith("query 30 ")
     page.mouse.click(x, y)
-    page.wait_for_function("document.getElementById('tokens-title').textContent.startsWith('attention of query 30')")
-    coloured = page.eval_on_selector_all("#tokens span", "s => s.filter(e => e.style.backgroundColor).length")
+    page.wait_for_function("document.querySelector('.hl-tokens-title').textContent.startsWith('attention of query 30')")
+    coloured = page.eval_on_selector_all(".hl-tokens span", "s => s.filter(e => e.style.backgroundColor).length")
     assert coloured == 40
-    assert page.locator("#tokens span.query").count() == 1
+    assert page.locator(".hl-tokens span.query").count() == 1
 
-    grid = plot_area(page, "#overview")  # 3 layers (bottom to top) x 9 heads: click layer 0, head 8
+    grid = plot_area(page, ".hl-overview")  # 3 layers (bottom to top) x 9 heads: click layer 0, head 8
     page.mouse.click(grid["x"] + grid["width"] * (8.5 / 9), grid["y"] + grid["height"] * (2.5 / 3))
-    page.wait_for_function("document.getElementById('detail-title').textContent.startsWith('layer 0, head 8')")
+    page.wait_for_function("document.querySelector('.hl-detail-title').textContent.startsWith('layer 0, head 8')")
 
-    page.select_option("#score", "sink_first_token")
-    page.wait_for_function("document.querySelector('#overview .gtitle').textContent.startsWith('sink_first_token')")
+    page.select_option(".hl-score", "sink_first_token")
+    page.wait_for_function("document.querySelector('.hl-overview .gtitle').textContent.startsWith('sink_first_token')")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "browser-short.png"), full_page=True)
     assert errors == []
@@ -90,10 +91,10 @@ def test_page_loads_clicks_and_hovers_without_errors(browser, short_page):
 def test_hostile_tokens_render_as_text_and_run_nothing(browser, short_page):
     page, errors = open_page(browser, short_page)
     assert page.evaluate("window.__pwned") is None
-    assert page.locator("#tokens img").count() == 0 and page.locator("#tokens script").count() == 0
-    text = page.inner_text("#tokens")
+    assert page.locator(".hl-tokens img").count() == 0 and page.locator(".hl-tokens script").count() == 0
+    text = page.inner_text(".hl-tokens")
     assert HOSTILE[0] in text and HOSTILE[1] in text
-    ticks = page.eval_on_selector_all("#detail .ytick text", "t => t.map(e => e.textContent)")
+    ticks = page.eval_on_selector_all(".hl-detail .ytick text", "t => t.map(e => e.textContent)")
     assert f"3: {HOSTILE[0][:23]}\u2026" in ticks  # the markup as characters (labels cut at 24)
     assert page.evaluate("window.__pwned") is None and errors == []
 
@@ -103,14 +104,14 @@ def test_long_input_renders_pooled_image_with_block_hover(browser, tmp_path):
     data = gather_view(model, HostileTokenizer(), hostile_ids(1100, seed=4), "tiny", progress=False)
     path = write_view(data, tmp_path / "long.html", head=(1, 2))
     page, errors = open_page(browser, path)
-    assert "2-token blocks" in page.inner_text("#summary")
-    assert page.locator("#detail .imagelayer image").count() == 1
-    area = plot_area(page, "#detail")
+    assert "2-token blocks" in page.inner_text(".hl-summary")
+    assert page.locator(".hl-detail .imagelayer image").count() == 1
+    area = plot_area(page, ".hl-detail")
     x, y = area["x"] + area["width"] * 0.2, area["y"] + area["height"] * 0.7
     page.mouse.move(x, y)
-    page.wait_for_function("document.getElementById('hover-info').textContent.startsWith('queries ')")
+    page.wait_for_function("document.querySelector('.hl-hover').textContent.startsWith('queries ')")
     page.mouse.click(x, y)
-    page.wait_for_function("document.getElementById('tokens-title').textContent.includes('per key block')")
+    page.wait_for_function("document.querySelector('.hl-tokens-title').textContent.includes('per key block')")
     page.screenshot(path=str(tmp_path / "long.png"))
     assert errors == []
 
@@ -131,5 +132,33 @@ def test_static_export_writes_png_and_svg(tmp_path):
 def test_link_with_head_hash_opens_that_head(browser, short_page):
     page = browser.new_page()
     page.goto(short_page.as_uri() + "#head=1.4")
-    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-    assert page.inner_text("#detail-title").startswith("layer 1, head 4")
+    page.wait_for_selector(".headlab-view[data-ready='1']", timeout=60_000)
+    assert page.inner_text(".hl-detail-title").startswith("layer 1, head 4")
+
+
+def test_view_opens_on_the_grids_top_head_and_hides_the_first_token_or_uses_a_log_scale(browser, tmp_path):
+    model = tiny_llama("gqa", layers=3)
+    data = gather_view(model, HostileTokenizer(), hostile_ids(30), "tiny", progress=False)
+    path = write_view(data, tmp_path / "view.html")  # no head named: the grid's top head opens
+    page, errors = open_page(browser, path)
+    scores = data.scores["previous_token"]
+    layer, head = divmod(int(scores.flatten().argmax()), scores.shape[1])
+    assert page.inner_text(".hl-detail-title").startswith(f"layer {layer}, head {head}")
+    weights = page.evaluate("document.querySelector('.hl-detail').data[0].customdata")
+    assert any(row[0] > 0 for row in weights[1:])
+    page.check(".hl-hide-first")
+    page.wait_for_function("document.querySelector('.hl-detail').data[0].customdata.every(row => row[0] === 0)")
+    hidden = page.evaluate("document.querySelector('.hl-detail').data[0].customdata")
+    for q in range(1, len(weights)):  # renormalised: each row keeps its total, the first column's weight spread
+        if sum(weights[q][1:]) > 0:
+            assert sum(hidden[q]) == pytest.approx(sum(weights[q]), rel=1e-4)
+    assert "first token hidden" in page.evaluate("document.querySelector('.hl-detail').data[0].colorbar.title.text")
+    page.uncheck(".hl-hide-first")
+    page.check(".hl-log")
+    page.wait_for_function(
+        "document.querySelector('.hl-detail').data[0].colorbar.title.text.includes('log scale')")
+    z = page.evaluate("document.querySelector('.hl-detail').data[0].z")
+    positive = [(q, k) for q, row in enumerate(weights) for k, w in enumerate(row) if w > 0]
+    q, k = positive[len(positive) // 2]
+    assert z[q][k] == pytest.approx(math.log10(weights[q][k]), abs=1e-4)  # colours from log10 of the weight
+    assert errors == []

@@ -4,16 +4,17 @@ escaping (the browser test is in test_view_browser.py)."""
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import eager_maps, tiny_llama
-from headlab.probes.figures import colourise
+from headlab.probes.figures import colour_lut, colourise, plotly_file_name, png_image, saturation_bound
 from headlab.probes.views.figure import view
 from headlab.probes.scorers.record import record_attention
-from headlab.probes.views.data import (PooledMaps, decode_map, encode_map, gather_view, pool_block, png_rgb,
+from headlab.probes.views.data import (PooledMaps, decode_maps, encode_maps, gather_view, map_levels, pool_block,
                                        view_data_from_record)
 from headlab.probes.views.page import page_payload, write_view
 from headlab.core.escaping import script_json
@@ -56,17 +57,24 @@ def test_pool_block_switches_to_blocks_beyond_token_cells():
     assert pool_block(5000) == 5
 
 
-def test_encoded_maps_decode_within_one_code():
-    values = torch.rand(37, 37) ** 4
-    encoded = encode_map(values)
-    decoded = decode_map(encoded)
-    assert encoded["side"] == 37
-    assert (decoded - values).abs().max() <= values.max() / 65535
-    assert decode_map(encode_map(torch.zeros(4, 4))).abs().max() == 0
+def test_encoded_maps_decode_within_half_a_square_root_step():
+    gen = torch.Generator().manual_seed(0)
+    causal = [torch.tril(torch.rand(37, 37, generator=gen)) ** 4 for _ in range(3)]
+    encoded = encode_maps(causal, 11)
+    assert (encoded["side"], encoded["layout"], encoded["levels"]) == (37, "lower", 11)
+    for original, decoded in zip(causal, decode_maps(encoded)):
+        vmax = float(original.max())
+        error = ((decoded / vmax).sqrt() - (original / vmax).sqrt()).abs().max()
+        assert error <= 0.5 / 11 + 1e-6  # half a step of sqrt(w / w_max); w_max kept to 6 digits
+        assert not decoded.triu(1).any()
+    full = encode_maps([torch.rand(5, 5, generator=gen), torch.zeros(5, 5)], 8)
+    assert full["layout"] == "full"  # a map with weight above the diagonal keeps every cell
+    assert decode_maps(full)[1].abs().max() == 0
+    assert (map_levels(96), map_levels(256), map_levels(10), map_levels(10**6)) == (9, 16, 8, 255)
 
 
 def read_png(data: bytes) -> np.ndarray:
-    """A minimal PNG reader (8-bit RGB, filter 0), checking signature and CRCs."""
+    """A minimal PNG reader (8-bit palette, filter 0), checking signature and CRCs: ``[h, w, 3]`` colours."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
@@ -77,15 +85,28 @@ def read_png(data: bytes) -> np.ndarray:
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + length
     width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour) == (8, 2)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
+    assert (depth, colour) == (8, 3)
+    palette = np.frombuffer(chunks[b"PLTE"], np.uint8).reshape(-1, 3)
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + width)
     assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(height, width, 3)
+    return palette[raw[:, 1:]]
 
 
 def test_png_writer_round_trips_pixels():
-    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(read_png(png_rgb(pixels)), pixels)
+    palette = np.random.default_rng(0).integers(0, 256, (256, 3), dtype=np.uint8)
+    indices = np.random.default_rng(1).integers(0, 256, (5, 7), dtype=np.uint8)
+    np.testing.assert_array_equal(read_png(png_image(indices, palette)), palette[indices])
+
+
+def test_saturation_bound_is_the_quantile_of_nonzero_weights():
+    values = torch.zeros(20, 20)
+    values[:, 0] = 1.0  # a sink column
+    values[1:, 1] = torch.arange(1, 20) / 100
+    # 39 nonzero weights sorted: 0.01 .. 0.19, then twenty 1.0; floor(0.995 * 39) = 38 is the last: 1.0
+    assert saturation_bound(values) == 1.0
+    values[:, 0] = 0.0
+    assert saturation_bound(values) == pytest.approx(0.19)
+    assert saturation_bound(torch.zeros(3, 3)) == 1.0
 
 
 def test_colourise_maps_zero_to_white_end_and_max_to_dark_end():
@@ -94,6 +115,9 @@ def test_colourise_maps_zero_to_white_end_and_max_to_dark_end():
     assert rgb[0, 0].sum() > rgb[0, 1].sum() > rgb[0, 2].sum()  # Blues: light to dark
     diff = colourise(torch.tensor([[-1.0, 0.0, 1.0]]), diverging=True)
     assert diff[0, 0, 2] > diff[0, 0, 0] and diff[0, 2, 0] > diff[0, 2, 2]  # blue negative, red positive
+    saturated = colourise(torch.tensor([[0.25, 0.5, 1.0]]), bound=0.5)
+    np.testing.assert_array_equal(saturated[0, 1], saturated[0, 2])  # at and above the bound: the darkest colour
+    np.testing.assert_array_equal(saturated[0, 2], colour_lut("Blues")[255])
 
 
 def test_gathered_maps_equal_eager_attention():
@@ -133,11 +157,11 @@ def test_payload_cap_coarsens_pooling():
     model = tiny_llama("mqa", layers=2)
     ids = hostile_ids(700, seed=3)
     roomy = gather_view(model, HostileTokenizer(), ids, "tiny", progress=False)
-    tight = gather_view(model, HostileTokenizer(), ids, "tiny", payload_bytes=100_000, progress=False)
+    tight = gather_view(model, HostileTokenizer(), ids, "tiny", payload_bytes=10_000, progress=False)
     assert roomy.block == 2
     assert tight.block > roomy.block
-    encoded = sum(len(encode_map(m)["data"]) for m in tight.before.values())
-    assert encoded <= 100_000 * 1.5  # estimated from a sample of heads
+    encoded = len(encode_maps(list(tight.before.values()), map_levels(700))["data"])
+    assert encoded <= 10_000 * 1.5  # estimated from a sample of heads
     assert tight.pooled(1, 0).shape[-1] == -(-700 // tight.block)
 
 
@@ -156,12 +180,16 @@ def test_head_figure_for_tokens_images_and_comparison():
     assert len(heatmaps) == 3  # before, after, difference
     assert heatmaps[0].x[3] == "3: &lt;script&gt;window.__pwned=1&lt;/script&gt;"
     np.testing.assert_allclose(np.array(heatmaps[2].z), np.array(heatmaps[1].z) - np.array(heatmaps[0].z), atol=2e-5)
+    assert [h.colorbar.title.text for h in heatmaps] == ["attention weight", "attention weight", "after − before"]
+    assert heatmaps[0].zmax == saturation_bound(short.pooled(2, 4))
     assert fig.layout.yaxis.autorange == "reversed"
 
     long = gather_view(model, HostileTokenizer(), hostile_ids(530), "tiny", progress=False)
     fig = view(long, 2, 0)
-    assert [t.type for t in fig.data] == ["image"]
+    assert [t.type for t in fig.data] == ["image", "scatter"]  # the image and the trace carrying its colour bar
     assert fig.data[0].source.startswith("data:image/png;base64,")
+    assert fig.data[1].marker.colorbar.title.text == "mean attention weight per block"
+    assert fig.data[1].marker.cmax == saturation_bound(long.pooled(2, 0))
     assert "2 tokens per block" in fig.layout.xaxis.title.text
     with pytest.raises(ValueError, match="both layer and head"):
         view(long, layer=2)
@@ -195,3 +223,15 @@ def test_written_page_holds_no_raw_markup_from_tokens(tmp_path):
     assert "tiny&lt;b&gt;" in page
     with pytest.raises(ValueError, match="not in this view"):
         write_view(data, tmp_path / "other.html", head=(5, 0))
+
+
+@pytest.mark.real_model
+def test_a_96_token_view_of_smollm2_weighs_under_300_kb_beside_the_shared_plotly(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    text = Path(__file__).read_text()  # real text of a fixed content: this file
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :96]
+    data = gather_view(model, tokenizer, ids, "smollm2-135m", progress=False)
+    assert (data.block, len(data.before)) == (1, 30 * 9)
+    page = write_view(data, tmp_path / "view.html")
+    assert page.stat().st_size <= 300_000
+    assert plotly_file_name() in page.read_text() and (tmp_path / plotly_file_name()).is_file()

@@ -20,7 +20,7 @@ class Report(Command):
     description = ("Score every attention head of MODEL on real text (sink, entropy, previous-token and confidence "
                    "scores from exact attention maps, or from streamed statistics for long windows; the score "
                    "--families; with --probe-data, linear-probe accuracy of each head) and write OUT/report.html "
-                   "(standalone, opens offline), OUT/scores.json and OUT/scores.csv. Cost at the defaults: about "
+                   "(opens offline; plotly.js in one file beside the pages), OUT/scores.json and OUT/scores.csv. Cost at the defaults: about "
                    "2-5 minutes for SmolLM2-135M on two CPU cores, most of it the retrieval family's needle runs "
                    "at 4,096 tokens (--families none: about 10 s). A stopped report resumes after the families it "
                    "finished.")

@@ -1,4 +1,4 @@
-"""``headlab view``: an interactive attention view of a text (standalone HTML)."""
+"""``headlab view``: an interactive attention view of a text (an HTML page)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from .base import Command, register_command
 @register_command
 class View(Command):
     name = "view"
-    help = "interactive attention view of a text (standalone HTML)"
-    description = ("Record the attention of every head of MODEL on a text and write one standalone HTML page: a "
-                   "layers x heads grid (coloured by a score; click a head), the head's query x key map with token "
-                   "hover (texts over 512 tokens are mean-pooled into blocks and drawn as an image), and the text "
+    help = "interactive attention view of a text (an HTML page)"
+    description = ("Record the attention of every head of MODEL on a text and write one HTML page (plotly.js beside "
+                   "it, see --plotlyjs): a layers x heads grid (coloured by a score; click a head), the head's query x "
+                   "key map with token hover, the first token hidden or a log colour scale at a click (texts over "
+                   "512 tokens are mean-pooled into blocks and drawn as an image), and the text "
                    "coloured by the attention of a clicked query. With --compare, the map under a plan is shown "
                    "beside the original with their difference. Cost: one forward of the text per layer group "
                    "(seconds for SmolLM2-135M at 1,000 tokens on two CPU cores).")

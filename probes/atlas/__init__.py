@@ -3,7 +3,8 @@
 
 from ...core.lazy import lazy_exports
 
-_EXPORTS = {"AtlasSettings": "settings", "build_atlas": "build", "describe_heads": "build", "load_atlas": "page"}
+_EXPORTS = {"AtlasSettings": "settings", "build_atlas": "build", "describe_heads": "build", "load_atlas": "page",
+            "show_atlas": "page"}
 __all__ = sorted(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

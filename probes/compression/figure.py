@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ...core.escaping import plotly_text
+from ..figures import PAGE_WIDTH
 
 RULE_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
@@ -15,8 +16,8 @@ def compression_figure(result: dict) -> go.Figure:
     and perplexity (bottom row) against the fraction of KV heads that keep the whole context, one
     column per length, one line per selection rule (random: the mean of its draws, in grey), the
     unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
-    base model's dashed line."""
-    from ..compression.file import FULL, compression_title, is_conversion
+    base model's dashed line. Untitled: the page's heading names it."""
+    from ..compression.file import FULL, is_conversion
 
     reference = "base model" if is_conversion(result) else "unedited"
     rows = result["summary"]
@@ -50,8 +51,6 @@ def compression_figure(result: dict) -> go.Figure:
         fig.update_xaxes(title_text="fraction of KV heads with the whole context", row=2, col=col)
     fig.update_yaxes(title_text="needle recall", row=1, col=1)
     fig.update_yaxes(title_text="perplexity", row=2, col=1)
-    title = (plotly_text(compression_title(result)) if is_conversion(result) else
-             f"{plotly_text(result.get('model_id') or 'model')}: streaming heads, recall and perplexity against the "
-             "heads kept whole")
-    fig.update_layout(title=title, width=max(560, 420 * len(lengths)), height=720)
+    fig.update_layout(width=min(PAGE_WIDTH, max(560, 340 * len(lengths) + 220)), height=720,
+                      margin={"t": 50}, legend={"orientation": "h", "y": -0.12, "x": 0})
     return fig

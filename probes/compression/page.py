@@ -7,13 +7,16 @@ from pathlib import Path
 
 from ...core.escaping import html_text
 from ...core.files import GENERATOR_META, claim_folder, write_json, write_text
+from ..figures import check_plotly_source, figure_div, plotly_script
 from .figure import compression_figure
 from .file import FULL, compression_title, is_conversion
 from .settings import PROGRESS_FILE
 
 
-def write_compression_page(result: dict, path: str | Path) -> Path:
-    """The evaluation as a standalone page: the curves (plotly.js inlined) and the summary table."""
+def write_compression_page(result: dict, path: str | Path, plotlyjs: str = "file") -> Path:
+    """The evaluation as a page: its title, the curves under their heading and the summary table under
+    its own; plotly.js as ``plotlyjs`` says (:func:`~headlab.probes.figures.plotly_script`)."""
+    path = Path(path)
     title = html_text(compression_title(result))
     header = ("<tr><th>rule</th><th>kept</th><th>KV heads whole</th><th>length</th><th>recall [95%]</th>"
               "<th>perplexity</th><th>KV cache</th><th>seconds</th></tr>")
@@ -25,20 +28,23 @@ def write_compression_page(result: dict, path: str | Path) -> Path:
                      f"<td>{row['length']}</td><td>{row['recall']:.2f} [{row['recall_ci'][0]:.2f}, "
                      f"{row['recall_ci'][1]:.2f}]</td><td>{row['perplexity']:.2f}</td>"
                      f"<td>{row['kv_bytes'] / 2**20:.1f} MiB{share}</td><td>{row['seconds']:.0f}</td></tr>")
-    figure = compression_figure(result).to_html(include_plotlyjs=True, full_html=False)
+    figure = figure_div(compression_figure(result), "compression")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
-            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
-            f"<h1>{title}</h1>{figure}<table>{header}{''.join(lines)}</table></body></html>")
+            "<style>body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.box{max-width:100%;overflow-x:auto}</style>"
+            f"{plotly_script(path.parent, plotlyjs)}</head><body><h1>{title}</h1>"
+            f"<h2>Recall and perplexity</h2><div class='box'>{figure}</div>"
+            f"<h2>Every condition</h2><div class='box'><table>{header}{''.join(lines)}</table></div></body></html>")
     return write_text(path, page)
 
 
-def write_compression(out: str | Path, result: dict, overwrite: bool = False) -> Path:
-    """Write ``compression.json`` and ``compression.html`` into ``out`` (claimed first) and forget the
-    evaluation's progress file; returns the JSON's path."""
+def write_compression(out: str | Path, result: dict, overwrite: bool = False, plotlyjs: str = "file") -> Path:
+    """Write ``compression.json`` and ``compression.html`` into ``out`` (claimed first; ``plotlyjs`` as
+    for :func:`write_compression_page`) and forget the evaluation's progress file; returns the JSON's path."""
+    check_plotly_source(out, plotlyjs)
     out = claim_folder(out, ("compression.json", "compression.html"), overwrite, "--out folder")
     write_json(out / "compression.json", result)
-    write_compression_page(result, out / "compression.html")
+    write_compression_page(result, out / "compression.html", plotlyjs)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return out / "compression.json"
 

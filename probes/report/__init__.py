@@ -4,7 +4,8 @@
 
 from ...core.lazy import lazy_exports
 
-_EXPORTS = {"ReportSettings": "settings", "write_report": "scoring", "rewrite_report_pages": "scoring"}
+_EXPORTS = {"ReportSettings": "settings", "write_report": "scoring", "rewrite_report_pages": "scoring",
+            "show_score": "page"}
 __all__ = sorted(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -30,6 +30,7 @@ from ...surgeon.sites import has_causal_attention
 from ...surgeon.taps import DEFAULT_MAP_BUDGET_BYTES
 from ..atlas.page import load_atlas
 from ..compression.file import load_compression
+from ..figures import check_plotly_source
 from ..scorers.families import FamilyInputs, requested_families
 from ..scorers.patterns import (
     PATTERN_PAGES,
@@ -48,8 +49,10 @@ DEFAULT_TEXT = "Python standard-library docstrings"  # the provenance's name for
 
 
 def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings: ReportSettings | None = None,
-                 progress: bool = True, overwrite: bool = False) -> Path | None:
+                 progress: bool = True, overwrite: bool = False, plotlyjs: str = "file") -> Path | None:
     """Score every head of ``model`` and write the report folder; returns the path of report.html.
+    Its pages get plotly.js as ``plotlyjs`` says (:func:`~headlab.probes.figures.plotly_script`): by
+    default from one file beside them.
 
     The folder must be new, empty or hold only headlab's files (``overwrite``: anything; only the
     report's own files are replaced). Masking curves (``validation-*.json``), a compression
@@ -85,6 +88,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
         if family.check is not None:
             family.check(inputs)
     if rank == 0:
+        check_plotly_source(out_dir, plotlyjs)
         claim_folder(out_dir, REPORT_ENTRIES, overwrite, "report folder")
     partial = _partial_report(out_dir, model, provenance, settings) if world == 1 else None
     written = _PartialWriter(out_dir, model, provenance, settings)
@@ -110,7 +114,7 @@ def write_report(model, tokenizer, model_id: str, out_dir: str | Path, settings:
     if progress:
         tqdm.write("writing report.html and views.html", file=sys.stderr)
     return write_pages(out_dir, provenance, scores, first, (settings.n_views, settings.top_k), pages, curves,
-                       compression, atlas)
+                       compression, atlas, plotlyjs)
 
 
 PATTERNS = "patterns"  # the pattern scores' entry among a partial report's finished families
@@ -193,22 +197,25 @@ def _partial_report(out_dir: Path, model, provenance: dict, settings: ReportSett
 
 
 def rewrite_report_pages(model, tokenizer, model_id: str, out_dir: str | Path, n_views: int = 6,
-                         top_k: int = 10) -> Path:
+                         top_k: int = 10, plotlyjs: str = "file") -> Path:
     """Write report.html and views.html of a finished report folder again, without scoring: the
     scores from its ``scores.json``, with the masking curves, compression evaluation and atlas now
-    in the folder; one forward of the report's first window draws the attention views. Raises
-    :class:`HeadlabError` when the folder holds no finished report of ``model_id`` or its text is gone."""
+    in the folder; one forward of the report's first window draws the attention views (``plotlyjs``
+    as for :func:`write_report`). Raises :class:`HeadlabError` when the folder holds no finished
+    report of ``model_id`` or its text is gone."""
     out_dir = Path(out_dir)
     data, text_path = finished_report(out_dir, model_id)
     provenance = data["provenance"]
     scores = load_scores_file(out_dir / "scores.json", model_shape(model))
     curves, compression, atlas = load_curves(out_dir), load_compression(out_dir), load_atlas(out_dir)
+    check_plotly_source(out_dir, plotlyjs)
     claim_folder(out_dir, REPORT_ENTRIES, False, "report folder")
     ids = token_windows(tokenizer, load_text(text_path), provenance["n_samples"], provenance["n_tokens"],
                         provenance["seed"])[0]
     record = _first_record(model, tokenizer, ids, provenance["method"])
     pages = {**PATTERN_PAGES, **data.get("method_pages", {})}
-    return write_pages(out_dir, provenance, scores, record, (n_views, top_k), pages, curves, compression, atlas)
+    return write_pages(out_dir, provenance, scores, record, (n_views, top_k), pages, curves, compression, atlas,
+                       plotlyjs)
 
 
 def _results(accumulator: ScoreAccumulator, model_id: str, provenance: dict) -> dict[str, HeadScores]:

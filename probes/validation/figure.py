@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ...core.escaping import plotly_text
+from ..figures import PAGE_WIDTH
 
 
 def masking_figure(curve: dict) -> go.Figure:
@@ -43,7 +44,14 @@ def masking_figure(curve: dict) -> go.Figure:
             marker={"color": "#1f77b4", "opacity": 0.3, "size": 6}, showlegend=first, legendgroup="sets"),
             row=1, col=col)
         fig.update_xaxes(title_text="heads masked (K)", row=1, col=col)
-    fig.update_layout(title=f"masking validation of {plotly_text(curve['score'])} ({curve['metric']}, {curve['mode']} "
-                            f"masking, {curve['n_used']} of {curve['n_items']} items; bars: 95% bootstrap intervals)",
-                      width=max(520, 420 * len(measures)), height=440)
+    fig.update_layout(title=f"{plotly_text(curve['score'])}: top-K heads against random-K",
+                      width=min(PAGE_WIDTH, max(520, 420 * len(measures))), height=440,
+                      legend={"orientation": "h", "y": -0.2, "x": 0}, margin={"b": 90})
     return fig
+
+
+def masking_subtitle(curve: dict) -> str:
+    """What the plot measured, in a sentence for the text beside it (plain text: escape it for its context)."""
+    return (f"{curve['metric']} under {curve['mode']} masking of the top-K heads by {curve['score']} and of random "
+            f"sets of K heads matched by layer, over {curve['n_used']} of {curve['n_items']} items; bars: 95% "
+            "bootstrap intervals over the items; hover a point for both tests' p-values.")

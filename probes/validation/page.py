@@ -7,24 +7,32 @@ from pathlib import Path
 
 from ...core.escaping import element_id, html_text
 from ...core.files import GENERATOR_META, claim_folder, write_json, write_text
+from ..figures import check_plotly_source, figure_div, plotly_script
 
 
-def write_curve_page(curve: dict, path: str | Path) -> Path:
-    """The masking validation as a standalone page (plotly.js inlined)."""
-    from .figure import masking_figure
+def write_curve_page(curve: dict, path: str | Path, plotlyjs: str = "file") -> Path:
+    """The masking validation as a page: what was masked and measured, then the plot; plotly.js as
+    ``plotlyjs`` says (:func:`~headlab.probes.figures.plotly_script`)."""
+    from .figure import masking_figure, masking_subtitle
 
-    page = masking_figure(curve).to_html(include_plotlyjs=True, full_html=True)
+    path = Path(path)
     title = html_text(f"masking validation: {curve['score']}")
-    return write_text(path, page.replace("<head>", f"<head>{GENERATOR_META}<title>{title}</title>", 1))
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR_META}<title>{title}</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:1.5em}.box{max-width:100%;overflow-x:auto}</style>"
+            f"{plotly_script(path.parent, plotlyjs)}</head><body><h1>{title}</h1><p>{html_text(masking_subtitle(curve))}"
+            f"</p><div class='box'>{figure_div(masking_figure(curve), 'masking', curve['score'])}</div></body></html>")
+    return write_text(path, page)
 
 
-def write_validation(out: str | Path, curve: dict, overwrite: bool = False) -> Path:
-    """Write ``validation-SCORE.json`` and ``validation-SCORE.html`` into ``out`` (claimed first) and
-    forget the validation's progress file; returns the JSON's path."""
+def write_validation(out: str | Path, curve: dict, overwrite: bool = False, plotlyjs: str = "file") -> Path:
+    """Write ``validation-SCORE.json`` and ``validation-SCORE.html`` into ``out`` (claimed first;
+    ``plotlyjs`` as for :func:`write_curve_page`) and forget the validation's progress file; returns
+    the JSON's path."""
     stem = f"validation-{element_id(curve['score'])}"
+    check_plotly_source(out, plotlyjs)
     out = claim_folder(out, (f"{stem}.json", f"{stem}.html"), overwrite, "--out folder")
     write_json(out / f"{stem}.json", curve)
-    write_curve_page(curve, out / f"{stem}.html")
+    write_curve_page(curve, out / f"{stem}.html", plotlyjs)
     (out / f"{stem}.progress.json").unlink(missing_ok=True)
     return out / f"{stem}.json"
 

@@ -4,7 +4,7 @@ head (:mod:`.data`), the figures (:mod:`.figure`) and the standalone page (:mod:
 from ...core.lazy import lazy_exports
 
 _EXPORTS = {"ViewSettings": "settings", "ViewData": "data", "gather_view": "data", "write_view": "page",
-            "view": "figure"}
+            "show_view": "page", "view": "figure"}
 __all__ = sorted(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import math
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -76,34 +75,51 @@ def pool_block(n_tokens: int, token_cells: int = TOKEN_CELLS, max_side: int = MA
     return max(2, math.ceil(n_tokens / max_side))
 
 
-def encode_map(values: torch.Tensor) -> dict:
-    """A ``[side, side]`` map as 16-bit codes of ``value / vmax``, zlib-compressed and base64:
-    the page decodes it back to within ``vmax / 65535``."""
-    vmax = float(values.max()) if values.numel() else 0.0
-    scale = vmax if vmax > 0 else 1.0
-    codes = torch.round(values.clamp(min=0) / scale * 65535).to(torch.int32).numpy().astype("<u2")
-    packed = zlib.compress(codes.tobytes(), 6)
-    return {"side": int(values.shape[-1]), "vmax": vmax, "data": base64.b64encode(packed).decode("ascii")}
+def map_levels(n_tokens: int) -> int:
+    """The square-root steps a view of ``n_tokens`` stores each weight in: ``⌊√n_tokens⌋``, at least 8
+    and at most 255, so the smallest nonzero code (a map's largest weight over ``4·levels²``) stays
+    below about a quarter of the uniform weight ``1/n_tokens``."""
+    return min(255, max(8, math.isqrt(n_tokens)))
 
 
-def decode_map(encoded: dict) -> torch.Tensor:
-    """Inverse of :func:`encode_map` (the page does the same in JavaScript)."""
-    codes = np.frombuffer(zlib.decompress(base64.b64decode(encoded["data"])), dtype="<u2")
-    side = encoded["side"]
-    return torch.from_numpy(codes.astype(np.float32).reshape(side, side)) * (encoded["vmax"] / 65535)
+def _stored_cells(side: int, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the cells a map stores, in storage order: the lower triangle (diagonal
+    included) column by column, or every cell row by row."""
+    if lower:
+        cols, rows = torch.triu_indices(side, side)
+        return rows, cols
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return rows.flatten(), cols.flatten()
 
 
-def png_rgb(pixels: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG file of ``pixels [height, width, 3]`` (uint8), without an imaging library."""
-    height, width, _ = pixels.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), pixels.reshape(height, width * 3)], axis=1)
+def encode_maps(maps: Sequence[torch.Tensor], levels: int) -> dict:
+    """Maps ``[side, side]`` of non-negative weights as one blob: per map the codes ``round(levels ·
+    √(w / w_max))`` (one byte each) of its lower triangle column by column when every map is zero
+    above the diagonal (a causal model's), else of every cell; all maps' codes zlib-compressed
+    together and base64, with each map's ``w_max``. :func:`decode_maps` (and the page's script)
+    reads them back to within half a step of ``√(w / w_max)``."""
+    side = maps[0].shape[-1]
+    lower = all(not m.triu(1).any() for m in maps)
+    rows, cols = _stored_cells(side, lower)
+    vmax = [float(f"{float(m.max()):.6g}") for m in maps]
+    codes = [torch.round((m.double().clamp(min=0) / (v or 1.0)).sqrt().clamp(max=1) * levels)[rows, cols]
+             for m, v in zip(maps, vmax)]
+    blob = torch.cat(codes).to(torch.uint8).numpy().tobytes()
+    return {"side": side, "layout": "lower" if lower else "full", "levels": levels, "vmax": vmax,
+            "data": base64.b64encode(zlib.compress(blob, 9)).decode("ascii")}
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) \
-        + chunk(b"IEND", b"")
+def decode_maps(encoded: dict) -> list[torch.Tensor]:
+    """Inverse of :func:`encode_maps`: ``[side, side]`` maps of ``w_max · (code / levels)²``."""
+    side, levels = encoded["side"], encoded["levels"]
+    rows, cols = _stored_cells(side, encoded["layout"] == "lower")
+    codes = torch.from_numpy(np.frombuffer(zlib.decompress(base64.b64decode(encoded["data"])), np.uint8).copy())
+    out = []
+    for i, vmax in enumerate(encoded["vmax"]):
+        values = torch.zeros(side, side)
+        values[rows, cols] = (codes[i * len(rows):(i + 1) * len(rows)].float() / levels) ** 2 * vmax
+        out.append(values)
+    return out
 
 
 @dataclass
@@ -229,8 +245,10 @@ def _store_scores(layer_scores: dict[str, torch.Tensor], layer: int, scores: dic
 def _fit_payload(before: dict, after: dict | None, block: int, payload_bytes: int):
     """Coarsen the pooling by 2 until the encoded maps fit; returns mean maps and the block."""
     n_maps = len(before) * (2 if after is not None else 1)
+    levels = map_levels(next(iter(before.values())).n_tokens)
     while True:
-        estimate = sum(len(encode_map(p.means()[0])["data"]) for p in _sample(before)) / len(_sample(before))
+        sample = _sample(before)
+        estimate = len(encode_maps([p.means()[0] for p in sample], levels)["data"]) / len(sample)
         if estimate * n_maps <= payload_bytes or next(iter(before.values())).counts.shape[-1] <= 16:
             break
         before = {k: p.coarser(2) for k, p in before.items()}
@@ -248,5 +266,5 @@ def _sample(maps: dict) -> list[PooledMaps]:
     return values[::step]
 
 
-__all__ = ["PooledMaps", "ViewData", "decode_map", "encode_map", "gather_view", "png_rgb", "pool_block",
+__all__ = ["PooledMaps", "ViewData", "decode_maps", "encode_maps", "gather_view", "map_levels", "pool_block",
            "view_data_from_record"]

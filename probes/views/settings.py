@@ -38,8 +38,10 @@ class ViewSettings:
     max_tokens: int = setting(8192, "refuse longer texts", kind=Integer(2), flag="--max-tokens")
     max_payload_mb: float = setting(20.0, "cap on the page's encoded maps in MB; pooling coarsens to fit",
                                     kind=Number(0.01), flag="--max-payload-mb")
-    plotlyjs: str = setting("inline", "inline plotly.js so the page opens offline (+4.7 MB) or link the CDN",
-                            kind=Choice("inline", "cdn"), flag="--plotlyjs")
+    plotlyjs: str = setting("file", "where the page gets plotly.js: 'file' writes plotly-VERSION.min.js once beside it "
+                                    "(shared by the pages there; opens offline), 'inline' puts it in the page (one "
+                                    "self-contained file, +4.7 MB), 'cdn' links cdn.plot.ly (needs the network)",
+                            kind=Choice("file", "inline", "cdn"), flag="--plotlyjs")  # figures.PLOTLY_SOURCES
 
     def __post_init__(self):
         check_settings(self)
