@@ -118,12 +118,15 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
 class ShuffleBuffer:
     """Batches of ``batch_size`` rows from ``source``: the buffer is filled to ``capacity`` rows,
     shuffled, and refilled once half of it has been served (keeps half, serves half).
-    The source restarts from its first chunk when it runs out (``epoch`` counts the passes)."""
+    The source restarts from its first chunk when it runs out (``epoch`` counts the passes).
+    ``progress``: a bar over the rows of each fill (the first before training starts, each refill
+    between two steps)."""
 
-    def __init__(self, source: ActivationSource, batch_size: int, capacity: int, seed: int = 0):
+    def __init__(self, source: ActivationSource, batch_size: int, capacity: int, seed: int = 0,
+                 progress: bool = False):
         if capacity < 2 * batch_size:
             raise ValueError(f"buffer capacity {capacity} must hold at least two batches of {batch_size}")
-        self.source, self.batch_size, self.capacity = source, batch_size, capacity
+        self.source, self.batch_size, self.capacity, self.progress = source, batch_size, capacity, progress
         self.generator = torch.Generator().manual_seed(seed)
         self.cursor, self.epoch = 0, 0
         self.buffer = torch.empty(0, source.n_heads * source.d_head)
@@ -137,8 +140,8 @@ class ShuffleBuffer:
 
     def _refill(self) -> None:
         parts, rows = [self.buffer], self.buffer.shape[0]
-        with tqdm(total=self.capacity, initial=rows, desc="gathering activations", unit="row", leave=False,
-                  disable=rows > 0) as bar:  # the first fill is the long wait before training starts
+        with tqdm(total=self.capacity, initial=rows, desc="refilling activations" if rows else "gathering activations",
+                  unit="row", leave=False, disable=not self.progress) as bar:
             while rows < self.capacity:
                 chunk = self.source.chunk(self.cursor)
                 parts.append(chunk)

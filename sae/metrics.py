@@ -99,13 +99,19 @@ def evaluate_sae(model, sae: SparseAutoencoder, windows: Sequence[torch.Tensor],
     sums = _Sums(sae.d_in, sae.d_sae)
     causal = hasattr(model, "lm_head") or model.config.is_decoder
     losses = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    for ids in tqdm(windows, desc="evaluating SAE", disable=not progress, leave=False):
+    bar = tqdm(windows, desc="evaluating SAE", unit="window", disable=not progress, leave=False)
+    say = bar.set_postfix_str if progress else (lambda text: None)  # each window's forwards, as they start
+    for ids in bar:
+        say("head outputs")
         x = head_outputs(model, ids, layer)
         x = x[1:] if exclude_first else x
         sums.add(x, sae.reconstruct(x), sae.encode(x))
         if causal:
+            say("clean forward")
             clean, clean_logp = _next_token_terms(model, ids, layer, None)
+            say("forward with the reconstruction spliced in")
             spliced, sae_logp = _next_token_terms(model, ids, layer, splice_function(sae, not exclude_first))
+            say("forward with the head outputs zeroed")
             zeroed, zero_logp = _next_token_terms(model, ids, layer, splice_function(sae, not exclude_first, zero=True))
             p = clean_logp.exp()
             losses["clean"] += clean.item()

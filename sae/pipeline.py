@@ -6,10 +6,12 @@ measure a saved one on text (:func:`evaluate_saved`), and write the dashboard of
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.distributed import rank_and_world
 from ..core.files import claim_folder, write_json
@@ -44,15 +46,17 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
     train, held_out = train_eval_windows(tokenizer, text.text_path, n_train, text.windows, text.tokens, settings.seed)
     out = claim_folder(out, TRAIN_ENTRIES, overwrite, "--out folder")
     start = time.perf_counter()
-    source = _activations(model, train, layer, cache, model_spec, text.tokens, settings.seed, overwrite, rank, world)
+    progress = progress and rank == 0
+    source = _activations(model, train, layer, cache, model_spec, text.tokens, settings.seed, overwrite, rank, world,
+                          progress)
     batch = settings.batch_tokens // world
     capacity = max(min(settings.buffer_tokens, settings.train_tokens) // world, 2 * batch)  # no more than the run uses
-    buffer = ShuffleBuffer(source, batch, capacity, settings.seed + rank)
+    buffer = ShuffleBuffer(source, batch, capacity, settings.seed + rank, progress)
     shape = model_shape(model)
     d_in = shape.n_heads * shape.head_dim
     sae = SparseAutoencoder(d_in, settings.expansion * d_in, settings.arch, settings.k, shape.n_heads, shape.head_dim,
                             settings.seed)
-    Trainer(sae, buffer, settings, out / "checkpoints").run()
+    Trainer(sae, buffer, settings, out / "checkpoints").run(progress)
     if rank > 0:
         return {}
     wall = time.perf_counter() - start
@@ -67,6 +71,9 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
              provenance,
              overwrite=overwrite, model_spec=model_spec, prepend_bos=bool(special_tokens(tokenizer)[0]),
              dataset_path=text.text_path or "")
+    if progress:
+        tqdm.write(f"measuring the autoencoder on {len(held_out)} held-out windows of {text.tokens} tokens",
+                   file=sys.stderr)
     metrics, frequency = evaluate_sae(model, sae, held_out, layer, progress=progress)
     metrics.update({"format": METRICS_FORMAT, "held_out_windows": len(held_out), "train_wall_s": round(wall, 1)})
     write_json(out / "metrics.json", metrics)
@@ -75,7 +82,7 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
 
 
 def _activations(model, train, layer: int, cache, model_spec: str, context: int, seed: int, overwrite: bool,
-                 rank: int, world: int):
+                 rank: int, world: int, progress: bool = True):
     """The training activations: from the cache folder (written first when it holds none), or from the
     model, each rank its shard of the windows."""
     if cache is None or world > 1:
@@ -85,7 +92,7 @@ def _activations(model, train, layer: int, cache, model_spec: str, context: int,
         return CachedActivations(cache)
     claim_folder(cache, (), overwrite, "--cache folder")
     return cache_activations(ModelActivations(model, train, layer), cache,
-                             metadata={"model": model_spec, "context": context, "seed": seed})
+                             metadata={"model": model_spec, "context": context, "seed": seed}, progress=progress)
 
 
 def evaluate_saved(folder: str | Path, model, tokenizer, text: TextWindows | None = None, seed: int = 1,
@@ -113,7 +120,11 @@ def feature_dashboards(folder: str | Path, model, tokenizer, out: str | Path, la
     layer = config["headlab"]["layer"]
     windows = token_windows(tokenizer, load_text(text.text_path), text.windows, text.tokens, seed)
     if latents is None:
-        _, frequency = evaluate_sae(model, sae, windows[: max(1, len(windows) // 4)], layer)
+        sample = windows[: max(1, len(windows) // 4)]
+        if progress:
+            tqdm.write(f"finding the {top} most frequently active latents on {len(sample)} of the {len(windows)} "
+                       "windows", file=sys.stderr)
+        _, frequency = evaluate_sae(model, sae, sample, layer, progress=progress)
         latents = frequency.topk(top).indices.tolist()  # the most frequently active latents
     examples = collect_examples(model, sae, windows, layer, latents, progress=progress)
     tokens = [[tokenizer.decode([i]) for i in w[0].tolist()] for w in windows]

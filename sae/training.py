@@ -10,6 +10,7 @@ the optimiser, the step, the dead-latent counters and the batch source's state).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
@@ -122,9 +123,13 @@ class Trainer:
         self.history = state["history"]
         return True
 
-    def _initialise(self) -> None:
+    def _initialise(self, progress: bool = False) -> None:
         init_rows = min(self.settings.init_rows, self.settings.train_tokens)  # a short run gathers no more than it trains on
-        rows = [self.batches.next_batch() for _ in range(max(1, init_rows // self.settings.batch_tokens))]
+        n_batches = max(1, init_rows // self.settings.batch_tokens)
+        if progress:
+            tqdm.write(f"initialising the autoencoder from {n_batches * self.settings.batch_tokens:,} activation rows "
+                       "(input scale, geometric median)", file=sys.stderr)
+        rows = [self.batches.next_batch() for _ in range(n_batches)]
         sample = all_gather_rows(torch.cat(rows))  # every rank initialises from the same rows
         self.variance = initialise(self.sae, sample)
 
@@ -132,7 +137,7 @@ class Trainer:
         """Train to ``settings.steps`` (or stop after step ``stop_at``, as a kill would), resuming
         from the checkpoint when there is one."""
         if not self.resume():
-            self._initialise()
+            self._initialise(progress and self.rank == 0)
         settings, sae = self.settings, self.sae
         base_lr = settings.learning_rate(sae.d_sae)
         bar = tqdm(total=settings.steps, initial=self.step, desc="training SAE", disable=not progress or self.rank > 0)

@@ -15,11 +15,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..core.errors import UnsupportedModelError
 from ..core.shape import model_shape, text_config
-from .sites import decoder_layers, forwards_set
+from .sites import announcing_layers, decoder_layers, forwards_set
 
 # Floats a decoder block keeps per token for its backward pass, in units of the model width: its norms'
 # and projections' inputs, queries, keys, values and outputs, and the MLP's wider intermediates (SmolLM2:
@@ -76,12 +77,15 @@ def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model, windows: list[torch.Tensor]) -> float:
+def heldout_loss(model, windows: list[torch.Tensor], progress: bool = False, desc: str = "held-out loss") -> float:
     """Mean next-token cross-entropy (nats) over ``windows`` (each ``[1, seq]``); its exponential
-    is the perplexity."""
+    is the perplexity. ``progress``: a bar over the windows, titled ``desc``, its postfix the block each
+    window's forward has reached."""
     if not windows:
         raise ValueError("no windows to evaluate")
-    return sum(model(input_ids=ids, labels=ids, use_cache=False).loss.item() for ids in windows) / len(windows)
+    bar = tqdm(windows, desc=desc, unit="window", leave=False, disable=not progress)
+    with announcing_layers(model, bar.set_postfix_str if progress else None):
+        return sum(model(input_ids=ids, labels=ids, use_cache=False).loss.item() for ids in bar) / len(windows)
 
 
 def _chunk_loss(model, decoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Where things are in a loaded model: the modules that call the attention interface, the decoder
-blocks that hold them (and :func:`forwards_set`, which runs other code in their place for a while),
-the layers that attend to the whole sequence, and the check that a model dispatches attention
-through the interface at all. The bottom of
+blocks that hold them (and :func:`forwards_set`, which runs other code in their place for a while,
+and :func:`announcing_layers`, which tells a long forward's progress block by block), the layers
+that attend to the whole sequence, and the check that a model dispatches attention through the
+interface at all. The bottom of
 ``surgeon``: it imports nothing of headlab beyond the shape and the errors."""
 
 from __future__ import annotations
@@ -95,5 +96,46 @@ def forwards_set(modules: list[torch.nn.Module], forwards: list[Callable]) -> It
                 module.forward = own
 
 
-__all__ = ["attention_modules", "block_input", "decoder_layers", "forwards_set", "full_attention_layers",
-           "has_causal_attention", "require_attention_interface"]
+@contextmanager
+def announcing_layers(model, status: Callable[[str], None] | None, text: str = "",
+                      backward: str | None = None) -> Iterator[None]:
+    """Inside, ``status`` hears ``text`` at once and ``"text, layer i of n"`` as each decoder block's
+    forward starts: where a long forward (a long prefill, a long sample's forward) has got to, with
+    nothing changed in what it computes. With ``backward``, the backward pass through the outputs
+    of the blocks run inside (later, outside too) says ``"backward, layer i of n"`` as the gradient
+    reaches each block's output (hooks that read nothing and change nothing). Nothing at all when
+    ``status`` is None."""
+    if status is None:
+        yield
+        return
+    blocks = decoder_layers(model)
+    lead = f"{text}, " if text else ""
+
+    def announce(line: str):
+        def hook(*args) -> None:  # returns None: the inputs, outputs and gradients stay as they are
+            status(line)
+        return hook
+
+    def announce_backward(line: str):
+        def hook(module, args, output) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(announce(line))
+        return hook
+
+    handles = [block.register_forward_pre_hook(announce(f"{lead}layer {index + 1} of {len(blocks)}"))
+               for index, block in blocks.items()]
+    if backward is not None:
+        handles += [block.register_forward_hook(announce_backward(f"{backward}, layer {index + 1} of {len(blocks)}"))
+                    for index, block in blocks.items()]
+    if text:
+        status(text)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["announcing_layers", "attention_modules", "block_input", "decoder_layers", "forwards_set",
+           "full_attention_layers", "has_causal_attention", "require_attention_interface"]

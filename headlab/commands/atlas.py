@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from ..core.errors import HeadlabError
@@ -56,6 +57,8 @@ class Atlas(Command):
         return settings, scores, plan
 
     def run(self, args, checked) -> int:
+        from tqdm.auto import tqdm
+
         from ..probes.atlas.build import atlas_document, build_atlas, describe_models
         from ..probes.atlas.page import write_atlas
 
@@ -63,7 +66,11 @@ class Atlas(Command):
         specs = [args.model] + ([args.model2] if args.model2 else [])
         sets, labels = describe_models(specs, settings, plan, Path(args.compare).name if plan else None,
                                        load=lambda spec: common.load_model_from(args, spec))
+        heads = sum(d.first.numel() for d in sets)
+        tqdm.write(f"embedding the {heads} heads in 2D (an autoencoder, PCA and t-SNE) and clustering them",
+                   file=sys.stderr)
         atlas = build_atlas(sets, [scores] + [{}] * (len(sets) - 1), settings.clusters, settings.seed)
+        tqdm.write("writing atlas.json and atlas.html", file=sys.stderr)
         doc = atlas_document(atlas, labels, {**dataclasses.asdict(settings), "compare": args.compare})
         out = write_atlas(args.out, doc, args.overwrite)
         for row in doc["cluster_table"]:  # with several models or a plan, each head says whose it is

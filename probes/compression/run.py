@@ -36,12 +36,14 @@ from ...core.text import load_text, token_windows
 from ...surgeon import Plan, attach, model_shape
 from ...surgeon.kv_cache import cache_bytes
 from ...surgeon.losses import next_token_loss
+from ...surgeon.sites import announcing_layers
 from ...surgeon.streaming.cache import streaming_cache
 from ...surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
 from ...surgeon.streaming.settings import StreamingSettings
 from ..intervals import mean_interval
 from ..scorers.needles import HELDOUT_NEEDLES
-from ..scorers.retrieval import NeedlePrompt, answer_stop, greedy_from_cache, needle_grid, rouge1_recall, stop_rule
+from ..scorers.retrieval import (NeedlePrompt, Status, answer_stop, greedy_from_cache, needle_grid, rouge1_recall,
+                                 stop_rule)
 from .file import COMPRESSION_FORMAT, CONVERTED, FULL
 from .settings import PROGRESS_FILE, CompressionSettings
 
@@ -67,15 +69,18 @@ def conditions(shape, scores: dict[str, HeadScores] | None, settings: Compressio
 
 
 @torch.no_grad()
-def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: CompressionSettings, stop) -> dict:
+def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: CompressionSettings, stop,
+               status: Status | None = None) -> dict:
     """One prompt under ``plan`` on its streaming cache: the response's ROUGE-1 recall, whether it
-    counts as recalled, and the cache's bytes after the prompt."""
+    counts as recalled, and the cache's bytes after the prompt. ``status`` hears the prefill (block by
+    block) and each decoding step as they start."""
     with attach(model, plan):
         cache = streaming_cache(model, plan)
-        cache = model(input_ids=prompt.input_ids[:, :-1], past_key_values=cache, use_cache=True).past_key_values
+        with announcing_layers(model, status, f"prefill of {prompt.input_ids.shape[1] - 1:,} tokens"):
+            cache = model(input_ids=prompt.input_ids[:, :-1], past_key_values=cache, use_cache=True).past_key_values
         kv_bytes = cache_bytes(cache)
         generated = greedy_from_cache(model, cache, prompt.input_ids[:, -1:], settings.max_new_tokens,
-                                      answer_stop(tokenizer, stop, prompt.needle.answer))
+                                      answer_stop(tokenizer, stop, prompt.needle.answer), status=status)
     response = tokenizer.decode(generated, skip_special_tokens=True).strip()
     recall = rouge1_recall(response, prompt.needle.answer)
     return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
@@ -118,14 +123,15 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     bar = _bar(settings, len(measured), "compression", progress)
     for length, (prompts, windows) in inputs.items():
         for condition in measured:
-            bar.set_postfix_str(f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}")
+            label = f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}"
+            bar.set_postfix_str(label)
             key = run_key(condition["rule"], condition["keep"], condition["draw"], length)
             run = journal.get(key)
             if run is None:
                 run = journal.put(key, {"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
                                         "full_heads": condition["full_heads"], "length": length,
                                         **_measure(model, tokenizer, condition["plan"], prompts, windows, settings,
-                                                   stop, bar)})
+                                                   stop, bar, label)})
             else:
                 bar.update(len(prompts) + len(windows))
             runs.append(run)
@@ -167,7 +173,8 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
         if run is None:
             run = journal.put(key, {"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole),
                                     "length": length,
-                                    **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar)})
+                                    **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar,
+                                               f"{length} tokens")})
         else:
             bar.update(len(prompts) + len(windows))
         runs.append(run)
@@ -274,16 +281,21 @@ def _bar(settings: CompressionSettings, conditions: int, desc: str, progress: bo
 
 
 def _measure(model, tokenizer, plan: Plan, prompts: list[NeedlePrompt], windows, settings: CompressionSettings,
-             stop, bar) -> dict:
+             stop, bar, label: str = "") -> dict:
     """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` on one length's inputs,
-    advancing ``bar`` by one per prompt and window."""
+    advancing ``bar`` by one per prompt and window; its postfix, ``label`` and what runs now."""
     started = time.perf_counter()
     needles, losses = [], []
-    for prompt in prompts:
-        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop))
+    label = f"{label}, " if label else ""
+    shown = None if bar.disable else bar.set_postfix_str
+    for number, prompt in enumerate(prompts, 1):
+        needle = f"{label}needle prompt {number} of {len(prompts)}"
+        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop,
+                                  None if shown is None else lambda text: shown(f"{needle}: {text}")))
         bar.update(1)
-    for window in windows:
-        losses.append(window_loss(model, window, plan))
+    for number, window in enumerate(windows, 1):
+        with announcing_layers(model, shown, f"{label}perplexity window {number} of {len(windows)}"):
+            losses.append(window_loss(model, window, plan))
         bar.update(1)
     return {"needles": needles, "losses": losses, "seconds": time.perf_counter() - started}
 

@@ -139,6 +139,7 @@ def _rouge_scorer():
 
 
 StopRule = Callable[[list[int]], bool]
+Status = Callable[[str], None]  # shows what a long step is doing (a progress bar's postfix)
 
 
 def stop_rule(tokenizer) -> StopRule:
@@ -174,11 +175,11 @@ def answer_stop(tokenizer, stop: StopRule, answer: str) -> StopRule:
 
 @torch.no_grad()
 def greedy_from_cache(model, cache, token: torch.Tensor, max_new_tokens: int, stop: StopRule | None,
-                      after_step: Callable[[], None] | None = None) -> list[int]:
+                      after_step: Callable[[], None] | None = None, status: Status | None = None) -> list[int]:
     """Greedy decoding from ``token [1, 1]`` on ``cache`` (which it extends); ``after_step`` runs
-    after each step's forward (while that step's recording is current)."""
+    after each step's forward (while that step's recording is current); ``status`` hears each step."""
     return _greedy_rows(model, cache, token, [cache.get_seq_length()], max_new_tokens, stop,
-                        None if after_step is None else lambda rows: after_step())[0]
+                        None if after_step is None else lambda rows: after_step(), status)[0]
 
 
 @dataclass
@@ -188,9 +189,6 @@ class SharedPrefix:
     length: int
     cache: object
     ids: torch.Tensor
-
-
-Status = Callable[[str], None]  # shows what a long step is doing (a progress bar's postfix)
 
 
 @torch.no_grad()
@@ -324,7 +322,8 @@ def _greedy_rows(model, cache, tokens: torch.Tensor, lengths: list[int], max_new
     running = list(range(batch))
     for step in range(max_new_tokens):
         if status is not None:
-            status(f"decoding {len(running)} of {batch} prompts, token {step + 1} of at most {max_new_tokens}")
+            prompts = f" {len(running)} of {batch} prompts," if batch > 1 else ""
+            status(f"decoding{prompts} token {step + 1} of at most {max_new_tokens}")
         filled[:, held + step] = 1
         side_by_side = {} if batch == 1 else {"attention_mask": filled[:, :held + step + 1],
                                                "position_ids": positions + step}

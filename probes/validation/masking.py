@@ -11,6 +11,7 @@ import random
 from collections import Counter
 
 import torch
+from tqdm.auto import tqdm
 
 from ...core.errors import HeadlabError
 from ...core.head_scores import HeadScores
@@ -96,13 +97,13 @@ def masking_plan(heads: list[Head], mode: str, rows: str = "decode",
 
 
 @torch.no_grad()
-def head_means(model, windows: list[torch.Tensor], heads: set[Head]) -> dict[Head, list[float]]:
+def head_means(model, windows: list[torch.Tensor], heads: set[Head], progress: bool = False) -> dict[Head, list[float]]:
     """Mean output ``[head_dim]`` of each of ``heads`` over every position of ``windows`` (each
-    ``[1, seq]`` ids), one forward per window."""
+    ``[1, seq]`` ids), one forward per window (``progress``: a bar over them)."""
     layers = sorted({layer for layer, _ in heads})
     totals: dict[int, torch.Tensor] = {}
     count = 0
-    for ids in windows:
+    for ids in tqdm(windows, desc="head means", unit="window", leave=False, disable=not progress):
         with attach(model, taps=Taps(head_outputs=layers)) as session:
             run_for_taps(model, input_ids=ids)
         for layer in layers:

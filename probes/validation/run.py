@@ -29,10 +29,12 @@ from ...core.text import load_text, token_windows
 from ...surgeon import Plan, attach
 from ...surgeon.kv_cache import reserved_cache
 from ...surgeon.losses import next_token_loss
+from ...surgeon.sites import announcing_layers
 from ...surgeon.stopping import run_for_taps
 from ..scorers.needles import HELDOUT_NEEDLES
 from ..scorers.retrieval import (
     NeedlePrompt,
+    Status,
     answer_stop,
     greedy_from_cache,
     has_chat_template,
@@ -100,18 +102,22 @@ class NeedleTask:
                             use_cache=True).past_key_values
 
     @torch.no_grad()
-    def evaluate(self, prompt: NeedlePrompt, plan: Plan | None, shared_cache=None) -> dict:
-        """The measures of one prompt under ``plan`` (and the response)."""
+    def evaluate(self, prompt: NeedlePrompt, plan: Plan | None, shared_cache=None,
+                 status: Status | None = None) -> dict:
+        """The measures of one prompt under ``plan`` (and the response); ``status`` hears each forward."""
+        say = status or (lambda text: None)
         with (attach(self.model, plan) if plan is not None else nullcontext()) as session:
             if shared_cache is None:
-                cache = self.prefill(prompt)
+                with announcing_layers(self.model, status, f"prefill of {prompt.input_ids.shape[1] - 1:,} tokens"):
+                    cache = self.prefill(prompt)
             else:
                 if session is not None:
                     session.resume(prompt.length - 1)
                 cache = shared_cache
+            say("the answer's log-probability")
             logprob = self._answer_logprob(prompt, copy.deepcopy(cache))
             generated = greedy_from_cache(self.model, copy.deepcopy(cache), prompt.input_ids[:, -1:],
-                                          self.settings.max_new_tokens, self._stop_for(prompt))
+                                          self.settings.max_new_tokens, self._stop_for(prompt), status=status)
         response = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         recall = rouge1_recall(response, prompt.needle.answer)
         return {"recalled": float(recall > self.settings.rouge_min), "rouge1_recall": recall,
@@ -138,23 +144,32 @@ class NeedleTask:
         for index, prompt in enumerate(self.prompts):
             piece = journal.get(str(index))
             if piece is None:
-                piece = journal.put(str(index), self._measure(prompt, conditions, bar))
+                piece = journal.put(str(index), self._measure(prompt, conditions, bar, index))
             else:
                 bar.update(1 + len(conditions))
             pieces.append(piece)
         bar.close()
         return _gathered(pieces, conditions)
 
-    def _measure(self, prompt: NeedlePrompt, conditions: list[tuple[str, Plan]], bar) -> dict:
+    def _measure(self, prompt: NeedlePrompt, conditions: list[tuple[str, Plan]], bar, index: int = 0) -> dict:
         """``{"baseline", "results": {condition: measures}}`` of one prompt (no conditions where the
-        unmasked model does not answer it)."""
-        shared = self.prefill(prompt) if self.shared_prefill else None
-        base = self.evaluate(prompt, None, shared)
+        unmasked model does not answer it); ``bar``'s postfix says which prompt (``index``) and forward runs."""
+        number = f"prompt {index + 1} of {len(self.prompts)}"
+        shown = None if bar.disable else bar.set_postfix_str
+
+        def status(condition: str) -> Status | None:
+            return None if shown is None else lambda text: shown(f"{number}, {condition}: {text}")
+
+        shared = None
+        if self.shared_prefill:
+            with announcing_layers(self.model, shown, f"{number}: prefill of {prompt.input_ids.shape[1] - 1:,} tokens"):
+                shared = self.prefill(prompt)
+        base = self.evaluate(prompt, None, shared, status("unmasked"))
         bar.update(1)
         results = {}
         if base["recalled"]:
             for name, plan in conditions:
-                results[name] = self.evaluate(prompt, plan, shared)
+                results[name] = self.evaluate(prompt, plan, shared, status(name))
                 bar.update(1)
         else:
             bar.update(len(conditions))
@@ -181,16 +196,25 @@ class LossTask:
 
     def run(self, conditions: list[tuple[str, Plan]], progress: bool, journal: Journal | None = None):
         """Every window unmasked and under every condition (a window ``journal`` holds is taken from
-        it): ``(baseline, used, {condition: ...})``."""
+        it): ``(baseline, used, {condition: ...})``. The bar counts one forward per window and condition."""
         journal = Journal(None, {}, "validation") if journal is None else journal
         pieces = []
-        for index, window in enumerate(tqdm(self.windows, desc="masking validation", unit="window",
-                                            disable=not progress)):
-            piece = journal.get(str(index))
-            if piece is None:
-                piece = journal.put(str(index), {"baseline": self.evaluate(window, None), "results": {
-                    name: self.evaluate(window, plan) for name, plan in conditions}})
-            pieces.append(piece)
+        with tqdm(total=len(self.windows) * (1 + len(conditions)), desc="masking validation", unit="run",
+                  disable=not progress) as bar:
+            for index, window in enumerate(self.windows):
+                piece = journal.get(str(index))
+                if piece is None:
+                    bar.set_postfix_str(f"window {index + 1} of {len(self.windows)}")  # a no-op when disabled
+                    baseline = self.evaluate(window, None)
+                    bar.update(1)
+                    results = {}
+                    for name, plan in conditions:
+                        results[name] = self.evaluate(window, plan)
+                        bar.update(1)
+                    piece = journal.put(str(index), {"baseline": baseline, "results": results})
+                else:
+                    bar.update(1 + len(conditions))
+                pieces.append(piece)
         return _gathered(pieces, conditions)
 
 
@@ -250,7 +274,7 @@ def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSett
     started = time.perf_counter()
     task = (NeedleTask(model, tokenizer, settings, masking.mode) if metric == "needle-recall"
             else LossTask(model, tokenizer, settings))
-    plan_of = _plan_maker(model, tokenizer, settings, masking, metric, heads)
+    plan_of = _plan_maker(model, tokenizer, settings, masking, metric, heads, progress)
     conditions = [(f"top/{k}", plan_of(top)) for k, (top, _) in heads.items()]
     conditions += [(f"random/{k}/{i}", plan_of(chosen)) for k, (_, sets) in heads.items()
                    for i, chosen in enumerate(sets)]
@@ -273,7 +297,8 @@ def validate_score(model, tokenizer, score: HeadScores, settings: ValidationSett
     return curve
 
 
-def _plan_maker(model, tokenizer, settings: ValidationSettings, masking: MaskingSettings, metric: str, heads):
+def _plan_maker(model, tokenizer, settings: ValidationSettings, masking: MaskingSettings, metric: str, heads,
+                progress: bool = False):
     """A function from a head set to its masking plan; mean masking measures the heads' means once,
     on held-out windows."""
     rows = "decode" if metric == "needle-recall" else "all"
@@ -282,7 +307,7 @@ def _plan_maker(model, tokenizer, settings: ValidationSettings, masking: Masking
         needed = {h for top, sets in heads.values() for chosen in (top, *sets) for h in chosen}
         windows = token_windows(tokenizer, load_text(settings.text.text_path, heldout=True),
                                 settings.text.windows, settings.text.tokens, settings.seed)
-        means = head_means(model, windows, needed)
+        means = head_means(model, windows, needed, progress)
     return lambda chosen: masking_plan(chosen, masking.mode, rows, means)
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...core.files import atomic_path
+from ..sites import announcing_layers
 from .converted import converted_layers
 from .settings import StageSettings
 
@@ -82,13 +83,16 @@ def run_stage(
     settings: StageSettings,
     folder: str | Path | None = None,
     stop_at: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train ``parameters`` on ``loss_fn`` over the sequences of ``train [n, T]`` (one per
     micro-batch, in a seeded order), validating on ``validation [m, T]``; resumes from
     ``folder/{name}.pt`` when present. Ends holding the best weights; returns the summary
-    (losses, steps, tokens, seconds). ``stop_at`` halts early after that step (for tests of resuming)."""
+    (losses, steps, tokens, seconds). ``stop_at`` halts early after that step (for tests of resuming).
+    ``progress``: a bar over the steps, whose postfix says which sequence's forward or backward, which
+    validation window or which checkpoint runs."""
     run = _Run(name, model, parameters, loss_fn, train, validation, settings, folder)
-    return run.train(stop_at)
+    return run.train(stop_at, progress)
 
 
 class _Run:
@@ -111,26 +115,39 @@ class _Run:
         return self.train_ids[self.order[index % len(self.order)]][None]
 
     @torch.no_grad()
-    def validate(self) -> float:
-        losses = [float(self.loss_fn(ids[None])) for ids in self.val_ids]
+    def validate(self, status: Callable[[str], None] | None = None) -> float:
+        losses = []
+        for number, ids in enumerate(self.val_ids, 1):
+            with announcing_layers(self.model, status, f"validating, window {number} of {len(self.val_ids)}"):
+                losses.append(float(self.loss_fn(ids[None])))
         return sum(losses) / len(losses)
 
-    def train(self, stop_at: int | None) -> dict:
+    def train(self, stop_at: int | None, progress: bool = True) -> dict:
         s = self.settings
         self._resume()
+        bar = tqdm(total=s.steps, initial=self.step, desc=self.name, unit="step", disable=not progress)
+        shown = ""  # the last step's loss and learning rate
+
+        def status(text: str) -> None:
+            bar.set_postfix_str(f"{shown}, {text}" if shown else text)
+
+        say = status if progress else None
         if self.initial_val is None:
-            self.initial_val = self.validate()
-        bar = tqdm(total=s.steps, initial=self.step, desc=self.name, unit="step")
+            self.initial_val = self.validate(None if say is None else lambda text: say(f"before training: {text}"))
         while self.step < s.steps:
             started = time.perf_counter()
-            loss = self._update()
+            loss = self._update(say)
             self.step += 1
             self.seconds += time.perf_counter() - started
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
+            shown = f"loss={loss:.4g}, lr={self.optimizer.param_groups[0]['lr']:.1e}"
+            bar.set_postfix_str(shown)
             if self.step % s.eval_every == 0 or self.step == s.steps:
-                self._evaluate(loss)
+                self._evaluate(loss, say)
+                if say is not None:
+                    say("saving the training state")
                 self._save()
+                bar.set_postfix_str(shown)
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
@@ -139,20 +156,26 @@ class _Run:
                 p.copy_(self.best["weights"][k])
         return self.summary()
 
-    def _update(self) -> float:
+    def _update(self, status: Callable[[str], None] | None = None) -> float:
         s = self.settings
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(s.accumulation):
-            loss = self.loss_fn(self._sequence(self.step * s.accumulation + micro)) / s.accumulation
+            step = f"step {self.step + 1}"
+            if s.accumulation > 1:
+                step += f", sequence {micro + 1} of {s.accumulation}"
+            with announcing_layers(self.model, status, f"{step}: forward", backward=f"{step}: backward"):
+                loss = self.loss_fn(self._sequence(self.step * s.accumulation + micro)) / s.accumulation
+            if status is not None:
+                status(f"{step}: backward")
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip)
         self.optimizer.step()
         return total
 
-    def _evaluate(self, train_loss: float) -> None:
-        val = self.validate()
+    def _evaluate(self, train_loss: float, status: Callable[[str], None] | None = None) -> None:
+        val = self.validate(status)
         self.scheduler.step(val)
         self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val,
                              "lr": self.optimizer.param_groups[0]["lr"]})

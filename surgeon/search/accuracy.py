@@ -92,11 +92,14 @@ def output_at(model, inputs: dict, positions: torch.Tensor):
 
 
 @torch.no_grad()
-def score_batches(batches: list[ChoiceBatch], n_examples: int, forward: Forward,
-                  progress: bool = False) -> list[list[float]]:
-    """Sum of each choice's token log-probabilities, per example and choice, from ``forward``."""
+def score_batches(batches: list[ChoiceBatch], n_examples: int, forward: Forward, progress: bool = False,
+                  status: Callable[[str], None] | None = None) -> list[list[float]]:
+    """Sum of each choice's token log-probabilities, per example and choice, from ``forward``
+    (``progress``: a bar over the batches; ``status`` hears each batch as it starts)."""
     scores: list[list[float]] = [[] for _ in range(n_examples)]
     for index, batch in enumerate(tqdm(batches, desc="scoring", disable=not progress, leave=False)):
+        if status is not None:
+            status(f"batch {index + 1} of {len(batches)}")
         logprobs = torch.log_softmax(forward(index, batch).float(), -1)  # [B, K, vocab]
         for row, (example, targets, at) in enumerate(batch.rows):
             scores[example].append(logprobs[row, at].gather(-1, targets[:, None].to(logprobs.device)).sum().item())

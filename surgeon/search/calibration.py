@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -71,12 +72,13 @@ def default_candidates(model, layers: list[int] | None = None) -> list[tuple[int
 
 
 def calibration_search(model, tokenizer, examples: list[Example], settings: SearchSettings,
-                       progress_path: str | os.PathLike, batch_size: int = 16) -> dict:
+                       progress_path: str | os.PathLike, batch_size: int = 16, progress: bool = True) -> dict:
     """Measure accuracy with each candidate head calibrated alone; keep heads whose accuracy
     beats the unedited baseline by more than ``settings.margin``.
 
     Returns ``{"settings", "baseline", "heads": {"L,H": accuracy}, "kept": [[L, H], ...]}``; the
-    same dict is kept (and resumed from) at ``progress_path``.
+    same dict is kept (and resumed from) at ``progress_path``. ``progress``: a status line before the
+    unedited pass and a bar over the heads, whose postfix names the layer's forward under way.
     """
     progress_path = Path(progress_path)
     state = _resume(progress_path, settings)
@@ -84,21 +86,33 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
     prefix = _prefix_or_none(model, batches)
     forward = prefix.forward if prefix is not None else model_forward(model)
     todo = sorted(c for c in settings.candidates if _key(c) not in state["heads"])
-    scorer = _scorer_or_none(model, batches, prefix, len(examples)) if todo else None
+    if progress and (todo or state["baseline"] is None):
+        sequences = sum(len(batch.rows) for batch in batches)
+        tqdm.write(f"calibration search: unedited pass over {len(examples)} examples ({sequences} choice sequences "
+                   f"in {len(batches)} batches)", file=sys.stderr)
+    scorer = _scorer_or_none(model, batches, prefix, len(examples), progress) if todo else None
     if state["baseline"] is None:
-        unedited = scorer.unedited_scores() if scorer is not None else score_batches(batches, len(examples), forward)
+        unedited = (scorer.unedited_scores() if scorer is not None
+                    else score_batches(batches, len(examples), forward, progress))
         state["baseline"] = accuracy(examples, unedited).accuracy
         write_json(progress_path, state)
-    bar = tqdm(desc="calibration search", initial=len(settings.candidates) - len(todo), total=len(settings.candidates))
+    bar = tqdm(desc="calibration search", initial=len(settings.candidates) - len(todo), total=len(settings.candidates),
+               unit="head", disable=not progress)
     for layer in sorted({layer for layer, _ in todo}):
+        bar.set_postfix_str(f"layer {layer}: the stream entering it")
         if prefix is not None and not _advanced(prefix, layer):
             prefix, forward, scorer = None, model_forward(model), None
         edits = [Calibrate(layer, (head,), beta=settings.beta, threshold=settings.threshold)
                  for candidate_layer, head in todo if candidate_layer == layer]
-        for edit, result in measure_layer(model, examples, batches, edits, forward, scorer):
+        status = bar.set_postfix_str if progress else None
+        side_by_side = scorer is not None  # the layer's heads finish together: the bar moves once, by all of them
+        for edit, result in measure_layer(model, examples, batches, edits, forward, scorer, status):
             state["heads"][_key((layer, edit.heads[0]))] = result.accuracy
             write_json(progress_path, state)
-            bar.update()
+            if not side_by_side:
+                bar.update()
+        if side_by_side:
+            bar.update(len(edits))
     bar.close()
     state["kept"] = [list(c) for c in settings.candidates
                      if state["heads"][_key(c)] - state["baseline"] > settings.margin]
@@ -107,16 +121,19 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
 
 
 def measure_layer(model, examples: list[Example], batches, edits: list[Calibrate], forward,
-                  scorer: SuffixScorer | None = None) -> Iterator[tuple[Calibrate, EvalResult]]:
+                  scorer: SuffixScorer | None = None,
+                  status: Callable[[str], None] | None = None) -> Iterator[tuple[Calibrate, EvalResult]]:
     """Accuracy under each of ``edits`` alone (one head each, one layer): all at once from the rows
     they can change with ``scorer``, else one by one with ``forward`` (the whole model, or from the
-    kept stream of the layer)."""
+    kept stream of the layer). ``status`` hears each forward as it starts."""
     if scorer is not None:
-        yield from zip(edits, (accuracy(examples, scores) for scores in scorer.layer_scores(edits)))
+        yield from zip(edits, (accuracy(examples, scores) for scores in scorer.layer_scores(edits, status)))
         return
     for edit in edits:
+        head = f"layer {edit.layer} head {edit.heads[0]}"
         with attach(model, Plan([edit])):
-            yield edit, accuracy(examples, score_batches(batches, len(examples), forward))
+            yield edit, accuracy(examples, score_batches(batches, len(examples), forward, status=(
+                None if status is None else lambda text: status(f"{head}: {text}"))))
 
 
 def _prefix_or_none(model, batches) -> LayerPrefix | None:
@@ -127,11 +144,12 @@ def _prefix_or_none(model, batches) -> LayerPrefix | None:
         return None
 
 
-def _scorer_or_none(model, batches, prefix: LayerPrefix | None, n_examples: int) -> SuffixScorer | None:
+def _scorer_or_none(model, batches, prefix: LayerPrefix | None, n_examples: int,
+                    progress: bool = False) -> SuffixScorer | None:
     if prefix is None:
         return None
     try:
-        return SuffixScorer(model, batches, prefix, n_examples)
+        return SuffixScorer(model, batches, prefix, n_examples, progress=progress)
     except UnsupportedModelError as err:
         _slower(f"each head runs its sequences whole from the layer's kept input ({err})")
         return None

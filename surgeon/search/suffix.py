@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from ...core.errors import UnsupportedModelError
@@ -34,7 +36,7 @@ from ..hook import attach
 from ..kv_cache import ReservedLayer, full_attention_only
 from ..plan import Plan
 from ..request import RequestState
-from ..sites import attention_modules, has_causal_attention
+from ..sites import announcing_layers, attention_modules, has_causal_attention
 from .accuracy import ChoiceBatch, output_at
 from .prefix import LayerPrefix, Reached, handing_through, require_tensor_output
 
@@ -95,15 +97,16 @@ class SuffixScorer:
     """Choice scores under calibrated heads, each alone, from the rows its edit can change (see the module).
 
     Sequences are held in the order of ``batches``' rows: ``ids [S, N]`` (N: the widest batch),
-    ``lengths [S]`` and, per layer, the unedited ``keys``/``values [S, kv_heads, N, head_dim]``."""
+    ``lengths [S]`` and, per layer, the unedited ``keys``/``values [S, kv_heads, N, head_dim]``.
+    ``progress``: a bar over the batches of the unedited pass."""
 
     def __init__(self, model, batches: list[ChoiceBatch], prefix: LayerPrefix, n_examples: int,
-                 cache_budget: int = CACHE_BUDGET_BYTES):
+                 cache_budget: int = CACHE_BUDGET_BYTES, progress: bool = False):
         _require_supported(model, batches, cache_budget)
         self.model, self.batches, self.prefix, self.n_examples = model, batches, prefix, n_examples
         self.ids = _stacked([batch.input_ids for batch in batches], 1)
         self.lengths = torch.cat([batch.attention_mask.sum(-1) for batch in batches])
-        self.sequences, self.caches = self._unedited_pass()
+        self.sequences, self.caches = self._unedited_pass(progress)
         self.examples = self._examples()
         self._states: tuple[int, torch.Tensor] | None = None  # the kept stream entering a layer: [S, N, d_model]
 
@@ -114,24 +117,35 @@ class SuffixScorer:
         return self.layer_scores([edit])[0]
 
     @torch.no_grad()
-    def layer_scores(self, edits: list[Calibrate]) -> list[list[list[float]]]:
+    def layer_scores(self, edits: list[Calibrate],
+                     status: Callable[[str], None] | None = None) -> list[list[list[float]]]:
         """:meth:`scores` of each of ``edits``: one head each, all of :attr:`prefix`'s layer, alike
         otherwise. The heads run side by side: a batch row calibrates its own head (the others' sink
         sets pinned empty, which leaves their weights as they are). Where the choices of an example
-        find the same sinks in its context, the context's edited rows run once for all of them."""
+        find the same sinks in its context, the context's edited rows run once for all of them.
+        ``status`` hears each forward, and each block of it, as it starts (:func:`~..sites.announcing_layers`)."""
         together = _together(edits, self.prefix.layer)
+        layer = f"layer {together.layer}, {len(edits)} head{'s' if len(edits) != 1 else ''}"
+        if status is not None:
+            status(f"{layer}: their sinks")
         sinks = self._sink_sets(together)  # [S, h, N], h: the edits' heads in order
         positions = torch.arange(sinks.shape[-1])
         first = torch.where(sinks, positions, sinks.shape[-1]).amin(-1)  # [S, h]: the first row each edit changes
         terms = {}  # (sequence, slot) -> {scored position: log-probability}, for the pairs the edit changes
         with attach(self.model, Plan([together])) as session:
             contexts = {}  # (example, slot) -> _Context
-            shared = self._shared_contexts(sinks, first)
-            for start, runs in _grouped(shared):
-                for run, context in zip(runs, self._run_contexts(session, together, runs, start, sinks)):
+            groups = _grouped(self._shared_contexts(sinks, first))
+            for number, (start, runs) in enumerate(groups, 1):
+                forward = f"{layer}: shared contexts, forward {number} of {len(groups)}"
+                with announcing_layers(self.model, status, forward):
+                    computed = self._run_contexts(session, together, runs, start, sinks)
+                for run, context in zip(runs, computed):
                     contexts[self.sequences[run.sequence].example, run.slot] = context
-            for start, runs in _grouped(self._choice_runs(first, contexts)):
-                self._run_choices(session, together, runs, start, sinks, terms)
+            groups = _grouped(self._choice_runs(first, contexts))
+            for number, (start, runs) in enumerate(groups, 1):
+                forward = f"{layer}: choices, forward {number} of {len(groups)}"
+                with announcing_layers(self.model, status, forward):
+                    self._run_choices(session, together, runs, start, sinks, terms)
         self._add_context_terms(contexts, terms)
         totals = [[float(s.unedited.sum()) for s in self.sequences] for _ in edits]
         for (index, slot), scored in terms.items():
@@ -174,15 +188,17 @@ class SuffixScorer:
         return per_example
 
     @torch.no_grad()
-    def _unedited_pass(self) -> tuple[list[_Sequence], list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _unedited_pass(self, progress: bool = False) -> tuple[list[_Sequence], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Every sequence's unedited scoring, and per layer every sequence's keys and values; the
         stream entering each layer goes to :attr:`prefix` (its ``known`` streams)."""
         sequences, caches, streams = [], [], []
         checks = [block.register_forward_hook(require_tensor_output) for block in self.prefix.blocks]
+        bar = tqdm(self.batches, desc="unedited pass", unit="batch", leave=False, disable=not progress)
         try:
-            outputs = [output_at(self.model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                                              "use_cache": True, "output_hidden_states": True}, batch.read)
-                       for batch in self.batches]
+            with announcing_layers(self.model, bar.set_postfix_str if progress else None):
+                outputs = [output_at(self.model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                                  "use_cache": True, "output_hidden_states": True}, batch.read)
+                           for batch in bar]
         finally:
             for check in checks:
                 check.remove()

@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,7 @@ from ...core.head_scores import HeadScores
 from ...core.text import load_text
 from .. import Plan, attach, model_shape
 from ..losses import needs_recompute, recomputed_in_backward
+from ..sites import announcing_layers
 from .mixing import StreamMix
 from .rules import candidates, global_layers, score_ranking, streaming_plan
 from .settings import GateSettings, StreamingSettings
@@ -113,16 +115,25 @@ class GateTraining:
         self.alphas = torch.ones(self.shape.n_layers, self.shape.n_kv_heads, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.alphas], lr=settings.lr)
         self.step, self.seconds, self.history = 0, 0.0, []
+        self._status: Callable[[str], None] | None = None  # hears each forward of a step (the bar's postfix)
         self.path = Path(folder) / STATE_FILE if folder is not None else None
         self._resume()
 
     def run(self, progress: bool = True, stop_at: int | None = None) -> torch.Tensor:
-        """Train to ``settings.steps`` (or ``stop_at``); returns the gates ``[n_layers, n_kv_heads]``."""
+        """Train to ``settings.steps`` (or ``stop_at``); returns the gates ``[n_layers, n_kv_heads]``.
+        ``progress``: a bar over the steps, whose postfix shows the last loss and mean gate and which
+        forward of the step runs."""
         frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
         bar = tqdm(total=self.settings.steps, initial=self.step, desc="gate training", unit="step",
                    disable=not progress)
+        last = ""  # the last step's loss and mean gate
+
+        def status(text: str) -> None:
+            bar.set_postfix_str(f"{last}, {text}" if last else text)
+
+        self._status = status if progress else None
         try:
             while self.step < self.settings.steps and (stop_at is None or self.step < stop_at):
                 started = time.perf_counter()
@@ -132,28 +143,34 @@ class GateTraining:
                 self.history.append({"step": self.step, "loss": loss, "mse": mse,
                                      "mean_gate": float(self.alphas.detach()[list(self.layers)].mean())})
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.4g}", gate=f"{self.history[-1]['mean_gate']:.3f}")
+                last = f"loss={loss:.4g}, gate={self.history[-1]['mean_gate']:.3f}"
+                bar.set_postfix_str(last)
                 if self.step % self.settings.save_every == 0 or self.step == self.settings.steps:
                     self._save()
         finally:
             bar.close()
+            self._status = None
             for p, flag in frozen:
                 p.requires_grad_(flag)
         return self.alphas.detach().clone()
 
     def _update(self) -> tuple[float, float]:
-        s = self.settings
+        s, status = self.settings, self._status
         sample = passkey_sample(self.tokenizer, self.haystack, self.words, s, self.step, self.lengths)
-        with torch.no_grad():
+        step = f"step {self.step + 1}, {sample.input_ids.shape[1]:,} tokens"
+        with torch.no_grad(), announcing_layers(self.model, status, f"{step}: unedited forward"):
             teacher = final_hidden(self.model, sample.input_ids)[0, sample.targets]
         mixing = StreamMix(self.alphas, self.layers, s.sinks, s.window)
         long = needs_recompute(self.model, sample.input_ids.shape[1])
         # the backward runs inside: a block recomputed for a long sample needs the mixing again
         with attach(self.model, mixing=mixing), recomputed_in_backward(self.model) if long else nullcontext():
-            student = final_hidden(self.model, sample.input_ids)[0, sample.targets]
+            with announcing_layers(self.model, status, f"{step}: gated forward", backward=f"{step}: backward"):
+                student = final_hidden(self.model, sample.input_ids)[0, sample.targets]
             mse = ((student.float() - teacher.float()) ** 2).mean(-1).sum() / len(sample.targets)
             loss = mse + s.lam * self.alphas[list(self.layers)].abs().mean()
             self.optimizer.zero_grad(set_to_none=True)
+            if status is not None:
+                status(f"{step}: backward")
             loss.backward()
         self.optimizer.step()
         with torch.no_grad():
