@@ -69,7 +69,7 @@ class Atlas(Command):
         heads = sum(d.first.numel() for d in sets)
         tqdm.write(f"embedding the {heads} heads in 2D (an autoencoder, PCA and t-SNE) and clustering them",
                    file=sys.stderr)
-        atlas = build_atlas(sets, [scores] + [{}] * (len(sets) - 1), settings.clusters, settings.seed)
+        atlas = build_atlas(sets, [scores] + [{}] * (len(sets) - 1), settings.clusters, settings.seed, progress=True)
         tqdm.write("writing atlas.json and atlas.html", file=sys.stderr)
         doc = atlas_document(atlas, labels, {**dataclasses.asdict(settings), "compare": args.compare})
         out = write_atlas(args.out, doc, args.overwrite)

@@ -153,9 +153,13 @@ def describe_models(specs: list[str], settings, plan: Plan | None = None, plan_l
     return sets, labels
 
 
-def autoencoder_embedding(features: torch.Tensor, seed: int = 0, steps: int = 600, hidden: int = 32) -> torch.Tensor:
+def autoencoder_embedding(features: torch.Tensor, seed: int = 0, steps: int = 600, hidden: int = 32,
+                          progress: bool = False) -> torch.Tensor:
     """``[n, 2]``: the 2D code of a small autoencoder (``F → hidden → 2 → hidden → F``, tanh) trained
-    with Adam on the mean squared reconstruction of the standardised ``features [n, F]``."""
+    with Adam on the mean squared reconstruction of the standardised ``features [n, F]`` (``progress``:
+    a bar over the steps)."""
+    from tqdm.auto import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     x = _standardised(features)
     def layer(i, o):
@@ -169,7 +173,7 @@ def autoencoder_embedding(features: torch.Tensor, seed: int = 0, steps: int = 60
     decoder = torch.nn.Sequential(layer(2, hidden), torch.nn.Tanh(), layer(hidden, x.shape[1]))
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-2)
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="atlas autoencoder", unit="step", disable=not progress, leave=False):
             optimizer.zero_grad()
             loss = (decoder(encoder(x)) - x).pow(2).mean()
             loss.backward()
@@ -252,15 +256,23 @@ class Atlas:
 
 
 def build_atlas(descriptors: list[Descriptors], scores: list[dict[str, HeadScores]] | None = None,
-                k: int = 6, seed: int = 0) -> Atlas:
+                k: int = 6, seed: int = 0, progress: bool = False) -> Atlas:
     """Embed and cluster every head of ``descriptors`` together (``scores``: per set, for colouring
-    and for naming induction/retrieval clusters)."""
+    and for naming induction/retrieval clusters; ``progress``: a bar over the autoencoder's steps and
+    a line before t-SNE, one scikit-learn call)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     from .embedding import tsne_embedding
 
     features = torch.cat([d.features() for d in descriptors])
     heads = [(s, layer, head) for s, d in enumerate(descriptors)
              for layer in range(d.first.shape[0]) for head in range(d.first.shape[1])]
-    code = autoencoder_embedding(features, seed)
+    code = autoencoder_embedding(features, seed, progress=progress)
+    if progress:
+        tqdm.write(f"t-SNE of {len(heads)} heads (one scikit-learn call, without progress of its own)",
+                   file=sys.stderr)
     points = {"autoencoder": code, "pca": pca_embedding(features), "tsne": tsne_embedding(features, seed)}
     clusters = kmeans(_standardised(code), k, seed)
     merged = _score_columns(descriptors, scores or [{}] * len(descriptors))

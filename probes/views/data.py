@@ -106,7 +106,7 @@ def encode_maps(maps: Sequence[torch.Tensor], levels: int) -> dict:
              for m, v in zip(maps, vmax)]
     blob = torch.cat(codes).to(torch.uint8).numpy().tobytes()
     return {"side": side, "layout": "lower" if lower else "full", "levels": levels, "vmax": vmax,
-            "data": base64.b64encode(zlib.compress(blob, 9)).decode("ascii")}
+            "data": base64.b64encode(zlib.compress(blob, 6)).decode("ascii")}
 
 
 def decode_maps(encoded: dict) -> list[torch.Tensor]:
