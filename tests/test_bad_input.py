@@ -19,6 +19,7 @@ from conftest import tiny_llama
 
 from headlab.core.text import TextWindows
 from headlab.cli import build_parser, main
+from headlab.probes.figures import plotly_file_name
 from headlab.commands.common import Renamed
 from headlab.core.head_scores import HeadScores
 from headlab.surgeon.conversion.settings import LinearSettings
@@ -35,6 +36,8 @@ def sandbox(tmp_path_factory):
     (d / "user.txt").write_text("the user's own notes\n")
     (d / "precious").mkdir()
     (d / "precious" / "scores.json").write_text('{"mine": true}\n')
+    (d / "own_plotly").mkdir()  # a plotly.js of the user's own where headlab's pages would put theirs
+    (d / "own_plotly" / plotly_file_name()).write_text("// the user's own build\n")
     (d / "text.txt").write_text("Some text to look at. " * 20)
     (d / "windows_only.txt").write_text("Some text to look at. " * 450)  # 8 windows of 256 tokens, no 4096-token needle
     (d / "blank.txt").write_text("  \n\n ")
@@ -174,6 +177,11 @@ CLI_CASES = [
     ("stream-eval {d}/converted_lost_base --out {d}/se", "/gone', cannot be read (model folder"),
     (f"stream-eval {SMOL} --base {SMOL} --rules random --out {{d}}/se", "--base is for a checkpoint converted"),
     (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "holds a compression of other settings"),
+    (f"stream-eval {SMOL} --rules random --out {{d}}/own_plotly --overwrite", "headlab did not write it"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/own_plotly --overwrite",
+     "headlab did not write it"),
+    (f"atlas {SMOL} --out {{d}}/own_plotly --overwrite", "headlab did not write it"),
+    (f"view {SMOL} --text abc --out {{d}}/own_plotly/view.html", "headlab did not write it"),
     (f"stream-eval {SMOL} --rules random --lengths 200000 --out {{d}}/e", "fewer than the 199922 needed for needle"),
     (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --needle-lengths 200000 --out {{d}}/val",
      "fewer than the 199922 needed for needle"),

@@ -45,6 +45,8 @@ class Atlas(Command):
         if args.compare and args.model2:
             raise HeadlabError("compare with a second model or with a plan (--compare), not both")
         check_folder(args.out, args.overwrite, "--out folder")
+        from ..probes.figures import check_plotly_source  # plotly.js beside the pages: checked before any work
+        check_plotly_source(args.out)
         config = common.model_config(args)
         shape = common.model_shape_of(config)
         common.check_window_fits(config, settings.text.tokens, "--tokens")

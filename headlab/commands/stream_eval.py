@@ -47,6 +47,8 @@ class StreamEval(Command):
         settings = settings_from_args(CompressionSettings, args)
         out = Path(args.out)
         check_folder(out, args.overwrite, "--out folder")
+        from ..probes.figures import check_plotly_source  # plotly.js beside the pages: checked before any work
+        check_plotly_source(out)
         config = common.model_config(args, causal=True, needs="needle recall and perplexity")
         if common.converted_layers_of(args.model, config):
             self._refuse_streaming_options(args)

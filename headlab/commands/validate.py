@@ -55,6 +55,8 @@ class Validate(Command):
         score = chosen_score(args.scores, args.score, common.model_shape_of(config))
         metric = settings.masking.metric or ("needle-recall" if args.score == "retrieval" else "loss")
         check_folder(args.out, args.overwrite, "--out folder")
+        from ..probes.figures import check_plotly_source  # plotly.js beside the pages: checked before any work
+        check_plotly_source(args.out)
         if metric == "needle-recall" and not is_causal_lm(config):
             raise ModelSpecError(f"{args.model} is not a causal language model; needle recall needs one (use "
                                  "--metric loss)")

@@ -43,6 +43,8 @@ class View(Command):
 
         view = settings_from_args(ViewSettings, args)
         claim_file(args.out, args.overwrite, "--out page")
+        from ..probes.figures import check_plotly_source  # plotly.js beside the pages: checked before any work
+        check_plotly_source(Path(args.out).parent, view.plotlyjs)
         if args.export:
             if Path(args.export).suffix.lower() not in (".png", ".svg", ".pdf"):
                 raise HeadlabError(f"--export {args.export}: the figure must be a .png, .svg or .pdf file")
