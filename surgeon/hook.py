@@ -56,8 +56,9 @@ class Session:
     def __init__(self, shape: ModelShape, plan: Plan, taps: Taps, gates: torch.Tensor | None,
                  request: Request | None = None, splice: Mapping[int, Splice] | None = None,
                  delegates: Mapping[int, Callable] | None = None, mixing: StreamMix | None = None,
-                 converted: frozenset[int] = frozenset()):
+                 converted: frozenset[int] = frozenset(), compression=None):
         self.shape = shape
+        self.compression = compression  # a KVPress: its layers attend over what their compressed cache holds
         self.converted = converted  # layers converted to linear attention (the hook never reaches them)
         self.mixing = mixing
         self.splice = dict(splice or {})
@@ -115,6 +116,8 @@ class Session:
         n_query, n_key = query.shape[-2], key.shape[-2]
         key_start = self._key_start(layer, n_query, n_key)
         own = self.delegates[layer]
+        if self.compression is not None and layer in self.compression.layers:
+            return self.compression.attend(module, own, query, key, value, attention_mask, kwargs)
         if not self._touches(layer):
             return own(module, query, key, value, attention_mask, **kwargs)
         prefill = n_query == n_key and not key_start
@@ -282,6 +285,22 @@ def _refuse_converted_layers(converted: frozenset[int], plan: Plan, taps: Taps, 
                         "edit, gate, splice or record statistics and head outputs of softmax layers only")
 
 
+def _refuse_shared_layers(compression, plan: Plan, taps: Taps, gates, splice, mixing: StreamMix | None,
+                          shape: ModelShape) -> None:
+    """A press's layers attend over what its cache holds, which edits, gates, splices, mixing and
+    taps do not model: any of them on those layers is refused."""
+    if compression is None:
+        return
+    touched = plan.layers() | set(taps.stats) | set(taps.head_outputs) | set(splice or {})
+    touched |= set(mixing.layers) if mixing is not None else set()
+    if gates is not None:
+        touched |= set(range(shape.n_layers))
+    clash = sorted(touched & set(compression.layers))
+    if clash:
+        raise PlanError(f"layers {clash} are compressed by the press; edit, gate, splice, mix or record other layers "
+                        "only")
+
+
 def _implementation_snapshot(config) -> dict:
     """The attention implementation of a config and of each of its sub-configs, in the dict
     form ``set_attn_implementation`` accepts."""
@@ -314,6 +333,7 @@ def attach(
     request: Request | None = None,
     splice: Mapping[int, Splice] | None = None,
     mixing: StreamMix | None = None,
+    compression=None,
 ) -> Iterator[Session]:
     """Run ``model`` through the headlab attention function inside the block.
 
@@ -323,14 +343,16 @@ def attach(
     layer -> function replacing that layer's per-head outputs ``[B, N, H, D]`` (after the
     plan's output edits, before ``o_proj`` and the head-output taps), e.g. a sparse
     autoencoder's reconstruction; ``mixing``: DuoAttention's gates (:class:`~.streaming.mixing.StreamMix`),
-    applied before the output edits. The previous attention implementation is restored on exit.
+    applied before the output edits; ``compression``: a :class:`~.compression.press.KVPress`, whose
+    global layers then attend over what its cache holds (no edit, gate, tap or splice may share those
+    layers). The previous attention implementation is restored on exit.
     Layers the session leaves alone run the model's own implementation, unchanged.
     """
     installed = getattr(model, _INSTALLED_ATTR, None)
     if installed is not None:  # the model's own plan runs first, then this one
         uninstall(model)
         try:
-            with attach(model, installed.then(plan), taps, gates, request, splice, mixing) as session:
+            with attach(model, installed.then(plan), taps, gates, request, splice, mixing, compression) as session:
                 yield session
         finally:
             install(model, installed)
@@ -352,13 +374,14 @@ def attach(
         raise PlanError(f"splice names layers {bad}, but the model has layers 0..{shape.n_layers - 1}")
     converted = frozenset(m.layer_idx for m in modules if isinstance(m, LinearAttention))
     _refuse_converted_layers(converted, plan, taps, gates, splice, mixing)
+    _refuse_shared_layers(compression, plan, taps, gates, splice, mixing, shape)
     base = text_config(model.config)._attn_implementation
     delegates = {m.layer_idx: own_attention(base, m) for m in modules if not isinstance(m, LinearAttention)}
     name = register(base)
     if mixing is not None and tuple(mixing.alphas.shape) != (shape.n_layers, shape.n_kv_heads):
         raise PlanError(f"gate mixing needs alphas of shape {(shape.n_layers, shape.n_kv_heads)}, "
                         f"got {tuple(mixing.alphas.shape)}")
-    session = Session(shape, plan, taps, gates, request, splice, delegates, mixing, converted)
+    session = Session(shape, plan, taps, gates, request, splice, delegates, mixing, converted, compression)
     hooks = _residual_hooks(model, plan, session) + _converted_map_hooks(modules, session)
     try:
         for module in modules:

@@ -15,12 +15,14 @@ from .base import Command, register_command
 @register_command
 class StreamEval(Command):
     name = "stream-eval"
-    help = "needle recall, perplexity and KV-cache bytes of streaming-head plans, per rule and kept fraction"
+    help = "needle recall, perplexity and KV-cache bytes of streaming heads and presses, against the cache kept"
     description = ("Evaluate KV-cache compression by streaming heads: for every --rules selection rule and every "
                    "--keeps fraction of KV heads that keep the whole context (the stream-plan of that rule), and for "
                    "the unedited model, measure needle recall on held-out prompts of every --lengths (decoded on a "
                    "cache that holds only what each head sees), perplexity on held-out windows of those lengths, and "
-                   "the cache's bytes. MODEL may also be a checkpoint of 'headlab convert': it is measured as it is "
+                   "the cache's bytes; with --scorers, the same for presses (token scorers compressing a real cache, "
+                   "per head: --allocations, whole-head --hybrids, --modes query-agnostic or query-aware) at every "
+                   "--budgets fraction of the cache's bytes, so every condition sits on one axis of bytes kept. MODEL may also be a checkpoint of 'headlab convert': it is measured as it is "
                    "(its state and window are its cache), then its --base model the same way, for comparison. Writes "
                    "compression.json and compression.html (the curves and a table); each finished run is kept in "
                    "OUT/compression.progress.json until then, and the same command resumes after it. Cost: one "
@@ -62,10 +64,13 @@ class StreamEval(Command):
         from ..surgeon.streaming.rules import rule_scores
 
         shape = common.model_shape_of(config)
-        needed = {name for rule in settings.rules for name in rule_scores(rule)}
+        from ..probes.compression.pressing import press_rules
+
+        needed = {name for rule in (*settings.rules, *press_rules(settings)) for name in rule_scores(rule)}
         scores = merged_scores(args.scores, shape, needed) if args.scores else None
         layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
-        measured = run.conditions(shape, scores, settings, layer_types, args.model)  # a rule without scores fails here
+        measured = run.conditions(shape, scores, settings, layer_types, args.model, config)  # fails here on a rule
+        # without its scores, or a budget below the sinks and window
         Journal(out / PROGRESS_FILE, run.streaming_identity(measured, settings, args.model), "compression")
         return settings, scores, None, False
 

@@ -34,6 +34,8 @@ from ...core.head_scores import HeadScores
 from ...core.journal import Journal
 from ...core.text import load_text, token_windows
 from ...surgeon import Plan, attach, model_shape
+from ...surgeon.compression.press import KVPress
+from ...surgeon.compression.settings import PressSettings
 from ...surgeon.kv_cache import cache_bytes
 from ...surgeon.losses import next_token_loss
 from ...surgeon.sites import announcing_layers
@@ -45,17 +47,22 @@ from ..scorers.needles import HELDOUT_NEEDLES
 from ..scorers.retrieval import (NeedlePrompt, Status, answer_stop, greedy_from_cache, needle_grid, rouge1_recall,
                                  stop_rule)
 from .file import COMPRESSION_FORMAT, CONVERTED, FULL
+from .pressing import check_budgets, press_needle_run, press_settings, press_window_loss
 from .settings import PROGRESS_FILE, CompressionSettings
 
-STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate")  # not for a converted checkpoint
+STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate", "scorers", "budgets",
+                  "allocations", "hybrids", "modes", "press_window")  # not for a converted checkpoint
 RESAMPLES = 2000
 
 
 def conditions(shape, scores: dict[str, HeadScores] | None, settings: CompressionSettings,
-               layer_types: list[str] | None = None, model_id: str | None = None) -> list[dict]:
-    """Every measured condition: ``{"rule", "keep", "draw", "plan", "full_heads"}``, the unedited
-    model first. Raises before any model work when a rule's scores are missing."""
-    out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "full_heads": len(candidates(shape, layer_types))}]
+               layer_types: list[str] | None = None, model_id: str | None = None, config=None) -> list[dict]:
+    """Every measured condition: ``{"rule", "keep", "draw", "plan", "press", "full_heads"}`` (a plan of
+    streaming heads, or a press whose ``keep`` is its budget), the unedited model first. Raises before
+    any model work when a rule's scores are missing or (given the model's ``config``) a press's budget
+    does not fit at a length."""
+    out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "press": None,
+            "full_heads": len(candidates(shape, layer_types))}]
     for rule in settings.rules:
         for draw in range(settings.random_sets if rule == "random" else 1):
             ranking = rule_ranking(rule, scores, shape, layer_types, settings.seed + draw)
@@ -63,8 +70,22 @@ def conditions(shape, scores: dict[str, HeadScores] | None, settings: Compressio
                 stream = StreamingSettings(keep=keep, sinks=settings.sinks, window=settings.window,
                                            compensate=settings.compensate)
                 out.append({"rule": rule, "keep": keep, "draw": draw if rule == "random" else None,
-                            "plan": streaming_plan(ranking, shape, stream, model_id),
+                            "plan": streaming_plan(ranking, shape, stream, model_id), "press": None,
                             "full_heads": len(full_kv_heads(ranking, keep)[0])})
+    presses = press_settings(settings)
+
+    def whole_heads(press: PressSettings) -> int:
+        if not press.whole:
+            return 0
+        return len(full_kv_heads(rule_ranking(press.rule, scores, shape, layer_types, press.seed), press.whole)[0])
+
+    for label, press in presses:
+        if press.rule is not None:
+            rule_ranking(press.rule, scores, shape, layer_types, press.seed)  # its scores are there
+        out.append({"rule": label, "keep": press.budget, "draw": None, "plan": None, "press": press,
+                    "full_heads": whole_heads(press)})
+    if config is not None:
+        check_budgets(config, [press for _, press in presses], settings.lengths, whole_heads)
     return out
 
 
@@ -102,7 +123,8 @@ def run_key(rule: str, keep: float, draw: int | None, length: int) -> str:
 def streaming_identity(measured: list[dict], settings: CompressionSettings, model_id: str | None) -> dict:
     """What an evaluation of streaming heads measures, for its journal."""
     return {"kind": "streaming", "model_id": model_id, "settings": dataclasses.asdict(settings),
-            "conditions": [[c["rule"], c["keep"], c["draw"], c["plan"].to_dict()] for c in measured]}
+            "conditions": [[c["rule"], c["keep"], c["draw"], c["plan"].to_dict() if c["press"] is None else
+                            dataclasses.asdict(c["press"])] for c in measured]}
 
 
 def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
@@ -115,7 +137,7 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     settings = settings or CompressionSettings()
     shape = model_shape(model)
     layer_types = _layer_types(model)
-    measured = conditions(shape, scores, settings, layer_types, model_id)
+    measured = conditions(shape, scores, settings, layer_types, model_id, model.config)
     journal = Journal(journal_path, streaming_identity(measured, settings, model_id), "compression")
     inputs = _inputs(tokenizer, settings)  # every length's, so that a length too long fails before any run
     stop = stop_rule(tokenizer)
@@ -130,8 +152,8 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
             if run is None:
                 run = journal.put(key, {"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
                                         "full_heads": condition["full_heads"], "length": length,
-                                        **_measure(model, tokenizer, condition["plan"], prompts, windows, settings,
-                                                   stop, bar, label)})
+                                        **_measure(model, tokenizer, _bound(model, condition, scores), prompts,
+                                                   windows, settings, stop, bar, label)})
             else:
                 bar.update(len(prompts) + len(windows))
             runs.append(run)
@@ -280,22 +302,31 @@ def _bar(settings: CompressionSettings, conditions: int, desc: str, progress: bo
     return tqdm(total=conditions * per_length * len(settings.lengths), desc=desc, unit="input", disable=not progress)
 
 
-def _measure(model, tokenizer, plan: Plan, prompts: list[NeedlePrompt], windows, settings: CompressionSettings,
-             stop, bar, label: str = "") -> dict:
-    """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` on one length's inputs,
-    advancing ``bar`` by one per prompt and window; its postfix, ``label`` and what runs now."""
+def _bound(model, condition: dict, scores: dict[str, HeadScores] | None) -> Plan | KVPress:
+    """A condition's plan, or its press bound to ``model``."""
+    return condition["plan"] if condition["press"] is None else KVPress(model, condition["press"], scores)
+
+
+def _measure(model, tokenizer, plan: Plan | KVPress, prompts: list[NeedlePrompt], windows,
+             settings: CompressionSettings, stop, bar, label: str = "") -> dict:
+    """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` (a plan or a press) on one
+    length's inputs, advancing ``bar`` by one per prompt and window; its postfix, ``label`` and what
+    runs now."""
+    pressed = isinstance(plan, KVPress)
+    run_needle = press_needle_run if pressed else needle_run
+    loss_of = press_window_loss if pressed else window_loss
     started = time.perf_counter()
     needles, losses = [], []
     label = f"{label}, " if label else ""
     shown = None if bar.disable else bar.set_postfix_str
     for number, prompt in enumerate(prompts, 1):
         needle = f"{label}needle prompt {number} of {len(prompts)}"
-        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop,
+        needles.append(run_needle(model, tokenizer, prompt, plan, settings, stop,
                                   None if shown is None else lambda text: shown(f"{needle}: {text}")))
         bar.update(1)
     for number, window in enumerate(windows, 1):
         with announcing_layers(model, shown, f"{label}perplexity window {number} of {len(windows)}"):
-            losses.append(window_loss(model, window, plan))
+            losses.append(loss_of(model, window, plan))
         bar.update(1)
     return {"needles": needles, "losses": losses, "seconds": time.perf_counter() - started}
 

@@ -23,7 +23,8 @@ class CompressionSettings:
 
     rules: tuple[str, ...] = setting(("retrieval", "razor", "random"),
                                      "selection rules: score names of --scores, razor (echo and razor_induction) or "
-                                     "random", kind=Items(Text()), flag="--rules")
+                                     "random ('none': presses only)", kind=Items(Text(), none_word="none", min_items=0),
+                                     flag="--rules")
     keeps: tuple[float, ...] = setting((0.1, 0.25, 0.5), "fractions of KV heads that keep the whole context",
                                        kind=Items(Number(0.0, 1.0)), flag="--keeps")
     random_sets: int = setting(3, "random selections drawn per kept fraction", kind=Integer(1), flag="--random-sets")
@@ -39,6 +40,27 @@ class CompressionSettings:
                           flag="--window")
     compensate: bool = setting(False, "streaming heads also keep RazorAttention's compensation token", kind=Switch(),
                                flag="--compensate")
+    scorers: tuple[str, ...] = setting((), "token scorers measured as presses at every --budgets (none by default): "
+                                           "streaming_llm, snapkv, tova, knorm, expected_attention, random",
+                                       kind=Items(Text(), none_word="none", min_items=0),
+                                       flag="--scorers")
+    budgets: tuple[float, ...] = setting((0.25, 0.35, 0.5), "presses: fractions of the uncompressed cache's bytes "
+                                                            "kept at the prompt's length",
+                                         kind=Items(Number(0.0, 1.0, low_open=True)), flag="--budgets")
+    allocations: tuple[str, ...] = setting(("uniform",), "presses: how each budget is split between the KV heads: "
+                                                         "uniform, pool (Ada-KV: one top-k over a layer's heads) or "
+                                                         "scores:RULE (HeadKV: in proportion to a head score of "
+                                                         "--scores, razor or random)", kind=Items(Text()),
+                                           flag="--allocations")
+    hybrids: tuple[str, ...] = setting((), "presses with whole heads, RULE:WHOLE:WINDOW each (e.g. razor:0.1:64): the "
+                                           "WHOLE fraction of KV heads RULE ranks highest keep every position, the "
+                                           "others their sinks, a WINDOW of latest positions and the scorer's choice",
+                                       kind=Items(Text(), none_word="none", min_items=0), flag="--hybrids")
+    modes: tuple[str, ...] = setting(("agnostic",), "presses: agnostic (the context compressed before the question "
+                                                    "is seen) and/or aware (after)",
+                                     kind=Items(Choice("agnostic", "aware")), flag="--modes")
+    press_window: int = setting(32, "presses: latest positions every compressed head keeps", kind=Integer(0),
+                                flag="--press-window")
     max_new_tokens: int = setting(32, "greedy tokens generated per answer", kind=Integer(1))
     rouge_min: float = setting(0.5, "an answer is recalled when its ROUGE-1 recall exceeds this", kind=Number(0.0, 1.0))
     prompt_style: str = setting("headlab", PROMPT_STYLE_HELP, kind=Choice(*PROMPT_STYLES), flag="--prompt-style")

@@ -34,6 +34,7 @@ class NeedlePrompt:
     needle: Needle
     length: int
     depth: float
+    question_start: int | None = None  # first token after the context (the question and the wording that asks it)
 
 
 @dataclass
@@ -115,8 +116,10 @@ def _prompt_from_ids(tokenizer, hay_ids: list[int], needle: Needle, length: int,
     start = text.index(needle.sentence) + needle.sentence.index(needle.answer)
     stop = start + len(needle.answer)
     positions = [i for i, (a, b) in enumerate(encoded.offset_mapping) if a < stop and b > start]
+    context_end = text.index(context) + len(context)
+    question_start = next(i for i, (a, b) in enumerate(encoded.offset_mapping) if b > context_end)
     ids = torch.tensor([encoded.input_ids])
-    return NeedlePrompt(ids, positions, needle, ids.shape[1], depth)
+    return NeedlePrompt(ids, positions, needle, ids.shape[1], depth, question_start)
 
 
 def _sentence_end(text: str, position: int) -> int:

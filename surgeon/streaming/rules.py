@@ -126,6 +126,10 @@ def rule_ranking(rule: str, scores: dict[str, HeadScores] | None, shape: ModelSh
     if missing:
         raise HeadlabError(f"the scores file has no score(s) {', '.join(missing)} for rule {rule!r} (it has "
                            f"{', '.join(scores)}); {rules}")
+    for name in needed:
+        if tuple(scores[name].values.shape) != (shape.n_layers, shape.n_heads):
+            raise HeadlabError(f"score {name!r} has {tuple(scores[name].values.shape)} heads (layers x heads), the "
+                               f"model {(shape.n_layers, shape.n_heads)}: head scores of another model")
     if rule == "razor":
         return razor_ranking(scores["echo"], scores["razor_induction"], shape, layer_types)
     return score_ranking(scores[rule], shape, layer_types)

@@ -1,0 +1,134 @@
+"""Presses in the compression evaluation: which press conditions a setting asks for (token scorers,
+head allocations, whole-head hybrids, query-agnostic and query-aware, each at every budget), and the
+measures of one press: a needle prompt decoded on the press's cache and a text window's perplexity
+with the cache held under the budget.
+
+A prompt is compressed query-agnostically by default: its context is prefilled and compressed before
+the question is seen (the budget leaves room for the question), then the question is fed and the
+answer decoded; query-aware, the whole prompt is prefilled and then compressed. Either way the cache
+holds the budget at the prompt's length, so every condition sits on one axis of cache bytes. While
+decoding, a layer that gained the press's slack over its budget is compressed back to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.errors import HeadlabError
+from ...surgeon import attach
+from ...surgeon.compression.budget import head_budget
+from ...surgeon.compression.scorers import token_scorer
+from ...surgeon.compression.settings import PressSettings
+from ...surgeon.kv_cache import cache_bytes
+from ...surgeon.sites import announcing_layers
+from ..scorers.retrieval import NeedlePrompt, Status, answer_stop, greedy_from_cache, rouge1_recall
+from .settings import CompressionSettings
+
+MODES = {"agnostic": False, "aware": True}
+PERPLEXITY_CHUNK = 128  # rows a perplexity window is fed in, the cache compressed after each
+
+
+def hybrid_parts(spec: str) -> tuple[str, float, int]:
+    """``(rule, whole fraction, window)`` of a ``RULE:WHOLE:WINDOW`` hybrid, e.g. ``razor:0.1:64``."""
+    parts = spec.split(":")
+    try:
+        rule, whole, window = parts[0], float(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise HeadlabError(f"--hybrids {spec!r}: write RULE:WHOLE:WINDOW, e.g. razor:0.1:64 (the rule ranking the "
+                           "whole heads, their fraction of KV heads, the other heads' window)") from None
+    if len(parts) != 3 or not 0 < whole < 1 or window < 0:
+        raise HeadlabError(f"--hybrids {spec!r}: WHOLE is a fraction in (0, 1) and WINDOW a count of positions")
+    return rule, whole, window
+
+
+def allocation_parts(spec: str) -> dict:
+    """The press fields of an allocation: ``uniform``, ``pool`` or ``scores:RULE``."""
+    name, _, rule = spec.partition(":")
+    if name in ("uniform", "pool") and not rule:
+        return {"allocation": name}
+    if name == "scores" and rule:
+        return {"allocation": name, "rule": rule}
+    raise HeadlabError(f"--allocations {spec!r}: write uniform, pool or scores:RULE (RULE a score of --scores, razor "
+                       "or random)")
+
+
+def press_settings(settings: CompressionSettings) -> list[tuple[str, PressSettings]]:
+    """``(rule name, press)`` of every press condition at every budget: each scorer under each
+    allocation, then each hybrid with each scorer, each in each mode."""
+    for scorer in settings.scorers:
+        token_scorer(scorer)
+    out = []
+    for mode in settings.modes:
+        aware = MODES[mode]
+        for scorer in settings.scorers:
+            variants = [allocation_parts(allocation) for allocation in settings.allocations]
+            variants += [dict(rule=rule, whole=whole, window=window) for rule, whole, window in
+                         map(hybrid_parts, settings.hybrids)]
+            for variant in variants:
+                for budget in settings.budgets:
+                    press = PressSettings(**{"scorer": scorer, "budget": budget, "sinks": settings.sinks,
+                                             "window": settings.press_window, "query_aware": aware,
+                                             "seed": settings.seed, **variant})
+                    out.append((press.label(), press))
+    return out
+
+
+def press_rules(settings: CompressionSettings) -> set[str]:
+    """The head-score rules the press conditions read (their whole heads, their head weights)."""
+    return ({hybrid_parts(spec)[0] for spec in settings.hybrids}
+            | {allocation_parts(spec).get("rule") for spec in settings.allocations} - {None})
+
+
+def check_budgets(config, presses: list[PressSettings], lengths, whole_heads) -> None:
+    """Every press's budget fits at every length (one line otherwise, before any weight is read);
+    ``whole_heads(press)`` counts the KV heads it keeps whole."""
+    for press in presses:
+        for length in lengths:
+            head_budget(config, length, press.budget, press.tokens, whole_heads(press), press.sinks + press.window)
+
+
+@torch.no_grad()
+def press_needle_run(model, tokenizer, prompt: NeedlePrompt, press, settings: CompressionSettings, stop,
+                     status: Status | None = None) -> dict:
+    """One prompt on a cache of ``press`` (a :class:`~headlab.surgeon.compression.press.KVPress`): the
+    response's ROUGE-1 recall, whether it counts as recalled, and the cache's bytes after the prompt."""
+    ids = prompt.input_ids
+    prefilled = ids.shape[1] - 1
+    split = prefilled if press.settings.query_aware or prompt.question_start is None else prompt.question_start
+    cache = press.cache(prefilled, reserve=prefilled - split)
+    with attach(model, compression=press):
+        with announcing_layers(model, status, f"prefill of {split:,} tokens"):
+            model(input_ids=ids[:, :split], past_key_values=cache, use_cache=True)
+        if split < prefilled:
+            model(input_ids=ids[:, split:prefilled], past_key_values=cache, use_cache=True)
+        kv_bytes = cache_bytes(cache)
+        generated = greedy_from_cache(model, cache, ids[:, -1:], settings.max_new_tokens,
+                                      answer_stop(tokenizer, stop, prompt.needle.answer), status=status)
+    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    recall = rouge1_recall(response, prompt.needle.answer)
+    return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
+            "response": response}
+
+
+@torch.no_grad()
+def press_window_loss(model, window: torch.Tensor, press, chunk: int = PERPLEXITY_CHUNK) -> float:
+    """Mean next-token cross-entropy (nats) of ``window [1, n]`` fed in chunks of ``chunk`` rows, every
+    global layer compressed to the budget (measured at ``n``) after each chunk: each token is predicted
+    from what the press's cache holds when it arrives."""
+    cache = press.cache(window.shape[1])
+    total, count = 0.0, 0
+    with attach(model, compression=press):
+        for start in range(0, window.shape[1] - 1, chunk):
+            rows = window[:, start:start + chunk]
+            logits = model(input_ids=rows, past_key_values=cache, use_cache=True).logits[0].float()
+            targets = window[0, start + 1:start + 1 + rows.shape[1]]
+            logits = logits[:len(targets)]
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += len(targets)
+            for layer in press.layers:
+                cache.layers[layer].pending = 0
+    return total / count
+
+
+__all__ = ["MODES", "PERPLEXITY_CHUNK", "allocation_parts", "check_budgets", "hybrid_parts", "press_needle_run", "press_rules",
+           "press_settings", "press_window_loss"]
