@@ -1,5 +1,5 @@
-"""Contract tests over every registry (kernel ops, edit kinds, score families, SAE architectures,
-commands): each registered item runs on the tiny models of the llama, gemma3_text and gpt_oss families,
+"""Contract tests over every registry (kernel ops, edit kinds, score families, SAE architectures, token
+scorers, commands): each registered item runs on the tiny models of the llama, gemma3_text and gpt_oss families,
 round-trips through its file format and refuses a bad value in one line. The toys of ``toys.py``, each
 registered from that file alone, go through the same contracts: an extension is one file."""
 
@@ -25,6 +25,7 @@ from headlab.sae.architectures import ARCHITECTURES
 from headlab.sae.settings import TrainSettings
 from headlab.surgeon import EDIT_KINDS, Plan, attach, model_shape
 from headlab.surgeon.attention_math import AttentionCall
+from headlab.surgeon.compression import TOKEN_SCORERS, KVPress, PressSettings, token_scorer
 
 pytestmark = pytest.mark.numerics  # run again in CI with one thread and narrower vector units
 
@@ -231,6 +232,40 @@ def test_an_sae_architecture_is_offered_and_a_bad_one_refused_in_one_line(arch):
     with pytest.raises(HeadlabError) as refused:
         TrainSettings(arch=f"{arch}-nope")
     assert "\n" not in str(refused.value) and f"{arch}-nope" in str(refused.value)
+
+
+# --- token scorers ---------------------------------------------------------------------------------------
+
+
+SCORERS = sorted(TOKEN_SCORERS)
+
+
+@pytest.mark.parametrize("family", CONTRACT_FAMILIES)
+@pytest.mark.parametrize("name", SCORERS)
+def test_a_token_scorer_compresses_every_global_layer_to_its_budget_and_decodes(name, family):
+    """A press with the scorer holds 6 of 23 positions per KV head of every global layer after the
+    prefill (its sinks and window among them), keeps the sequence's length, and decodes finite logits."""
+    model = family_model(family)
+    press = KVPress(model, PressSettings(scorer=name, budget=None, tokens=6, sinks=1, window=2, observation=4))
+    ids = torch.randint(3, 97, (1, 23), generator=torch.Generator().manual_seed(5))
+    cache = press.cache(23)
+    with attach(model, compression=press), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    for layer in press.layers:
+        held = cache.layers[layer]
+        assert held.held_counts() == [7] * model_shape(model).n_kv_heads
+        positions = [set(head.positions[:head.held].tolist()) for head in held.heads]
+        assert all({0, 21, 22, 23} <= kept for kept in positions), positions  # sink, window, the new token
+    assert cache.get_seq_length() == 24 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_a_token_scorer_is_offered_and_an_unknown_one_refused_in_one_line(name):
+    assert token_scorer(name).name == name
+    with pytest.raises(HeadlabError) as refused:
+        token_scorer(f"{name}-nope")
+    assert "\n" not in str(refused.value) and f"{name}-nope" in str(refused.value)
 
 
 # --- commands --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Extensions registered from outside headlab, one of each kind: an edit kind of each softmax-free stage, a
-score family, an SAE architecture, a kernel op and a command. Each is defined in this file alone, with no
+score family, an SAE architecture, a token scorer, a kernel op and a command. Each is defined in this file alone, with no
 change to any headlab module; importing it registers them, and the contract tests
 (``test_contracts.py``) and the end-to-end tests (``test_extensions.py``) run them like the built-in ones."""
 
@@ -17,6 +17,7 @@ from headlab.kernels.ops import REFERENCE, Case
 from headlab.probes.scorers.families import score_family
 from headlab.sae.architectures import Architecture, register_architecture
 from headlab.surgeon import model_shape
+from headlab.surgeon.compression.scorers import ScoredCall, register_scorer
 from headlab.surgeon.edits.base import Edit, EditCall, register_edit
 
 
@@ -61,6 +62,11 @@ def decoder_only(inputs):
     shape = model_shape(inputs.model)
     values = torch.arange(shape.n_layers, dtype=torch.float32)[:, None].expand(-1, shape.n_heads).clone()
     yield HeadScores("layer_index", values, inputs.counts(1), inputs.model_id, "the head's layer", {})
+
+
+@register_scorer("toy_value_norm", "toy token scorer: keys whose values have the largest norm")
+def value_norm(call: ScoredCall) -> torch.Tensor:
+    return call.values.float().norm(dim=-1)
 
 
 @register_architecture

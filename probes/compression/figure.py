@@ -11,11 +11,17 @@ from ..figures import PAGE_WIDTH
 RULE_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 
+def held(row: dict) -> float:
+    """A summary row's place on the bytes axis: its cache's fraction of the unedited model's (its kept
+    fraction where the unedited model was not measured)."""
+    return row["kv_fraction"] if row["kv_fraction"] is not None else row["keep"]
+
+
 def compression_figure(result: dict) -> go.Figure:
-    """KV-cache compression by streaming heads: needle recall (top row, 95% bootstrap intervals)
-    and perplexity (bottom row) against the fraction of KV heads that keep the whole context, one
-    column per length, one line per selection rule (random: the mean of its draws, in grey), the
-    unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
+    """KV-cache compression: needle recall (top row, 95% bootstrap intervals) and perplexity (bottom
+    row) against the cache's bytes after the prompt as a fraction of the unedited model's (one axis
+    for streaming heads and presses alike), one column per length, one line per rule or press
+    (random: the mean of its draws, in grey), the unedited model as a dashed line. A converted checkpoint's evaluation: its points against its
     base model's dashed line. Untitled: the page's heading names it."""
     from ..compression.file import FULL, is_conversion
 
@@ -34,9 +40,9 @@ def compression_figure(result: dict) -> go.Figure:
                                          showlegend=col == 1 and r == 1), row=r, col=col)
             for i, rule in enumerate(rules):
                 points = sorted((row for row in rows if row["rule"] == rule and row["length"] == length),
-                                key=lambda row: row["keep"])
+                                key=held)
                 colour = "#7f7f7f" if rule == "random" else RULE_COLOURS[i % len(RULE_COLOURS)]
-                hover = [f"{plotly_text(rule)}, keep {p['keep']:.0%} ({p['full_heads']} KV heads)<br>"
+                hover = [f"{plotly_text(rule)}, keep {p['keep']:.0%} ({p['full_heads']} KV heads whole)<br>"
                          f"KV cache {p['kv_fraction']:.0%} of the {reference}" if p["kv_fraction"] is not None else
                          plotly_text(rule) for p in points]
                 error = None
@@ -44,11 +50,11 @@ def compression_figure(result: dict) -> go.Figure:
                     error = {"type": "data", "symmetric": False,
                              "array": [p["recall_ci"][1] - p["recall"] for p in points],
                              "arrayminus": [p["recall"] - p["recall_ci"][0] for p in points]}
-                fig.add_trace(go.Scatter(x=[p["keep"] for p in points], y=[p[measure] for p in points],
+                fig.add_trace(go.Scatter(x=[held(p) for p in points], y=[p[measure] for p in points],
                                          mode="lines+markers", name=plotly_text(rule), line={"color": colour},
                                          error_y=error, hovertext=hover, hoverinfo="text+y", legendgroup=rule,
                                          showlegend=col == 1 and r == 1), row=r, col=col)
-        fig.update_xaxes(title_text="fraction of KV heads with the whole context", row=2, col=col)
+        fig.update_xaxes(title_text=f"KV cache held (fraction of the {reference}'s bytes)", row=2, col=col)
     fig.update_yaxes(title_text="needle recall", row=1, col=1)
     fig.update_yaxes(title_text="perplexity", row=2, col=1)
     fig.update_layout(width=min(PAGE_WIDTH, max(560, 340 * len(lengths) + 220)), height=720,

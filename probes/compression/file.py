@@ -30,7 +30,8 @@ def load_compression(folder: str | Path) -> dict | None:
     check_object(data, str(path), {"format": Text(), "summary": Items(Kind(), unique=False, min_items=0)},
                  {"model_id": Maybe(Text()), "settings": Kind(), "kv_heads": Integer(0), "items": Kind(),
                   "runs": Kind(), "kind": Choice("streaming", "conversion"), "base_model": Maybe(Text())})
-    data["summary"] = [check_object(row, f"{path}: summary row {i}", _ROW) for i, row in enumerate(data["summary"])]
+    data["summary"] = [check_object(row, f"{path}: summary row {i}", _ROW, {"tasks": Kind()})
+                       for i, row in enumerate(data["summary"])]
     return data
 
 

@@ -1,7 +1,6 @@
 """Presses in the compression evaluation: which press conditions a setting asks for (token scorers,
-head allocations, whole-head hybrids, query-agnostic and query-aware, each at every budget), and the
-measures of one press: a needle prompt decoded on the press's cache and a text window's perplexity
-with the cache held under the budget.
+head allocations, whole-head hybrids, query-agnostic and query-aware, each at every budget), and a
+text window's perplexity with the cache held under the budget (prompts: :mod:`.decoding`).
 
 A prompt is compressed query-agnostically by default: its context is prefilled and compressed before
 the question is seen (the budget leaves room for the question), then the question is fed and the
@@ -19,9 +18,6 @@ from ...surgeon import attach
 from ...surgeon.compression.budget import head_budget
 from ...surgeon.compression.scorers import token_scorer
 from ...surgeon.compression.settings import PressSettings
-from ...surgeon.kv_cache import cache_bytes
-from ...surgeon.sites import announcing_layers
-from ..scorers.retrieval import NeedlePrompt, Status, answer_stop, greedy_from_cache, rouge1_recall
 from .settings import CompressionSettings
 
 MODES = {"agnostic": False, "aware": True}
@@ -88,29 +84,6 @@ def check_budgets(config, presses: list[PressSettings], lengths, whole_heads) ->
 
 
 @torch.no_grad()
-def press_needle_run(model, tokenizer, prompt: NeedlePrompt, press, settings: CompressionSettings, stop,
-                     status: Status | None = None) -> dict:
-    """One prompt on a cache of ``press`` (a :class:`~headlab.surgeon.compression.press.KVPress`): the
-    response's ROUGE-1 recall, whether it counts as recalled, and the cache's bytes after the prompt."""
-    ids = prompt.input_ids
-    prefilled = ids.shape[1] - 1
-    split = prefilled if press.settings.query_aware or prompt.question_start is None else prompt.question_start
-    cache = press.cache(prefilled, reserve=prefilled - split)
-    with attach(model, compression=press):
-        with announcing_layers(model, status, f"prefill of {split:,} tokens"):
-            model(input_ids=ids[:, :split], past_key_values=cache, use_cache=True)
-        if split < prefilled:
-            model(input_ids=ids[:, split:prefilled], past_key_values=cache, use_cache=True)
-        kv_bytes = cache_bytes(cache)
-        generated = greedy_from_cache(model, cache, ids[:, -1:], settings.max_new_tokens,
-                                      answer_stop(tokenizer, stop, prompt.needle.answer), status=status)
-    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    recall = rouge1_recall(response, prompt.needle.answer)
-    return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
-            "response": response}
-
-
-@torch.no_grad()
 def press_window_loss(model, window: torch.Tensor, press, chunk: int = PERPLEXITY_CHUNK) -> float:
     """Mean next-token cross-entropy (nats) of ``window [1, n]`` fed in chunks of ``chunk`` rows, every
     global layer compressed to the budget (measured at ``n``) after each chunk: each token is predicted
@@ -130,5 +103,5 @@ def press_window_loss(model, window: torch.Tensor, press, chunk: int = PERPLEXIT
     return total / count
 
 
-__all__ = ["MODES", "PERPLEXITY_CHUNK", "allocation_parts", "check_budgets", "hybrid_parts", "press_needle_run", "press_rules",
+__all__ = ["MODES", "PERPLEXITY_CHUNK", "allocation_parts", "check_budgets", "hybrid_parts", "press_rules",
            "press_settings", "press_window_loss"]

@@ -29,25 +29,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...core.errors import ModelSpecError
+from ...core.errors import HeadlabError, ModelSpecError
 from ...core.head_scores import HeadScores
 from ...core.journal import Journal
 from ...core.text import load_text, token_windows
 from ...surgeon import Plan, attach, model_shape
 from ...surgeon.compression.press import KVPress
 from ...surgeon.compression.settings import PressSettings
-from ...surgeon.kv_cache import cache_bytes
 from ...surgeon.losses import next_token_loss
 from ...surgeon.sites import announcing_layers
-from ...surgeon.streaming.cache import streaming_cache
 from ...surgeon.streaming.rules import candidates, full_kv_heads, rule_ranking, streaming_plan
 from ...surgeon.streaming.settings import StreamingSettings
 from ..intervals import mean_interval
-from ..scorers.needles import HELDOUT_NEEDLES
-from ..scorers.retrieval import (NeedlePrompt, Status, answer_stop, greedy_from_cache, needle_grid, rouge1_recall,
+from ..scorers.long_tasks import LONG_TASKS, TaskPrompt, task_prompts
+from ..scorers.needles import HELDOUT_NEEDLES, NEEDLES
+from ..scorers.retrieval import (NeedlePrompt, Status, answer_stop, needle_grid, rouge1_recall,
                                  stop_rule)
 from .file import COMPRESSION_FORMAT, CONVERTED, FULL
-from .pressing import check_budgets, press_needle_run, press_settings, press_window_loss
+from .decoding import decoded
+from .pressing import check_budgets, press_settings, press_window_loss
 from .settings import PROGRESS_FILE, CompressionSettings
 
 STREAMING_ONLY = ("rules", "keeps", "random_sets", "sinks", "window", "compensate", "scorers", "budgets",
@@ -61,6 +61,9 @@ def conditions(shape, scores: dict[str, HeadScores] | None, settings: Compressio
     streaming heads, or a press whose ``keep`` is its budget), the unedited model first. Raises before
     any model work when a rule's scores are missing or (given the model's ``config``) a press's budget
     does not fit at a length."""
+    unknown = [task for task in settings.tasks if task not in LONG_TASKS]
+    if unknown:
+        raise HeadlabError(f"unknown long task(s) {', '.join(unknown)} (--tasks: {', '.join(LONG_TASKS)})")
     out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "press": None,
             "full_heads": len(candidates(shape, layer_types))}]
     for rule in settings.rules:
@@ -89,22 +92,28 @@ def conditions(shape, scores: dict[str, HeadScores] | None, settings: Compressio
     return out
 
 
-@torch.no_grad()
-def needle_run(model, tokenizer, prompt: NeedlePrompt, plan: Plan, settings: CompressionSettings, stop,
-               status: Status | None = None) -> dict:
-    """One prompt under ``plan`` on its streaming cache: the response's ROUGE-1 recall, whether it
-    counts as recalled, and the cache's bytes after the prompt. ``status`` hears the prefill (block by
-    block) and each decoding step as they start."""
-    with attach(model, plan):
-        cache = streaming_cache(model, plan)
-        with announcing_layers(model, status, f"prefill of {prompt.input_ids.shape[1] - 1:,} tokens"):
-            cache = model(input_ids=prompt.input_ids[:, :-1], past_key_values=cache, use_cache=True).past_key_values
-        kv_bytes = cache_bytes(cache)
-        generated = greedy_from_cache(model, cache, prompt.input_ids[:, -1:], settings.max_new_tokens,
-                                      answer_stop(tokenizer, stop, prompt.needle.answer), status=status)
-    response = tokenizer.decode(generated, skip_special_tokens=True).strip()
+def needle_run(model, tokenizer, prompt: NeedlePrompt, condition: Plan | KVPress, settings: CompressionSettings,
+               stop, status: Status | None = None) -> dict:
+    """One needle prompt under ``condition`` (a plan on its streaming cache, or a press): the response's
+    ROUGE-1 recall, whether it counts as recalled, and the cache's bytes after the prompt. ``status``
+    hears the prefill (layer by layer) and each decoding step as they start."""
+    response, kv_bytes = decoded(model, tokenizer, prompt.input_ids, prompt.question_start, condition,
+                                 settings.max_new_tokens, answer_stop(tokenizer, stop, prompt.needle.answer), status)
     recall = rouge1_recall(response, prompt.needle.answer)
     return {"recalled": float(recall > settings.rouge_min), "rouge1_recall": recall, "kv_bytes": kv_bytes,
+            "response": response}
+
+
+def task_run(model, tokenizer, prompt: TaskPrompt, condition: Plan | KVPress, stop,
+             status: Status | None = None) -> dict:
+    """One long-task prompt under ``condition``: the response's score (the fraction of the answers it
+    holds), the cache's bytes after the prompt and the response."""
+    def done(generated: list[int]) -> bool:  # the score cannot fall as the response grows
+        return stop(generated) or prompt.score(tokenizer.decode(generated, skip_special_tokens=True)) == 1
+
+    response, kv_bytes = decoded(model, tokenizer, prompt.input_ids, prompt.question_start, condition,
+                                 LONG_TASKS[prompt.task].max_new_tokens, done, status)
+    return {"task": prompt.task, "depth": prompt.depth, "score": prompt.score(response), "kv_bytes": kv_bytes,
             "response": response}
 
 
@@ -143,7 +152,7 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
     stop = stop_rule(tokenizer)
     runs = []
     bar = _bar(settings, len(measured), "compression", progress)
-    for length, (prompts, windows) in inputs.items():
+    for length, (prompts, windows, tasks) in inputs.items():
         for condition in measured:
             label = f"{length} tokens, {condition['rule']} keep {condition['keep']:.0%}"
             bar.set_postfix_str(label)
@@ -153,9 +162,9 @@ def evaluate_compression(model, tokenizer, scores: dict[str, HeadScores] | None,
                 run = journal.put(key, {"rule": condition["rule"], "keep": condition["keep"], "draw": condition["draw"],
                                         "full_heads": condition["full_heads"], "length": length,
                                         **_measure(model, tokenizer, _bound(model, condition, scores), prompts,
-                                                   windows, settings, stop, bar, label)})
+                                                   windows, settings, stop, bar, label, tasks)})
             else:
-                bar.update(len(prompts) + len(windows))
+                bar.update(len(prompts) + len(windows) + len(tasks))
             runs.append(run)
     bar.close()
     return {"format": COMPRESSION_FORMAT, "kind": "streaming", "model_id": model_id,
@@ -188,7 +197,7 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
     keep = len(whole) / len(heads) if heads else 1.0
     runs = []
     bar = _bar(settings, 1, "base model" if rule == FULL else f"{rule} model", progress)
-    for length, (prompts, windows) in inputs.items():
+    for length, (prompts, windows, tasks) in inputs.items():
         bar.set_postfix_str(f"{length} tokens")
         key = run_key(rule, keep, None, length)
         run = journal.get(key)
@@ -196,9 +205,9 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
             run = journal.put(key, {"rule": rule, "keep": keep, "draw": None, "full_heads": len(whole),
                                     "length": length,
                                     **_measure(model, tokenizer, Plan(), prompts, windows, settings, stop, bar,
-                                               f"{length} tokens")})
+                                               f"{length} tokens", tasks)})
         else:
-            bar.update(len(prompts) + len(windows))
+            bar.update(len(prompts) + len(windows) + len(tasks))
         runs.append(run)
     bar.close()
     return runs
@@ -281,13 +290,19 @@ def _layer_types(model) -> list[str] | None:
     return getattr(model.config.get_text_config(decoder=True), "layer_types", None)
 
 
-def _inputs(tokenizer, settings: CompressionSettings) -> dict[int, tuple[list[NeedlePrompt], list[torch.Tensor]]]:
-    """``{length: (needle prompts, text windows)}``: every held-out needle at every depth, and the
-    perplexity windows, of every length."""
-    haystack = load_text(settings.text_path, heldout=True)
-    return {length: (needle_grid(tokenizer, haystack, HELDOUT_NEEDLES[:settings.n_needles], [length], settings.depths,
+def _inputs(tokenizer, settings: CompressionSettings) -> dict[int, tuple[list[NeedlePrompt], list[torch.Tensor],
+                                                                         list[TaskPrompt]]]:
+    """``{length: (needle prompts, text windows, long-task prompts)}``: every needle at every depth, the
+    perplexity windows and ``task_prompts`` prompts of every long task, of every length."""
+    heldout = settings.split == "heldout"
+    haystack = load_text(settings.text_path, heldout=heldout)
+    needles = HELDOUT_NEEDLES if heldout else NEEDLES
+    return {length: (needle_grid(tokenizer, haystack, needles[:settings.n_needles], [length], settings.depths,
                                  settings.prompt_style),
-                     token_windows(tokenizer, haystack, settings.windows, length, settings.seed))
+                     token_windows(tokenizer, haystack, settings.windows, length, settings.seed),
+                     [prompt for task in settings.tasks for prompt in
+                      task_prompts(tokenizer, haystack, task, length, settings.task_prompts, settings.seed + heldout,  # other keys than the selection split's
+                                   settings.prompt_style)])
             for length in settings.lengths}
 
 
@@ -298,7 +313,7 @@ def _items(settings: CompressionSettings) -> list[dict]:
 
 def _bar(settings: CompressionSettings, conditions: int, desc: str, progress: bool):
     """A progress bar over every prompt and window of ``conditions`` conditions at every length."""
-    per_length = settings.n_needles * len(settings.depths) + settings.windows
+    per_length = settings.n_needles * len(settings.depths) + settings.windows + len(settings.tasks) * settings.task_prompts
     return tqdm(total=conditions * per_length * len(settings.lengths), desc=desc, unit="input", disable=not progress)
 
 
@@ -308,27 +323,31 @@ def _bound(model, condition: dict, scores: dict[str, HeadScores] | None) -> Plan
 
 
 def _measure(model, tokenizer, plan: Plan | KVPress, prompts: list[NeedlePrompt], windows,
-             settings: CompressionSettings, stop, bar, label: str = "") -> dict:
-    """``{"needles", "losses", "seconds"}`` of ``model`` under ``plan`` (a plan or a press) on one
-    length's inputs, advancing ``bar`` by one per prompt and window; its postfix, ``label`` and what
-    runs now."""
-    pressed = isinstance(plan, KVPress)
-    run_needle = press_needle_run if pressed else needle_run
-    loss_of = press_window_loss if pressed else window_loss
+             settings: CompressionSettings, stop, bar, label: str = "", tasks: list[TaskPrompt] = ()) -> dict:
+    """``{"needles", "losses", "tasks", "seconds"}`` of ``model`` under ``plan`` (a plan or a press) on
+    one length's inputs, advancing ``bar`` by one per prompt and window; its postfix, ``label`` and
+    what runs now."""
+    loss_of = press_window_loss if isinstance(plan, KVPress) else window_loss
     started = time.perf_counter()
     needles, losses = [], []
     label = f"{label}, " if label else ""
     shown = None if bar.disable else bar.set_postfix_str
     for number, prompt in enumerate(prompts, 1):
         needle = f"{label}needle prompt {number} of {len(prompts)}"
-        needles.append(run_needle(model, tokenizer, prompt, plan, settings, stop,
+        needles.append(needle_run(model, tokenizer, prompt, plan, settings, stop,
                                   None if shown is None else lambda text: shown(f"{needle}: {text}")))
         bar.update(1)
     for number, window in enumerate(windows, 1):
         with announcing_layers(model, shown, f"{label}perplexity window {number} of {len(windows)}"):
             losses.append(loss_of(model, window, plan))
         bar.update(1)
-    return {"needles": needles, "losses": losses, "seconds": time.perf_counter() - started}
+    answered = []
+    for number, prompt in enumerate(tasks, 1):
+        what = f"{label}{prompt.task} prompt {number} of {len(tasks)}"
+        answered.append(task_run(model, tokenizer, prompt, plan, stop,
+                                 None if shown is None else lambda text: shown(f"{what}: {text}")))
+        bar.update(1)
+    return {"needles": needles, "losses": losses, "tasks": answered, "seconds": time.perf_counter() - started}
 
 
 def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
@@ -350,8 +369,21 @@ def summarize_runs(runs: list[dict], seed: int = 0) -> list[dict]:
                      "rouge1_recall": float(np.mean([n["rouge1_recall"] for d in draws for n in d["needles"]])),
                      "loss": loss, "perplexity": math.exp(loss), "kv_bytes": kv_bytes,
                      "kv_fraction": kv_bytes / full_bytes[length] if length in full_bytes else None,
-                     "seconds": float(sum(d["seconds"] for d in draws))})
+                     "seconds": float(sum(d["seconds"] for d in draws)), **_task_summary(draws, seed)})
     return rows
+
+
+def _task_summary(draws: list[dict], seed: int) -> dict:
+    """``{"tasks": {task: {"score", "score_ci"}}}`` of runs that measured long tasks (the draws' mean per
+    prompt, a 95% bootstrap interval over the prompts); empty otherwise."""
+    names = list(dict.fromkeys(answer["task"] for answer in draws[0].get("tasks", ())))
+    if not names:
+        return {}
+    out = {}
+    for name in names:
+        per_prompt = np.mean([[a["score"] for a in d["tasks"] if a["task"] == name] for d in draws], axis=0)
+        out[name] = {"score": float(per_prompt.mean()), "score_ci": mean_interval(per_prompt, RESAMPLES, seed)}
+    return {"tasks": out}
 
 
 __all__ = ["PROGRESS_FILE", "STREAMING_ONLY", "conditions", "conversion_base", "conversion_identity",

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ...core.kinds import Choice, Integer, Items, Maybe, Number, Switch, Text, TextFile
 from ...core.settings import check_settings, setting
 from ...surgeon.streaming.settings import STREAM_SINKS, STREAM_WINDOW
-from ..scorers.settings import N_HELDOUT_NEEDLES, PROMPT_STYLE_HELP, PROMPT_STYLES
+from ...core.errors import HeadlabError
+from ..scorers.settings import N_HELDOUT_NEEDLES, N_NEEDLES, PROMPT_STYLE_HELP, PROMPT_STYLES
 
 PROGRESS_FILE = "compression.progress.json"  # stream-eval's finished runs, beside compression.json
 
@@ -35,6 +36,11 @@ class CompressionSettings:
     n_needles: int = setting(4, "held-out needles hidden at each length and depth", kind=Integer(1, N_HELDOUT_NEEDLES),
                              flag="--needles")
     windows: int = setting(4, "held-out text windows per length for the perplexity", kind=Integer(1), flag="--windows")
+    tasks: tuple[str, ...] = setting((), "long tasks measured beside the needles, scored by exact match (none by "
+                                         "default): niah_single, niah_multikey, niah_multivalue, variable_tracking, "
+                                         "common_words", kind=Items(Text(), none_word="none", min_items=0),
+                                     flag="--tasks")
+    task_prompts: int = setting(30, "prompts of each long task per length", kind=Integer(1), flag="--task-prompts")
     sinks: int = setting(STREAM_SINKS, "first valid tokens a streaming head keeps", kind=Integer(0), flag="--sinks")
     window: int = setting(STREAM_WINDOW, "latest positions a streaming head keeps, itself included", kind=Integer(1),
                           flag="--window")
@@ -67,9 +73,15 @@ class CompressionSettings:
     text_path: str | None = setting(None, "haystack and perplexity text (default: held-out standard-library "
                                           "docstrings)", kind=Maybe(TextFile()), flag="--text-file")
     seed: int = setting(0, "seed of the first random selection and of the text windows", kind=Integer(0), flag="--seed")
+    split: str = setting("heldout", "which prompts and text: heldout (the held-out needles and haystack, for results) "
+                                    "or selection (the needles and haystack the head scores were made on, for choosing "
+                                    "a press's settings before measuring the chosen one on held-out prompts)",
+                         kind=Choice("heldout", "selection"), flag="--split")
 
     def __post_init__(self):
         check_settings(self)
+        if self.split == "selection" and self.n_needles > N_NEEDLES:
+            raise HeadlabError(f"--split selection has {N_NEEDLES} needles, not --needles {self.n_needles}")
 
 
 __all__ = ["PROGRESS_FILE", "CompressionSettings"]
