@@ -29,11 +29,15 @@ def ids_of(model, n: int, seed: int = 3) -> torch.Tensor:
 
 @torch.no_grad()
 def pressed_decoding(model, press: KVPress, ids: torch.Tensor, reserve: int = 0):
-    """Prefill ``ids`` on the press's cache, then greedy steps; ``(sequence, step logits [STEPS, V], cache)``."""
+    """Prefill ``ids`` on the press's cache, then greedy steps; ``(sequence, step logits [STEPS, V], cache)``.
+    The cache's ``kept`` is what each compressed layer's heads held of the prompt right after the prefill:
+    ``{layer: [positions [k] per KV head]}``."""
     cache = press.cache(ids.shape[1], reserve=reserve)
     sequence, logits = ids, []
     with attach(model, compression=press):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        cache.kept = {layer: [head.positions[:head.held].clone() for head in cache.layers[layer].heads]
+                      for layer in press.layers}
         for _ in range(STEPS):
             logits.append(out[0])
             token = out.argmax(-1, keepdim=True)
@@ -46,8 +50,7 @@ def held_in_eager(model, press: KVPress, cache, prefill: int):
     """The family's eager attention, uncached: on the press's layers, a row after the prefill sees, per
     query head, the prefill positions its KV head holds in ``cache`` and every later position up to itself."""
     group = model_shape(model).group_size
-    kept = {layer: [head.positions[:head.held][head.positions[:head.held] < prefill]
-                    for head in cache.layers[layer].heads] for layer in press.layers}
+    kept = cache.kept
 
     def wrap(original):
         def held(attn, query, key, value, attention_mask, **kwargs):
@@ -315,7 +318,33 @@ def test_a_batch_and_edits_on_compressed_layers_are_refused():
 def test_the_budget_says_the_smallest_it_can_hold():
     model = family_model("gemma3_text")  # 3 sliding layers of 6 positions and one global layer
     with pytest.raises(HeadlabError) as error:
-        head_budget(model.config, 40, 0.3, None, 0, 4)
+        head_budget(model.config, 40, 0.05, None, 0, 4)
     floor = float(str(error.value).split("smallest budget is ")[1].split("%")[0]) / 100
     budget = head_budget(model.config, 40, math.ceil(floor * 1000) / 1000, None, 0, 4)
     assert budget.per_head >= 4
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gpt_oss"])
+def test_the_sliding_windows_keep_the_budgets_share_too(name):
+    """At 30% of the cache every layer keeps 30% of what it holds (at least its sinks and window), and
+    decoding (with the windows moving over the kept positions) equals eager attention over the kept keys
+    within each window."""
+    model = family_model(name)
+    ids = ids_of(model, PREFILL)
+    press = KVPress(model, PressSettings(scorer="snapkv", budget=0.3, sinks=1, window=1, observation=4, slack=100))
+    sequence, ours, cache = pressed_decoding(model, press, ids)
+    assert press.layers == list(range(4)) and press.budget.per_sliding
+    window = cache.layers[0].window
+    assert window == 7
+    with torch.no_grad():
+        full = cache_bytes(model(input_ids=ids[:, :PREFILL], use_cache=True).past_key_values)
+    shape = model_shape(model)
+    assert cache_bytes(cache) <= 0.3 * full + (STEPS + 2) * 2 * shape.head_dim * 4 * 4 * shape.n_kv_heads
+    with held_in_eager(model, press, cache, PREFILL), torch.no_grad():
+        reference = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
+    with torch.no_grad():
+        own_cached = _own_cached_logits(model, sequence)
+    with patched_eager(model, lambda original: original), torch.no_grad():
+        own_recomputed = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
+    noise = float((own_cached - own_recomputed).abs().max())
+    assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))

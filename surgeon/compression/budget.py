@@ -24,6 +24,12 @@ def held_positions(config, length: int) -> list[int]:
             for layer in layers]
 
 
+def sliding_layers(config) -> dict[int, int]:
+    """``{layer: sliding window}`` of the layers whose cache holds a window."""
+    return {index: layer.sliding_window for index, layer in enumerate(DynamicCache(config=config).layers)
+            if isinstance(layer, DynamicSlidingWindowLayer)}
+
+
 def global_layers(config) -> list[int]:
     """The layers whose cache holds every position (the ones a press compresses)."""
     return [index for index, layer in enumerate(DynamicCache(config=config).layers) if type(layer) is DynamicLayer]
@@ -38,46 +44,54 @@ def cache_bytes_at(config, length: int, dtype: torch.dtype = torch.float32) -> i
 
 @dataclass(frozen=True)
 class HeadBudget:
-    """What a press keeps per KV head of the global layers at a length: ``whole`` heads keep every
-    position, each other head ``per_head`` positions on average (sinks and window included);
-    ``fraction``: the whole cache's bytes kept, every layer counted."""
+    """What a press keeps per KV head at a length: ``whole`` global heads keep every position, each
+    other global head ``per_head`` positions on average (sinks and window included), and each head of
+    sliding-window layer ``l`` ``per_sliding[l]`` (None: the sliding layers keep their windows whole, as
+    under a budget in tokens); ``fraction``: the whole cache's bytes kept,
+    every layer counted."""
 
     length: int
     per_head: float
     whole: int
     compressed: int
     fraction: float
+    per_sliding: dict[int, float] | None = None
 
 
 def head_budget(config, length: int, budget: float | None, tokens: int | None, whole: int, protected: int) -> HeadBudget:
     """The per-head budget of a press at ``length`` tokens, given as a ``budget`` fraction of the cache's
-    bytes or ``tokens`` per global KV head on average; ``whole`` KV heads keep every position and
-    ``protected`` (sinks + window) positions are kept by every other head. Refuses, in one line, a
-    budget below what the sliding layers and whole heads already hold, or below ``protected``."""
+    bytes or ``tokens`` per global KV head on average; ``whole`` global KV heads keep every position and
+    ``protected`` (sinks + window) positions are kept by every other head. Under a ``budget`` every
+    sliding-window layer keeps the budget's share of its window (as every layer does without whole
+    heads); under ``tokens`` the sliding layers keep their windows. Refuses, in one line, a budget below what the whole heads and
+    every compressed head's sinks and window hold, naming the smallest budget at this length."""
     shape = model_shape(config)
     held = held_positions(config, length)
     layers = global_layers(config)
-    n_global = len(layers) * shape.n_kv_heads
-    fixed = sum(h for layer, h in enumerate(held) if layer not in layers) * shape.n_kv_heads  # sliding layers
-    total = sum(held) * shape.n_kv_heads
-    if not n_global:
+    if not layers:
         raise HeadlabError("this model has no global-attention layer to compress (its layers hold a window already)")
-    compressed = n_global - whole
-    allowed = budget * total - fixed if budget is not None else tokens * n_global
-    spare = allowed - whole * length
-    what = f"a budget of {budget:.1%} of the cache" if budget is not None else f"{tokens} tokens per KV head"
-    if compressed == 0:
-        per_head = 0.0
-    else:
-        per_head = spare / compressed
-        least = min(max(protected, 1), length)  # the sinks and window (a head holding fewer keeps them all)
-        if per_head < least:
-            floor = (fixed + whole * length + compressed * least) / total
-            raise HeadlabError(f"{what} at {length:,} tokens leaves {per_head:.0f} positions per compressed KV head, "
-                               f"fewer than the {least} sinks and window each keeps; at this length the smallest "
-                               f"budget is {math.ceil(floor * 1000) / 10:.1f}% of the cache")
-    kept = fixed + whole * length + compressed * min(per_head, length)
-    return HeadBudget(length, min(per_head, float(length)), whole, compressed, kept / total)
+    kv = shape.n_kv_heads
+    sliding = {layer: h for layer, h in enumerate(held) if layer not in layers}
+    total = sum(held) * kv
+    compressed = len(layers) * kv - whole
+    least = min(max(protected, 1), length)  # the sinks and window (a head holding fewer keeps them all)
+    fixed = sum(sliding.values()) * kv
+    allowed = budget * total if budget is not None else tokens * len(layers) * kv + fixed
+    per_sliding = None
+    if budget is not None and sliding:  # every sliding layer keeps the budget's share of its window
+        per_sliding = {layer: max(min(protected, h), budget * h) for layer, h in sliding.items()}
+        fixed = sum(per_sliding.values()) * kv
+    per_head = (allowed - fixed - whole * length) / compressed if compressed else 0.0
+    if compressed and per_head < least - 1e-9:
+        floor = sum(min(protected, h) for h in sliding.values()) * kv if budget is not None else fixed
+        floor = (floor + whole * length + compressed * least) / total
+        what = f"a budget of {budget:.1%} of the cache" if budget is not None else f"{tokens} tokens per KV head"
+        raise HeadlabError(f"{what} at {length:,} tokens leaves {max(per_head, 0):.0f} positions per compressed KV head, "
+                           f"fewer than the {least} sinks and window each keeps; at this length the smallest budget "
+                           f"is {math.ceil(floor * 1000) / 10:.1f}% of the cache")
+    per_head = min(per_head, float(length))
+    kept = fixed + whole * length + compressed * per_head
+    return HeadBudget(length, per_head, whole, compressed, kept / total, per_sliding)
 
 
-__all__ = ["HeadBudget", "cache_bytes_at", "global_layers", "head_budget", "held_positions"]
+__all__ = ["HeadBudget", "cache_bytes_at", "global_layers", "head_budget", "held_positions", "sliding_layers"]

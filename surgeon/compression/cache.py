@@ -1,6 +1,6 @@
 """A KV cache whose heads hold different positions: :class:`CompressedLayer` keeps, per KV head, only
 the positions its press chose (variable lengths, so the memory is really freed), and attends over
-exactly those.
+exactly those; on a sliding-window layer, only those inside the window.
 
 Each call of a compressed layer runs through headlab's attention hook (:func:`~headlab.surgeon.attach`
 with ``compression=``): the layer's ``update`` returns every head's held keys and values padded to the
@@ -18,7 +18,7 @@ Shapes: ``key_states [1, kv_heads, new, head_dim]``; a head's store ``keys [held
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ...core.errors import HeadlabError
 
@@ -44,6 +44,12 @@ class HeadStore:
         self.positions[self.held:total] = positions
         self.held = total
 
+    def drop_before(self, position: int) -> None:
+        """Forget the entries at positions below ``position`` (a sliding window moved past them)."""
+        kept = (self.positions[:self.held] >= position).nonzero()[:, 0]
+        if len(kept) < self.held:
+            self.keep(kept)
+
     def keep(self, slots: torch.Tensor) -> None:
         """Hold only the entries at ``slots [k]`` (ascending), in new tensors (the old buffer is freed)."""
         self.keys, self.values, self.positions = (t[slots].clone() for t in (self.keys, self.values, self.positions))
@@ -63,12 +69,14 @@ def _grown(tensor: torch.Tensor, held: int, room: int) -> torch.Tensor:
 
 
 class CompressedLayer(DynamicLayer):
-    """A global-attention cache layer whose KV heads each hold their own positions (see the module
-    docstring). ``press`` (a :class:`~.press.KVPress`) chooses what to keep; ``index`` is the layer."""
+    """A cache layer whose KV heads each hold their own positions (see the module docstring). ``press``
+    (a :class:`~.press.KVPress`) chooses what to keep; ``index`` is the layer; ``window``: a sliding-window
+    layer's window (a query sees the keys less than ``window`` positions before it; older entries are
+    forgotten), None for a global layer."""
 
-    def __init__(self, press, index: int):
+    def __init__(self, press, index: int, window: int | None = None):
         super().__init__()
-        self.press, self.index = press, index
+        self.press, self.index, self.window = press, index, window
         self.length = 0  # positions of the sequence so far (the model's positions follow it)
         self.heads: list[HeadStore] = []
         self.before: list[int] = []  # each head's held count before the current call
@@ -94,11 +102,18 @@ class CompressedLayer(DynamicLayer):
                           for h in range(key_states.shape[1])]
             self.before = [0] * len(self.heads)
         else:
+            self.forget_outside_window()
             self.before = [head.held for head in self.heads]
             for h, head in enumerate(self.heads):
                 head.append(key_states[0, h], value_states[0, h], positions)
         self.length += new
         return (key_states, value_states) if first else self.padded()
+
+    def forget_outside_window(self) -> None:
+        """On a sliding-window layer, forget what no query from the next position on can see."""
+        if self.window is not None:
+            for head in self.heads:
+                head.drop_before(self.length - self.window + 1)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every head's held keys and values, ``[1, kv_heads, longest, head_dim]``, zeros after a
@@ -122,7 +137,12 @@ class CompressedLayer(DynamicLayer):
         before = torch.tensor(self.before, device=device).repeat_interleave(group)  # [H]
         slots = torch.arange(n_key, device=device)
         rows = torch.arange(n_query, device=device)
-        return (slots[None, None, :] <= before[:, None, None] + rows[None, :, None])[None]
+        visible = slots[None, None, :] <= before[:, None, None] + rows[None, :, None]  # [H, n_query, n_key]
+        if self.window is not None:  # and within each row's window
+            positions = self.held_positions(n_key).to(device).repeat_interleave(group, dim=0)  # [H, n_key]
+            row_positions = torch.arange(self.length - n_query, self.length, device=device)
+            visible &= positions[:, None, :] > row_positions[None, :, None] - self.window
+        return visible[None]
 
     def observe(self, query: torch.Tensor, keep: int) -> None:
         """Remember the latest ``keep`` query rows ``query [1, H, new, D]`` (the scorers' observation window)."""
@@ -133,15 +153,18 @@ class CompressedLayer(DynamicLayer):
         self.recent_queries = torch.cat([self.recent_queries, query.detach()], dim=-2)[..., -keep:, :]
         self.recent_positions = torch.cat([self.recent_positions, positions])[-keep:]
 
+    def held_positions(self, longest: int) -> torch.Tensor:
+        """``[kv, longest]``: the position of every head's held entries (padding at :data:`PAD_POSITION`)."""
+        positions = torch.full((len(self.heads), longest), PAD_POSITION, dtype=torch.long)
+        for h, head in enumerate(self.heads):
+            positions[h, :head.held] = head.positions[:head.held].cpu()
+        return positions
+
     def held_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``keys, values [1, kv, longest, D]`` and ``positions [1, kv, longest]`` of every head
         (padding slots at :data:`PAD_POSITION`)."""
         keys, values = self.padded()
-        longest = keys.shape[-2]
-        positions = torch.full((1, len(self.heads), longest), PAD_POSITION, dtype=torch.long)
-        for h, head in enumerate(self.heads):
-            positions[0, h, :head.held] = head.positions[:head.held].cpu()
-        return keys, values, positions.to(keys.device)
+        return keys, values, self.held_positions(keys.shape[-2])[None].to(keys.device)
 
     def keep_slots(self, slots: list[torch.Tensor]) -> None:
         """Each head keeps the entries at its ``slots [k_h]`` (ascending)."""
@@ -170,14 +193,16 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed cache does not support beam search")
 
 
-def compressed_cache(model, press) -> DynamicCache:
-    """The cache ``model`` would build, its global-attention layers :class:`CompressedLayer` of ``press``."""
+def compressed_cache(model, press, layers: list[int]) -> DynamicCache:
+    """The cache ``model`` would build, its ``layers`` :class:`CompressedLayer` of ``press`` (a
+    sliding-window layer keeping its window)."""
     cache = DynamicCache(config=model.config)
-    for layer in press.layers:
-        if type(cache.layers[layer]) is not DynamicLayer:
-            raise HeadlabError(f"layer {layer} keeps a {type(cache.layers[layer]).__name__}, not a full cache; "
-                               "a press compresses global-attention layers only")
-        cache.layers[layer] = CompressedLayer(press, layer)
+    for layer in layers:
+        own = cache.layers[layer]
+        if type(own) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise HeadlabError(f"layer {layer} keeps a {type(own).__name__}; a press compresses the caches of "
+                               "attention layers only")
+        cache.layers[layer] = CompressedLayer(press, layer, getattr(own, "sliding_window", None))
     return cache
 
 

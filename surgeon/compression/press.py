@@ -4,7 +4,7 @@
 rule keeps whole, the head weights of the ``scores`` allocation and the rotary frequencies a scorer
 may need, all checked before any forward. ``press.cache(length, reserve)`` makes the compressed cache
 of one sequence whose budget is measured at ``length`` tokens; the first call (the prefill) attends
-exactly as the model does and then compresses every global layer, leaving room for ``reserve`` more
+exactly as the model does and then compresses every layer (a sliding-window layer within its window), leaving room for ``reserve`` more
 positions (the question, when compressing query-agnostically); while decoding, a layer that has
 gained ``slack`` positions over its budget is compressed back to it.
 
@@ -45,7 +45,8 @@ class KVPress:
         self.model, self.settings = model, settings
         self.scorer = token_scorer(settings.scorer)
         self.shape = model_shape(model)
-        self.layers = global_layers(model.config)
+        self.global_layers = global_layers(model.config)
+        self.layers = list(self.global_layers)  # the layers the current cache compresses
         if not self.layers:
             raise HeadlabError(f"every layer of {type(model).__name__} holds a sliding window already; a press "
                                "compresses the caches of global-attention layers, and this model has none")
@@ -71,9 +72,11 @@ class KVPress:
         """A compressed cache for one sequence whose budget is measured at ``length`` tokens; its first
         call is compressed to the budget less ``reserve`` positions."""
         self.budget = self.head_budget(length)
-        cache = compressed_cache(self.model, self)
+        sliding = self.budget.per_sliding or {}
+        self.layers = sorted([*self.global_layers, *sliding])
+        cache = compressed_cache(self.model, self, self.layers)
         for layer in self.layers:
-            cache.layers[layer].targets = self._targets(layer, self.budget.per_head)
+            cache.layers[layer].targets = self._targets(layer, sliding.get(layer, self.budget.per_head))
             cache.layers[layer].pending = reserve
         self.current = cache
         return cache
@@ -111,10 +114,11 @@ class KVPress:
     def compress(self, cache_layer: CompressedLayer, call: AttentionCall, reserve: int) -> None:
         """Keep in every compressed head of ``cache_layer`` its sinks, its window and what the scorer
         ranks highest, up to its target less ``reserve``."""
+        cache_layer.forget_outside_window()
         keys, values, positions = cache_layer.held_tensors()
         scored = ScoredCall(cache_layer.recent_queries, keys, values, positions, cache_layer.recent_positions.to(
             positions.device), call.scaling, call.softcap, self.shape.group_size, self.inv_freq,
-            self.settings.pooling, self.settings.seed + cache_layer.index)
+            self.settings.pooling, self.settings.seed + cache_layer.index, cache_layer.window)
         scores = self.scorer.score(scored).float()[0]  # [kv, longest]
         scores = scores.masked_fill(positions[0] == PAD_POSITION, float("-inf"))
         counts = cache_layer.held_counts()

@@ -31,7 +31,7 @@ class ScoredCall:
     positions of the observed queries; ``scaling``/``softcap``: the layer's logits as the model forms
     them; ``group``: query heads per KV head; ``inv_freq [head_dim / 2]``: the layer's rotary
     frequencies (None where the family's rotary is not the plain half-split form); ``pooling``:
-    SnapKV's pooling kernel; ``seed``: of the random control."""
+    SnapKV's pooling kernel; ``seed``: of the random control; ``window``: a sliding-window layer's window."""
 
     queries: torch.Tensor
     keys: torch.Tensor
@@ -44,6 +44,7 @@ class ScoredCall:
     inv_freq: torch.Tensor | None = None
     pooling: int = 5
     seed: int = 0
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,10 @@ def observed_attention(call: ScoredCall) -> torch.Tensor:
     kv = call.keys.shape[1]
     queries = call.queries.float().reshape(batch, kv, call.group * window, width)
     logits = softcapped(torch.matmul(queries, call.keys.float().transpose(-1, -2)) * call.scaling, call.softcap)
-    visible = call.positions[:, :, None, :] <= call.query_positions.repeat(call.group)[None, None, :, None]
+    rows = call.query_positions.repeat(call.group)[None, None, :, None]
+    visible = call.positions[:, :, None, :] <= rows
+    if call.window is not None:
+        visible &= call.positions[:, :, None, :] > rows - call.window
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
     return probs.reshape(batch, kv, call.group, window, -1).mean(2)
 
