@@ -24,17 +24,22 @@ MODES = {"agnostic": False, "aware": True}
 PERPLEXITY_CHUNK = 128  # rows a perplexity window is fed in, the cache compressed after each
 
 
-def hybrid_parts(spec: str) -> tuple[str, float, int]:
-    """``(rule, whole fraction, window)`` of a ``RULE:WHOLE:WINDOW`` hybrid, e.g. ``razor:0.1:64``."""
+def hybrid_parts(spec: str) -> tuple[str, float, int, str | None]:
+    """``(rule, whole fraction, window, scorer or None)`` of a ``RULE:WHOLE:WINDOW[:SCORER]`` hybrid, e.g.
+    ``razor:0.1:64`` (with every scorer) or ``razor:0.1:64:snapkv`` (with that scorer only)."""
     parts = spec.split(":")
     try:
         rule, whole, window = parts[0], float(parts[1]), int(parts[2])
     except (IndexError, ValueError):
-        raise HeadlabError(f"--hybrids {spec!r}: write RULE:WHOLE:WINDOW, e.g. razor:0.1:64 (the rule ranking the "
-                           "whole heads, their fraction of KV heads, the other heads' window)") from None
-    if len(parts) != 3 or not 0 < whole < 1 or window < 0:
+        raise HeadlabError(f"--hybrids {spec!r}: write RULE:WHOLE:WINDOW[:SCORER], e.g. razor:0.1:64 (the rule "
+                           "ranking the whole heads, their fraction of KV heads, the other heads' window, and the "
+                           "one scorer it goes with, if not every one)") from None
+    if len(parts) not in (3, 4) or not 0 < whole < 1 or window < 0:
         raise HeadlabError(f"--hybrids {spec!r}: WHOLE is a fraction in (0, 1) and WINDOW a count of positions")
-    return rule, whole, window
+    scorer = parts[3] if len(parts) == 4 else None
+    if scorer is not None:
+        token_scorer(scorer)
+    return rule, whole, window, scorer
 
 
 def allocation_parts(spec: str) -> dict:
@@ -50,7 +55,7 @@ def allocation_parts(spec: str) -> dict:
 
 def press_settings(settings: CompressionSettings) -> list[tuple[str, PressSettings]]:
     """``(rule name, press)`` of every press condition at every budget: each scorer under each
-    allocation, then each hybrid with each scorer, each in each mode."""
+    allocation, then each hybrid with each scorer (or the one it names), each in each mode."""
     for scorer in settings.scorers:
         token_scorer(scorer)
     out = []
@@ -58,8 +63,8 @@ def press_settings(settings: CompressionSettings) -> list[tuple[str, PressSettin
         aware = MODES[mode]
         for scorer in settings.scorers:
             variants = [allocation_parts(allocation) for allocation in settings.allocations]
-            variants += [dict(rule=rule, whole=whole, window=window) for rule, whole, window in
-                         map(hybrid_parts, settings.hybrids)]
+            variants += [dict(rule=rule, whole=whole, window=window) for rule, whole, window, only in
+                         map(hybrid_parts, settings.hybrids) if only in (None, scorer)]
             for variant in variants:
                 for budget in settings.budgets:
                     press = PressSettings(**{"scorer": scorer, "budget": budget, "sinks": settings.sinks,

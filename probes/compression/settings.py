@@ -58,9 +58,10 @@ class CompressionSettings:
                                                          "scores:RULE (HeadKV: in proportion to a head score of "
                                                          "--scores, razor or random)", kind=Items(Text()),
                                            flag="--allocations")
-    hybrids: tuple[str, ...] = setting((), "presses with whole heads, RULE:WHOLE:WINDOW each (e.g. razor:0.1:64): the "
-                                           "WHOLE fraction of KV heads RULE ranks highest keep every position, the "
-                                           "others their sinks, a WINDOW of latest positions and the scorer's choice",
+    hybrids: tuple[str, ...] = setting((), "presses with whole heads, RULE:WHOLE:WINDOW[:SCORER] each (e.g. "
+                                           "razor:0.1:64): the WHOLE fraction of KV heads RULE ranks highest keep "
+                                           "every position, the others their sinks, a WINDOW of latest positions and "
+                                           "the choice of each scorer (of SCORER only, when named)",
                                        kind=Items(Text(), none_word="none", min_items=0), flag="--hybrids")
     modes: tuple[str, ...] = setting(("agnostic",), "presses: agnostic (the context compressed before the question "
                                                     "is seen) and/or aware (after)",

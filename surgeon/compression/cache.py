@@ -68,15 +68,32 @@ def _grown(tensor: torch.Tensor, held: int, room: int) -> torch.Tensor:
     return out
 
 
+class Scratch:
+    """The buffers a cache's compressed layers hand their padded keys and values in, one call at a time:
+    reused from call to call (a decode step allocates nothing), grown when a call needs more."""
+
+    def __init__(self):
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, kv, room, D] each
+
+    def views(self, kv: int, longest: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values views ``[1, kv, longest, D]`` (contents undefined) shaped and typed like ``like``."""
+        room = self.buffers
+        if (room is None or room[0].shape[1] != kv or room[0].shape[2] < longest or room[0].dtype != like.dtype
+                or room[0].device != like.device):
+            size = longest + max(64, longest // 4)
+            self.buffers = room = tuple(like.new_zeros(1, kv, size, like.shape[-1]) for _ in range(2))
+        return room[0][:, :, :longest], room[1][:, :, :longest]
+
+
 class CompressedLayer(DynamicLayer):
     """A cache layer whose KV heads each hold their own positions (see the module docstring). ``press``
     (a :class:`~.press.KVPress`) chooses what to keep; ``index`` is the layer; ``window``: a sliding-window
     layer's window (a query sees the keys less than ``window`` positions before it; older entries are
     forgotten), None for a global layer."""
 
-    def __init__(self, press, index: int, window: int | None = None):
+    def __init__(self, press, index: int, scratch: "Scratch", window: int | None = None):
         super().__init__()
-        self.press, self.index, self.window = press, index, window
+        self.press, self.index, self.scratch, self.window = press, index, scratch, window
         self.length = 0  # positions of the sequence so far (the model's positions follow it)
         self.heads: list[HeadStore] = []
         self.before: list[int] = []  # each head's held count before the current call
@@ -98,7 +115,7 @@ class CompressedLayer(DynamicLayer):
         positions = torch.arange(self.length, self.length + new, device=key_states.device)
         first = not self.heads
         if first:
-            self.heads = [HeadStore(key_states[0, h].clone(), value_states[0, h].clone(), positions.clone())
+            self.heads = [HeadStore(key_states[0, h], value_states[0, h], positions)  # views: compressing copies
                           for h in range(key_states.shape[1])]
             self.before = [0] * len(self.heads)
         else:
@@ -116,20 +133,15 @@ class CompressedLayer(DynamicLayer):
                 head.drop_before(self.length - self.window + 1)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head's held keys and values, ``[1, kv_heads, longest, head_dim]``, zeros after a
-        shorter head's entries."""
+        """Every head's held keys and values, ``[1, kv_heads, longest, head_dim]`` (after a shorter head's
+        entries: what an earlier call left, which the mask hides), written into the buffers every layer
+        of the cache shares: valid until the next layer's call."""
         longest = max(head.held for head in self.heads)
-        if all(head.held == longest for head in self.heads):
-            return tuple(torch.stack([getattr(head, name)[:longest] for head in self.heads])[None]
-                         for name in ("keys", "values"))
-        out = []
-        for name in ("keys", "values"):
-            first = getattr(self.heads[0], name)
-            tensor = first.new_zeros(1, len(self.heads), longest, first.shape[-1])
-            for h, head in enumerate(self.heads):
-                tensor[0, h, :head.held] = getattr(head, name)[:head.held]
-            out.append(tensor)
-        return tuple(out)
+        keys, values = self.scratch.views(len(self.heads), longest, self.heads[0].keys)
+        for h, head in enumerate(self.heads):
+            keys[0, h, :head.held] = head.keys[:head.held]
+            values[0, h, :head.held] = head.values[:head.held]
+        return keys, values
 
     def visible(self, n_query: int, n_key: int, group: int, device) -> torch.Tensor:
         """``[1, heads, n_query, n_key]`` bool: each query head sees its KV head's held positions from
@@ -148,7 +160,8 @@ class CompressedLayer(DynamicLayer):
         """Remember the latest ``keep`` query rows ``query [1, H, new, D]`` (the scorers' observation window)."""
         positions = torch.arange(self.length - query.shape[-2], self.length)
         if self.recent_queries is None or query.shape[-2] >= keep:
-            self.recent_queries, self.recent_positions = query[..., -keep:, :].detach(), positions[-keep:]
+            self.recent_queries = query[..., -keep:, :].detach().clone()  # not a view: the call's queries go
+            self.recent_positions = positions[-keep:]
             return
         self.recent_queries = torch.cat([self.recent_queries, query.detach()], dim=-2)[..., -keep:, :]
         self.recent_positions = torch.cat([self.recent_positions, positions])[-keep:]
@@ -197,13 +210,14 @@ def compressed_cache(model, press, layers: list[int]) -> DynamicCache:
     """The cache ``model`` would build, its ``layers`` :class:`CompressedLayer` of ``press`` (a
     sliding-window layer keeping its window)."""
     cache = DynamicCache(config=model.config)
+    scratch = Scratch()
     for layer in layers:
         own = cache.layers[layer]
         if type(own) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise HeadlabError(f"layer {layer} keeps a {type(own).__name__}; a press compresses the caches of "
                                "attention layers only")
-        cache.layers[layer] = CompressedLayer(press, layer, getattr(own, "sliding_window", None))
+        cache.layers[layer] = CompressedLayer(press, layer, scratch, getattr(own, "sliding_window", None))
     return cache
 
 
-__all__ = ["PAD_POSITION", "CompressedLayer", "HeadStore", "compressed_cache"]
+__all__ = ["PAD_POSITION", "CompressedLayer", "HeadStore", "Scratch", "compressed_cache"]

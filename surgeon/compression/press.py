@@ -126,6 +126,7 @@ class KVPress:
         scores = scores.masked_fill(protected, float("inf"))
         targets = [max(0.0, t - reserve) if math.isfinite(t) else t for t in cache_layer.targets]
         cache_layer.keep_slots(self._chosen(scores, counts, targets, protected.sum(-1).tolist()))
+        return_freed_memory()
 
     def _due(self, cache_layer: CompressedLayer) -> int | None:
         """The reserve to compress with at the end of this call, or None."""
@@ -196,6 +197,29 @@ class KVPress:
             raw = [float(len(heads) - rank) for rank in range(len(heads))]
         total = sum(raw) or 1.0
         return {head: SAFEGUARD + (1 - SAFEGUARD) * len(heads) * value / total for head, value in zip(heads, raw)}
+
+
+def return_freed_memory() -> None:
+    """Hand the pages freed by a compression back to the operating system. glibc keeps freed blocks of
+    the sizes a cache layer uses in its heap (its mmap threshold rises with each such free), where the
+    small kept tensors allocated after them pin them: without this, a process's resident memory would
+    not fall with what the press drops. Nothing on other C libraries."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def rotary_frequencies(model) -> torch.Tensor | None:

@@ -127,7 +127,8 @@ def expected_attention(call: ScoredCall) -> torch.Tensor:
     keys = call.keys.float()
     linear = torch.matmul(mean, keys.transpose(-1, -2))[:, :, 0] * call.scaling  # [B, kv, n]
     quadratic = 0.5 * call.scaling ** 2 * (torch.matmul(keys, covariance) * keys).sum(-1)
-    probs = torch.softmax(linear + quadratic, dim=-1)
+    held = call.positions <= call.query_positions.max()  # padding slots sit after every query
+    probs = torch.softmax((linear + quadratic).masked_fill(~held, float("-inf")), dim=-1)
     return probs * call.values.float().norm(dim=-1)
 
 

@@ -66,7 +66,7 @@ class PressSettings:
         """A short name of the press for tables and figures."""
         parts = [self.scorer]
         if self.whole:
-            parts.append(f"{self.rule} {self.whole:.0%} whole")
+            parts.append(f"{self.rule} {self.whole:.0%} whole, window {self.window}")
         if self.allocation != "uniform":
             parts.append(self.allocation if self.allocation == "pool" else f"{self.rule}-weighted")
         parts.append("query-aware" if self.query_aware else "query-agnostic")
