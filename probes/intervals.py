@@ -1,5 +1,5 @@
 """Percentile bootstrap intervals, shared by every product that reports a mean with its uncertainty (the
-masking validation, the compression evaluation)."""
+masking validation, the compression evaluation, comparisons paired by prompt)."""
 
 from __future__ import annotations
 
@@ -21,4 +21,11 @@ def mean_interval(values: np.ndarray, resamples: int, seed: int) -> list[float]:
     return percentile_interval(values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(1))
 
 
-__all__ = ["CONFIDENCE", "mean_interval", "percentile_interval"]
+def paired_difference_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """Percentile bootstrap interval of ``mean(a) - mean(b)`` for values paired by item (``a[i]`` and
+    ``b[i]`` measured on the same item), resampling the items with replacement."""
+    difference = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return mean_interval(difference, resamples, seed)
+
+
+__all__ = ["CONFIDENCE", "mean_interval", "paired_difference_interval", "percentile_interval"]
