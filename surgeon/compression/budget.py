@@ -83,8 +83,16 @@ def head_budget(config, length: int, budget: float | None, tokens: int | None, w
         fixed = sum(per_sliding.values()) * kv
     per_head = (allowed - fixed - whole * length) / compressed if compressed else 0.0
     if compressed and per_head < least - 1e-9:
-        floor = sum(min(protected, h) for h in sliding.values()) * kv if budget is not None else fixed
-        floor = (floor + whole * length + compressed * least) / total
+        if budget is None:
+            floor = (fixed + whole * length + compressed * least) / total
+        else:  # the smallest fraction whose share leaves each compressed head its sinks and window
+            def spare(fraction: float) -> float:
+                kept_sliding = sum(max(min(protected, h), fraction * h) for h in sliding.values()) * kv
+                return fraction * total - kept_sliding - whole * length - compressed * least
+            low, high = 0.0, 1.0
+            for _ in range(40):
+                low, high = (low, (low + high) / 2) if spare((low + high) / 2) >= 0 else ((low + high) / 2, high)
+            floor = high
         what = f"a budget of {budget:.1%} of the cache" if budget is not None else f"{tokens} tokens per KV head"
         raise HeadlabError(f"{what} at {length:,} tokens leaves {max(per_head, 0):.0f} positions per compressed KV head, "
                            f"fewer than the {least} sinks and window each keeps; at this length the smallest budget "
