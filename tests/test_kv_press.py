@@ -88,15 +88,22 @@ def test_a_pressed_cache_decodes_as_eager_attention_over_the_keys_it_holds(name)
     press = KVPress(model, settings)
     sequence, ours, cache = pressed_decoding(model, press, ids)
     assert all(count == 8 + STEPS for layer in press.layers for count in cache.layers[layer].held_counts())
+    reference, own_cached, noise = eager_reference(model, press, cache, sequence)
+    assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))
+    assert (ours - own_cached).abs().max() > 1e-3, "dropping 12 of 20 positions must change the logits"
+
+
+def eager_reference(model, press: KVPress, cache, sequence: torch.Tensor):
+    """``(reference, own cached, noise)``: the step logits ``[STEPS, V]`` of the family's eager attention
+    recomputing ``sequence`` over the keys ``cache`` held (:func:`held_in_eager`), the model's own cached
+    step logits, and how far those are from its own eager recomputation (its rounding)."""
     with held_in_eager(model, press, cache, PREFILL), torch.no_grad():
         reference = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
     with torch.no_grad():
         own_cached = _own_cached_logits(model, sequence)
     with patched_eager(model, lambda original: original), torch.no_grad():
         own_recomputed = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
-    noise = float((own_cached - own_recomputed).abs().max())
-    assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))
-    assert (ours - own_cached).abs().max() > 1e-3, "dropping 12 of 20 positions must change the logits"
+    return reference, own_cached, float((own_cached - own_recomputed).abs().max())
 
 
 def _own_cached_logits(model, sequence: torch.Tensor) -> torch.Tensor:
@@ -348,11 +355,5 @@ def test_the_sliding_windows_keep_the_budgets_share_too(name):
         full = cache_bytes(model(input_ids=ids[:, :PREFILL], use_cache=True).past_key_values)
     shape = model_shape(model)
     assert cache_bytes(cache) <= 0.3 * full + (STEPS + 2) * 2 * shape.head_dim * 4 * 4 * shape.n_kv_heads
-    with held_in_eager(model, press, cache, PREFILL), torch.no_grad():
-        reference = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
-    with torch.no_grad():
-        own_cached = _own_cached_logits(model, sequence)
-    with patched_eager(model, lambda original: original), torch.no_grad():
-        own_recomputed = model(input_ids=sequence[:, :-1]).logits[0, PREFILL - 1:]
-    noise = float((own_cached - own_recomputed).abs().max())
+    reference, own_cached, noise = eager_reference(model, press, cache, sequence)
     assert (ours - reference).abs().max() <= 10 * noise + 1e-5, (noise, float((ours - reference).abs().max()))

@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 from ...core.errors import HeadlabError
 from ...core.shape import model_shape
+from ..sites import full_attention_layers
 
 
 def held_positions(config, length: int) -> list[int]:
@@ -22,17 +23,6 @@ def held_positions(config, length: int) -> list[int]:
     layers = DynamicCache(config=config).layers
     return [min(length, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else length
             for layer in layers]
-
-
-def sliding_layers(config) -> dict[int, int]:
-    """``{layer: sliding window}`` of the layers whose cache holds a window."""
-    return {index: layer.sliding_window for index, layer in enumerate(DynamicCache(config=config).layers)
-            if isinstance(layer, DynamicSlidingWindowLayer)}
-
-
-def global_layers(config) -> list[int]:
-    """The layers whose cache holds every position (the ones a press compresses)."""
-    return [index for index, layer in enumerate(DynamicCache(config=config).layers) if type(layer) is DynamicLayer]
 
 
 def cache_bytes_at(config, length: int, dtype: torch.dtype = torch.float32) -> int:
@@ -67,7 +57,7 @@ def head_budget(config, length: int, budget: float | None, tokens: int | None, w
     every compressed head's sinks and window hold, naming the smallest budget at this length."""
     shape = model_shape(config)
     held = held_positions(config, length)
-    layers = global_layers(config)
+    layers = full_attention_layers(config)
     if not layers:
         raise HeadlabError("this model has no global-attention layer to compress (its layers hold a window already)")
     kv = shape.n_kv_heads
@@ -102,4 +92,4 @@ def head_budget(config, length: int, budget: float | None, tokens: int | None, w
     return HeadBudget(length, per_head, whole, compressed, kept / total, per_sliding)
 
 
-__all__ = ["HeadBudget", "cache_bytes_at", "global_layers", "head_budget", "held_positions", "sliding_layers"]
+__all__ = ["HeadBudget", "cache_bytes_at", "head_budget", "held_positions"]

@@ -29,7 +29,8 @@ from ...core.head_scores import HeadScores
 from ...core.shape import model_shape
 from ..attention_math import AttentionCall
 from ..streaming.rules import full_kv_heads, kv_head_scores, rule_ranking
-from .budget import HeadBudget, global_layers, head_budget
+from ..sites import full_attention_layers
+from .budget import HeadBudget, head_budget
 from .cache import PAD_POSITION, CompressedLayer, compressed_cache
 from .scorers import ScoredCall, token_scorer
 from .settings import PressSettings
@@ -45,7 +46,7 @@ class KVPress:
         self.model, self.settings = model, settings
         self.scorer = token_scorer(settings.scorer)
         self.shape = model_shape(model)
-        self.global_layers = global_layers(model.config)
+        self.global_layers = full_attention_layers(model.config)
         self.layers = list(self.global_layers)  # the layers the current cache compresses
         if not self.layers:
             raise HeadlabError(f"every layer of {type(model).__name__} holds a sliding window already; a press "
