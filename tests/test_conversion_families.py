@@ -76,15 +76,18 @@ def _cached_and_parallel(model, x):
     return torch.cat(pieces, 1), full, cache
 
 
+@pytest.mark.parametrize("softmax_heads", [False, True], ids=["converted", "head-hybrid"])
 @pytest.mark.parametrize("name", sorted(CONVERTS))
-def test_cached_decoding_of_a_converted_family_equals_its_parallel_form(name):
+def test_cached_decoding_of_a_converted_family_equals_its_parallel_form(name, softmax_heads):
     """Feature maps moved off the identity; tolerance ten times the unconverted model's own
     cached-against-recomputed difference (as the family matrix; the converted one measures 0.5-2
-    times it), plus a few units of fp32 roundoff relative to the logits."""
+    times it), plus a few units of fp32 roundoff relative to the logits. ``head-hybrid``: KV head 0
+    of every converted layer keeps softmax attention."""
     model, x = fresh(name), inputs()
     own_cached, own_full, _ = _cached_and_parallel(model, x)
     noise = float((own_cached - own_full).abs().max())
-    convert(model, LinearSettings(window=4))
+    kept = tuple((layer, 0) for layer in CONVERTS[name]) if softmax_heads else ()
+    convert(model, LinearSettings(window=4, layers=CONVERTS[name], softmax_heads=kept))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for converted in converted_layers(model).values():

@@ -35,10 +35,12 @@ class FeatureMap(nn.Module):
     def n_features(self) -> int:
         return 2 * self.weight.shape[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float())
+    def forward(self, x: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
+        """Features of ``x [B, H', T, D]``, whose heads are ``heads`` of this map (None: all ``H``)."""
+        weight = self.weight if heads is None else self.weight[heads]
+        u = torch.einsum("bhtd,hdf->bhtf", x.float(), weight.float())
         if self.bias is not None:
-            u = u + self.bias.float()
+            u = u + (self.bias if heads is None else self.bias[heads]).float()
         if self.kind == "fla":
             return torch.softmax(torch.cat([2 * u, -2 * u], -1), -1)
         return torch.cat([torch.softmax(u, -1), torch.softmax(-u, -1)], -1).clamp(min=1e-12)

@@ -20,12 +20,30 @@ LOSSES = ("mse", "ce")
 LORA_LR = 1e-4  # stage 2's learning rate (LoLCATs' low-rank adjusting)
 
 
+class KVHeadPairs(Kind):
+    """``(layer, KV head)`` pairs of non-negative integers, sorted, none repeated."""
+
+    def check(self, value):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list of (layer, KV head) pairs")
+        pairs = []
+        for pair in value:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"{pair!r} is not a (layer, KV head) pair")
+            pairs.append(tuple(Integer(0).check(index) for index in pair))
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("a (layer, KV head) pair is repeated")
+        return tuple(sorted(pairs))
+
+
 @dataclass(frozen=True)
 class LinearSettings:
     """How attention layers are converted (saved beside the weights as ``headlab_conversion.json``).
 
     ``layers`` lists the converted layer indices (``None``: every full-attention layer); the others
-    stay softmax.
+    stay softmax. ``softmax_heads`` lists ``(layer, KV head)`` pairs of converted layers that keep
+    full softmax attention over the whole context (with their query heads) inside the converted
+    layer: a head-level hybrid.
     ``feature_dim`` is ``F`` (64 by default whatever the head size, as LoLCATs does; the features
     number ``2F``). ``gamma_init`` is the initial softmax-window weight ``γ = sigmoid(θ)``.
     """
@@ -43,11 +61,20 @@ class LinearSettings:
     gamma_init: float = setting(0.1, "initial softmax-window weight", kind=Number(0.0, 1.0, True, True))
     layers: tuple[int, ...] | None = setting(None, "converted layers (None: every full-attention layer)",
                                              kind=Maybe(Items(Integer(0))))
+    softmax_heads: tuple[tuple[int, int], ...] = setting((), "(layer, KV head) pairs of converted layers that keep "
+                                                             "full softmax attention", kind=KVHeadPairs())
 
     def __post_init__(self):
         check_settings(self)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+            outside = sorted({layer for layer, _ in self.softmax_heads} - set(self.layers))
+            if outside:
+                raise HeadlabError(f"softmax heads name layer(s) {outside}, which are not converted")
+
+    def softmax_kv_heads(self, layer: int) -> tuple[int, ...]:
+        """The KV heads of ``layer`` that keep softmax attention."""
+        return tuple(kv for index, kv in self.softmax_heads if index == layer)
 
     @property
     def is_hybrid(self) -> bool:
@@ -56,6 +83,7 @@ class LinearSettings:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers) if self.layers is not None else None
+        data["softmax_heads"] = [list(pair) for pair in self.softmax_heads]
         return data
 
     @classmethod
@@ -64,6 +92,7 @@ class LinearSettings:
         if known.get("layers") is not None:
             known["layers"] = tuple(known["layers"])
         return cls(**known)
+
 
 
 @dataclass
