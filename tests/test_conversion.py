@@ -301,8 +301,9 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2, monkeypatch
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     out = tmp_path / "converted"
-    args = ["convert", "base", "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "8",
-            "--tokens", "48", "--accumulation", "2", "--eval-every", "1", "--windows", "2", "--layers", "1"]
+    args = ["convert", "base", "--to", "hybrid", "--out", str(out), "--steps", "2,2", "--window", "64",
+            "--tokens", "48", "--accumulation", "2", "--eval-every", "1", "--windows", "2", "--layers", "1",
+            "--gate-lengths", "448", "--gate-needles", "2"]
     assert headlab(args) == 0
     model, tok = load_model(out)
     assert sorted(converted_layers(model)) == [1] and tok is not None
@@ -311,6 +312,10 @@ def test_convert_command_trains_saves_and_reloads(tmp_path, smollm2, monkeypatch
     assert set(record["provenance"]["held_out_perplexity"]) == {"original", "converted_untrained", "after_stage1",
                                                                  "after_stage2"}
     assert record["provenance"]["base_model"] == str((tmp_path / "base").resolve())
+    gate = record["provenance"]["recall_gate"]  # the recall gate: the same prompts, by distance from the end
+    assert gate["original"]["distances"] == gate["converted"]["distances"] and len(gate["converted"]["runs"]) >= 4
+    assert {"inside the window", "just outside"} <= set(gate["converted"]["bins"])
+    assert "difference_ci" in gate["converted"]["bins"]["just outside"]["recalled"]
     monkeypatch.chdir(out)  # stream-eval finds the recorded base from another folder
     assert headlab(["stream-eval", str(out), "--lengths", "128", "--needle-depths", "0.5", "--needles", "1",
                     "--windows", "1", "--out", str(tmp_path / "eval")]) == 0

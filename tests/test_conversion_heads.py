@@ -120,3 +120,165 @@ def test_softmax_heads_outside_the_converted_layers_or_the_model_are_refused():
         LinearSettings(layers=(0,), softmax_heads=((2, 0),))
     with pytest.raises(ValueError, match="KV heads 0–2"):
         convert(tiny_llama("gqa"), LinearSettings(layers=(0,), softmax_heads=((0, 3),)))
+
+
+# ---- choosing the softmax heads ------------------------------------------------------------------
+
+from headlab.core.errors import HeadlabError  # noqa: E402
+from headlab.core.head_scores import HeadScores  # noqa: E402
+from headlab.surgeon.compression.budget import cache_bytes_at  # noqa: E402
+from headlab.surgeon.conversion.selection import (converted_cache_bytes, kl_greedy, softmax_choice,  # noqa: E402
+                                                  static_ranking, uniform_pick, use_softmax_heads)
+from headlab.surgeon.conversion.settings import ConversionSettings  # noqa: E402
+from headlab.surgeon.kv_cache import cache_bytes  # noqa: E402
+
+
+def test_uniform_picks_the_centres_of_equal_stretches():
+    units = [(layer,) for layer in range(30)]
+    assert uniform_pick(units, 3) == [(5,), (15,), (25,)]
+    assert uniform_pick(units, 30) == units
+
+
+def test_kl_greedy_chooses_what_exhaustive_greedy_chooses():
+    """With a divergence whose gains shrink as units are added (a coverage function), lazy greedy picks
+    what measuring every unit at every round picks, in fewer measurements."""
+    cover = {"a": {1, 2, 3}, "b": {3, 4}, "c": {5, 8}, "d": {1, 2}, "e": {4, 5, 6, 7}}
+    units = [(name,) for name in cover]
+    calls = []
+
+    def divergence(chosen):
+        calls.append(chosen)
+        return 8 - len(set().union(*(cover[u[0]] for u in chosen)))
+
+    chosen, trace = kl_greedy(units, 3, divergence)
+    exhaustive, left = [], list(units)
+    for _ in range(3):
+        best = min(left, key=lambda u: (divergence(exhaustive + [u]), units.index(u)))
+        exhaustive.append(best)
+        left.remove(best)
+    assert chosen == exhaustive == [("e",), ("a",), ("c",)]
+    assert [row["kl"] for row in trace] == [8, 4, 1, 0]
+    assert sum(row["measured"] for row in trace) < 1 + 5 + 4 + 3
+
+
+def test_score_rules_rank_kv_heads_and_layers_by_their_best_query_head():
+    model = tiny_llama("gqa", layers=4)
+    values = torch.zeros(4, 9)
+    values[2, 7] = 3.0  # KV head 2 of layer 2
+    values[0, 1] = 2.0  # KV head 0 of layer 0
+    values[3, 4] = 1.0  # KV head 1 of layer 3
+    scores = {"retrieval": HeadScores("retrieval", values, torch.ones(4, 9, dtype=torch.long), "tiny")}
+    heads = static_ranking("retrieval", "heads", [0, 2, 3], model.config, scores)
+    assert heads[:3] == [(2, 2), (0, 0), (3, 1)] and len(heads) == 9
+    assert static_ranking("retrieval", "layers", [0, 2, 3], model.config, scores) == [(2,), (0,), (3,)]
+    assert static_ranking("random", "heads", [0, 2], model.config, seed=1) == static_ranking(
+        "random", "heads", [0, 2], model.config, seed=1) != static_ranking("random", "heads", [0, 2], model.config)
+
+
+def test_the_cache_bytes_formula_is_what_the_caches_hold():
+    model = converted(window=4)
+    settings = converted_layers(model)[0].settings
+    x = ids(batch=1, n=9)
+    with torch.no_grad():
+        cache = model(x, use_cache=True).past_key_values
+        for step in range(14):
+            cache = model(torch.tensor([[step % VOCAB]]), past_key_values=cache, use_cache=True).past_key_values
+    assert cache_bytes(cache) == converted_cache_bytes(model.config, settings, 23)
+    every_head = LinearSettings(layers=(1,), softmax_heads=((1, 0), (1, 1), (1, 2)))
+    assert converted_cache_bytes(model.config, every_head, 23) == cache_bytes_at(model.config, 23)
+
+
+def test_softmax_budgets_are_resolved_from_the_config_and_bad_ones_refused():
+    config = tiny_llama("gqa", layers=4).config
+    choice = softmax_choice(ConversionSettings(softmax="uniform", softmax_keep=0.25), config, [0, 1, 2, 3])
+    assert choice.count == 3 and len(choice.heads) == 3
+    layers = softmax_choice(ConversionSettings(softmax="uniform", softmax_unit="layers", softmax_keep=0.5), config,
+                            [0, 1, 2, 3])
+    assert layers.heads == tuple((layer, kv) for layer in (1, 3) for kv in range(3))
+    cached = softmax_choice(ConversionSettings(softmax="random", softmax_cache=0.5, cache_length=4096,
+                                               linear=LinearSettings(window=8)), config, [0, 1, 2, 3])
+    chosen = LinearSettings(window=8, layers=(0, 1, 2, 3), softmax_heads=cached.heads)
+    extra = next((layer, kv) for layer in range(4) for kv in range(3) if (layer, kv) not in cached.heads)
+    one_more = LinearSettings(window=8, layers=(0, 1, 2, 3), softmax_heads=(*cached.heads, extra))
+    assert converted_cache_bytes(config, chosen, 4096) <= 0.5 * cache_bytes_at(config, 4096)
+    assert converted_cache_bytes(config, one_more, 4096) > 0.5 * cache_bytes_at(config, 4096)
+    assert cached.count == len(cached.heads) == 5  # six would hold half the cache plus the converted heads' states
+    with pytest.raises(HeadlabError, match="keeps all 12 heads"):
+        softmax_choice(ConversionSettings(softmax="uniform", softmax_keep=1.0), config, [0, 1, 2, 3])
+    with pytest.raises(HeadlabError, match="keeps none"):
+        softmax_choice(ConversionSettings(softmax="uniform", softmax_keep=0.01), config, [0, 1, 2, 3])
+    with pytest.raises(HeadlabError, match="the conversion alone holds"):
+        softmax_choice(ConversionSettings(softmax="uniform", softmax_cache=0.001), config, [0, 1, 2, 3])
+    with pytest.raises(HeadlabError, match="needs a scores file"):
+        softmax_choice(ConversionSettings(softmax="retrieval"), config, [0, 1, 2, 3])
+
+
+def test_use_softmax_heads_changes_modules_and_the_recorded_settings():
+    model = converted()
+    settings = use_softmax_heads(model, ((0, 2),))
+    assert settings.softmax_heads == ((0, 2),)
+    assert converted_layers(model)[0].softmax_kv == (2,) and converted_layers(model)[2].softmax_kv == ()
+    assert all(layer.settings is settings for layer in converted_layers(model).values())
+
+
+# ---- the convert command -------------------------------------------------------------------------
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from headlab.cli import main as headlab  # noqa: E402
+from headlab.surgeon import load_model  # noqa: E402
+
+
+@pytest.fixture
+def tiny_base(tmp_path, smollm2):
+    """A random 3-layer Llama (2 KV heads of 2 query heads; weights large enough that attention moves
+    the logits) with SmolLM2's tokenizer, in a folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2[1]), hidden_size=24, head_dim=6, intermediate_size=37,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    smollm2[1].save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+QUICK = ["--steps", "2,1", "--window", "8", "--tokens", "48", "--accumulation", "1", "--eval-every", "1", "--windows", "2",
+         "--gate-lengths", "128", "--gate-needles", "1"]
+
+
+@pytest.mark.real_model
+def test_convert_chooses_softmax_heads_by_kl_and_records_them(tiny_base, tmp_path):
+    out = tmp_path / "kl"
+    assert headlab(["convert", str(tiny_base), "--out", str(out), "--softmax-heads", "kl", "--softmax-keep", "0.5",
+                    *QUICK]) == 0
+    record = json.loads((out / "headlab_conversion.json").read_text())
+    chosen = record["provenance"]["softmax"]
+    assert chosen["rule"] == "kl" and chosen["count"] == 3 and len(chosen["heads"]) == 3
+    assert record["settings"]["softmax_heads"] == chosen["heads"]
+    kls = [row["kl"] for row in chosen["kl_trace"]]
+    assert len(kls) == 4 and kls[-1] < kls[0]  # restoring softmax heads brings the model back toward the original
+    model, _ = load_model(out)
+    kept = [[layer, kv] for layer, module in converted_layers(model).items() for kv in module.softmax_kv]
+    assert kept == chosen["heads"]
+    cache = record["provenance"]["cache"]
+    assert cache["converted_bytes"] == converted_cache_bytes(model.config, converted_layers(model)[0].settings, 4096)
+
+
+@pytest.mark.real_model
+def test_convert_refuses_bad_softmax_budgets_and_scores_before_loading(tiny_base, tmp_path, capsys, monkeypatch):
+    from headlab.surgeon import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    values = torch.rand(3, 4)
+    scores = {"model_id": "another-model", "scores": {"retrieval": HeadScores(
+        "retrieval", values, torch.ones(3, 4, dtype=torch.long), "another-model").to_dict()}}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    cases = [(["--softmax-heads", "retrieval", "--scores", str(tmp_path / "scores.json")], "another model"),
+             (["--softmax-heads", "uniform", "--softmax-keep", "1"], "nothing would be converted"),
+             (["--softmax-heads", "uniform", "--softmax-cache", "0.0001"], "the conversion alone holds"),
+             (["--softmax-heads", "retrieval"], "needs a scores file"),
+             (["--scores", str(tmp_path / "scores.json")], "--scores is read by --softmax-heads"),
+             (["--softmax-unit", "layers"], "--softmax-unit needs --softmax-heads")]
+    for extra, message in cases:
+        assert headlab(["convert", str(tiny_base), "--out", str(tmp_path / "o"), *QUICK, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra

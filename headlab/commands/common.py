@@ -117,6 +117,18 @@ def load_model_from(args, spec: str | None = None):
     return model, tokenizer
 
 
+def check_scores_model(scores: dict, needed: set[str], spec: str) -> None:
+    """Refuse a ``needed`` score measured on another model than ``spec`` (the same name, or the same
+    folder)."""
+    def same(a: str, b: str) -> bool:
+        return a == b or (Path(a).expanduser().is_dir() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+    for name in sorted(needed & set(scores)):
+        if not same(scores[name].model_id, spec):
+            raise HeadlabError(f"score {name!r} was measured on {scores[name].model_id!r}, not {spec!r}: head scores of "
+                               "another model")
+
+
 def layers_of(value, n_layers: int, flag: str) -> list[int] | None:
     """Resolved ``--layers``-style indices (None stays None)."""
     return None if value is None else resolve_indices(value, n_layers, flag)

@@ -28,13 +28,26 @@ class Convert(Command):
                    "state goes to OUT/training (a killed run resumes when started again with the same arguments); "
                    "the checkpoint (config, tokenizer, model.safetensors, headlab_conversion.json with settings, "
                    "perplexities and training history) goes to OUT and reloads with headlab.surgeon.load_model(OUT). "
-                   "Decoding then keeps a constant-size state (plus the window) instead of a growing KV cache. Cost "
-                   "at the defaults (100 + 100 steps of 8 windows of 512 tokens): over an hour for SmolLM2-135M on "
-                   "two CPU cores (--steps 10,5 --accumulation 2: a few minutes).")
+                   "Decoding then keeps a constant-size state (plus the window) instead of a growing KV cache. "
+                   "--softmax-heads RULE keeps some KV heads (or, with --softmax-unit layers, whole layers) of the "
+                   "converted layers in softmax attention over the whole context, chosen by a score of --scores, "
+                   "razor, uniform, random or kl (greedy by the KL divergence to the original model, after stage 1: "
+                   "one forward of --kl-windows windows per candidate, then a few per chosen unit), --softmax-keep "
+                   "of them or as many as fit --softmax-cache of the original's cache bytes. Every conversion ends "
+                   "with a recall gate: needle recall inside, just outside and far from the window, original against "
+                   "converted, on --gate-needles held-out needles at each of --gate-lengths (with 95% intervals; "
+                   "about a minute per model for SmolLM2 at the defaults). Cost at the defaults (100 + 100 steps of 8 "
+                   "windows of 512 tokens): over an hour for SmolLM2-135M on two CPU cores (--steps 10,5 "
+                   "--accumulation 2: a few minutes).")
     example = "{model} --steps 2,1 --accumulation 1 --tokens 64 --windows 1 --eval-every 1 --out {out}"
     max_memory = False  # converted in memory
     output = "checkpoint folder to write (not the source model's folder)"
     settings = (ConversionSettings,)
+
+    def arguments(self, parser) -> None:
+        parser.add_argument("--scores", metavar="SCORES", action="append",
+                            help="a scores file (a report's scores.json, train-gates' gates.json) for a --softmax-heads "
+                                 "rule that is a score, or razor; repeat to read several")
 
     def check(self, args):
         from ..surgeon.conversion.support import check_config
@@ -53,17 +66,49 @@ class Convert(Command):
 
         if is_converted_directory(out) and not (out / "training").exists():
             raise HeadlabError(f"{out} already holds a finished converted checkpoint; choose another --out")
-        return settings, check_config(config, requested), requested is None  # the structure, before any weight
+        layers = check_config(config, requested)  # the structure, before any weight
+        return settings, layers, requested is None, self._softmax(args, settings, config, layers)
+
+    @staticmethod
+    def _softmax(args, settings, config, layers):
+        """The softmax heads' choice, from the config and the scores files (None without a rule)."""
+        from ..core.head_scores import merged_scores
+        from ..surgeon.conversion.selection import softmax_choice
+        from ..surgeon.streaming.rules import rule_scores
+
+        if settings.softmax is None:
+            if args.scores:
+                raise HeadlabError("--scores is read by --softmax-heads RULE; give a rule or drop --scores")
+            return None
+        needed = set() if settings.softmax in ("uniform", "kl") else set(rule_scores(settings.softmax))
+        if args.scores and not needed:
+            raise HeadlabError(f"--softmax-heads {settings.softmax} reads no scores; drop --scores")
+        shape = common.model_shape_of(config)
+        scores = None
+        if args.scores:
+            scores = merged_scores(args.scores, shape, needed)
+            common.check_scores_model(scores, needed, args.model)
+        return softmax_choice(settings, config, layers, scores)
 
     def run(self, args, checked) -> int:
+        from ..probes.validation.recall_gate import RecallGate, gate_lines
         from ..surgeon.conversion.pipeline import convert_and_train
 
-        settings, layers, every_full_layer = checked
+        settings, layers, every_full_layer, softmax = checked
         every = " (every full-attention layer)" if every_full_layer else ""
         print(f"converting layers {index_spans(layers)}{every}")
-        perplexity = convert_and_train(args.model, settings, layers, args.out, args.overwrite)
-        for name, value in perplexity.items():
+        if softmax is not None:
+            print(softmax.describe())
+        gate = RecallGate(settings.linear.window, list(settings.gate_lengths), settings.gate_needles)
+        record = convert_and_train(args.model, settings, layers, args.out, args.overwrite, softmax=softmax,
+                                   measure=gate)
+        for name, value in record["held_out_perplexity"].items():
             print(f"held-out perplexity {name}: {value:.3f}")
+        for line in gate_lines(record["recall_gate"]):
+            print(line)
+        cache = record["cache"]
+        print(f"cache after {cache['length']} tokens: {cache['converted_bytes'] / 2**20:.1f} MiB against the "
+              f"original's {cache['original_bytes'] / 2**20:.1f} MiB ({cache['fraction']:.3f})")
         print(f"converted checkpoint: {args.out} (reload with headlab.surgeon.load_model({str(args.out)!r}))")
         return 0
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ...core.errors import UnsupportedModelError
 from ...core.files import claim_folder, record_owned, write_json
 from ...core.shape import model_shape
 from ..sites import decoder_layers
@@ -37,6 +38,10 @@ def convert(model, settings: LinearSettings, verify: bool = True):
     softmax teacher must first reproduce its layer on a short probe (:func:`.support.verify_layers`)."""
     blocks = decoder_layers(model)
     layers = convertible_layers(model, settings.layers)
+    outside = sorted({layer for layer, _ in settings.softmax_heads} - set(layers))
+    if outside:
+        raise UnsupportedModelError(f"softmax heads name layer(s) {outside}, which the conversion does not convert "
+                                    f"(it converts {layers}); a softmax head lives inside a converted layer")
     if verify:
         verify_layers(model, layers, settings)
     shape = model_shape(model)

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ...core.errors import HeadlabError
-from ...core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch
+from ...core.kinds import Choice, Indices, Integer, Items, Kind, Maybe, Number, Switch, Text
 from ...core.settings import check_settings, setting
 from ...core.text import TextWindows
 
@@ -179,11 +179,39 @@ class ConversionSettings:
     data: str = setting("text", "train on windows of the text, or on chat conversations: passages of the text with "
                                 "a question (half about a fact hidden in the passage) and the original model's own "
                                 "answer, through its chat template", kind=Choice(*DATA_KINDS), flag="--data")
+    softmax: str | None = setting(None, "rule choosing the KV heads (or layers) of the converted layers that keep "
+                                        "softmax attention: a score of --scores (retrieval, razor's echo, duo gates, "
+                                        "gradient_importance...), razor, uniform, random (seeded, the control) or kl "
+                                        "(greedy: the unit whose softmax lowers the KL to the original model most, "
+                                        "after stage 1); default none",
+                                  kind=Maybe(Text()), flag="--softmax-heads")
+    softmax_unit: str = setting("heads", "what --softmax-heads chooses: KV heads (with their query heads) or whole "
+                                         "layers", kind=Choice("heads", "layers"), flag="--softmax-unit")
+    softmax_keep: float = setting(0.25, "fraction of the converted layers' KV heads (or layers) kept softmax",
+                                  kind=Number(0.0, 1.0), flag="--softmax-keep")
+    softmax_cache: float | None = setting(None, "instead of --softmax-keep: as many softmax units as keep the "
+                                                "converted model's cache within this fraction of the original's "
+                                                "bytes at --cache-length tokens",
+                                          kind=Maybe(Number(0.0, 1.0, low_open=True)), flag="--softmax-cache")
+    cache_length: int = setting(4096, "length at which cache bytes are counted and reported", kind=Integer(1),
+                                flag="--cache-length")
+    kl_windows: int = setting(2, "held-out windows on which the kl rule measures the divergence", kind=Integer(1),
+                              flag="--kl-windows")
+    gate_lengths: tuple[int, ...] = setting((1024,), "prompt lengths of the recall gate (needle recall inside, just "
+                                                     "outside and far from the window, original against converted)",
+                                            kind=Items(Integer(64)), flag="--gate-lengths")
+    gate_needles: int = setting(6, "held-out needles of the recall gate (one prompt per needle, length and distance)",
+                                kind=Integer(1, 6), flag="--gate-needles")
     seed: int = setting(0, "seed", kind=Integer(0), flag="--seed")
 
     def __post_init__(self):
         check_settings(self)
         self.text.require_tokens(8, "conversion training")
+        if self.softmax is None and self.softmax_unit != "heads":
+            raise HeadlabError("--softmax-unit needs --softmax-heads RULE")
+        if self.softmax == "kl" and self.kl_windows > self.text.windows:
+            raise HeadlabError(f"--kl-windows {self.kl_windows} is above the {self.text.windows} held-out windows "
+                               "(--windows)")
         if self.steps == (0, 0):
             raise HeadlabError("--steps 0,0 trains nothing: give stage 1 or stage 2 some steps")
 
