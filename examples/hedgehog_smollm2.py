@@ -25,59 +25,22 @@ import numpy as np
 import torch
 
 from headlab.cli import main as headlab
-from headlab.core.text import load_text
-from headlab.probes.validation.statistics import bootstrap_intervals, paired_p
 from headlab.probes.scorers.needles import HELDOUT_NEEDLES
-from headlab.probes.scorers.retrieval import build_prompt
-from headlab.probes.validation.settings import ValidationSettings
-from headlab.probes.validation.run import NEEDLE_MEASURES, NeedleTask
+from headlab.probes.validation.recall_gate import distance_bins, gate_prompts, needle_runs
+from headlab.probes.validation.run import NEEDLE_MEASURES
+from headlab.probes.validation.statistics import bootstrap_intervals, paired_p
 from headlab.surgeon import load_model
 from headlab.core.files import write_json
 
 WINDOW = 64
-BINS = {"inside the window": (0, WINDOW), "just outside": (WINDOW, 3 * WINDOW), "far": (6 * WINDOW, 10 ** 9)}
+BINS = distance_bins(WINDOW)
 TARGET_DISTANCES = (0, 100, 160, 420, 800)  # tokens from the answer's end to the prompt's end (0: closest)
-
-
-def prompt_at_distance(tokenizer, haystack, needle, length: int, distance: int):
-    """The prompt of ``length`` tokens whose answer ends closest to ``distance`` tokens before the end
-    (bisection over the needle's depth)."""
-    def gap_of(prompt):
-        return prompt.length - 1 - prompt.answer_positions[-1]
-
-    last = build_prompt(tokenizer, haystack, needle, length, 1.0)  # the needle closing the context
-    best = (gap_of(last), last)
-    low, high = 0.0, 1.0
-    for _ in range(14):
-        depth = (low + high) / 2
-        prompt = build_prompt(tokenizer, haystack, needle, length, depth)
-        gap = gap_of(prompt)
-        if abs(gap - distance) < abs(best[0] - distance):
-            best = (gap, prompt)
-        low, high = (depth, high) if gap > distance else (low, depth)
-    return best[1]
 
 
 def distance_prompts(tokenizer, lengths: list[int]):
     """Every held-out needle at every length and target distance that fits (each prompt once), with
     its actual distance."""
-    haystack = load_text(None, heldout=True)
-    prompts, seen = [], set()
-    for needle in HELDOUT_NEEDLES:
-        for length in lengths:
-            for target in TARGET_DISTANCES:
-                prompt = prompt_at_distance(tokenizer, haystack, needle, length, target)
-                key = (needle, length, prompt.answer_positions[-1])
-                if key not in seen and abs(prompt.length - 1 - prompt.answer_positions[-1] - target) < target / 2 + 64:
-                    seen.add(key)
-                    prompts.append(prompt)
-    return prompts, [p.length - 1 - p.answer_positions[-1] for p in prompts]
-
-
-def needle_runs(model, tokenizer, prompts) -> list[dict]:
-    """Each prompt's measures and response, unmasked, decoded from the model's own cache or state."""
-    task = NeedleTask(model, tokenizer, ValidationSettings(max_new_tokens=32), "zero", prompts=prompts)
-    return [task.evaluate(prompt, None) for prompt in prompts]
+    return gate_prompts(tokenizer, WINDOW, lengths, len(HELDOUT_NEEDLES), list(TARGET_DISTANCES))
 
 
 def by_distance(runs: list[dict], distances: list[int], reference: list[dict] | None) -> dict:

@@ -262,6 +262,10 @@ def test_convert_chooses_softmax_heads_by_kl_and_records_them(tiny_base, tmp_pat
     assert kept == chosen["heads"]
     cache = record["provenance"]["cache"]
     assert cache["converted_bytes"] == converted_cache_bytes(model.config, converted_layers(model)[0].settings, 4096)
+    assert headlab(["stream-eval", str(out), "--base", "none", "--lengths", "128", "--needle-depths", "0.5",
+                    "--needles", "1", "--windows", "1", "--out", str(tmp_path / "eval")]) == 0
+    evaluation = json.loads((tmp_path / "eval" / "compression.json").read_text())
+    assert [(row["full_heads"], row["keep"]) for row in evaluation["runs"]] == [(3, 0.5)]  # the softmax heads whole
 
 
 @pytest.mark.real_model

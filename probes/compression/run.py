@@ -183,14 +183,15 @@ def conversion_runs(model, tokenizer, rule: str, settings: CompressionSettings |
     """The runs of ``model`` as it is (no plan) at every length of ``settings``, named ``rule``
     (``"converted"`` for a checkpoint converted to linear attention, ``"full"`` for its base): the
     same prompts, windows and measures as :func:`evaluate_compression`. Its ``keep`` is the fraction
-    of the global layers' KV heads left in softmax layers (the converted ones keep a state and a
-    window, not the whole context). Runs ``journal`` holds are taken from it."""
+    of the global layers' KV heads that keep the whole context: those of unconverted layers and the
+    softmax heads of converted ones (the converted heads keep a state and a window). Runs ``journal``
+    holds are taken from it."""
     from ...surgeon.conversion.converted import converted_layers
 
     settings = settings or CompressionSettings()
     heads = candidates(model_shape(model), _layer_types(model))
-    converted = set(converted_layers(model))
-    whole = [head for head in heads if head[0] not in converted]
+    converted = converted_layers(model)
+    whole = [head for head in heads if head[0] not in converted or head[1] in converted[head[0]].softmax_kv]
     inputs = _inputs(tokenizer, settings)
     stop = stop_rule(tokenizer)
     journal = Journal(None, {}, "compression") if journal is None else journal
