@@ -3,7 +3,8 @@
     python examples/head_hybrids.py --model smollm2-135m --work /tmp/head-hybrids --out examples/results
 
 Every full-attention layer is converted to the LoLCATs hybrid (softmax over a 64-token window plus
-Hedgehog linear attention); stage 1 (attention transfer of every head's feature maps) runs once.
+Hedgehog linear attention; Gemma 3: its three global layers); stage 1 (attention transfer of every
+head's feature maps) runs once.
 Then, per condition, chosen KV heads (or whole layers) of the converted layers keep softmax attention
 over the whole context, stage 2 (LoRA, next-token loss on chat conversations the original model
 answered) trains the rest, and the condition is measured: held-out perplexity, and the recall gate
@@ -46,14 +47,22 @@ from headlab.surgeon.conversion.training import (add_lora, run_stage, stage1_par
 from headlab.surgeon.losses import heldout_loss, next_token_loss
 
 CONDITIONS = {  # name: (rule, unit, fraction of the converted layers' KV heads or layers)
-    "retrieval heads 25%": ("retrieval", "heads", 0.25),
-    "random heads 25%": ("random", "heads", 0.25),
-    "kl heads 25%": ("kl", "heads", 0.25),
-    "no softmax heads": (None, "heads", 0.0),
-    "uniform layers 10%": ("uniform", "layers", 0.1),
-    "kl layers 10%": ("kl", "layers", 0.1),
-    "retrieval heads 10%": ("retrieval", "heads", 0.1),
-    "random heads 10%": ("random", "heads", 0.1),
+    "smollm2-135m": {  # 30 converted layers of 3 KV heads
+        "retrieval heads 25%": ("retrieval", "heads", 0.25),
+        "random heads 25%": ("random", "heads", 0.25),
+        "kl heads 25%": ("kl", "heads", 0.25),
+        "no softmax heads": (None, "heads", 0.0),
+        "uniform layers 10%": ("uniform", "layers", 0.1),
+        "kl layers 10%": ("kl", "layers", 0.1),
+        "retrieval heads 10%": ("retrieval", "heads", 0.1),
+        "random heads 10%": ("random", "heads", 0.1),
+    },
+    "gemma3-270m": {  # 3 converted global layers of one KV head (the 15 sliding-window layers stay softmax)
+        "retrieval heads 1 of 3": ("retrieval", "heads", 1 / 3),
+        "kl heads 1 of 3": ("kl", "heads", 1 / 3),
+        "random heads 1 of 3": ("random", "heads", 1 / 3),
+        "no softmax heads": (None, "heads", 0.0),
+    },
 }
 SCORES = {"smollm2-135m": "examples/results/report_smollm2_scores.json",
           "gemma3-270m": "examples/results/report_gemma3_scores.json"}
@@ -72,10 +81,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per training window")
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048", help="recall-gate prompt lengths")
-    parser.add_argument("--conditions", default=",".join(CONDITIONS), help="conditions to run, in order")
+    parser.add_argument("--conditions", default=None, help="conditions to run, in order (default: all of the model's)")
+    parser.add_argument("--data", default="chat", choices=("chat", "text"), help="training data (text: for a model "
+                                                                               "without a chat template)")
     args = parser.parse_args()
     steps1, steps2 = (int(x) for x in args.steps.split(","))
-    settings = ConversionSettings(data="chat", steps=(steps1, steps2), accumulation=args.accumulation,
+    settings = ConversionSettings(data=args.data, steps=(steps1, steps2), accumulation=args.accumulation,
                                   eval_every=10, text=TextWindows(windows=4, tokens=args.tokens))
     work, path = Path(args.work) / args.model, Path(args.out) / f"head_hybrids_{args.model.split('-')[0]}.json"
     torch.manual_seed(0)
@@ -107,10 +118,11 @@ def main() -> None:
     result["stage1"] = {**summary1, "wall_s": round(time.perf_counter() - started, 1)}
     after_stage1 = {name: value.clone() for name, value in model.state_dict().items()}
     scores = load_scores_file(SCORES[args.model], None)
-    for name in args.conditions.split(","):
+    conditions = CONDITIONS[args.model]
+    for name in args.conditions.split(",") if args.conditions else conditions:
         if name in result["conditions"]:
             continue
-        rule, unit, keep = CONDITIONS[name]
+        rule, unit, keep = conditions[name]
         model.load_state_dict(after_stage1)
         started = time.perf_counter()
         record = {"rule": rule, "unit": unit, "keep": keep}

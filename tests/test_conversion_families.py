@@ -112,6 +112,14 @@ def test_a_sliding_window_layer_chosen_by_name_is_refused():
         convert(fresh("gemma3_text"), LinearSettings(layers=(0, 3)))
 
 
+def test_softmax_heads_in_a_sliding_window_layer_are_refused():
+    """Softmax heads live inside converted layers; Gemma 3's layer 0 slides and is never converted."""
+    model = fresh("gemma3_text")
+    with pytest.raises(UnsupportedModelError, match=r"softmax heads name layer\(s\) \[0\], which the conversion"):
+        convert(model, LinearSettings(softmax_heads=((0, 0),)))
+    assert not converted_layers(model)
+
+
 def test_the_probe_refuses_a_layer_the_conversion_would_rebuild_wrongly(monkeypatch):
     """With the query/key norms left out of the rebuilt layer (as if their site were unknown),
     Qwen3's conversion is refused by the probe, not carried out."""
