@@ -250,8 +250,9 @@ QUICK = ["--steps", "2,1", "--window", "8", "--tokens", "48", "--accumulation", 
 def test_convert_chooses_softmax_heads_by_kl_and_records_them(tiny_base, tmp_path):
     out = tmp_path / "kl"
     assert headlab(["convert", str(tiny_base), "--out", str(out), "--softmax-heads", "kl", "--softmax-keep", "0.5",
-                    *QUICK]) == 0
+                    "--stage2-loss", "kl", *QUICK]) == 0
     record = json.loads((out / "headlab_conversion.json").read_text())
+    assert record["provenance"]["stage2_loss"] == "kl"
     chosen = record["provenance"]["softmax"]
     assert chosen["rule"] == "kl" and chosen["count"] == 3 and len(chosen["heads"]) == 3
     assert record["settings"]["softmax_heads"] == chosen["heads"]
@@ -286,3 +287,23 @@ def test_convert_refuses_bad_softmax_budgets_and_scores_before_loading(tiny_base
     for extra, message in cases:
         assert headlab(["convert", str(tiny_base), "--out", str(tmp_path / "o"), *QUICK, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_the_distillation_loss_is_the_kl_to_the_original_model():
+    """Stage 2's ``kl`` loss: the target is the original model (adapters off, every head softmax), so it
+    equals the KL computed against an unconverted copy, and the layers keep their own softmax heads."""
+    from headlab.surgeon.conversion.settings import lora_defaults
+    from headlab.surgeon.conversion.training import add_lora, distillation_loss
+
+    original, x = tiny_llama("gqa"), ids(batch=1)
+    peft_model = add_lora(converted(), lora_defaults())
+    with torch.no_grad():
+        want = torch.log_softmax(original(x).logits.float(), -1)
+        got = torch.log_softmax(peft_model(x).logits.float(), -1)
+    expected = float((want.exp() * (want - got)).sum(-1).mean())
+    loss = distillation_loss(peft_model, x)
+    assert expected > 1e-5 and abs(float(loss) - expected) <= 1e-3 * expected  # fp32 noise is ~1e-9 here
+    loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trained and all("lora_" in n for n in trained)
+    assert converted_layers(peft_model.base_model.model)[2].softmax_kv == (0, 2)

@@ -39,7 +39,7 @@ def convert_and_train(model_spec: str, settings: ConversionSettings, layers: lis
     from .data import require_chat_template, training_windows
     from .selection import KL_RULE, kl_selection, next_token_log_probs
     from .support import verify_layers
-    from .training import add_lora, run_stage, stage1_parameters, transfer_loss, transfer_mode
+    from .training import add_lora, distillation_loss, run_stage, stage1_parameters, transfer_loss, transfer_mode
 
     out = Path(out)
     linear = settings.linear_settings(tuple(layers))
@@ -101,7 +101,8 @@ def convert_and_train(model_spec: str, settings: ConversionSettings, layers: lis
     if stage2.steps:
         peft_model = add_lora(model, stage2)
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-        summaries.append(run_stage("stage2", peft_model, params, lambda ids: next_token_loss(peft_model, ids),
+        loss = distillation_loss if settings.stage2_loss == "kl" else next_token_loss
+        summaries.append(run_stage("stage2", peft_model, params, lambda ids: loss(peft_model, ids),
                                    train_ids, val_ids, stage2, training, progress=progress))
         model = peft_model.merge_and_unload()
         perplexity["after_stage2"] = perplexity_of(model, "after stage 2")
@@ -110,6 +111,7 @@ def convert_and_train(model_spec: str, settings: ConversionSettings, layers: lis
     final = conversion_settings(model)
     selection["heads"] = [list(pair) for pair in final.softmax_heads]
     provenance = {"base_model": str(base), "data": settings.data, "seq_len": settings.text.tokens,
+                  "stage2_loss": settings.stage2_loss,
                   "held_out_windows": len(held_out), "held_out_perplexity": perplexity, "stages": summaries,
                   "softmax": selection, "cache": cache_record(model.config, final, settings.cache_length)}
     if measure is not None:

@@ -171,6 +171,9 @@ class ConversionSettings:
                                       "short --tokens)", kind=Choice(*LOSSES), flag="--loss")
     lr1: float = setting(_STAGE1.lr, "stage-1 learning rate", kind=Number(0.0, low_open=True), flag="--lr1")
     lr2: float = setting(_STAGE2.lr, "stage-2 learning rate", kind=Number(0.0, low_open=True), flag="--lr2")
+    stage2_loss: str = setting("ce", "stage-2 loss: next-token cross-entropy (LoLCATs) or the KL divergence to the "
+                                     "original model's next-token distribution (RADLADS; one more forward per "
+                                     "sequence)", kind=Choice("ce", "kl"), flag="--stage2-loss")
     accumulation: int = setting(_STAGE1.accumulation, "sequences per optimiser step", kind=Integer(1),
                                 flag="--accumulation")
     eval_every: int = setting(_STAGE1.eval_every, "steps between validations and checkpoints", kind=Integer(1),

@@ -2,8 +2,12 @@
 
 Stage 1 trains only the feature maps and window weights; every converted layer computes its
 softmax teacher from the same ``q, k, v`` and passes the teacher's output on, and the loss is
-``1000 × mean over layers`` of the per-head output MSE (or the attention cross-entropy). Stage 2
-adds LoRA (peft) to ``q/k/v/o_proj`` and trains it with next-token loss, the feature maps frozen.
+``1000 × mean over layers`` of the per-head output MSE (or the attention cross-entropy): each layer's
+attention output aligned to the original's from the original's own layer inputs (RADLADS' first step
+too). Stage 2 adds LoRA (peft) to ``q/k/v/o_proj`` and trains it, the feature maps frozen, with
+next-token loss (``ce``, LoLCATs) or the KL divergence to the original model's next-token distribution
+(``kl``, RADLADS' second step; the original is the same model with the adapters off and every head
+softmax, so no second copy is held).
 
 Both stages use AdamW, gradient clipping, micro-batch 1 with gradient accumulation,
 ReduceLROnPlateau on the validation loss measured every ``eval_every`` steps, and keep the best
@@ -48,6 +52,30 @@ def transfer_loss(model, ids: torch.Tensor, layers, scale: float) -> torch.Tenso
     """``scale × mean`` of the converted layers' transfer losses for one sequence ``[1, T]``."""
     model(ids, use_cache=False)
     return scale * torch.stack([layer.transfer_loss for layer in layers]).mean()
+
+
+@contextmanager
+def every_head_softmax(model):
+    """Every converted layer computes softmax attention on every head (the original model's layers),
+    restoring each layer's own softmax heads afterwards."""
+    layers = list(converted_layers(model).values())
+    kept = [layer.softmax_kv for layer in layers]
+    for layer in layers:
+        layer.set_softmax_heads(range(layer.n_kv_heads))
+    try:
+        yield
+    finally:
+        for layer, heads in zip(layers, kept):
+            layer.set_softmax_heads(heads)
+
+
+def distillation_loss(peft_model, ids: torch.Tensor) -> torch.Tensor:
+    """``KL(original ‖ converted)`` of the next-token distributions on ``ids [1, T]``, averaged over
+    positions; the original is ``peft_model`` with its adapters disabled and every head softmax."""
+    with torch.no_grad(), peft_model.disable_adapter(), every_head_softmax(peft_model):
+        target = torch.log_softmax(peft_model(ids, use_cache=False).logits.float(), -1)
+    student = torch.log_softmax(peft_model(ids, use_cache=False).logits.float(), -1)
+    return (target.exp() * (target - student)).sum(-1).mean()
 
 
 def stage1_parameters(model) -> dict[str, torch.nn.Parameter]:
