@@ -66,7 +66,8 @@ TOUR = [
      "headlab atlas smollm2-135m --scores report/scores.json --windows 2 --tokens 128 --out report"),
     ("LoLCATs conversion", "headlab convert smollm2-135m --to hybrid --data chat --out hybrid",
      "headlab convert smollm2-135m --to hybrid --layers 10-11 --steps 4,2 --accumulation 1 --windows 1 "
-     "--tokens 128 --out hybrid"),
+     "--tokens 128 --softmax-heads retrieval --scores report/scores.json --softmax-keep 0.5 --gate-needles 1 "
+     "--gate-lengths 512 --out hybrid"),
     ("the converted model against its base", "headlab stream-eval hybrid --out hybrid-eval",
      "headlab stream-eval hybrid --lengths 512 --needles 1 --needle-depths 0.5 --windows 1 --out hybrid-eval"),
 ]

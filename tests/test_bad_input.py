@@ -67,6 +67,8 @@ def sandbox(tmp_path_factory):
     (d / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": score}}))
     (d / "scores_other.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": {
         **score, "values": [[v + 1 for v in row] for row in score["values"]]}}}))
+    (d / "scores_another.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {
+        "retrieval": HeadScores("retrieval", values, torch.ones(30, 9), "another-model").to_dict()}}))
     (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
     (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
@@ -445,6 +447,18 @@ CLI_CASES = [
     (f"convert {SMOL} --out {{d}}/c --text-file {{d}}/missing.txt", "does not exist"),
     (f"convert {SMOL} --out {{d}}/c --seed -1", "--seed"),
     (f"convert {SMOL} --out {{d}}/precious", "headlab did not write"),
+    (f"convert {SMOL} --out {{d}}/c --stage2-loss mse", "--stage2-loss"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads nope --scores {{d}}/scores.json", "has no score(s) nope"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads uniform --softmax-unit rows", "--softmax-unit"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads uniform --softmax-keep 1.5", "--softmax-keep"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads uniform --softmax-keep 1", "nothing would be converted"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads uniform --softmax-cache 0", "--softmax-cache"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads uniform --softmax-cache 0.3 --cache-length 0", "--cache-length"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads kl --kl-windows 9", "above the 4 held-out windows"),
+    (f"convert {SMOL} --out {{d}}/c --softmax-heads retrieval --scores {{d}}/scores_another.json", "another model"),
+    (f"convert {SMOL} --out {{d}}/c --scores {{d}}/scores.json", "--scores is read by --softmax-heads"),
+    (f"convert {SMOL} --out {{d}}/c --gate-lengths 32", "--gate-lengths"),
+    (f"convert {SMOL} --out {{d}}/c --gate-needles 7", "--gate-needles"),
     ("convert minilm-l6 --out {d}/c", "not a causal language model"),
     ("convert {d}/tinymodel --out {d}/tinymodel", "source model's folder itself"),
     ("convert {d}/tinymodel --out {d}/tinymodel/converted --overwrite", "source model's folder itself or inside"),
