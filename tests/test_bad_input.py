@@ -133,7 +133,17 @@ def _converted_folder(folder: Path) -> None:
 
     model = tiny_llama("gqa")
     convert(model, LinearSettings(layers=(0,)))
+    model.config.architectures = ["LlamaForCausalLM"]  # as a checkpoint converted from a saved model records
     save_converted(model, None, folder)
+    truncated = folder.with_name(folder.name + "_truncated")
+    shutil.copytree(folder, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    beyond = folder.with_name(folder.name + "_layer99")
+    shutil.copytree(folder, beyond)
+    marker = json.loads((beyond / "headlab_conversion.json").read_text())
+    marker["settings"]["layers"] = [99]
+    (beyond / "headlab_conversion.json").write_text(json.dumps(marker))
 
 
 class _NotATensor:
@@ -219,6 +229,8 @@ CLI_CASES = [
     (f"report {SMOL} --out {{d}}/user.txt", "is a file"),
     (f"report {SMOL} --out {{d}}/precious", "headlab did not write (scores.json)"),
     ("report {d}/tinyconverted --out {d}/r --tokens 5000", "converted to linear attention"),
+    ("stream-eval {d}/tinyconverted_truncated --base none --out {d}/se", "the file is truncated or damaged"),
+    ("stream-eval {d}/tinyconverted_layer99 --base none --out {d}/se", "names layer(s) [99], but the config has 3"),
     ("report {d}/tinyconverted --out {d}/r --max-memory 1GB", "a converted checkpoint, which loads in memory only"),
     (f"report {SMOL} --out {{d}}/precious --overwrite --windows -3", "--windows"),
     (f"report {SMOL} --out {{d}}/r --max-memory lots", "memory size"),

@@ -3,6 +3,7 @@ context. Cached decoding equals the parallel form, softmax heads compute the mod
 checkpoints reload exactly, stage 1 trains the converted heads only."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -307,3 +308,44 @@ def test_the_distillation_loss_is_the_kl_to_the_original_model():
     trained = [n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert trained and all("lora_" in n for n in trained)
     assert converted_layers(peft_model.base_model.model)[2].softmax_kv == (0, 2)
+
+
+# ---- damaged checkpoints -------------------------------------------------------------------------
+
+from headlab.core.errors import InputFileError  # noqa: E402
+
+
+def _damaged(tmp_path, name, damage):
+    """A saved converted checkpoint with one kind of damage."""
+    folder = tmp_path / name
+    save_converted(converted(), None, folder)
+    damage(folder)
+    return folder
+
+
+def _edit_json(file, change):
+    data = json.loads(file.read_text())
+    change(data)
+    file.write_text(json.dumps(data))
+
+
+DAMAGE = {
+    "heads doubled in the config": (lambda f: _edit_json(f / "config.json", lambda d: d.update(
+        num_attention_heads=18, num_key_value_heads=6)), "but the config and the conversion give it shape"),
+    "weights deleted": (lambda f: (f / "model.safetensors").unlink(), "has no model.safetensors"),
+    "weights truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-100]),
+                          "the file is truncated or damaged"),
+    "marker names layer 99": (lambda f: _edit_json(f / "headlab_conversion.json", lambda d: d["settings"].update(
+        layers=[0, 2, 99])), "names layer(s) [99], but the config has 3 layers"),
+    "marker not JSON": (lambda f: (f / "headlab_conversion.json").write_text("{"), "is damaged"),
+    "softmax head beyond the layer": (lambda f: _edit_json(f / "headlab_conversion.json", lambda d: d["settings"].update(
+        softmax_heads=[[0, 7]])), "names KV head(s) [7]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_a_damaged_converted_checkpoint_is_refused_in_one_line(tmp_path, name):
+    damage, message = DAMAGE[name]
+    folder = _damaged(tmp_path, name.replace(" ", "-"), damage)
+    with pytest.raises(InputFileError, match=re.escape(message)):
+        load_model(folder)

@@ -69,8 +69,12 @@ def model_config(args, spec: str | None = None, causal: bool = False, needs: str
     with ``causal``, that it is a causal language model (``needs`` says what for)."""
     from ..surgeon.models import is_causal_lm, load_config
 
+    from ..surgeon.conversion.converted import check_converted, is_converted_directory
+
     spec = spec or args.model
     path, config = load_config(spec)
+    if isinstance(path, Path) and is_converted_directory(path):
+        check_converted(path, config, weights=False)  # the marker against the config (the weights: at loading)
     if getattr(args, "max_memory", None) is not None and converted_layers_of(str(path), config):
         raise ModelSpecError(f"{spec} is a converted checkpoint, which loads in memory only: drop --max-memory")
     if causal and not is_causal_lm(config):

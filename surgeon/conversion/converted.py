@@ -19,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ...core.errors import UnsupportedModelError
+from ...core.errors import HeadlabError, InputFileError, UnsupportedModelError
 from ...core.files import claim_folder, record_owned, write_json
 from ...core.shape import model_shape
 from ..sites import decoder_layers
@@ -95,20 +95,87 @@ def is_converted_directory(path: str | os.PathLike) -> bool:
 
 
 def read_conversion(path: str | os.PathLike) -> tuple[LinearSettings, dict]:
-    """``(settings, provenance)`` recorded in a converted checkpoint."""
-    data = json.loads((Path(path) / CONVERSION_FILE).read_text(encoding="utf-8"))
-    return LinearSettings.from_dict(data["settings"]), data.get("provenance", {})
+    """``(settings, provenance)`` recorded in a converted checkpoint; :class:`InputFileError` naming
+    the file when it is not a readable record of a conversion."""
+    marker = Path(path) / CONVERSION_FILE
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        settings = LinearSettings.from_dict(data["settings"])
+        provenance = data.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise TypeError("its provenance is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            HeadlabError) as error:
+        raise InputFileError(f"{marker} is damaged: it does not record a headlab conversion ({error})") from None
+    return settings, provenance
+
+
+def check_converted(path: str | os.PathLike, config=None, weights: bool = True) -> LinearSettings:
+    """The settings of the converted checkpoint at ``path``, once its files agree: the marker's layers
+    and softmax heads exist in the config, and (``weights``) ``model.safetensors`` is whole (its size
+    what its header declares) and holds every tensor at the shape the config and the conversion give
+    it. Reads the config and the weights' header only; :class:`InputFileError` names the first
+    disagreement."""
+    path = Path(path)
+    settings, _ = read_conversion(path)
+    config = config if config is not None else AutoConfig.from_pretrained(path)
+    shape = model_shape(config)
+    named = sorted({*(settings.layers or ()), *(layer for layer, _ in settings.softmax_heads)})
+    beyond = [layer for layer in named if layer >= shape.n_layers]
+    heads = [kv for _, kv in settings.softmax_heads if kv >= shape.n_kv_heads]
+    if beyond or heads:
+        what = f"layer(s) {beyond}" if beyond else f"KV head(s) {heads}"
+        raise InputFileError(f"{path / CONVERSION_FILE} names {what}, but the config has {shape.n_layers} layers of "
+                             f"{shape.n_kv_heads} KV heads: the marker and the config are of different models")
+    if not weights:
+        return settings
+    stored = _stored_shapes(path / WEIGHTS_FILE)
+    with torch.device("meta"):
+        skeleton = convert(AutoModelForCausalLM.from_config(config), settings, verify=False)
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    for name, size in stored.items():
+        if expected.get(name) != size:
+            wanted = "no such tensor" if name not in expected else f"shape {expected[name]}"
+            raise InputFileError(f"{path / WEIGHTS_FILE} holds {name} of shape {size}, but the config and the "
+                                 f"conversion give it {wanted}: the weights and the config are of different models")
+    return settings
+
+
+def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor: shape}`` from a safetensors file's header, after checking that the file is as long as
+    the header says."""
+    if not weights.is_file():
+        raise InputFileError(f"{weights.parent} has no {weights.name}: the converted checkpoint is incomplete")
+    try:
+        with weights.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if not 0 < length <= min(weights.stat().st_size - 8, 100 * 2**20):
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(file.read(length))
+        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise InputFileError(f"{weights} is not a readable safetensors file ({error})") from None
+    if weights.stat().st_size != 8 + length + end:
+        raise InputFileError(f"{weights} is {weights.stat().st_size:,} bytes, its header declares {8 + length + end:,}: "
+                             "the file is truncated or damaged")
+    return {name: tuple(entry["shape"]) for name, entry in entries.items()}
 
 
 def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None):
-    """``(model, tokenizer)`` of a converted checkpoint: the base architecture built from its config,
-    converted with the recorded settings, then every weight loaded (strictly) from safetensors."""
+    """``(model, tokenizer)`` of a converted checkpoint: its files checked against each other
+    (:func:`check_converted`), the base architecture built from its config, converted with the
+    recorded settings, then every weight loaded (strictly) from safetensors."""
     path = Path(path)
-    settings, _ = read_conversion(path)
     config = AutoConfig.from_pretrained(path)
+    settings = check_converted(path, config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     convert(model, settings, verify=False)  # verified when it was converted; these weights are not loaded yet
-    load_safetensors_into(model, str(path / WEIGHTS_FILE), strict=True)
+    try:
+        load_safetensors_into(model, str(path / WEIGHTS_FILE), strict=True)
+    except RuntimeError as error:  # a tensor the file lacks (the shapes were checked)
+        raise InputFileError(f"{path / WEIGHTS_FILE} does not hold every weight of the converted model "
+                             f"({str(error).splitlines()[0]})") from None
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model.eval(), tokenizer
