@@ -67,9 +67,10 @@ def _previous(x_c: torch.Tensor) -> torch.Tensor:
 
 def hybrid_attention_torch(q, k, v, fq, fk, gamma, *, window: int = 64, terrace: bool = True, scale=None):
     """``o [B, H, T, V]`` of the hybrid layer (reference: ``hybrid_attention_reference``), chunked
-    with chunk = window so each query's window lies in its own and the previous chunk."""
+    with chunk = window so each query's window lies in its own and the previous chunk (one chunk of
+    ``T`` when the window is longer than the input: memory ``O(T · min(T, window))``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n_tokens, c = q.shape[2], window
+    n_tokens, c = q.shape[2], min(window, q.shape[2])
     q_c, k_c = _chunks(q, c), _chunks(k, c)
     fq_c, fk_c, v_c = _chunks(fq, c), _chunks(fk, c), _chunks(with_ones(v.float()), c)
     starts, _ = _chunk_states(fk_c, v_c)

@@ -44,6 +44,16 @@ def test_chunked_hybrid_matches_reference(n, window, terrace):
     assert rel_error(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("terrace", [True, False])
+def test_a_window_longer_than_the_input_costs_the_input_not_the_window(terrace):
+    """One chunk of the input's length: a 100,000-token window on 50 tokens allocates nothing of the
+    window's size (a chunk of the window's size would ask for 2·10^10 scores per head)."""
+    q, k, v, fq, fk, gamma = inputs(n=50)
+    got = hybrid_attention(q, k, v, fq, fk, gamma, window=100_000, terrace=terrace, backend="torch")
+    want = hybrid_attention_reference(q, k, v, fq, fk, gamma, window=50, terrace=terrace)  # every key in the window
+    assert rel_error(got, want) < 1e-5
+
+
 def test_window_masks_have_the_documented_extent():
     terrace = window_mask_reference(300, 64, terrace=True)
     sliding = window_mask_reference(300, 64, terrace=False)
