@@ -28,7 +28,6 @@ from ..sites import full_attention_layers
 from ..streaming.rules import rule_ranking
 from .settings import LinearSettings
 
-UNITS = ("heads", "layers")
 KL_RULE = "kl"
 
 Unit = tuple[int, ...]  # (layer, KV head) for heads, (layer,) for layers
@@ -243,6 +242,6 @@ def kl_selection(model, count: int, unit: str, windows: list[torch.Tensor], targ
     return heads, trace
 
 
-__all__ = ["KL_RULE", "UNITS", "SoftmaxChoice", "candidate_units", "converted_cache_bytes", "count_for_cache",
+__all__ = ["KL_RULE", "SoftmaxChoice", "candidate_units", "converted_cache_bytes", "count_for_cache",
            "kl_greedy", "kl_selection", "mean_kl", "next_token_log_probs", "softmax_choice", "static_ranking",
            "uniform_pick", "unit_count", "unit_heads", "use_softmax_heads"]

@@ -17,6 +17,7 @@ FEATURE_MAPS = ("lolcats", "fla")
 FEATURE_INITS = ("identity", "kaiming")
 DATA_KINDS = ("text", "chat")
 LOSSES = ("mse", "ce")
+SOFTMAX_UNITS = ("heads", "layers")  # what a softmax-head rule chooses
 LORA_LR = 1e-4  # stage 2's learning rate (LoLCATs' low-rank adjusting)
 
 
@@ -189,7 +190,7 @@ class ConversionSettings:
                                         "after stage 1); default none",
                                   kind=Maybe(Text()), flag="--softmax-heads")
     softmax_unit: str = setting("heads", "what --softmax-heads chooses: KV heads (with their query heads) or whole "
-                                         "layers", kind=Choice("heads", "layers"), flag="--softmax-unit")
+                                         "layers", kind=Choice(*SOFTMAX_UNITS), flag="--softmax-unit")
     softmax_keep: float = setting(0.25, "fraction of the converted layers' KV heads (or layers) kept softmax",
                                   kind=Number(0.0, 1.0), flag="--softmax-keep")
     softmax_cache: float | None = setting(None, "instead of --softmax-keep: as many softmax units as keep the "
@@ -229,5 +230,5 @@ class ConversionSettings:
                 lora_defaults(steps=self.steps[1], lr=self.lr2, **common))
 
 
-__all__ = ["DATA_KINDS", "FEATURE_INITS", "FEATURE_MAPS", "FORMS", "LORA_LR", "ConversionSettings", "LinearSettings",
-           "StageSettings", "lora_defaults"]
+__all__ = ["DATA_KINDS", "FEATURE_INITS", "FEATURE_MAPS", "FORMS", "KVHeadPairs", "LORA_LR", "SOFTMAX_UNITS",
+           "ConversionSettings", "LinearSettings", "StageSettings", "lora_defaults"]
