@@ -140,6 +140,7 @@ def main() -> None:
         chosen = use_softmax_heads(model, heads)
         record.update(heads=[list(h) for h in heads], cache=cache_record(model.config, chosen, 4096),
                       perplexity_after_stage1=perplexity(model, held_out))
+        torch.manual_seed(settings.seed)  # every condition's adapters start from the same draw
         peft_model = add_lora(model, stage2)
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         record["stage2"] = run_stage("stage2", peft_model, params, lambda ids: next_token_loss(peft_model, ids),
