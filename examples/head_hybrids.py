@@ -17,7 +17,8 @@ Stage 1 is shared: its transfer loss trains each head's feature maps from that h
 so which heads later stay softmax changes only the loss's averaging (``headlab convert`` with a
 static rule leaves the softmax heads out of it). Each condition's stage 2 starts from the same
 stage-1 weights. Results land in ``--out/head_hybrids_MODEL.json`` after every condition (a rerun
-skips the conditions already there).
+skips the conditions already there), with each condition's recall against the random control of its
+budget, paired by prompt (``against_random``; ``--summarize`` adds it to a results file alone).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from headlab.core.files import write_json
 from headlab.core.head_scores import load_scores_file
 from headlab.core.text import TextWindows
-from headlab.probes.validation.recall_gate import RecallGate
+from headlab.probes.validation.recall_gate import RecallGate, by_distance
 from headlab.surgeon import load_model
 from headlab.surgeon.conversion.converted import convert, converted_layers
 from headlab.surgeon.conversion.data import training_windows
@@ -72,6 +73,19 @@ def perplexity(model, windows) -> float:
     return math.exp(heldout_loss(model, windows, True, "perplexity"))
 
 
+def against_control(result: dict) -> None:
+    """Each condition's recall gate against the random condition of the same budget, paired by prompt
+    (``against_random``: the condition minus the control, per distance bin)."""
+    conditions = result["conditions"]
+    for name, record in conditions.items():
+        control = next((other for other_name, other in conditions.items() if other["rule"] == "random"
+                        and other["unit"] == record["unit"] and other["keep"] == record["keep"]), None)
+        if control is None or record is control:
+            continue
+        gate = record["gate"]
+        record["against_random"] = by_distance(gate["runs"], gate["distances"], gate["window"], control["gate"]["runs"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(SCORES))
@@ -82,13 +96,21 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048", help="recall-gate prompt lengths")
     parser.add_argument("--conditions", default=None, help="conditions to run, in order (default: all of the model's)")
+    parser.add_argument("--summarize", action="store_true", help="only add the paired comparisons with the random "
+                                                                      "control to the results file")
     parser.add_argument("--data", default="chat", choices=("chat", "text"), help="training data (text: for a model "
                                                                                "without a chat template)")
     args = parser.parse_args()
+    path = Path(args.out) / f"head_hybrids_{args.model.split('-')[0]}.json"
+    if args.summarize:
+        result = json.loads(path.read_text())
+        against_control(result)
+        write_json(path, result)
+        return
     steps1, steps2 = (int(x) for x in args.steps.split(","))
     settings = ConversionSettings(data=args.data, steps=(steps1, steps2), accumulation=args.accumulation,
                                   eval_every=10, text=TextWindows(windows=4, tokens=args.tokens))
-    work, path = Path(args.work) / args.model, Path(args.out) / f"head_hybrids_{args.model.split('-')[0]}.json"
+    work = Path(args.work) / args.model
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     layers = convertible_layers(model)
@@ -150,6 +172,7 @@ def main() -> None:
         record["gate"] = gate(merged, tokenizer)
         record["wall_s"] = round(time.perf_counter() - started, 1)
         result["conditions"][name] = record
+        against_control(result)
         write_json(path, result)
         recall = {bin_: row["recalled"]["mean"] for bin_, row in record["gate"]["bins"].items()}
         print(name, f"perplexity {record['perplexity']:.2f}", recall, flush=True)

@@ -93,7 +93,7 @@ def by_distance(runs: list[dict], distances: list[int], window: int, reference: 
             row[measure.name] = {"mean": float(values.mean()), "ci": mean_interval(values, RESAMPLES, 0)}
             if reference is not None:
                 base = np.array([reference[i][measure.name] for i in chosen], dtype=float)
-                row[measure.name].update(original_mean=float(base.mean()),
+                row[measure.name].update(reference_mean=float(base.mean()),
                                          difference_ci=paired_difference_interval(values, base, RESAMPLES, 0))
         out[name] = row
     return out
@@ -125,14 +125,14 @@ class RecallGate:
 
 def gate_lines(gate: dict) -> list[str]:
     """One line per distance bin: recall of the original and the converted model and the paired interval."""
-    original, converted = gate["original"]["bins"], gate["converted"]["bins"]
+    converted = gate["converted"]["bins"]
     lines = [f"needle recall {name}: no prompt reaches it (the question after the needle is longer, or the prompt "
              "shorter, than it needs)" for name in distance_bins(gate["converted"]["window"]) if name not in converted]
     for name, row in converted.items():
         recall = row["recalled"]
         low, high = recall["difference_ci"]
         lines.append(f"needle recall {name} ({row['n_prompts']} prompts): {recall['mean']:.2f} against the original's "
-                     f"{original[name]['recalled']['mean']:.2f} (difference 95% interval [{low:+.2f}, {high:+.2f}])")
+                     f"{recall['reference_mean']:.2f} (difference 95% interval [{low:+.2f}, {high:+.2f}])")
     return lines
 
 
