@@ -74,9 +74,15 @@ def perplexity(model, windows) -> float:
 
 
 def against_control(result: dict) -> None:
-    """Each condition's recall gate against the random condition of the same budget, paired by prompt
-    (``against_random``: the condition minus the control, per distance bin)."""
+    """Each condition's recall gate summarised again from its per-prompt runs, against the original
+    (``bins``) and against the random condition of the same budget (``against_random``: the condition
+    minus the control), paired by prompt, per distance bin."""
     conditions = result["conditions"]
+    original = result["original"]["gate"]
+    original["bins"] = by_distance(original["runs"], original["distances"], original["window"])
+    for record in conditions.values():
+        gate = record["gate"]
+        gate["bins"] = by_distance(gate["runs"], gate["distances"], gate["window"], original["runs"])
     for name, record in conditions.items():
         control = next((other for other_name, other in conditions.items() if other["rule"] == "random"
                         and other["unit"] == record["unit"] and other["keep"] == record["keep"]), None)
