@@ -1,6 +1,10 @@
 """Head-level hybrids on this CPU: which softmax heads keep a converted model's needle recall.
 
     python examples/head_hybrids.py --model smollm2-135m --work /tmp/head-hybrids --out examples/results
+    python examples/head_hybrids.py --model smollm2-135m --work /tmp/head-hybrids --out examples/results \
+        --lengths 256,512 --tag short      # the same conditions' checkpoints (resumed from --work), shorter prompts
+    python examples/head_hybrids.py --model gemma3-270m --data text --steps 30,15 --tokens 512 --accumulation 2 \
+        --work /tmp/head-hybrids --out examples/results
 
 Every full-attention layer is converted to the LoLCATs hybrid (softmax over a 64-token window plus
 Hedgehog linear attention; Gemma 3: its three global layers); stage 1 (attention transfer of every
@@ -102,12 +106,13 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048", help="recall-gate prompt lengths")
     parser.add_argument("--conditions", default=None, help="conditions to run, in order (default: all of the model's)")
+    parser.add_argument("--tag", default="", help="appended to the results file's name (head_hybrids_MODEL_TAG.json)")
     parser.add_argument("--summarize", action="store_true", help="only add the paired comparisons with the random "
                                                                       "control to the results file")
     parser.add_argument("--data", default="chat", choices=("chat", "text"), help="training data (text: for a model "
                                                                                "without a chat template)")
     args = parser.parse_args()
-    path = Path(args.out) / f"head_hybrids_{args.model.split('-')[0]}.json"
+    path = Path(args.out) / f"head_hybrids_{args.model.split('-')[0]}{'_' + args.tag if args.tag else ''}.json"
     if args.summarize:
         result = json.loads(path.read_text())
         against_control(result)

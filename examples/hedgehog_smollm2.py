@@ -26,14 +26,14 @@ import torch
 
 from headlab.cli import main as headlab
 from headlab.probes.scorers.needles import HELDOUT_NEEDLES
-from headlab.probes.validation.recall_gate import distance_bins, gate_prompts, needle_runs
+from headlab.probes.validation.recall_gate import gate_prompts, needle_runs
 from headlab.probes.validation.run import NEEDLE_MEASURES
 from headlab.probes.validation.statistics import bootstrap_intervals, paired_p
 from headlab.surgeon import load_model
 from headlab.core.files import write_json
 
 WINDOW = 64
-BINS = distance_bins(WINDOW)
+BINS = {"inside the window": (0, WINDOW), "just outside": (WINDOW, 3 * WINDOW), "far": (6 * WINDOW, 10 ** 9)}
 TARGET_DISTANCES = (0, 100, 160, 420, 800)  # tokens from the answer's end to the prompt's end (0: closest)
 
 

@@ -22,8 +22,9 @@ MAX_NEW_TOKENS = 32
 
 
 def distance_bins(window: int) -> dict[str, tuple[int, int]]:
-    """``{bin: (low, high)}`` distances (tokens) of the three bins around a softmax ``window``."""
-    return {"inside the window": (0, window), "just outside": (window, 3 * window), "far": (6 * window, 10**9)}
+    """``{bin: (low, high)}`` distances (tokens) of the three bins around a softmax ``window``: inside
+    it, up to three windows, beyond."""
+    return {"inside the window": (0, window), "just outside": (window, 3 * window), "far": (3 * window, 10**9)}
 
 
 def gate_distances(window: int, length: int) -> list[int]:
