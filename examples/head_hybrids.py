@@ -83,9 +83,11 @@ def against_control(result: dict) -> None:
     minus the control), paired by prompt, per distance bin."""
     conditions = result["conditions"]
     original = result["original"]["gate"]
+    original["terrace"] = True  # the hybrid's default window, which every condition uses
     original["bins"] = by_distance(original["runs"], original["distances"], original["window"])
     for record in conditions.values():
         gate = record["gate"]
+        gate["terrace"] = True
         gate["bins"] = by_distance(gate["runs"], gate["distances"], gate["window"], original["runs"])
     for name, record in conditions.items():
         control = next((other for other_name, other in conditions.items() if other["rule"] == "random"
@@ -141,7 +143,7 @@ def main() -> None:
         write_json(path, result)
     else:
         gate.original = result["original"]["gate"]["runs"]
-    target = next_token_log_probs(model, held_out[:settings.kl_windows])
+    target = next_token_log_probs(model, train[:settings.kl_windows])  # chosen on training data, not held out
     convert(model, linear)
     started = time.perf_counter()
     with transfer_mode(model, stage1.loss) as converted:
@@ -166,8 +168,7 @@ def main() -> None:
                                     model.config, layers, scores)
             record.update(count=choice.count, candidates=choice.candidates)
             if rule == KL_RULE:
-                heads, record["kl_trace"] = kl_selection(model, choice.count, unit, held_out[:settings.kl_windows],
-                                                         target)
+                heads, record["kl_trace"] = kl_selection(model, choice.count, unit, train[:settings.kl_windows], target)
             else:
                 heads = choice.heads
         chosen = use_softmax_heads(model, heads)

@@ -10,6 +10,7 @@ import torch
 from bounds import forward_rounding_error, reordering_tolerance
 from conftest import VOCAB, tiny_llama
 
+from headlab.core.errors import UnsupportedModelError
 from headlab.surgeon.conversion.converted import convert, converted_layers, load_converted, save_converted
 from headlab.surgeon.conversion.layer import RecurrentState
 from headlab.surgeon.conversion.settings import LinearSettings
@@ -119,7 +120,7 @@ def test_stage1_trains_only_the_converted_heads_feature_maps():
 def test_softmax_heads_outside_the_converted_layers_or_the_model_are_refused():
     with pytest.raises(Exception, match="not converted"):
         LinearSettings(layers=(0,), softmax_heads=((2, 0),))
-    with pytest.raises(ValueError, match="KV heads 0–2"):
+    with pytest.raises(UnsupportedModelError, match="KV head\\(s\\) \\[3\\]; the model has 3"):
         convert(tiny_llama("gqa"), LinearSettings(layers=(0,), softmax_heads=((0, 3),)))
 
 
@@ -159,6 +160,7 @@ def test_kl_greedy_chooses_what_exhaustive_greedy_chooses():
         left.remove(best)
     assert chosen == exhaustive == [("e",), ("a",), ("c",)]
     assert [row["kl"] for row in trace] == [8, 4, 1, 0]
+    assert trace[1]["measured"] == 5  # the first round measures every unit once
     assert sum(row["measured"] for row in trace) < 1 + 5 + 4 + 3
 
 
@@ -284,7 +286,7 @@ def test_convert_refuses_bad_softmax_budgets_and_scores_before_loading(tiny_base
              (["--softmax-heads", "uniform", "--softmax-cache", "0.0001"], "the conversion alone holds"),
              (["--softmax-heads", "retrieval"], "needs a scores file"),
              (["--scores", str(tmp_path / "scores.json")], "--scores is read by --softmax-heads"),
-             (["--softmax-unit", "layers"], "--softmax-unit needs --softmax-heads")]
+             (["--softmax-unit", "layers"], "--softmax-unit need(s) --softmax-heads")]
     for extra, message in cases:
         assert headlab(["convert", str(tiny_base), "--out", str(tmp_path / "o"), *QUICK, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
@@ -349,3 +351,21 @@ def test_a_damaged_converted_checkpoint_is_refused_in_one_line(tmp_path, name):
     folder = _damaged(tmp_path, name.replace(" ", "-"), damage)
     with pytest.raises(InputFileError, match=re.escape(message)):
         load_model(folder)
+
+
+@pytest.mark.parametrize("terrace", [True, False])
+def test_recall_gate_bins_are_inside_or_outside_the_window_from_every_position(terrace):
+    """A needle ``d`` tokens before the last position ``p`` is seen through the softmax window when
+    ``p − d ≥ window_starts(p)``: every distance of the inside bin is, from every position; no distance of
+    the other bins is, from any position."""
+    from headlab.kernels.linear_torch import window_starts
+    from headlab.probes.validation.recall_gate import distance_bins
+
+    window = 16
+    bins = distance_bins(window, terrace)
+    positions = torch.arange(4 * window, 40 * window)
+    starts = window_starts(positions, window, terrace)
+    for name, (low, high) in bins.items():
+        for distance in range(low, min(high, 30 * window)):
+            seen = positions - distance >= starts
+            assert bool(seen.all()) if name == "inside the window" else not bool(seen.any()), (name, distance)

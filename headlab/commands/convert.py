@@ -99,7 +99,8 @@ class Convert(Command):
         print(f"converting layers {index_spans(layers)}{every}")
         if softmax is not None:
             print(softmax.describe())
-        gate = RecallGate(settings.linear.window, list(settings.gate_lengths), settings.gate_needles)
+        gate = RecallGate(settings.linear.window, list(settings.gate_lengths), settings.gate_needles,
+                          terrace=not settings.sliding)
         record = convert_and_train(args.model, settings, layers, args.out, args.overwrite, softmax=softmax,
                                    measure=gate)
         for name, value in record["held_out_perplexity"].items():

@@ -1,6 +1,8 @@
 """The recall gate of a conversion: needle recall by the needle's distance from the end of the prompt
 (inside the softmax window, just outside it, far from it), with intervals, for the original and
-the converted model on the same held-out prompts, so a good perplexity cannot hide a collapse.
+the converted model on the same held-out prompts, so a good perplexity cannot hide a collapse. The
+bins follow the window's shape: a terrace window (the default) sees from ``window`` to ``2·window − 1``
+tokens back depending on the position, so "just outside" starts at twice the window.
 
 A prompt's distance is the number of tokens between the answer's last token and the prompt's end;
 :func:`prompt_at_distance` finds the needle depth that puts it nearest a target distance.
@@ -21,15 +23,27 @@ RESAMPLES = 2000
 MAX_NEW_TOKENS = 32
 
 
-def distance_bins(window: int) -> dict[str, tuple[int, int]]:
-    """``{bin: (low, high)}`` distances (tokens) of the three bins around a softmax ``window``: inside
-    it, up to three windows, beyond."""
-    return {"inside the window": (0, window), "just outside": (window, 3 * window), "far": (3 * window, 10**9)}
+def window_reach(window: int, terrace: bool) -> int:
+    """The smallest distance no query can see through its softmax window: a sliding window sees the
+    ``window − 1`` tokens before it, a terrace window (its own block and the previous one) up to
+    ``2·window − 1``."""
+    return 2 * window if terrace else window
 
 
-def gate_distances(window: int, length: int) -> list[int]:
-    """One target distance per bin: half the window, twice it, and half the prompt (at least six windows)."""
-    return [window // 2, 2 * window, max(6 * window, length // 2)]
+def distance_bins(window: int, terrace: bool = True) -> dict[str, tuple[int, int]]:
+    """``{bin: (low, high)}`` distances (tokens) of the three bins around a softmax ``window``: inside it
+    whatever the position, just outside it whatever the position (the next two windows), beyond.
+    Distances a terrace window sees from some positions only (``window`` to ``2·window − 1``) are in no bin."""
+    reach = window_reach(window, terrace)
+    return {"inside the window": (0, window), "just outside": (reach, reach + 2 * window),
+            "far": (reach + 2 * window, 10**9)}
+
+
+def gate_distances(window: int, length: int, terrace: bool = True) -> list[int]:
+    """One target distance per bin: half the window, one window past the reach, and half the prompt
+    (at least four windows past the reach)."""
+    reach = window_reach(window, terrace)
+    return [window // 2, reach + window, max(reach + 4 * window, length // 2)]
 
 
 def prompt_at_distance(tokenizer, haystack, needle, length: int, distance: int):
@@ -51,14 +65,15 @@ def prompt_at_distance(tokenizer, haystack, needle, length: int, distance: int):
     return best[1]
 
 
-def gate_prompts(tokenizer, window: int, lengths: list[int], n_needles: int, targets: list[int] | None = None):
+def gate_prompts(tokenizer, window: int, lengths: list[int], n_needles: int, targets: list[int] | None = None,
+                 terrace: bool = True):
     """``(prompts, distances)``: each of the first ``n_needles`` held-out needles at each length and
     target distance (default :func:`gate_distances`) that a prompt reaches (each prompt once)."""
     haystack = load_text(None, heldout=True)
     prompts, seen = [], set()
     for needle in HELDOUT_NEEDLES[:n_needles]:
         for length in lengths:
-            for target in targets or gate_distances(window, length):
+            for target in targets or gate_distances(window, length, terrace):
                 prompt = prompt_at_distance(tokenizer, haystack, needle, length, target)
                 key = (needle, length, prompt.answer_positions[-1])
                 if key not in seen and abs(prompt.length - 1 - prompt.answer_positions[-1] - target) < target / 2 + 64:
@@ -79,12 +94,13 @@ def needle_runs(model, tokenizer, prompts, done=None) -> list[dict]:
     return runs
 
 
-def by_distance(runs: list[dict], distances: list[int], window: int, reference: list[dict] | None = None) -> dict:
+def by_distance(runs: list[dict], distances: list[int], window: int, reference: list[dict] | None = None,
+                terrace: bool = True) -> dict:
     """Per distance bin and measure: the mean and its 95% bootstrap interval over prompts and, against
     ``reference`` (the original model's runs on the same prompts), its mean and the paired interval of
     the difference (this model minus the reference)."""
     out = {}
-    for name, (low, high) in distance_bins(window).items():
+    for name, (low, high) in distance_bins(window, terrace).items():
         chosen = [i for i, d in enumerate(distances) if low <= d < high]
         if not chosen:
             continue
@@ -105,30 +121,32 @@ class RecallGate:
     first call measures the original model; later calls measure converted models on the same prompts
     and against it (paired intervals). ``progress``: a bar over each model's prompts."""
 
-    def __init__(self, window: int, lengths: list[int], n_needles: int, progress: bool = True):
-        self.window, self.lengths, self.n_needles, self.progress = window, lengths, n_needles, progress
+    def __init__(self, window: int, lengths: list[int], n_needles: int, terrace: bool = True, progress: bool = True):
+        self.window, self.lengths, self.n_needles, self.terrace = window, lengths, n_needles, terrace
+        self.progress = progress
         self.original: list[dict] | None = None
 
     def __call__(self, model, tokenizer) -> dict:
         from tqdm.auto import tqdm
 
-        prompts, distances = gate_prompts(tokenizer, self.window, self.lengths, self.n_needles)
+        prompts, distances = gate_prompts(tokenizer, self.window, self.lengths, self.n_needles, terrace=self.terrace)
         which = "original" if self.original is None else "converted"
         bar = tqdm(total=len(prompts), desc=f"recall gate, {which}", unit="prompt", disable=not self.progress)
         runs = needle_runs(model, tokenizer, prompts, bar.update)
         bar.close()
-        summary = by_distance(runs, distances, self.window, self.original)
+        summary = by_distance(runs, distances, self.window, self.original, self.terrace)
         if self.original is None:
             self.original = runs
-        return {"window": self.window, "lengths": self.lengths, "distances": distances, "bins": summary,
-                "runs": runs}
+        return {"window": self.window, "terrace": self.terrace, "lengths": self.lengths, "distances": distances,
+                "bins": summary, "runs": runs}
 
 
 def gate_lines(gate: dict) -> list[str]:
     """One line per distance bin: recall of the original and the converted model and the paired interval."""
     converted = gate["converted"]["bins"]
     lines = [f"needle recall {name}: no prompt reaches it (the question after the needle is longer, or the prompt "
-             "shorter, than it needs)" for name in distance_bins(gate["converted"]["window"]) if name not in converted]
+             "shorter, than it needs)" for name in distance_bins(gate["converted"]["window"], gate["converted"]["terrace"])
+             if name not in converted]
     for name, row in converted.items():
         recall = row["recalled"]
         low, high = recall["difference_ci"]
@@ -137,4 +155,5 @@ def gate_lines(gate: dict) -> list[str]:
     return lines
 
 
-__all__ = ["RecallGate", "by_distance", "gate_lines", "distance_bins", "gate_distances", "gate_prompts", "needle_runs", "prompt_at_distance"]
+__all__ = ["RecallGate", "by_distance", "distance_bins", "gate_distances", "gate_lines", "gate_prompts", "needle_runs",
+           "prompt_at_distance", "window_reach"]

@@ -38,19 +38,28 @@ def convert(model, settings: LinearSettings, verify: bool = True):
     softmax teacher must first reproduce its layer on a short probe (:func:`.support.verify_layers`)."""
     blocks = decoder_layers(model)
     layers = convertible_layers(model, settings.layers)
-    outside = sorted({layer for layer, _ in settings.softmax_heads} - set(layers))
-    if outside:
-        raise UnsupportedModelError(f"softmax heads name layer(s) {outside}, which the conversion does not convert "
-                                    f"(it converts {layers}); a softmax head lives inside a converted layer")
+    shape = model_shape(model)
+    _check_softmax_heads(settings, layers, shape.n_kv_heads)
     if verify:
         verify_layers(model, layers, settings)
-    shape = model_shape(model)
     replacements = {index: LinearAttention(blocks[index].self_attn, settings, shape.n_heads, shape.n_kv_heads,
                                            shape.head_dim) for index in layers}
     for index, layer in replacements.items():
         blocks[index].self_attn = layer
     model.config.use_cache = True
     return model
+
+
+def _check_softmax_heads(settings: LinearSettings, layers: list[int], n_kv_heads: int) -> None:
+    """Refuse softmax heads outside the converted ``layers`` or beyond the model's KV heads."""
+    outside = sorted({layer for layer, _ in settings.softmax_heads} - set(layers))
+    if outside:
+        raise UnsupportedModelError(f"softmax heads name layer(s) {outside}, which the conversion does not convert "
+                                    f"(it converts {layers}); a softmax head lives inside a converted layer")
+    beyond = sorted({kv for _, kv in settings.softmax_heads if kv >= n_kv_heads})
+    if beyond:
+        raise UnsupportedModelError(f"softmax heads name KV head(s) {beyond}; the model has {n_kv_heads} "
+                                    f"(0–{n_kv_heads - 1})")
 
 
 def converted_layers(model) -> dict[int, LinearAttention]:
@@ -152,14 +161,17 @@ def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
             if not 0 < length <= min(weights.stat().st_size - 8, 100 * 2**20):
                 raise ValueError(f"a header of {length} bytes")
             header = json.loads(file.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("a header that is not an object")
         entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-        end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+        end = max((int(entry["data_offsets"][1]) for entry in entries.values()), default=0)
+        shapes = {name: tuple(int(size) for size in entry["shape"]) for name, entry in entries.items()}
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise InputFileError(f"{weights} is not a readable safetensors file ({error})") from None
     if weights.stat().st_size != 8 + length + end:
         raise InputFileError(f"{weights} is {weights.stat().st_size:,} bytes, its header declares {8 + length + end:,}: "
                              "the file is truncated or damaged")
-    return {name: tuple(entry["shape"]) for name, entry in entries.items()}
+    return shapes
 
 
 def load_converted(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

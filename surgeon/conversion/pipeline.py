@@ -74,8 +74,8 @@ def convert_and_train(model_spec: str, settings: ConversionSettings, layers: lis
         gate["original"] = measure(model, tokenizer)
     kl_by_rule = softmax is not None and softmax.rule == KL_RULE
     if kl_by_rule:
-        say(f"next-token distributions of the original model on {settings.kl_windows} held-out windows (the kl rule)")
-        target = next_token_log_probs(model, held_out[:settings.kl_windows])
+        say(f"next-token distributions of the original model on {settings.kl_windows} training windows (the kl rule)")
+        target = next_token_log_probs(model, train[:settings.kl_windows])  # chosen on training data, not held out
     convert(model, linear, verify=False)  # verified above on these weights
     perplexity["converted_untrained"] = perplexity_of(model, "converted, untrained")
     summaries = []
@@ -89,10 +89,10 @@ def convert_and_train(model_spec: str, settings: ConversionSettings, layers: lis
     selection = {} if softmax is None else {"rule": softmax.rule, "unit": softmax.unit, "count": softmax.count,
                                             "candidates": softmax.candidates}
     if kl_by_rule:
-        say(f"choosing {softmax.count} softmax {softmax.unit} by KL on {settings.kl_windows} held-out windows "
+        say(f"choosing {softmax.count} softmax {softmax.unit} by KL on {settings.kl_windows} training windows "
             f"(about {softmax.candidates + 4 * softmax.count} forwards of each)")
         bar = tqdm(total=softmax.count, desc="kl selection", unit=softmax.unit[:-1], disable=not progress)
-        _, selection["kl_trace"] = kl_selection(model, softmax.count, softmax.unit, held_out[:settings.kl_windows],
+        _, selection["kl_trace"] = kl_selection(model, softmax.count, softmax.unit, train[:settings.kl_windows],
                                                 target, bar.set_postfix_str)
         bar.update(softmax.count)
         bar.close()

@@ -85,16 +85,16 @@ def kl_greedy(units: list[Unit], count: int, divergence: Callable[[list[Unit]], 
     chosen: list[Unit] = []
     trace = [{"chosen": None, "kl": current, "measured": 1}]
     while len(chosen) < count and gains:
-        measured = 0
+        fresh: set[Unit] = set()  # units measured this round
         while True:
             best = max(gains, key=lambda u: (gains[u], -units.index(u)))
+            if best in fresh:  # its gain is current and beats every bound
+                break
             if status is not None:
                 status(f"softmax unit {len(chosen) + 1} of {count}: measuring {best}")
             gains[best] = current - divergence(chosen + [best])
-            measured += 1
-            rival = max((g for u, g in gains.items() if u != best), default=-math.inf)
-            if gains[best] >= rival:
-                break
+            fresh.add(best)
+        measured = len(fresh)
         chosen.append(best)
         current -= gains.pop(best)
         trace.append({"chosen": list(best), "kl": current, "measured": measured})

@@ -199,8 +199,8 @@ class ConversionSettings:
                                           kind=Maybe(Number(0.0, 1.0, low_open=True)), flag="--softmax-cache")
     cache_length: int = setting(4096, "length at which cache bytes are counted and reported", kind=Integer(1),
                                 flag="--cache-length")
-    kl_windows: int = setting(2, "held-out windows on which the kl rule measures the divergence", kind=Integer(1),
-                              flag="--kl-windows")
+    kl_windows: int = setting(2, "training windows on which the kl rule measures the divergence (the held-out "
+                                 "ones measure the result)", kind=Integer(1), flag="--kl-windows")
     gate_lengths: tuple[int, ...] = setting((1024,), "prompt lengths of the recall gate (needle recall inside, just "
                                                      "outside and far from the window, original against converted)",
                                             kind=Items(Integer(64)), flag="--gate-lengths")
@@ -211,11 +211,24 @@ class ConversionSettings:
     def __post_init__(self):
         check_settings(self)
         self.text.require_tokens(8, "conversion training")
-        if self.softmax is None and self.softmax_unit != "heads":
-            raise HeadlabError("--softmax-unit needs --softmax-heads RULE")
-        if self.softmax == "kl" and self.kl_windows > self.text.windows:
-            raise HeadlabError(f"--kl-windows {self.kl_windows} is above the {self.text.windows} held-out windows "
-                               "(--windows)")
+        self._check_softmax_options()
+
+    def _check_softmax_options(self) -> None:
+        """Refuse softmax-head options that would be ignored, and a KL rule with more windows than training has."""
+        defaults = {name: field.default for name, field in self.__dataclass_fields__.items()}
+        given = [flag for name, flag in (("softmax_unit", "--softmax-unit"), ("softmax_keep", "--softmax-keep"),
+                                         ("softmax_cache", "--softmax-cache"), ("kl_windows", "--kl-windows"))
+                 if getattr(self, name) != defaults[name]]
+        if self.softmax is None and given:
+            raise HeadlabError(f"{', '.join(given)} need(s) --softmax-heads RULE")
+        if self.softmax_cache is not None and self.softmax_keep != defaults["softmax_keep"]:
+            raise HeadlabError("--softmax-keep and --softmax-cache are two budgets; give one")
+        if self.softmax not in (None, "kl") and self.kl_windows != defaults["kl_windows"]:
+            raise HeadlabError("--kl-windows is read by --softmax-heads kl only")
+        n_train = max(1, max(self.steps) * self.accumulation)
+        if self.softmax == "kl" and self.kl_windows > n_train:
+            raise HeadlabError(f"--kl-windows {self.kl_windows} is above the {n_train} training windows (--steps x "
+                               "--accumulation)")
         if self.steps == (0, 0):
             raise HeadlabError("--steps 0,0 trains nothing: give stage 1 or stage 2 some steps")
 
