@@ -40,6 +40,18 @@ def tiny_llama(kind: str = "gqa", seed: int = 0, layers: int = 3) -> LlamaForCau
     return LlamaForCausalLM(config).eval()
 
 
+def perturb_feature_maps(model, seed: int):
+    """Move every converted layer's feature maps off their identity start (seeded), in place; returns the model."""
+    from headlab.surgeon.conversion.converted import converted_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in converted_layers(model).values():
+            for fmap in (layer.feature_q, layer.feature_k):
+                fmap.weight.add_(0.5 * torch.randn(fmap.weight.shape, generator=g))
+    return model
+
+
 def tiny_bert(seed: int = 0) -> BertModel:
     """A 3-layer random BERT encoder with 5 heads of size 7."""
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bounds import U
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, perturb_feature_maps, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.cli import main as headlab
@@ -26,12 +26,7 @@ def converted(kind="gqa", form="hybrid", window=4, layers=(0, 2), seed=0, terrac
     """A tiny Llama with converted layers whose feature maps are perturbed away from the identity."""
     model = tiny_llama(kind, seed=seed)
     convert(model, LinearSettings(form=form, window=window, layers=layers, terrace=terrace, feature_map=feature_map))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in converted_layers(model).values():
-            for fmap in (layer.feature_q, layer.feature_k):
-                fmap.weight.add_(0.5 * torch.randn(fmap.weight.shape, generator=g))
-    return model
+    return perturb_feature_maps(model, seed + 1)
 
 
 def ids(batch=2, n=23, seed=3):
