@@ -264,9 +264,13 @@ class LinearAttention(nn.Module):
         if not self.softmax_q:
             return converted
         heads = self.softmax_q
-        soft = self._teacher(q[:, heads], k[:, heads], v[:, heads])
-        out = soft.new_empty(*q.shape[:3], v.shape[-1])
-        out[:, heads] = soft
+        return self._merged(self._teacher(q[:, heads], k[:, heads], v[:, heads]), converted)
+
+    def _merged(self, soft: torch.Tensor, converted: torch.Tensor | None) -> torch.Tensor:
+        """``[B, H, ...]``: ``soft [B, H_s, ...]`` in the softmax heads' places and ``converted`` (None where
+        no head is converted) in the converted heads'."""
+        out = soft.new_empty(soft.shape[0], self.n_heads, *soft.shape[2:])
+        out[:, self.softmax_q] = soft
         if converted is not None:
             out[:, self.linear_q] = converted.to(out.dtype)
         return out
@@ -329,11 +333,7 @@ class LinearAttention(nn.Module):
         converted = self._converted_weights(self._pick(q, heads), self._pick(k, heads), heads) if heads != [] else None
         if not self.softmax_q:
             return converted
-        weights = q.new_empty(*q.shape[:3], k.shape[2], dtype=torch.float32)
-        weights[:, self.softmax_q] = self._softmax_weights(q[:, self.softmax_q], k[:, self.softmax_q])
-        if converted is not None:
-            weights[:, heads] = converted
-        return weights
+        return self._merged(self._softmax_weights(q[:, self.softmax_q], k[:, self.softmax_q]), converted)
 
     def _converted_weights(self, q, k, heads: list[int] | None) -> torch.Tensor:
         """``[B, H', T, T]`` weights of the converted form for query heads ``heads`` (None: all)."""
@@ -381,11 +381,7 @@ class LinearAttention(nn.Module):
         visible = (torch.arange(n_keys, device=q.device)[None, :]
                    <= torch.arange(n_keys - n_new, n_keys, device=q.device)[:, None])
         soft = F.scaled_dot_product_attention(q[:, self.softmax_q], ke, ve, attn_mask=visible, scale=self.scaling)
-        out = soft.new_empty(*q.shape[:3], v.shape[-1])
-        out[:, self.softmax_q] = soft
-        if converted is not None:
-            out[:, heads] = converted.to(out.dtype)
-        return out
+        return self._merged(soft, converted)
 
     def _hold_softmax(self, slot: RecurrentState, k, v) -> None:
         """Append the softmax heads' new keys and values ``[B, H_kv, T, D]`` to ``slot``."""
