@@ -76,6 +76,13 @@ def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return total / (ids.shape[1] - 1)
 
 
+def next_token_kl(target_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(target ‖ model)`` of next-token distributions averaged over positions: ``target_log_probs``
+    and ``logits`` both ``[..., T, V]``."""
+    got = torch.log_softmax(logits.float(), -1)
+    return (target_log_probs.exp() * (target_log_probs - got)).sum(-1).mean()
+
+
 @torch.no_grad()
 def heldout_loss(model, windows: list[torch.Tensor], progress: bool = False, desc: str = "held-out loss") -> float:
     """Mean next-token cross-entropy (nats) over ``windows`` (each ``[1, seq]``); its exponential
@@ -111,5 +118,5 @@ def _recomputing(forward):
     return recomputing
 
 
-__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "kept_activation_bytes",
-           "heldout_loss", "needs_recompute", "next_token_loss", "recomputed_in_backward"]
+__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "heldout_loss", "kept_activation_bytes",
+           "needs_recompute", "next_token_kl", "next_token_loss", "recomputed_in_backward"]

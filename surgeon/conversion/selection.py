@@ -202,10 +202,9 @@ def next_token_log_probs(model, windows: list[torch.Tensor]) -> list[torch.Tenso
 @torch.no_grad()
 def mean_kl(model, windows: list[torch.Tensor], target: list[torch.Tensor]) -> float:
     """``KL(target ‖ model)`` of next-token distributions, averaged over every position of ``windows``."""
-    total = 0.0
-    for ids, want in zip(windows, target):
-        got = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
-        total += float((want.exp() * (want - got)).sum(-1).mean())
+    from ..losses import next_token_kl
+
+    total = sum(float(next_token_kl(want, model(ids, use_cache=False).logits[0])) for ids, want in zip(windows, target))
     return total / len(windows)
 
 

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...core.files import atomic_path
+from ..losses import next_token_kl
 from ..sites import announcing_layers
 from .converted import converted_layers
 from .settings import StageSettings
@@ -74,8 +75,7 @@ def distillation_loss(peft_model, ids: torch.Tensor) -> torch.Tensor:
     positions; the original is ``peft_model`` with its adapters disabled and every head softmax."""
     with torch.no_grad(), peft_model.disable_adapter(), every_head_softmax(peft_model):
         target = torch.log_softmax(peft_model(ids, use_cache=False).logits.float(), -1)
-    student = torch.log_softmax(peft_model(ids, use_cache=False).logits.float(), -1)
-    return (target.exp() * (target - student)).sum(-1).mean()
+    return next_token_kl(target, peft_model(ids, use_cache=False).logits)
 
 
 def stage1_parameters(model) -> dict[str, torch.nn.Parameter]:
