@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import nullcontext
 
 from .commands.base import GROUPS, all_commands
 from .commands.common import Parser
 from .core.errors import HeadlabError
+from .core.locks import output_lock
 
 
 def build_parser() -> Parser:
@@ -44,13 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _headlab_warnings_in_one_line(warnings.formatwarning)
     command = args.command
     try:
-        return command.run(args, command.check(args))
+        checked = command.check(args)
+        with _output_locked(args):
+            return command.run(args, checked)
     except KeyboardInterrupt:
         print(f"\n{args.prog}: interrupted; {command.interrupted(args)}", file=sys.stderr)
         return 130
     except HeadlabError as err:
         print(f"{args.prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _output_locked(args):
+    """The lock of the command's ``--out`` (one writer per output), or nothing without one."""
+    out = getattr(args, "out", None)
+    return output_lock(out) if out else nullcontext()
 
 
 def _headlab_warnings_in_one_line(format_warning):

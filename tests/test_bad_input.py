@@ -24,6 +24,7 @@ from headlab.commands.common import Renamed
 from headlab.core.head_scores import HeadScores
 from headlab.surgeon.conversion.settings import LinearSettings
 from headlab.core.errors import HeadlabError
+from headlab.core.journal import Journal
 from headlab.surgeon.models import load_config
 
 SMOL = "smollm2-135m"
@@ -96,10 +97,16 @@ def sandbox(tmp_path_factory):
     stale = d / "stale_progress"  # stream-eval's and validate's progress files of other evaluations
     stale.mkdir()
     for kind, name in (("compression", "compression"), ("validation", "validation-retrieval")):
-        (stale / f"{name}.progress.json").write_text(json.dumps({"format": f"headlab-{kind}-progress/1",
-                                                                 "identity": {"kind": "other"}, "pieces": {}}))
+        Journal(stale / f"{name}.progress.json", {"kind": "other"}, kind).put("piece", 1)
     (stale / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": [
         "compression.progress.json", "validation-retrieval.progress.json"]}))
+    edited = d / "edited_progress"  # progress files whose numbers were set by hand
+    edited.mkdir()
+    for kind, name in (("compression", "compression"), ("validation", "validation-retrieval")):
+        Journal(edited / f"{name}.progress.json", {"kind": "other"}, kind).put("piece", {"recall": 0.5})
+        data = json.loads((edited / f"{name}.progress.json").read_text())
+        data["pieces"]["piece"]["recall"] = 0.987654
+        (edited / f"{name}.progress.json").write_text(json.dumps(data))
     stray_atlas = d / "stray_atlas"
     stray_atlas.mkdir()
     (stray_atlas / "atlas.json").write_text(json.dumps({"format": "something-else"}))
@@ -190,6 +197,9 @@ CLI_CASES = [
     (f"stream-eval {SMOL} --base {SMOL} --rules random --out {{d}}/se", "--base is for a checkpoint converted"),
     (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "holds a compression of other settings"),
     (f"stream-eval {SMOL} --rules random --out {{d}}/own_plotly --overwrite", "headlab did not write it"),
+    (f"stream-eval {SMOL} --rules random --out {{d}}/edited_progress", "was changed after headlab wrote it"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/edited_progress",
+     "was changed after headlab wrote it"),
     (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/own_plotly --overwrite",
      "headlab did not write it"),
     (f"atlas {SMOL} --out {{d}}/own_plotly --overwrite", "headlab did not write it"),

@@ -29,3 +29,31 @@ def test_a_file_of_that_name_that_is_not_a_journal_is_refused_and_kept(tmp_path)
     with pytest.raises(InputFileError, match="is not a work progress file"):
         Journal(path, {}, "work")
     assert path.read_text() == '{"mine": true}'
+
+
+@pytest.mark.parametrize("damage", ["numbers", "piece_string", "pieces_list", "digest_gone"])
+def test_a_journal_changed_after_it_was_written_is_refused(tmp_path, damage):
+    path = tmp_path / "work.progress.json"
+    journal = Journal(path, {"model": "m"}, "work")
+    journal.put("a", {"recall": 0.5, "keep": [1, 2]})
+    data = json.loads(path.read_text())
+    if damage == "numbers":  # every number set by hand
+        data["pieces"]["a"] = {"recall": 0.987654, "keep": [0.987654, 0.987654]}
+    elif damage == "piece_string":
+        data["pieces"]["a"] = "a string"
+    elif damage == "pieces_list":
+        data["pieces"] = [1]
+    else:
+        del data["digest"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputFileError, match="was changed after headlab wrote it"):
+        Journal(path, {"model": "m"}, "work")
+
+
+def test_the_digest_does_not_depend_on_key_order(tmp_path):
+    path = tmp_path / "work.progress.json"
+    Journal(path, {"model": "m", "b": 1}, "work").put("a", {"y": 1, "x": 2.5})
+    data = json.loads(path.read_text())
+    data["pieces"]["a"] = dict(reversed(list(data["pieces"]["a"].items())))
+    path.write_text(json.dumps(data))
+    assert Journal(path, {"b": 1, "model": "m"}, "work").get("a") == {"x": 2.5, "y": 1}

@@ -1,0 +1,75 @@
+"""One writer per output: a second run into the same --out is refused in one line while the first
+holds it, the lock goes with the run however it ends, and a lock file left by a killed run is taken
+over with a note."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from headlab.cli import main
+from headlab.core.errors import OutputError
+from headlab.core.locks import lock_path, output_lock
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    out = tmp_path / "report"
+    with output_lock(out):
+        with pytest.raises(OutputError, match=rf"another headlab run \(process {os.getpid()}, started .*\) is writing"):
+            with output_lock(out):
+                pass
+        with pytest.raises(OutputError, match="another headlab run"):  # another spelling of the same output
+            with output_lock(tmp_path / "." / "x" / ".." / "report"):
+                pass
+    assert not lock_path(out).exists()
+    with output_lock(out):  # released: taken again
+        pass
+
+
+def test_the_lock_is_released_when_the_block_raises(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError):
+        with output_lock(out):
+            raise RuntimeError("work failed")
+    with output_lock(out):
+        pass
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path):
+    out = tmp_path / "o"
+    holder = textwrap.dedent(f"""
+        import os, signal
+        from headlab.core.locks import output_lock
+        with output_lock({str(out)!r}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", holder])
+    assert done.returncode == -9 and lock_path(out).exists()
+    left = json.loads(lock_path(out).read_text())
+    with pytest.warns(UserWarning, match=rf"took over the lock of .* left by a run \(process {left['pid']}"):
+        with output_lock(out):
+            pass
+    assert not lock_path(out).exists()
+
+
+def test_a_symlink_in_place_of_the_lock_file_is_refused(tmp_path):
+    out = tmp_path / "o"
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("the user's file\n")
+    lock_path(out).symlink_to(target)
+    with pytest.raises(OutputError, match="cannot lock"):
+        with output_lock(out):
+            pass
+    assert target.read_text() == "the user's file\n"
+
+
+def test_the_command_line_refuses_a_second_run_into_the_same_out_in_one_line(tmp_path, capsys):
+    out = tmp_path / "view.html"
+    with output_lock(out):
+        status = main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"another headlab run (process {os.getpid()}" in err and not out.exists()
