@@ -202,11 +202,15 @@ def owned_entries(folder: str | os.PathLike) -> set[str]:
 
 
 def _check_writable(folder: Path, what: str) -> None:
-    """``folder``, or the nearest folder above it that exists, takes new files."""
+    """``folder``, or the nearest folder above it that exists, takes new files (tried with a
+    temporary file that is removed at once)."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot write the {what}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the {what} into {existing} (permission denied)")
+    try:  # a real file, created and removed at once: permissions alone say nothing for root, /proc or /sys
+        with tempfile.TemporaryFile(dir=existing, prefix=".headlab-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write the {what} into {existing} ({err.strerror})") from None

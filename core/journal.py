@@ -28,7 +28,8 @@ class Journal:
         self.pieces: dict[str, object] = {}
         if self.path is not None and self.path.exists():
             data = read_json_file(self.path, f"{kind} progress file", self.format)
-            if data.get("digest") != _digest(data.get("identity"), data.get("pieces")):
+            digest = _digest(data.get("identity"), data.get("pieces"))
+            if digest is None or data.get("digest") != digest:
                 raise InputFileError(f"{self.path} was changed after headlab wrote it (its digest does not match "
                                      "its contents); move it away to measure again")
             if data.get("identity") != self.identity:

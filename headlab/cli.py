@@ -9,13 +9,18 @@ Ctrl-C in one line saying what was kept and exit status 130. Importing this modu
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 from .commands.base import GROUPS, all_commands
 from .commands.common import Parser
 from .core.errors import HeadlabError
+from .core.files import OWNED_MANIFEST
 from .core.locks import output_lock
 
 
@@ -45,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _headlab_warnings_in_one_line(warnings.formatwarning)
     command = args.command
+    out = getattr(args, "out", None)
+    new_output = bool(out) and not os.path.lexists(out)
     try:
         checked = command.check(args)
-        with _output_locked(args):
+        with _output_locked(out):
             return command.run(args, checked)
     except KeyboardInterrupt:
         print(f"\n{args.prog}: interrupted; {command.interrupted(args)}", file=sys.stderr)
@@ -55,12 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     except HeadlabError as err:
         print(f"{args.prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        print(f"{args.prog}: error: a write failed ({err.strerror}: {err.filename or out}); "
+              f"{command.interrupted(args)}", file=sys.stderr)
+        return 1
+    finally:
+        if new_output:
+            _discard_if_empty(out)
 
 
-def _output_locked(args):
+# what a write that passed the checks at the start can still meet: a full disk, a quota, a file system
+# remounted read-only or taken away
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _output_locked(out):
     """The lock of the command's ``--out`` (one writer per output), or nothing without one."""
-    out = getattr(args, "out", None)
     return output_lock(out) if out else nullcontext()
+
+
+def _discard_if_empty(out) -> None:
+    """Remove an output folder this run created when it holds nothing but headlab's ownership record
+    (a run that failed before its first result leaves no folder behind)."""
+    folder = Path(out)
+    if folder.is_dir() and not folder.is_symlink() and {e.name for e in folder.iterdir()} <= {OWNED_MANIFEST}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _headlab_warnings_in_one_line(format_warning):

@@ -31,7 +31,7 @@ def test_a_file_of_that_name_that_is_not_a_journal_is_refused_and_kept(tmp_path)
     assert path.read_text() == '{"mine": true}'
 
 
-@pytest.mark.parametrize("damage", ["numbers", "piece_string", "pieces_list", "digest_gone"])
+@pytest.mark.parametrize("damage", ["numbers", "piece_string", "pieces_list", "digest_gone", "pieces_gone_too"])
 def test_a_journal_changed_after_it_was_written_is_refused(tmp_path, damage):
     path = tmp_path / "work.progress.json"
     journal = Journal(path, {"model": "m"}, "work")
@@ -43,8 +43,10 @@ def test_a_journal_changed_after_it_was_written_is_refused(tmp_path, damage):
         data["pieces"]["a"] = "a string"
     elif damage == "pieces_list":
         data["pieces"] = [1]
-    else:
+    elif damage == "digest_gone":
         del data["digest"]
+    else:
+        del data["digest"], data["pieces"]
     path.write_text(json.dumps(data))
     with pytest.raises(InputFileError, match="was changed after headlab wrote it"):
         Journal(path, {"model": "m"}, "work")

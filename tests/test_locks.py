@@ -2,11 +2,13 @@
 holds it, the lock goes with the run however it ends, and a lock file left by a killed run is taken
 over with a note."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +75,34 @@ def test_the_command_line_refuses_a_second_run_into_the_same_out_in_one_line(tmp
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert f"another headlab run (process {os.getpid()}" in err and not out.exists()
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    from headlab.commands.base import all_commands
+    from headlab.core.files import claim_folder
+
+    def run_into_a_full_disk(self, args, checked):
+        claim_folder(args.out, ("view.html",))
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(args.out) / "view.html"))
+
+    monkeypatch.setattr(all_commands()["view"], "run", run_into_a_full_disk)
+    out = tmp_path / "views"
+    status = main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert "a write failed (No space left on device:" in err
+    assert not out.exists() and not lock_path(out).exists()
+
+
+def test_a_full_disk_keeps_the_journal_of_finished_pieces(tmp_path, capsys, monkeypatch):
+    from headlab.commands.base import all_commands
+    from headlab.core.journal import Journal
+
+    def run_after_one_piece(self, args, checked):
+        Journal(Path(args.out) / "work.progress.json", {"model": "m"}, "work").put("first", 1.0)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(all_commands()["view"], "run", run_after_one_piece)
+    out = tmp_path / "views"
+    assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 1
+    assert Journal(out / "work.progress.json", {"model": "m"}, "work").get("first") == 1.0
