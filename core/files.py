@@ -59,13 +59,34 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         raise InputFileError(f"{what} {path} cannot be read ({err.strerror})") from None
 
 
-def read_json_file(path: str | os.PathLike, what: str = "JSON file", fmt: str | None = None):
-    """The parsed JSON of ``path``; :class:`InputFileError` (one line) when it cannot be read, is not
-    JSON, or (given ``fmt``) is not an object whose ``"format"`` is ``fmt``."""
+def parse_json(text: str | bytes, where: str):
+    """The parsed JSON ``text`` of ``where`` (a file named in messages); :class:`InputFileError` (one
+    line) when it is not JSON or an object gives a key twice (JSON readers differ on which one wins:
+    headlab reads neither)."""
     try:
-        data = json.loads(read_text_file(path, what))
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
-        raise InputFileError(f"{what} {path} is not JSON ({err.msg}, line {err.lineno})") from None
+        raise InputFileError(f"{where} is not JSON ({err.msg}, line {err.lineno})") from None
+    except _DuplicateKey as err:
+        raise InputFileError(f"{where} gives the key {err.args[0]!r} twice in one object") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return data
+
+
+def read_json_file(path: str | os.PathLike, what: str = "JSON file", fmt: str | None = None):
+    """The parsed JSON of ``path`` (:func:`parse_json`); :class:`InputFileError` (one line) when it
+    cannot be read, is not JSON, or (given ``fmt``) is not an object whose ``"format"`` is ``fmt``."""
+    data = parse_json(read_text_file(path, what), f"{what} {path}")
     if fmt is not None and (not isinstance(data, dict) or data.get("format") != fmt):
         raise InputFileError(f"{path} is not a {what} of this headlab (format {fmt}); move it away or write it again")
     return data
@@ -75,12 +96,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> Iterat
     """``(line number, parsed value)`` for each non-blank line of a JSON-lines file; a line that is
     not JSON raises :class:`InputFileError` naming the file and line."""
     for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputFileError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if line.strip():
+            yield number, parse_json(line, f"{path}:{number}")
 
 
 def write_json(target: str | os.PathLike, data) -> Path:

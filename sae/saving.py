@@ -12,14 +12,13 @@ decoder rows at the unit norm training kept them at, as SAELens and SAEBench exp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputFileError
-from ..core.files import atomic_path, claim_folder, read_text_file, write_json
+from ..core.files import atomic_path, claim_folder, parse_json, read_text_file, write_json
 from ..core.kinds import Integer, Registered
 from ..core.settings import check_object
 from .architectures import ARCHITECTURES
@@ -97,10 +96,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
         if not (folder / name).is_file():
             raise InputFileError(f"{folder} is not a saved autoencoder: {name} is missing")
     where = str(folder / CONFIG)
-    try:
-        config = json.loads(read_text_file(folder / CONFIG, "autoencoder config"))
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{where} is not JSON ({err.msg})") from None
+    config = parse_json(read_text_file(folder / CONFIG, "autoencoder config"), where)
     if not isinstance(config, dict) or not isinstance(config.get("headlab"), dict):
         raise InputFileError(f"{where} was not written by headlab (no 'headlab' section)")
     sizes = check_object({key: config.get(key) for key in ("d_in", "d_sae")}, where,

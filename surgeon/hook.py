@@ -362,9 +362,14 @@ def attach(
     plan = plan or Plan()
     taps = taps or Taps()
     plan.validate(shape)
+    for edit in plan.edits:
+        if edit.needs_residual:
+            edit.validate_residual(text_config(model.config).hidden_size)
     taps.validate(shape)
     if gates is not None and tuple(gates.shape) != (shape.n_layers, shape.n_heads):
         raise PlanError(f"gates must have shape {(shape.n_layers, shape.n_heads)}, got {tuple(gates.shape)}")
+    if gates is not None and not torch.isfinite(gates).all():
+        raise PlanError("gates hold values that are not finite (NaN or infinity)")
     modules = attention_modules(model)
     if any(hasattr(m, _SESSION_ATTR) for m in modules):
         raise RuntimeError("headlab is already attached to this model; nested attach() is not supported")
@@ -381,6 +386,8 @@ def attach(
     if mixing is not None and tuple(mixing.alphas.shape) != (shape.n_layers, shape.n_kv_heads):
         raise PlanError(f"gate mixing needs alphas of shape {(shape.n_layers, shape.n_kv_heads)}, "
                         f"got {tuple(mixing.alphas.shape)}")
+    if mixing is not None and not torch.isfinite(mixing.alphas).all():
+        raise PlanError("gate mixing's alphas hold values that are not finite (NaN or infinity)")
     session = Session(shape, plan, taps, gates, request, splice, delegates, mixing, converted, compression)
     hooks = _residual_hooks(model, plan, session) + _converted_map_hooks(modules, session)
     try:

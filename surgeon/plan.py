@@ -9,15 +9,14 @@ parameters, and belongs to one stage of the attention function (see ARCHITECTURE
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import import_module
 from pathlib import Path
 
-from ..core.errors import HeadlabError, PlanError
-from ..core.files import claim_file, read_text_file, write_json
+from ..core.errors import HeadlabError, InputFileError, PlanError
+from ..core.files import claim_file, parse_json, read_text_file, write_json
 from ..core.kinds import Integer, Items, Kind, Maybe, Text
 from ..core.settings import check_object
 from ..core.shape import ModelShape, model_shape
@@ -112,9 +111,9 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan written by :meth:`save`."""
         try:
-            data = json.loads(read_text_file(path, "plan"))
-        except json.JSONDecodeError as err:
-            raise PlanError(f"cannot read plan {path}: not JSON ({err.msg}, line {err.lineno})") from None
+            data = parse_json(read_text_file(path, "plan"), f"cannot read plan {path}:")
+        except InputFileError as err:
+            raise PlanError(str(err)) from None
         return cls.from_dict(data, f"plan {path}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
 import shutil
 import tempfile
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import HeadlabError, ModelSpecError
+from ..core.errors import HeadlabError, InputFileError, ModelSpecError
 from ..core.files import (
     OWNED_MANIFEST,
     claim_folder,
     owned_entries,
+    parse_json,
     record_owned,
     write_json,
 )
@@ -108,8 +108,8 @@ def read_edited(path: str | os.PathLike) -> dict:
     hooked layout the base folder and the plan file."""
     path = Path(path)
     try:
-        record = json.loads((path / EDITED_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        record = parse_json((path / EDITED_FILE).read_text(encoding="utf-8"), str(path / EDITED_FILE))
+    except (OSError, UnicodeDecodeError, InputFileError) as err:
         raise ModelSpecError(f"cannot read {path / EDITED_FILE}: {err}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("layout") not in ("folded",
                                                                                                        "hooked"):

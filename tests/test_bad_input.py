@@ -70,6 +70,9 @@ def sandbox(tmp_path_factory):
         **score, "values": [[v + 1 for v in row] for row in score["values"]]}}}))
     (d / "scores_another.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {
         "retrieval": HeadScores("retrieval", values, torch.ones(30, 9), "another-model").to_dict()}}))
+    text = json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": score}})
+    (d / "scores_duplicate.json").write_text(text.replace('"scores": {', '"scores": {"retrieval": {}, ', 1))
+    (d / "plan_duplicate.json").write_text(json.dumps(plan).replace('"model": ', '"model": "other", "model": ', 1))
     (d / "scores_bad.json").write_text(json.dumps({"scores": {"retrieval": {**score, "values": [[1, 2], [3]]}}}))
     (d / "scores_shape.json").write_text(json.dumps({"scores": {"retrieval": HeadScores(
         "retrieval", torch.rand(4, 3), torch.ones(4, 3), "x").to_dict()}}))
@@ -318,6 +321,7 @@ CLI_CASES = [
     (f"validate {SMOL} --scores {{d}}/scores.json --score nope --out {{d}}/val", "has no score 'nope'"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 0", "--ks"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 5,x", "not an integer"),
+    (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --ks 100000", "only 270 heads have a score"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --random-sets 0", "--random-sets"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --exclude-above nan", "--exclude-above"),
     (f"validate {SMOL} --scores {{d}}/scores.json --out {{d}}/val --mode query", "--mode"),
@@ -387,6 +391,10 @@ CLI_CASES = [
     (f"train-gates {SMOL} --out {{d}}/g --lr 0", "--lr"),
     (f"train-gates {SMOL} --out {{d}}/g --lam -1", "--lam"),
     (f"train-gates {SMOL} --out {{d}}/g --min-length 8", "--min-length"),
+    (f"train-gates {SMOL} --out {{d}}/g --min-length 9000 --max-length 9000", "--min-length 9000 is longer than the 8192"),
+    (f"atlas {SMOL} --out {{d}}/a --clusters 5000", "--clusters 5000: more clusters than the 270 heads"),
+    (f"stream-eval {SMOL} --rules random --lengths 128,1024 --out {{d}}/se",
+     "--lengths 128: not longer than the 4 sinks and 256-position window"),
     (f"train-gates {SMOL} --out {{d}}/g --max-length 100", "--max-length"),
     (f"train-gates {SMOL} --out {{d}}/g --min-length 4000 --max-length 2000", "above --max-length"),
     (f"train-gates {SMOL} --out {{d}}/g --intervals 0", "--intervals"),
@@ -486,6 +494,15 @@ CLI_CASES = [
     (f"convert {SMOL} --out {{d}}/c --softmax-heads random --softmax-keep 0.5 --softmax-cache 0.3", "give one"),
     (f"convert {SMOL} --out {{d}}/c --softmax-heads random --kl-windows 3", "--kl-windows is read by"),
     (f"convert {SMOL} --out {{d}}/c --softmax-heads retrieval --scores {{d}}/scores_another.json", "another model"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores_another.json --score retrieval --keep 0.5 --out {{d}}/sp.json",
+     "measured on 'another-model', not 'smollm2-135m'"),
+    (f"stream-eval {SMOL} --scores {{d}}/scores_another.json --rules retrieval --out {{d}}/se", "another model"),
+    (f"validate {SMOL} --scores {{d}}/scores_another.json --score retrieval --out {{d}}/v", "another model"),
+    (f"atlas {SMOL} --scores {{d}}/scores_another.json --out {{d}}/a", "another model"),
+    (f"stream-plan {SMOL} --scores {{d}}/scores_duplicate.json --score retrieval --keep 0.5 --out {{d}}/sp.json",
+     "scores_duplicate.json gives the key 'retrieval' twice in one object"),
+    (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_duplicate.json", "gives the key 'model' twice"),
+    (f"view {SMOL} --text abc --scores {{d}}/scores_another.json --out {{d}}/v.html", "another model"),
     (f"convert {SMOL} --out {{d}}/c --scores {{d}}/scores.json", "--scores is read by --softmax-heads"),
     (f"convert {SMOL} --out {{d}}/c --gate-lengths 32", "--gate-lengths"),
     (f"convert {SMOL} --out {{d}}/c --gate-needles 7", "--gate-needles"),
@@ -586,7 +603,26 @@ API_CASES = [
     ("StageSettings with lr NaN", lambda: _conversion().StageSettings(lr=math.nan)),
     ("TaskSettings without tasks", lambda: _tasks().TaskSettings()),
     ("load_model of a mistyped name", lambda: _surgeon().load_model("smollm2-13m")),
+    ("Redistribute with a sink dimension beyond the residual stream",
+     lambda: _attached(plan=_surgeon().Plan([_surgeon().Redistribute(2, (0,), sink_dims=(99999,))]))),
+    ("attach with NaN gates", lambda: _attached(gates=torch.full((4, 5), math.nan))),
+    ("attach with NaN mixing alphas", lambda: _attached(mixing=_nan_mixing())),
 ]
+# the API cases whose message is checked too (the others' come from the settings' checks)
+API_FRAGMENTS = {"Redistribute with a sink dimension beyond the residual stream": "sink_dims [99999] lie beyond the "
+                 "residual stream's 30 dimensions", "attach with NaN gates": "gates hold values that are not finite",
+                 "attach with NaN mixing alphas": "alphas hold values that are not finite"}
+
+
+def _attached(**kwargs):
+    with _surgeon().attach(tiny_llama("mha", layers=4), **kwargs):
+        pass
+
+
+def _nan_mixing():
+    from headlab.surgeon.streaming.mixing import StreamMix
+
+    return StreamMix(torch.full((4, 5), math.nan), layers=(0, 1, 2, 3), sinks=1, window=2)
 
 
 def _surgeon():
@@ -642,6 +678,7 @@ def test_bad_api_input_raises_one_line(name, call):
     with pytest.raises(HeadlabError) as err:
         call()
     assert "\n" not in str(err.value) and str(err.value).strip()
+    assert API_FRAGMENTS.get(name, "") in str(err.value)
 
 
 @pytest.mark.slow

@@ -91,7 +91,7 @@ def test_stream_plan_command_writes_a_plan_that_runs(tmp_path):
     shape = model_shape(model)
     values = torch.rand(shape.n_layers, shape.n_heads, generator=torch.Generator().manual_seed(3))
     (tmp_path / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {
-        "retrieval": HeadScores("retrieval", values, torch.ones_like(values), "tiny").to_dict()}}))
+        "retrieval": HeadScores("retrieval", values, torch.ones_like(values), str(tmp_path / "model")).to_dict()}}))
     status = main(["stream-plan", str(tmp_path / "model"), "--scores", str(tmp_path / "scores.json"),
                    "--keep", "0.5", "--window", "3", "--out", str(tmp_path / "plan.json")])
     assert status == 0

@@ -49,10 +49,14 @@ class Atlas(Command):
         check_plotly_source(args.out)
         config = common.model_config(args)
         shape = common.model_shape_of(config)
+        heads = shape.n_layers * shape.n_heads * (2 if args.model2 or args.compare else 1)
+        if settings.clusters > heads:
+            raise HeadlabError(f"--clusters {settings.clusters}: more clusters than the {heads} heads to cluster")
         common.check_window_fits(config, settings.text.tokens, "--tokens")
         if args.model2:
             common.model_config(args, spec=args.model2)
         scores = load_scores_file(args.scores, shape) if args.scores else {}
+        common.check_scores_model(scores, set(scores), args.model)
         plan = Plan.load(args.compare) if args.compare else None
         if plan is not None:
             plan.validate(shape)

@@ -165,5 +165,5 @@ def file_safe(name: str) -> str:
 
 
 __all__ = ["MODEL_HELP", "Parser", "Renamed", "add_model_arguments", "add_output_arguments", "check_paths_differ",
-           "check_window_fits", "converted_layers_of", "file_safe", "layers_of", "load_model_from", "memory_size",
+           "check_scores_model", "check_window_fits", "converted_layers_of", "file_safe", "layers_of", "load_model_from", "memory_size",
            "model_config", "model_shape_of", "refuse_converted"]

@@ -68,6 +68,8 @@ class StreamEval(Command):
 
         needed = {name for rule in (*settings.rules, *press_rules(settings)) for name in rule_scores(rule)}
         scores = merged_scores(args.scores, shape, needed) if args.scores else None
+        if scores:
+            common.check_scores_model(scores, needed, args.model)
         layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
         measured = run.conditions(shape, scores, settings, layer_types, args.model, config)  # fails here on a rule
         # without its scores, or a budget below the sinks and window

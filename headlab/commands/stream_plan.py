@@ -39,6 +39,8 @@ class StreamPlan(Command):
         common.refuse_converted(args, config, "a plan of streaming heads")
         shape = common.model_shape_of(config)
         scores = load_scores_file(args.scores, shape) if args.scores else None
+        if scores:
+            common.check_scores_model(scores, {args.score}, args.model)
         layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
         return settings, shape, layer_types, rule_ranking(args.score, scores, shape, layer_types, settings.seed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.errors import HeadlabError
 from ..core.files import check_folder, claim_folder
 from ..core.settings import settings_from_args
 from ..surgeon.streaming.settings import GateSettings
@@ -32,7 +33,12 @@ class TrainGates(Command):
     def check(self, args):
         settings = settings_from_args(GateSettings, args)
         check_folder(args.out, args.overwrite, "--out folder")
-        common.refuse_converted(args, common.model_config(args, causal=True, needs="gate training"), "gate training")
+        config = common.model_config(args, causal=True, needs="gate training")
+        common.refuse_converted(args, config, "gate training")
+        limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if limit and settings.min_length > limit:
+            raise HeadlabError(f"--min-length {settings.min_length} is longer than the {limit} positions {args.model} "
+                               "has")
         return settings
 
     def run(self, args, settings) -> int:
@@ -42,6 +48,10 @@ class TrainGates(Command):
         model, tokenizer = common.load_model_from(args)
         training = GateTraining(model, tokenizer, settings, out)  # checks the text; resumes from the folder's state
         claim_folder(out, (STATE_FILE, GATES_FILE, PLAN_FILE), args.overwrite, "--out folder")
+        limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if limit and settings.max_length > limit:
+            print(f"--max-length {settings.max_length} is capped at the model's {limit} positions: samples of "
+                  f"{training.lengths[0]} to {training.lengths[-1]} tokens")
         if training.step:
             print(f"resuming from step {training.step} of {settings.steps} ({out / STATE_FILE})")
         gates = training.run()

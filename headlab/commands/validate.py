@@ -53,6 +53,7 @@ class Validate(Command):
         config = common.model_config(args)
         common.refuse_converted(args, config, "the masking validation")
         score = chosen_score(args.scores, args.score, common.model_shape_of(config))
+        common.check_scores_model({score.name: score}, {score.name}, args.model)
         metric = settings.masking.metric or ("needle-recall" if args.score == "retrieval" else "loss")
         check_folder(args.out, args.overwrite, "--out folder")
         from ..probes.figures import check_plotly_source  # plotly.js beside the pages: checked before any work

@@ -57,6 +57,8 @@ class View(Command):
         if plan is not None:
             plan.validate(shape)
         scores = load_scores_file(args.scores, shape) if args.scores else None
+        if scores:
+            common.check_scores_model(scores, set(scores), args.model)
         layers = common.layers_of(view.layers, shape.n_layers, "--layers")
         head = None
         if view.head is not None:

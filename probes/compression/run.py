@@ -66,6 +66,11 @@ def conditions(shape, scores: dict[str, HeadScores] | None, settings: Compressio
         raise HeadlabError(f"unknown long task(s) {', '.join(unknown)} (--tasks: {', '.join(LONG_TASKS)})")
     out = [{"rule": FULL, "keep": 1.0, "draw": None, "plan": Plan(), "press": None,
             "full_heads": len(candidates(shape, layer_types))}]
+    short = [length for length in settings.lengths if length <= settings.sinks + settings.window]
+    if settings.rules and short:
+        raise HeadlabError(f"--lengths {', '.join(map(str, short))}: not longer than the {settings.sinks} sinks and "
+                           f"{settings.window}-position window streaming heads keep, so every streaming condition "
+                           "would equal the full model; give longer lengths or a smaller --window")
     for rule in settings.rules:
         for draw in range(settings.random_sets if rule == "random" else 1):
             ranking = rule_ranking(rule, scores, shape, layer_types, settings.seed + draw)

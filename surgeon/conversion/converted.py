@@ -20,7 +20,7 @@ from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ...core.errors import HeadlabError, InputFileError, UnsupportedModelError
-from ...core.files import claim_folder, record_owned, write_json
+from ...core.files import claim_folder, parse_json, record_owned, write_json
 from ...core.shape import model_shape
 from ..sites import decoder_layers
 from .layer import LinearAttention
@@ -108,12 +108,12 @@ def read_conversion(path: str | os.PathLike) -> tuple[LinearSettings, dict]:
     the file when it is not a readable record of a conversion."""
     marker = Path(path) / CONVERSION_FILE
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
+        data = parse_json(marker.read_text(encoding="utf-8"), str(marker))
         settings = LinearSettings.from_dict(data["settings"])
         provenance = data.get("provenance", {})
         if not isinstance(provenance, dict):
             raise TypeError("its provenance is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
             HeadlabError) as error:
         raise InputFileError(f"{marker} is damaged: it does not record a headlab conversion ({error})") from None
     return settings, provenance

@@ -110,6 +110,10 @@ class Edit:
                 f"query heads 0..{shape.n_heads - 1}"
             )
 
+    def validate_residual(self, hidden_size: int) -> None:
+        """For a kind that reads the residual stream (``needs_residual``): raise :class:`PlanError` if the
+        edit does not fit a residual stream of ``hidden_size`` dimensions. Nothing by default."""
+
     def kept_keys(self, at: EditCall, n_key: int) -> "torch.Tensor | None":
         """For a bias-stage edit that only hides keys: ``[B, Nq, Nk]``, True where a row keeps a key
         (the hook then runs the model's own attention under the narrowed mask instead of recomputing

@@ -52,6 +52,12 @@ class Redistribute(Edit):
         if not self.sink_dims:
             raise PlanError("redistribute edit needs sink_dims (detect them with detect_sink_dimensions)")
 
+    def validate_residual(self, hidden_size: int) -> None:
+        beyond = [dim for dim in self.sink_dims if dim >= hidden_size]
+        if beyond:
+            raise PlanError(f"redistribute edit on layer {self.layer}: sink_dims {beyond} lie beyond the residual "
+                            f"stream's {hidden_size} dimensions (0..{hidden_size - 1})")
+
     def apply(self, probs: torch.Tensor, at: EditCall) -> torch.Tensor:
         """Sink tokens from the prefill's residual stream (frozen), then move sink mass to the span on
         the rows after it."""

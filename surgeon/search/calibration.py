@@ -14,7 +14,6 @@ skips the heads already measured, so a killed search continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -24,8 +23,8 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from ...core.errors import UnsupportedModelError
-from ...core.files import write_json
+from ...core.errors import InputFileError, UnsupportedModelError
+from ...core.files import parse_json, write_json
 from ...core.shape import model_shape
 from ..conversion.converted import converted_layers
 from ..edits.base import FIRST_EDITABLE_LAYER
@@ -188,8 +187,8 @@ def _resume(path: Path, settings: SearchSettings) -> dict:
     if not path.exists():
         return fresh
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        state = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, InputFileError) as err:
         raise PlanError(f"cannot resume from {path}: {err}; move it away to start afresh") from err
     if state.get("settings") != settings.to_dict():
         raise PlanError(f"{path} holds a search with other settings; move it away or use the same settings")

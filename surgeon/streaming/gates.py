@@ -206,6 +206,9 @@ class GateTraining:
         if state["step"] > self.settings.steps:
             raise InputFileError(f"{self.path} holds {state['step']} training steps, more than --steps "
                                  f"{self.settings.steps}; ask for at least as many")
+        if not torch.isfinite(state["alphas"]).all():
+            raise InputFileError(f"{self.path} holds gates that are not finite (NaN or infinity); move it away to "
+                                 "start afresh")
         with torch.no_grad():
             self.alphas.copy_(state["alphas"])
         self.optimizer.load_state_dict(state["optimizer"])
