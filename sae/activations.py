@@ -9,15 +9,16 @@ training checkpoints so that a resumed run sees exactly the batches an uninterru
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_path, record_owned, write_json
+from ..core.errors import InputFileError
+from ..core.files import atomic_path, read_json_file, record_owned, write_json
 from ..surgeon import Taps, attach, model_shape
 from ..surgeon.stopping import run_until
 
@@ -62,30 +63,55 @@ class ModelActivations:
         return acts[1:] if self.exclude_first else acts
 
 
-class CachedActivations:
-    """Chunks read back from a folder written by :func:`cache_activations`."""
+CACHE_FORMAT = "headlab-activations/2"
+MANIFEST = "manifest.json"
 
-    def __init__(self, folder: str | Path):
+
+class CachedActivations:
+    """Chunks read back from a folder written by :func:`cache_activations`. Given ``identity`` (what
+    the run needs: the model, layer, windows, seed, ...), a cache of anything else is refused before
+    any work, naming both sides; each shard's size is checked when the cache opens and its SHA-256
+    when it is read (:class:`InputFileError`, one line)."""
+
+    def __init__(self, folder: str | Path, identity: dict | None = None):
         self.folder = Path(folder)
-        manifest = self.folder / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{folder} is not an activation cache (no manifest.json)")
-        self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
-        self.n_heads, self.d_head = self.manifest["n_heads"], self.manifest["d_head"]
-        self.shards = self.manifest["shards"]
+        if not (self.folder / MANIFEST).is_file():
+            raise InputFileError(f"{folder} is not an activation cache (no {MANIFEST})")
+        self.manifest = read_json_file(self.folder / MANIFEST, "activation cache manifest", CACHE_FORMAT)
+        try:
+            self.n_heads, self.d_head = int(self.manifest["n_heads"]), int(self.manifest["d_head"])
+            self.shards = [(str(s["file"]), int(s["bytes"]), str(s["sha256"])) for s in self.manifest["shards"]]
+            recorded = dict(self.manifest["identity"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputFileError(f"{self.folder / MANIFEST} is damaged ({type(err).__name__}: {err})") from None
+        if identity is not None and recorded != identity:
+            differ = sorted(key for key in {*recorded, *identity} if recorded.get(key) != identity.get(key))
+            shown = "; ".join(f"{key} {recorded.get(key)!r} there, {identity.get(key)!r} here" for key in differ)
+            raise InputFileError(f"--cache {self.folder} holds other activations ({shown}); give another --cache "
+                                 "folder or the settings it was written with")
+        for name, size, _ in self.shards:
+            path = self.folder / name
+            if Path(name).name != name or not path.is_file() or path.stat().st_size != size:
+                raise InputFileError(f"{path} is missing or not the {size} bytes the cache's manifest records")
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def chunk(self, index: int) -> torch.Tensor:
-        return load_file(self.folder / self.shards[index])["activations"]
+        name, _, digest = self.shards[index]
+        data = (self.folder / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise InputFileError(f"{self.folder / name} was changed after headlab wrote it (its SHA-256 is not the "
+                                 "manifest's); move the cache away to write it again")
+        return load(data)["activations"]
 
 
 def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens: int = 65536,
-                      metadata: dict | None = None, progress: bool = True) -> CachedActivations:
+                      identity: dict | None = None, progress: bool = True) -> CachedActivations:
     """Run ``source`` once and store its activations as safetensors shards of about
-    ``shard_tokens`` rows in ``folder`` (with a manifest), so several autoencoders train from
-    one pass; chunk order is kept, so batches match training from the model directly."""
+    ``shard_tokens`` rows in ``folder`` (with a manifest recording ``identity``, what they are
+    activations of, and each shard's size and SHA-256), so several autoencoders train from one pass;
+    chunk order is kept, so batches match training from the model directly."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards, pending, rows, total = [], [], 0, 0
@@ -96,7 +122,8 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
         record_owned(folder, (name,))
         with atomic_path(folder / name) as tmp:
             save_file({"activations": torch.cat(pending).contiguous()}, str(tmp))
-        shards.append(name)
+            data = tmp.read_bytes()
+        shards.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         pending, rows = [], 0
 
     for index in tqdm(range(len(source)), desc="caching activations", disable=not progress):
@@ -108,10 +135,10 @@ def cache_activations(source: ModelActivations, folder: str | Path, shard_tokens
             flush()
     if pending:
         flush()
-    record_owned(folder, ("manifest.json",))
-    write_json(folder / "manifest.json", {"format": "headlab-activations/1", "n_heads": source.n_heads, "d_head": source.d_head, "layer": source.layer,
-                                          "exclude_first": source.exclude_first, "tokens": total,
-                                          "shards": shards, **(metadata or {})})
+    identity = {"layer": source.layer, "exclude_first": source.exclude_first, **(identity or {})}
+    record_owned(folder, (MANIFEST,))
+    write_json(folder / MANIFEST, {"format": CACHE_FORMAT, "n_heads": source.n_heads, "d_head": source.d_head,
+                                   "tokens": total, "identity": identity, "shards": shards})
     return CachedActivations(folder)
 
 

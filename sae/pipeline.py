@@ -17,7 +17,7 @@ from ..core.distributed import rank_and_world
 from ..core.files import claim_folder, write_json
 from ..core.shape import model_shape
 from ..core.text import TextWindows, load_text, special_tokens, token_windows, train_eval_windows
-from .activations import CachedActivations, ModelActivations, ShuffleBuffer, cache_activations
+from .activations import MANIFEST, CachedActivations, ModelActivations, ShuffleBuffer, cache_activations
 from .dashboard import collect_examples, write_dashboard
 from .metrics import evaluate_sae
 from .model import SparseAutoencoder
@@ -42,13 +42,13 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
     settings, text = settings or TrainSettings(), text or TextWindows(windows=16, tokens=128)
     rank, world = rank_and_world()
     torch.manual_seed(settings.seed)
-    n_train = math.ceil(settings.train_tokens / (text.tokens - 1))  # the first token of a window is not encoded
+    n_train = train_windows(settings, text)
     train, held_out = train_eval_windows(tokenizer, text.text_path, n_train, text.windows, text.tokens, settings.seed)
     out = claim_folder(out, TRAIN_ENTRIES, overwrite, "--out folder")
     start = time.perf_counter()
     progress = progress and rank == 0
-    source = _activations(model, train, layer, cache, model_spec, text.tokens, settings.seed, overwrite, rank, world,
-                          progress)
+    identity = cache_identity(model_spec or model.config.name_or_path, layer, text, settings)
+    source = _activations(model, train, layer, cache, identity, overwrite, rank, world, progress)
     batch = settings.batch_tokens // world
     capacity = max(min(settings.buffer_tokens, settings.train_tokens) // world, 2 * batch)  # no more than the run uses
     buffer = ShuffleBuffer(source, batch, capacity, settings.seed + rank, progress)
@@ -81,18 +81,31 @@ def train_sae(model, tokenizer, layer: int, out: str | Path, settings: TrainSett
     return metrics
 
 
-def _activations(model, train, layer: int, cache, model_spec: str, context: int, seed: int, overwrite: bool,
-                 rank: int, world: int, progress: bool = True):
-    """The training activations: from the cache folder (written first when it holds none), or from the
-    model, each rank its shard of the windows."""
+def train_windows(settings: TrainSettings, text: TextWindows) -> int:
+    """The training windows ``settings.train_tokens`` take (the first token of a window is not encoded)."""
+    return math.ceil(settings.train_tokens / (text.tokens - 1))
+
+
+def cache_identity(model_spec: str, layer: int, text: TextWindows, settings: TrainSettings) -> dict:
+    """What a training run's activations are, as an activation cache records it and the run compares it
+    (:class:`~headlab.sae.activations.CachedActivations`): model, layer, text, windows and seed."""
+    source = str(Path(text.text_path).expanduser().resolve()) if text.text_path else text.source
+    return {"model": model_spec, "layer": layer, "exclude_first": True, "text": source, "context": text.tokens,
+            "train_windows": train_windows(settings, text), "held_out_windows": text.windows, "seed": settings.seed}
+
+
+def _activations(model, train, layer: int, cache, identity: dict, overwrite: bool, rank: int, world: int,
+                 progress: bool = True):
+    """The training activations: from the cache folder (written first when it holds none; one that
+    holds other activations than ``identity`` is refused), or from the model, each rank its shard of
+    the windows."""
     if cache is None or world > 1:
         return ModelActivations(model, train[rank::world], layer)
     cache = Path(cache)
-    if (cache / "manifest.json").exists():
-        return CachedActivations(cache)
+    if (cache / MANIFEST).exists():
+        return CachedActivations(cache, identity)
     claim_folder(cache, (), overwrite, "--cache folder")
-    return cache_activations(ModelActivations(model, train, layer), cache,
-                             metadata={"model": model_spec, "context": context, "seed": seed}, progress=progress)
+    return cache_activations(ModelActivations(model, train, layer), cache, identity=identity, progress=progress)
 
 
 def evaluate_saved(folder: str | Path, model, tokenizer, text: TextWindows | None = None, seed: int = 1,

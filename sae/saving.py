@@ -12,10 +12,11 @@ decoder rows at the unit norm training kept them at, as SAELens and SAEBench exp
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from ..core.errors import InputFileError
 from ..core.files import atomic_path, claim_folder, parse_json, read_text_file, write_json
@@ -53,6 +54,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer:
         tensors["threshold"] = sae.threshold.detach() / c
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file({name: t.float().contiguous() for name, t in tensors.items()}, str(tmp))
+        weights_sha256 = hashlib.sha256(tmp.read_bytes()).hexdigest()
     config = {
         "architecture": sae.architecture.saelens,
         "d_in": sae.d_in,
@@ -68,6 +70,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, model_name: str, layer:
                      "neuronpedia_id": None, "model_from_pretrained_kwargs": {}},
         "headlab": {"arch": sae.arch, "layer": layer, "n_heads": sae.n_heads, "d_head": sae.d_head,
                     "model_spec": model_spec or model_name, "module_path": module_path, "input_scale": c,
+                    "weights_sha256": weights_sha256,
                     "codes": "the trained codes divided by input_scale", "provenance": provenance or {}},
     }
     if sae.architecture.uses_k:
@@ -104,6 +107,10 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     extra = check_object({key: config["headlab"].get(key) for key in ("arch", "layer", "n_heads", "d_head")},
                          f"{where}: headlab", {"arch": Registered(ARCHITECTURES, "SAE architectures"), "layer": Integer(0),
                                                "n_heads": Integer(1), "d_head": Integer(1)})
+    recorded_hook = config.get("metadata", {}).get("hook_name") if isinstance(config.get("metadata"), dict) else None
+    if recorded_hook != hook_name(extra["layer"]):
+        raise InputFileError(f"{where}: its headlab section says layer {extra['layer']} but its hook_name is "
+                             f"{recorded_hook!r}; the config was changed after headlab wrote it")
     if extra["n_heads"] * extra["d_head"] != sizes["d_in"]:
         raise InputFileError(f"{where}: d_in {sizes['d_in']} is not n_heads {extra['n_heads']} x d_head "
                              f"{extra['d_head']}")
@@ -111,14 +118,20 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict]:
     if ARCHITECTURES[extra["arch"]].uses_k:
         k = check_object({"k": config.get("k")}, where, {"k": Integer(1, sizes["d_sae"])})["k"]
     sae = SparseAutoencoder(sizes["d_in"], sizes["d_sae"], extra["arch"], k, extra["n_heads"], extra["d_head"])
-    _load_weights(sae, folder / WEIGHTS)
+    _load_weights(sae, folder / WEIGHTS, config["headlab"].get("weights_sha256"))
     sae.eval()
     return sae, config
 
 
-def _load_weights(sae: SparseAutoencoder, path: Path) -> None:
+def _load_weights(sae: SparseAutoencoder, path: Path, sha256: str | None) -> None:
+    """The weights of ``path`` into ``sae``; refused when their SHA-256 is not the one the config
+    records (folders of headlab before it recorded one are read unchecked)."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise InputFileError(f"{path} is not the weights its cfg.json records (SHA-256 differs): changed or damaged "
+                             "after headlab wrote them")
     try:
-        tensors = load_file(path)
+        tensors = load(data)
     except Exception as err:  # safetensors raises its own error type for truncated or foreign files
         raise InputFileError(f"{path} cannot be read as safetensors ({' '.join(str(err).split())})") from None
     needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if sae.architecture.threshold is not None else [])

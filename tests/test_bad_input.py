@@ -127,13 +127,24 @@ def _sae_folders(d: Path) -> None:
 
     save_sae(SparseAutoencoder(576, 1152, "topk", 8, 9, 64), d / "sae", SMOL, 3, "LlamaAttention o_proj input", 64)
     (d / "sae_empty").mkdir()
-    for name in ("sae_no_d_in", "sae_d_sae", "sae_truncated"):
+    for name in ("sae_no_d_in", "sae_d_sae", "sae_truncated", "sae_truncated_unrecorded", "sae_layer_edited"):
         shutil.copytree(d / "sae", d / name)
     cfg = json.loads((d / "sae" / "cfg.json").read_text())
     (d / "sae_no_d_in" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_in"}))
     (d / "sae_d_sae" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 2000}))
-    weights = d / "sae_truncated" / "sae_weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    (d / "sae_layer_edited" / "cfg.json").write_text(json.dumps({**cfg, "headlab": {**cfg["headlab"], "layer": 5}}))
+    unrecorded = {k: v for k, v in cfg["headlab"].items() if k != "weights_sha256"}  # as headlab wrote before 2026-12
+    (d / "sae_truncated_unrecorded" / "cfg.json").write_text(json.dumps({**cfg, "headlab": unrecorded}))
+    for name in ("sae_truncated", "sae_truncated_unrecorded"):
+        weights = d / name / "sae_weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    acts = d / "acts_layer3"  # an activation cache of layer 3 (its one shard left out)
+    acts.mkdir()
+    identity = {"model": SMOL, "layer": 3, "exclude_first": True, "text": "Python standard-library docstrings",
+                "context": 128, "train_windows": 1575, "held_out_windows": 16, "seed": 0}
+    (acts / "manifest.json").write_text(json.dumps({"format": "headlab-activations/2", "n_heads": 9, "d_head": 64,
+                                                    "tokens": 0, "identity": identity, "shards": []}))
+    (acts / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["manifest.json"]}))
 
 
 def _converted_folder(folder: Path) -> None:
@@ -441,7 +452,13 @@ CLI_CASES = [
     ("sae eval {d}/sae_empty --out {d}/m.json", "cfg.json is missing"),
     ("sae eval {d}/sae_no_d_in --out {d}/m.json", "d_in"),
     ("sae eval {d}/sae_d_sae --out {d}/m.json", "W_enc is (576, 1152), the config says (576, 2000)"),
-    ("sae eval {d}/sae_truncated --out {d}/m.json", "cannot be read as safetensors"),
+    ("sae eval {d}/sae_truncated --out {d}/m.json", "is not the weights its cfg.json records (SHA-256 differs)"),
+    ("sae eval {d}/sae_truncated_unrecorded --out {d}/m.json", "cannot be read as safetensors"),
+    ("sae eval {d}/sae_layer_edited --out {d}/m.json", "says layer 5 but its hook_name is 'blocks.3.attn.hook_z'"),
+    (f"sae train {SMOL} --layers 5 --cache {{d}}/acts_layer3 --out {{d}}/s",
+     "holds other activations (layer 3 there, 5 here)"),
+    (f"sae train {SMOL} --layers 3 --tokens 64 --cache {{d}}/acts_layer3 --out {{d}}/s",
+     "context 128 there, 64 here; train_windows 1575 there, 3175 here"),
     ("sae eval {d}/sae --out {d}/m.json --windows 0", "--windows"),
     ("sae eval {d}/sae --out {d}/m.json --tokens 1", "--tokens"),
     ("sae eval {d}/sae --out {d}/m.json --seed -1", "--seed"),

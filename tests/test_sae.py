@@ -20,7 +20,7 @@ from headlab.kernels.sae_codes import sparse_decode, topk_encode
 from headlab.sae.jump import JumpStep
 from headlab.sae.saving import save_sparsity
 from headlab.sae import (
-    ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer, cache_activations,
+    CachedActivations, ModelActivations, ShuffleBuffer, SparseAutoencoder, TrainSettings, Trainer, cache_activations,
     collect_examples, decoder_head_shares, direct_feature_attribution, evaluate_sae, geometric_median, head_outputs,
     initialise, load_sae, save_sae, write_dashboard,
 )
@@ -184,8 +184,21 @@ def test_head_outputs_are_the_o_proj_input_and_the_cache_round_trips(tmp_path):
     assert torch.allclose(head_outputs(model, ids, 1), seen[0], atol=1e-6)
     source = ModelActivations(model, [ids, ids[:, :6]], 1)
     assert source.chunk(1).shape == (5, 54)  # first token excluded
-    cached = cache_activations(source, tmp_path / "cache", shard_tokens=4, progress=False)
+    cached = cache_activations(source, tmp_path / "cache", shard_tokens=4, progress=False, identity={"model": "m"})
     assert len(cached) == 2 and torch.equal(cached.chunk(0), source.chunk(0))
+    mine = {"model": "m", "layer": 1, "exclude_first": True}
+    assert torch.equal(CachedActivations(tmp_path / "cache", mine).chunk(1), source.chunk(1))
+    with pytest.raises(InputFileError, match="holds other activations .layer 1 there, 2 here."):
+        CachedActivations(tmp_path / "cache", {**mine, "layer": 2})
+    shard = tmp_path / "cache" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of the last activation
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match="shard-00001.safetensors was changed after headlab wrote it"):
+        CachedActivations(tmp_path / "cache", mine).chunk(1)
+    shard.write_bytes(bytes(data[:-4]))
+    with pytest.raises(InputFileError, match="is missing or not the .* bytes the cache's manifest records"):
+        CachedActivations(tmp_path / "cache", mine)
 
 
 def identity_sae(d_in: int, n_heads: int) -> SparseAutoencoder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass
 
 from ..core.errors import HeadlabError
@@ -58,6 +59,11 @@ class SaeTrain(Command):
         if settings.architecture.uses_k and settings.k > settings.expansion * d_in:
             raise HeadlabError(f"--k {settings.k} is more than the {settings.expansion * d_in} latents (--expansion "
                                f"{settings.expansion} x {d_in} inputs)")
+        if data.cache and (Path(data.cache) / "manifest.json").exists():  # a cache of other activations: refused now
+            from ..sae.activations import CachedActivations
+            from ..sae.pipeline import cache_identity
+
+            CachedActivations(data.cache, cache_identity(args.model, layer, data.text, settings))
         return data, settings, layer
 
     def run(self, args, checked) -> int:
