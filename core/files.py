@@ -21,9 +21,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        tmp_path.chmod(0o666 & ~_umask())  # mkstemp (and safetensors) make 0600: the usual permissions
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -31,9 +31,30 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux tells it (``os.umask`` sets it
+    for every thread until it is set back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def usual_modes(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything in it the permissions the user's umask gives new files and
+    folders (tools such as safetensors write 0600 whatever the umask)."""
+    mask = _umask()
+    for base, folders, files in os.walk(folder):
+        os.chmod(base, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def write_text(target: str | os.PathLike, text: str) -> Path:
@@ -115,9 +136,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)
     try:
         yield tmp
+        usual_modes(tmp)  # mkdtemp makes 0700, safetensors 0600: the usual permissions
         try:
             os.rename(tmp, target)
         except OSError:

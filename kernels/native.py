@@ -6,7 +6,9 @@ top-k per row, and one pass writes ``2^(s - max)`` in place and sums ``e · (s -
 
 The shared library is cached under ``$HEADLAB_CACHE/native`` (default ``~/.cache/headlab``),
 named by a hash of the source, compiler and flags, written atomically, and loaded only while its
-content matches the sha256 recorded when headlab built it. Without a C compiler
+content matches the sha256 recorded when headlab built it, and only from a cache only the user can
+write (:mod:`headlab.core.trust`: no links, the user's, writable by nobody else), from the very file
+that was checked. Without a C compiler
 (``$CC``, else ``cc``/``gcc``/``clang``), or with ``HEADLAB_NATIVE=0``, :func:`row_pass` is
 ``None`` and the statistics fall back to torch ops (same results, slower), with one warning
 when compilation was tried and failed. Triton needs the same compiler for its GPU launchers.
@@ -26,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from headlab.core.trust import UntrustedCache, check_private_folder, open_private_file
 
 SOURCE = Path(__file__).with_name("row_stats.c")
 
@@ -72,11 +76,13 @@ def build(cache_dir: Path | None = None) -> Path:
     compiler, flags = _compiler(), _flags()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()[:16]
-    target = (cache_dir or _cache_dir()) / f"row_stats-{key}.so"
+    cache_dir = cache_dir or _cache_dir()
+    target = cache_dir / f"row_stats-{key}.so"
     record = target.with_suffix(".sha256")
-    if target.is_file() and record.is_file() and record.read_text().strip() == _digest(target):
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_folder(cache_dir)
+    if _matches_record(target, record):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
@@ -84,6 +90,8 @@ def build(cache_dir: Path | None = None) -> Path:
             raise NativeUnavailable(f"{compiler} failed on {SOURCE.name}:\n{run.stderr.strip()}")
         digest = Path(tmp) / record.name
         digest.write_text(_digest(built) + "\n")
+        built.chmod(0o755)  # writable by the user alone, whatever the umask (or the library is refused)
+        digest.chmod(0o644)
         os.replace(digest, record)
         os.replace(built, target)
     return target
@@ -93,9 +101,57 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _check_folder(cache_dir: Path) -> None:
+    """The cache folder (and the folders above it) only the user can write: otherwise the library is
+    refused (:class:`NativeUnavailable`), whatever hash is recorded beside it."""
+    try:
+        check_private_folder(cache_dir, cache_dir.parent)
+    except UntrustedCache as err:
+        raise NativeUnavailable(str(err)) from None
+
+
+def _matches_record(target: Path, record: Path) -> bool:
+    """Whether the cached library exists and its content is the one recorded when it was built (both
+    files checked as opened: no links, the user's, writable by nobody else)."""
+    if not os.path.lexists(target) or not os.path.lexists(record):
+        return False
+    try:
+        fd = open_private_file(target)
+    except UntrustedCache as err:
+        raise NativeUnavailable(str(err)) from None
+    with os.fdopen(fd, "rb") as handle:
+        return _matches_content(handle.read(), record)
+
+
+def _matches_content(content: bytes, record: Path) -> bool:
+    """Whether ``content`` hashes to the SHA-256 in ``record`` (opened as a private file)."""
+    try:
+        fd = open_private_file(record)
+    except UntrustedCache as err:
+        raise NativeUnavailable(str(err)) from None
+    with os.fdopen(fd, "rb") as handle:
+        return hashlib.sha256(content).hexdigest() == handle.read().decode(errors="replace").strip()
+
+
 def load(path: Path) -> ctypes.CDLL:
-    """The library at ``path`` with its one function's argument types declared."""
-    lib = ctypes.CDLL(str(path))  # CDLL calls release the GIL, so worker threads run in parallel
+    """The library at ``path`` with its one function's argument types declared: the file is opened
+    once, checked (:func:`~headlab.core.trust.open_private_file`) and its hash compared with the record
+    beside it, and the library is loaded from that open file, so nothing can replace it in between."""
+    fd = None
+    try:
+        fd = open_private_file(path)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            content = handle.read()
+        record = path.with_suffix(".sha256")
+        if record.exists() and not _matches_content(content, record):
+            raise NativeUnavailable(f"{path} is not the library recorded in {record.name}")
+        opened = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path)
+        lib = ctypes.CDLL(opened)  # CDLL calls release the GIL, so worker threads run in parallel
+    except UntrustedCache as err:
+        raise NativeUnavailable(str(err)) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     lib.headlab_row_stats.restype = None
     lib.headlab_row_stats.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]

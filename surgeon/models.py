@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from ..core.errors import ModelSpecError, UnsupportedModelError
 from ..core.files import atomic_directory
+from ..core.trust import check_private_tree, make_private_tree
 from ..core.shape import ModelShape, model_shape, text_config
 from .sites import require_attention_interface
 
@@ -365,7 +366,7 @@ def _bundled_hf_directory(m: BundledModel) -> Path:
                 _cache_gguf_as_safetensors(_assemble(m, Path(tmp)), target)
         else:
             _cache_gguf_as_safetensors(source, target)
-    return target
+    return check_private_tree(target, cache_root())  # weights only the user can have written
 
 
 def _ensure(folder: Path) -> Path:
@@ -402,6 +403,7 @@ def _cache_gguf_as_safetensors(gguf_path: Path, target: Path) -> None:
         with atomic_directory(target) as tmp:
             clean.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        make_private_tree(target)  # weights headlab loads: writable by the user alone, whatever the umask
         bar.update()
 
 

@@ -29,6 +29,7 @@ from ..core.files import (
     claim_folder,
     owned_entries,
     parse_json,
+    usual_modes,
     record_owned,
     write_json,
 )
@@ -85,6 +86,7 @@ def save_edited(model, tokenizer, plan: Plan, directory: str | os.PathLike, *, o
             write_json(tmp / PLAN_FILE, plan.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp if layout == "folded" else tmp / BASE_FOLDER)
+        usual_modes(tmp)
         _move_into_place(tmp, directory)
     folded_edits = folded.folded if layout == "folded" else []
     record = {"format": FORMAT, "layout": layout, "base_model": plan.model, "plan": plan.to_dict(),

@@ -91,6 +91,29 @@ def test_a_file_dropped_into_the_cache_is_rebuilt_over_not_loaded(tmp_path):
     native.load(built)  # the rebuilt library loads
 
 
+@pytest.mark.parametrize("tamper", ["folder_writable_by_others", "library_writable_by_others", "library_symlink",
+                                    "another_owner"])
+def test_a_library_someone_else_could_have_written_is_refused_whatever_its_record(tmp_path, monkeypatch, tamper):
+    """Replacing the library together with its recorded hash needs write access to the cache: a cache
+    folder or file writable by others, or owned by another user, or a link, is refused outright."""
+    cache = tmp_path / "native"
+    built = native.build(cache)
+    if tamper == "folder_writable_by_others":
+        cache.chmod(0o777)
+    elif tamper == "library_writable_by_others":
+        built.chmod(0o666)
+    elif tamper == "library_symlink":
+        elsewhere = tmp_path / "elsewhere.so"
+        built.replace(elsewhere)
+        built.symlink_to(elsewhere)  # its record still matches the content it points to
+    else:
+        monkeypatch.setattr("os.getuid", lambda: 4242)
+    fragment = {"folder_writable_by_others": "writable by others", "library_writable_by_others": "writable by others",
+                "library_symlink": "cannot be opened safely", "another_owner": "belongs to another user"}[tamper]
+    with pytest.raises(native.NativeUnavailable, match=fragment):
+        native.load(native.build(cache))
+
+
 def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeypatch):
     broken = tmp_path / "broken-cc"
     broken.write_text("#!/bin/sh\necho 'cc: simulated failure' >&2\nexit 1\n")

@@ -20,7 +20,7 @@ from safetensors.torch import save_model as save_safetensors_from
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ...core.errors import HeadlabError, InputFileError, UnsupportedModelError
-from ...core.files import claim_folder, parse_json, record_owned, write_json
+from ...core.files import claim_folder, parse_json, record_owned, usual_modes, write_json
 from ...core.shape import model_shape
 from ..sites import decoder_layers
 from .layer import LinearAttention
@@ -90,6 +90,7 @@ def save_converted(model, tokenizer, directory: str | os.PathLike, provenance: d
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_safetensors_from(model, str(Path(tmp) / WEIGHTS_FILE))
+        usual_modes(tmp)
         names = sorted(file.name for file in Path(tmp).iterdir())
         record_owned(directory, names)
         for name in names:
