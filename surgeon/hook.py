@@ -132,12 +132,11 @@ class Session:
         kept = None if reweight or self.recorder.reads_scores(layer) else stages.kept_keys(
             layer, bias, self.state, self.request, call, n_query, n_key)
         weights = None
-        out = self.recorder.stats(layer, query, key, value, attention_mask, call, module.training and
-                                  bool(kwargs.get("dropout")))
+        self.recorder.stats(layer, query, key, value, attention_mask, call)
         if kept is not None:  # the edits only hide keys: the model's own attention on what each head keeps
             bias = []
             out = self._kept_attention(module, own, query, key, value, attention_mask, kwargs, call, kept)
-        elif out is None:
+        else:
             out, weights = own(module, query, key, value, attention_mask, **kwargs)
         edited = None
         if bias or reweight:

@@ -99,12 +99,12 @@ class Recorder:
             self.recording.attention[layer].append(probs)
             self.recording.attention_key_start[layer].append(key_start)
 
-    def stats(self, layer, query, key, value, attention_mask, call, dropout_active: bool):
-        """Record row statistics of the tapped heads; return the layer output ``[B, N, H, D]``
-        when the op computed it for every head (one attention pass instead of two), else None."""
+    def stats(self, layer, query, key, value, attention_mask, call) -> None:
+        """Record row statistics of the tapped heads (the layer's output is the model's own, computed
+        apart: recording never changes what the model computes)."""
         heads = self.taps.stats_heads(layer, self.shape.n_heads)
         if heads is None:
-            return None
+            return
         key_valid, query_valid, q_offset = self.decomposed_mask(attention_mask, query, key, call)
         all_heads = len(heads) == self.shape.n_heads
         if all_heads:
@@ -130,10 +130,6 @@ class Recorder:
                 q, k, stats.lse, self.taps.stats_row_offsets, scale=call.scaling, q_offset=q_offset,
                 key_valid=key_valid, window=call.window, softcap=call.softcap,
             ))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if all_heads and not dropout_active and not needs_grad:  # the op is forward only
-            return stats.out.transpose(1, 2)
-        return None
 
     def decomposed_mask(self, attention_mask, query, key, call: AttentionCall):
         """:func:`attention_math.decompose_mask` of this call's mask under the call's window,

@@ -35,10 +35,9 @@ class Taps:
     ``stats_columns`` also the attention
     each key receives, in ``Recording.columns``). One :class:`~headlab.kernels.AttentionStats` per
     call, heads along dim 1, without the attention output (``out`` is None; top-k indices are
-    sequence positions). Where every head of
-    a layer is tapped, the op's own output replaces SDPA's (one attention pass, not two; equal to
-    SDPA within fp32 rounding, ≤1e-5 on the logits in the tests); map and head-output taps never
-    change outputs. ``stats_row_offsets``:
+    sequence positions). The layer's output is always the model's own attention, computed apart:
+    no tap changes what the model computes (the logits of a tapped forward equal the untapped ones
+    bit for bit). ``stats_row_offsets``:
     offsets ``d`` whose weights ``p[i, i - d]`` are recorded per row (1: previous token), in
     ``Recording.row_keys`` as ``[batch, heads, query, len(offsets)]``.
 

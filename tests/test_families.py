@@ -110,6 +110,22 @@ def test_statistics_equal_the_familys_eager_maps(name):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
+def test_recording_leaves_the_logits_bit_identical(name):
+    """Statistics, maps and head outputs of every head of every layer recorded: the logits are the
+    untapped model's, bit for bit (recording never changes what the model computes)."""
+    model = family_model(name)
+    ids, mask = batch()
+    layers = range(model_shape(model).n_layers)
+    with torch.no_grad():
+        plain = logits(model, ids, mask)
+        taps = Taps(stats={layer: None for layer in layers}, stats_topk=2, stats_columns=True,
+                    attention={layer: None for layer in layers}, head_outputs=tuple(layers))
+        with attach(model, taps=taps):
+            tapped = logits(model, ids, mask)
+    assert torch.equal(tapped, plain)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
 def test_head_scale_equals_zeroing_the_output_projections_input(name):
     model = family_model(name)
     ids, mask = batch()
