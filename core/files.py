@@ -64,11 +64,20 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
-def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+MAX_READ_BYTES = 256 * 2**20  # the largest file headlab reads whole (text, JSON): more is refused
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file", max_bytes: int = MAX_READ_BYTES) -> str:
     """The UTF-8 text of ``path``; :class:`InputFileError` (one line) when it is missing, a folder,
+    not a regular file (a pipe or a device would block or never end), larger than ``max_bytes``,
     unreadable or not UTF-8."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise InputFileError(f"{what} {path} is not a regular file")
+        if path.is_file() and path.stat().st_size > max_bytes:
+            raise InputFileError(f"{what} {path} is {path.stat().st_size / 2**20:.0f} MiB, more than the "
+                                 f"{max_bytes // 2**20} MiB headlab reads")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputFileError(f"{what} {path} does not exist") from None
@@ -88,6 +97,8 @@ def parse_json(text: str | bytes, where: str):
         return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise InputFileError(f"{where} is not JSON ({err.msg}, line {err.lineno})") from None
+    except RecursionError:
+        raise InputFileError(f"{where} nests its JSON too deeply to read") from None
     except _DuplicateKey as err:
         raise InputFileError(f"{where} gives the key {err.args[0]!r} twice in one object") from None
 

@@ -172,10 +172,17 @@ class ExistingFile(Kind):
 
 
 class TextFile(ExistingFile):
-    """The path of an existing file of UTF-8 text that is not blank (checked whole, in 1 MiB pieces)."""
+    """The path of an existing file of UTF-8 text that is not blank (checked whole, in 1 MiB pieces),
+    no larger than headlab reads (:data:`~headlab.core.files.MAX_READ_BYTES`)."""
 
     def check(self, value):
+        from .files import MAX_READ_BYTES
+
         value = super().check(value)
+        size = Path(value).expanduser().stat().st_size
+        if size > MAX_READ_BYTES:
+            raise ValueError(f"{value} is {size / 2**20:.0f} MiB, more than the {MAX_READ_BYTES // 2**20} MiB headlab "
+                             "reads")
         decoder, blank = codecs.getincrementaldecoder("utf-8")(), True
         with Path(value).expanduser().open("rb") as file:
             offset = 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import HeadlabError, InputFileError
+from .files import read_text_file
 from .kinds import Integer, Maybe, TextFile
 from .settings import check_settings, setting
 
@@ -87,10 +88,7 @@ def load_text(path: str | Path | None = None, heldout: bool = False) -> str:
     of :data:`HELDOUT_MODULES` with ``heldout``)."""
     if path is None:
         return stdlib_docstrings(HELDOUT_MODULES if heldout else STDLIB_MODULES)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    text = read_text_file(path, "text file")
     if not text.strip():
         raise InputFileError(f"{path} is empty")
     return text

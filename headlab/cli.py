@@ -22,6 +22,7 @@ from .commands.common import Parser
 from .core.errors import HeadlabError
 from .core.files import OWNED_MANIFEST
 from .core.locks import output_lock
+from .core.resources import check_need
 
 
 def build_parser() -> Parser:
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     new_output = bool(out) and not os.path.lexists(out)
     try:
         checked = command.check(args)
+        need = command.need(args, checked)
+        if need is not None:
+            check_need(need)
         with _output_locked(out):
             return command.run(args, checked)
     except KeyboardInterrupt:

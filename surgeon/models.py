@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from ..core.errors import ModelSpecError, UnsupportedModelError
 from ..core.files import atomic_directory
+from ..core.resources import ModelSize
 from ..core.trust import check_private_tree, make_private_tree
 from ..core.shape import ModelShape, model_shape, text_config
 from .sites import require_attention_interface
@@ -341,6 +342,29 @@ def _from_pretrained(path, config, spec: str, dtype, attn_implementation: str | 
         raise ModelSpecError(f"cannot load the weights of {spec!r}: {reason}") from None
     require_attention_interface(model)
     return model.eval()
+
+
+def model_size(config) -> ModelSize:
+    """Parameters and layer sizes of the model ``config`` describes, counted on the meta device (no
+    memory, no weights read): what :mod:`headlab.core.resources` estimates a run's memory from."""
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if is_causal_lm(config) else transformers.AutoModel
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+        parameters = sum(p.numel() for p in model.parameters())
+    except Exception:  # a config the auto classes do not build: count the usual parts
+        parameters = 0
+    cfg = text_config(config)
+    hidden = cfg.hidden_size
+    intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(cfg, "vocab_size", None) or 0
+    if not parameters:
+        parameters = vocab * hidden + cfg.num_hidden_layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+    shape = model_shape(config)
+    attention = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
+    return ModelSize(parameters, cfg.num_hidden_layers, hidden, intermediate, attention, vocab)
 
 
 def _first_line(err: Exception) -> str:

@@ -63,7 +63,7 @@ def sandbox(tmp_path_factory):
     (d / "plan_calibrate_nan.json").write_text(json.dumps({**plan, "edits": [
         {"kind": "calibrate", "layer": 5, "heads": [1], "threshold": math.nan}]}))
     (d / "probe_lists.jsonl").write_text(json.dumps({"text": "a b", "label": [1, 2]}) + "\n")
-    values = torch.rand(30, 9)
+    values = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
     score = HeadScores("retrieval", values, torch.ones(30, 9), SMOL).to_dict()
     (d / "scores.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": score}}))
     (d / "scores_other.json").write_text(json.dumps({"format": "headlab-scores/1", "scores": {"retrieval": {
@@ -115,6 +115,7 @@ def sandbox(tmp_path_factory):
     (stray_atlas / "atlas.json").write_text(json.dumps({"format": "something-else"}))
     (stray_atlas / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["atlas.json"]}))
     _sae_folders(d)
+    _hostile_files(d)
     tiny = tiny_llama("gqa")
     tiny.save_pretrained(d / "tinymodel")
     _converted_folder(d / "tinyconverted")
@@ -145,6 +146,54 @@ def _sae_folders(d: Path) -> None:
     (acts / "manifest.json").write_text(json.dumps({"format": "headlab-activations/2", "n_heads": 9, "d_head": 64,
                                                     "tokens": 0, "identity": identity, "shards": []}))
     (acts / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": ["manifest.json"]}))
+
+
+def _hostile_files(d: Path) -> None:
+    """Files built to hang, exhaust or escape a reader, and the damaged and mismatched files of the
+    kinds that have none above (see FILE_KINDS)."""
+    import os
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (d / "scores_deep.json").write_text(deep)
+    (d / "probe_deep.jsonl").write_text(deep + "\n")
+    os.mkfifo(d / "plan_fifo.json")  # reading it would wait forever for a writer
+    os.mkfifo(d / "tasks_fifo.jsonl")
+    with (d / "huge.txt").open("wb") as huge:  # 300 MiB of NUL bytes (valid UTF-8), sparse on disk
+        huge.truncate(300 * 2**20)
+    (d / "probe_as_tasks.jsonl").write_text(json.dumps({"text": "a b", "label": 1}) + "\n")
+    shutil.copytree(d / "sae", d / "sae_deep")
+    (d / "sae_deep" / "cfg.json").write_text(deep)
+    identity = {"model": SMOL, "layer": 3, "exclude_first": True, "text": "Python standard-library docstrings",
+                "context": 128, "train_windows": 1575, "held_out_windows": 16, "seed": 0}
+    for name, shard in (("acts_damaged", "shard-00000.safetensors"), ("acts_escape", "../user.txt")):
+        folder = d / name
+        folder.mkdir()
+        (folder / "shard-00000.safetensors").write_bytes(bytes(50))  # the manifest says 100 bytes
+        (folder / "manifest.json").write_text(json.dumps({
+            "format": "headlab-activations/2", "n_heads": 9, "d_head": 64, "tokens": 10, "identity": identity,
+            "shards": [{"file": shard, "bytes": 100, "sha256": "0" * 64}]}))
+        (folder / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1", "entries": [
+            "manifest.json", "shard-00000.safetensors"]}))
+    _gate_states(d)
+
+
+def _gate_states(d: Path) -> None:
+    """train-gates output folders holding a damaged state, another training's and a pickle that is
+    more than tensors."""
+    from headlab.surgeon.streaming.gates import STATE_FILE, settings_key
+    from headlab.surgeon.streaming.settings import GateSettings
+
+    other = {"settings": settings_key(GateSettings(lam=0.5)), "step": 1, "seconds": 0.0, "history": [],
+             "alphas": torch.ones(30, 3), "optimizer": {}}
+    states = {"gates_damaged": b"not a torch file", "gates_other": other, "gates_pickle": {"payload": _NotATensor()}}
+    for name, state in states.items():
+        (d / name).mkdir()
+        if isinstance(state, bytes):
+            (d / name / STATE_FILE).write_bytes(state)
+        else:
+            torch.save(state, d / name / STATE_FILE)
+        (d / name / ".headlab-owned.json").write_text(json.dumps({"format": "headlab-owned/1",
+                                                                  "entries": [STATE_FILE]}))
 
 
 def _converted_folder(folder: Path) -> None:
@@ -223,7 +272,8 @@ CLI_CASES = [
      "headlab did not write it"),
     (f"atlas {SMOL} --out {{d}}/own_plotly --overwrite", "headlab did not write it"),
     (f"view {SMOL} --text abc --out {{d}}/own_plotly/view.html", "headlab did not write it"),
-    (f"stream-eval {SMOL} --rules random --lengths 200000 --out {{d}}/e", "fewer than the 199922 needed for needle"),
+    (f"stream-eval {SMOL} --rules random --lengths 200000 --out {{d}}/e", "of memory at its peak (estimated from the "
+     "model and the settings)"),
     (f"stream-eval {SMOL} --rules none --scorers snapkv --budgets 0.01 --out {{d}}/e", "smallest budget is"),
     (f"stream-eval {SMOL} --rules none --scorers snapkv --budgets 0.3 --press-window 4000 --out {{d}}/e",
      "fewer than the"),
@@ -238,7 +288,7 @@ CLI_CASES = [
     (f"stream-eval {SMOL} --rules random --tasks niah_single --task-prompts 0 --out {{d}}/e", "--task-prompts"),
     (f"stream-eval {SMOL} --rules random --split selection --needles 5 --out {{d}}/e", "--split selection has 3"),
     (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --needle-lengths 200000 --out {{d}}/val",
-     "fewer than the 199922 needed for needle"),
+     "lower --needle-lengths or --tokens"),
     ("stream-eval {d}/converted --base none --out {d}/stale_progress", "holds a compression of other settings"),
     (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/stale_progress",
      "holds a validation of other settings"),
@@ -415,7 +465,7 @@ CLI_CASES = [
     (f"train-gates {SMOL} --out {{d}}/g --window 0", "--window"),
     (f"train-gates {SMOL} --out {{d}}/g --save-every 0", "--save-every"),
     (f"train-gates {SMOL} --out {{d}}/g --text-file {{d}}/missing.txt", "does not exist"),
-    (f"train-gates {SMOL} --out {{d}}/g --text-file {{d}}/windows_only.txt", "of the longest sample"),
+    (f"train-gates {SMOL} --out {{d}}/g --max-length 4096 --text-file {{d}}/windows_only.txt", "of the longest sample"),
     (f"train-gates {SMOL} --out {{d}}/g --seed -1", "--seed"),
     (f"train-gates {SMOL} --out {{d}}/precious", "headlab did not write"),
     (f"train-gates {SMOL} --out {{d}}/g --max-memory lots", "--max-memory"),
@@ -528,10 +578,87 @@ CLI_CASES = [
     ("convert {d}/tinymodel --out {d}/tinymodel/converted --overwrite", "source model's folder itself or inside"),
 ]
 
+# Every kind of file a command reads, with a damaged, a mismatched (another model's, other settings'
+# or another kind's file) and a hostile case (built to hang, exhaust or escape the reader); FILE_OPTIONS
+# maps each option that reads a file to its kind, and a test below keeps both complete.
+FILE_KINDS = {
+    "model folder": {
+        "damaged": ("stream-eval {d}/tinyconverted_truncated --base none --out {d}/se", "truncated or damaged"),
+        "mismatched": ("stream-eval {d}/converted --base {d}/tinymodel --out {d}/se", "in shape and vocabulary size"),
+        "hostile": ("report {d}/pickled --out {d}/r --families none --windows 1", "refuses to unpickle"),
+    },
+    "scores": {
+        "damaged": (f"stream-plan {SMOL} --scores {{d}}/scores_bad.json --keep 0.5 --out {{d}}/sp.json", "values"),
+        "mismatched": (f"atlas {SMOL} --scores {{d}}/scores_another.json --out {{d}}/a", "another model"),
+        "hostile": (f"view {SMOL} --text abc --scores {{d}}/scores_deep.json --out {{d}}/v.html",
+                    "nests its JSON too deeply"),
+    },
+    "plan": {
+        "damaged": (f"eval {SMOL} --out {{d}}/e.json --task kv-recall --plan {{d}}/plan_edits_str.json", "edits"),
+        "mismatched": (f"view {SMOL} --text abc --compare {{d}}/plan_wrong_shape.json --out {{d}}/v.html",
+                       "made for a model of shape"),
+        "hostile": (f"apply {SMOL} --plan {{d}}/plan_fifo.json --out {{d}}/ap", "is not a regular file"),
+    },
+    "text": {
+        "damaged": (f"atlas {SMOL} --text-file {{d}}/latin1.txt --out {{d}}/a", "is not UTF-8 text"),
+        "mismatched": (f"report {SMOL} --out {{d}}/r --text-file {{d}}/text.txt", "too short for 8 windows"),
+        "hostile": (f"sae dashboard {{d}}/sae --text-file {{d}}/huge.txt --out {{d}}/f.html",
+                    "is 300 MiB, more than the 256 MiB headlab reads"),
+    },
+    "labelled texts": {
+        "damaged": (f"report {SMOL} --out {{d}}/r --probe-data {{d}}/probe_lists.jsonl", "label"),
+        "mismatched": (f"report {SMOL} --out {{d}}/r --probe-data {{d}}/tasks_label_true.jsonl", "text"),
+        "hostile": (f"report {SMOL} --out {{d}}/r --probe-data {{d}}/probe_deep.jsonl", "nests its JSON too deeply"),
+    },
+    "task file": {
+        "damaged": (f"eval {SMOL} --out {{d}}/e.json --task {{d}}/tasks_label_float.jsonl", "label: 1.9"),
+        "mismatched": (f"calibrate {SMOL} --out {{d}}/p.json --task {{d}}/probe_as_tasks.jsonl", "prompt"),
+        "hostile": (f"eval {SMOL} --out {{d}}/e.json --task {{d}}/tasks_fifo.jsonl", "nor a JSONL file"),
+    },
+    "journal": {
+        "damaged": (f"validate {SMOL} --scores {{d}}/scores.json --score retrieval --out {{d}}/edited_progress",
+                    "was changed after headlab wrote it"),
+        "mismatched": (f"stream-eval {SMOL} --rules random --out {{d}}/stale_progress", "of other settings"),
+        "hostile": (f"calibrate {SMOL} --out {{d}}/p.json --task kv-recall --progress {{d}}/stale_progress/"
+                    "compression.progress.json", "is not a calibration progress file"),
+    },
+    "activation cache": {
+        "damaged": (f"sae train {SMOL} --layers 3 --cache {{d}}/acts_damaged --out {{d}}/s",
+                    "is missing or not the 100 bytes"),
+        "mismatched": (f"sae train {SMOL} --layers 5 --cache {{d}}/acts_layer3 --out {{d}}/s", "layer 3 there, 5 here"),
+        "hostile": (f"sae train {SMOL} --layers 3 --cache {{d}}/acts_escape --out {{d}}/s", "is missing or not"),
+    },
+    "SAE folder": {
+        "damaged": ("sae eval {d}/sae_truncated --out {d}/m.json", "SHA-256 differs"),
+        "mismatched": ("sae dashboard {d}/sae_layer_edited --out {d}/f.html", "hook_name"),
+        "hostile": ("sae eval {d}/sae_deep --out {d}/m.json", "nests its JSON too deeply"),
+    },
+    "training state": {
+        "damaged": (f"train-gates {SMOL} --max-length 2048 --out {{d}}/gates_damaged", "cannot resume gate training"),
+        "mismatched": (f"train-gates {SMOL} --max-length 2048 --out {{d}}/gates_other", "other settings"),
+        "hostile": (f"train-gates {SMOL} --max-length 2048 --out {{d}}/gates_pickle", "(UnpicklingError)"),
+    },
+}
+FILE_OPTIONS = {  # (the option, or the positional's metavar) -> the kind of file it reads
+    "MODEL": "model folder", "--model": "model folder", "--base": "model folder", "MODEL2": "model folder",
+    "--scores": "scores", "--plan": "plan", "--compare": "plan", "--text-file": "text", "--probe-data": "labelled texts",
+    "--task": "task file", "--progress": "journal", "--cache": "activation cache", "SAE_DIR": "SAE folder",
+}
+# commands whose --out holds what a rerun resumes from (a journal or a training state)
+RESUMED_OUTPUTS = {"stream-eval": "journal", "validate": "journal", "train-gates": "training state",
+                   "convert": "training state"}
+CLI_CASES += [case for cases in FILE_KINDS.values() for case in cases.values()]
+
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(folder.rglob("*"))}
+    """Each entry's content hash (large files: size and modification time; pipes and folders: their kind)."""
+    def state(p: Path):
+        if not p.is_file():
+            return "dir" if p.is_dir() else "special"
+        info = p.stat()
+        return (info.st_size, info.st_mtime_ns) if info.st_size > 2**20 else hashlib.sha256(p.read_bytes()).hexdigest()
+
+    return {str(p.relative_to(folder)): state(p) for p in sorted(folder.rglob("*"))}
 
 
 def _argv(line: str, sandbox: Path) -> list[str]:
@@ -582,6 +709,24 @@ def _commands(parser, prefix=""):
                     yield from _commands(sub, f"{prefix}{name} ")
                 else:
                     yield f"{prefix}{name}", sub
+
+
+def test_every_file_a_command_reads_has_a_damaged_a_mismatched_and_a_hostile_case():
+    """A new option that reads a file lands with its kind in FILE_OPTIONS, and every kind has its three
+    cases (they run with the others above)."""
+    import argparse
+
+    reading = {"MODEL", "MODEL2", "SCORES", "PLAN", "SAE_DIR", "FILE", "TASK,..."}
+    unmapped = []
+    for name, command in _commands(build_parser()):
+        for action in command._actions:
+            key = action.option_strings[0] if action.option_strings else action.metavar
+            reads = action.metavar in reading and action.option_strings[:1] != ["--export"]
+            if (reads or key in FILE_OPTIONS) and key not in FILE_OPTIONS and not isinstance(action, argparse._HelpAction):
+                unmapped.append(f"{name} {key}")
+    assert not unmapped, f"options that read files without a kind in FILE_OPTIONS: {unmapped}"
+    for kind in {*FILE_OPTIONS.values(), *RESUMED_OUTPUTS.values()}:
+        assert set(FILE_KINDS.get(kind, {})) == {"damaged", "mismatched", "hostile"}, kind
 
 
 def test_help_and_argument_errors_answer_at_once(capsys):

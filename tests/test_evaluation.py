@@ -8,7 +8,8 @@ import torch
 from bounds import choice_score_tolerance, largest_gap
 from conftest import VOCAB, tiny_llama
 
-from headlab.surgeon import Calibrate, Plan, PlanError
+from headlab.core.errors import InputFileError
+from headlab.surgeon import Calibrate, Plan
 from headlab.surgeon.search import calibration as search
 from headlab.surgeon.hook import attach
 from headlab.surgeon.search.accuracy import choice_batches, choice_logprobs, evaluate, score_batches
@@ -101,8 +102,13 @@ def test_the_head_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert resumed["heads"] == complete["heads"] and resumed["kept"] == complete["kept"]
     assert resumed["baseline"] == complete["baseline"]
     other = search.SearchSettings(("arithmetic",), len(examples), candidates, beta=0.2)
-    with pytest.raises(PlanError, match="other settings"):
+    with pytest.raises(InputFileError, match="other settings"):
         search.calibration_search(model, tok, examples, other, tmp_path / "run.json")
+    state = json.loads((tmp_path / "run.json").read_text())
+    state["pieces"]["2,1"] = 0.987654  # a head's accuracy set by hand
+    (tmp_path / "run.json").write_text(json.dumps(state))
+    with pytest.raises(InputFileError, match="changed after headlab wrote it"):
+        search.calibration_search(model, tok, examples, settings, tmp_path / "run.json")
     plan = search.plan_from_search(model, "tiny", {"kept": [[2, 1], [3, 4], [2, 5]]}, 0.4, 0.05)
     assert plan.edits == [Calibrate(2, (1, 5), beta=0.4, threshold=0.05), Calibrate(3, (4,), beta=0.4, threshold=0.05)]
 

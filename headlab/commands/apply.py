@@ -41,6 +41,12 @@ class Apply(Command):
         check_folder(args.out, args.overwrite, "--out checkpoint folder")
         return plan
 
+    def need(self, args, plan):
+        from ..core.resources import Forward
+
+        return common.need(args, [Forward(64)], "nothing of this command (the model itself does not fit)",
+                           disk={args.out: 2 * common.checkpoint_bytes(args)})  # the folded weights, or the base
+
     def run(self, args, plan) -> int:
         from ..surgeon.models import load_model
         from ..surgeon.saving import save_edited

@@ -62,6 +62,13 @@ class Atlas(Command):
             plan.validate(shape)
         return settings, scores, plan
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        settings = checked[0]
+        shape = common.model_shape_of(common.model_config(args))
+        return common.need(args, [Forward(settings.text.tokens, maps=shape.n_heads, logits="all")], "--tokens")
+
     def run(self, args, checked) -> int:
         from tqdm.auto import tqdm
 

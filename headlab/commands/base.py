@@ -54,6 +54,12 @@ class Command:
         Returns what :meth:`run` needs."""
         return None
 
+    def need(self, args: argparse.Namespace, checked: Any):
+        """The run's estimated peak memory and the bytes it writes (a
+        :class:`~headlab.core.resources.Need`), checked against the machine after :meth:`check` and
+        before :meth:`run`; None for a command that loads no model."""
+        return None
+
     def run(self, args: argparse.Namespace, checked: Any) -> int:
         """Do the work (library calls) and return the exit status."""
         raise NotImplementedError(f"command {self.name!r} has no run")

@@ -50,22 +50,31 @@ class Calibrate(Command):
         if converted:
             named = f"layer {converted[0]} is" if len(converted) == 1 else f"layers {index_spans(converted)} are"
             raise HeadlabError(f"--layers: {named} converted to linear attention, which has no sinks to calibrate")
-        return tasks, search, examples, layers, progress
+        from ..core.journal import Journal
+        from ..surgeon.search.calibration import SearchSettings, candidates_of, search_identity
+
+        candidates = candidates_of(common.model_shape_of(config), set(common.converted_layers_of(args.model, config)),
+                                   layers)
+        record = SearchSettings(tasks.tasks, len(examples), tuple(candidates), search.beta, search.threshold,
+                                search.margin)
+        Journal(progress, search_identity(record, examples, args.model), "calibration")  # not another search's
+        return tasks, record, examples, progress
+
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        tasks, examples = checked[0], checked[2]  # (tasks, search record, examples, progress)
+        shape = common.model_shape_of(common.model_config(args))
+        return common.need(args, [Forward(common.longest_example(examples), tasks.batch_size, maps=shape.n_heads)],
+                           "--batch-size")
 
     def run(self, args, checked) -> int:
-        from ..surgeon.search.calibration import (
-            SearchSettings,
-            calibration_search,
-            default_candidates,
-            plan_from_search,
-        )
+        from ..surgeon.search.calibration import calibration_search, plan_from_search
 
-        tasks, search, examples, layers, progress = checked
+        tasks, record, examples, progress = checked
         model, tokenizer = common.load_model_from(args)
-        record = SearchSettings(tasks.tasks, len(examples), tuple(default_candidates(model, layers)), search.beta,
-                                search.threshold, search.margin)
-        state = calibration_search(model, tokenizer, examples, record, progress, tasks.batch_size)
-        plan = plan_from_search(model, args.model, state, search.beta, search.threshold)
+        state = calibration_search(model, tokenizer, examples, record, progress, tasks.batch_size, model_id=args.model)
+        plan = plan_from_search(model, args.model, state, record.beta, record.threshold)
         plan.save(args.out)
         print(f"baseline accuracy {state['baseline']:.3f} on {len(examples)} calibration examples; "
               f"kept {len(state['kept'])} of {len(record.candidates)} heads\nplan: {args.out}\nprogress: {progress}")

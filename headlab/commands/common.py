@@ -121,6 +121,34 @@ def load_model_from(args, spec: str | None = None):
     return model, tokenizer
 
 
+def need(args, forwards, lower: str, extra: int = 0, disk: dict | None = None, spec: str | None = None):
+    """The :class:`~headlab.core.resources.Need` of a run of the model ``spec`` (default ``args.model``)
+    making ``forwards`` (:class:`~headlab.core.resources.Forward`) with ``extra`` bytes of buffers
+    and writing ``disk`` (``{folder: bytes}``); ``lower`` names the settings to lower. Reads the config
+    only; ``--max-memory`` bounds the weights held in memory."""
+    from ..core.resources import estimate, parse_size
+    from ..surgeon.models import load_config, model_size
+
+    size = model_size(load_config(spec or args.model)[1])
+    kept = parse_size(args.max_memory) if getattr(args, "max_memory", None) else None
+    return estimate(size, forwards, extra, lower, disk, kept)
+
+
+def longest_example(examples) -> int:
+    """An upper bound on the tokens of the longest task example (a list, or lists by task): its
+    prompt and longest choice in UTF-8 bytes (a token is at least one byte), plus special tokens."""
+    groups = examples.values() if isinstance(examples, dict) else [examples]
+    return max((len((e.prompt + max(e.choices, key=len)).encode("utf-8")) + 2 for group in groups for e in group),
+               default=2)
+
+
+def checkpoint_bytes(args, spec: str | None = None) -> int:
+    """Bytes of the model's weights saved in fp32 (a converted or edited checkpoint)."""
+    from ..surgeon.models import load_config, model_size
+
+    return model_size(load_config(spec or args.model)[1]).weight_bytes
+
+
 def check_scores_model(scores: dict, needed: set[str], spec: str) -> None:
     """Refuse a ``needed`` score measured on another model than ``spec`` (the same name, or the same
     folder)."""
@@ -165,5 +193,6 @@ def file_safe(name: str) -> str:
 
 
 __all__ = ["MODEL_HELP", "Parser", "Renamed", "add_model_arguments", "add_output_arguments", "check_paths_differ",
-           "check_scores_model", "check_window_fits", "converted_layers_of", "file_safe", "layers_of", "load_model_from", "memory_size",
-           "model_config", "model_shape_of", "refuse_converted"]
+           "check_scores_model", "check_window_fits", "checkpoint_bytes", "converted_layers_of", "file_safe",
+           "layers_of", "load_model_from", "longest_example", "memory_size", "model_config", "model_shape_of", "need",
+           "refuse_converted"]

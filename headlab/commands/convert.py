@@ -66,6 +66,10 @@ class Convert(Command):
 
         if is_converted_directory(out) and not (out / "training").exists():
             raise HeadlabError(f"{out} already holds a finished converted checkpoint; choose another --out")
+        positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if positions and settings.linear.window > positions:
+            raise HeadlabError(f"--window {settings.linear.window} is longer than the {positions} positions "
+                               f"{args.model} has (a window that long is softmax attention)")
         layers = check_config(config, requested)  # the structure, before any weight
         return settings, layers, requested is None, self._softmax(args, settings, config, layers)
 
@@ -89,6 +93,19 @@ class Convert(Command):
             scores = merged_scores(args.scores, shape, needed)
             common.check_scores_model(scores, needed, args.model)
         return softmax_choice(settings, config, layers, scores)
+
+    def need(self, args, checked):
+        from ..core.resources import FLOAT, Forward
+
+        settings = checked[0]
+        shape = common.model_shape_of(common.model_config(args))
+        tokens, window = settings.text.tokens, settings.linear.window
+        # the window's scores of every converted head, kept for the backward (terrace: two windows)
+        windowed = shape.n_layers * shape.n_heads * tokens * min(tokens, 2 * window) * FLOAT * 3
+        maps = shape.n_heads if settings.loss == "ce" else 0  # stage 1's attention cross-entropy: T x T maps
+        return common.need(args, [Forward(tokens, grad=True, maps=maps), Forward(max(settings.gate_lengths), logits="last")],
+                           "--tokens, --window or --gate-lengths", extra=windowed,
+                           disk={args.out: 2 * common.checkpoint_bytes(args)})  # the checkpoint and training state
 
     def run(self, args, checked) -> int:
         from ..probes.validation.recall_gate import RecallGate, gate_lines

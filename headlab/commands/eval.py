@@ -40,6 +40,14 @@ class Eval(Command):
             plan.validate(common.model_shape_of(config))
         return tasks, plan, examples
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        tasks, plan, examples = checked
+        shape = common.model_shape_of(common.model_config(args))
+        return common.need(args, [Forward(common.longest_example(examples), tasks.batch_size,
+                                          maps=shape.n_heads if plan else 0)], "--batch-size")
+
     def run(self, args, checked) -> int:
         from ..surgeon.search.accuracy import evaluate_tasks
 

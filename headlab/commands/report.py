@@ -84,6 +84,17 @@ class Report(Command):
         common.model_config(args)
         return settings
 
+    def need(self, args, settings):
+        if args.page_only:
+            return None
+        from ..core.resources import Forward
+
+        shape = common.model_shape_of(common.model_config(args))
+        longest = max((settings.needles.lengths if "retrieval" in settings.families else ()), default=0)
+        return common.need(args, [Forward(settings.text.tokens, grad="gradient" in settings.families,
+                                          maps=shape.n_heads), Forward(longest, logits="last")],
+                           "--tokens or --needle-lengths")
+
     def run(self, args, settings) -> int:
         from ..core.distributed import init_distributed
 

@@ -56,6 +56,12 @@ class SaeDashboard(Command):
             raise HeadlabError(f"--top {data.top} is more than the autoencoder's {sae.d_sae} latents")
         return data, spec
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        data, spec = checked
+        return common.need(args, [Forward(data.text.tokens)], "--tokens", spec=spec)
+
     def run(self, args, checked) -> int:
         from ..sae.pipeline import feature_dashboards
 

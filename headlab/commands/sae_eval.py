@@ -63,6 +63,12 @@ class SaeEval(Command):
         claim_file(args.out, args.overwrite, "--out metrics")
         return data, saved_autoencoder(args)[2]
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        data, spec = checked
+        return common.need(args, [Forward(data.text.tokens)], "--tokens", spec=spec)
+
     def run(self, args, checked) -> int:
         from ..sae.pipeline import evaluate_saved
 

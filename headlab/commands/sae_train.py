@@ -66,6 +66,19 @@ class SaeTrain(Command):
             CachedActivations(data.cache, cache_identity(args.model, layer, data.text, settings))
         return data, settings, layer
 
+    def need(self, args, checked):
+        from ..core.resources import FLOAT, Forward
+
+        data, settings, layer = checked
+        shape = common.model_shape_of(common.model_config(args))
+        d_in = shape.n_heads * shape.head_dim
+        buffer = 2 * min(settings.buffer_tokens, settings.train_tokens) * d_in * FLOAT  # the buffer and a refill
+        autoencoder = 4 * 2 * d_in * settings.expansion * d_in * FLOAT  # weights, gradients, Adam's two moments
+        cached = settings.train_tokens * d_in * FLOAT  # the activation cache's shards
+        disk = {data.cache: cached} if data.cache and not (Path(data.cache) / "manifest.json").exists() else {}
+        return common.need(args, [Forward(data.text.tokens)], "--buffer-tokens, --expansion or --tokens",
+                           extra=buffer + autoencoder, disk=disk)
+
     def run(self, args, checked) -> int:
         from ..core.distributed import init_distributed
         from ..sae.pipeline import train_sae

@@ -91,6 +91,12 @@ class StreamEval(Command):
             raise HeadlabError(f"{args.model} is converted to linear attention: stream-eval measures it as it is "
                                f"against its base model, and {', '.join(refused)} (streaming heads) do not apply")
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        settings = checked[0]
+        return common.need(args, [Forward(max(settings.lengths), maps=1)], "--lengths")
+
     def run(self, args, checked) -> int:
         from ..probes.compression.page import summary_lines, write_compression
         from ..probes.compression.run import evaluate_compression, evaluate_conversion

@@ -39,7 +39,20 @@ class TrainGates(Command):
         if limit and settings.min_length > limit:
             raise HeadlabError(f"--min-length {settings.min_length} is longer than the {limit} positions {args.model} "
                                "has")
+        from ..surgeon.streaming.gates import STATE_FILE, read_state
+
+        shape = common.model_shape_of(config)
+        read_state(Path(args.out) / STATE_FILE, settings, (shape.n_layers, shape.n_kv_heads))  # a resumable state
         return settings
+
+    def need(self, args, settings):
+        from ..core.resources import Forward
+
+        config = common.model_config(args)
+        limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+        longest = min(settings.max_length, limit) if limit else settings.max_length
+        heads = common.model_shape_of(config).n_heads
+        return common.need(args, [Forward(longest, grad=True, maps=heads, logits="last")], "--max-length")
 
     def run(self, args, settings) -> int:
         from ..surgeon.streaming.gates import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining

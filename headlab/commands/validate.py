@@ -65,6 +65,14 @@ class Validate(Command):
         Journal(progress, validation_identity(score, settings, args.model), "validation")  # not another validation's
         return settings, score, progress
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        settings = checked[0]
+        shape = common.model_shape_of(common.model_config(args))
+        return common.need(args, [Forward(max(settings.needle_lengths), maps=shape.n_heads, logits="last"),
+                                  Forward(settings.text.tokens, maps=shape.n_heads)], "--needle-lengths or --tokens")
+
     def run(self, args, checked) -> int:
         from ..probes.validation.page import curve_lines, write_validation
         from ..probes.validation.run import validate_score

@@ -69,6 +69,15 @@ class View(Command):
                 raise HeadlabError(f"--head {head[0]}.{head[1]} is on a layer --layers does not record")
         return view, text, plan, scores, layers, head
 
+    def need(self, args, checked):
+        from ..core.resources import Forward
+
+        view, text, plan = checked[:3]
+        shape = common.model_shape_of(common.model_config(args))
+        tokens = min(view.max_tokens, len(text.encode("utf-8")) + 2)  # a token is at least one byte
+        return common.need(args, [Forward(tokens, maps=shape.n_heads * (2 if plan else 1), logits="all")],
+                           "the text's length or --max-tokens")
+
     def run(self, args, checked) -> int:
         view, text, plan, scores, layers, head = checked
         model, tokenizer = common.load_model_from(args)

@@ -14,6 +14,8 @@ skips the heads already measured, so a killed search continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 from tqdm.auto import tqdm
 
 from ...core.errors import InputFileError, UnsupportedModelError
-from ...core.files import parse_json, write_json
+from ...core.journal import Journal
 from ...core.shape import model_shape
 from ..conversion.converted import converted_layers
 from ..edits.base import FIRST_EDITABLE_LAYER
@@ -59,8 +61,12 @@ class SearchSettings:
 def default_candidates(model, layers: list[int] | None = None) -> list[tuple[int, int]]:
     """Every head of ``layers`` (default ``2 … n_layers - 2``: the released layers 2-30 of 32,
     generalised, less any layer converted to linear attention, which has no sinks to calibrate)."""
-    shape = model_shape(model)
-    converted = converted_layers(model)
+    return candidates_of(model_shape(model), set(converted_layers(model)), layers)
+
+
+def candidates_of(shape, converted: set[int], layers: list[int] | None = None) -> list[tuple[int, int]]:
+    """:func:`default_candidates` of a model of ``shape`` whose ``converted`` layers are linear (from its
+    config, before any weight is read)."""
     if layers is None:
         layers = [layer for layer in range(FIRST_EDITABLE_LAYER, shape.n_layers - 1) if layer not in converted]
     bad = [layer for layer in layers if not FIRST_EDITABLE_LAYER <= layer < shape.n_layers or layer in converted]
@@ -70,17 +76,30 @@ def default_candidates(model, layers: list[int] | None = None) -> list[tuple[int
     return [(layer, head) for layer in layers for head in range(shape.n_heads)]
 
 
+def search_identity(settings: SearchSettings, examples: list[Example], model_id: str) -> dict:
+    """What a calibration search is, as its progress file records it (:class:`~headlab.core.journal.Journal`):
+    the settings, the model and a digest of the examples."""
+    text = json.dumps([[e.prompt, list(e.choices), e.label] for e in examples], ensure_ascii=True)
+    return {"settings": settings.to_dict(), "model": model_id,
+            "examples": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def calibration_search(model, tokenizer, examples: list[Example], settings: SearchSettings,
-                       progress_path: str | os.PathLike, batch_size: int = 16, progress: bool = True) -> dict:
+                       progress_path: str | os.PathLike, batch_size: int = 16, progress: bool = True,
+                       model_id: str | None = None) -> dict:
     """Measure accuracy with each candidate head calibrated alone; keep heads whose accuracy
     beats the unedited baseline by more than ``settings.margin``.
 
-    Returns ``{"settings", "baseline", "heads": {"L,H": accuracy}, "kept": [[L, H], ...]}``; the
-    same dict is kept (and resumed from) at ``progress_path``. ``progress``: a status line before the
-    unedited pass and a bar over the heads, whose postfix names the layer's forward under way.
+    Returns ``{"settings", "baseline", "heads": {"L,H": accuracy}, "kept": [[L, H], ...]}``. The
+    baseline and each head's accuracy are kept as they finish in a journal at ``progress_path``
+    (:func:`search_identity` of ``model_id``, default the model's ``name_or_path``), which the same
+    search resumes; another search's file, or one changed by hand, is refused. ``progress``: a status
+    line before the unedited pass and a bar over the heads, whose postfix names the layer's forward
+    under way.
     """
-    progress_path = Path(progress_path)
-    state = _resume(progress_path, settings)
+    journal = Journal(Path(progress_path), search_identity(settings, examples, model_id or model.config.name_or_path),
+                      "calibration")
+    state = _resume(journal, settings)
     batches = choice_batches(tokenizer, examples, batch_size)
     prefix = _prefix_or_none(model, batches)
     forward = prefix.forward if prefix is not None else model_forward(model)
@@ -93,8 +112,7 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
     if state["baseline"] is None:
         unedited = (scorer.unedited_scores() if scorer is not None
                     else score_batches(batches, len(examples), forward, progress))
-        state["baseline"] = accuracy(examples, unedited).accuracy
-        write_json(progress_path, state)
+        state["baseline"] = journal.put("baseline", accuracy(examples, unedited).accuracy)
     bar = tqdm(desc="calibration search", initial=len(settings.candidates) - len(todo), total=len(settings.candidates),
                unit="head", disable=not progress)
     for layer in sorted({layer for layer, _ in todo}):
@@ -106,8 +124,7 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
         status = bar.set_postfix_str if progress else None
         side_by_side = scorer is not None  # the layer's heads finish together: the bar moves once, by all of them
         for edit, result in measure_layer(model, examples, batches, edits, forward, scorer, status):
-            state["heads"][_key((layer, edit.heads[0]))] = result.accuracy
-            write_json(progress_path, state)
+            state["heads"][_key((layer, edit.heads[0]))] = journal.put(_key((layer, edit.heads[0])), result.accuracy)
             if not side_by_side:
                 bar.update()
         if side_by_side:
@@ -115,7 +132,6 @@ def calibration_search(model, tokenizer, examples: list[Example], settings: Sear
     bar.close()
     state["kept"] = [list(c) for c in settings.candidates
                      if state["heads"][_key(c)] - state["baseline"] > settings.margin]
-    write_json(progress_path, state)
     return state
 
 
@@ -182,14 +198,13 @@ def _key(candidate) -> str:
     return f"{candidate[0]},{candidate[1]}"
 
 
-def _resume(path: Path, settings: SearchSettings) -> dict:
-    fresh = {"format": "headlab-act-search/1", "settings": settings.to_dict(), "baseline": None, "heads": {}, "kept": []}
-    if not path.exists():
-        return fresh
-    try:
-        state = parse_json(path.read_text(encoding="utf-8"), str(path))
-    except (OSError, UnicodeDecodeError, InputFileError) as err:
-        raise PlanError(f"cannot resume from {path}: {err}; move it away to start afresh") from err
-    if state.get("settings") != settings.to_dict():
-        raise PlanError(f"{path} holds a search with other settings; move it away or use the same settings")
-    return state
+def _resume(journal: Journal, settings: SearchSettings) -> dict:
+    """The search's state from its journal's finished pieces (a finite accuracy in [0, 1] each)."""
+    pieces = {key: journal.get(key) for key in ("baseline", *map(_key, settings.candidates))}
+    bad = [key for key, value in pieces.items() if value is not None and not (isinstance(value, (int, float))
+                                                                               and 0 <= value <= 1)]
+    if bad:
+        raise InputFileError(f"{journal.path} holds an accuracy that is not a number in [0, 1] ({bad[0]}); move it "
+                             "away to start afresh")
+    heads = {key: value for key, value in pieces.items() if key != "baseline" and value is not None}
+    return {"settings": settings.to_dict(), "baseline": pieces["baseline"], "heads": heads, "kept": []}

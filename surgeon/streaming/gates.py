@@ -94,6 +94,41 @@ def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def settings_key(settings: GateSettings) -> str:
+    """What a resumed run must share: everything but how long it trains and how often it saves (a
+    step's sample and update do not depend on them, so a run can be extended)."""
+    fixed = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("steps", "save_every")}
+    return json.dumps(fixed, sort_keys=True)
+
+
+def read_state(path: Path | None, settings: GateSettings, gates_shape: tuple[int, int]) -> dict | None:
+    """The training state saved at ``path`` (None where there is none), checked before any model work:
+    a file torch cannot read as plain tensors, of other settings, of another model's shape (``gates_shape``:
+    layers x KV heads), of more steps than ``settings.steps`` or with non-finite gates is refused
+    (:class:`InputFileError`, one line)."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        alphas, step = state["alphas"], int(state["step"])
+    except Exception as err:  # a damaged or foreign file: say which, never a traceback
+        raise InputFileError(f"cannot resume gate training from {path} ({type(err).__name__}); move it away to "
+                             "start afresh") from None
+    if state.get("settings") != settings_key(settings):
+        raise InputFileError(f"{path} holds a gate training with other settings; move it away or use the same "
+                             "settings")
+    if not isinstance(alphas, torch.Tensor) or tuple(alphas.shape) != tuple(gates_shape):
+        shown = tuple(alphas.shape) if isinstance(alphas, torch.Tensor) else type(alphas).__name__
+        raise InputFileError(f"{path} holds gates of shape {shown}, not this model's {tuple(gates_shape)} (layers x "
+                             "KV heads): another model's training")
+    if step > settings.steps:
+        raise InputFileError(f"{path} holds {step} training steps, more than --steps {settings.steps}; ask for at "
+                             "least as many")
+    if not torch.isfinite(alphas).all():
+        raise InputFileError(f"{path} holds gates that are not finite (NaN or infinity); move it away to start afresh")
+    return state
+
+
 class GateTraining:
     """One run of gate training, saved to and resumed from ``folder / STATE_FILE``."""
 
@@ -178,10 +213,7 @@ class GateTraining:
         return float(loss.detach()), float(mse.detach())
 
     def _settings_key(self) -> str:
-        """What a resumed run must share: everything but how long it trains and how often it saves
-        (a step's sample and update do not depend on them, so a run can be extended)."""
-        fixed = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in ("steps", "save_every")}
-        return json.dumps(fixed, sort_keys=True)
+        return settings_key(self.settings)
 
     def _save(self) -> None:
         if self.path is None:
@@ -193,22 +225,9 @@ class GateTraining:
             torch.save(state, tmp)
 
     def _resume(self) -> None:
-        if self.path is None or not self.path.exists():
+        state = read_state(self.path, self.settings, tuple(self.alphas.shape))
+        if state is None:
             return
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception as err:  # a damaged file: say which, never a traceback
-            raise InputFileError(f"cannot resume gate training from {self.path} ({type(err).__name__}); move it "
-                                 "away to start afresh") from None
-        if state.get("settings") != self._settings_key():
-            raise InputFileError(f"{self.path} holds a gate training with other settings; move it away or use "
-                                 "the same settings")
-        if state["step"] > self.settings.steps:
-            raise InputFileError(f"{self.path} holds {state['step']} training steps, more than --steps "
-                                 f"{self.settings.steps}; ask for at least as many")
-        if not torch.isfinite(state["alphas"]).all():
-            raise InputFileError(f"{self.path} holds gates that are not finite (NaN or infinity); move it away to "
-                                 "start afresh")
         with torch.no_grad():
             self.alphas.copy_(state["alphas"])
         self.optimizer.load_state_dict(state["optimizer"])
