@@ -2,6 +2,7 @@
 training stages and their resumption, save/reload, the convert command and its errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import VOCAB, perturb_feature_maps, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.cli import main as headlab
+from headlab.core.errors import InputFileError
 from headlab.kernels.reference import hybrid_attention_reference, linear_attention_reference
 from headlab.surgeon import load_model
 from headlab.surgeon.conversion.converted import convert, converted_layers, load_converted, save_converted
@@ -185,6 +187,28 @@ def test_killed_stage_resumes_to_the_same_weights(tmp_path):
     assert summary["steps"] == 6
     for (name, p), (_, q) in zip(straight.named_parameters(), again.named_parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("damage, fragment", [("garbage", "cannot resume the training"),
+                                                ("nan", "values that are not finite"),
+                                                ("shape", "at another shape"), ("other", "other parameters")])
+def test_a_damaged_training_state_is_refused_in_one_line(tmp_path, damage, fragment):
+    _stage1(converted(layers=None), tmp_path, steps=4, stop_at=2)
+    (state_file,) = [path for path in tmp_path.rglob("*") if path.is_file() and path.suffix == ".pt"]
+    state = torch.load(state_file, weights_only=True)
+    name = sorted(state["weights"])[0]
+    if damage == "garbage":
+        state_file.write_bytes(b"not a torch file")
+    else:
+        if damage == "nan":
+            state["weights"][name] = torch.full_like(state["weights"][name], math.nan)
+        elif damage == "shape":
+            state["weights"][name] = state["weights"][name][..., :1]
+        else:
+            state["weights"]["another.parameter"] = state["weights"].pop(name)
+        torch.save(state, state_file)
+    with pytest.raises(InputFileError, match=fragment):
+        _stage1(converted(layers=None), tmp_path, steps=4)
 
 
 def test_padding_and_bad_layers_are_refused():

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ...core.errors import InputFileError
 from ...core.files import atomic_path
 from ..losses import next_token_kl
 from ..sites import announcing_layers
@@ -229,9 +230,19 @@ class _Run:
     def _resume(self) -> None:
         if self.path is None or not self.path.exists():
             return
-        state = torch.load(self.path, weights_only=True)
-        if set(state["weights"]) != set(self.params):
-            raise ValueError(f"{self.path} was written for other parameters; remove it or choose another folder")
+        try:
+            state = torch.load(self.path, weights_only=True)
+            weights = dict(state["weights"])
+        except Exception as err:  # a damaged or foreign file: say which, never a traceback
+            raise InputFileError(f"cannot resume the training from {self.path} ({type(err).__name__}); move it away "
+                                 "to start afresh") from None
+        if set(weights) != set(self.params):
+            raise InputFileError(f"{self.path} was written for other parameters; remove it or choose another folder")
+        wrong = [k for k, p in self.params.items() if not isinstance(weights[k], torch.Tensor)
+                 or weights[k].shape != p.shape or not torch.isfinite(weights[k]).all()]
+        if wrong:
+            raise InputFileError(f"{self.path} holds {wrong[0]} at another shape or with values that are not finite; "
+                                 "move it away to start afresh")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state["weights"][k])
