@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _headlab_warnings_in_one_line(warnings.formatwarning)
     command = args.command
     out = getattr(args, "out", None)
-    new_output = bool(out) and not os.path.lexists(out)
+    new_output = bool(out) and not os.path.lexists(out) and int(os.environ.get("RANK", "0")) == 0
     try:
         checked = command.check(args)
         need = command.need(args, checked)
@@ -83,8 +83,9 @@ WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _output_locked(out):
-    """The lock of the command's ``--out`` (one writer per output), or nothing without one."""
-    return output_lock(out) if out else nullcontext()
+    """The lock of the command's ``--out`` (one writer per output), or nothing without one. Under
+    torchrun the first process holds it for the whole group (its ranks are one run)."""
+    return output_lock(out) if out and int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def _discard_if_empty(out) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from headlab.cli import main
+from headlab.commands.base import all_commands
 from headlab.core.errors import OutputError
 from headlab.core.locks import lock_path, output_lock
 
@@ -77,8 +78,17 @@ def test_the_command_line_refuses_a_second_run_into_the_same_out_in_one_line(tmp
     assert f"another headlab run (process {os.getpid()}" in err and not out.exists()
 
 
+def test_the_ranks_of_one_torchrun_group_share_the_first_ranks_lock(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(all_commands()["view"], "run", lambda self, args, checked: 0)
+    out = tmp_path / "view.html"
+    with output_lock(out):  # held by rank 0 of the group
+        monkeypatch.setenv("RANK", "1")
+        assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 0
+        monkeypatch.setenv("RANK", "0")
+        assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 2  # another run's rank 0
+
+
 def test_a_full_disk_ends_in_one_line_and_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
-    from headlab.commands.base import all_commands
     from headlab.core.files import claim_folder
 
     def run_into_a_full_disk(self, args, checked):
@@ -95,7 +105,6 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_empty_folder(tmp_path, capsy
 
 
 def test_a_full_disk_keeps_the_journal_of_finished_pieces(tmp_path, capsys, monkeypatch):
-    from headlab.commands.base import all_commands
     from headlab.core.journal import Journal
 
     def run_after_one_piece(self, args, checked):

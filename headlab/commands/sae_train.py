@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass
 
 from ..core.errors import HeadlabError
 from ..core.files import check_folder
+from ..core.locks import output_lock
 from ..core.kinds import Indices, Maybe, Text
 from ..core.settings import check_settings, setting, settings_from_args
 from ..core.text import TextWindows
@@ -86,8 +89,10 @@ class SaeTrain(Command):
         data, settings, layer = checked
         init_distributed()
         model, tokenizer = common.load_model_from(args)
-        metrics = train_sae(model, tokenizer, layer, args.out, settings, data.text, cache=data.cache,
-                            model_spec=args.model, overwrite=args.overwrite)
+        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # under torchrun the ranks read the model, not a cache
+        with output_lock(data.cache) if data.cache and alone else nullcontext():  # a cache runs share: one writes it
+            metrics = train_sae(model, tokenizer, layer, args.out, settings, data.text, cache=data.cache,
+                                model_spec=args.model, overwrite=args.overwrite)
         if metrics:  # rank 0
             print(json.dumps({k: metrics[k] for k in ("l0", "explained_variance", "ce_loss_recovered", "dead_fraction")
                               if k in metrics}, indent=1))
