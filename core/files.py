@@ -171,6 +171,8 @@ def headlab_wrote(path: str | os.PathLike) -> bool:
     ``format`` starts with ``headlab``, or a page carrying headlab's generator tag."""
     path = Path(path)
     try:
+        if not path.is_file() or path.stat().st_size > MAX_READ_BYTES:
+            return False
         with path.open("rb") as handle:
             head = handle.read(4096)
     except OSError:
@@ -180,14 +182,15 @@ def headlab_wrote(path: str | os.PathLike) -> bool:
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return False
         return isinstance(data, dict) and str(data.get("format", "")).startswith("headlab")
     return False
 
 
 def claim_file(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Path:
-    """Check, before any work and without touching anything, that ``path`` may be written: a new
+    """Check, before any work and creating nothing (a probe file is made and removed), that ``path``
+    may be written: a new
     file where a folder can be created and written, or a file headlab wrote (:func:`headlab_wrote`);
     with ``overwrite`` any file. Raises :class:`OutputError` with the reason."""
     path = Path(path).expanduser()
@@ -200,7 +203,8 @@ def claim_file(path: str | os.PathLike, overwrite: bool = False, what: str = "ou
 
 
 def check_folder(path: str | os.PathLike, overwrite: bool = False, what: str = "output folder") -> Path:
-    """Check, before any work and without touching anything, that headlab may write into the
+    """Check, before any work and creating nothing (a probe file is made and removed), that headlab
+    may write into the
     folder ``path``: it is new, empty, or holds only entries headlab wrote (:data:`OWNED_MANIFEST`);
     with ``overwrite`` it may hold anything. Raises :class:`OutputError` with the reason."""
     path = Path(path).expanduser()

@@ -57,7 +57,11 @@ def _digest(identity, pieces) -> str | None:
     """SHA-256 of the identity and the pieces (a dict) as canonical JSON; None for anything else."""
     if not isinstance(pieces, dict):
         return None
-    text = json.dumps({"identity": identity, "pieces": pieces}, sort_keys=True, allow_nan=False, ensure_ascii=True)
+    try:
+        text = json.dumps({"identity": identity, "pieces": pieces}, sort_keys=True, allow_nan=False,
+                          ensure_ascii=True)
+    except ValueError:  # NaN or infinity: never written by headlab
+        return None
     return hashlib.sha256(text.encode()).hexdigest()
 
 

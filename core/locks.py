@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import time
 import warnings
 from contextlib import contextmanager
@@ -43,7 +44,8 @@ def output_lock(output: str | os.PathLike, command: str = "headlab") -> Iterator
         yield path
     finally:
         try:
-            path.unlink()
+            if _same_file(handle.fileno(), path):  # never another run's lock file
+                path.unlink()
         except OSError:
             pass
         handle.close()  # releases the flock
@@ -57,6 +59,9 @@ def _acquire(path: Path, output) -> "object":
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as err:
             raise OutputError(f"cannot lock {output} ({err.strerror}: {path})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe or a device there: reading it could block
+            os.close(fd)
+            raise OutputError(f"cannot lock {output}: {path} is not a regular file; remove it")
         handle = os.fdopen(fd, "r+", encoding="utf-8")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -65,6 +70,9 @@ def _acquire(path: Path, output) -> "object":
             handle.close()
             raise OutputError(f"another headlab run{holder} is writing {output}; wait for it to end or choose "
                               "another --out") from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            handle.close()
+            raise OutputError(f"cannot lock {output} ({err.strerror}); write it on a local disk") from None
         if _same_file(fd, path):
             break
         handle.close()
@@ -89,7 +97,7 @@ def _holder(handle) -> str:
     """`` (process N, started T)`` from a lock file's record, or ``""`` when it holds none."""
     try:
         handle.seek(0)
-        record = json.loads(handle.read() or "{}")
+        record = json.loads(handle.read(4096) or "{}")
         return f" (process {int(record['pid'])}, started {record['started']})"
     except (ValueError, KeyError, TypeError, OSError):
         return ""

@@ -6,7 +6,9 @@ plus any buffers, and the files it writes; :func:`estimate` turns that and the m
 peak memory, and :func:`check_need` refuses in one line what does not fit, naming the setting to
 lower. The per-token costs are fp32 activations per layer, measured on SmolLM2-135M and Gemma 3
 270M on CPU and rounded up (an estimate meant to catch settings that cannot fit, not to budget
-tightly). ``HEADLAB_MEMORY_BUDGET`` (e.g. ``8GiB``) caps what headlab assumes it may use.
+tightly). ``HEADLAB_MEMORY_BUDGET`` (e.g. ``8GiB``) replaces what headlab takes as available.
+Long backward passes recompute each block (:data:`RECOMPUTE_ABOVE_BYTES`) and chunk their logits
+(:data:`LOGITS_ABOVE_BYTES`) where the run does so (``Forward.recompute``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import started_by_torchrun
 from .errors import HeadlabError
 
 FLOAT = 4  # bytes per activation: the models run in fp32 on the CPU
 # fp32 values per token and layer, as multiples of (hidden size, intermediate size, attention width
 # (query + key + value heads x head dimension)): alive during one layer's forward without gradients,
 # and kept per layer for a backward. Fitted to SmolLM2-135M and Gemma 3 270M at 512-4096 tokens
-# (measured peaks within 2-15% below the estimate; benchmarks/memory_estimate.py)
+# (the estimate is 1.1-2.1x the measured peak; benchmarks/memory_estimate.py)
 TRANSIENT = (12, 4, 2)
 KEPT = (8, 4, 2)
 LOGIT_COPIES = (2.5, 4)  # copies of the [tokens, vocab] logits alive: without and with a backward
 MARGIN = 1.15  # on the activations: what the fit leaves out (allocator slack, other families' extras)
 LOAD_FACTOR = 2.0  # loading holds the checkpoint's tensors and the model's at once
+RECOMPUTE_ABOVE_BYTES = 2 * 2**30  # kept activations beyond which headlab's long backward passes recompute blocks
+LOGITS_ABOVE_BYTES = 512 * 2**20  # fp32 logits of a whole input beyond which a loss is computed in chunks
+LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one such chunk
 FIXED = 3 << 29  # the interpreter, torch, transformers, tokenizers and their first-call buffers
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
@@ -41,13 +47,16 @@ class Forward:
     a backward through every layer; ``maps``: ``[tokens, tokens]`` fp32 maps alive at once (recorded
     attention, a layer's edited heads); ``logits``: ``"loss"`` (every position's logits and a loss or
     log-probabilities over them), ``"all"`` (every position's logits, nothing more) or ``"last"``
-    (the last position's: generation)."""
+    (the last position's: generation). ``recompute``: the backward recomputes each block beyond
+    :data:`RECOMPUTE_ABOVE_BYTES` of kept activations and makes a loss's logits in chunks beyond
+    :data:`LOGITS_ABOVE_BYTES` (headlab's own long backward passes)."""
 
     tokens: int
     batch: int = 1
     grad: bool = False
     maps: int = 0
     logits: str = "loss"
+    recompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,20 @@ class Need:
 def forward_bytes(size: ModelSize, forward: Forward) -> int:
     """Peak activation bytes of one forward (and its backward with ``grad``), beyond the weights."""
     rows = forward.batch * forward.tokens
-    activations = rows * _per_token(size, TRANSIENT) + (size.n_layers * rows * _per_token(size, KEPT) if forward.grad
-                                                        else 0)
+    kept = kept_activation_bytes(size, rows) if forward.grad else 0
+    if forward.recompute and kept > RECOMPUTE_ABOVE_BYTES:  # each block's input kept, one block's activations
+        kept = size.n_layers * rows * size.hidden * FLOAT + kept // size.n_layers
     copies = {"loss": LOGIT_COPIES[forward.grad], "all": 1.0, "last": 1.0}[forward.logits]
     logits = (forward.batch if forward.logits == "last" else rows) * size.vocab * FLOAT * copies
+    if forward.recompute and forward.logits == "loss" and rows * size.vocab * FLOAT > LOGITS_ABOVE_BYTES:
+        logits = LOGITS_CHUNK_BYTES * copies
     maps = forward.maps * forward.batch * forward.tokens ** 2 * FLOAT
-    return int(MARGIN * (activations + logits + maps))
+    return int(MARGIN * (rows * _per_token(size, TRANSIENT) + kept + logits + maps))
+
+
+def kept_activation_bytes(size: ModelSize, tokens: int, element: int = FLOAT) -> int:
+    """Bytes a model's blocks keep for the backward pass of ``tokens`` tokens (``element`` bytes a value)."""
+    return int(size.n_layers * tokens * _per_token(size, KEPT) / FLOAT * element)
 
 
 def _per_token(size: ModelSize, units: tuple[float, float, float]) -> float:
@@ -98,8 +115,10 @@ def estimate(size: ModelSize, forwards: list[Forward], extra: int = 0, lower: st
     ``weights_in_memory``: the weights' bytes kept in memory when not all are (``--max-memory``)."""
     weights = size.weight_bytes if weights_in_memory is None else min(weights_in_memory, size.weight_bytes)
     work = max((forward_bytes(size, forward) for forward in forwards), default=0)
-    memory = FIXED + max(int(weights * LOAD_FACTOR), weights + work + extra)
-    return Need(memory, lower, dict(disk or {}))
+    loading, working = int(weights * LOAD_FACTOR), weights + work + extra
+    if loading >= working:  # no setting of the run lowers this peak
+        lower = "--max-memory (loading the model's weights is the peak), or use a machine with more memory"
+    return Need(FIXED + max(loading, working), lower, dict(disk or {}))
 
 
 def parse_size(text: str) -> int:
@@ -143,12 +162,16 @@ def _meminfo_available() -> int:
 
 
 def _cgroup_room() -> int | None:
+    """What the process's cgroup (v2) may still take: its limit less what it uses, not counting the
+    page cache the kernel reclaims first (``inactive_file``); None without a limit."""
     base = Path("/sys/fs/cgroup")
     try:
         limit = (base / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return int(limit) - int((base / "memory.current").read_text().strip())
+        used = int((base / "memory.current").read_text().strip())
+        stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+        return int(limit) - (used - int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):
         return None
 
@@ -157,8 +180,11 @@ def check_need(need: Need) -> None:
     """Refuse, in one line naming the setting to lower, a run whose estimated peak memory exceeds
     what is available, or whose files exceed the free space where they go."""
     memory, source = available_memory()
-    if need.memory > memory:
-        raise HeadlabError(f"this run needs about {format_bytes(need.memory)} of memory at its peak (estimated from "
+    processes = started_by_torchrun()[1]  # torchrun's processes on this machine each hold a run
+    needed = need.memory * processes
+    if needed > memory:
+        each = f" ({processes} processes of {format_bytes(need.memory)})" if processes > 1 else ""
+        raise HeadlabError(f"this run needs about {format_bytes(needed)}{each} of memory at its peak (estimated from "
                            f"the model and the settings) but {format_bytes(memory)} is {source}; lower "
                            f"{need.lower}")
     for folder, size in need.disk.items():
@@ -176,5 +202,6 @@ def free_disk(folder: str | os.PathLike) -> int:
     return shutil.disk_usage(existing).free
 
 
-__all__ = ["Forward", "ModelSize", "Need", "available_memory", "check_need", "estimate", "format_bytes",
-           "forward_bytes", "free_disk", "parse_size"]
+__all__ = ["LOGITS_ABOVE_BYTES", "LOGITS_CHUNK_BYTES", "RECOMPUTE_ABOVE_BYTES", "Forward", "ModelSize", "Need",
+           "available_memory", "check_need", "estimate", "format_bytes", "forward_bytes", "free_disk",
+           "kept_activation_bytes", "parse_size"]

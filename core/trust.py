@@ -2,13 +2,17 @@
 
 The rule is the one ``sshd`` applies to ``~/.ssh``: a cached file and the folders above it are
 refused when they are symbolic links, owned by another user (folders may also belong to root), or
-writable by others (folders with the sticky bit excepted, such as ``/tmp``). Anyone who passes it
-could as well have changed headlab itself; the hashes recorded beside cached files detect damage.
+writable by others (folders with the sticky bit excepted, such as ``/tmp``; group write is allowed
+where the group is the user's own private group, as under umask 002 on Debian and Fedora). Anyone
+who passes it could as well have changed headlab itself; the hashes recorded beside cached files
+detect damage. headlab creates its cache folders private (:func:`private_folder`).
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -32,17 +36,44 @@ def check_private_folder(folder: str | os.PathLike, root: str | os.PathLike) -> 
         if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
             raise UntrustedCache(f"cache folder {path} is a symbolic link or not a folder")
         _check_owner_and_mode(path, info, (os.getuid(),), sticky_ok=False)
-    for path in root.resolve().parents:  # the folders above, links followed
-        _check_owner_and_mode(path, os.stat(path), (os.getuid(), 0), sticky_ok=True)
+    for path in root.parents:  # the folders above: a link among them must be root's or the user's too
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid not in (os.getuid(), 0):
+                raise UntrustedCache(f"{path} is a symbolic link of another user (uid {info.st_uid})")
+            info = os.stat(path)
+        _check_owner_and_mode(path, info, (os.getuid(), 0), sticky_ok=True)
+    return folder
+
+
+def private_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and any missing folder above it writable by the user alone (0700, whatever
+    the umask); folders that exist are left as they are. Returns ``folder``."""
+    folder = Path(folder)
+    missing = [path for path in [folder, *folder.parents] if not path.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
     return folder
 
 
 def _check_owner_and_mode(path: Path, info: os.stat_result, owners: tuple[int, ...], sticky_ok: bool) -> None:
     if info.st_uid not in owners:
         raise UntrustedCache(f"cache folder {path} belongs to another user (uid {info.st_uid})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (sticky_ok and info.st_mode & stat.S_ISVTX):
+    if sticky_ok and info.st_mode & stat.S_ISVTX:  # others may add entries, never replace ours
+        return
+    if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
         raise UntrustedCache(f"cache folder {path} is writable by others (mode {stat.filemode(info.st_mode)}); "
                              "run chmod go-w on it")
+
+
+def _private_group(gid: int) -> bool:
+    """Whether ``gid`` is the user's own group: their primary group, with no other member."""
+    try:
+        members = grp.getgrgid(gid).gr_mem
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    return gid == os.getgid() and gid != 0 and set(members) <= {user}
 
 
 def check_private_tree(folder: str | os.PathLike, root: str | os.PathLike) -> Path:
@@ -57,7 +88,7 @@ def check_private_tree(folder: str | os.PathLike, root: str | os.PathLike) -> Pa
                 raise UntrustedCache(f"cached entry {path} is a link or not a regular file")
             if info.st_uid != os.getuid():
                 raise UntrustedCache(f"cached entry {path} belongs to another user (uid {info.st_uid})")
-            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
                 raise UntrustedCache(f"cached entry {path} is writable by others; run chmod go-w on it")
     return folder
 
@@ -85,7 +116,7 @@ def open_private_file(path: str | os.PathLike) -> int:
         problem = "is not a regular file"
     elif info.st_uid != os.getuid():
         problem = f"belongs to another user (uid {info.st_uid})"
-    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    elif info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
         problem = f"is writable by others (mode {stat.filemode(info.st_mode)})"
     if problem:
         os.close(fd)
@@ -93,4 +124,5 @@ def open_private_file(path: str | os.PathLike) -> int:
     return fd
 
 
-__all__ = ["UntrustedCache", "check_private_folder", "check_private_tree", "make_private_tree", "open_private_file"]
+__all__ = ["UntrustedCache", "check_private_folder", "check_private_tree", "make_private_tree", "open_private_file",
+           "private_folder"]

@@ -14,11 +14,12 @@ import os
 import shutil
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from .commands.base import GROUPS, all_commands
 from .commands.common import Parser
+from .core.distributed import first_process
 from .core.errors import HeadlabError
 from .core.files import OWNED_MANIFEST
 from .core.locks import output_lock
@@ -52,40 +53,64 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _headlab_warnings_in_one_line(warnings.formatwarning)
     command = args.command
     out = getattr(args, "out", None)
-    new_output = bool(out) and not os.path.lexists(out) and int(os.environ.get("RANK", "0")) == 0
     try:
         checked = command.check(args)
         need = command.need(args, checked)
         if need is not None:
             check_need(need)
-        with _output_locked(out):
-            return command.run(args, checked)
+        with _output_locked(out) as locked:
+            new_output = locked and not os.path.lexists(out)
+            try:
+                return command.run(args, checked)
+            finally:
+                if new_output:
+                    _discard_if_empty(out)
     except KeyboardInterrupt:
         print(f"\n{args.prog}: interrupted; {command.interrupted(args)}", file=sys.stderr)
         return 130
     except HeadlabError as err:
         print(f"{args.prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if err.errno not in WRITE_FAILURES:
+    except Exception as err:
+        reason = _write_failure(err, out)
+        if reason is None:
             raise
-        print(f"{args.prog}: error: a write failed ({err.strerror}: {err.filename or out}); "
-              f"{command.interrupted(args)}", file=sys.stderr)
+        print(f"{args.prog}: error: a write failed ({reason}); {command.interrupted(args)}", file=sys.stderr)
         return 1
-    finally:
-        if new_output:
-            _discard_if_empty(out)
 
 
 # what a write that passed the checks at the start can still meet: a full disk, a quota, a file system
-# remounted read-only or taken away
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+# remounted read-only
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+FULL_BELOW_BYTES = 64 * 2**20  # free bytes under which a failed write is put down to a full disk
 
 
+def _write_failure(err: Exception, out) -> str | None:
+    """Why ``err`` is a write that failed on a full or read-only file system, or None when it is not
+    one. safetensors and ``torch.save`` report a full disk in errors of their own, so any error is
+    one when the output's file system has (almost) no space left."""
+    if isinstance(err, OSError) and err.errno in WRITE_FAILURES:
+        return f"{err.strerror}: {err.filename or out}"
+    if out:
+        from .core.resources import free_disk
+
+        try:
+            if free_disk(out) < FULL_BELOW_BYTES:
+                return f"{type(err).__name__} with {free_disk(out) // 2**20} MiB left on the disk of {out}"
+        except OSError:
+            pass
+    return None
+
+
+@contextmanager
 def _output_locked(out):
-    """The lock of the command's ``--out`` (one writer per output), or nothing without one. Under
-    torchrun the first process holds it for the whole group (its ranks are one run)."""
-    return output_lock(out) if out and int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    """Hold the lock of the command's ``--out`` (one writer per output); yields whether this process
+    holds it. Under torchrun the first process holds it for the whole group (its ranks are one run)."""
+    if not out or not first_process():
+        yield False
+        return
+    with output_lock(out):
+        yield True
 
 
 def _discard_if_empty(out) -> None:

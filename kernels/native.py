@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.core.trust import UntrustedCache, check_private_folder, open_private_file
+from headlab.core.trust import UntrustedCache, check_private_folder, open_private_file, private_folder
 
 SOURCE = Path(__file__).with_name("row_stats.c")
 
@@ -79,7 +79,7 @@ def build(cache_dir: Path | None = None) -> Path:
     cache_dir = cache_dir or _cache_dir()
     target = cache_dir / f"row_stats-{key}.so"
     record = target.with_suffix(".sha256")
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_folder(cache_dir)
     _check_folder(cache_dir)
     if _matches_record(target, record):
         return target
@@ -111,24 +111,26 @@ def _check_folder(cache_dir: Path) -> None:
 
 
 def _matches_record(target: Path, record: Path) -> bool:
-    """Whether the cached library exists and its content is the one recorded when it was built (both
-    files checked as opened: no links, the user's, writable by nobody else)."""
+    """Whether the cached library exists and its content is the one recorded when it was built, both
+    files checked as opened (no links, the user's, writable by nobody else); a file that fails is
+    rebuilt over (in a folder only the user can write), never loaded."""
     if not os.path.lexists(target) or not os.path.lexists(record):
         return False
     try:
         fd = open_private_file(target)
-    except UntrustedCache as err:
-        raise NativeUnavailable(str(err)) from None
+    except UntrustedCache:
+        return False
     with os.fdopen(fd, "rb") as handle:
         return _matches_content(handle.read(), record)
 
 
 def _matches_content(content: bytes, record: Path) -> bool:
-    """Whether ``content`` hashes to the SHA-256 in ``record`` (opened as a private file)."""
+    """Whether ``content`` hashes to the SHA-256 in ``record`` (opened as a private file; False when
+    it is not one)."""
     try:
         fd = open_private_file(record)
-    except UntrustedCache as err:
-        raise NativeUnavailable(str(err)) from None
+    except UntrustedCache:
+        return False
     with os.fdopen(fd, "rb") as handle:
         return hashlib.sha256(content).hexdigest() == handle.read().decode(errors="replace").strip()
 
@@ -143,7 +145,7 @@ def load(path: Path) -> ctypes.CDLL:
         with os.fdopen(os.dup(fd), "rb") as handle:
             content = handle.read()
         record = path.with_suffix(".sha256")
-        if record.exists() and not _matches_content(content, record):
+        if not _matches_content(content, record):
             raise NativeUnavailable(f"{path} is not the library recorded in {record.name}")
         opened = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path)
         lib = ctypes.CDLL(opened)  # CDLL calls release the GIL, so worker threads run in parallel

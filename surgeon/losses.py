@@ -19,24 +19,17 @@ from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..core.errors import UnsupportedModelError
-from ..core.shape import model_shape, text_config
+from ..core import resources
+from ..core.resources import LOGITS_ABOVE_BYTES, LOGITS_CHUNK_BYTES, RECOMPUTE_ABOVE_BYTES
 from .sites import announcing_layers, decoder_layers, forwards_set
 
-# Floats a decoder block keeps per token for its backward pass, in units of the model width: its norms'
-# and projections' inputs, queries, keys, values and outputs, and the MLP's wider intermediates (SmolLM2:
-# about 21; 8,192 tokens keep 12 GB over its 30 blocks).
-KEPT_WIDTHS_PER_TOKEN = 20
-RECOMPUTE_ABOVE_BYTES = 2 * 2**30
-LOGITS_ABOVE_BYTES = 512 * 2**20  # fp32 logits of a whole input beyond which :func:`next_token_loss` chunks them
-LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of :func:`next_token_loss`
-
-
 def kept_activation_bytes(model, n_tokens: int) -> int:
-    """An estimate of the bytes ``model``'s blocks keep for the backward pass of ``n_tokens`` tokens."""
-    shape = model_shape(model)
-    width = text_config(model.config).hidden_size
+    """An estimate of the bytes ``model``'s blocks keep for the backward pass of ``n_tokens`` tokens
+    (:func:`headlab.core.resources.kept_activation_bytes`, the estimate commands check before work)."""
+    from .models import model_size
+
     element = next(model.parameters()).element_size()
-    return n_tokens * shape.n_layers * KEPT_WIDTHS_PER_TOKEN * width * element
+    return resources.kept_activation_bytes(model_size(model.config, count=False), n_tokens, element)
 
 
 def needs_recompute(model, n_tokens: int) -> bool:

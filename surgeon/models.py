@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from ..core.errors import ModelSpecError, UnsupportedModelError
 from ..core.files import atomic_directory
 from ..core.resources import ModelSize
-from ..core.trust import check_private_tree, make_private_tree
+from ..core.trust import check_private_tree, make_private_tree, private_folder
 from ..core.shape import ModelShape, model_shape, text_config
 from .sites import require_attention_interface
 
@@ -344,23 +344,26 @@ def _from_pretrained(path, config, spec: str, dtype, attn_implementation: str | 
     return model.eval()
 
 
-def model_size(config) -> ModelSize:
-    """Parameters and layer sizes of the model ``config`` describes, counted on the meta device (no
-    memory, no weights read): what :mod:`headlab.core.resources` estimates a run's memory from."""
+def model_size(config, count: bool = True) -> ModelSize:
+    """Parameters and layer sizes of the model ``config`` describes, the parameters counted on the meta
+    device (no memory, no weights read; ``count=False``: not counted, 0): what
+    :mod:`headlab.core.resources` estimates a run's memory from."""
     import transformers
 
     auto = transformers.AutoModelForCausalLM if is_causal_lm(config) else transformers.AutoModel
+    parameters = 0
     try:
-        with torch.device("meta"):
-            model = auto.from_config(config)
-        parameters = sum(p.numel() for p in model.parameters())
-    except Exception:  # a config the auto classes do not build: count the usual parts
+        if count:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+            parameters = sum(p.numel() for p in model.parameters())
+    except Exception:  # a config the auto classes do not build: counted from the usual parts below
         parameters = 0
     cfg = text_config(config)
     hidden = cfg.hidden_size
     intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
     vocab = getattr(cfg, "vocab_size", None) or 0
-    if not parameters:
+    if count and not parameters:
         parameters = vocab * hidden + cfg.num_hidden_layers * (4 * hidden * hidden + 3 * hidden * intermediate)
     shape = model_shape(config)
     attention = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
@@ -394,8 +397,7 @@ def _bundled_hf_directory(m: BundledModel) -> Path:
 
 
 def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return private_folder(folder)
 
 
 def _assemble(m: BundledModel, folder: Path) -> Path:
@@ -424,6 +426,7 @@ def _cache_gguf_as_safetensors(gguf_path: Path, target: Path) -> None:
             clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         clean.load_state_dict(quantized.state_dict(), assign=True)
         clean.tie_weights()
+        private_folder(target.parent)
         with atomic_directory(target) as tmp:
             clean.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

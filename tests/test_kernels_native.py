@@ -1,6 +1,7 @@
 """The native row pass of the CPU statistics (kernels/row_stats.c) against float64 torch, and its
 build: cached, and a failed build falls back to torch ops with a warning."""
 
+import os
 import subprocess
 import sys
 
@@ -91,27 +92,48 @@ def test_a_file_dropped_into_the_cache_is_rebuilt_over_not_loaded(tmp_path):
     native.load(built)  # the rebuilt library loads
 
 
-@pytest.mark.parametrize("tamper", ["folder_writable_by_others", "library_writable_by_others", "library_symlink",
-                                    "another_owner"])
-def test_a_library_someone_else_could_have_written_is_refused_whatever_its_record(tmp_path, monkeypatch, tamper):
+@pytest.mark.parametrize("tamper", ["folder_writable_by_others", "another_owner"])
+def test_a_cache_folder_someone_else_could_write_is_refused_whatever_its_record(tmp_path, monkeypatch, tamper):
     """Replacing the library together with its recorded hash needs write access to the cache: a cache
-    folder or file writable by others, or owned by another user, or a link, is refused outright."""
+    folder writable by others, or owned by another user, is refused outright."""
     cache = tmp_path / "native"
-    built = native.build(cache)
+    native.build(cache)
     if tamper == "folder_writable_by_others":
         cache.chmod(0o777)
-    elif tamper == "library_writable_by_others":
-        built.chmod(0o666)
-    elif tamper == "library_symlink":
-        elsewhere = tmp_path / "elsewhere.so"
-        built.replace(elsewhere)
-        built.symlink_to(elsewhere)  # its record still matches the content it points to
     else:
         monkeypatch.setattr("os.getuid", lambda: 4242)
-    fragment = {"folder_writable_by_others": "writable by others", "library_writable_by_others": "writable by others",
-                "library_symlink": "cannot be opened safely", "another_owner": "belongs to another user"}[tamper]
+    fragment = {"folder_writable_by_others": "writable by others", "another_owner": "belongs to another user"}[tamper]
     with pytest.raises(native.NativeUnavailable, match=fragment):
-        native.load(native.build(cache))
+        native.build(cache)
+
+
+@pytest.mark.parametrize("tamper", ["writable_by_others", "symlink"])
+def test_a_library_file_someone_else_could_have_written_is_rebuilt_over_never_loaded(tmp_path, tamper):
+    cache = tmp_path / "native"
+    built = native.build(cache)
+    good = built.read_bytes()
+    elsewhere = tmp_path / "elsewhere.so"
+    if tamper == "writable_by_others":
+        built.chmod(0o666)
+    else:
+        built.replace(elsewhere)
+        built.symlink_to(elsewhere)  # its record still matches the content it points to
+    with pytest.raises(native.NativeUnavailable):
+        native.load(built)  # never loaded as it is
+    again = native.build(cache)
+    assert again == built and not again.is_symlink() and again.read_bytes() == good
+    assert oct(again.stat().st_mode & 0o777) == oct(0o755)
+    native.load(again)
+
+
+def test_cache_folders_are_created_private_whatever_the_umask(tmp_path):
+    previous = os.umask(0o002)
+    try:
+        native.build(tmp_path / "headlab" / "native")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "headlab", tmp_path / "headlab" / "native"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
 
 
 def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeypatch):

@@ -81,11 +81,40 @@ def test_the_command_line_refuses_a_second_run_into_the_same_out_in_one_line(tmp
 def test_the_ranks_of_one_torchrun_group_share_the_first_ranks_lock(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(all_commands()["view"], "run", lambda self, args, checked: 0)
     out = tmp_path / "view.html"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with output_lock(out):  # held by rank 0 of the group
         monkeypatch.setenv("RANK", "1")
         assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 0
         monkeypatch.setenv("RANK", "0")
         assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 2  # another run's rank 0
+        monkeypatch.setenv("RANK", "not a number")  # read as rank 0, never a traceback
+        assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 2
+
+
+def test_a_refused_second_run_never_removes_the_first_runs_new_folder(tmp_path, capsys):
+    out = tmp_path / "report"
+    with output_lock(out):  # the first run holds the lock and has just created its folder
+        from headlab.core.files import claim_folder
+
+        claim_folder(out, ("report.html",))
+        assert main(["view", "smollm2-135m", "--text", "abc", "--out", str(out)]) == 2
+    assert out.is_dir()
+
+
+def test_a_write_that_fails_in_a_library_on_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    import headlab.core.resources as resources
+
+    def run_into_a_full_disk(self, args, checked):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(all_commands()["view"], "run", run_into_a_full_disk)
+    monkeypatch.setattr(resources, "free_disk", lambda folder: 1 << 20)
+    status = main(["view", "smollm2-135m", "--text", "abc", "--out", str(tmp_path / "v.html")])
+    err = capsys.readouterr().err
+    assert status == 1 and "a write failed (RuntimeError with 1 MiB left on the disk of" in err
+    monkeypatch.setattr(resources, "free_disk", lambda folder: 1 << 40)  # a disk with room: a real error
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):
+        main(["view", "smollm2-135m", "--text", "abc", "--out", str(tmp_path / "v.html")])
 
 
 def test_a_full_disk_ends_in_one_line_and_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):

@@ -80,7 +80,7 @@ class Calibrate(Command):
               f"kept {len(state['kept'])} of {len(record.candidates)} heads\nplan: {args.out}\nprogress: {progress}")
         if not state["kept"]:
             print(f"headlab calibrate: warning: no head beat the unedited model by more than --margin "
-                  f"{search.margin} on {len(examples)} examples, so the plan is empty; try a smaller --margin, a "
+                  f"{record.margin} on {len(examples)} examples, so the plan is empty; try a smaller --margin, a "
                   "larger --size, other --layers or another --beta", file=sys.stderr)
         return 0
 

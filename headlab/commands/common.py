@@ -136,9 +136,10 @@ def need(args, forwards, lower: str, extra: int = 0, disk: dict | None = None, s
 
 def longest_example(examples) -> int:
     """An upper bound on the tokens of the longest task example (a list, or lists by task): its
-    prompt and longest choice in UTF-8 bytes (a token is at least one byte), plus special tokens."""
+    demonstrations, prompt and longest choice in UTF-8 bytes (a token is at least one byte), plus
+    special tokens."""
     groups = examples.values() if isinstance(examples, dict) else [examples]
-    return max((len((e.prompt + max(e.choices, key=len)).encode("utf-8")) + 2 for group in groups for e in group),
+    return max((len((e.context() + max(e.choices, key=len)).encode("utf-8")) + 2 for group in groups for e in group),
                default=2)
 
 

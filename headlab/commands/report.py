@@ -91,7 +91,7 @@ class Report(Command):
 
         shape = common.model_shape_of(common.model_config(args))
         longest = max((settings.needles.lengths if "retrieval" in settings.families else ()), default=0)
-        return common.need(args, [Forward(settings.text.tokens, grad="gradient" in settings.families,
+        return common.need(args, [Forward(settings.text.tokens, grad="gradient" in settings.families, recompute=True,
                                           maps=shape.n_heads), Forward(longest, logits="last")],
                            "--tokens or --needle-lengths")
 

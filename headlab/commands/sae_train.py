@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass
 
 from ..core.errors import HeadlabError
+from ..core.distributed import first_process
 from ..core.files import check_folder
 from ..core.locks import output_lock
 from ..core.kinds import Indices, Maybe, Text
@@ -56,6 +56,10 @@ class SaeTrain(Command):
         check_folder(args.out, args.overwrite, "--out folder")
         if data.cache:
             check_folder(data.cache, args.overwrite, "--cache folder")
+            cache, out = Path(data.cache).expanduser().resolve(), Path(args.out).expanduser().resolve()
+            if cache == out or out in cache.parents or cache in out.parents:
+                raise HeadlabError(f"--cache {data.cache} and --out {args.out} are one folder or one inside the other; "
+                                   "give the cache a folder of its own")
         shape = common.model_shape_of(common.model_config(args))
         layer = common.layers_of(data.layers, shape.n_layers, "--layers")[0]
         d_in = shape.n_heads * shape.head_dim
@@ -89,8 +93,8 @@ class SaeTrain(Command):
         data, settings, layer = checked
         init_distributed()
         model, tokenizer = common.load_model_from(args)
-        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # under torchrun the ranks read the model, not a cache
-        with output_lock(data.cache) if data.cache and alone else nullcontext():  # a cache runs share: one writes it
+        writes_cache = data.cache and first_process() and not (Path(data.cache) / "manifest.json").exists()
+        with output_lock(data.cache) if writes_cache else nullcontext():  # one run writes a cache; many may read it
             metrics = train_sae(model, tokenizer, layer, args.out, settings, data.text, cache=data.cache,
                                 model_spec=args.model, overwrite=args.overwrite)
         if metrics:  # rank 0

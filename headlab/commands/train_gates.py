@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.errors import HeadlabError
 from ..core.files import check_folder, claim_folder
 from ..core.settings import settings_from_args
 from ..surgeon.streaming.settings import GateSettings
@@ -35,10 +34,6 @@ class TrainGates(Command):
         check_folder(args.out, args.overwrite, "--out folder")
         config = common.model_config(args, causal=True, needs="gate training")
         common.refuse_converted(args, config, "gate training")
-        limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-        if limit and settings.min_length > limit:
-            raise HeadlabError(f"--min-length {settings.min_length} is longer than the {limit} positions {args.model} "
-                               "has")
         from ..surgeon.streaming.gates import STATE_FILE, read_state
 
         shape = common.model_shape_of(config)
@@ -52,7 +47,8 @@ class TrainGates(Command):
         limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
         longest = min(settings.max_length, limit) if limit else settings.max_length
         heads = common.model_shape_of(config).n_heads
-        return common.need(args, [Forward(longest, grad=True, maps=heads, logits="last")], "--max-length")
+        return common.need(args, [Forward(longest, grad=True, maps=heads, logits="last", recompute=True)],
+                           "--max-length")
 
     def run(self, args, settings) -> int:
         from ..surgeon.streaming.gates import GATES_FILE, PLAN_FILE, STATE_FILE, GateTraining
@@ -63,8 +59,9 @@ class TrainGates(Command):
         claim_folder(out, (STATE_FILE, GATES_FILE, PLAN_FILE), args.overwrite, "--out folder")
         limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
         if limit and settings.max_length > limit:
-            print(f"--max-length {settings.max_length} is capped at the model's {limit} positions: samples of "
-                  f"{training.lengths[0]} to {training.lengths[-1]} tokens")
+            capped = "--min-length and --max-length are" if settings.min_length > limit else "--max-length is"
+            print(f"{capped} capped at the model's {limit} positions: samples of {training.lengths[0]} to "
+                  f"{training.lengths[-1]} tokens")
         if training.step:
             print(f"resuming from step {training.step} of {settings.steps} ({out / STATE_FILE})")
         gates = training.run()

@@ -227,15 +227,8 @@ class _Run:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
-    def _resume(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            state = torch.load(self.path, weights_only=True)
-            weights = dict(state["weights"])
-        except Exception as err:  # a damaged or foreign file: say which, never a traceback
-            raise InputFileError(f"cannot resume the training from {self.path} ({type(err).__name__}); move it away "
-                                 "to start afresh") from None
+    def _check_state_weights(self, weights: dict) -> None:
+        """Refuse saved weights of other parameters, other shapes or values that are not finite."""
         if set(weights) != set(self.params):
             raise InputFileError(f"{self.path} was written for other parameters; remove it or choose another folder")
         wrong = [k for k, p in self.params.items() if not isinstance(weights[k], torch.Tensor)
@@ -243,6 +236,23 @@ class _Run:
         if wrong:
             raise InputFileError(f"{self.path} holds {wrong[0]} at another shape or with values that are not finite; "
                                  "move it away to start afresh")
+
+    def _resume(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            state = torch.load(self.path, weights_only=True)
+            weights = dict(state["weights"])
+            best = state["best_weights"]
+            missing = {"step", "seconds", "history", "initial_val", "optimizer", "scheduler", "best_loss",
+                       "best_step"} - set(state)
+            if missing:
+                raise KeyError(sorted(missing)[0])
+        except Exception as err:  # a damaged or foreign file: say which, never a traceback
+            raise InputFileError(f"cannot resume the training from {self.path} ({type(err).__name__}); move it away "
+                                 "to start afresh") from None
+        for kept in (weights, *([dict(best)] if best is not None else [])):
+            self._check_state_weights(kept)
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state["weights"][k])

@@ -79,7 +79,7 @@ def candidates_of(shape, converted: set[int], layers: list[int] | None = None) -
 def search_identity(settings: SearchSettings, examples: list[Example], model_id: str) -> dict:
     """What a calibration search is, as its progress file records it (:class:`~headlab.core.journal.Journal`):
     the settings, the model and a digest of the examples."""
-    text = json.dumps([[e.prompt, list(e.choices), e.label] for e in examples], ensure_ascii=True)
+    text = json.dumps([[e.context(), list(e.choices), e.label] for e in examples], ensure_ascii=True)
     return {"settings": settings.to_dict(), "model": model_id,
             "examples": hashlib.sha256(text.encode()).hexdigest()}
 

@@ -111,6 +111,9 @@ def read_state(path: Path | None, settings: GateSettings, gates_shape: tuple[int
     try:
         state = torch.load(path, weights_only=True)
         alphas, step = state["alphas"], int(state["step"])
+        missing = {"optimizer", "seconds", "history"} - set(state)  # every part a resume reads
+        if missing:
+            raise KeyError(sorted(missing)[0])
     except Exception as err:  # a damaged or foreign file: say which, never a traceback
         raise InputFileError(f"cannot resume gate training from {path} ({type(err).__name__}); move it away to "
                              "start afresh") from None
