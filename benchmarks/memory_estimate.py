@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the peak of the run's own process (VmHWM: ru_maxrss would carry this parent's over the fork)
 RUN = """
-import json, resource, sys, torch
+import json, sys, torch
 from headlab.surgeon import load_model
 spec, tokens, grad = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 model, _ = load_model(spec)
@@ -29,7 +30,8 @@ with torch.set_grad_enabled(grad):
     out = model(input_ids=ids, labels=ids)
     if grad:
         out.loss.backward()
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak": next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                               if line.startswith("VmHWM:"))}))
 """
 
 

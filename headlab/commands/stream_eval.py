@@ -29,8 +29,8 @@ class StreamEval(Command):
                    "prefill per prompt and condition; the defaults (3 lengths up to 4096 tokens, 20 prompts and 4 "
                    "windows each, 16 conditions) take hours on two CPU cores (--rules random --keeps 0.5 --lengths "
                    "512 --needles 1: a few minutes).")
-    example = ("{model} --rules random --keeps 0.5 --random-sets 1 --lengths 256 --needles 1 --needle-depths 0.5 "
-                "--windows 1 --out {out}")
+    example = ("{model} --rules random --keeps 0.5 --random-sets 1 --lengths 256 --window 64 --needles 1 "
+                "--needle-depths 0.5 --windows 1 --out {out}")
     output = "output folder (e.g. the report folder)"
     settings = (CompressionSettings,)
 
