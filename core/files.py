@@ -67,6 +67,13 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
 MAX_READ_BYTES = 256 * 2**20  # the largest file headlab reads whole (text, JSON): more is refused
 
 
+def check_size(path: str | os.PathLike, where: str, max_bytes: int = MAX_READ_BYTES) -> None:
+    """Refuse (:class:`InputFileError`, one line naming ``where``) a file larger than ``max_bytes``."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise InputFileError(f"{where} is {size / 2**20:.0f} MiB, more than the {max_bytes // 2**20} MiB headlab reads")
+
+
 def read_text_file(path: str | os.PathLike, what: str = "file", max_bytes: int = MAX_READ_BYTES) -> str:
     """The UTF-8 text of ``path``; :class:`InputFileError` (one line) when it is missing, a folder,
     not a regular file (a pipe or a device would block or never end), larger than ``max_bytes``,
@@ -75,9 +82,8 @@ def read_text_file(path: str | os.PathLike, what: str = "file", max_bytes: int =
     try:
         if path.exists() and not path.is_dir() and not path.is_file():
             raise InputFileError(f"{what} {path} is not a regular file")
-        if path.is_file() and path.stat().st_size > max_bytes:
-            raise InputFileError(f"{what} {path} is {path.stat().st_size / 2**20:.0f} MiB, more than the "
-                                 f"{max_bytes // 2**20} MiB headlab reads")
+        if path.is_file():
+            check_size(path, f"{what} {path}", max_bytes)
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputFileError(f"{what} {path} does not exist") from None

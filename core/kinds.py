@@ -176,13 +176,10 @@ class TextFile(ExistingFile):
     no larger than headlab reads (:data:`~headlab.core.files.MAX_READ_BYTES`)."""
 
     def check(self, value):
-        from .files import MAX_READ_BYTES
+        from .files import check_size
 
         value = super().check(value)
-        size = Path(value).expanduser().stat().st_size
-        if size > MAX_READ_BYTES:
-            raise ValueError(f"{value} is {size / 2**20:.0f} MiB, more than the {MAX_READ_BYTES // 2**20} MiB headlab "
-                             "reads")
+        check_size(Path(value).expanduser(), str(value))
         decoder, blank = codecs.getincrementaldecoder("utf-8")(), True
         with Path(value).expanduser().open("rb") as file:
             offset = 0

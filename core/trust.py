@@ -61,9 +61,26 @@ def _check_owner_and_mode(path: Path, info: os.stat_result, owners: tuple[int, .
         raise UntrustedCache(f"cache folder {path} belongs to another user (uid {info.st_uid})")
     if sticky_ok and info.st_mode & stat.S_ISVTX:  # others may add entries, never replace ours
         return
-    if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
+    if _writable_by_others(info):
         raise UntrustedCache(f"cache folder {path} is writable by others (mode {stat.filemode(info.st_mode)}); "
                              "run chmod go-w on it")
+
+
+def _entry_problem(info: os.stat_result, folder_ok: bool = False) -> str | None:
+    """What makes a cached file (or, with ``folder_ok``, folder) untrusted, or None: not a regular
+    file (a link, a pipe), another user's, or writable by others."""
+    if not (stat.S_ISREG(info.st_mode) or (folder_ok and stat.S_ISDIR(info.st_mode))):
+        return "is a link or not a regular file"
+    if info.st_uid != os.getuid():
+        return f"belongs to another user (uid {info.st_uid})"
+    if _writable_by_others(info):
+        return f"is writable by others (mode {stat.filemode(info.st_mode)}); run chmod go-w on it"
+    return None
+
+
+def _writable_by_others(info: os.stat_result) -> bool:
+    """Writable by others than the user (group write allowed where the group is the user's own)."""
+    return bool(info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)))
 
 
 def _private_group(gid: int) -> bool:
@@ -83,13 +100,9 @@ def check_private_tree(folder: str | os.PathLike, root: str | os.PathLike) -> Pa
     for base, folders, files in os.walk(folder):
         for name in folders + files:
             path = Path(base) / name
-            info = os.lstat(path)
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                raise UntrustedCache(f"cached entry {path} is a link or not a regular file")
-            if info.st_uid != os.getuid():
-                raise UntrustedCache(f"cached entry {path} belongs to another user (uid {info.st_uid})")
-            if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
-                raise UntrustedCache(f"cached entry {path} is writable by others; run chmod go-w on it")
+            problem = _entry_problem(os.lstat(path), folder_ok=True)
+            if problem:
+                raise UntrustedCache(f"cached entry {path} {problem}")
     return folder
 
 
@@ -110,14 +123,7 @@ def open_private_file(path: str | os.PathLike) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as err:
         raise UntrustedCache(f"cached file {path} cannot be opened safely ({err.strerror})") from None
-    info = os.fstat(fd)
-    problem = None
-    if not stat.S_ISREG(info.st_mode):
-        problem = "is not a regular file"
-    elif info.st_uid != os.getuid():
-        problem = f"belongs to another user (uid {info.st_uid})"
-    elif info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)):
-        problem = f"is writable by others (mode {stat.filemode(info.st_mode)})"
+    problem = _entry_problem(os.fstat(fd))
     if problem:
         os.close(fd)
         raise UntrustedCache(f"cached file {path} {problem}")

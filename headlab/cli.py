@@ -23,7 +23,7 @@ from .core.distributed import first_process
 from .core.errors import HeadlabError
 from .core.files import OWNED_MANIFEST
 from .core.locks import output_lock
-from .core.resources import check_need
+from .core import resources
 
 
 def build_parser() -> Parser:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         checked = command.check(args)
         need = command.need(args, checked)
         if need is not None:
-            check_need(need)
+            resources.check_need(need)
         with _output_locked(out) as locked:
             new_output = locked and not os.path.lexists(out)
             try:
@@ -91,14 +91,12 @@ def _write_failure(err: Exception, out) -> str | None:
     one when the output's file system has (almost) no space left."""
     if isinstance(err, OSError) and err.errno in WRITE_FAILURES:
         return f"{err.strerror}: {err.filename or out}"
-    if out:
-        from .core.resources import free_disk
-
-        try:
-            if free_disk(out) < FULL_BELOW_BYTES:
-                return f"{type(err).__name__} with {free_disk(out) // 2**20} MiB left on the disk of {out}"
-        except OSError:
-            pass
+    try:
+        free = resources.free_disk(out) if out else None
+    except OSError:
+        free = None
+    if free is not None and free < FULL_BELOW_BYTES:
+        return f"{type(err).__name__} with {free // 2**20} MiB left on the disk of {out}"
     return None
 
 
